@@ -1,0 +1,279 @@
+"""One storage layer for ``file://`` and ``s3://`` URIs; no stage opens paths its own way.
+
+S3 clients come from :func:`s3_client` only. Transient S3 errors (5xx, throttling, timeouts,
+dropped connections) are retried by botocore's ``standard`` retry mode, which backs off
+exponentially with full jitter; what is still failing after that surfaces as
+:class:`TransientStorageError`, and a missing object as :class:`ObjectNotFoundError`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import IO
+from urllib.parse import unquote, urlparse
+
+import boto3
+import botocore.config
+import botocore.exceptions
+from botocore import UNSIGNED
+
+from bincount.config import Settings
+
+S3_MAX_ATTEMPTS = 8
+_CHUNK = 1024 * 1024
+
+
+class StorageError(RuntimeError):
+    """Reading or writing a URI failed for a reason that retrying will not fix."""
+
+
+class ObjectNotFoundError(StorageError, FileNotFoundError):
+    """The URI names no object."""
+
+
+class TransientStorageError(StorageError):
+    """The store kept failing after botocore's retries (5xx, throttling, timeouts): try again later."""
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """An object found by :meth:`Storage.list`; ``md5`` is known for S3 single-part uploads only."""
+
+    uri: str
+    size: int
+    md5: str | None = None
+
+
+def join_uri(base: str, *parts: str) -> str:
+    """Join URI path segments with single slashes."""
+    return "/".join([base.rstrip("/"), *(part.strip("/") for part in parts if part)])
+
+
+def split_s3_uri(uri: str) -> tuple[str, str]:
+    """``s3://bucket/a/b`` -> ``("bucket", "a/b")``."""
+    parsed = urlparse(uri)
+    if parsed.scheme != "s3" or not parsed.netloc:
+        raise StorageError(f"{uri!r} is not an s3://<bucket>/<key> URI")
+    return parsed.netloc, parsed.path.lstrip("/")
+
+
+def local_path(uri: str) -> Path:
+    """The filesystem path of a ``file://`` URI."""
+    parsed = urlparse(uri)
+    if parsed.scheme != "file":
+        raise StorageError(f"{uri!r} is not a file:// URI")
+    return Path(unquote(parsed.path))
+
+
+def s3_client(
+    endpoint_url: str | None = None,
+    anonymous: bool = False,
+    region: str | None = None,
+    max_attempts: int = S3_MAX_ATTEMPTS,
+    max_pool_connections: int = 64,
+):
+    """The one factory for S3 clients (thread-safe; share one per :class:`Storage`)."""
+    config = botocore.config.Config(
+        retries={"mode": "standard", "max_attempts": max_attempts},
+        max_pool_connections=max_pool_connections,
+        connect_timeout=10,
+        read_timeout=60,
+        signature_version=UNSIGNED if anonymous else None,
+    )
+    return boto3.session.Session().client("s3", endpoint_url=endpoint_url, region_name=region, config=config)
+
+
+def _raise_for_client_error(error: botocore.exceptions.BotoCoreError | botocore.exceptions.ClientError, uri: str):
+    if isinstance(error, botocore.exceptions.ClientError):
+        code = str(error.response.get("Error", {}).get("Code", ""))
+        status = int(error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+        if code in ("NoSuchKey", "404", "NotFound"):
+            raise ObjectNotFoundError(f"no object at {uri}") from error
+        if code == "NoSuchBucket":
+            raise ObjectNotFoundError(f"no bucket for {uri}: check the bucket name and the S3 endpoint") from error
+        if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+            raise StorageError(
+                f"access denied to {uri}: check the AWS credentials, or read a public bucket anonymously"
+            ) from error
+        if status >= 500 or code in ("SlowDown", "Throttling", "ThrottlingException", "RequestTimeout"):
+            raise TransientStorageError(f"{uri}: S3 kept answering {code or status} after retries") from error
+        raise StorageError(f"{uri}: S3 answered {code or status}: {error}") from error
+    # Connection errors, read timeouts and incomplete reads outlasted botocore's retries.
+    raise TransientStorageError(f"{uri}: {type(error).__name__}: {error}") from error
+
+
+def storage_for(settings: Settings, *, source: bool = False) -> Storage:
+    """The storage for the artifact root, or (``source=True``) for the data source bucket."""
+    return Storage(
+        s3_endpoint_url=settings.s3_endpoint_url,
+        anonymous=source and settings.source_anonymous,
+        region=settings.aws_region,
+    )
+
+
+class Storage:
+    """Read, write and list objects by URI. One instance per set of S3 options; thread-safe."""
+
+    def __init__(
+        self,
+        s3_endpoint_url: str | None = None,
+        anonymous: bool = False,
+        region: str | None = None,
+        max_pool_connections: int = 64,
+    ) -> None:
+        self._client_options = dict(
+            endpoint_url=s3_endpoint_url,
+            anonymous=anonymous,
+            region=region,
+            max_pool_connections=max_pool_connections,
+        )
+
+    @cached_property
+    def s3(self):
+        return s3_client(**self._client_options)
+
+    def read_bytes(self, uri: str) -> bytes:
+        if uri.startswith("file://"):
+            path = local_path(uri)
+            if not path.is_file():
+                raise ObjectNotFoundError(f"no file at {uri}")
+            return path.read_bytes()
+        bucket, key = split_s3_uri(uri)
+        try:
+            return self.s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+        except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as error:
+            _raise_for_client_error(error, uri)
+
+    def write_bytes(self, uri: str, data: bytes) -> None:
+        """Write ``data`` at ``uri``; a local file appears whole under its name or not at all."""
+        if uri.startswith("file://"):
+            atomic_write_bytes(local_path(uri), data)
+            return
+        bucket, key = split_s3_uri(uri)
+        try:
+            self.s3.put_object(Bucket=bucket, Key=key, Body=data)
+        except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as error:
+            _raise_for_client_error(error, uri)
+
+    def upload_file(self, path: Path, uri: str) -> None:
+        if uri.startswith("file://"):
+            destination = local_path(uri)
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("rb") as source, _atomic_file(destination) as target:
+                shutil.copyfileobj(source, target, _CHUNK)
+            return
+        bucket, key = split_s3_uri(uri)
+        try:
+            self.s3.upload_file(str(path), bucket, key)
+        except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as error:
+            _raise_for_client_error(error, uri)
+        except boto3.exceptions.S3UploadFailedError as error:
+            raise TransientStorageError(f"upload of {path} to {uri} failed: {error}") from error
+
+    def download_file(self, uri: str, path: Path) -> None:
+        """Copy the object at ``uri`` to ``path`` (atomically, streamed: constant memory)."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if uri.startswith("file://"):
+            source_path = local_path(uri)
+            if not source_path.is_file():
+                raise ObjectNotFoundError(f"no file at {uri}")
+            with source_path.open("rb") as source, _atomic_file(path) as target:
+                shutil.copyfileobj(source, target, _CHUNK)
+            return
+        bucket, key = split_s3_uri(uri)
+        try:
+            body = self.s3.get_object(Bucket=bucket, Key=key)["Body"]
+            with _atomic_file(path) as target:
+                for chunk in body.iter_chunks(_CHUNK):
+                    target.write(chunk)
+        except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as error:
+            _raise_for_client_error(error, uri)
+
+    def exists(self, uri: str) -> bool:
+        if uri.startswith("file://"):
+            return local_path(uri).is_file()
+        bucket, key = split_s3_uri(uri)
+        try:
+            self.s3.head_object(Bucket=bucket, Key=key)
+            return True
+        except botocore.exceptions.ClientError as error:
+            if error.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return False
+            _raise_for_client_error(error, uri)
+        except botocore.exceptions.BotoCoreError as error:
+            _raise_for_client_error(error, uri)
+
+    def list(self, prefix_uri: str) -> Iterator[ObjectInfo]:
+        """Every object under ``prefix_uri`` (recursively), as a stream: listing a million keys stays small."""
+        if prefix_uri.startswith("file://"):
+            root = local_path(prefix_uri)
+            if not root.is_dir():
+                return
+            for directory, _, names in os.walk(root):
+                for name in sorted(names):
+                    if name.startswith(".tmp-"):
+                        continue
+                    path = Path(directory) / name
+                    yield ObjectInfo(uri=path.as_uri(), size=path.stat().st_size)
+            return
+        bucket, prefix = split_s3_uri(prefix_uri)
+        if prefix:
+            prefix = prefix.rstrip("/") + "/"
+        try:
+            for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+                for item in page.get("Contents", []):
+                    etag = item.get("ETag", "").strip('"')
+                    yield ObjectInfo(
+                        uri=f"s3://{bucket}/{item['Key']}",
+                        size=int(item["Size"]),
+                        md5=etag if etag and "-" not in etag else None,
+                    )
+        except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as error:
+            _raise_for_client_error(error, prefix_uri)
+
+    def delete(self, uri: str) -> None:
+        if uri.startswith("file://"):
+            local_path(uri).unlink(missing_ok=True)
+            return
+        bucket, key = split_s3_uri(uri)
+        try:
+            self.s3.delete_object(Bucket=bucket, Key=key)
+        except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as error:
+            _raise_for_client_error(error, uri)
+
+
+@contextmanager
+def _atomic_file(path: Path) -> Iterator[IO[bytes]]:
+    """A temporary file beside ``path``, renamed onto ``path`` on success and removed on failure."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as target:
+            yield target
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that no reader ever sees a partial file under that name."""
+    with _atomic_file(path) as target:
+        target.write(data)
+
+
+def file_digests(path: Path) -> tuple[str, str]:
+    """``(sha256, md5)`` hex digests of a file, read in chunks."""
+    sha256, md5 = hashlib.sha256(), hashlib.md5()
+    with path.open("rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            sha256.update(chunk)
+            md5.update(chunk)
+    return sha256.hexdigest(), md5.hexdigest()

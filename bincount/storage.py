@@ -127,12 +127,14 @@ class Storage:
         s3_endpoint_url: str | None = None,
         anonymous: bool = False,
         region: str | None = None,
+        max_attempts: int = S3_MAX_ATTEMPTS,
         max_pool_connections: int = 64,
     ) -> None:
         self._client_options = dict(
             endpoint_url=s3_endpoint_url,
             anonymous=anonymous,
             region=region,
+            max_attempts=max_attempts,
             max_pool_connections=max_pool_connections,
         )
 

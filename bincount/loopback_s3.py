@@ -10,6 +10,7 @@ makes requests whose path contains a substring answer an HTTP error a number of 
 from __future__ import annotations
 
 import argparse
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -24,6 +25,8 @@ class LoopbackS3:
     def __init__(self, host: str = "127.0.0.1", port: int = 0, latency_s: float = 0.0) -> None:
         from moto.server import DomainDispatcherApplication, create_backend_app
         from werkzeug.serving import make_server
+
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)
 
         self.latency_s = latency_s
         self.requests = 0

@@ -82,7 +82,7 @@ def s3_client(
 ):
     """The one factory for S3 clients (thread-safe; share one per :class:`Storage`)."""
     config = botocore.config.Config(
-        retries={"mode": "standard", "max_attempts": max_attempts},
+        retries={"mode": "standard", "total_max_attempts": max_attempts},
         max_pool_connections=max_pool_connections,
         connect_timeout=10,
         read_timeout=60,

@@ -1,0 +1,94 @@
+"""Flow: prepare the data for training.
+
+    load-manifest -> download-images -> split-dataset -> upload-channels -> report-data
+
+The stages cache on their inputs and source (results persisted), so an unchanged re-run is served
+from cache; ``refresh=True`` runs every stage again. The upload is never cached: an unchanged sync
+only lists the channels and compares checksums, and it is what guarantees the channels match the
+split. Transient S3 failures are retried.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+from prefect import flow
+
+from bincount.config import Settings
+from bincount.split import SPLITS
+from bincount.storage import join_uri
+from tasks.download import download_images_task
+from tasks.manifest import load_manifest
+from tasks.report import report_data_task
+from tasks.split import split_dataset_task
+from tasks.upload import upload_channels_task
+
+
+class DataOptions(BaseModel):
+    """What to download and how to split it."""
+
+    manifest_uri: str | None = Field(
+        default=None, description="Seed-format manifest (file_list.json); default <source_uri>/file_list.json."
+    )
+    image_ids: list[str] | None = Field(
+        default=None, description="Instead of a manifest: ids to label from their metadata's EXPECTED_QUANTITY."
+    )
+    dataset: str = Field(default="abid", pattern=r"^[a-z0-9][a-z0-9_-]*$", description="Name of the dataset under <artifact_root>/datasets/.")
+    fractions: tuple[float, float, float] = Field(default=(0.8, 0.1, 0.1), description="Train, valid and test shares.")
+    seed: int = Field(default=0, description="Seed of the split.")
+    max_missing_share: float = Field(
+        default=0.01, ge=0, le=1, description="Share of missing or corrupt images tolerated before the run fails."
+    )
+    concurrency: int = Field(default=32, ge=1, le=256, description="Downloads in flight at once.")
+
+
+class PreparedData(BaseModel):
+    """Where the prepared dataset lives: what the training stage reads."""
+
+    dataset: str
+    split_uri: str
+    channels: dict[str, str]
+    images: int
+    mean: list[float]
+    std: list[float]
+
+
+@flow(name="prepare-data")
+def prepare_data(
+    options: DataOptions = DataOptions(),
+    source_uri: str | None = None,
+    artifact_root: str | None = None,
+    s3_endpoint_url: str | None = None,
+    refresh: bool = False,
+) -> PreparedData:
+    """Download the manifest's images, split them, sync the splits to their channels, report.
+
+    Args:
+        options: what to download and how to split it.
+        source_uri: bucket laid out like ABID (default: BINCOUNT_SOURCE_URI, else s3://aft-vbi-pds).
+        artifact_root: where datasets are written (default: BINCOUNT_ARTIFACT_ROOT, else ./.bincount).
+        s3_endpoint_url: S3-compatible endpoint for MinIO or LocalStack (default: AWS).
+        refresh: run every stage again instead of using cached results.
+    """
+    settings = Settings.load(source_uri=source_uri, artifact_root=artifact_root, s3_endpoint_url=s3_endpoint_url)
+    dataset_uri = settings.artifact_uri("datasets", options.dataset)
+    split_uri = join_uri(dataset_uri, "split.csv")
+    channels_uri = join_uri(dataset_uri, "channels")
+
+    manifest = load_manifest(settings, options.manifest_uri, options.image_ids)
+    _, downloaded = download_images_task.with_options(refresh_cache=refresh)(
+        settings, manifest, options.concurrency, options.max_missing_share
+    )
+    split_table = split_dataset_task.with_options(refresh_cache=refresh)(
+        settings, manifest, downloaded, split_uri, options.fractions, options.seed
+    )
+    upload_channels_task(settings, split_table, channels_uri)
+    report = report_data_task.with_options(refresh_cache=refresh)(settings, split_table)
+
+    return PreparedData(
+        dataset=options.dataset,
+        split_uri=split_uri,
+        channels={split: join_uri(channels_uri, split) for split in SPLITS},
+        images=len(split_table),
+        mean=report.mean,
+        std=report.std,
+    )

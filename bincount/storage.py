@@ -101,7 +101,8 @@ def _raise_for_client_error(error: botocore.exceptions.BotoCoreError | botocore.
             raise ObjectNotFoundError(f"no bucket for {uri}: check the bucket name and the S3 endpoint") from error
         if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
             raise StorageError(
-                f"access denied to {uri}: check the AWS credentials, or read a public bucket anonymously"
+                f"access denied to {uri}: check the AWS credentials and the bucket policy "
+                "(a private source bucket needs BINCOUNT_SOURCE_ANONYMOUS=false)"
             ) from error
         if status >= 500 or code in ("SlowDown", "Throttling", "ThrottlingException", "RequestTimeout"):
             raise TransientStorageError(f"{uri}: S3 kept answering {code or status} after retries") from error

@@ -14,6 +14,7 @@ from pydantic import BaseModel, Field
 from prefect import flow
 
 from bincount.config import Settings
+from bincount.download import Ledger
 from bincount.split import SPLITS
 from bincount.storage import join_uri
 from tasks.download import download_images_task
@@ -74,8 +75,9 @@ def prepare_data(
     split_uri = join_uri(dataset_uri, "split.csv")
     channels_uri = join_uri(dataset_uri, "channels")
 
+    mirror_gone = not Ledger(settings.data_dir).path.is_file()  # a cached download is only good while its files are
     manifest = load_manifest(settings, options.manifest_uri, options.image_ids)
-    _, downloaded = download_images_task.with_options(refresh_cache=refresh)(
+    _, downloaded = download_images_task.with_options(refresh_cache=refresh or mirror_gone)(
         settings, manifest, options.concurrency, options.max_missing_share
     )
     split_table = split_dataset_task.with_options(refresh_cache=refresh)(

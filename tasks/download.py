@@ -6,22 +6,15 @@ from pathlib import Path
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
-from prefect.cache_policies import INPUTS, TASK_SOURCE, CacheKeyFnPolicy
-from prefect.context import TaskRunContext
+from prefect.cache_policies import INPUTS, TASK_SOURCE
 from tqdm import tqdm
 
 from bincount.config import Settings
-from bincount.download import DownloadedImage, DownloadReport, Ledger, download_images
+from bincount.download import DownloadedImage, DownloadReport, download_images
 from bincount.manifest import Manifest
 from bincount.storage import storage_for
 from tasks.artifacts import ProgressArtifact
 from tasks.retry import is_transient
-
-
-def local_mirror_state(context: TaskRunContext, parameters: dict) -> str:
-    """The download ledger's size and mtime: a cached download is reused only while its files are."""
-    ledger = Ledger(Path(parameters["settings"].data_dir)).path
-    return f"{ledger.stat().st_size}-{ledger.stat().st_mtime_ns}" if ledger.is_file() else "absent"
 
 
 @task(
@@ -30,7 +23,7 @@ def local_mirror_state(context: TaskRunContext, parameters: dict) -> str:
     retry_delay_seconds=[10, 30, 90],
     retry_jitter_factor=0.5,
     retry_condition_fn=is_transient,
-    cache_policy=INPUTS + TASK_SOURCE + CacheKeyFnPolicy(cache_key_fn=local_mirror_state),
+    cache_policy=INPUTS + TASK_SOURCE,
     persist_result=True,
 )
 def download_images_task(

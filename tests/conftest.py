@@ -54,3 +54,27 @@ def abid_dir() -> Path:
 def demo_channels(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Tiny train/valid/test channels (64 px synthetic photos, 8 per count per split)."""
     return write_demo_channels(tmp_path_factory.mktemp("channels"), per_class=8, size=64, seed=0)
+
+
+ABID_BUCKET = "abid-sample"
+ABID_PER_CLASS = 60
+
+
+@pytest.fixture(scope="session")
+def abid_bucket(abid_dir: Path, s3_server: LoopbackS3) -> dict[str, int]:
+    """A public-read bucket on the loopback S3 API laid out like s3://aft-vbi-pds, holding 60 real
+    images per count (with metadata) and their manifest at ``file_list.json``; returns that manifest."""
+    from bincount.manifest import dump_manifest, parse_manifest
+
+    sample = parse_manifest((abid_dir / "file_list.sample.json").read_text())
+    manifest: dict[str, int] = {}
+    for count in sorted(set(sample.values())):
+        manifest.update(list((image_id, label) for image_id, label in sample.items() if label == count)[:ABID_PER_CLASS])
+    client = boto3.client("s3", endpoint_url=s3_server.endpoint_url)
+    client.create_bucket(Bucket=ABID_BUCKET)
+    for image_id in manifest:
+        for folder, suffix in (("bin-images", "jpg"), ("metadata", "json")):
+            path = abid_dir / "bucket" / folder / f"{image_id}.{suffix}"
+            client.upload_file(str(path), ABID_BUCKET, f"{folder}/{image_id}.{suffix}", ExtraArgs={"ACL": "public-read"})
+    client.put_object(Bucket=ABID_BUCKET, Key="file_list.json", Body=dump_manifest(manifest), ACL="public-read")
+    return manifest

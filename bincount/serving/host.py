@@ -1,0 +1,202 @@
+"""The model host: one model behind SageMaker's container routes, run as its own process.
+
+    python -m bincount.serving.host --model-dir DIR --name NAME [--port 8080 | --fd N]
+
+Routes: ``GET /ping`` (200 once the model is loaded), ``POST /invocations`` and the runtime route
+``POST /endpoints/<name>/invocations`` (so boto3's ``sagemaker-runtime`` client works with
+``endpoint_url=``). Handlers come from ``sm_scripts/inference.py``: requests are decoded on a
+small thread pool, then :class:`~bincount.serving.batcher.MicroBatcher` runs one forward at a
+time over the requests that arrived together. Bad requests get a 4xx and change nothing else;
+SIGTERM stops accepting, answers every request already in, then exits.
+
+Threads: torch uses ``--threads`` (default: the cores this process may use) for the one forward
+in flight; decoding uses at most as many threads as cores, so the two never multiply.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+import torch
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from bincount.serving import httpio
+from bincount.serving.batcher import MicroBatcher
+from sm_scripts import inference
+
+logger = logging.getLogger("bincount.serving.host")
+
+
+@dataclass(frozen=True)
+class HostOptions:
+    """How a host runs its model (defaults suit a CPU machine; see benchmarks/serve_endpoint.py)."""
+
+    max_batch_size: int = 8
+    max_wait_ms: float = 5.0
+    threads: int | None = None  # torch threads; None: every core this process may use
+    graceful_timeout_s: float = 30.0
+
+    def cli_args(self) -> list[str]:
+        args = ["--max-batch-size", str(self.max_batch_size), "--max-wait-ms", str(self.max_wait_ms)]
+        if self.threads:
+            args += ["--threads", str(self.threads)]
+        return [*args, "--graceful-timeout", str(self.graceful_timeout_s)]
+
+
+def available_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def create_app(model_dir: Path, name: str, options: HostOptions) -> Starlette:
+    """The host's ASGI app; the model loads at startup, before the first request is accepted."""
+    threads = options.threads or available_cores()
+    decode_limiter = anyio.CapacityLimiter(max(1, threads))
+    state: dict[str, object] = {}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        torch.set_num_threads(threads)
+        model = inference.model_fn(str(model_dir))
+        batcher = MicroBatcher(
+            lambda pixels: inference.forward(pixels, model),
+            max_batch_size=options.max_batch_size,
+            max_wait_s=options.max_wait_ms / 1000.0,
+            threads=threads,
+        )
+        batcher.start()
+        state.update(model=model, batcher=batcher)
+        logger.info(
+            "serving %s (%s, %d px) as %r: batches of up to %d, wait %.1f ms, %d torch threads",
+            model_dir, model.info["arch"], model.image_size, name, options.max_batch_size, options.max_wait_ms, threads,
+        )
+        yield
+        batcher.stop()  # uvicorn has answered every request by now
+        logger.info("stopped after %d batches, %d images", batcher.batches, batcher.images)
+
+    def decode(body: bytes, content_type: str) -> torch.Tensor:
+        return inference.preprocess(inference.input_fn(body, content_type), state["model"])
+
+    async def predict(request: Request) -> Response:
+        """Answer one invocation; raises RequestError for anything the client must fix."""
+        batcher: MicroBatcher = state["batcher"]  # type: ignore[assignment]
+        batcher.expect()
+        submitted = False
+        try:
+            try:
+                accept = inference.choose_accept(request.headers.get("accept"))
+                body = await httpio.read_body(request)
+                if not body:
+                    raise httpio.RequestError(400, "the body is empty: send a JPEG or PNG image, or JSON with base64 images")
+                pixels = await anyio.to_thread.run_sync(
+                    decode, body, request.headers.get("content-type", ""), limiter=decode_limiter
+                )
+            except inference.InputError as error:
+                raise httpio.RequestError(error.status_code, str(error)) from None
+            submitted = True
+            predictions = await batcher.submit(pixels)
+        finally:
+            if not submitted:
+                batcher.unexpect()
+        answer, content_type = inference.output_fn(predictions, accept)
+        return Response(answer, media_type=content_type)
+
+    async def invocations(request: Request) -> Response:
+        try:
+            return await predict(request)
+        except httpio.RequestError as error:
+            return httpio.container_error(error.status, error.message)
+        except Exception as error:  # a fault of the model, not of the request: 500, and serve on
+            logger.exception("invocation failed")
+            return httpio.container_error(500, f"the model failed on this request: {type(error).__name__}: {error}")
+
+    async def runtime_invocations(request: Request) -> Response:
+        if request.path_params["endpoint"] != name:
+            return httpio.unknown_endpoint(request.path_params["endpoint"], name)
+        try:
+            response = await predict(request)
+        except httpio.RequestError as error:
+            if error.status == 413:
+                return httpio.runtime_error("ValidationError", 413, error.message)
+            return httpio.model_error(name, error.status, error.message)
+        except Exception as error:  # a fault of the model, not of the request: 500, and serve on
+            logger.exception("invocation failed")
+            return httpio.model_error(name, 500, f"the model failed on this request: {type(error).__name__}: {error}")
+        response.headers["x-Amzn-Invoked-Production-Variant"] = "AllTraffic"
+        return response
+
+    async def ping(request: Request) -> Response:
+        model: inference.CountModel = state["model"]  # type: ignore[assignment]
+        return Response(json.dumps({"status": "Healthy", "name": name, "arch": model.info["arch"]}), media_type="application/json")
+
+    return Starlette(
+        routes=[
+            Route("/ping", ping, methods=["GET"]),
+            Route("/invocations", invocations, methods=["POST"]),
+            Route("/endpoints/{endpoint}/invocations", runtime_invocations, methods=["POST"]),
+        ],
+        lifespan=lifespan,
+    )
+
+
+def serve(app: Starlette, sock: socket.socket, graceful_timeout_s: float, access_log: bool = False) -> None:
+    """Run ``app`` on an already bound socket until SIGTERM or SIGINT, then drain and return."""
+    config = uvicorn.Config(
+        app,
+        log_level="info",
+        access_log=access_log,
+        timeout_keep_alive=75,  # longer than any client pool keeps idle connections: no reuse race
+        timeout_graceful_shutdown=graceful_timeout_s,
+        limit_concurrency=512,  # beyond this uvicorn answers 503 instead of queueing without end
+        lifespan="on",
+    )
+    uvicorn.Server(config).run(sockets=[sock])
+
+
+def bound_socket(host: str, port: int, fd: int | None) -> socket.socket:
+    """The listening socket: inherited (``fd``, bound by the deployer) or bound here."""
+    if fd is not None:
+        return socket.socket(fileno=fd)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(512)
+    return sock
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Serve one bin-count model with SageMaker's container routes.")
+    parser.add_argument("--model-dir", type=Path, required=True, help="folder with model.pt and model_info.json")
+    parser.add_argument("--name", default="local", help="endpoint name for /endpoints/<name>/invocations (default: local)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, loopback only)")
+    parser.add_argument("--port", type=int, default=8080, help="port to bind (default: 8080)")
+    parser.add_argument("--fd", type=int, default=None, help="serve on this inherited listening socket instead")
+    parser.add_argument("--max-batch-size", type=int, default=HostOptions.max_batch_size, help="images per forward (default: 8)")
+    parser.add_argument("--max-wait-ms", type=float, default=HostOptions.max_wait_ms, help="longest wait to fill a batch (default: 5)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: cores available)")
+    parser.add_argument("--graceful-timeout", type=float, default=HostOptions.graceful_timeout_s, help="seconds to drain on SIGTERM (default: 30)")
+    parser.add_argument("--access-log", action="store_true", help="log every request (default: off)")
+    return parser
+
+
+def main(args: argparse.Namespace) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    options = HostOptions(args.max_batch_size, args.max_wait_ms, args.threads, args.graceful_timeout)
+    app = create_app(args.model_dir, args.name, options)
+    serve(app, bound_socket(args.host, args.port, args.fd), options.graceful_timeout_s, args.access_log)
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

@@ -1,0 +1,84 @@
+"""HTTP pieces shared by the model host and the router: body limits and SageMaker-shaped errors.
+
+Two kinds of route answer errors differently, as on SageMaker:
+- container routes (``/ping``, ``/invocations``) answer the model's own status and a JSON message;
+- the runtime route (``/endpoints/<name>/invocations``) answers like the ``sagemaker-runtime``
+  service, so boto3 raises its modelled exceptions: a model's 4xx/5xx becomes ``ModelError`` (424)
+  with ``OriginalStatusCode`` and ``OriginalMessage``; an unknown endpoint is ``ValidationError``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
+
+MAX_PAYLOAD_BYTES = 6 * 1024 * 1024  # SageMaker real-time endpoints refuse bigger bodies
+ENDPOINT_NAME = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")  # SageMaker's rule for endpoint names
+
+
+class RequestError(Exception):
+    """A request the server refuses; ``status`` is the HTTP status to answer."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+async def read_body(request: Request, limit: int = MAX_PAYLOAD_BYTES) -> bytes:
+    """The request body, refused (413) as soon as it is known to pass ``limit`` bytes."""
+    declared = request.headers.get("content-length")
+    too_large = RequestError(
+        413, f"the body is over the {limit // (1024 * 1024)} MB limit of a real-time endpoint: use batch transform"
+    )
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise too_large
+    chunks, size = [], 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise RequestError(400, "the client went away before sending the whole body") from None
+    return b"".join(chunks)
+
+
+def container_error(status: int, message: str) -> Response:
+    return Response(json.dumps({"error": message}), status_code=status, media_type="application/json")
+
+
+def runtime_error(code: str, status: int, message: str) -> Response:
+    """An error shaped like the sagemaker-runtime service's (botocore reads the type header)."""
+    return Response(
+        json.dumps({"Message": message}),
+        status_code=status,
+        media_type="application/json",
+        headers={"x-amzn-ErrorType": code},
+    )
+
+
+def model_error(name: str, status: int, message: str) -> Response:
+    """The runtime's answer when the model container answered ``status`` (boto3's ``ModelError``)."""
+    kind = "client" if status < 500 else "server"
+    return Response(
+        json.dumps(
+            {
+                "Message": f'Received {kind} error ({status}) from primary with message "{message}". '
+                f"See the endpoint's log for {name}.",
+                "OriginalStatusCode": status,
+                "OriginalMessage": message,
+            }
+        ),
+        status_code=424,
+        media_type="application/json",
+        headers={"x-amzn-ErrorType": "ModelError"},
+    )
+
+
+def unknown_endpoint(name: str, served: str) -> Response:
+    return runtime_error("ValidationError", 400, f"Endpoint {name} not found: this server serves {served!r}.")

@@ -1,0 +1,111 @@
+"""Model directories (see docs/CONTRACTS.md): fetch one from a URI, pack one, name its version.
+
+A model URI is a ``model.tar.gz`` (files at the archive root, as SageMaker packs them) or a folder
+holding ``model.pt`` and ``model_info.json``, on ``file://`` or ``s3://``. Serving and batch
+transform read a local folder, so :func:`fetch_model` unpacks into a cache keyed by the model's
+bytes: the same model is fetched once, a changed one under the same URI is fetched again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import shutil
+import tarfile
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from bincount.storage import Storage, join_uri
+
+MODEL_FILES = ("model.pt", "model_info.json")
+
+
+class ModelDirError(ValueError):
+    """A model URI does not hold a model directory as docs/CONTRACTS.md describes it."""
+
+
+def _check_model_dir(path: Path, uri: str) -> None:
+    missing = [name for name in MODEL_FILES if not (path / name).is_file()]
+    if missing:
+        raise ModelDirError(f"{uri} lacks {missing}: a model holds model.pt and model_info.json (docs/CONTRACTS.md)")
+
+
+def fetch_model(storage: Storage, model_uri: str, cache_dir: Path) -> tuple[Path, str]:
+    """Make the model at ``model_uri`` a local folder; return ``(folder, version)``.
+
+    ``version`` is the first 12 hex digits of the SHA-256 of ``model.pt``: it names the weights,
+    whatever URI they came from.
+
+    Raises:
+        ModelDirError: the URI holds no model.pt and model_info.json, or the archive is unsafe.
+    """
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".fetch-") as scratch:
+        staging = Path(scratch) / "model"
+        staging.mkdir()
+        if model_uri.rstrip("/").endswith((".tar.gz", ".tgz")):
+            data = storage.read_bytes(model_uri)
+            try:
+                with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as archive:
+                    archive.extractall(staging, filter="data")  # refuses absolute paths, .., devices, links out
+            except (tarfile.TarError, OSError, EOFError) as error:
+                raise ModelDirError(f"{model_uri} is not a readable model.tar.gz ({error})") from None
+        else:
+            for name in MODEL_FILES:
+                storage.download_file(join_uri(model_uri, name), staging / name)
+        _check_model_dir(staging, model_uri)
+        version = model_version(staging)
+        target = cache_dir / version
+        if not (target / "model.pt").is_file():
+            shutil.rmtree(target, ignore_errors=True)
+            staging.rename(target)
+    return target, version
+
+
+def model_version(model_dir: Path) -> str:
+    """First 12 hex digits of the SHA-256 of ``model.pt``."""
+    digest = hashlib.sha256()
+    with (model_dir / "model.pt").open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()[:12]
+
+
+def read_model_info(model_dir: Path) -> dict[str, Any]:
+    return json.loads((model_dir / "model_info.json").read_text())
+
+
+def pack_model_dir(model_dir: Path, archive: Path) -> Path:
+    """Pack a model folder as ``model.tar.gz`` with its files at the archive root."""
+    archive.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(archive, "w:gz") as tar:
+        for path in sorted(model_dir.iterdir()):
+            tar.add(path, arcname=path.name)
+    return archive
+
+
+def write_untrained_model_dir(
+    model_dir: Path, arch: str = "resnet18", image_size: int = 32, seed: int = 0, classes: tuple[int, ...] = (1, 2, 3, 4, 5)
+) -> Path:
+    """A randomly initialised model dir in the contract's format, for tests, benchmarks and smoke checks."""
+    import torch
+    import torchvision
+
+    torch.manual_seed(seed)
+    network = getattr(torchvision.models, arch)(weights=None)
+    network.fc = torch.nn.Linear(network.fc.in_features, len(classes))
+    model_dir.mkdir(parents=True, exist_ok=True)
+    torch.save(network.state_dict(), model_dir / "model.pt")
+    info = {
+        "arch": arch,
+        "classes": list(classes),
+        "image_size": image_size,
+        "mean": [0.485, 0.456, 0.406],
+        "std": [0.229, 0.224, 0.225],
+        "hyperparameters": {"seed": seed},
+        "metrics": {},
+    }
+    (model_dir / "model_info.json").write_text(json.dumps(info, indent=2))
+    return model_dir

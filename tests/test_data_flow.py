@@ -1,0 +1,121 @@
+"""The prepare-data flow end to end on a real Prefect server and a real S3 API on loopback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from uuid import UUID
+
+import numpy as np
+import pytest
+from prefect import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+from bincount.config import Settings
+from bincount.demo_data import generate_demo_bucket
+from bincount.split import SPLITS, read_split, split_dataset
+from bincount.storage import Storage, file_digests, local_path
+from bincount.upload import sync_channels
+from flows.data import DataOptions, prepare_data
+
+
+def task_states(flow_run_id: UUID) -> dict[str, str]:
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {run.name.rsplit("-", 1)[0]: run.state.name for run in runs}
+
+
+@pytest.fixture
+def env(monkeypatch, s3_server, tmp_path: Path) -> Path:
+    monkeypatch.setenv("BINCOUNT_DATA_DIR", str(tmp_path / "raw"))
+    monkeypatch.setenv("BINCOUNT_S3_ENDPOINT_URL", s3_server.endpoint_url)
+    return tmp_path
+
+
+def test_real_images_from_s3_to_channels_then_served_from_cache(prefect_server, env: Path, abid_bucket: dict[str, int]) -> None:
+    artifacts = env / "artifacts"
+    state = prepare_data(source_uri="s3://abid-sample", artifact_root=str(artifacts), return_state=True)
+    result = state.result()
+    table = read_split(Storage(), result.split_uri)
+    assert len(table) == len(abid_bucket) == result.images
+    assert table.groupby("id")["split"].nunique().max() == 1
+    shares = table["split"].value_counts(normalize=True)
+    assert shares["train"] == pytest.approx(0.8, abs=0.01) and shares["test"] == pytest.approx(0.1, abs=0.01)
+    assert (table.groupby("split")["label"].nunique() == 5).all(), "every count on every side"
+    assert dict(zip(table["id"], table["label"])) == abid_bucket
+    for row in table.itertuples():
+        channel_file = local_path(result.channels[row.split]) / str(row.label) / f"{row.id}.jpg"
+        assert file_digests(channel_file)[0] == row.sha256
+    assert all(0.0 < value < 1.0 for value in (*result.mean, *result.std))
+
+    rerun = prepare_data(source_uri="s3://abid-sample", artifact_root=str(artifacts), return_state=True)
+    states = task_states(rerun.state_details.flow_run_id)
+    assert {states[name] for name in ("download-images", "split-dataset", "report-data")} == {"Cached"}
+    assert rerun.result() == result
+
+    refreshed = prepare_data(source_uri="s3://abid-sample", artifact_root=str(artifacts), refresh=True, return_state=True)
+    assert task_states(refreshed.state_details.flow_run_id)["download-images"] == "Completed"
+
+
+def test_demo_data_round_trips_through_s3_and_the_flow(prefect_server, env: Path, s3_server, s3_client, monkeypatch) -> None:
+    monkeypatch.setenv("BINCOUNT_SOURCE_ANONYMOUS", "false")  # a private bucket, unlike the public ABID one
+    s3_client.create_bucket(Bucket="demo-roundtrip")
+    storage = Storage(s3_endpoint_url=s3_server.endpoint_url)
+    manifest_uri = generate_demo_bucket(storage, "s3://demo-roundtrip", images=120, seed=7, size=96)
+    result = prepare_data(
+        DataOptions(manifest_uri=manifest_uri, dataset="demo"),
+        source_uri="s3://demo-roundtrip",
+        artifact_root="s3://demo-roundtrip/artifacts",
+    )
+    assert result.channels["train"] == "s3://demo-roundtrip/artifacts/datasets/demo/channels/train"
+    table = read_split(storage, result.split_uri)
+    listed = {info.uri.rsplit("/", 3)[-3:][0] for info in storage.list("s3://demo-roundtrip/artifacts/datasets/demo/channels")}
+    assert listed == set(SPLITS)
+    assert sum(1 for _ in storage.list(result.channels["test"])) == (table["split"] == "test").sum()
+
+
+def test_demo_generator_is_deterministic_by_seed(tmp_path: Path) -> None:
+    storage = Storage()
+    first = generate_demo_bucket(storage, (tmp_path / "a").as_uri(), images=20, seed=3, size=64)
+    second = generate_demo_bucket(storage, (tmp_path / "b").as_uri(), images=20, seed=3, size=64)
+    other = generate_demo_bucket(storage, (tmp_path / "c").as_uri(), images=20, seed=4, size=64)
+    assert storage.read_bytes(first) == storage.read_bytes(second) != storage.read_bytes(other)
+    for name in ("bin-images/00005.jpg", "metadata/00005.json"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
+def test_sync_copies_only_what_changed_and_removes_what_moved(s3_server, s3_client, abid_bucket, tmp_path: Path) -> None:
+    from bincount.download import download_images
+
+    storage = Storage(s3_endpoint_url=s3_server.endpoint_url)
+    manifest = dict(list(abid_bucket.items())[::3])
+    _, downloaded = download_images(manifest, "s3://abid-sample", tmp_path, storage, with_metadata=False)
+    s3_client.create_bucket(Bucket="channels-sync")
+    channels = "s3://channels-sync/channels"
+    first = split_dataset(manifest, downloaded, "s3://abid-sample", seed=0)
+    assert sync_channels(first, tmp_path, storage, channels).copied == len(first)
+    unchanged = sync_channels(first, tmp_path, storage, channels)
+    assert (unchanged.copied, unchanged.deleted, unchanged.unchanged) == (0, 0, len(first))
+
+    second = split_dataset(manifest, downloaded, "s3://abid-sample", seed=1)
+    moved = int((first.set_index("id")["split"] != second.set_index("id").loc[first["id"], "split"]).sum())
+    report = sync_channels(second, tmp_path, storage, channels)
+    assert report.copied == report.deleted == moved > 0
+    where = {}
+    for info in storage.list(channels):
+        split, label, name = info.uri.rsplit("/", 3)[-3:]
+        assert name.removesuffix(".jpg") not in where, "an image on two sides"
+        where[name.removesuffix(".jpg")] = split
+    assert where == dict(zip(second["id"], second["split"].astype(str)))
+
+
+def test_split_is_stratified_and_seeded() -> None:
+    from bincount.download import DownloadedImage
+
+    rng = np.random.default_rng(0)
+    manifest = {f"{i:05d}": int(rng.integers(1, 6)) for i in range(500)}
+    downloaded = {i: DownloadedImage(i, "0" * 64, 1) for i in manifest}
+    a = split_dataset(manifest, downloaded, "s3://x")
+    assert a.equals(split_dataset(manifest, downloaded, "s3://x"))
+    assert not a.equals(split_dataset(manifest, downloaded, "s3://x", seed=1))
+    per_class = a.groupby(["label", "split"], observed=True).size().unstack()
+    assert ((per_class["train"] / per_class.sum(axis=1)).between(0.78, 0.82)).all()

@@ -165,17 +165,6 @@ def serve(app: Starlette, sock: socket.socket, graceful_timeout_s: float, access
     uvicorn.Server(config).run(sockets=[sock])
 
 
-def bound_socket(host: str, port: int, fd: int | None) -> socket.socket:
-    """The listening socket: inherited (``fd``, bound by the deployer) or bound here."""
-    if fd is not None:
-        return socket.socket(fileno=fd)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(512)
-    return sock
-
-
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Serve one bin-count model with SageMaker's container routes.")
     parser.add_argument("--model-dir", type=Path, required=True, help="folder with model.pt and model_info.json")
@@ -195,7 +184,7 @@ def main(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     options = HostOptions(args.max_batch_size, args.max_wait_ms, args.threads, args.graceful_timeout)
     app = create_app(args.model_dir, args.name, options)
-    serve(app, bound_socket(args.host, args.port, args.fd), options.graceful_timeout_s, args.access_log)
+    serve(app, httpio.bound_socket(args.host, args.port, args.fd), options.graceful_timeout_s, args.access_log)
 
 
 if __name__ == "__main__":

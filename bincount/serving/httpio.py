@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
@@ -82,3 +83,14 @@ def model_error(name: str, status: int, message: str) -> Response:
 
 def unknown_endpoint(name: str, served: str) -> Response:
     return runtime_error("ValidationError", 400, f"Endpoint {name} not found: this server serves {served!r}.")
+
+
+def bound_socket(host: str, port: int, fd: int | None) -> socket.socket:
+    """The listening socket: inherited (``fd``, bound by the deployer) or bound here."""
+    if fd is not None:
+        return socket.socket(fileno=fd)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(512)
+    return sock

@@ -31,7 +31,6 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from bincount.serving import httpio
-from bincount.serving.host import bound_socket
 
 logger = logging.getLogger("bincount.serving.router")
 
@@ -162,7 +161,7 @@ def main(args: argparse.Namespace) -> None:
         limit_concurrency=1024,
         lifespan="on",
     )
-    uvicorn.Server(config).run(sockets=[bound_socket(args.host, args.port, args.fd)])
+    uvicorn.Server(config).run(sockets=[httpio.bound_socket(args.host, args.port, args.fd)])
 
 
 if __name__ == "__main__":

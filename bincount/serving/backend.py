@@ -1,0 +1,439 @@
+"""Serving backends: deploy, describe, invoke and delete named endpoints; run batch transforms.
+
+:class:`ServingBackend` is what the Prefect tasks call; :func:`get_serving_backend` picks the
+implementation from the settings' profile. Only ``local`` exists now; a SageMaker backend (model,
+endpoint config, ``update_endpoint``, Transformer) implements the same protocol later.
+
+The local backend, per endpoint::
+
+    client ──► router (stable port: the endpoint URL) ──► model host (a port of its own)
+
+A deploy is blue/green: it starts a new host, waits for ``/ping``, sends it one smoke invocation,
+then repoints the router (SIGHUP), waits until the old host has no request in flight and stops it
+(SIGTERM: it drains). A new model that fails any step is stopped and the old one keeps serving.
+Both processes are detached, so an endpoint outlives the flow run that deployed it. Records
+(name, URL, model URI, version, processes) live at ``{artifact_root}/endpoints/<name>.json``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import fcntl
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import boto3
+import botocore.config
+import httpx
+import numpy as np
+from botocore import UNSIGNED
+
+from bincount.config import Settings
+from bincount.demo_data import jpeg_bytes, render_bin_image
+from bincount.serving.batch import BatchTransformSummary, ProgressFn, load_labels, run_batch_transform
+from bincount.serving.host import HostOptions
+from bincount.serving.httpio import ENDPOINT_NAME
+from bincount.serving.model_dir import fetch_model, read_model_info
+from bincount.storage import ObjectNotFoundError, Storage, local_path, storage_for
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+RECORD_SCHEMA = 1
+
+
+class ServingError(RuntimeError):
+    """An endpoint operation failed; the message says what to look at (often the host's log)."""
+
+
+class DeployError(ServingError):
+    """A new model could not be put in service; whatever served before still serves."""
+
+
+class EndpointNotFoundError(ServingError, LookupError):
+    """No endpoint of that name is recorded."""
+
+
+@dataclass
+class EndpointRecord:
+    """An endpoint as recorded under the artifact root; ``details`` is backend-specific."""
+
+    name: str
+    url: str
+    model_uri: str
+    version: str
+    arch: str
+    backend: str
+    deployed_at: str
+    previous_model_uri: str | None = None
+    previous_version: str | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema": RECORD_SCHEMA, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EndpointRecord:
+        return cls(**{key: value for key, value in data.items() if key != "schema"})
+
+
+class ServingBackend(Protocol):
+    """What the deploy and batch transform tasks need from a place that serves models."""
+
+    def deploy(self, name: str, model_uri: str) -> EndpointRecord:
+        """Start ``name`` on ``model_uri``, or replace its model without dropping a request."""
+        ...
+
+    def describe(self, name: str) -> EndpointRecord:
+        """The record of ``name``; raises :class:`EndpointNotFoundError`."""
+        ...
+
+    def invoke(self, name: str, body: bytes, content_type: str, accept: str = "application/json") -> bytes:
+        """One request through the endpoint, as a client sends it."""
+        ...
+
+    def delete(self, name: str) -> None:
+        """Stop ``name`` and forget its record; raises :class:`EndpointNotFoundError`."""
+        ...
+
+    def batch_transform(
+        self,
+        model_uri: str,
+        input_uri: str,
+        output_uri: str,
+        *,
+        batch_size: int = 16,
+        labels_uri: str | None = None,
+        progress: ProgressFn | None = None,
+    ) -> BatchTransformSummary:
+        """Score every image under ``input_uri`` into ``output_uri`` (see bincount.serving.batch)."""
+        ...
+
+
+def get_serving_backend(settings: Settings, host_options: HostOptions | None = None) -> ServingBackend:
+    """The serving backend for ``settings.profile``."""
+    if settings.profile == "local":
+        return LocalServingBackend(settings, host_options=host_options)
+    raise NotImplementedError(
+        f"serving on profile {settings.profile!r} is not built yet: use BINCOUNT_PROFILE=local"
+    )
+
+
+def runtime_client(endpoint_url: str, max_attempts: int = 3):
+    """The one factory for ``sagemaker-runtime`` clients pointed at a local endpoint (unsigned)."""
+    config = botocore.config.Config(
+        signature_version=UNSIGNED,
+        retries={"mode": "standard", "total_max_attempts": max_attempts},
+        read_timeout=120,
+        max_pool_connections=64,
+    )
+    return boto3.session.Session().client(
+        "sagemaker-runtime", endpoint_url=endpoint_url, region_name="us-east-1", config=config
+    )
+
+
+def check_endpoint_name(name: str) -> str:
+    if not ENDPOINT_NAME.match(name):
+        raise ValueError(f"endpoint name {name!r}: use 1-63 letters, digits and single dashes, as SageMaker does")
+    return name
+
+
+def smoke_image(image_size: int) -> bytes:
+    """A synthetic bin photo (two items) at the model's size, to check a new host end to end."""
+    return jpeg_bytes(render_bin_image(2, np.random.default_rng(0), size=max(image_size, 32)))
+
+
+def check_answer(answer: bytes, classes: list[int]) -> int:
+    """The count in a JSON answer; raises ServingError when the answer is not a valid prediction."""
+    try:
+        prediction = json.loads(answer)["predictions"][0]
+        count = int(prediction["predicted_count"])
+        total = sum(prediction["probabilities"].values())
+    except (ValueError, KeyError, IndexError, TypeError) as error:
+        raise ServingError(f"the answer is not a prediction ({error}): {answer[:200]!r}") from None
+    if count not in classes or abs(total - 1.0) > 1e-3:
+        raise ServingError(f"implausible answer: count {count}, probabilities summing to {total}")
+    return count
+
+
+class LocalServingBackend:
+    """Endpoints as local processes (router + model host); batch transform in this process."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        host_options: HostOptions | None = None,
+        runtime_root: Path | None = None,
+        bind_host: str = "127.0.0.1",
+        start_timeout_s: float = 120.0,
+    ) -> None:
+        self.settings = settings
+        self.storage: Storage = storage_for(settings)
+        self.host_options = host_options or HostOptions()
+        if runtime_root is None:
+            runtime_root = (
+                local_path(settings.artifact_root) / "serving"
+                if settings.artifact_root.startswith("file://")
+                else Path.home() / ".cache" / "bincount" / "serving"
+            )
+        self.runtime_root = runtime_root
+        self.bind_host = bind_host
+        self.start_timeout_s = start_timeout_s
+        self._children: dict[int, subprocess.Popen] = {}
+
+    # records -------------------------------------------------------------------------------
+    def record_uri(self, name: str) -> str:
+        return self.settings.artifact_uri("endpoints", f"{name}.json")
+
+    def describe(self, name: str) -> EndpointRecord:
+        check_endpoint_name(name)
+        try:
+            return EndpointRecord.from_dict(json.loads(self.storage.read_bytes(self.record_uri(name))))
+        except ObjectNotFoundError:
+            raise EndpointNotFoundError(f"no endpoint named {name!r} is recorded at {self.record_uri(name)}") from None
+
+    def is_serving(self, record: EndpointRecord) -> bool:
+        """Whether the router at the record's URL answers for this endpoint."""
+        return self._router_status(record.url, record.name) is not None
+
+    # deploy --------------------------------------------------------------------------------
+    def deploy(self, name: str, model_uri: str) -> EndpointRecord:
+        check_endpoint_name(name)
+        workdir = self.runtime_root / name
+        workdir.mkdir(parents=True, exist_ok=True)
+        with _exclusive(workdir / ".deploy.lock"):
+            try:
+                current = self.describe(name)
+            except EndpointNotFoundError:
+                current = None
+            model_dir, version = fetch_model(self.storage, model_uri, self.runtime_root / "models")
+            info = read_model_info(model_dir)
+            host_proc, host_url = self._start_host(name, model_dir, version, workdir)
+            try:
+                self._wait_until_ready(host_proc, host_url, workdir / f"host-{host_proc.pid}.log")
+                check_answer(self._post(host_url, smoke_image(int(info["image_size"]))), [int(c) for c in info["classes"]])
+            except ServingError as error:
+                self._stop(host_proc.pid)
+                raise DeployError(
+                    f"model {model_uri} (version {version}) did not pass its checks, "
+                    f"so endpoint {name!r} was left as it was: {error}"
+                ) from None
+            state = {"target": host_url, "version": version, "model_uri": model_uri}
+            if current is not None and self.is_serving(current):
+                details = self._switch(current, host_proc.pid, state, workdir)
+                url = current.url
+            else:
+                if current is not None:  # recorded but down (e.g. after a reboot): bring it back at its URL
+                    self._stop(current.details.get("host_pid"))
+                port = current.details["router_port"] if current is not None else 0
+                details = self._start_router(name, port, state, workdir, host_proc.pid)
+                url = f"http://{self.bind_host}:{details['router_port']}"
+            record = EndpointRecord(
+                name=name,
+                url=url,
+                model_uri=model_uri,
+                version=version,
+                arch=str(info["arch"]),
+                backend="local",
+                deployed_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                previous_model_uri=current.model_uri if current else None,
+                previous_version=current.version if current else None,
+                details=details,
+            )
+            self.storage.write_bytes(self.record_uri(name), json.dumps(record.to_dict(), indent=2).encode())
+            return record
+
+    def _start_host(self, name: str, model_dir: Path, version: str, workdir: Path) -> tuple[subprocess.Popen, str]:
+        args = ["--model-dir", str(model_dir), "--name", name, *self.host_options.cli_args()]
+        proc, port = self._spawn("bincount.serving.host", args, 0, workdir, "host")
+        return proc, f"http://{self.bind_host}:{port}"
+
+    def _start_router(self, name: str, port: int, state: dict, workdir: Path, host_pid: int) -> dict[str, Any]:
+        state_file = workdir / "router.json"
+        _write_json(state_file, state)
+        try:
+            proc, port = self._spawn("bincount.serving.router", ["--name", name, "--state-file", str(state_file)], port, workdir, "router")
+        except OSError as error:
+            self._stop(host_pid)
+            raise DeployError(f"cannot bind the router of {name!r} to port {port} ({error}): free it or delete the endpoint") from None
+        url = f"http://{self.bind_host}:{port}"
+        deadline = time.monotonic() + 30
+        while (status := self._router_status(url, name)) is None or status["target"] != state["target"]:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                self._stop(proc.pid)
+                self._stop(host_pid)
+                raise DeployError(f"the router of {name!r} did not start: see {workdir / f'router-{proc.pid}.log'}")
+            time.sleep(0.1)
+        return {"router_pid": proc.pid, "router_port": port, "host_pid": host_pid, "host_url": state["target"], "workdir": str(workdir)}
+
+    def _switch(self, current: EndpointRecord, host_pid: int, state: dict, workdir: Path) -> dict[str, Any]:
+        """Point the running router at the new host, then retire the old host once it is idle."""
+        state_file = workdir / "router.json"
+        old_state = json.loads(state_file.read_text())
+        _write_json(state_file, state)
+        os.kill(current.details["router_pid"], signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while (status := self._router_status(current.url, current.name)) is None or status["target"] != state["target"]:
+            if time.monotonic() > deadline:
+                _write_json(state_file, old_state)
+                self._stop(host_pid)
+                raise DeployError(f"the router of {current.name!r} did not switch to the new model; the old one still serves")
+            time.sleep(0.05)
+        old_url = current.details["host_url"]
+        deadline = time.monotonic() + self.host_options.graceful_timeout_s
+        while (status := self._router_status(current.url, current.name)) and status["inflight"].get(old_url, 0) > 0:
+            if time.monotonic() > deadline:
+                break  # the old host drains what is left on SIGTERM, within its own graceful timeout
+            time.sleep(0.05)
+        self._stop(current.details["host_pid"])
+        return {**current.details, "host_pid": host_pid, "host_url": state["target"]}
+
+    # processes -----------------------------------------------------------------------------
+    def _spawn(self, module: str, args: list[str], port: int, workdir: Path, kind: str) -> tuple[subprocess.Popen, int]:
+        """Start ``python -m module`` detached, serving on a socket bound here (so its port is known now)."""
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((self.bind_host, port))
+            sock.listen(512)
+            port = sock.getsockname()[1]
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))}
+            log_path = workdir / f"{kind}-pending.log"
+            with log_path.open("ab") as log:
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", module, *args, "--fd", str(sock.fileno()), "--host", self.bind_host],
+                    pass_fds=[sock.fileno()],
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,  # not killed with the flow run that started it
+                    env=env,
+                    cwd=PROJECT_ROOT,
+                )
+            log_path.rename(workdir / f"{kind}-{proc.pid}.log")
+        finally:
+            sock.close()
+        self._children[proc.pid] = proc
+        return proc, port
+
+    def _wait_until_ready(self, proc: subprocess.Popen, url: str, log: Path) -> None:
+        deadline = time.monotonic() + self.start_timeout_s
+        while True:
+            if proc.poll() is not None:
+                raise ServingError(f"the model host exited with code {proc.returncode} while starting:\n{_tail(log)}")
+            with contextlib.suppress(httpx.TransportError):  # still loading the model: try again
+                if httpx.get(f"{url}/ping", timeout=2.0).status_code == 200:
+                    return
+            if time.monotonic() > deadline:
+                raise ServingError(f"the model host did not pass /ping within {self.start_timeout_s:.0f} s:\n{_tail(log)}")
+            time.sleep(0.2)
+
+    def _post(self, url: str, body: bytes) -> bytes:
+        try:
+            answer = httpx.post(f"{url}/invocations", content=body, headers={"Content-Type": "image/jpeg"}, timeout=60.0)
+        except httpx.TransportError as error:
+            raise ServingError(f"the smoke invocation got no answer ({error})") from None
+        if answer.status_code != 200:
+            raise ServingError(f"the smoke invocation got {answer.status_code}: {answer.text[:300]}")
+        return answer.content
+
+    def _router_status(self, url: str, name: str) -> dict[str, Any] | None:
+        try:
+            answer = httpx.get(f"{url}/router/status", timeout=2.0)
+        except httpx.TransportError:
+            return None
+        if answer.status_code != 200:
+            return None
+        status = answer.json()
+        return status if status.get("name") == name else None
+
+    def _stop(self, pid: int | None, timeout_s: float | None = None) -> None:
+        """SIGTERM a process this backend started (it drains), SIGKILL it if it outstays ``timeout_s``."""
+        if pid is None or not _is_ours(pid):
+            return
+        timeout_s = timeout_s if timeout_s is not None else self.host_options.graceful_timeout_s + 5
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        while self._running(pid):
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                deadline = time.monotonic() + 5
+            time.sleep(0.05)
+        self._children.pop(pid, None)
+
+    def _running(self, pid: int) -> bool:
+        if pid in self._children:
+            return self._children[pid].poll() is None
+        return _is_ours(pid)
+
+    # invoke, delete ------------------------------------------------------------------------
+    def invoke(self, name: str, body: bytes, content_type: str, accept: str = "application/json") -> bytes:
+        record = self.describe(name)
+        answer = runtime_client(record.url).invoke_endpoint(
+            EndpointName=name, Body=body, ContentType=content_type, Accept=accept
+        )
+        return answer["Body"].read()
+
+    def delete(self, name: str) -> None:
+        record = self.describe(name)
+        with _exclusive(self.runtime_root / name / ".deploy.lock"):
+            self._stop(record.details.get("router_pid"))
+            self._stop(record.details.get("host_pid"))
+            self.storage.delete(self.record_uri(name))
+
+    # batch transform -----------------------------------------------------------------------
+    def batch_transform(
+        self,
+        model_uri: str,
+        input_uri: str,
+        output_uri: str,
+        *,
+        batch_size: int = 16,
+        labels_uri: str | None = None,
+        progress: ProgressFn | None = None,
+    ) -> BatchTransformSummary:
+        model_dir, version = fetch_model(self.storage, model_uri, self.runtime_root / "models")
+        labels = load_labels(self.storage, labels_uri) if labels_uri else None
+        return run_batch_transform(
+            self.storage, model_dir, version, input_uri, output_uri, batch_size=batch_size, labels=labels, progress=progress
+        )
+
+
+def _is_ours(pid: int) -> bool:
+    """Whether ``pid`` is a live (not zombie) serving process: guards against reused pids."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z" and b"bincount.serving." in cmdline
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except FileNotFoundError:
+        return f"(no log at {path})"
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path) -> Iterator[None]:
+    """One deploy or delete of an endpoint at a time, across processes."""
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with lock_path.open("w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield

@@ -71,6 +71,8 @@ class EndpointRecord:
     model_uri: str
     version: str
     arch: str
+    image_size: int
+    classes: list[int]
     backend: str
     deployed_at: str
     previous_model_uri: str | None = None
@@ -242,6 +244,8 @@ class LocalServingBackend:
                 model_uri=model_uri,
                 version=version,
                 arch=str(info["arch"]),
+                image_size=int(info["image_size"]),
+                classes=[int(count) for count in info["classes"]],
                 backend="local",
                 deployed_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                 previous_model_uri=current.model_uri if current else None,

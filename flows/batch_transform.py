@@ -1,0 +1,45 @@
+"""Flow: score a prefix of images offline, with a given model or the one an endpoint serves.
+
+    resolve-model -> batch-transform
+
+Output: one ``<key>.out`` per input image under ``output_uri`` (as SageMaker's batch transform
+writes them), ``results.csv`` (id, predicted count, probabilities, label where known) and
+``errors.csv`` for unreadable images. Reruns skip what is done, so a failed run resumes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow
+
+from bincount.config import Settings
+from tasks.batch_transform import batch_transform_task, resolve_model_task
+
+
+@flow(name="batch-transform")
+def batch_transform(
+    input_uri: str,
+    output_uri: str,
+    model_uri: str | None = None,
+    endpoint_name: str | None = "bincount",
+    batch_size: int = 16,
+    labels_uri: str | None = None,
+    artifact_root: str | None = None,
+    s3_endpoint_url: str | None = None,
+) -> dict[str, Any]:
+    """Score every .jpg/.jpeg/.png under ``input_uri``.
+
+    Args:
+        input_uri: prefix (file:// or s3://) holding the images; channel folders give labels.
+        output_uri: prefix for the .out files and the results table; must not overlap the input.
+        model_uri: model.tar.gz or model folder to score with (default: the endpoint's model).
+        endpoint_name: endpoint whose model to use when no model_uri is given.
+        batch_size: images per forward pass.
+        labels_uri: CSV with id and label columns (e.g. a dataset's split.csv) for the results table.
+        artifact_root: where endpoint records live (default: BINCOUNT_ARTIFACT_ROOT, else ./.bincount).
+        s3_endpoint_url: S3-compatible endpoint for MinIO or LocalStack (default: AWS).
+    """
+    settings = Settings.load(artifact_root=artifact_root, s3_endpoint_url=s3_endpoint_url)
+    model = resolve_model_task(settings, model_uri, endpoint_name)
+    return batch_transform_task(settings, model, input_uri, output_uri, batch_size, labels_uri)

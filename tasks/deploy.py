@@ -1,0 +1,116 @@
+"""Tasks: deploy a model to a named endpoint, check it, delete it; never cached.
+
+Call :func:`deploy_model` from a flow: it runs deploy-endpoint then check-endpoint inside one
+Prefect ``transaction()``. The backend's own blue/green deploy already keeps the old model serving
+when the new one fails to start; the transaction covers what comes after the switch: if the check
+(or anything else in the transaction) fails, deploy-endpoint's rollback hook puts the previous
+model back on the endpoint, or deletes an endpoint that did not exist before.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.transactions import Transaction, get_transaction, transaction
+
+from bincount.config import Settings
+from bincount.serving.backend import EndpointNotFoundError, EndpointRecord, check_answer, get_serving_backend, smoke_image
+from bincount.storage import storage_for
+
+
+def endpoint_artifact_key(endpoint_name: str) -> str:
+    """Stable per endpoint, so the UI keeps its history."""
+    return f"endpoint-{endpoint_name.lower()}"
+
+
+def publish_endpoint(record: EndpointRecord, note: str = "") -> None:
+    create_markdown_artifact(
+        key=endpoint_artifact_key(record.name),
+        markdown=(
+            f"### Endpoint `{record.name}`\n\n"
+            "| | |\n|---|---|\n"
+            f"| URL | `{record.url}` |\n"
+            f"| model version | `{record.version}` ({record.arch}) |\n"
+            f"| model URI | `{record.model_uri}` |\n"
+            f"| previous version | `{record.previous_version or '-'}` |\n"
+            f"| backend | {record.backend} |\n"
+            f"| deployed at | {record.deployed_at} |\n\n"
+            f"Invoke: `boto3.client('sagemaker-runtime', endpoint_url='{record.url}')"
+            f".invoke_endpoint(EndpointName='{record.name}', Body=jpeg, ContentType='image/jpeg')`\n\n{note}"
+        ),
+        description=f"Endpoint {record.name}: model {record.version}",
+    )
+
+
+@task(name="deploy-endpoint", cache_policy=NO_CACHE)
+def deploy_endpoint_task(settings: Settings, endpoint_name: str, model_uri: str) -> dict[str, Any]:
+    """Start ``endpoint_name`` on ``model_uri``, or move it there blue/green; returns the endpoint record."""
+    logger = get_run_logger()
+    backend = get_serving_backend(settings)
+    try:
+        previous: dict[str, Any] | None = backend.describe(endpoint_name).to_dict()
+    except EndpointNotFoundError:
+        previous = None
+    txn = get_transaction()
+    if txn is not None:  # what the rollback hook needs to undo this deploy
+        txn.set("settings", settings.model_dump(mode="json"))
+        txn.set("endpoint_name", endpoint_name)
+        txn.set("previous", previous)
+    logger.info(
+        "Deploying %s to endpoint %r (%s)",
+        model_uri, endpoint_name, f"replacing version {previous['version']}" if previous else "new endpoint",
+    )
+    record = backend.deploy(endpoint_name, model_uri)
+    logger.info("Endpoint %r serves version %s at %s", record.name, record.version, record.url)
+    publish_endpoint(record)
+    return record.to_dict()
+
+
+@deploy_endpoint_task.on_rollback
+def restore_previous_endpoint(txn: Transaction) -> None:
+    """Undo a deploy: the previous model back on the endpoint, or no endpoint if there was none."""
+    settings = Settings.load(**txn.get("settings"))
+    name: str = txn.get("endpoint_name")
+    previous: dict[str, Any] | None = txn.get("previous")
+    backend = get_serving_backend(settings)
+    if previous is None:
+        backend.delete(name)
+        return
+    record = backend.deploy(name, previous["model_uri"])
+    publish_endpoint(record, note=f"Rolled back: the deploy that replaced version {previous['version']} failed its checks.")
+
+
+@task(name="check-endpoint", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
+def check_endpoint_task(settings: Settings, endpoint_name: str, sample_image_uri: str | None = None) -> int:
+    """Invoke the endpoint as a client would (boto3 ``sagemaker-runtime``); return the count it answers.
+
+    Uses ``sample_image_uri`` (a JPEG or PNG), else a synthetic bin photo at the model's size.
+    """
+    logger = get_run_logger()
+    backend = get_serving_backend(settings)
+    record = backend.describe(endpoint_name)
+    body = storage_for(settings).read_bytes(sample_image_uri) if sample_image_uri else smoke_image(record.image_size)
+    content_type = "image/png" if (sample_image_uri or "").lower().endswith(".png") else "image/jpeg"
+    count = check_answer(backend.invoke(endpoint_name, body, content_type), record.classes)
+    logger.info("Endpoint %r answered count %d for %s", endpoint_name, count, sample_image_uri or "a synthetic photo")
+    return count
+
+
+@task(name="delete-endpoint", cache_policy=NO_CACHE)
+def delete_endpoint_task(settings: Settings, endpoint_name: str) -> None:
+    """Stop the endpoint and forget its record."""
+    get_run_logger().info("Deleting endpoint %r", endpoint_name)
+    get_serving_backend(settings).delete(endpoint_name)
+
+
+def deploy_model(
+    settings: Settings, endpoint_name: str, model_uri: str, sample_image_uri: str | None = None
+) -> dict[str, Any]:
+    """Deploy and check in one transaction (call from a flow): a failed check rolls the deploy back."""
+    with transaction():
+        record = deploy_endpoint_task(settings, endpoint_name, model_uri)
+        check_endpoint_task(settings, endpoint_name, sample_image_uri)
+    return record

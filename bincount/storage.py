@@ -272,11 +272,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         target.write(data)
 
 
-def file_digests(path: Path) -> tuple[str, str]:
-    """``(sha256, md5)`` hex digests of a file, read in chunks."""
-    sha256, md5 = hashlib.sha256(), hashlib.md5()
+def file_digest(path: Path, algorithm: str = "sha256") -> str:
+    """Hex digest of a file (``sha256`` for checksums, ``md5`` to compare with an S3 ETag)."""
     with path.open("rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            sha256.update(chunk)
-            md5.update(chunk)
-    return sha256.hexdigest(), md5.hexdigest()
+        return hashlib.file_digest(handle, algorithm).hexdigest()

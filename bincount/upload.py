@@ -14,7 +14,7 @@ import pandas as pd
 
 from bincount.download import image_path
 from bincount.split import SPLITS
-from bincount.storage import ObjectInfo, Storage, file_digests, join_uri, local_path
+from bincount.storage import ObjectInfo, Storage, file_digest, join_uri, local_path
 
 
 @dataclass
@@ -32,9 +32,9 @@ def _unchanged(existing: ObjectInfo | None, source: Path, sha256: str) -> bool:
     if existing is None or existing.size != source.stat().st_size:
         return False
     if existing.md5 is not None:
-        return existing.md5 == file_digests(source)[1]
+        return existing.md5 == file_digest(source, "md5")
     if existing.uri.startswith("file://"):
-        return file_digests(local_path(existing.uri))[0] == sha256
+        return file_digest(local_path(existing.uri)) == sha256
     return False  # multipart S3 object: no cheap checksum to compare, copy again
 
 

@@ -13,7 +13,7 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from bincount.config import Settings
 from bincount.demo_data import generate_demo_bucket
 from bincount.split import SPLITS, read_split, split_dataset
-from bincount.storage import Storage, file_digests, local_path
+from bincount.storage import Storage, file_digest, local_path
 from bincount.upload import sync_channels
 from flows.data import DataOptions, prepare_data
 
@@ -44,7 +44,7 @@ def test_real_images_from_s3_to_channels_then_served_from_cache(prefect_server, 
     assert dict(zip(table["id"], table["label"])) == abid_bucket
     for row in table.itertuples():
         channel_file = local_path(result.channels[row.split]) / str(row.label) / f"{row.id}.jpg"
-        assert file_digests(channel_file)[0] == row.sha256
+        assert file_digest(channel_file) == row.sha256
     assert all(0.0 < value < 1.0 for value in (*result.mean, *result.std))
 
     rerun = prepare_data(source_uri="s3://abid-sample", artifact_root=str(artifacts), return_state=True)

@@ -13,7 +13,7 @@ from typing import Any
 
 from prefect import flow
 
-from bincount.config import Settings
+from bincount.config import Settings, to_uri
 from tasks.batch_transform import batch_transform_task, resolve_model_task
 
 
@@ -42,4 +42,4 @@ def batch_transform(
     """
     settings = Settings.load(artifact_root=artifact_root, s3_endpoint_url=s3_endpoint_url)
     model = resolve_model_task(settings, model_uri, endpoint_name)
-    return batch_transform_task(settings, model, input_uri, output_uri, batch_size, labels_uri)
+    return batch_transform_task(settings, model, to_uri(input_uri), to_uri(output_uri), batch_size, labels_uri)

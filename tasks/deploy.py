@@ -83,7 +83,7 @@ def restore_previous_endpoint(txn: Transaction) -> None:
     publish_endpoint(record, note=f"Rolled back: the deploy that replaced version {previous['version']} failed its checks.")
 
 
-@task(name="check-endpoint", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
+@task(name="check-endpoint", cache_policy=NO_CACHE)
 def check_endpoint_task(settings: Settings, endpoint_name: str, sample_image_uri: str | None = None) -> int:
     """Invoke the endpoint as a client would (boto3 ``sagemaker-runtime``); return the count it answers.
 

@@ -111,7 +111,7 @@ def create_app(model_dir: Path, name: str, options: HostOptions) -> Starlette:
             if not submitted:
                 batcher.unexpect()
         answer, content_type = inference.output_fn(predictions, accept)
-        return Response(answer, media_type=content_type)
+        return Response(answer, headers={"content-type": content_type})  # as output_fn says, no charset added
 
     async def invocations(request: Request) -> Response:
         try:

@@ -1,0 +1,129 @@
+"""The serving handlers (sm_scripts/inference.py) in-process: formats, answers, refusals."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from bincount.serving.model_dir import write_untrained_model_dir
+from sm_scripts import inference
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_untrained_model_dir(tmp_path_factory.mktemp("model"), "resnet18", image_size=32, seed=0)
+
+
+@pytest.fixture(scope="module")
+def model(model_dir: Path) -> inference.CountModel:
+    return inference.model_fn(str(model_dir))
+
+
+def image_bytes(fmt: str, size: tuple[int, int] = (60, 40), colour: tuple[int, int, int] = (200, 120, 40)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, colour).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def predict(body: bytes, content_type: str, model: inference.CountModel, accept: str | None = None) -> tuple[str, str]:
+    return inference.output_fn(inference.predict_fn(inference.input_fn(body, content_type), model), accept)
+
+
+def test_jpeg_png_and_x_image_answer_a_count_with_probabilities(model: inference.CountModel) -> None:
+    for body, content_type in [
+        (image_bytes("JPEG"), "image/jpeg"),
+        (image_bytes("PNG"), "image/png"),
+        (image_bytes("JPEG"), "application/x-image"),
+    ]:
+        answer, answer_type = predict(body, content_type, model)
+        assert answer_type == "application/json"
+        (prediction,) = json.loads(answer)["predictions"]
+        assert prediction["predicted_count"] in (1, 2, 3, 4, 5)
+        assert list(prediction["probabilities"]) == ["1", "2", "3", "4", "5"]
+        assert sum(prediction["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
+        best = max(prediction["probabilities"], key=prediction["probabilities"].get)
+        assert int(best) == prediction["predicted_count"]
+
+
+def test_json_with_several_base64_images_answers_each_in_order(model: inference.CountModel) -> None:
+    images = [image_bytes("JPEG", colour=(10 * i, 200 - 20 * i, 90)) for i in range(3)]
+    singles = [json.loads(predict(data, "image/jpeg", model)[0])["predictions"][0] for data in images]
+    encoded = [base64.b64encode(data).decode() for data in images]
+    encoded[1] = "data:image/jpeg;base64," + encoded[1]
+    for body in (json.dumps({"images": encoded}), json.dumps(encoded)):
+        answer = json.loads(predict(body.encode(), "application/json; charset=utf-8", model)[0])["predictions"]
+        assert [a["predicted_count"] for a in answer] == [s["predicted_count"] for s in singles]
+        for got, alone in zip(answer, singles):
+            for count in alone["probabilities"]:
+                assert got["probabilities"][count] == pytest.approx(alone["probabilities"][count], abs=1e-4)
+    single = json.loads(predict(json.dumps({"image": encoded[0]}).encode(), "application/json", model)[0])
+    assert len(single["predictions"]) == 1
+
+
+def test_csv_answer_has_one_line_per_image(model: inference.CountModel) -> None:
+    body = json.dumps({"images": [base64.b64encode(image_bytes("PNG")).decode()] * 2}).encode()
+    answer, answer_type = predict(body, "application/json", model, accept="text/csv")
+    assert answer_type == "text/csv"
+    lines = answer.strip().splitlines()
+    assert len(lines) == 2
+    fields = lines[0].split(",")
+    assert int(fields[0]) in (1, 2, 3, 4, 5) and len(fields) == 6
+    assert sum(float(p) for p in fields[1:]) == pytest.approx(1.0, abs=1e-4)
+    assert inference.choose_accept("text/html, application/json;q=0.9") == "application/json"
+    assert inference.choose_accept("*/*") == "application/json"
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "status", "says"),
+    [
+        (b"\x00\x01garbage" * 50, "image/jpeg", 400, "not a JPEG or PNG"),
+        (image_bytes("JPEG", (300, 300))[:400], "image/jpeg", 400, "not a readable JPEG or PNG"),
+        (b"", "image/png", 400, "empty"),
+        (image_bytes("GIF"), "image/jpeg", 400, "not a JPEG or PNG"),
+        (b"{not json", "application/json", 400, "not valid JSON"),
+        (b'{"images": ["@@@"]}', "application/json", 400, "not valid base64"),
+        (b'{"images": []}', "application/json", 400, "names no images"),
+        (b'{"pictures": []}', "application/json", 400, '{"image"'),
+        (b'{"images": [12]}', "application/json", 400, "not a base64 string"),
+        (image_bytes("JPEG"), "text/plain", 415, "not supported"),
+        (image_bytes("JPEG"), "", 415, "not supported"),
+    ],
+)
+def test_bad_input_is_refused_with_a_clear_error(
+    model: inference.CountModel, body: bytes, content_type: str, status: int, says: str
+) -> None:
+    with pytest.raises(inference.InputError, match=says) as caught:
+        inference.predict_fn(inference.input_fn(body, content_type), model)
+    assert caught.value.status_code == status
+
+
+def test_unsupported_accept_is_406() -> None:
+    with pytest.raises(inference.UnsupportedAcceptError) as caught:
+        inference.output_fn([], "application/xml")
+    assert caught.value.status_code == 406
+
+
+def test_model_pt_is_loaded_without_unpickling_code(tmp_path: Path, model_dir: Path) -> None:
+    """A model.pt holding an arbitrary object (code on load) is refused by weights_only loading."""
+    (tmp_path / "model_info.json").write_text((model_dir / "model_info.json").read_text())
+    torch.save({"payload": Path("/etc/passwd")}, tmp_path / "model.pt")  # a pickled non-tensor object
+    with pytest.raises(Exception, match="[Ww]eights only load failed|Unsupported global"):
+        inference.model_fn(str(tmp_path))
+
+
+def test_model_info_errors_name_the_problem(tmp_path: Path, model_dir: Path) -> None:
+    info = json.loads((model_dir / "model_info.json").read_text())
+    (tmp_path / "model.pt").write_bytes((model_dir / "model.pt").read_bytes())
+    (tmp_path / "model_info.json").write_text(json.dumps({**info, "arch": "vgg16"}))
+    with pytest.raises(ValueError, match="not one of"):
+        inference.model_fn(str(tmp_path))
+    del info["image_size"]
+    (tmp_path / "model_info.json").write_text(json.dumps(info))
+    with pytest.raises(ValueError, match="image_size"):
+        inference.model_fn(str(tmp_path))

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from bincount.config import Settings
+from bincount.config import Settings, to_uri
 from bincount.demo_data import generate_demo_bucket
 from bincount.storage import join_uri, storage_for
 
@@ -26,6 +27,13 @@ def main(argv: list[str] | None = None) -> None:
     demo.add_argument("--images", type=int, default=600, help="demo photos to generate (default: 600)")
     demo.add_argument("--seed", type=int, default=0, help="seed of the demo data (default: 0)")
     demo.add_argument("--refresh", action="store_true", help="ignore cached results (default: off)")
+    data = commands.add_parser("data", help="prepare a dataset from a manifest (default source: the public ABID bucket)")
+    data.add_argument("--manifest-uri", help="seed-format file_list.json: a path, file:// or s3:// URI")
+    data.add_argument("--ids-file", type=Path, help="instead of a manifest: a file of image ids, one per line")
+    data.add_argument("--source-uri", help="bucket laid out like ABID (default: BINCOUNT_SOURCE_URI or s3://aft-vbi-pds)")
+    data.add_argument("--dataset", default="abid", help="dataset name under <artifact_root>/datasets (default: abid)")
+    data.add_argument("--max-missing-share", type=float, default=0.01, help="missing/corrupt share tolerated (default: 0.01)")
+    data.add_argument("--refresh", action="store_true", help="ignore cached results (default: off)")
     make = commands.add_parser("make-demo-data", help="write a demo bucket at a URI and print its manifest URI")
     make.add_argument("uri", help="file:// or s3:// URI, or a folder")
     make.add_argument("--images", type=int, default=600, help="demo photos to generate (default: 600)")
@@ -34,11 +42,21 @@ def main(argv: list[str] | None = None) -> None:
 
     settings = Settings.load()
     if args.command == "make-demo-data":
-        target = Settings.load(artifact_root=args.uri).artifact_root
+        target = to_uri(args.uri)
         print(generate_demo_bucket(storage_for(settings), target, images=args.images, seed=args.seed))
         return
-    from flows.data import prepare_data
+    from flows.data import DataOptions, prepare_data
 
+    if args.command == "data":
+        options = DataOptions(
+            manifest_uri=to_uri(args.manifest_uri) if args.manifest_uri else None,
+            image_ids=args.ids_file.read_text().split() if args.ids_file else None,
+            dataset=args.dataset,
+            max_missing_share=args.max_missing_share,
+        )
+        result = prepare_data(options, source_uri=args.source_uri, refresh=args.refresh)
+        print(f"Prepared {result.images} images; split manifest: {result.split_uri}")
+        return
     source_uri = demo_bucket(settings, args.images, args.seed)
     result = prepare_data(source_uri=source_uri, refresh=args.refresh)
     print(f"Prepared {result.images} images; channels: {result.channels}")

@@ -18,7 +18,7 @@ os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 from bincount.demo_data import write_demo_channels  # noqa: E402
 from bincount.loopback_s3 import LoopbackS3  # noqa: E402
 
-ABID_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "abid"
+ABID_DIR = Path(os.environ.get("BINCOUNT_ABID_SAMPLE", Path(__file__).resolve().parents[1].parent / "shared" / "data" / "abid"))
 
 
 @pytest.fixture(scope="session")
@@ -46,7 +46,7 @@ def s3_client(s3_server: LoopbackS3):
 def abid_dir() -> Path:
     """The real ABID sample; tests that need it skip when it is absent."""
     if not (ABID_DIR / "file_list.sample.json").is_file():
-        pytest.skip(f"the real ABID sample is not at {ABID_DIR} (see README: Data for tests)")
+        pytest.skip(f"the real ABID sample is not at {ABID_DIR} (set BINCOUNT_ABID_SAMPLE to its folder; see README: Tests)")
     return ABID_DIR
 
 

@@ -481,11 +481,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         "metrics": metrics,
     }
     save_model(Path(args.model_dir), best["state"], info)
-    print(
-        f"kept epoch {metrics['epoch']} ({args.keep}): {args.eval_channel} accuracy {metrics['eval_acc']:.4f}, "
-        f"RMSE {metrics['eval_rmse']:.4f}; model written to {args.model_dir}",
-        flush=True,
-    )
+    print(f"model written to {args.model_dir}", flush=True)
+    # Last metric line: the kept epoch's, so a tuner reading final values scores the kept model.
+    print(f"kept ({args.keep}) {format_epoch_line(metrics)}", flush=True)
     return metrics
 
 
@@ -554,8 +552,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     group.add_argument(
         "--debugger-dir",
-        default=str(Path(env("SM_OUTPUT_DATA_DIR", "output/data")) / "debug-output"),
-        help="smdebug output outside SageMaker (default: $SM_OUTPUT_DATA_DIR/debug-output)",
+        default=str(Path(env("SM_OUTPUT_DIR", "output")) / "tensors"),
+        help="smdebug output outside a SageMaker Debugger job (default: $SM_OUTPUT_DIR/tensors)",
     )
     group.add_argument("--num-gpus", type=int, default=int(env("SM_NUM_GPUS", "1")), help="(default: $SM_NUM_GPUS)")
     return parser

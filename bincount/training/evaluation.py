@@ -1,0 +1,89 @@
+"""Score a packed model (``model.tar.gz``) on a test channel: accuracy, RMSE of the count,
+per-class accuracy, within-one accuracy and the confusion matrix (scikit-learn's)."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import tarfile
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.metrics import accuracy_score, confusion_matrix, mean_squared_error, recall_score
+
+from bincount.storage import Storage, local_path
+from sm_scripts.train import ImageCache, batches, build_model, load_channel
+
+
+@dataclass
+class Evaluation:
+    """Scores on ``images`` test images; ``confusion[i][j]`` counts true ``classes[i]`` predicted ``classes[j]``."""
+
+    images: int
+    accuracy: float
+    rmse: float
+    within_one_accuracy: float
+    per_class_accuracy: dict[str, float]
+    classes: list[int]
+    confusion: list[list[int]]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def score_counts(true_counts: list[int], predicted_counts: list[int], classes: list[int]) -> Evaluation:
+    """The scores of predicted counts against true ones."""
+    if not true_counts or len(true_counts) != len(predicted_counts):
+        raise ValueError(f"need as many predictions as labels, at least one ({len(predicted_counts)} vs {len(true_counts)})")
+    truth, predicted = np.asarray(true_counts), np.asarray(predicted_counts)
+    recalls = recall_score(truth, predicted, labels=classes, average=None, zero_division=0.0)
+    return Evaluation(
+        images=len(truth),
+        accuracy=float(accuracy_score(truth, predicted)),
+        rmse=math.sqrt(float(mean_squared_error(truth, predicted))),
+        within_one_accuracy=float(np.mean(np.abs(truth - predicted) <= 1)),
+        per_class_accuracy={str(c): float(r) for c, r in zip(classes, recalls)},
+        classes=list(classes),
+        confusion=confusion_matrix(truth, predicted, labels=classes).tolist(),
+    )
+
+
+def predict_counts(model_dir: Path, cache: ImageCache, batch_size: int = 64) -> list[int]:
+    """The count predicted for each cached image by the model in ``model_dir``."""
+    info = json.loads((model_dir / "model_info.json").read_text())
+    model = build_model(info["arch"], len(info["classes"]), "none", freeze_backbone=False)
+    model.load_state_dict(torch.load(model_dir / "model.pt", map_location="cpu", weights_only=True))
+    model = model.to(memory_format=torch.channels_last).eval()
+    mean = torch.tensor(info["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(info["std"]).view(1, 3, 1, 1)
+    predicted: list[int] = []
+    with torch.inference_mode():
+        for images, _ in batches(cache, batch_size, torch.device("cpu"), mean, std, shuffle=False):
+            predicted += [info["classes"][i] for i in model(images).argmax(1).tolist()]
+    return predicted
+
+
+def evaluate_model(storage: Storage, model_uri: str, test_channel_uri: str) -> Evaluation:
+    """Score the ``model.tar.gz`` at ``model_uri`` on the channel at ``test_channel_uri``."""
+    with tempfile.TemporaryDirectory(prefix="evaluate-") as scratch:
+        model_dir = Path(scratch) / "model"
+        with tarfile.open(fileobj=io.BytesIO(storage.read_bytes(model_uri)), mode="r:gz") as archive:
+            archive.extractall(model_dir, filter="data")
+        info = json.loads((model_dir / "model_info.json").read_text())
+        if test_channel_uri.startswith("file://"):
+            channel = local_path(test_channel_uri)
+        else:
+            channel = Path(scratch) / "test"
+            prefix = test_channel_uri.rstrip("/") + "/"
+            for item in storage.list(test_channel_uri):
+                storage.download_file(item.uri, channel / item.uri[len(prefix) :])
+        classes = [str(c) for c in info["classes"]]
+        cache = load_channel(channel, classes, info["image_size"], threads=torch.get_num_threads())
+        predicted = predict_counts(model_dir, cache)
+    true_counts = [info["classes"][i] for i in cache.labels.tolist()]
+    return score_counts(true_counts, predicted, info["classes"])

@@ -1,0 +1,204 @@
+"""The local training backend: ``sm_scripts/train.py`` as a subprocess, set up as SageMaker would.
+
+The job gets SageMaker's layout in a scratch folder (``input/data/<channel>``, ``model``,
+``output/data``, ``output/failure``), the ``SM_*`` variables pointing at it, and the hyperparameters
+as ``--name value`` flags. Its log streams line by line to ``on_log``; metric lines are parsed with
+the same regexes as SageMaker's metric definitions. The results are packed and put under the
+job's output URI as SageMaker would (see :mod:`bincount.training.jobs`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+from bincount.config import Settings
+from bincount.storage import Storage, join_uri, local_path, storage_for
+from bincount.training.backend import LogSink, StopCheck
+from bincount.training.jobs import TrainingJob, TrainingJobFailed, TrainingJobSpec
+from sm_scripts.metric_format import parse_metrics
+
+SM_SCRIPTS_DIR = Path(__file__).resolve().parents[2] / "sm_scripts"
+ENTRY_POINT = "train.py"
+LOG_TAIL_LINES = 60
+STOP_GRACE_S = 10.0
+
+logger = logging.getLogger(__name__)
+
+
+def hyperparameter_flags(hyperparameters: dict[str, Any]) -> list[str]:
+    """``{"batch-size": 64}`` -> ``["--batch-size", "64"]``, as SageMaker's script mode passes them."""
+    flags = []
+    for name, value in hyperparameters.items():
+        flags += [f"--{name}", str(value).lower() if isinstance(value, bool) else str(value)]
+    return flags
+
+
+def sagemaker_environment(job_dir: Path, channels: dict[str, Path], hyperparameters: dict[str, Any]) -> dict[str, str]:
+    """The ``SM_*`` variables of a one-host SageMaker training container, pointing into ``job_dir``."""
+    import torch
+
+    gpus = torch.cuda.device_count()
+    hps = {name: value for name, value in hyperparameters.items()}
+    env = {
+        "SM_MODEL_DIR": str(job_dir / "model"),
+        "SM_OUTPUT_DIR": str(job_dir / "output"),
+        "SM_OUTPUT_DATA_DIR": str(job_dir / "output" / "data"),
+        "SM_INPUT_DIR": str(job_dir / "input"),
+        "SM_INPUT_DATA_DIR": str(job_dir / "input" / "data"),
+        "SM_INPUT_CONFIG_DIR": str(job_dir / "input" / "config"),
+        "SM_CHANNELS": json.dumps(sorted(channels)),
+        "SM_NUM_GPUS": str(gpus),
+        "SM_NUM_CPUS": str(os.cpu_count() or 1),
+        "SM_HOSTS": json.dumps(["algo-1"]),
+        "SM_CURRENT_HOST": "algo-1",
+        "SM_MODULE_DIR": str(SM_SCRIPTS_DIR),
+        "SM_USER_ENTRY_POINT": ENTRY_POINT,
+        "SM_HPS": json.dumps(hps),
+        "SM_USER_ARGS": json.dumps(hyperparameter_flags(hyperparameters)),
+    }
+    for name, path in channels.items():
+        env[f"SM_CHANNEL_{name.upper()}"] = str(path)
+    for name, value in hyperparameters.items():
+        env[f"SM_HP_{name.upper().replace('-', '_')}"] = str(value)
+    return env
+
+
+def pack(folder: Path, archive: Path) -> None:
+    """``folder``'s files into a ``.tar.gz`` with the files at the archive root, like SageMaker's."""
+    with tarfile.open(archive, "w:gz") as tar:
+        for path in sorted(folder.rglob("*")):
+            if path.is_file():
+                tar.add(path, arcname=str(path.relative_to(folder)))
+
+
+class LocalTrainingBackend:
+    """Runs each job as ``python train.py <flags>`` in a scratch folder; one job per call."""
+
+    def __init__(self, settings: Settings, storage: Storage | None = None, python: str = sys.executable) -> None:
+        self.settings = settings
+        self.storage = storage or storage_for(settings)
+        self.python = python
+
+    def train(
+        self, spec: TrainingJobSpec, on_log: LogSink | None = None, should_stop: StopCheck | None = None
+    ) -> TrainingJob:
+        """Run ``spec`` to its end and return its record.
+
+        Raises:
+            TrainingJobFailed: the script exited non-zero; the record holds the reason and log tail.
+        """
+        sink = on_log or (lambda line: logger.info("%s: %s", spec.name, line))
+        with tempfile.TemporaryDirectory(prefix=f"{spec.name}-") as scratch:
+            job_dir = Path(scratch)
+            channels = {name: self._stage_channel(uri, job_dir / "input" / "data" / name) for name, uri in spec.channels.items()}
+            hyperparameters = dict(spec.hyperparameters)
+            if spec.debugger:
+                hyperparameters["debugger"] = True
+            if spec.profiler:
+                hyperparameters["profile"] = True
+            for folder in ("model", "output/data", "input/config"):
+                (job_dir / folder).mkdir(parents=True, exist_ok=True)
+            env = {**os.environ, **sagemaker_environment(job_dir, channels, hyperparameters), "PYTHONUNBUFFERED": "1"}
+            command = [self.python, ENTRY_POINT, *hyperparameter_flags(hyperparameters)]
+            sink(f"starting {spec.name}: {' '.join(command[1:])}")
+            job = TrainingJob(name=spec.name, status="InProgress", hyperparameters=hyperparameters)
+            started = time.monotonic()
+            returncode = self._run(command, env, job, sink, should_stop)
+            job.duration_s = round(time.monotonic() - started, 3)
+            if job.status == "Stopped":
+                sink(f"{spec.name} stopped early after {len(job.metric_history)} epochs")
+                return job
+            if returncode != 0:
+                failure = job_dir / "output" / "failure"
+                last = next((line for line in reversed(job.log_tail) if line.strip()), "no output")
+                job.status = "Failed"
+                job.failure_reason = failure.read_text().strip() if failure.is_file() else f"exit code {returncode}: {last}"
+                raise TrainingJobFailed(job)
+            self._upload_results(spec, job_dir, job)
+            job.status = "Completed"
+            sink(f"{spec.name} completed in {job.duration_s:.1f}s: {job.metrics}")
+            return job
+
+    def _run(
+        self, command: list[str], env: dict[str, str], job: TrainingJob, sink: LogSink, should_stop: StopCheck | None
+    ) -> int:
+        """Stream the script's output; stop it when ``should_stop`` says so, or when we are interrupted."""
+        tail: deque[str] = deque(maxlen=LOG_TAIL_LINES)
+        process = subprocess.Popen(
+            command,
+            cwd=SM_SCRIPTS_DIR,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
+        )
+        try:
+            assert process.stdout is not None
+            for raw in process.stdout:
+                line = raw.rstrip("\n")
+                tail.append(line)
+                sink(line)
+                metrics = parse_metrics(line)
+                if "epoch" not in metrics:
+                    continue
+                if line.startswith("kept"):
+                    job.metrics = metrics
+                    continue
+                job.metric_history.append(metrics)
+                if should_stop is not None and should_stop(job.metric_history):
+                    job.status = "Stopped"
+                    job.metrics = metrics
+                    self._terminate(process)
+                    break
+            return process.wait()
+        except BaseException:  # cancellation, KeyboardInterrupt or a failing callback: never leave it running
+            self._terminate(process)
+            raise
+        finally:
+            job.log_tail = list(tail)
+
+    @staticmethod
+    def _terminate(process: subprocess.Popen) -> None:
+        if process.poll() is not None:
+            return
+        process.terminate()
+        try:
+            process.wait(timeout=STOP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+    def _stage_channel(self, uri: str, destination: Path) -> Path:
+        """A ``file://`` channel is read in place; an ``s3://`` one is copied to ``destination`` first."""
+        if uri.startswith("file://"):
+            return local_path(uri)
+        prefix = uri.rstrip("/") + "/"
+        for item in self.storage.list(uri):
+            self.storage.download_file(item.uri, destination / item.uri[len(prefix) :])
+        return destination
+
+    def _upload_results(self, spec: TrainingJobSpec, job_dir: Path, job: TrainingJob) -> None:
+        base = join_uri(spec.output_uri, spec.name)
+        pack(job_dir / "model", job_dir / "model.tar.gz")
+        job.model_uri = join_uri(base, "output", "model.tar.gz")
+        self.storage.upload_file(job_dir / "model.tar.gz", job.model_uri)
+        pack(job_dir / "output" / "data", job_dir / "output.tar.gz")
+        job.output_uri = join_uri(base, "output", "output.tar.gz")
+        self.storage.upload_file(job_dir / "output.tar.gz", job.output_uri)
+        tensors = job_dir / "output" / "tensors"
+        if spec.debugger and tensors.is_dir():
+            job.debug_output_uri = join_uri(base, "debug-output")
+            for path in sorted(tensors.rglob("*")):
+                if path.is_file():
+                    self.storage.upload_file(path, join_uri(job.debug_output_uri, str(path.relative_to(tensors))))

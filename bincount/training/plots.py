@@ -1,0 +1,71 @@
+"""PNG plots of training curves, tuning trials and confusion matrices (matplotlib, no display)."""
+
+from __future__ import annotations
+
+import io
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from bincount.training.tuning import TrialResult  # noqa: E402
+
+
+def _png(figure: plt.Figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.tight_layout()
+    figure.savefig(buffer, format="png", dpi=100)
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def training_curves(history: list[dict[str, float]], title: str) -> bytes:
+    """Loss and accuracy per epoch, training and evaluation, from a job's metric history."""
+    figure, (loss_axes, acc_axes) = plt.subplots(1, 2, figsize=(10, 4))
+    epochs = [row["epoch"] for row in history]
+    for axes, metric, label in ((loss_axes, "loss", "loss"), (acc_axes, "accuracy", "accuracy")):
+        for split in ("train", "eval"):
+            axes.plot(epochs, [row.get(f"{split}:{metric}", float("nan")) for row in history], marker="o", label=split)
+        axes.set_xlabel("epoch")
+        axes.set_ylabel(label)
+        axes.legend()
+        axes.grid(alpha=0.3)
+    figure.suptitle(title)
+    return _png(figure)
+
+
+def tuning_trials(results: list[TrialResult], objective_metric: str) -> bytes:
+    """Each trial's objective against its number and its learning rate, coloured by status."""
+    figure, (by_number, by_lr) = plt.subplots(1, 2, figsize=(10, 4))
+    colours = {"Completed": "tab:blue", "Stopped": "tab:orange", "Failed": "tab:red"}
+    for status, colour in colours.items():
+        chosen = [r for r in results if r.status == status]
+        values = [r.objective if r.objective is not None else 0.0 for r in chosen]
+        by_number.scatter([r.number for r in chosen], values, c=colour, label=status)
+        by_lr.scatter([r.hyperparameters.get("lr", 0.0) for r in chosen], values, c=colour, label=status)
+    by_number.set_xlabel("trial")
+    by_lr.set_xlabel("learning rate")
+    by_lr.set_xscale("log")
+    for axes in (by_number, by_lr):
+        axes.set_ylabel(objective_metric)
+        axes.grid(alpha=0.3)
+    by_number.legend()
+    figure.suptitle("tuning trials (failed trials drawn at 0)")
+    return _png(figure)
+
+
+def confusion_matrix_plot(confusion: list[list[int]], classes: list[int], title: str) -> bytes:
+    figure, axes = plt.subplots(figsize=(5, 4.5))
+    image = axes.imshow(confusion, cmap="Blues")
+    axes.set_xticks(range(len(classes)), [str(c) for c in classes])
+    axes.set_yticks(range(len(classes)), [str(c) for c in classes])
+    axes.set_xlabel("predicted count")
+    axes.set_ylabel("true count")
+    peak = max((max(row) for row in confusion), default=0)
+    for i, row in enumerate(confusion):
+        for j, value in enumerate(row):
+            axes.text(j, i, str(value), ha="center", va="center", color="white" if value > peak / 2 else "black")
+    figure.colorbar(image, ax=axes)
+    axes.set_title(title)
+    return _png(figure)

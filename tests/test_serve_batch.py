@@ -1,0 +1,96 @@
+"""Batch transform through the Prefect flow: real ABID photos plus one corrupt image; a rerun resumes."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from bincount.config import Settings
+from bincount.manifest import parse_manifest
+from bincount.serving.backend import LocalServingBackend
+from bincount.serving.batch import BatchTransformError
+from bincount.serving.model_dir import pack_model_dir, write_untrained_model_dir
+from bincount.storage import Storage
+from flows.batch_transform import batch_transform
+
+PER_CLASS = 4
+
+
+@pytest.fixture(scope="module")
+def channel(abid_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A channel-layout folder (``<count>/<id>.jpg``) of real photos, and one corrupt JPEG."""
+    root = tmp_path_factory.mktemp("channel") / "test"
+    manifest = parse_manifest((abid_dir / "file_list.sample.json").read_text())
+    for count in (1, 2, 3, 4, 5):
+        ids = [image_id for image_id, label in manifest.items() if label == count][:PER_CLASS]
+        (root / str(count)).mkdir(parents=True)
+        for image_id in ids:
+            shutil.copy(abid_dir / "bucket" / "bin-images" / f"{image_id}.jpg", root / str(count) / f"{image_id}.jpg")
+    good = next((root / "3").iterdir()).read_bytes()
+    (root / "3" / "corrupt.jpg").write_bytes(good[: len(good) // 3])
+    (root / "notes.txt").write_text("not an image: not a record")
+    return root
+
+
+@pytest.fixture(scope="module")
+def model_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
+    root = tmp_path_factory.mktemp("model")
+    return pack_model_dir(write_untrained_model_dir(root / "m", "resnet18", 32, seed=4), root / "model.tar.gz").as_uri()
+
+
+def test_batch_transform_scores_every_good_image_reports_the_bad_and_resumes(
+    prefect_server: None, channel: Path, model_uri: str, tmp_path: Path
+) -> None:
+    output = tmp_path / "out"
+    artifacts = tmp_path / "artifacts"
+    summary = batch_transform(
+        input_uri=channel.as_uri(), output_uri=str(output), model_uri=model_uri, batch_size=8, artifact_root=str(artifacts)
+    )
+    good = 5 * PER_CLASS
+    assert (summary["images"], summary["scored"], summary["skipped"], summary["failed"]) == (good + 1, good, 0, 1)
+    assert summary["errors"][0]["key"] == "3/corrupt.jpg" and "JPEG" in summary["errors"][0]["error"]
+
+    outs = sorted(path.relative_to(output).as_posix() for path in output.rglob("*.out"))
+    assert len(outs) == good and "3/corrupt.jpg.out" not in outs
+    first = json.loads((output / outs[0]).read_text())["predictions"][0]
+    assert first["predicted_count"] in (1, 2, 3, 4, 5)
+
+    table = pd.read_csv(output / "results.csv", dtype={"id": str})
+    assert len(table) == good and set(table["label"]) == {1, 2, 3, 4, 5}
+    assert (table["predicted_count"].between(1, 5)).all()
+    assert table[[f"prob_{count}" for count in range(1, 6)]].sum(axis=1).round(3).eq(1.0).all()
+    assert summary["accuracy"] == pytest.approx((table["predicted_count"] == table["label"]).mean(), abs=1e-4)
+    errors = pd.read_csv(output / "errors.csv")
+    assert list(errors["key"]) == ["3/corrupt.jpg"]
+
+    written = {path: path.stat().st_mtime_ns for path in output.rglob("*.out")}
+    again = batch_transform(
+        input_uri=channel.as_uri(), output_uri=str(output), model_uri=model_uri, batch_size=8, artifact_root=str(artifacts)
+    )
+    assert (again["scored"], again["skipped"], again["failed"]) == (0, good, 1)
+    assert {path: path.stat().st_mtime_ns for path in output.rglob("*.out")} == written  # nothing recomputed
+    assert pd.read_csv(output / "results.csv", dtype={"id": str}).equals(table)
+
+
+def test_batch_transform_with_labels_from_a_csv(channel: Path, model_uri: str, tmp_path: Path) -> None:
+    settings = Settings.load(artifact_root=str(tmp_path / "artifacts"))
+    labels = tmp_path / "split.csv"
+    ids = [path.stem for path in channel.rglob("*.jpg") if path.stem != "corrupt"]
+    pd.DataFrame({"id": ids, "label": [5] * len(ids)}).to_csv(labels, index=False)
+    summary = LocalServingBackend(settings).batch_transform(
+        model_uri, channel.as_uri(), (tmp_path / "out").as_uri(), batch_size=16, labels_uri=labels.as_uri()
+    )
+    table = pd.read_csv(io.BytesIO(Storage().read_bytes(summary.results_uri)))
+    assert set(table["label"]) == {5}
+    assert summary.accuracy == pytest.approx((table["predicted_count"] == 5).mean(), abs=1e-4)
+
+
+def test_overlapping_prefixes_are_refused(channel: Path, model_uri: str, tmp_path: Path) -> None:
+    backend = LocalServingBackend(Settings.load(artifact_root=str(tmp_path / "artifacts")))
+    with pytest.raises(BatchTransformError, match="overlap"):
+        backend.batch_transform(model_uri, channel.as_uri(), (channel / "out").as_uri())

@@ -142,10 +142,16 @@ def batches(
     shuffle: bool,
     augmentation: str = "none",
     generator: torch.Generator | None = None,
+    min_batch: int = 1,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Normalized float batches (channels_last) from the uint8 cache, shuffled with ``generator``."""
+    """Normalized float batches (channels_last) from the uint8 cache, shuffled with ``generator``.
+
+    A last batch smaller than ``min_batch`` is left out (batch norm cannot train on one image).
+    """
     order = torch.randperm(len(cache), generator=generator) if shuffle else torch.arange(len(cache))
     for start in range(0, len(cache), batch_size):
+        if len(cache) - start < min_batch:
+            break
         index = order[start : start + batch_size].to(cache.images.device)
         images = cache.images.index_select(0, index)
         if augmentation != "none":
@@ -427,7 +433,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     stale = 0
     for epoch in range(1, args.epochs + 1):
         lr = optimizer.param_groups[0]["lr"]
-        train_data = batches(train_cache, args.batch_size, device, mean, std, True, args.augment, generator)
+        train_data = batches(train_cache, args.batch_size, device, mean, std, True, args.augment, generator, min_batch=2)
         train_loss, train_acc, ips = train_one_epoch(
             model, criterion, optimizer, train_data, device, amp, step_times, wait_times, hook, profiler
         )
@@ -534,7 +540,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     group.add_argument("--deterministic", type=str2bool, default=True, help="deterministic kernels (default: true)")
     group.add_argument("--amp", type=str2bool, default=True, help="mixed precision on a GPU (default: true)")
-    group.add_argument("--threads", type=int, default=0, help="CPU threads; 0 means all cores (default: 0)")
+    group.add_argument(
+        "--threads", type=int, default=int(env("SM_NUM_CPUS", "0")), help="CPU threads; 0 means all cores (default: $SM_NUM_CPUS)"
+    )
 
     group = parser.add_argument_group("debugger and profiler")
     group.add_argument("--debugger", type=str2bool, default=False, help="smdebug hook on (default: false)")

@@ -31,6 +31,10 @@ def get_training_backend(settings: Settings) -> TrainingBackend:
         from bincount.training.local import LocalTrainingBackend
 
         return LocalTrainingBackend(settings)
+    if settings.profile == "aws":
+        from bincount.sagemaker.training import SageMakerTrainingBackend
+
+        return SageMakerTrainingBackend(settings)
     raise NotImplementedError(
         f"profile {settings.profile!r} has no training backend yet: use profile 'local' (BINCOUNT_PROFILE=local)"
     )

@@ -32,7 +32,11 @@ def job_name(*parts: str | int) -> str:
 
 @dataclass(frozen=True)
 class TrainingJobSpec:
-    """A training job to run: ``channels`` maps ``train``/``valid``/``test`` to channel URIs."""
+    """A training job to run: ``channels`` maps ``train``/``valid``/``test`` to channel URIs.
+
+    ``local_cpus`` is the local backend's share of this machine's cores for the job (when jobs run
+    side by side); SageMaker gives each job its own instance and ignores it.
+    """
 
     name: str
     hyperparameters: dict[str, Any]
@@ -40,6 +44,7 @@ class TrainingJobSpec:
     output_uri: str
     debugger: bool = False
     profiler: bool = False
+    local_cpus: int | None = None
 
     def __post_init__(self) -> None:
         if not _JOB_NAME.match(self.name):

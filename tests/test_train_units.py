@@ -1,0 +1,121 @@
+"""Pure parts of training: search space, tuner bookkeeping, pruning, scores, rules on known losses, job names."""
+
+from __future__ import annotations
+
+import math
+
+import optuna
+import pytest
+from sagemaker.parameter import CategoricalParameter, ContinuousParameter, IntegerParameter
+
+from bincount.training.debugger import loss_not_decreasing, overfit, overtraining
+from bincount.training.evaluation import score_counts
+from bincount.training.jobs import TrainingJob, job_name
+from bincount.training.search_space import SEEDS_SEARCH_SPACE, sagemaker_ranges, space_from_dicts, suggest
+from bincount.training.tuning import LocalTuner, median_stop_check
+from sm_scripts.metric_format import METRIC_DEFINITIONS, OBJECTIVE_METRIC
+
+
+def test_seeds_space_for_optuna_and_sagemaker() -> None:
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    for _ in range(20):
+        values = suggest(study.ask(), SEEDS_SEARCH_SPACE)
+        assert 0.01 <= values["lr"] <= 0.1
+        assert values["batch-size"] in (32, 64, 128)
+        assert isinstance(values["epochs"], int) and 1 <= values["epochs"] <= 10
+    ranges = sagemaker_ranges(SEEDS_SEARCH_SPACE)
+    assert isinstance(ranges["lr"], ContinuousParameter) and ranges["lr"].scaling_type == "Logarithmic"
+    assert ranges["lr"].as_tuning_range("lr")["MinValue"] == "0.01"
+    assert isinstance(ranges["batch-size"], CategoricalParameter) and ranges["batch-size"].values == ["32", "64", "128"]
+    assert isinstance(ranges["epochs"], IntegerParameter) and ranges["epochs"].max_value == 10
+    assert {d["Name"] for d in METRIC_DEFINITIONS} >= {OBJECTIVE_METRIC, "eval:rmse", "train:loss"}
+
+
+def test_space_from_dicts_names_a_bad_entry() -> None:
+    space = space_from_dicts([{"type": "categorical", "name": "batch-size", "values": [16, 32]}])
+    assert space[0].values == (16, 32)
+    with pytest.raises(ValueError, match="needs a type"):
+        space_from_dicts([{"name": "lr", "low": 0.1, "high": 0.2}])
+
+
+def job(number: int, accuracies: list[float], status: str = "Completed") -> TrainingJob:
+    history = [{"epoch": e, OBJECTIVE_METRIC: a} for e, a in enumerate(accuracies, start=1)]
+    return TrainingJob(
+        name=job_name("t", number), status=status, hyperparameters={}, metric_history=history,
+        metrics={"epoch": len(history), OBJECTIVE_METRIC: max(accuracies)},
+    )
+
+
+def test_tuner_keeps_searching_after_failures_and_ranks() -> None:
+    tuner = LocalTuner(SEEDS_SEARCH_SPACE, max_jobs=5, max_parallel_jobs=2, seed=0)
+    first = tuner.ask()
+    assert len(first) == 2 and tuner.ask() == []  # both slots taken
+    tuner.tell(first[0].number, failure="exit code 1: boom")
+    tuner.tell(first[1].number, job=job(1, [0.2, 0.3, 0.4]))
+    second = tuner.ask()
+    assert len(second) == 2
+    tuner.tell(second[0].number, job=job(2, [0.3, 0.5]))
+    tuner.tell(second[1].number, job=job(3, [0.1], status="Stopped"))
+    last = tuner.ask()
+    assert len(last) == 1 and tuner.ask() == []  # the budget is 5 jobs, failed ones included
+    assert last[0].prune_below == {2: 0.4}  # median at epoch 2 over trials that reached it (warm-up epoch 1 exempt)
+    tuner.tell(last[0].number, job=job(4, [0.25]))
+    assert tuner.finished
+    board = tuner.leaderboard()
+    assert [r.status for r in board] == ["Completed", "Completed", "Completed", "Stopped", "Failed"]
+    assert [r.objective for r in board[:3]] == [0.5, 0.4, 0.25]
+    assert tuner.best().objective == 0.5 and board[-1].failure_reason == "exit code 1: boom"
+
+
+def test_all_failed_trials_explain_themselves() -> None:
+    tuner = LocalTuner(SEEDS_SEARCH_SPACE, max_jobs=1)
+    tuner.tell(tuner.ask()[0].number, failure="out of memory")
+    with pytest.raises(RuntimeError, match="out of memory"):
+        tuner.best()
+
+
+def test_median_stop_check() -> None:
+    stop = median_stop_check({2: 0.4})
+    assert not stop([{"epoch": 1, OBJECTIVE_METRIC: 0.0}])  # no bar at epoch 1
+    assert stop([{"epoch": 1, OBJECTIVE_METRIC: 0.5}, {"epoch": 2, OBJECTIVE_METRIC: 0.3}])
+    assert not stop([{"epoch": 1, OBJECTIVE_METRIC: 0.5}, {"epoch": 2, OBJECTIVE_METRIC: 0.45}])
+    assert stop([{"epoch": 2, OBJECTIVE_METRIC: math.nan}])
+
+
+def test_score_counts_against_hand_computed_values() -> None:
+    truth = [1, 2, 3, 4, 5, 5]
+    predicted = [1, 3, 3, 2, 5, 4]
+    scores = score_counts(truth, predicted, [1, 2, 3, 4, 5])
+    assert scores.accuracy == pytest.approx(3 / 6)
+    assert scores.rmse == pytest.approx(math.sqrt((0 + 1 + 0 + 4 + 0 + 1) / 6))
+    assert scores.within_one_accuracy == pytest.approx(5 / 6)
+    assert scores.per_class_accuracy == {"1": 1.0, "2": 0.0, "3": 1.0, "4": 0.0, "5": 0.5}
+    assert scores.confusion[3] == [0, 1, 0, 0, 0] and scores.confusion[4] == [0, 0, 0, 1, 1]
+    with pytest.raises(ValueError, match="as many predictions"):
+        score_counts([1, 2], [1], [1, 2])
+
+
+def phases(*epochs: tuple[list[float], list[float]]) -> list[tuple[str, list[float]]]:
+    out = []
+    for train, evaluation in epochs:
+        out += [("TRAIN", train), ("EVAL", evaluation)]
+    return out
+
+
+def test_loss_rules_on_known_curves() -> None:
+    falling = phases(([2.0, 1.9, 1.8], [1.9]), ([1.5, 1.4, 1.3], [1.6]), ([1.0, 0.9, 0.8], [1.7]), ([0.5, 0.4, 0.3], [1.8]), ([0.2, 0.1, 0.1], [2.0]))
+    assert loss_not_decreasing(falling).status == "passed"
+    assert loss_not_decreasing(phases(([1.6, 1.6, 1.6], [1.6]), ([1.6, 1.61, 1.6], [1.6]))).status == "fired"
+    assert loss_not_decreasing(phases(([1.6, math.nan], [1.6]))).status == "fired"
+    assert overfit(falling).status == "fired"
+    assert overfit(phases(([1.0], [1.05]), ([0.9], [0.95]))).status == "passed"
+    fired = overtraining(falling)
+    assert fired.status == "fired" and "best at epoch 2" in fired.evidence
+    assert overtraining(phases(*[([1.0 - e / 10], [1.1 - e / 10]) for e in range(5)])).status == "passed"
+    assert overtraining(phases(([1.0], [1.0]))).status == "not_evaluated"
+
+
+def test_job_names_follow_sagemaker_rules() -> None:
+    assert job_name("trial", "20260101-010101", 3) == "bincount-train-trial-20260101-010101-3"
+    assert len(job_name("x" * 100)) == 63
+    assert job_name("a_b c") == "bincount-train-a-b-c"

@@ -312,6 +312,7 @@ def train_one_epoch(
     wait_times: list[float],
     hook: Any = None,
     profiler: torch.profiler.profile | None = None,
+    log_interval: int = 0,
 ) -> tuple[float, float, float]:
     """One pass over the training data; returns (mean loss, accuracy, images per second)."""
     model.train()
@@ -319,7 +320,7 @@ def train_one_epoch(
         from smdebug import modes
 
         hook.set_mode(modes.TRAIN)
-    total_loss, correct, seen = 0.0, 0, 0
+    total_loss, correct, seen, steps = 0.0, 0, 0, 0
     start = time.perf_counter()
     while True:
         tick = time.perf_counter()
@@ -344,6 +345,9 @@ def train_one_epoch(
         seen += labels.shape[0]
         step_times.append(time.perf_counter() - tick)
         wait_times.append(waited)
+        steps += 1
+        if log_interval and steps % log_interval == 0:
+            print(f"  step {steps}: loss {batch_loss:.4f}, {seen / (time.perf_counter() - start):.1f} images/s", flush=True)
         if profiler is not None:
             profiler.step()
     elapsed = time.perf_counter() - start
@@ -435,7 +439,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     threads = args.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
     amp = use_cuda and args.amp
-    print(f"device {device}, {threads} CPU threads, mixed precision {'on' if amp else 'off'}", flush=True)
+    print(f"train.py pid {os.getpid()}: device {device}, {threads} CPU threads, mixed precision {'on' if amp else 'off'}", flush=True)
 
     channels = {name: getattr(args, f"{name}_dir") for name in ("train", "valid", "test")}
     train_names = [name.strip() for name in args.train_channels.split(",") if name.strip()]
@@ -506,7 +510,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         lr = optimizer.param_groups[0]["lr"]
         train_data = batches(train_cache, args.batch_size, device, mean, std, True, args.augment, generator, min_batch=2)
         train_loss, train_acc, ips = train_one_epoch(
-            model, criterion, optimizer, train_data, device, amp, step_times, wait_times, hook, profiler
+            model, criterion, optimizer, train_data, device, amp, step_times, wait_times, hook, profiler, args.log_interval
         )
         eval_data = batches(eval_cache, args.eval_batch_size, device, mean, std, False)
         eval_loss, eval_acc, eval_rmse = evaluate(model, criterion, eval_data, device, amp, class_values, hook)
@@ -611,6 +615,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     group.add_argument("--deterministic", type=str2bool, default=True, help="deterministic kernels (default: true)")
     group.add_argument("--amp", type=str2bool, default=True, help="mixed precision on a GPU (default: true)")
+    group.add_argument("--log-interval", type=int, default=50, help="print progress every N steps; 0 never (default: 50)")
     group.add_argument(
         "--threads", type=int, default=int(env("SM_NUM_CPUS", "0")), help="CPU threads; 0 means all cores (default: $SM_NUM_CPUS)"
     )

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import io
+import re
+import signal
+import subprocess
+import sys
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -101,3 +106,65 @@ def test_should_stop_ends_the_job_early(tmp_path: Path, demo_channels: dict[str,
     assert job.status == "Stopped"
     assert len(job.metric_history) == 1 and job.model_uri is None
 
+
+
+def is_running(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie."""
+    status = Path(f"/proc/{pid}/status")
+    try:
+        return "\nState:\tZ" not in status.read_text()
+    except FileNotFoundError:
+        return False
+
+
+def wait_gone(pid: int, timeout_s: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not is_running(pid):
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_interrupt_stops_the_training_process(tmp_path: Path, demo_channels: dict[str, Path]) -> None:
+    settings = Settings.load(artifact_root=str(tmp_path / "art"))
+    spec = TrainingJobSpec(
+        name="bincount-train-interrupted",
+        hyperparameters={**TINY, "lr": 0.001, "epochs": 50},
+        channels=uris({k: demo_channels[k] for k in ("train", "valid")}),
+        output_uri=settings.artifact_uri("jobs"),
+    )
+    pids: list[int] = []
+
+    def interrupt_after_first_epoch(line: str) -> None:
+        if match := re.match(r"train\.py pid (\d+):", line):
+            pids.append(int(match.group(1)))
+        if line.startswith("epoch: 1 "):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        get_training_backend(settings).train(spec, on_log=interrupt_after_first_epoch)
+    assert pids and wait_gone(pids[0], timeout_s=1.0)
+
+
+def test_killed_parent_takes_the_training_process_with_it(tmp_path: Path, demo_channels: dict[str, Path]) -> None:
+    script = f"""
+from pathlib import Path
+from bincount.config import Settings
+from bincount.training import TrainingJobSpec, get_training_backend
+settings = Settings.load(artifact_root={str(tmp_path / "art")!r})
+spec = TrainingJobSpec("bincount-train-orphan", {{**{TINY!r}, "epochs": 50}},
+                       {{k: Path(v).as_uri() for k, v in {dict((k, str(v)) for k, v in demo_channels.items())!r}.items()}},
+                       settings.artifact_uri("jobs"))
+get_training_backend(settings).train(spec, on_log=lambda line: print(line, flush=True))
+"""
+    parent = subprocess.Popen([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, text=True)
+    child = None
+    for line in parent.stdout:
+        if match := re.match(r"train\.py pid (\d+):", line):
+            child = int(match.group(1))
+            break
+    assert child is not None and is_running(child)
+    parent.send_signal(signal.SIGKILL)  # what a worker does to a cancelled flow run that will not stop
+    parent.wait()
+    assert wait_gone(child), "train.py outlived the process that started it"

@@ -9,9 +9,11 @@ job's output URI as SageMaker would (see :mod:`bincount.training.jobs`).
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import tarfile
@@ -76,6 +78,11 @@ def sagemaker_environment(
     for name, value in hyperparameters.items():
         env[f"SM_HP_{name.upper().replace('-', '_')}"] = str(value)
     return env
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGTERM when the parent dies (a cancelled flow run killed outright)."""
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
 def pack(folder: Path, archive: Path) -> None:
@@ -148,6 +155,7 @@ class LocalTrainingBackend:
             stderr=subprocess.STDOUT,
             text=True,
             bufsize=1,
+            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
         )
         try:
             assert process.stdout is not None

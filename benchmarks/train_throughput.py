@@ -1,0 +1,132 @@
+"""Training throughput (images/s): train.py's data path and model layout against the seeds' way.
+
+Same images, same network and initial weights, same optimizer and batch size, run side by side in
+one process, epochs interleaved (this machine is shared and noisy):
+
+- seeds' way: ``ImageFolder`` + PIL decode, ``Resize``, ``RandomHorizontalFlip``, ``ToTensor``,
+  ``Normalize`` every epoch in a ``DataLoader`` (``num_workers=0``), NCHW, fp32;
+- train.py's way: its functions (``load_channel`` decodes and resizes once into a uint8 cache,
+  ``batches`` slices, flips and normalizes on tensors, channels_last), optionally ``torch.compile``.
+
+    .venv/bin/python benchmarks/train_throughput.py                     # resnet18, 224 px, 192 images
+    .venv/bin/python benchmarks/train_throughput.py --arch resnet50 --images 96 --epochs 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+from torchvision import transforms
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from sm_scripts.train import IMAGENET_MEAN, IMAGENET_STD, batches, build_model, find_classes, load_channel, train_one_epoch  # noqa: E402
+
+ABID = ROOT.parent / "shared" / "data" / "abid"
+
+
+def image_folder(root: Path, images: int) -> Path:
+    """An ImageFolder of ``images`` real ABID photos (symlinks), or demo photos when the sample is absent."""
+    manifest_path = ABID / "file_list.sample.json"
+    if not manifest_path.is_file():
+        from bincount.demo_data import write_demo_channels
+
+        print(f"(the ABID sample is not at {ABID}: using synthetic photos)")
+        return write_demo_channels(root, per_class=max(1, images // 5), size=224)["train"]
+    manifest = json.loads(manifest_path.read_text())
+    per_class = images // len(manifest)
+    for count, paths in manifest.items():
+        for path in paths[:per_class]:
+            image_id = Path(path).stem
+            link = root / "train" / count / f"{image_id}.jpg"
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(ABID / "bucket" / "bin-images" / f"{image_id}.jpg")
+    return root / "train"
+
+
+def seeds_epoch(model: nn.Module, loader: torch.utils.data.DataLoader, optimizer: torch.optim.Optimizer) -> float:
+    """One epoch the seeds' way; returns images per second."""
+    model.train()
+    criterion = nn.CrossEntropyLoss()
+    seen, start = 0, time.perf_counter()
+    for images, labels in loader:
+        optimizer.zero_grad()
+        loss = criterion(model(images), labels)
+        loss.backward()
+        optimizer.step()
+        seen += labels.shape[0]
+    return seen / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", default="resnet18", help="(default: resnet18)")
+    parser.add_argument("--image-size", type=int, default=224, help="(default: 224)")
+    parser.add_argument("--images", type=int, default=192, help="images per epoch (default: 192)")
+    parser.add_argument("--batch-size", type=int, default=32, help="(default: 32)")
+    parser.add_argument("--epochs", type=int, default=3, help="timed epochs per side, after one warm-up (default: 3)")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+
+    with tempfile.TemporaryDirectory(prefix="throughput-") as scratch:
+        folder = image_folder(Path(scratch), args.images)
+        classes = find_classes(folder)
+
+        seeds_transform = transforms.Compose([
+            transforms.Resize((args.image_size, args.image_size)),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ])
+        dataset = torchvision.datasets.ImageFolder(str(folder), transform=seeds_transform)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=0)
+        seeds_model = build_model(args.arch, len(classes), "none", freeze_backbone=False)
+        ours_model = build_model(args.arch, len(classes), "none", freeze_backbone=False)
+        ours_model.load_state_dict(seeds_model.state_dict())
+        ours_model = ours_model.to(memory_format=torch.channels_last)
+        seeds_optimizer = torch.optim.SGD(seeds_model.parameters(), lr=0.01, momentum=0.9)
+        ours_optimizer = torch.optim.SGD(ours_model.parameters(), lr=0.01, momentum=0.9)
+
+        start = time.perf_counter()
+        cache = load_channel(folder, classes, args.image_size, threads=torch.get_num_threads())
+        cache_s = time.perf_counter() - start
+        mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+        generator = torch.Generator().manual_seed(0)
+        criterion = nn.CrossEntropyLoss()
+        device = torch.device("cpu")
+
+        def ours_epoch() -> float:
+            data = batches(cache, args.batch_size, device, mean, std, True, "flip", generator, min_batch=2)
+            return train_one_epoch(ours_model, criterion, ours_optimizer, data, device, False, [], [])[2]
+
+        print(f"{args.arch} at {args.image_size}px, {len(dataset)} images, batch {args.batch_size}, "
+              f"{torch.get_num_threads()} threads; train.py's cache built in {cache_s:.1f}s", flush=True)
+        seeds_epoch(seeds_model, loader, seeds_optimizer)  # warm-up: allocator, oneDNN kernels
+        ours_epoch()
+        seeds, ours = [], []
+        for epoch in range(1, args.epochs + 1):
+            seeds.append(seeds_epoch(seeds_model, loader, seeds_optimizer))
+            ours.append(ours_epoch())
+            print(f"epoch {epoch}: seeds' way {seeds[-1]:.1f} images/s, train.py {ours[-1]:.1f} images/s", flush=True)
+
+    seeds_ips, ours_ips = statistics.median(seeds), statistics.median(ours)
+    epoch_images = len(dataset)
+    with_cache = epoch_images * args.epochs / (epoch_images * args.epochs / ours_ips + cache_s)
+    print(f"\nmedian images/s: seeds' way {seeds_ips:.1f}, train.py {ours_ips:.1f}: ratio {ours_ips / seeds_ips:.2f}x")
+    print(f"counting the one-time cache over {args.epochs} epochs: train.py {with_cache:.1f} images/s, "
+          f"ratio {with_cache / seeds_ips:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

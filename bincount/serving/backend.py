@@ -124,6 +124,10 @@ def get_serving_backend(settings: Settings, host_options: HostOptions | None = N
     """The serving backend for ``settings.profile``."""
     if settings.profile == "local":
         return LocalServingBackend(settings, host_options=host_options)
+    if settings.profile == "aws":
+        from bincount.sagemaker.serving import SageMakerServingBackend
+
+        return SageMakerServingBackend(settings)
     raise NotImplementedError(
         f"serving on profile {settings.profile!r} is not built yet: use BINCOUNT_PROFILE=local"
     )

@@ -1,0 +1,381 @@
+"""The SageMaker serving backend: PyTorchModel endpoints and Transformer batch transforms.
+
+A deploy is SageMaker's own blue/green::
+
+    model.tar.gz ─► Model (inference.py repacked in) ─► EndpointConfig ─► CreateEndpoint / UpdateEndpoint
+                                                                              │ wait InService
+                                                     roll back to the previous config ◄─ smoke invoke fails
+
+Model and endpoint-config names are derived from what they hold (weights, code, instance
+settings), so a retried deploy finds what the first attempt created and only waits. A new
+endpoint that fails is deleted; an update that fails leaves (or puts back) the previous config.
+Records (model URI, version, configs) live at ``{artifact_root}/endpoints/<name>.json``, as the
+local backend keeps them. A batch transform writes ``<key>.out`` per image under the output
+prefix, as the local one does, and its results are read back into the same joined table.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from botocore.exceptions import ClientError
+
+from bincount.config import Settings
+from bincount.sagemaker.naming import check_name, short_hash, stage_job_name
+from bincount.sagemaker.session import INFERENCE_ENTRY_POINT, SM_SCRIPTS_DIR, SageMakerOptions, sagemaker_session
+from bincount.sagemaker.training import require_s3
+from bincount.sagemaker.waiting import (
+    ENDPOINT,
+    TRANSFORM_JOB,
+    Backoff,
+    SageMakerJobFailed,
+    describe_or_none,
+    is_not_found,
+    wait_for,
+)
+from bincount.serving.backend import (
+    DeployError,
+    EndpointNotFoundError,
+    EndpointRecord,
+    ServingError,
+    check_answer,
+    check_endpoint_name,
+    smoke_image,
+)
+from bincount.serving.batch import (
+    ERRORS_NAME,
+    IMAGE_SUFFIXES,
+    RESULTS_NAME,
+    BatchTransformError,
+    BatchTransformSummary,
+    ProgressFn,
+    _results_table,
+    load_labels,
+)
+from bincount.serving.model_dir import fetch_model, read_model_info
+from bincount.storage import ObjectNotFoundError, join_uri, storage_for
+
+logger = logging.getLogger(__name__)
+
+JSON = "application/json"
+IMAGE = "application/x-image"
+
+
+def smoke_request(image_size: int) -> bytes:
+    """A synthetic bin photo as inference.py's JSON request (base64): a text body that any
+    SageMaker-compatible runtime carries intact (moto's test server, for one, rejects binary bodies)."""
+    return json.dumps({"image": base64.b64encode(smoke_image(image_size)).decode()}).encode()
+
+
+class SageMakerServingBackend:
+    """Endpoints and batch transforms on SageMaker, behind :class:`bincount.serving.backend.ServingBackend`.
+
+    ``run_key`` names the flow run (default: ``$PREFECT__FLOW_RUN_ID``, which Prefect sets in a
+    deployment's flow-run process); transform job names hash it with the request.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        options: SageMakerOptions | None = None,
+        session: Any = None,
+        cache_dir: Path | None = None,
+        run_key: str | None = None,
+    ) -> None:
+        self.settings = settings
+        self.options = options or SageMakerOptions.load()
+        self._session = session
+        self.storage = storage_for(settings)
+        self.cache_dir = cache_dir or Path(tempfile.gettempdir()) / "bincount-sagemaker-models"
+        self.run_key = run_key if run_key is not None else os.environ.get("PREFECT__FLOW_RUN_ID", "")
+
+    @cached_property
+    def session(self) -> Any:
+        return self._session or sagemaker_session(self.settings, self.options)
+
+    @property
+    def client(self) -> Any:
+        return self.session.sagemaker_client
+
+    def _backoff(self) -> Backoff:
+        return Backoff(self.options.poll_initial_s, self.options.poll_max_s)
+
+    # models --------------------------------------------------------------------------------
+    def ensure_model(self, model_uri: str, version: str, instance_type: str) -> str:
+        """The SageMaker Model serving ``model_uri`` with inference.py on ``instance_type``; created if absent."""
+        from sagemaker.pytorch import PyTorchModel
+
+        code = hashlib.sha256((SM_SCRIPTS_DIR / INFERENCE_ENTRY_POINT).read_bytes()).hexdigest()
+        identity = (model_uri, code, self.options.framework_version, self.options.py_version, instance_type)
+        name = check_name(f"bincount-model-{version}-{short_hash(*identity, length=8)}", "model")
+        try:
+            self.client.describe_model(ModelName=name)
+            return name
+        except ClientError as error:
+            if not is_not_found(error):
+                raise
+        logger.info("creating model %s from %s", name, model_uri)
+        PyTorchModel(
+            model_data=require_s3(model_uri, "model URI"),
+            role=self.options.require_role(),
+            entry_point=INFERENCE_ENTRY_POINT,
+            source_dir=str(SM_SCRIPTS_DIR),
+            framework_version=self.options.framework_version,
+            py_version=self.options.py_version,
+            name=name,
+            code_location=join_uri(self.options.base_uri(self.settings), "models"),
+            sagemaker_session=self.session,
+        ).create(instance_type=instance_type)
+        return name
+
+    def _model(self, model_uri: str) -> tuple[dict[str, Any], str]:
+        model_dir, version = fetch_model(self.storage, require_s3(model_uri, "model URI"), self.cache_dir)
+        return read_model_info(model_dir), version
+
+    def ensure_endpoint_config(self, endpoint_name: str, model_name: str) -> str:
+        count, instance_type = self.options.deploy_instance_count, self.options.deploy_instance_type
+        name = check_name(f"{endpoint_name[:40]}-{short_hash(model_name, instance_type, str(count))}", "endpoint-config")
+        try:
+            self.client.describe_endpoint_config(EndpointConfigName=name)
+            return name
+        except ClientError as error:
+            if not is_not_found(error):
+                raise
+        self.session.create_endpoint_config(
+            name=name, model_name=model_name, initial_instance_count=count, instance_type=instance_type
+        )
+        return name
+
+    # records -------------------------------------------------------------------------------
+    def record_uri(self, name: str) -> str:
+        return self.settings.artifact_uri("endpoints", f"{name}.json")
+
+    def _read_record(self, name: str) -> EndpointRecord | None:
+        try:
+            return EndpointRecord.from_dict(json.loads(self.storage.read_bytes(self.record_uri(name))))
+        except ObjectNotFoundError:
+            return None
+
+    def describe(self, name: str) -> EndpointRecord:
+        check_endpoint_name(name)
+        record = self._read_record(name)
+        if describe_or_none(self.client, ENDPOINT, name) is None:
+            raise EndpointNotFoundError(f"SageMaker has no endpoint named {name!r}")
+        if record is None:
+            raise EndpointNotFoundError(
+                f"endpoint {name!r} exists on SageMaker but has no record at {self.record_uri(name)}: deploy it with bincount"
+            )
+        return record
+
+    # deploy --------------------------------------------------------------------------------
+    def deploy(self, name: str, model_uri: str) -> EndpointRecord:
+        """Create ``name`` on ``model_uri``, or update it to a new endpoint config; smoke-invoke it.
+
+        Raises:
+            DeployError: the endpoint did not come up or answered badly; a new endpoint is deleted,
+                an updated one serves its previous config again.
+        """
+        check_endpoint_name(name)
+        info, version = self._model(model_uri)
+        model_name = self.ensure_model(model_uri, version, self.options.deploy_instance_type)
+        config_name = self.ensure_endpoint_config(name, model_name)
+        stored = self._read_record(name)
+        current = describe_or_none(self.client, ENDPOINT, name)
+        previous_config: str | None = None
+        if current is None:
+            logger.info("creating endpoint %s with config %s", name, config_name)
+            self.session.create_endpoint(endpoint_name=name, config_name=config_name, wait=False)
+        elif current["EndpointConfigName"] == config_name:
+            logger.info("endpoint %s already uses config %s (a retried deploy): waiting for it", name, config_name)
+            if stored is not None:
+                recorded = stored.details.get("endpoint_config")
+                previous_config = recorded if recorded != config_name else stored.details.get("previous_endpoint_config")
+        elif current["EndpointStatus"] == "Failed":
+            raise DeployError(
+                f"endpoint {name!r} is Failed ({current.get('FailureReason')}): delete it, then deploy again"
+            )
+        else:
+            previous_config = current["EndpointConfigName"]
+            logger.info("updating endpoint %s from config %s to %s", name, previous_config, config_name)
+            self.session.update_endpoint(name, config_name, wait=False)
+        description = wait_for(
+            self.client, ENDPOINT, name, on_event=logger.info, timeout_s=self.options.endpoint_timeout_s, backoff=self._backoff()
+        )
+        try:
+            if description["EndpointStatus"] != "InService" or description["EndpointConfigName"] != config_name:
+                raise ServingError(
+                    f"it is {description['EndpointStatus']} on config {description['EndpointConfigName']}: "
+                    f"{description.get('FailureReason') or 'no FailureReason given'}"
+                )
+            size, classes = int(info["image_size"]), [int(c) for c in info["classes"]]
+            check_answer(self.invoke(name, smoke_request(size), JSON), classes)
+        except (ServingError, ClientError) as error:
+            self._undo(name, previous_config)
+            where = f"config {previous_config} serves again" if previous_config else "the new endpoint was deleted"
+            raise DeployError(f"model {model_uri} (version {version}) failed on endpoint {name!r} ({error}); {where}") from None
+        record = EndpointRecord(
+            name=name,
+            url=f"{self.session.sagemaker_runtime_client.meta.endpoint_url}/endpoints/{name}/invocations",
+            model_uri=model_uri,
+            version=version,
+            arch=str(info["arch"]),
+            image_size=int(info["image_size"]),
+            classes=[int(c) for c in info["classes"]],
+            backend="sagemaker",
+            deployed_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            previous_model_uri=stored.model_uri if stored and stored.version != version else (stored.previous_model_uri if stored else None),
+            previous_version=stored.version if stored and stored.version != version else (stored.previous_version if stored else None),
+            details={
+                "endpoint_arn": description.get("EndpointArn"),
+                "endpoint_config": config_name,
+                "previous_endpoint_config": previous_config,
+                "model_name": model_name,
+                "instance_type": self.options.deploy_instance_type,
+                "instance_count": self.options.deploy_instance_count,
+            },
+        )
+        self.storage.write_bytes(self.record_uri(name), json.dumps(record.to_dict(), indent=2).encode())
+        logger.info("endpoint %s serves model %s (version %s)", name, model_uri, version)
+        return record
+
+    def _undo(self, name: str, previous_config: str | None) -> None:
+        """Put ``previous_config`` back on ``name`` (unless SageMaker already did), or delete a new endpoint."""
+        if previous_config is None:
+            logger.warning("deleting endpoint %s: it never served", name)
+            self.client.delete_endpoint(EndpointName=name)
+            return
+        current = self.client.describe_endpoint(EndpointName=name)
+        if current["EndpointConfigName"] == previous_config and current["EndpointStatus"] == "InService":
+            logger.warning("endpoint %s is back on config %s (SageMaker rolled the update back)", name, previous_config)
+            return
+        logger.warning("rolling endpoint %s back to config %s", name, previous_config)
+        self.client.update_endpoint(EndpointName=name, EndpointConfigName=previous_config)
+        rolled = wait_for(
+            self.client, ENDPOINT, name, on_event=logger.info, timeout_s=self.options.endpoint_timeout_s, backoff=self._backoff()
+        )
+        if rolled["EndpointStatus"] != "InService":
+            raise DeployError(
+                f"endpoint {name!r} could not be rolled back to {previous_config}: {rolled.get('FailureReason')}"
+            )
+
+    # invoke, delete ------------------------------------------------------------------------
+    def invoke(self, name: str, body: bytes, content_type: str, accept: str = JSON) -> bytes:
+        answer = self.session.sagemaker_runtime_client.invoke_endpoint(
+            EndpointName=name, Body=body, ContentType=content_type, Accept=accept
+        )
+        return answer["Body"].read()
+
+    def delete(self, name: str) -> None:
+        """Delete the endpoint and its config (models stay: they cost nothing); a retried delete finishes the job."""
+        check_endpoint_name(name)
+        record = self._read_record(name)
+        current = describe_or_none(self.client, ENDPOINT, name)
+        if current is None and record is None:
+            raise EndpointNotFoundError(f"SageMaker has no endpoint named {name!r} and none is recorded")
+        if current is not None:
+            logger.info("deleting endpoint %s", name)
+            self.client.delete_endpoint(EndpointName=name)
+        config = current["EndpointConfigName"] if current else record.details.get("endpoint_config") if record else None
+        if config:
+            try:
+                self.client.delete_endpoint_config(EndpointConfigName=config)
+            except ClientError as error:
+                if not is_not_found(error):
+                    raise
+        if record is not None:
+            self.storage.delete(self.record_uri(name))
+
+    # batch transform -----------------------------------------------------------------------
+    def batch_transform(
+        self,
+        model_uri: str,
+        input_uri: str,
+        output_uri: str,
+        *,
+        batch_size: int = 16,
+        labels_uri: str | None = None,
+        progress: ProgressFn | None = None,
+    ) -> BatchTransformSummary:
+        """A SageMaker transform job over every image under ``input_uri``; the joined table read back.
+
+        ``batch_size`` is the local backend's knob: SageMaker sends ``transform_strategy`` requests of
+        at most ``max_payload_mb``, ``max_concurrent_transforms`` at a time per instance (options).
+
+        Raises:
+            BatchTransformError: the prefixes overlap or the input holds no images.
+            SageMakerJobFailed: the job failed (SageMaker's FailureReason in the message).
+        """
+        from sagemaker.transformer import Transformer
+
+        input_uri = require_s3(input_uri, "input URI")
+        output_uri = require_s3(output_uri, "output URI")
+        if output_uri.startswith(input_uri + "/") or output_uri == input_uri or input_uri.startswith(output_uri + "/"):
+            raise BatchTransformError(f"input {input_uri} and output {output_uri} overlap: give an output prefix outside the input")
+        prefix = input_uri + "/"
+        keys = sorted(
+            item.uri[len(prefix) :] for item in self.storage.list(input_uri) if item.uri.lower().endswith(IMAGE_SUFFIXES)
+        )
+        if not keys:
+            raise BatchTransformError(f"no .jpg, .jpeg or .png objects under {input_uri}")
+        info, version = self._model(model_uri)
+        labels = load_labels(self.storage, labels_uri) if labels_uri else None
+        options = self.options
+        model_name = self.ensure_model(model_uri, version, options.transform_instance_type)
+        job_name = check_name(stage_job_name("transform", self.run_key, model_name, input_uri, output_uri), "transform")
+        if progress:
+            progress(0, len(keys))
+        if describe_or_none(self.client, TRANSFORM_JOB, job_name) is not None:
+            logger.info("transform job %s exists (an earlier attempt started it): following it", job_name)
+        else:
+            logger.info("starting transform job %s over %d images under %s", job_name, len(keys), input_uri)
+            Transformer(
+                model_name=model_name,
+                instance_count=options.transform_instance_count,
+                instance_type=options.transform_instance_type,
+                strategy=options.transform_strategy,
+                assemble_with=options.assemble_with,
+                output_path=output_uri + "/",
+                accept=JSON,
+                max_concurrent_transforms=options.max_concurrent_transforms,
+                max_payload=options.max_payload_mb,
+                sagemaker_session=self.session,
+            ).transform(
+                data=prefix, data_type="S3Prefix", content_type=IMAGE, split_type="None", job_name=job_name, wait=False, logs=False
+            )
+        description = wait_for(
+            self.client, TRANSFORM_JOB, job_name, on_event=logger.info, timeout_s=options.job_timeout_s, backoff=self._backoff()
+        )
+        if description["TransformJobStatus"] != "Completed":
+            raise SageMakerJobFailed("transform job", job_name, description["TransformJobStatus"], description.get("FailureReason"))
+        if progress:
+            progress(len(keys), len(keys))
+        table: pd.DataFrame = _results_table(self.storage, output_uri, keys, labels, [int(c) for c in info["classes"]])
+        results_uri = join_uri(output_uri, RESULTS_NAME)
+        self.storage.write_bytes(results_uri, table.to_csv(index=False).encode())
+        self.storage.delete(join_uri(output_uri, ERRORS_NAME))  # a failed image fails the whole SageMaker job
+        known = table.dropna(subset=["label"])
+        seconds = (description["TransformEndTime"] - description["TransformStartTime"]).total_seconds()
+        return BatchTransformSummary(
+            input_uri=input_uri,
+            output_uri=output_uri,
+            model_version=version,
+            images=len(keys),
+            scored=len(keys),
+            skipped=0,
+            failed=0,
+            seconds=round(seconds, 3),
+            images_per_s=round(len(keys) / seconds, 2) if seconds > 0 else 0.0,
+            results_uri=results_uri,
+            errors_uri=None,
+            accuracy=round(float(known["correct"].mean()), 4) if len(known) else None,
+        )

@@ -1,0 +1,196 @@
+"""SageMaker options and the one place sessions and clients are built.
+
+Credentials come from the default AWS chain (environment, profile, instance role), or from values
+passed in as options: the tasks read a prefect-aws ``AwsCredentials`` block and hand its values over
+with :func:`credential_options` (this package imports nothing from Prefect).
+
+    options = SageMakerOptions.load(role_arn="arn:aws:iam::123456789012:role/bincount-sagemaker")
+    session = sagemaker_session(settings, options)     # sagemaker.Session on the right endpoints
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import boto3
+import botocore.config
+from pydantic import Field, SecretStr, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from bincount.config import Settings, SettingsError
+
+SM_SCRIPTS_DIR = Path(__file__).resolve().parents[2] / "sm_scripts"
+TRAIN_ENTRY_POINT = "train.py"
+INFERENCE_ENTRY_POINT = "inference.py"
+
+
+class SageMakerOptions(BaseSettings):
+    """Everything the SageMaker backend needs beyond :class:`~bincount.config.Settings` (env ``BINCOUNT_SAGEMAKER_*``)."""
+
+    model_config = SettingsConfigDict(env_prefix="BINCOUNT_SAGEMAKER_", extra="forbid")
+
+    role_arn: str | None = Field(
+        default=None, description="IAM role SageMaker assumes for jobs and endpoints (see docs/AWS.md)."
+    )
+    output_uri: str | None = Field(
+        default=None,
+        description="s3:// prefix for code, models and transform jobs; default: <artifact_root>/sagemaker "
+        "when the artifact root is on S3.",
+    )
+    endpoint_url: str | None = Field(default=None, description="SageMaker API endpoint (a test server); unset means AWS.")
+    runtime_endpoint_url: str | None = Field(
+        default=None, description="SageMaker runtime endpoint (invocations); unset means AWS."
+    )
+    framework_version: str = Field(default="2.6.0", description="PyTorch version of the SageMaker containers.")
+    py_version: str = Field(default="py312", description="Python version of the SageMaker containers.")
+
+    train_instance_type: str = Field(default="ml.g5.xlarge", description="Instance type of training and tuning jobs.")
+    train_instance_count: int = Field(default=1, ge=1, description="Instances per training job.")
+    volume_size_gb: int = Field(default=30, ge=1, description="EBS volume per training instance (GB).")
+    max_run_s: int = Field(default=4 * 3600, ge=60, description="Stop a training job after this long (seconds).")
+    use_spot: bool = Field(default=False, description="Managed spot training, checkpointing to S3.")
+    max_wait_s: int = Field(
+        default=8 * 3600, ge=60, description="Spot only: give up on a job (waiting + running) after this long."
+    )
+
+    tune_max_jobs: int = Field(default=20, ge=1, description="Training jobs a tuning job runs in all.")
+    tune_max_parallel_jobs: int = Field(default=2, ge=1, description="Training jobs a tuning job runs at once.")
+    tune_early_stopping: Literal["Auto", "Off"] = Field(default="Auto", description="SageMaker's early stopping of trials.")
+
+    debugger_save_interval: int = Field(default=100, ge=1, description="Save weights and gradients every N steps.")
+    system_monitor_interval_ms: Literal[100, 200, 500, 1000, 5000, 60000] = Field(
+        default=500, description="Profiler's system monitoring interval (ms)."
+    )
+
+    deploy_instance_type: str = Field(default="ml.m5.large", description="Endpoint instance type.")
+    deploy_instance_count: int = Field(default=1, ge=1, description="Endpoint instances.")
+    transform_instance_type: str = Field(default="ml.m5.xlarge", description="Batch transform instance type.")
+    transform_instance_count: int = Field(default=1, ge=1, description="Batch transform instances.")
+    max_payload_mb: int = Field(default=6, ge=1, le=100, description="Largest request a transform sends (MB).")
+    max_concurrent_transforms: int = Field(default=4, ge=1, description="Requests in flight per transform instance.")
+    transform_strategy: Literal["SingleRecord", "MultiRecord"] = Field(
+        default="SingleRecord", description="One image per request (SingleRecord) or as many as fit the payload."
+    )
+    assemble_with: Literal["None", "Line"] = Field(
+        default="None", description="How a transform joins the answers of one input object."
+    )
+
+    poll_initial_s: float = Field(default=5.0, gt=0, description="First wait between status polls.")
+    poll_max_s: float = Field(default=60.0, gt=0, description="Longest wait between status polls.")
+    job_timeout_s: float = Field(default=24 * 3600, gt=0, description="Stop waiting for (and stop) a job after this long.")
+    endpoint_timeout_s: float = Field(default=3600, gt=0, description="Give up waiting for an endpoint after this long.")
+    rules_timeout_s: float = Field(default=1800, gt=0, description="Wait this long for debugger rules after training.")
+
+    aws_access_key_id: str | None = Field(default=None, description="Unset: the default AWS credential chain.")
+    aws_secret_access_key: SecretStr | None = Field(default=None, description="With aws_access_key_id.")
+    aws_session_token: SecretStr | None = Field(default=None, description="Temporary credentials only.")
+    profile_name: str | None = Field(default=None, description="A named AWS profile instead of keys.")
+    telemetry_opt_out: bool = Field(default=True, description="Keep the SageMaker SDK from sending telemetry.")
+
+    @classmethod
+    def load(cls, **overrides: Any) -> SageMakerOptions:
+        """Options from ``BINCOUNT_SAGEMAKER_*`` variables with the non-None ``overrides`` on top.
+
+        Raises:
+            SettingsError: naming each bad option and what it expects.
+        """
+        try:
+            return cls(**{key: value for key, value in overrides.items() if value is not None})
+        except ValidationError as error:
+            problems = "; ".join(f"{'.'.join(map(str, p['loc']))}: {p['msg']}" for p in error.errors())
+            raise SettingsError(f"invalid SageMaker options ({problems}): fix the BINCOUNT_SAGEMAKER_* variable") from None
+
+    def require_role(self) -> str:
+        if not self.role_arn:
+            raise SettingsError(
+                "SageMaker needs an execution role: set BINCOUNT_SAGEMAKER_ROLE_ARN=arn:aws:iam::<account>:role/<name> "
+                "(docs/AWS.md says which permissions it needs)"
+            )
+        return self.role_arn
+
+    def base_uri(self, settings: Settings) -> str:
+        """The s3:// prefix for code, repacked models and transform jobs."""
+        uri = self.output_uri or (settings.artifact_uri("sagemaker") if settings.artifact_root.startswith("s3://") else None)
+        if not uri or not uri.startswith("s3://"):
+            raise SettingsError(
+                "SageMaker reads and writes S3 only: set BINCOUNT_ARTIFACT_ROOT=s3://<bucket>/bincount "
+                "or BINCOUNT_SAGEMAKER_OUTPUT_URI=s3://<bucket>/<prefix>"
+            )
+        return uri.rstrip("/")
+
+
+def credential_options(credentials: Any) -> dict[str, Any]:
+    """Option values from a prefect-aws ``AwsCredentials`` block (or anything with its attributes).
+
+    Example:
+        ``SageMakerOptions.load(**credential_options(AwsCredentials.load("bincount")))``
+    """
+    secret = credentials.aws_secret_access_key
+    token = credentials.aws_session_token
+    return {
+        "aws_access_key_id": credentials.aws_access_key_id,
+        "aws_secret_access_key": secret.get_secret_value() if isinstance(secret, SecretStr) else secret,
+        "aws_session_token": token.get_secret_value() if isinstance(token, SecretStr) else token,
+        "profile_name": credentials.profile_name,
+    }
+
+
+class EndpointSession(boto3.session.Session):
+    """A boto3 session whose clients default to per-service endpoint URLs.
+
+    The SageMaker SDK builds some S3 clients itself from its ``boto_session`` (uploads, model
+    repacking), so an S3-compatible endpoint has to live in the session, not in one client.
+    """
+
+    def __init__(self, endpoint_urls: dict[str, str], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.endpoint_urls = endpoint_urls
+
+    def client(self, service_name: str, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        if kwargs.get("endpoint_url") is None and service_name in self.endpoint_urls:
+            kwargs["endpoint_url"] = self.endpoint_urls[service_name]
+        return super().client(service_name, *args, **kwargs)
+
+
+def boto_session(settings: Settings, options: SageMakerOptions) -> boto3.session.Session:
+    """The boto3 session every SageMaker and S3 call of this backend goes through."""
+    endpoints: dict[str, str] = {}
+    if settings.s3_endpoint_url:
+        endpoints["s3"] = settings.s3_endpoint_url
+    if options.endpoint_url:
+        endpoints["sagemaker"] = options.endpoint_url
+    if options.runtime_endpoint_url:
+        endpoints["sagemaker-runtime"] = endpoints["runtime.sagemaker"] = options.runtime_endpoint_url
+    session = EndpointSession(
+        endpoints,
+        aws_access_key_id=options.aws_access_key_id,
+        aws_secret_access_key=options.aws_secret_access_key.get_secret_value() if options.aws_secret_access_key else None,
+        aws_session_token=options.aws_session_token.get_secret_value() if options.aws_session_token else None,
+        profile_name=options.profile_name,
+        region_name=settings.aws_region,
+    )
+    if session.region_name is None:
+        raise SettingsError("no AWS region: set BINCOUNT_AWS_REGION (or AWS_DEFAULT_REGION, or a profile's region)")
+    return session
+
+
+def sagemaker_session(settings: Settings, options: SageMakerOptions) -> Any:
+    """A ``sagemaker.Session`` on :func:`boto_session`, with standard retries and telemetry as the options say."""
+    import sagemaker
+    from sagemaker.config import load_sagemaker_config
+
+    boto = boto_session(settings, options)
+    retries = botocore.config.Config(retries={"mode": "standard", "total_max_attempts": 8})
+    config = load_sagemaker_config()
+    if options.telemetry_opt_out:
+        config.setdefault("SchemaVersion", "1.0")
+        config.setdefault("SageMaker", {}).setdefault("PythonSDK", {}).setdefault("Modules", {})["TelemetryOptOut"] = True
+    bucket = options.base_uri(settings)[len("s3://") :].split("/", 1)[0]
+    return sagemaker.Session(
+        boto_session=boto,
+        sagemaker_client=boto.client("sagemaker", config=retries),
+        sagemaker_runtime_client=boto.client("sagemaker-runtime", config=retries),
+        default_bucket=bucket,
+        sagemaker_config=config,
+    )

@@ -1,0 +1,255 @@
+"""The SageMaker training backend: one PyTorch Estimator job per :class:`TrainingJobSpec`.
+
+The job runs ``sm_scripts/train.py`` (``source_dir=sm_scripts``) with the spec's hyperparameters,
+named exactly like train.py's flags, and the shared metric definitions. With ``spec.debugger`` it
+adds a DebuggerHookConfig (losses, gradients, weights) and the five built-in rules; with
+``spec.profiler`` a ProfilerConfig for system monitoring only (framework profiling ended at
+PyTorch 2.0: train.py's own ``torch.profiler`` trace lands in the job's ``output.tar.gz``).
+
+The job is named ``spec.name``: a retried task that finds a job of that name follows it instead
+of starting another (see :mod:`bincount.sagemaker.naming`). Results lie where the local backend
+puts them (:mod:`bincount.training.jobs`), because SageMaker itself lays them out that way.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from functools import cached_property
+from typing import Any
+
+from botocore.exceptions import ClientError
+
+from bincount.config import Settings
+from bincount.sagemaker.naming import check_name
+from bincount.sagemaker.session import SM_SCRIPTS_DIR, TRAIN_ENTRY_POINT, SageMakerOptions, sagemaker_session
+from bincount.sagemaker.waiting import (
+    TRAINING_JOB,
+    Backoff,
+    EventSink,
+    SageMakerWaitTimeout,
+    describe_or_none,
+    wait_for,
+)
+from bincount.storage import join_uri
+from bincount.training.backend import LogSink, StopCheck
+from bincount.training.debugger import RuleResult
+from bincount.training.jobs import TrainingJob, TrainingJobFailed, TrainingJobSpec
+from sm_scripts.metric_format import METRIC_DEFINITIONS
+
+logger = logging.getLogger(__name__)
+
+DEBUGGER_COLLECTIONS = ("losses", "gradients", "weights")
+BUILT_IN_RULES: dict[str, dict[str, str]] = {
+    # rule -> parameters, set to the thresholds bincount.training.debugger uses locally
+    "loss_not_decreasing": {"num_steps": "10", "diff_percent": "0.1"},
+    "overfit": {"ratio_threshold": "0.1", "patience": "1"},
+    "overtraining": {"patience_validation": "3", "delta": "0.01"},
+    "vanishing_gradient": {"threshold": "0.0000001"},
+    "poor_weight_initialization": {"threshold": "10.0", "distribution_range": "0.001"},
+}
+RULE_STATUS = {"NoIssuesFound": "passed", "IssuesFound": "fired"}
+
+
+def require_s3(uri: str, what: str) -> str:
+    if not uri.startswith("s3://"):
+        raise ValueError(
+            f"{what} {uri} is not on S3: SageMaker reads and writes s3:// only "
+            "(set BINCOUNT_ARTIFACT_ROOT=s3://<bucket>/bincount and upload the channels again)"
+        )
+    return uri.rstrip("/")
+
+
+def collection_configs(save_interval: int) -> list[Any]:
+    """Losses every step; gradients and weights every ``save_interval`` steps."""
+    from sagemaker.debugger import CollectionConfig
+
+    return [
+        CollectionConfig("losses", parameters={"save_interval": "1"}),
+        CollectionConfig("gradients", parameters={"save_interval": str(save_interval)}),
+        CollectionConfig("weights", parameters={"save_interval": str(save_interval)}),
+    ]
+
+
+def built_in_rules(collections: list[Any]) -> list[Any]:
+    """The five built-in rules; where a rule wants one of our collections it gets ours (one config per name)."""
+    from sagemaker.debugger import CollectionConfig, Rule, rule_configs
+
+    ours = {config.name: config for config in collections}
+    rules = []
+    for name, parameters in BUILT_IN_RULES.items():
+        base = getattr(rule_configs, name)()
+        wanted = [
+            ours.get(item["CollectionName"], CollectionConfig(item["CollectionName"], parameters=item.get("CollectionParameters")))
+            for item in base.get("CollectionConfigurations", [])
+        ]
+        rules.append(Rule.sagemaker(base, rule_parameters=parameters, collections_to_save=wanted))
+    return rules
+
+
+def job_record(description: dict[str, Any], hyperparameters: dict[str, Any]) -> TrainingJob:
+    """A :class:`TrainingJob` from DescribeTrainingJob."""
+    name = description["TrainingJobName"]
+    output = description["OutputDataConfig"]["S3OutputPath"].rstrip("/")
+    debug = description.get("DebugHookConfig")
+    return TrainingJob(
+        name=name,
+        status=description["TrainingJobStatus"],
+        hyperparameters=hyperparameters,
+        metrics={m["MetricName"]: float(m["Value"]) for m in description.get("FinalMetricDataList", [])},
+        model_uri=description.get("ModelArtifacts", {}).get("S3ModelArtifacts"),
+        output_uri=join_uri(output, name, "output", "output.tar.gz"),
+        debug_output_uri=join_uri(debug["S3OutputPath"], name, "debug-output") if debug else None,
+        failure_reason=description.get("FailureReason") or None,
+        log_tail=[
+            f"{t['Status']}: {t.get('StatusMessage', '')}" for t in description.get("SecondaryStatusTransitions", [])
+        ],
+        duration_s=float(description.get("TrainingTimeInSeconds", 0)),
+    )
+
+
+class SageMakerTrainingBackend:
+    """Runs each :class:`TrainingJobSpec` as a SageMaker training job and follows it to its end."""
+
+    def __init__(self, settings: Settings, options: SageMakerOptions | None = None, session: Any = None) -> None:
+        self.settings = settings
+        self.options = options or SageMakerOptions.load()
+        self._session = session
+
+    @cached_property
+    def session(self) -> Any:
+        """The ``sagemaker.Session`` (built on first use: importing the SDK takes seconds)."""
+        return self._session or sagemaker_session(self.settings, self.options)
+
+    def job_hyperparameters(self, spec: TrainingJobSpec) -> dict[str, Any]:
+        """The spec's hyperparameters plus train.py's ``debugger`` / ``profile`` flags, as locally."""
+        hyperparameters = dict(spec.hyperparameters)
+        if spec.debugger:
+            hyperparameters["debugger"] = True
+        if spec.profiler:
+            hyperparameters["profile"] = True
+        return hyperparameters
+
+    def estimator(self, spec: TrainingJobSpec, hyperparameters: dict[str, Any] | None = None) -> Any:
+        """The PyTorch Estimator for ``spec`` (also the tuner's template, with ``hyperparameters`` static)."""
+        from sagemaker.debugger import DebuggerHookConfig, ProfilerConfig
+        from sagemaker.pytorch import PyTorch
+
+        output = require_s3(spec.output_uri, "output URI")
+        options = self.options
+        extra: dict[str, Any] = {}
+        if spec.debugger:
+            collections = collection_configs(options.debugger_save_interval)
+            extra["debugger_hook_config"] = DebuggerHookConfig(s3_output_path=output, collection_configs=collections)
+            extra["rules"] = built_in_rules(collections)
+        else:
+            extra["debugger_hook_config"] = False  # the SDK would add a default hook otherwise
+        if spec.profiler:
+            extra["profiler_config"] = ProfilerConfig(
+                s3_output_path=output, system_monitor_interval_millis=options.system_monitor_interval_ms
+            )
+        else:
+            extra["disable_profiler"] = True
+        if options.use_spot:
+            extra.update(
+                use_spot_instances=True,
+                max_wait=max(options.max_wait_s, options.max_run_s),
+                checkpoint_s3_uri=join_uri(output, spec.name, "checkpoints"),
+            )
+        return PyTorch(
+            entry_point=TRAIN_ENTRY_POINT,
+            source_dir=str(SM_SCRIPTS_DIR),
+            role=options.require_role(),
+            framework_version=options.framework_version,
+            py_version=options.py_version,
+            instance_type=options.train_instance_type,
+            instance_count=options.train_instance_count,
+            volume_size=options.volume_size_gb,
+            max_run=options.max_run_s,
+            hyperparameters=self.job_hyperparameters(spec) if hyperparameters is None else hyperparameters,
+            metric_definitions=METRIC_DEFINITIONS,
+            output_path=output,
+            code_location=output,
+            sagemaker_session=self.session,
+            **extra,
+        )
+
+    def channels(self, spec: TrainingJobSpec) -> dict[str, str]:
+        """Channel name -> S3 prefix (with a trailing slash, so ``train`` never matches ``train2/``)."""
+        return {name: require_s3(uri, f"channel {name!r}") + "/" for name, uri in spec.channels.items()}
+
+    def train(
+        self, spec: TrainingJobSpec, on_log: LogSink | None = None, should_stop: StopCheck | None = None
+    ) -> TrainingJob:
+        """Start ``spec.name`` (or follow it, if a previous attempt started it) and wait for its end.
+
+        ``should_stop`` is not consulted: SageMaker reports metrics after the job, and a tuning
+        job's early stopping is SageMaker's own (``TrainingJobEarlyStoppingType``).
+
+        Raises:
+            TrainingJobFailed: the job failed; the record holds SageMaker's FailureReason.
+            SageMakerWaitTimeout: the job outlived ``job_timeout_s`` and was asked to stop.
+        """
+        sink: EventSink = on_log or (lambda line: logger.info("%s", line))
+        check_name(spec.name, "training")
+        client = self.session.sagemaker_client
+        hyperparameters = self.job_hyperparameters(spec)
+        if describe_or_none(client, TRAINING_JOB, spec.name) is not None:
+            sink(f"training job {spec.name} exists (an earlier attempt started it): following it")
+        else:
+            sink(f"starting training job {spec.name} on {self.options.train_instance_count} x {self.options.train_instance_type}")
+            try:
+                self.estimator(spec).fit(self.channels(spec), job_name=spec.name, wait=False)
+            except ClientError as error:
+                if error.response.get("Error", {}).get("Code") not in ("ResourceInUse", "ValidationException") or describe_or_none(
+                    client, TRAINING_JOB, spec.name
+                ) is None:
+                    raise
+                sink(f"training job {spec.name} was created by a concurrent attempt: following it")
+        description = wait_for(
+            client,
+            TRAINING_JOB,
+            spec.name,
+            on_event=sink,
+            timeout_s=self.options.job_timeout_s,
+            backoff=Backoff(self.options.poll_initial_s, self.options.poll_max_s),
+        )
+        job = job_record(description, hyperparameters)
+        if job.status == "Failed":
+            raise TrainingJobFailed(job)
+        sink(f"training job {spec.name} {job.status.lower()} in {job.duration_s:.0f} s: {job.metrics}")
+        return job
+
+    def rule_results(self, job_name: str, on_event: EventSink | None = None) -> list[RuleResult]:
+        """The built-in rules' verdicts on ``job_name``, once they are done (they run after training).
+
+        Named like :func:`bincount.training.debugger.check_rules`' results (``loss_not_decreasing``),
+        so the retrain task publishes either backend's verdicts in one artifact.
+
+        Raises:
+            SageMakerWaitTimeout: some rule was still running after ``rules_timeout_s``.
+        """
+        sink: EventSink = on_event or (lambda line: logger.info("%s", line))
+        client = self.session.sagemaker_client
+        timeout = self.options.rules_timeout_s
+        waited, delay = 0.0, self.options.poll_initial_s
+        while True:
+            statuses = client.describe_training_job(TrainingJobName=job_name).get("DebugRuleEvaluationStatuses", [])
+            running = [s["RuleConfigurationName"] for s in statuses if s["RuleEvaluationStatus"] in ("InProgress", "Stopping")]
+            if not running:
+                break
+            if waited >= timeout:
+                raise SageMakerWaitTimeout(f"debugger rules {running} of {job_name} still running after {timeout:.0f} s")
+            sink(f"waiting for debugger rules {', '.join(running)} of {job_name}")
+            time.sleep(min(delay, timeout - waited))
+            waited += min(delay, timeout - waited)
+            delay = min(delay * 1.5, self.options.poll_max_s)
+        return [
+            RuleResult(
+                rule=re.sub(r"(?<!^)(?=[A-Z])", "_", status["RuleConfigurationName"]).lower(),
+                status=RULE_STATUS.get(status["RuleEvaluationStatus"], "not_evaluated"),
+                evidence=status.get("StatusDetails") or status["RuleEvaluationStatus"],
+            )
+            for status in statuses
+        ]

@@ -1,0 +1,616 @@
+"""The SageMaker backend through the real SageMaker SDK, against moto's S3 and SageMaker APIs on loopback.
+
+No AWS here: every request goes over HTTP to moto's server (``LoopbackS3`` serves moto's whole
+backend app). Requests are captured as the SDK sends them and validated by botocore against the
+real service model. moto's SageMaker answers are canned (every job is Completed at once), so where
+a test needs behaviour moto does not model (a job that runs, fails or is stopped, UpdateEndpoint,
+StopTrainingJob, ListTrainingJobsForHyperParameterTuningJob, the .out files a transform container
+writes) the test drives moto's backend state directly, in the fixtures below, and says so.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import boto3
+import pytest
+from botocore.validate import validate_parameters
+
+from bincount.config import Settings
+from bincount.demo_data import jpeg_bytes, render_bin_image
+from bincount.loopback_s3 import LoopbackS3
+from bincount.sagemaker.naming import stage_job_name
+from bincount.sagemaker.serving import SageMakerServingBackend
+from bincount.sagemaker.session import SageMakerOptions
+from bincount.sagemaker.training import BUILT_IN_RULES, SageMakerTrainingBackend
+from bincount.sagemaker.tuning import SageMakerTuningBackend, TuningSpec, get_tuning_backend
+from bincount.sagemaker.waiting import TRAINING_JOB, Backoff, SageMakerWaitTimeout, wait_for
+from bincount.serving.backend import DeployError, EndpointNotFoundError, get_serving_backend
+from bincount.training.backend import get_training_backend
+from bincount.training.jobs import TrainingJobFailed, TrainingJobSpec
+from bincount.training.search_space import SEEDS_SEARCH_SPACE
+from sm_scripts.metric_format import METRIC_DEFINITIONS, OBJECTIVE_METRIC
+
+ACCOUNT, REGION = "123456789012", "us-east-1"
+BUCKET = "bincount-sagemaker-tests"
+ROLE = f"arn:aws:iam::{ACCOUNT}:role/bincount-sagemaker"
+RULE_NAMES = {"LossNotDecreasing", "Overfit", "Overtraining", "VanishingGradient", "PoorWeightInitialization"}
+
+
+# --- moto: what it lacks, driven through its backend (test-side stand-ins for SageMaker) ------------
+def sagemaker_state() -> Any:
+    from moto.sagemaker.models import sagemaker_backends
+
+    return sagemaker_backends[ACCOUNT][REGION]
+
+
+class MotoSageMaker:
+    """Extends moto's SageMaker API for one test: scripted job statuses, failures, and the calls moto lacks."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        from moto.core.responses import ActionResult, EmptyResult
+        from moto.sagemaker.models import SageMakerModelBackend
+        from moto.sagemaker.responses import SageMakerResponse
+
+        self.created: list[str] = []  # training jobs moto was asked to create
+        self.scripts: dict[str, list[dict[str, Any]]] = {}  # job -> states to show, one per describe
+        self.fail_next: dict[str, str] = {}  # failure reason for the next job created
+        self.trials: dict[str, list[dict[str, Any]]] = {}  # tuning job -> training job summaries
+        self.stopped: list[str] = []
+        create, describe = SageMakerModelBackend.create_training_job, SageMakerModelBackend.describe_training_job
+        owner = self
+
+        def create_training_job(backend: Any, training_job_name: str, **kwargs: Any) -> Any:
+            owner.created.append(training_job_name)
+            job = create(backend, training_job_name=training_job_name, **kwargs)
+            if owner.fail_next:  # moto completes every job; a real one can fail
+                job.training_job_status, job.secondary_status = "Failed", "Failed"
+                job.failure_reason = owner.fail_next.pop("reason")
+            return job
+
+        def describe_training_job(backend: Any, training_job_name: str) -> Any:
+            script = owner.scripts.get(training_job_name)
+            if script and training_job_name in backend.training_jobs:  # the next scripted state (moto's jobs never run)
+                job = backend.training_jobs[training_job_name]
+                for key, value in script.pop(0).items():
+                    setattr(job, key, value)
+            return describe(backend, training_job_name)
+
+        def update_endpoint(response: Any) -> Any:  # moto 5.2 has no UpdateEndpoint: apply it at once
+            endpoint = response.sagemaker_backend.endpoints[response._get_param("EndpointName")]
+            endpoint.endpoint_config_name = response._get_param("EndpointConfigName")
+            endpoint.endpoint_status = "InService"
+            return ActionResult({"EndpointArn": endpoint.arn})
+
+        def stop_training_job(response: Any) -> Any:  # nor StopTrainingJob
+            name = response._get_param("TrainingJobName")
+            owner.stopped.append(name)
+            job = response.sagemaker_backend.training_jobs[name]
+            job.training_job_status, job.secondary_status = "Stopped", "Stopped"
+            owner.scripts.pop(name, None)
+            return EmptyResult()
+
+        def list_training_jobs_for_hyper_parameter_tuning_job(response: Any) -> Any:  # nor this
+            return ActionResult({"TrainingJobSummaries": owner.trials.get(response._get_param("HyperParameterTuningJobName"), [])})
+
+        monkeypatch.setattr(SageMakerModelBackend, "create_training_job", create_training_job)
+        monkeypatch.setattr(SageMakerModelBackend, "describe_training_job", describe_training_job)
+        for handler in (update_endpoint, stop_training_job, list_training_jobs_for_hyper_parameter_tuning_job):
+            monkeypatch.setattr(SageMakerResponse, handler.__name__, handler, raising=False)
+
+
+@pytest.fixture
+def moto_sagemaker(monkeypatch: pytest.MonkeyPatch) -> MotoSageMaker:
+    return MotoSageMaker(monkeypatch)
+
+
+@pytest.fixture(scope="module")
+def bucket(s3_server: LoopbackS3) -> str:
+    client = boto3.client("s3", endpoint_url=s3_server.endpoint_url, region_name=REGION)
+    client.create_bucket(Bucket=BUCKET)
+    return BUCKET
+
+
+@pytest.fixture
+def settings(s3_server: LoopbackS3, bucket: str) -> Settings:
+    return Settings.load(
+        profile="aws", artifact_root=f"s3://{bucket}/bincount", s3_endpoint_url=s3_server.endpoint_url, aws_region=REGION
+    )
+
+
+@pytest.fixture
+def options(s3_server: LoopbackS3) -> SageMakerOptions:
+    return SageMakerOptions.load(
+        role_arn=ROLE,
+        endpoint_url=s3_server.endpoint_url,
+        runtime_endpoint_url=s3_server.endpoint_url,
+        poll_initial_s=0.01,
+        poll_max_s=0.05,
+    )
+
+
+@pytest.fixture
+def sagemaker_env(monkeypatch: pytest.MonkeyPatch, settings: Settings, options: SageMakerOptions) -> Settings:
+    """The ``aws`` profile as environment variables, for the backends the factories build."""
+    for name, value in {
+        "BINCOUNT_SAGEMAKER_ROLE_ARN": ROLE,
+        "BINCOUNT_SAGEMAKER_ENDPOINT_URL": options.endpoint_url,
+        "BINCOUNT_SAGEMAKER_RUNTIME_ENDPOINT_URL": options.runtime_endpoint_url,
+        "BINCOUNT_SAGEMAKER_POLL_INITIAL_S": "0.01",
+        "BINCOUNT_SAGEMAKER_POLL_MAX_S": "0.05",
+    }.items():
+        monkeypatch.setenv(name, str(value))
+    return settings
+
+
+class Captured:
+    """Every SageMaker request the SDK sends through a client, as botocore is about to serialize it."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self.requests: list[tuple[str, dict[str, Any]]] = []
+        client.meta.events.register("provide-client-params.sagemaker.*", self._record)
+
+    def _record(self, params: dict[str, Any], model: Any, **_: Any) -> None:
+        self.requests.append((model.name, json.loads(json.dumps(params, default=str))))
+
+    def __call__(self, operation: str) -> list[dict[str, Any]]:
+        """The requests of ``operation``, each validated against the real service model first."""
+        found = [params for name, params in self.requests if name == operation]
+        shape = self.client.meta.service_model.operation_model(operation).input_shape
+        for params in found:
+            validate_parameters(params, shape)  # raises ParamValidationError listing every problem
+        return found
+
+
+def decoded(hyperparameters: dict[str, str]) -> dict[str, Any]:
+    """The SDK JSON-encodes framework hyperparameters; SageMaker's training toolkit decodes them."""
+    return {name: json.loads(value) for name, value in hyperparameters.items()}
+
+
+def spec(settings: Settings, name: str, **kwargs: Any) -> TrainingJobSpec:
+    channels = {split: settings.artifact_uri("datasets", "demo", "channels", split) for split in ("train", "valid", "test")}
+    return TrainingJobSpec(
+        name=name,
+        hyperparameters={"lr": 0.05, "batch-size": 64, "epochs": 3, "arch": "resnet50"},
+        channels=channels,
+        output_uri=settings.artifact_uri("jobs"),
+        **kwargs,
+    )
+
+
+# --- request shapes -------------------------------------------------------------------------
+def test_training_job_request_with_debugger_rules_profiler_and_spot(
+    settings: Settings, options: SageMakerOptions, moto_sagemaker: MotoSageMaker
+) -> None:
+    backend = SageMakerTrainingBackend(settings, options.model_copy(update={"use_spot": True, "train_instance_count": 2}))
+    captured = Captured(backend.session.sagemaker_client)
+    name = stage_job_name("retrain", uuid.uuid4().hex)
+    job = backend.train(spec(settings, name, debugger=True, profiler=True))
+
+    (request,) = captured("CreateTrainingJob")
+    assert decoded(request["HyperParameters"]) | {} == {
+        "lr": 0.05, "batch-size": 64, "epochs": 3, "arch": "resnet50", "debugger": True, "profile": True,
+        "sagemaker_program": "train.py", "sagemaker_container_log_level": 20, "sagemaker_job_name": name,
+        "sagemaker_region": REGION,
+        "sagemaker_submit_directory": f"{settings.artifact_uri('jobs')}/{name}/source/sourcedir.tar.gz",
+    }
+    assert request["AlgorithmSpecification"]["MetricDefinitions"] == METRIC_DEFINITIONS
+    assert {c["ChannelName"]: c["DataSource"]["S3DataSource"]["S3Uri"] for c in request["InputDataConfig"]} == {
+        split: settings.artifact_uri("datasets", "demo", "channels", split) + "/" for split in ("train", "valid", "test")
+    }
+    assert request["ResourceConfig"] == {"InstanceType": "ml.g5.xlarge", "InstanceCount": 2, "VolumeSizeInGB": 30}
+    assert request["StoppingCondition"] == {"MaxRuntimeInSeconds": 4 * 3600, "MaxWaitTimeInSeconds": 8 * 3600}
+    assert request["EnableManagedSpotTraining"] is True
+    assert request["CheckpointConfig"]["S3Uri"] == f"{settings.artifact_uri('jobs')}/{name}/checkpoints"
+    collections = [c["CollectionName"] for c in request["DebugHookConfig"]["CollectionConfigurations"]]
+    assert {"losses", "gradients", "weights"} <= set(collections) and len(collections) == len(set(collections))
+    assert request["DebugHookConfig"]["S3OutputPath"] == settings.artifact_uri("jobs")
+    rules = {r["RuleConfigurationName"]: r["RuleParameters"] for r in request["DebugRuleConfigurations"]}
+    assert set(rules) == RULE_NAMES
+    assert rules["Overtraining"] == {"rule_to_invoke": "Overtraining", **BUILT_IN_RULES["overtraining"]}
+    assert request["ProfilerConfig"]["ProfilingIntervalInMilliseconds"] == 500
+    assert "ProfilingParameters" not in request["ProfilerConfig"]  # system monitoring only
+    assert not request["ProfilerConfig"].get("DisableProfiler")
+
+    # The code SageMaker runs is sm_scripts/, uploaded beside the job's outputs.
+    s3 = backend.session.boto_session.client("s3")
+    archive = s3.get_object(Bucket=BUCKET, Key=f"bincount/jobs/{name}/source/sourcedir.tar.gz")["Body"].read()
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        assert {"train.py", "metric_format.py", "inference.py"} <= set(tar.getnames())
+    assert job.model_uri == f"{settings.artifact_uri('jobs')}/{name}/output/model.tar.gz"
+    assert job.output_uri == f"{settings.artifact_uri('jobs')}/{name}/output/output.tar.gz"
+    assert job.debug_output_uri == f"{settings.artifact_uri('jobs')}/{name}/debug-output"
+
+
+def test_plain_training_job_has_no_debugger_and_no_profiler(
+    settings: Settings, options: SageMakerOptions, moto_sagemaker: MotoSageMaker
+) -> None:
+    backend = SageMakerTrainingBackend(settings, options)
+    captured = Captured(backend.session.sagemaker_client)
+    backend.train(spec(settings, stage_job_name("train", uuid.uuid4().hex)))
+    (request,) = captured("CreateTrainingJob")
+    assert "DebugHookConfig" not in request and "DebugRuleConfigurations" not in request
+    assert request["ProfilerConfig"] == {"DisableProfiler": True}
+    assert "EnableManagedSpotTraining" not in request
+    assert "debugger" not in request["HyperParameters"] and "profile" not in request["HyperParameters"]
+
+
+def test_tuning_job_request_and_best_hyperparameters_read_back(
+    settings: Settings, options: SageMakerOptions, moto_sagemaker: MotoSageMaker
+) -> None:
+    backend = get_tuning_backend(settings, options)
+    assert isinstance(backend, SageMakerTuningBackend)
+    captured = Captured(backend.session.sagemaker_client)
+    name = stage_job_name("tune", uuid.uuid4().hex, limit=32)
+    tuning = TuningSpec(
+        name=name,
+        space=SEEDS_SEARCH_SPACE,
+        static_hyperparameters={"arch": "resnet50", "weights": "none"},
+        channels=spec(settings, "x").channels,
+        output_uri=settings.artifact_uri("tuning"),
+        max_jobs=12,
+        max_parallel_jobs=3,
+    )
+    # moto's tuning job names a made-up best trial with made-up values: put in what SageMaker reports
+    # (the SDK's JSON-encoded strings) and the trial it names, as SageMaker would after the search.
+    best_trial = f"{name}-003-0123abcd"
+    state = sagemaker_state()
+    original = type(state).create_hyper_parameter_tuning_job
+
+    def create(backend_: Any, **kwargs: Any) -> str:
+        arn = original(backend_, **kwargs)
+        job = backend_.hyper_parameter_tuning_jobs[kwargs["hyper_parameter_tuning_job_name"]]
+        job.best_training_job = {
+            "TrainingJobName": best_trial, "TrainingJobArn": f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:training-job/{best_trial}",
+            "CreationTime": job.creation_time, "TrainingJobStatus": "Completed",
+            "TunedHyperParameters": {"lr": "0.0421", "batch-size": '"128"', "epochs": "7"},
+            "FinalHyperParameterTuningJobObjectiveMetric": {"MetricName": OBJECTIVE_METRIC, "Value": 0.61},
+        }
+        spec_best = spec(settings, best_trial)
+        state.create_training_job(
+            training_job_name=best_trial, hyper_parameters={}, algorithm_specification={}, role_arn=ROLE,
+            input_data_config=[], output_data_config={"S3OutputPath": spec_best.output_uri}, resource_config={},
+            vpc_config={}, stopping_condition={}, tags=[], enable_network_isolation=False,
+            enable_inter_container_traffic_encryption=False, enable_managed_spot_training=False, checkpoint_config={},
+            debug_hook_config={}, debug_rule_configurations=[], tensor_board_output_config={}, experiment_config={},
+        )
+        return arn
+
+    pytest.MonkeyPatch.context  # noqa: B018 (the fixture's monkeypatch undoes the patch below)
+    moto_sagemaker.trials[name] = [
+        {"TrainingJobName": best_trial, "TrainingJobArn": "arn", "CreationTime": "2026-01-01T00:00:00Z",
+         "TrainingJobStatus": "Completed", "TunedHyperParameters": {"lr": "0.0421", "batch-size": '"128"', "epochs": "7"},
+         "FinalHyperParameterTuningJobObjectiveMetric": {"MetricName": OBJECTIVE_METRIC, "Value": 0.61}},
+        {"TrainingJobName": f"{name}-001-aaaa0000", "TrainingJobArn": "arn", "CreationTime": "2026-01-01T00:00:00Z",
+         "TrainingJobStatus": "Stopped", "TunedHyperParameters": {"lr": "0.09", "batch-size": '"32"', "epochs": "2"}},
+    ]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(type(state), "create_hyper_parameter_tuning_job", create)
+        result = backend.tune(tuning)
+
+    (request,) = captured("CreateHyperParameterTuningJob")
+    config = request["HyperParameterTuningJobConfig"]
+    assert config["Strategy"] == "Bayesian"
+    assert config["ResourceLimits"] == {"MaxNumberOfTrainingJobs": 12, "MaxParallelTrainingJobs": 3}
+    assert config["TrainingJobEarlyStoppingType"] == "Auto"
+    assert config["HyperParameterTuningJobObjective"] == {"Type": "Maximize", "MetricName": "eval:accuracy"}
+    ranges = config["ParameterRanges"]
+    assert ranges["ContinuousParameterRanges"] == [
+        {"Name": "lr", "MinValue": "0.01", "MaxValue": "0.1", "ScalingType": "Logarithmic"}
+    ]
+    assert [(r["Name"], r["MinValue"], r["MaxValue"]) for r in ranges["IntegerParameterRanges"]] == [("epochs", "1", "10")]
+    assert [(r["Name"], [json.loads(v) for v in r["Values"]]) for r in ranges["CategoricalParameterRanges"]] == [
+        ("batch-size", ["32", "64", "128"])
+    ]
+    definition = request["TrainingJobDefinition"]
+    assert definition["AlgorithmSpecification"]["MetricDefinitions"] == METRIC_DEFINITIONS
+    static = decoded(definition["StaticHyperParameters"])
+    assert static["arch"] == "resnet50" and static["weights"] == "none" and static["sagemaker_program"] == "train.py"
+    assert not {"lr", "batch-size", "epochs"} & set(static)
+    assert definition["HyperParameterTuningResourceConfig"]["InstanceType"] == "ml.g5.xlarge"
+    assert [c["ChannelName"] for c in definition["InputDataConfig"]] == ["train", "valid", "test"]
+
+    assert result.best_training_job == best_trial
+    assert result.best_hyperparameters == {"arch": "resnet50", "weights": "none", "lr": 0.0421, "batch-size": 128, "epochs": 7}
+    assert result.best_objective == pytest.approx(0.61)
+    assert result.best_model_uri == f"{settings.artifact_uri('jobs')}/{best_trial}/output/model.tar.gz"
+    assert [(t.status, t.hyperparameters["batch-size"]) for t in result.trials] == [("Stopped", 32), ("Completed", 128)]
+
+    # A retried tune task follows the tuning job instead of starting a second one.
+    backend.tune(tuning)
+    assert len(captured("CreateHyperParameterTuningJob")) == 1
+
+
+# --- model, endpoint, transform ---------------------------------------------------------------
+def model_archive(seed: int, image_size: int = 64) -> bytes:
+    """A model.tar.gz as train.py packs it (the weights only need to be distinct bytes here)."""
+    info = {"arch": "resnet18", "classes": [1, 2, 3, 4, 5], "image_size": image_size,
+            "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "hyperparameters": {}, "metrics": {}}
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for name, data in (("model.pt", f"weights {seed}".encode()), ("model_info.json", json.dumps(info).encode())):
+            member = tarfile.TarInfo(name)
+            member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def prediction(count: int) -> str:
+    probabilities = {str(c): (0.96 if c == count else 0.01) for c in range(1, 6)}
+    return json.dumps({"predictions": [{"predicted_count": count, "probabilities": probabilities}]})
+
+
+def queue_answers(*bodies: str) -> None:
+    """What moto's sagemaker-runtime answers next (its default answer, b"body", is no prediction)."""
+    from moto.sagemakerruntime.models import sagemakerruntime_backends
+
+    runtime = sagemakerruntime_backends[ACCOUNT][REGION]
+    runtime.results.clear()  # moto repeats an endpoint's earlier answer to the same body otherwise
+    runtime.results_queue[:] = [(body, "application/json", "AllTraffic", "") for body in bodies]
+
+
+@pytest.fixture
+def models(settings: Settings) -> dict[int, str]:
+    s3 = boto3.client("s3", endpoint_url=settings.s3_endpoint_url, region_name=REGION)
+    uris = {}
+    for seed in (1, 2, 3):
+        key = f"bincount/models/{uuid.uuid4().hex}/model.tar.gz"
+        s3.put_object(Bucket=BUCKET, Key=key, Body=model_archive(seed))
+        uris[seed] = f"s3://{BUCKET}/{key}"
+    return uris
+
+
+def test_deploy_update_roll_back_retry_and_delete(
+    sagemaker_env: Settings, models: dict[int, str], moto_sagemaker: MotoSageMaker
+) -> None:
+    backend = get_serving_backend(sagemaker_env)
+    assert isinstance(backend, SageMakerServingBackend)
+    captured = Captured(backend.client)
+    name = f"bincount-test-{uuid.uuid4().hex[:8]}"
+
+    queue_answers(prediction(2))
+    first = backend.deploy(name, models[1])
+    (model,) = captured("CreateModel")
+    container = model["PrimaryContainer"]
+    assert container["Environment"]["SAGEMAKER_PROGRAM"] == "inference.py"
+    assert container["Image"].endswith("pytorch-inference:2.6.0-cpu-py312")
+    assert container["ModelDataUrl"].startswith(f"s3://{BUCKET}/bincount/sagemaker/models/{model['ModelName']}/")
+    assert model["ExecutionRoleArn"] == ROLE
+    (config,) = captured("CreateEndpointConfig")
+    (variant,) = config["ProductionVariants"]
+    assert (variant["ModelName"], variant["InstanceType"], variant["InitialInstanceCount"]) == (model["ModelName"], "ml.m5.large", 1)
+    (create,) = captured("CreateEndpoint")
+    assert create == {"EndpointName": name, "EndpointConfigName": config["EndpointConfigName"], "Tags": []}
+    assert first.backend == "sagemaker" and first.details["endpoint_config"] == config["EndpointConfigName"]
+    assert backend.describe(name).version == first.version
+
+    # The repacked model holds inference.py under code/, where the SageMaker PyTorch container looks.
+    s3 = backend.session.boto_session.client("s3")
+    bucket, key = container["ModelDataUrl"][len("s3://"):].split("/", 1)
+    with tarfile.open(fileobj=io.BytesIO(s3.get_object(Bucket=bucket, Key=key)["Body"].read())) as tar:
+        assert {"model.pt", "model_info.json", "code/inference.py"} <= set(tar.getnames())
+
+    queue_answers(prediction(3))
+    second = backend.deploy(name, models[2])
+    (update,) = captured("UpdateEndpoint")
+    assert update["EndpointName"] == name and update["EndpointConfigName"] == second.details["endpoint_config"]
+    assert second.previous_version == first.version
+    assert second.details["previous_endpoint_config"] == first.details["endpoint_config"]
+
+    queue_answers("not a prediction")  # the new model answers nonsense: the deploy rolls back
+    with pytest.raises(DeployError, match="serves again"):
+        backend.deploy(name, models[3])
+    assert [u["EndpointConfigName"] for u in captured("UpdateEndpoint")][1:] != [] 
+    assert sagemaker_state().endpoints[name].endpoint_config_name == second.details["endpoint_config"]
+    assert backend.describe(name).version == second.version
+
+    # A retried deploy of what already serves finds its model and config: nothing new is created.
+    before = {op: len(captured(op)) for op in ("CreateModel", "CreateEndpointConfig", "CreateEndpoint", "UpdateEndpoint")}
+    queue_answers(prediction(3))
+    again = backend.deploy(name, models[2])
+    assert {op: len(captured(op)) for op in before} == before
+    assert again.details["endpoint_config"] == second.details["endpoint_config"]
+
+    backend.delete(name)
+    assert name not in sagemaker_state().endpoints
+    assert captured("DeleteEndpoint") == [{"EndpointName": name}]
+    with pytest.raises(EndpointNotFoundError):
+        backend.describe(name)
+    with pytest.raises(EndpointNotFoundError):
+        backend.delete(name)
+
+
+def test_new_endpoint_that_answers_badly_is_deleted(
+    settings: Settings, options: SageMakerOptions, models: dict[int, str], moto_sagemaker: MotoSageMaker
+) -> None:
+    backend = SageMakerServingBackend(settings, options)
+    name = f"bincount-test-{uuid.uuid4().hex[:8]}"
+    queue_answers("{}")
+    with pytest.raises(DeployError, match="new endpoint was deleted"):
+        backend.deploy(name, models[1])
+    assert name not in sagemaker_state().endpoints
+    with pytest.raises(EndpointNotFoundError):
+        backend.describe(name)
+
+
+def test_batch_transform_request_and_joined_table(
+    settings: Settings, options: SageMakerOptions, models: dict[int, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import numpy as np
+    from moto.s3.models import s3_backends
+
+    backend = SageMakerServingBackend(settings, options, run_key=uuid.uuid4().hex)
+    captured = Captured(backend.client)
+    s3 = backend.session.boto_session.client("s3")
+    prefix = f"bincount/transform/{uuid.uuid4().hex}"
+    images = {f"{count}/img{count}{i}.jpg": count for count in (1, 2, 3) for i in range(2)}
+    for key in images:
+        s3.put_object(Bucket=BUCKET, Key=f"{prefix}/in/{key}", Body=jpeg_bytes(render_bin_image(1, np.random.default_rng(0), size=32)))
+
+    # moto completes a transform job without running a container: write the .out files the
+    # container would (each image's JSON answer), predicting 2 for every image.
+    state = sagemaker_state()
+    original = type(state).create_transform_job
+
+    def create_transform_job(backend_: Any, **kwargs: Any) -> Any:
+        job = original(backend_, **kwargs)
+        for key in images:
+            s3_backends[ACCOUNT]["aws"].put_object(BUCKET, f"{prefix}/out/{key}.out", prediction(2).encode())
+        return job
+
+    monkeypatch.setattr(type(state), "create_transform_job", create_transform_job)
+    progress: list[tuple[int, int]] = []
+    summary = backend.batch_transform(
+        models[1], f"s3://{BUCKET}/{prefix}/in", f"s3://{BUCKET}/{prefix}/out", progress=lambda d, t: progress.append((d, t))
+    )
+    (request,) = captured("CreateTransformJob")
+    assert request["TransformInput"] == {
+        "DataSource": {"S3DataSource": {"S3DataType": "S3Prefix", "S3Uri": f"s3://{BUCKET}/{prefix}/in/"}},
+        "ContentType": "application/x-image", "SplitType": "None",
+    }
+    assert request["TransformOutput"] == {"S3OutputPath": f"s3://{BUCKET}/{prefix}/out/", "Accept": "application/json", "AssembleWith": "None"}
+    assert request["TransformResources"] == {"InstanceType": "ml.m5.xlarge", "InstanceCount": 1}
+    assert (request["BatchStrategy"], request["MaxPayloadInMB"], request["MaxConcurrentTransforms"]) == ("SingleRecord", 6, 4)
+    assert request["TransformJobName"].startswith("bincount-transform-")
+
+    assert (summary.images, summary.scored, summary.failed) == (6, 6, 0)
+    assert summary.accuracy == pytest.approx(2 / 6, abs=1e-4)
+    assert progress == [(0, 6), (6, 6)]
+    import pandas as pd
+
+    table = pd.read_csv(io.BytesIO(s3.get_object(Bucket=BUCKET, Key=f"{prefix}/out/results.csv")["Body"].read()))
+    assert list(table.columns) == ["id", "key", "predicted_count", "prob_1", "prob_2", "prob_3", "prob_4", "prob_5", "label", "correct"]
+    assert sorted(table["key"]) == sorted(images) and set(table["predicted_count"]) == {2}
+    assert dict(zip(table["key"], table["label"])) == images
+
+    # A retried task follows the job it started.
+    backend.batch_transform(models[1], f"s3://{BUCKET}/{prefix}/in", f"s3://{BUCKET}/{prefix}/out")
+    assert len(captured("CreateTransformJob")) == 1
+
+
+# --- waiting: transitions, backoff, timeout, interrupt -----------------------------------------
+def start_running_job(backend: SageMakerTrainingBackend, settings: Settings, moto_sagemaker: MotoSageMaker, states: list[dict]) -> str:
+    name = stage_job_name("train", uuid.uuid4().hex)
+    backend.estimator(spec(settings, name)).fit(backend.channels(spec(settings, name)), job_name=name, wait=False)
+    moto_sagemaker.scripts[name] = states
+    return name
+
+
+RUNNING = [
+    {"training_job_status": "InProgress", "secondary_status": "Starting", "secondary_status_transitions": []},
+    {"training_job_status": "InProgress", "secondary_status": "Starting"},
+    {"training_job_status": "InProgress", "secondary_status": "Downloading",
+     "secondary_status_transitions": [{"Status": "Starting", "StartTime": "2026-01-01T00:00:00Z", "StatusMessage": "Preparing the instances"},
+                                      {"Status": "Downloading", "StartTime": "2026-01-01T00:01:00Z", "StatusMessage": "Downloading input data"}]},
+    {"training_job_status": "InProgress", "secondary_status": "Training"},
+]
+
+
+def test_wait_logs_transitions_and_backs_off(settings: Settings, options: SageMakerOptions, moto_sagemaker: MotoSageMaker) -> None:
+    backend = SageMakerTrainingBackend(settings, options)
+    name = start_running_job(backend, settings, moto_sagemaker, [*RUNNING, {"training_job_status": "Completed", "secondary_status": "Completed"}])
+    events: list[str] = []
+    sleeps: list[float] = []
+    description = wait_for(
+        backend.session.sagemaker_client, TRAINING_JOB, name, on_event=events.append, timeout_s=60,
+        backoff=Backoff(1.0, 2.0, 1.5), sleep=sleeps.append,
+    )
+    assert description["TrainingJobStatus"] == "Completed"
+    assert sleeps == [1.0, 1.5, 2.0, 2.0]
+    assert events == [
+        f"training job {name} is InProgress (Starting)",
+        f"training job {name} is InProgress (Downloading)",
+        f"training job {name}: Starting: Preparing the instances",
+        f"training job {name}: Downloading: Downloading input data",
+        f"training job {name} is InProgress (Training)",
+        f"training job {name} is Completed (Completed)",
+    ]
+
+
+def test_timeout_and_interrupt_stop_the_job(settings: Settings, options: SageMakerOptions, moto_sagemaker: MotoSageMaker) -> None:
+    backend = SageMakerTrainingBackend(settings, options.model_copy(update={"job_timeout_s": 0.05}))
+    name = stage_job_name("train", uuid.uuid4().hex)
+    moto_sagemaker.scripts[name] = [dict(RUNNING[0]) for _ in range(1000)]
+    with pytest.raises(SageMakerWaitTimeout, match="asked to stop"):
+        backend.train(spec(settings, name))
+    assert moto_sagemaker.stopped == [name]
+
+    def interrupt(line: str) -> None:
+        if "is InProgress" in line:
+            raise KeyboardInterrupt
+
+    other = stage_job_name("train", uuid.uuid4().hex)
+    moto_sagemaker.scripts[other] = [dict(RUNNING[0]) for _ in range(1000)]
+    with pytest.raises(KeyboardInterrupt):
+        SageMakerTrainingBackend(settings, options).train(spec(settings, other), on_log=interrupt)
+    assert moto_sagemaker.stopped == [name, other]
+    assert sagemaker_state().training_jobs[other].training_job_status == "Stopped"
+
+
+def test_failed_job_raises_with_its_reason(settings: Settings, options: SageMakerOptions, moto_sagemaker: MotoSageMaker) -> None:
+    moto_sagemaker.fail_next["reason"] = "AlgorithmError: ExecuteUserScriptError: CUDA out of memory"
+    with pytest.raises(TrainingJobFailed, match="CUDA out of memory") as failure:
+        SageMakerTrainingBackend(settings, options).train(spec(settings, stage_job_name("train", uuid.uuid4().hex)))
+    assert failure.value.job.status == "Failed"
+
+
+def test_rule_results_are_read_after_the_rules_finish(
+    settings: Settings, options: SageMakerOptions, moto_sagemaker: MotoSageMaker
+) -> None:
+    backend = SageMakerTrainingBackend(settings, options)
+    name = stage_job_name("retrain", uuid.uuid4().hex)
+    backend.train(spec(settings, name, debugger=True))
+    statuses = [{"RuleConfigurationName": rule, "RuleEvaluationStatus": "InProgress"} for rule in sorted(RULE_NAMES)]
+    done = [dict(s, RuleEvaluationStatus="NoIssuesFound") for s in statuses]
+    done[1] = dict(done[1], RuleEvaluationStatus="IssuesFound", StatusDetails="RuleEvaluationConditionMet: overfit")
+    moto_sagemaker.scripts[name] = [{"debug_rule_evaluation_statuses": statuses}, {"debug_rule_evaluation_statuses": done}]
+    results = backend.rule_results(name)
+    assert [(r.rule, r.status) for r in results] == [
+        ("loss_not_decreasing", "passed"), ("overfit", "fired"), ("overtraining", "passed"),
+        ("poor_weight_initialization", "passed"), ("vanishing_gradient", "passed"),
+    ]
+    assert "RuleEvaluationConditionMet" in results[1].evidence
+
+
+# --- through Prefect -------------------------------------------------------------------------
+def test_retried_task_follows_its_job_and_a_failure_reaches_the_flow_run(
+    prefect_server: None, sagemaker_env: Settings, moto_sagemaker: MotoSageMaker
+) -> None:
+    from prefect import flow, task
+    from prefect.context import get_run_context
+
+    attempts: list[int] = []
+
+    @task(retries=1, retry_delay_seconds=0)
+    def train(settings: Settings, job_spec: TrainingJobSpec) -> str:
+        attempts.append(len(attempts) + 1)
+
+        def sink(line: str) -> None:  # the first attempt loses its connection while the job runs
+            if len(attempts) == 1 and "is InProgress" in line:
+                raise ConnectionError("connection reset while polling")
+
+        return get_training_backend(settings).train(job_spec, on_log=sink).status
+
+    @flow
+    def pipeline(settings: Settings, runs_a_while: bool) -> str:
+        name = stage_job_name("train", str(get_run_context().flow_run.id))
+        if runs_a_while:
+            moto_sagemaker.scripts[name] = [RUNNING[0], RUNNING[3], RUNNING[3], {"training_job_status": "Completed"}]
+        return train(settings, spec(settings, name))
+
+    assert pipeline(sagemaker_env, runs_a_while=True) == "Completed"
+    assert attempts == [1, 2]
+    assert len(moto_sagemaker.created) == 1 and moto_sagemaker.stopped == []
+
+    moto_sagemaker.fail_next["reason"] = "ClientError: Data download failed: channel train is empty"
+    state = pipeline(sagemaker_env, runs_a_while=False, return_state=True)
+    assert state.is_failed() and "channel train is empty" in (state.message or "")
+    with pytest.raises(TrainingJobFailed, match="channel train is empty"):
+        state.result()
+    assert len(moto_sagemaker.created) == 2  # one job per flow run

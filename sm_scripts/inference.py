@@ -74,8 +74,8 @@ class CountModel:
     network: torch.nn.Module
     classes: list[int]
     image_size: int
-    mean: torch.Tensor  # [3, 1, 1]
-    std: torch.Tensor  # [3, 1, 1]
+    mean: np.ndarray  # [3], float32
+    std: np.ndarray  # [3], float32
     device: torch.device
     info: dict[str, Any]
 
@@ -98,7 +98,9 @@ def _read_model_info(model_dir: str) -> dict[str, Any]:
 def model_fn(model_dir: str) -> CountModel:
     """Build the network named in ``model_info.json`` and load ``model.pt`` into it."""
     info = _read_model_info(model_dir)
-    torch.set_flush_denormal(True)  # denormal activations can make CPU convolutions many times slower
+    # Denormal floats can make CPU convolutions many times slower; flushing them changes no count.
+    # The flag is per thread (and copied by threads it starts): this sets it for the serving thread.
+    torch.set_flush_denormal(True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     classes = [int(count) for count in info["classes"]]
     network = getattr(torchvision.models, info["arch"])(weights=None)
@@ -112,8 +114,8 @@ def model_fn(model_dir: str) -> CountModel:
         network=network,
         classes=classes,
         image_size=int(info["image_size"]),
-        mean=torch.tensor(info["mean"], dtype=torch.float32).view(3, 1, 1),
-        std=torch.tensor(info["std"], dtype=torch.float32).view(3, 1, 1),
+        mean=np.asarray(info["mean"], dtype=np.float32),
+        std=np.asarray(info["std"], dtype=np.float32),
         device=device,
         info=info,
     )
@@ -201,15 +203,16 @@ def input_fn(request_body: bytes | str, request_content_type: str) -> list[Image
 
 
 def preprocess(images: list[Image.Image], model: CountModel) -> torch.Tensor:
-    """RGB images -> normalised pixels [N, 3, S, S], resized to the model's square input."""
+    """RGB images -> normalised pixels [N, 3, S, S], resized to the model's square input.
+
+    Plain numpy on purpose: hosts call this on several threads at once, and torch ops there would
+    each start their own team of worker threads beside the model's. The result is laid out
+    channels-last in memory (NHWC viewed as NCHW), the layout the CPU forward wants.
+    """
     size = (model.image_size, model.image_size)
-    pixels = torch.stack(
-        [
-            torch.from_numpy(np.asarray(image.resize(size, Image.Resampling.BILINEAR)).copy()).permute(2, 0, 1)
-            for image in images
-        ]
-    )
-    return (pixels.float().div_(255.0) - model.mean) / model.std
+    pixels = np.stack([np.asarray(image.resize(size, Image.Resampling.BILINEAR), dtype=np.float32) for image in images])
+    pixels = (pixels * np.float32(1 / 255.0) - model.mean) / model.std
+    return torch.from_numpy(pixels).permute(0, 3, 1, 2)
 
 
 def forward(pixels: torch.Tensor, model: CountModel) -> list[dict[str, Any]]:

@@ -25,6 +25,7 @@ from pathlib import Path, PurePosixPath
 import pandas as pd
 import torch
 
+from bincount.serving.batcher import prepare_model_thread
 from bincount.serving.host import available_cores
 from bincount.storage import Storage, StorageError, join_uri
 from sm_scripts import inference
@@ -126,7 +127,6 @@ def run_batch_transform(
     done = set(_relative_keys(storage, output_uri, (".out",)))
     pending = [key for key in keys if f"{key}.out" not in done]
 
-    model = inference.model_fn(str(model_dir))
     workers = workers or available_cores()
     errors: list[dict[str, str]] = []
 
@@ -142,17 +142,22 @@ def run_batch_transform(
         body, _ = inference.output_fn([prediction], inference.JSON_CONTENT_TYPE)
         storage.write_bytes(join_uri(output_uri, f"{key}.out"), body.encode())
 
-    started = time.perf_counter()
     finished = len(keys) - len(pending)
     if progress:
         progress(finished, len(keys))
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="batch-io") as pool:
+    with (
+        ThreadPoolExecutor(max_workers=workers, thread_name_prefix="batch-io") as pool,
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-forward", initializer=prepare_model_thread) as model_thread,
+    ):
+        model = model_thread.submit(inference.model_fn, str(model_dir)).result()
+        started = time.perf_counter()
         writes: list[Future] = []
         for batch in _prefetched_batches(pool, load, pending, batch_size):
             good = [item for item in batch if item.pixels is not None]
             errors.extend({"key": item.key, "error": item.error or ""} for item in batch if item.pixels is None)
             if good:
-                predictions = inference.forward(torch.cat([item.pixels for item in good]), model)
+                pixels = torch.cat([item.pixels for item in good])
+                predictions = model_thread.submit(inference.forward, pixels, model).result()
                 writes.extend(pool.submit(write, item.key, p) for item, p in zip(good, predictions))
             finished += len(batch)
             if progress:

@@ -89,13 +89,26 @@ def pack_model_dir(model_dir: Path, archive: Path) -> Path:
 def write_untrained_model_dir(
     model_dir: Path, arch: str = "resnet18", image_size: int = 32, seed: int = 0, classes: tuple[int, ...] = (1, 2, 3, 4, 5)
 ) -> Path:
-    """A randomly initialised model dir in the contract's format, for tests, benchmarks and smoke checks."""
+    """A randomly initialised model dir in the contract's format, for tests, benchmarks and smoke checks.
+
+    Batch-norm statistics are measured on a few random normalised images, so activations have the
+    scale of a trained network's (raw initial statistics give degenerate, unrepresentative numerics).
+    """
     import torch
     import torchvision
 
     torch.manual_seed(seed)
     network = getattr(torchvision.models, arch)(weights=None)
     network.fc = torch.nn.Linear(network.fc.in_features, len(classes))
+    for module in network.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.reset_running_stats()
+            module.momentum = None  # a plain average over the calibration batches
+    network.train()
+    with torch.no_grad():
+        for _ in range(2):
+            network(torch.randn(8, 3, image_size, image_size))
+    network.eval()
     model_dir.mkdir(parents=True, exist_ok=True)
     torch.save(network.state_dict(), model_dir / "model.pt")
     info = {

@@ -14,7 +14,6 @@ import io
 import json
 import tarfile
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import boto3
@@ -62,6 +61,7 @@ class MotoSageMaker:
         self.fail_next: dict[str, str] = {}  # failure reason for the next job created
         self.trials: dict[str, list[dict[str, Any]]] = {}  # tuning job -> training job summaries
         self.stopped: list[str] = []
+        self.fail_updates: str | None = None  # failure reason for the next updates, which SageMaker rolls back
         create, describe = SageMakerModelBackend.create_training_job, SageMakerModelBackend.describe_training_job
         owner = self
 
@@ -83,7 +83,11 @@ class MotoSageMaker:
 
         def update_endpoint(response: Any) -> Any:  # moto 5.2 has no UpdateEndpoint: apply it at once
             endpoint = response.sagemaker_backend.endpoints[response._get_param("EndpointName")]
-            endpoint.endpoint_config_name = response._get_param("EndpointConfigName")
+            if owner.fail_updates:  # SageMaker keeps the old config serving and says why
+                endpoint.failure_reason = owner.fail_updates
+            else:
+                endpoint.endpoint_config_name = response._get_param("EndpointConfigName")
+                endpoint.failure_reason = None
             endpoint.endpoint_status = "InService"
             return ActionResult({"EndpointArn": endpoint.arn})
 
@@ -194,7 +198,7 @@ def test_training_job_request_with_debugger_rules_profiler_and_spot(
     job = backend.train(spec(settings, name, debugger=True, profiler=True))
 
     (request,) = captured("CreateTrainingJob")
-    assert decoded(request["HyperParameters"]) | {} == {
+    assert decoded(request["HyperParameters"]) == {
         "lr": 0.05, "batch-size": 64, "epochs": 3, "arch": "resnet50", "debugger": True, "profile": True,
         "sagemaker_program": "train.py", "sagemaker_container_log_level": 20, "sagemaker_job_name": name,
         "sagemaker_region": REGION,
@@ -282,7 +286,6 @@ def test_tuning_job_request_and_best_hyperparameters_read_back(
         )
         return arn
 
-    pytest.MonkeyPatch.context  # noqa: B018 (the fixture's monkeypatch undoes the patch below)
     moto_sagemaker.trials[name] = [
         {"TrainingJobName": best_trial, "TrainingJobArn": "arn", "CreationTime": "2026-01-01T00:00:00Z",
          "TrainingJobStatus": "Completed", "TunedHyperParameters": {"lr": "0.0421", "batch-size": '"128"', "epochs": "7"},
@@ -406,9 +409,18 @@ def test_deploy_update_roll_back_retry_and_delete(
     queue_answers("not a prediction")  # the new model answers nonsense: the deploy rolls back
     with pytest.raises(DeployError, match="serves again"):
         backend.deploy(name, models[3])
-    assert [u["EndpointConfigName"] for u in captured("UpdateEndpoint")][1:] != [] 
+    updates = [u["EndpointConfigName"] for u in captured("UpdateEndpoint")]
+    assert len(updates) == 3 and updates[0] == updates[2] == second.details["endpoint_config"] != updates[1]
     assert sagemaker_state().endpoints[name].endpoint_config_name == second.details["endpoint_config"]
     assert backend.describe(name).version == second.version
+
+    # An update SageMaker itself fails (and rolls back) is reported, and not updated again.
+    moto_sagemaker.fail_updates = "ClientError: the container did not pass the ping health check"
+    with pytest.raises(DeployError, match="did not pass the ping health check.*serves again"):
+        backend.deploy(name, models[3])
+    moto_sagemaker.fail_updates = None
+    assert len(captured("UpdateEndpoint")) == 4
+    assert sagemaker_state().endpoints[name].endpoint_config_name == second.details["endpoint_config"]
 
     # A retried deploy of what already serves finds its model and config: nothing new is created.
     before = {op: len(captured(op)) for op in ("CreateModel", "CreateEndpointConfig", "CreateEndpoint", "UpdateEndpoint")}

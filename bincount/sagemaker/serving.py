@@ -223,6 +223,10 @@ class SageMakerServingBackend:
             self._undo(name, previous_config)
             where = f"config {previous_config} serves again" if previous_config else "the new endpoint was deleted"
             raise DeployError(f"model {model_uri} (version {version}) failed on endpoint {name!r} ({error}); {where}") from None
+        previous: tuple[str | None, str | None] = (None, None)
+        if stored is not None:  # a retried deploy of the same weights keeps what they replaced
+            replaced = stored.version != version
+            previous = (stored.model_uri, stored.version) if replaced else (stored.previous_model_uri, stored.previous_version)
         record = EndpointRecord(
             name=name,
             url=f"{self.session.sagemaker_runtime_client.meta.endpoint_url}/endpoints/{name}/invocations",
@@ -233,8 +237,8 @@ class SageMakerServingBackend:
             classes=[int(c) for c in info["classes"]],
             backend="sagemaker",
             deployed_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            previous_model_uri=stored.model_uri if stored and stored.version != version else (stored.previous_model_uri if stored else None),
-            previous_version=stored.version if stored and stored.version != version else (stored.previous_version if stored else None),
+            previous_model_uri=previous[0],
+            previous_version=previous[1],
             details={
                 "endpoint_arn": description.get("EndpointArn"),
                 "endpoint_config": config_name,

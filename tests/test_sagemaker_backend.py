@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import signal
 import tarfile
 import uuid
 from typing import Any
@@ -186,6 +187,34 @@ def spec(settings: Settings, name: str, **kwargs: Any) -> TrainingJobSpec:
         output_uri=settings.artifact_uri("jobs"),
         **kwargs,
     )
+
+
+# --- names and credentials ---------------------------------------------------------------------
+def test_job_names_are_stable_per_run_and_distinct_across_runs() -> None:
+    run = str(uuid.uuid4())
+    assert stage_job_name("retrain", run) == stage_job_name("retrain", run)
+    assert stage_job_name("retrain", run) != stage_job_name("retrain", str(uuid.uuid4()))
+    assert stage_job_name("retrain", run) != stage_job_name("tune", run)
+    assert stage_job_name("transform", run, "in-a") != stage_job_name("transform", run, "in-b")
+    tuning = stage_job_name("hyperparameter-tuning-of-the-bin-counter", run, limit=32)
+    assert len(tuning) == 32 and tuning.startswith("bincount-") and tuning == stage_job_name(
+        "hyperparameter-tuning-of-the-bin-counter", run, limit=32
+    )
+
+
+def test_credentials_from_a_prefect_aws_block(settings: Settings) -> None:
+    from prefect_aws import AwsCredentials
+
+    from bincount.sagemaker.session import boto_session, credential_options
+
+    block = AwsCredentials(aws_access_key_id="AKIDEXAMPLE", aws_secret_access_key="wJalrXUtnFEMI/K7MDENG", aws_session_token="token")
+    options = SageMakerOptions.load(**credential_options(block), endpoint_url="http://127.0.0.1:1")
+    session = boto_session(settings, options)
+    credentials = session.get_credentials().get_frozen_credentials()
+    assert (credentials.access_key, credentials.secret_key, credentials.token) == ("AKIDEXAMPLE", "wJalrXUtnFEMI/K7MDENG", "token")
+    assert session.client("sagemaker").meta.endpoint_url == "http://127.0.0.1:1"
+    assert session.client("s3").meta.endpoint_url == settings.s3_endpoint_url
+    assert "wJalr" not in repr(options)  # secrets stay out of logs and Prefect parameters
 
 
 # --- request shapes -------------------------------------------------------------------------
@@ -553,16 +582,37 @@ def test_timeout_and_interrupt_stop_the_job(settings: Settings, options: SageMak
         backend.train(spec(settings, name))
     assert moto_sagemaker.stopped == [name]
 
-    def interrupt(line: str) -> None:
-        if "is InProgress" in line:
-            raise KeyboardInterrupt
+    # Ctrl-C, and what Prefect raises in a flow run's process when the run is cancelled (SIGTERM).
+    from prefect.exceptions import TerminationSignal
 
-    other = stage_job_name("train", uuid.uuid4().hex)
-    moto_sagemaker.scripts[other] = [dict(RUNNING[0]) for _ in range(1000)]
-    with pytest.raises(KeyboardInterrupt):
-        SageMakerTrainingBackend(settings, options).train(spec(settings, other), on_log=interrupt)
-    assert moto_sagemaker.stopped == [name, other]
-    assert sagemaker_state().training_jobs[other].training_job_status == "Stopped"
+    for interruption in (KeyboardInterrupt(), TerminationSignal(signal.SIGTERM)):
+
+        def interrupt(line: str) -> None:
+            if "is InProgress" in line:
+                raise interruption
+
+        other = stage_job_name("train", uuid.uuid4().hex)
+        moto_sagemaker.scripts[other] = [dict(RUNNING[0]) for _ in range(1000)]
+        with pytest.raises(type(interruption)):
+            SageMakerTrainingBackend(settings, options).train(spec(settings, other), on_log=interrupt)
+        assert moto_sagemaker.stopped[-1] == other
+        assert sagemaker_state().training_jobs[other].training_job_status == "Stopped"
+    assert len(moto_sagemaker.stopped) == 3
+
+
+def test_a_failing_status_call_leaves_the_job_running(
+    settings: Settings, options: SageMakerOptions, moto_sagemaker: MotoSageMaker
+) -> None:
+    """An ordinary error while polling is the retried task's to recover from: the job is not stopped."""
+    name = stage_job_name("train", uuid.uuid4().hex)
+    moto_sagemaker.scripts[name] = [dict(RUNNING[0]) for _ in range(10)]
+
+    def drop(line: str) -> None:
+        raise ConnectionError("connection reset")
+
+    with pytest.raises(ConnectionError):
+        SageMakerTrainingBackend(settings, options).train(spec(settings, name), on_log=drop)
+    assert moto_sagemaker.stopped == []
 
 
 def test_failed_job_raises_with_its_reason(settings: Settings, options: SageMakerOptions, moto_sagemaker: MotoSageMaker) -> None:

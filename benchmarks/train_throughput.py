@@ -6,10 +6,11 @@ one process, epochs interleaved (this machine is shared and noisy):
 - seeds' way: ``ImageFolder`` + PIL decode, ``Resize``, ``RandomHorizontalFlip``, ``ToTensor``,
   ``Normalize`` every epoch in a ``DataLoader`` (``num_workers=0``), NCHW, fp32;
 - train.py's way: its functions (``load_channel`` decodes and resizes once into a uint8 cache,
-  ``batches`` slices, flips and normalizes on tensors, channels_last), optionally ``torch.compile``.
+  ``batches`` slices, flips and normalizes on tensors, channels_last), and with ``--compile`` its
+  ``torch.compile`` (compiled during the untimed warm-up epoch).
 
     .venv/bin/python benchmarks/train_throughput.py                     # resnet18, 224 px, 192 images
-    .venv/bin/python benchmarks/train_throughput.py --arch resnet50 --images 96 --epochs 3
+    .venv/bin/python benchmarks/train_throughput.py --compile                 # train.py --compile true
 """
 
 from __future__ import annotations
@@ -30,7 +31,16 @@ from torchvision import transforms
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sm_scripts.train import IMAGENET_MEAN, IMAGENET_STD, batches, build_model, find_classes, load_channel, train_one_epoch  # noqa: E402
+from sm_scripts.train import (  # noqa: E402
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    batches,
+    build_model,
+    find_classes,
+    load_channel,
+    prepare_model,
+    train_one_epoch,
+)
 
 ABID = ROOT.parent / "shared" / "data" / "abid"
 
@@ -75,6 +85,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=192, help="images per epoch (default: 192)")
     parser.add_argument("--batch-size", type=int, default=32, help="(default: 32)")
     parser.add_argument("--epochs", type=int, default=3, help="timed epochs per side, after one warm-up (default: 3)")
+    parser.add_argument("--compile", action="store_true", help="train.py's --compile true (compiled in the warm-up)")
     args = parser.parse_args()
     torch.manual_seed(0)
 
@@ -93,9 +104,9 @@ def main() -> None:
         seeds_model = build_model(args.arch, len(classes), "none", freeze_backbone=False)
         ours_model = build_model(args.arch, len(classes), "none", freeze_backbone=False)
         ours_model.load_state_dict(seeds_model.state_dict())
-        ours_model = ours_model.to(memory_format=torch.channels_last)
         seeds_optimizer = torch.optim.SGD(seeds_model.parameters(), lr=0.01, momentum=0.9)
         ours_optimizer = torch.optim.SGD(ours_model.parameters(), lr=0.01, momentum=0.9)
+        ours_forward = prepare_model(ours_model, torch.device("cpu"), args.compile)
 
         start = time.perf_counter()
         cache = load_channel(folder, classes, args.image_size, threads=torch.get_num_threads())
@@ -108,12 +119,15 @@ def main() -> None:
 
         def ours_epoch() -> float:
             data = batches(cache, args.batch_size, device, mean, std, True, "flip", generator, min_batch=2)
-            return train_one_epoch(ours_model, criterion, ours_optimizer, data, device, False, [], [])[2]
+            return train_one_epoch(ours_forward, criterion, ours_optimizer, data, device, False, [], [])[2]
 
         print(f"{args.arch} at {args.image_size}px, {len(dataset)} images, batch {args.batch_size}, "
-              f"{torch.get_num_threads()} threads; train.py's cache built in {cache_s:.1f}s", flush=True)
-        seeds_epoch(seeds_model, loader, seeds_optimizer)  # warm-up: allocator, oneDNN kernels
+              f"{torch.get_num_threads()} threads, train.py compile {args.compile}; "
+              f"train.py's cache built in {cache_s:.1f}s", flush=True)
+        seeds_epoch(seeds_model, loader, seeds_optimizer)  # warm-up: allocator, oneDNN kernels, compilation
+        start = time.perf_counter()
         ours_epoch()
+        print(f"warm-up epoch of train.py took {time.perf_counter() - start:.1f}s", flush=True)
         seeds, ours = [], []
         for epoch in range(1, args.epochs + 1):
             seeds.append(seeds_epoch(seeds_model, loader, seeds_optimizer))

@@ -157,6 +157,9 @@ def batches(
         if len(cache) - start < min_batch:
             break
         index = order[start : start + batch_size].to(cache.images.device)
+        if cache.images.dim() == 2:  # cached backbone features: nothing to augment or normalize
+            yield cache.images.index_select(0, index).to(device), cache.labels.index_select(0, index.cpu()).to(device)
+            continue
         images = cache.images.index_select(0, index)
         if augmentation != "none":
             images = augment(images, augmentation, generator)
@@ -269,6 +272,26 @@ def build_model(arch: str, num_classes: int, weights: str, freeze_backbone: bool
         for name, parameter in model.named_parameters():
             parameter.requires_grad = name.startswith(head_name(arch) + ".")
     return model
+
+
+@torch.inference_mode()
+def backbone_features(
+    model: nn.Module, arch: str, cache: ImageCache, device: torch.device, mean: torch.Tensor, std: torch.Tensor
+) -> ImageCache:
+    """Each image's pooled backbone features, computed once (the head swapped out meanwhile)."""
+    head = getattr(model, head_name(arch))
+    setattr(model, head_name(arch), nn.Identity())
+    model.eval()
+    features = [model(images).float() for images, _ in batches(cache, 64, device, mean, std, shuffle=False)]
+    setattr(model, head_name(arch), head)
+    return ImageCache(torch.cat(features), cache.labels, cache.files)
+
+
+def prepare_model(model: nn.Module, device: torch.device, compile_model: bool) -> nn.Module:
+    """Move ``model`` to ``device`` in channels_last; return what to call for forward passes
+    (``torch.compile``'s wrapper, sharing the parameters, when ``compile_model``)."""
+    model.to(device, memory_format=torch.channels_last)
+    return torch.compile(model) if compile_model else model
 
 
 def make_debugger_hook(args: argparse.Namespace, model: nn.Module, criterion: nn.Module) -> Any:
@@ -464,8 +487,20 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         flush=True,
     )
 
+    if args.compile and args.debugger:
+        raise TrainingError("--compile and --debugger do not mix (smdebug's module hooks need eager mode): drop one")
     model = build_model(args.arch, len(classes), args.weights, args.freeze_backbone)
-    model = model.to(device, memory_format=torch.channels_last)
+    trained = prepare_model(model, device, args.compile)  # what each step calls
+    mean_rgb, std_rgb = NORMALIZATION[args.arch]
+    mean = torch.tensor(mean_rgb, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(std_rgb, device=device).view(1, 3, 1, 1)
+    if args.freeze_backbone and args.augment == "none":
+        # A frozen backbone sees each image the same way every epoch: run it once, then train the head alone.
+        start = time.perf_counter()
+        train_cache = backbone_features(model, args.arch, train_cache, device, mean, std)
+        eval_cache = backbone_features(model, args.arch, eval_cache, device, mean, std)
+        trained = getattr(model, head_name(args.arch))
+        print(f"frozen backbone: features of every image computed once in {time.perf_counter() - start:.1f}s", flush=True)
     weight = None
     if args.class_weights == "balanced":
         counts = torch.bincount(train_cache.labels, minlength=len(classes)).float()
@@ -481,11 +516,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         if args.lr_scheduler == "cosine"
         else None
     )
-    hook = make_debugger_hook(args, model, criterion) if args.debugger else None
-
-    mean_rgb, std_rgb = NORMALIZATION[args.arch]
-    mean = torch.tensor(mean_rgb, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(std_rgb, device=device).view(1, 3, 1, 1)
+    hook = make_debugger_hook(args, trained, criterion) if args.debugger else None
     generator = torch.Generator().manual_seed(args.seed)
     output_dir = Path(args.output_data_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -510,10 +541,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         lr = optimizer.param_groups[0]["lr"]
         train_data = batches(train_cache, args.batch_size, device, mean, std, True, args.augment, generator, min_batch=2)
         train_loss, train_acc, ips = train_one_epoch(
-            model, criterion, optimizer, train_data, device, amp, step_times, wait_times, hook, profiler, args.log_interval
+            trained, criterion, optimizer, train_data, device, amp, step_times, wait_times, hook, profiler, args.log_interval
         )
         eval_data = batches(eval_cache, args.eval_batch_size, device, mean, std, False)
-        eval_loss, eval_acc, eval_rmse = evaluate(model, criterion, eval_data, device, amp, class_values, hook)
+        eval_loss, eval_acc, eval_rmse = evaluate(trained, criterion, eval_data, device, amp, class_values, hook)
         if scheduler is not None:
             scheduler.step()
         values = {
@@ -587,7 +618,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument(
         "--weights", default="none", help="imagenet (downloads torchvision's), none, or a state-dict path (default: none)"
     )
-    group.add_argument("--freeze-backbone", type=str2bool, default=False, help="train the head only (default: false)")
+    group.add_argument(
+        "--freeze-backbone", type=str2bool, default=False,
+        help="train the head only; with --augment none the backbone runs once per image (default: false)",
+    )
     group.add_argument("--image-size", type=int, default=224, help="square input size in pixels (default: 224)")
 
     group = parser.add_argument_group("optimization")
@@ -616,6 +650,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--deterministic", type=str2bool, default=True, help="deterministic kernels (default: true)")
     group.add_argument("--amp", type=str2bool, default=True, help="mixed precision on a GPU (default: true)")
     group.add_argument("--log-interval", type=int, default=50, help="print progress every N steps; 0 never (default: 50)")
+    group.add_argument(
+        "--compile", type=str2bool, default=False, help="torch.compile the model; pays off over long runs (default: false)"
+    )
     group.add_argument(
         "--threads", type=int, default=int(env("SM_NUM_CPUS", "0")), help="CPU threads; 0 means all cores (default: $SM_NUM_CPUS)"
     )

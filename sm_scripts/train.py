@@ -354,7 +354,7 @@ def train_one_epoch(
         if batch is None:
             break
         images, labels = batch
-        with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             outputs = model(images)
             loss = criterion(outputs, labels)
         optimizer.zero_grad(set_to_none=True)
@@ -395,7 +395,7 @@ def evaluate(
         hook.set_mode(modes.EVAL)
     total_loss, correct, squared, seen = 0.0, 0, 0.0, 0
     for images, labels in data:
-        with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             outputs = model(images)
             loss = criterion(outputs, labels)
         predicted = outputs.argmax(1)
@@ -461,7 +461,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device("cuda" if use_cuda else "cpu")
     threads = args.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
-    amp = use_cuda and args.amp
+    amp = use_cuda and args.amp and torch.cuda.is_bf16_supported()  # bfloat16: no loss scaling needed
     print(f"train.py pid {os.getpid()}: device {device}, {threads} CPU threads, mixed precision {'on' if amp else 'off'}", flush=True)
 
     channels = {name: getattr(args, f"{name}_dir") for name in ("train", "valid", "test")}
@@ -582,7 +582,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             flush=True,
         )
     (output_dir / "history.json").write_text(json.dumps(history, indent=2))
-    hyperparameters = {k: v for k, v in vars(args).items() if not k.endswith("_dir")}
+    hyperparameters = {k.replace("_", "-"): v for k, v in vars(args).items() if not k.endswith("_dir")}  # flag spelling
     info = {
         "arch": args.arch,
         "classes": [int(c) if c.isdigit() else c for c in classes],

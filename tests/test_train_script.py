@@ -52,7 +52,7 @@ def test_model_dir_loads_with_weights_only(trained: tuple[Path, str]) -> None:
     assert info["classes"] == [1, 2, 3, 4, 5]
     assert info["image_size"] == 32
     assert len(info["mean"]) == len(info["std"]) == 3
-    assert info["hyperparameters"]["lr"] == 0.001 and info["hyperparameters"]["batch_size"] == 16
+    assert info["hyperparameters"]["lr"] == 0.001 and info["hyperparameters"]["batch-size"] == 16
     assert 0.0 <= info["metrics"]["eval_acc"] <= 1.0
     model = torchvision.models.resnet18(num_classes=len(info["classes"]))
     model.load_state_dict(state)  # strict: every key and shape matches

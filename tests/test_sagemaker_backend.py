@@ -14,6 +14,7 @@ import io
 import json
 import signal
 import tarfile
+import time
 import uuid
 from typing import Any
 
@@ -29,7 +30,7 @@ from bincount.sagemaker.serving import SageMakerServingBackend
 from bincount.sagemaker.session import SageMakerOptions
 from bincount.sagemaker.training import BUILT_IN_RULES, SageMakerTrainingBackend
 from bincount.sagemaker.tuning import SageMakerTuningBackend, TuningSpec, get_tuning_backend
-from bincount.sagemaker.waiting import TRAINING_JOB, Backoff, SageMakerWaitTimeout, wait_for
+from bincount.sagemaker.waiting import TRAINING_JOB, Backoff, SageMakerJobFailed, SageMakerWaitTimeout, wait_for
 from bincount.serving.backend import DeployError, EndpointNotFoundError, get_serving_backend
 from bincount.training.backend import get_training_backend
 from bincount.training.jobs import TrainingJobFailed, TrainingJobSpec
@@ -134,6 +135,7 @@ def options(s3_server: LoopbackS3) -> SageMakerOptions:
         role_arn=ROLE,
         endpoint_url=s3_server.endpoint_url,
         runtime_endpoint_url=s3_server.endpoint_url,
+        logs_endpoint_url=s3_server.endpoint_url,
         poll_initial_s=0.01,
         poll_max_s=0.05,
     )
@@ -146,6 +148,7 @@ def sagemaker_env(monkeypatch: pytest.MonkeyPatch, settings: Settings, options: 
         "BINCOUNT_SAGEMAKER_ROLE_ARN": ROLE,
         "BINCOUNT_SAGEMAKER_ENDPOINT_URL": options.endpoint_url,
         "BINCOUNT_SAGEMAKER_RUNTIME_ENDPOINT_URL": options.runtime_endpoint_url,
+        "BINCOUNT_SAGEMAKER_LOGS_ENDPOINT_URL": options.logs_endpoint_url,
         "BINCOUNT_SAGEMAKER_POLL_INITIAL_S": "0.01",
         "BINCOUNT_SAGEMAKER_POLL_MAX_S": "0.05",
     }.items():
@@ -365,6 +368,28 @@ def test_tuning_job_request_and_best_hyperparameters_read_back(
     # A retried tune task follows the tuning job instead of starting a second one.
     backend.tune(tuning)
     assert len(captured("CreateHyperParameterTuningJob")) == 1
+
+
+def test_tuning_job_without_a_completed_trial_fails_with_its_reason(
+    settings: Settings, options: SageMakerOptions, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state = sagemaker_state()
+    original = type(state).create_hyper_parameter_tuning_job
+
+    def create(backend_: Any, **kwargs: Any) -> str:  # moto's tuning jobs always succeed; this one did not
+        arn = original(backend_, **kwargs)
+        job = backend_.hyper_parameter_tuning_jobs[kwargs["hyper_parameter_tuning_job_name"]]
+        job.hyper_parameter_tuning_job_status, job.best_training_job = "Failed", None
+        job.failure_reason = "All training jobs failed: AlgorithmError: channel valid holds no images"
+        return arn
+
+    monkeypatch.setattr(type(state), "create_hyper_parameter_tuning_job", create)
+    tuning = TuningSpec(
+        name=stage_job_name("tune", uuid.uuid4().hex, limit=32), space=SEEDS_SEARCH_SPACE, static_hyperparameters={},
+        channels=spec(settings, "x").channels, output_uri=settings.artifact_uri("tuning"), max_jobs=2, max_parallel_jobs=1,
+    )
+    with pytest.raises(SageMakerJobFailed, match="channel valid holds no images"):
+        SageMakerTuningBackend(settings, options).tune(tuning)
 
 
 # --- model, endpoint, transform ---------------------------------------------------------------
@@ -623,11 +648,27 @@ def test_a_failing_status_call_leaves_the_job_running(
     assert moto_sagemaker.stopped == []
 
 
-def test_failed_job_raises_with_its_reason(settings: Settings, options: SageMakerOptions, moto_sagemaker: MotoSageMaker) -> None:
+def test_failed_job_raises_with_its_reason_and_log_tail(
+    settings: Settings, options: SageMakerOptions, moto_sagemaker: MotoSageMaker
+) -> None:
+    backend = SageMakerTrainingBackend(settings, options)
+    name = stage_job_name("train", uuid.uuid4().hex)
+    # What the container would have logged to CloudWatch (moto's jobs log nothing).
+    logs = backend.session.boto_session.client("logs")
+    if not logs.describe_log_groups(logGroupNamePrefix="/aws/sagemaker/TrainingJobs")["logGroups"]:
+        logs.create_log_group(logGroupName="/aws/sagemaker/TrainingJobs")
+    logs.create_log_stream(logGroupName="/aws/sagemaker/TrainingJobs", logStreamName=f"{name}/algo-1-1700000000")
+    logs.put_log_events(
+        logGroupName="/aws/sagemaker/TrainingJobs", logStreamName=f"{name}/algo-1-1700000000",
+        logEvents=[{"timestamp": int(time.time() * 1000) + i, "message": line} for i, line in enumerate(
+            ["epoch: 1 train_loss: 1.6", "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"]
+        )],
+    )
     moto_sagemaker.fail_next["reason"] = "AlgorithmError: ExecuteUserScriptError: CUDA out of memory"
-    with pytest.raises(TrainingJobFailed, match="CUDA out of memory") as failure:
-        SageMakerTrainingBackend(settings, options).train(spec(settings, stage_job_name("train", uuid.uuid4().hex)))
+    with pytest.raises(TrainingJobFailed, match="(?s)ExecuteUserScriptError.*Tried to allocate 2.00 GiB") as failure:
+        backend.train(spec(settings, name))
     assert failure.value.job.status == "Failed"
+    assert failure.value.job.log_tail[-2:] == ["epoch: 1 train_loss: 1.6", "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"]
 
 
 def test_rule_results_are_read_after_the_rules_finish(

@@ -42,6 +42,9 @@ class SageMakerOptions(BaseSettings):
     runtime_endpoint_url: str | None = Field(
         default=None, description="SageMaker runtime endpoint (invocations); unset means AWS."
     )
+    logs_endpoint_url: str | None = Field(
+        default=None, description="CloudWatch Logs endpoint (a test server); unset means AWS."
+    )
     framework_version: str = Field(default="2.6.0", description="PyTorch version of the SageMaker containers.")
     py_version: str = Field(default="py312", description="Python version of the SageMaker containers.")
 
@@ -160,6 +163,8 @@ def boto_session(settings: Settings, options: SageMakerOptions) -> boto3.session
         endpoints["s3"] = settings.s3_endpoint_url
     if options.endpoint_url:
         endpoints["sagemaker"] = options.endpoint_url
+    if options.logs_endpoint_url:
+        endpoints["logs"] = options.logs_endpoint_url
     if options.runtime_endpoint_url:
         endpoints["sagemaker-runtime"] = endpoints["runtime.sagemaker"] = options.runtime_endpoint_url
     session = EndpointSession(

@@ -19,7 +19,7 @@ import time
 from functools import cached_property
 from typing import Any
 
-from botocore.exceptions import ClientError
+from botocore.exceptions import BotoCoreError, ClientError
 
 from bincount.config import Settings
 from bincount.sagemaker.naming import check_name
@@ -50,6 +50,8 @@ BUILT_IN_RULES: dict[str, dict[str, str]] = {
     "poor_weight_initialization": {"threshold": "10.0", "distribution_range": "0.001"},
 }
 RULE_STATUS = {"NoIssuesFound": "passed", "IssuesFound": "fired"}
+LOG_GROUP = "/aws/sagemaker/TrainingJobs"
+LOG_TAIL_LINES = 60
 
 
 def require_s3(uri: str, what: str) -> str:
@@ -217,9 +219,25 @@ class SageMakerTrainingBackend:
         )
         job = job_record(description, hyperparameters)
         if job.status == "Failed":
+            job.log_tail = self.log_tail(spec.name)
             raise TrainingJobFailed(job)
         sink(f"training job {spec.name} {job.status.lower()} in {job.duration_s:.0f} s: {job.metrics}")
         return job
+
+    def log_tail(self, job_name: str, lines: int = LOG_TAIL_LINES) -> list[str]:
+        """The last ``lines`` lines the job's containers logged to CloudWatch (the traceback of a failure)."""
+        logs = self.session.boto_session.client("logs")
+        try:
+            streams = logs.describe_log_streams(logGroupName=LOG_GROUP, logStreamNamePrefix=f"{job_name}/")["logStreams"]
+            tail: list[str] = []
+            for stream in sorted(streams, key=lambda s: s["logStreamName"]):
+                events = logs.get_log_events(
+                    logGroupName=LOG_GROUP, logStreamName=stream["logStreamName"], limit=lines, startFromHead=False
+                )["events"]
+                tail += [event["message"] for event in events]
+        except (ClientError, BotoCoreError) as error:  # the failure reason matters more than its log lines
+            return [f"(no CloudWatch log lines for {job_name}: {error})"]
+        return tail[-lines:]
 
     def rule_results(self, job_name: str, on_event: EventSink | None = None) -> list[RuleResult]:
         """The built-in rules' verdicts on ``job_name``, once they are done (they run after training).

@@ -9,7 +9,8 @@
 The model runs in batches on this machine (no HTTP per image); a thread pool reads and decodes
 the next batches while the current one runs through the model. Resumable: an input whose
 ``.out`` exists is not scored again, and the table is rebuilt from every ``.out``. An unreadable
-image is reported and skipped, never fatal; it is tried again on the next run.
+image is reported and skipped, never fatal; it is tried again on the next run. A store that keeps
+failing (:class:`~bincount.storage.TransientStorageError`) fails the run, and a retry resumes it.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch
 
 from bincount.serving.batcher import prepare_model_thread
 from bincount.serving.host import available_cores
-from bincount.storage import Storage, StorageError, join_uri
+from bincount.storage import Storage, StorageError, TransientStorageError, join_uri
 from sm_scripts import inference
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -135,6 +136,8 @@ def run_batch_transform(
         try:
             data = storage.read_bytes(uri)
             return _Loaded(key, inference.preprocess(inference.input_fn(data, "application/x-image"), model), None)
+        except TransientStorageError:
+            raise  # the store, not the image: fail the run so that a retry resumes it
         except (inference.InputError, StorageError) as error:
             return _Loaded(key, None, str(error))
 

@@ -94,3 +94,17 @@ def test_overlapping_prefixes_are_refused(channel: Path, model_uri: str, tmp_pat
     backend = LocalServingBackend(Settings.load(artifact_root=str(tmp_path / "artifacts")))
     with pytest.raises(BatchTransformError, match="overlap"):
         backend.batch_transform(model_uri, channel.as_uri(), (channel / "out").as_uri())
+
+
+def test_batch_transform_between_s3_prefixes(channel: Path, model_uri: str, s3_server, s3_client, tmp_path: Path) -> None:
+    s3_client.create_bucket(Bucket="serve-batch")
+    photos = sorted(channel.glob("[12]/*.jpg"))
+    for path in photos:
+        s3_client.upload_file(str(path), "serve-batch", f"in/{path.parent.name}/{path.name}")
+    settings = Settings.load(artifact_root=str(tmp_path / "artifacts"), s3_endpoint_url=s3_server.endpoint_url)
+    summary = LocalServingBackend(settings).batch_transform(model_uri, "s3://serve-batch/in", "s3://serve-batch/out", batch_size=4)
+    assert (summary.scored, summary.failed) == (len(photos), 0)
+    keys = {item["Key"] for item in s3_client.list_objects_v2(Bucket="serve-batch", Prefix="out/")["Contents"]}
+    assert keys == {f"out/{p.parent.name}/{p.name}.out" for p in photos} | {"out/results.csv"}
+    table = pd.read_csv(io.BytesIO(s3_client.get_object(Bucket="serve-batch", Key="out/results.csv")["Body"].read()))
+    assert sorted(table["label"].unique()) == [1, 2]

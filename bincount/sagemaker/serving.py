@@ -59,7 +59,7 @@ from bincount.serving.batch import (
     BatchTransformError,
     BatchTransformSummary,
     ProgressFn,
-    _results_table,
+    results_table,
     load_labels,
 )
 from bincount.serving.model_dir import fetch_model, read_model_info
@@ -363,7 +363,7 @@ class SageMakerServingBackend:
             raise SageMakerJobFailed("transform job", job_name, description["TransformJobStatus"], description.get("FailureReason"))
         if progress:
             progress(len(keys), len(keys))
-        table: pd.DataFrame = _results_table(self.storage, output_uri, keys, labels, [int(c) for c in info["classes"]])
+        table: pd.DataFrame = results_table(self.storage, output_uri, keys, labels, [int(c) for c in info["classes"]])
         results_uri = join_uri(output_uri, RESULTS_NAME)
         self.storage.write_bytes(results_uri, table.to_csv(index=False).encode())
         self.storage.delete(join_uri(output_uri, ERRORS_NAME))  # a failed image fails the whole SageMaker job

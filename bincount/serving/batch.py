@@ -171,7 +171,7 @@ def run_batch_transform(
     scored = len(pending) - len(errors)
 
     failed_keys = {error["key"] for error in errors}
-    table = _results_table(storage, output_uri, [key for key in keys if key not in failed_keys], labels, model.classes)
+    table = results_table(storage, output_uri, [key for key in keys if key not in failed_keys], labels, model.classes)
     results_uri = join_uri(output_uri, RESULTS_NAME)
     storage.write_bytes(results_uri, table.to_csv(index=False).encode())
     errors_uri = None
@@ -212,7 +212,7 @@ def _prefetched_batches(
         yield [future.result() for future in futures]
 
 
-def _results_table(
+def results_table(
     storage: Storage, output_uri: str, keys: list[str], labels: Mapping[str, int] | None, classes: list[int]
 ) -> pd.DataFrame:
     """One row per scored image, read back from the ``.out`` files (so reruns see earlier runs too)."""

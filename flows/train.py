@@ -1,7 +1,7 @@
 """Flow: from prepared channels to a scored model.
 
     tune-hyperparameters (train-trial x max_jobs, max_parallel_jobs at a time) -> report-tuning
-        -> train-model (best hyperparameters, train+valid, debugger + profiler)
+        -> run-training-job (best hyperparameters, train+valid, debugger + profiler)
         -> check-debugger-rules, summarize-profile
         -> evaluate-model (test channel)
 

@@ -29,7 +29,7 @@ def log_line(logger: logging.LoggerAdapter | logging.Logger):
 
 
 @task(
-    name="train-model",
+    name="run-training-job",
     retries=2,
     retry_delay_seconds=[30, 120],
     retry_condition_fn=is_transient,

@@ -9,6 +9,16 @@ Published anchors on the 10k subset: 11-36%, 41% at best (the seeds: 26%).
     .venv/bin/python benchmarks/train_quality.py --arch resnet18 --weights none -- --epochs 4
 
 Flags after ``--`` go to train.py as they are (they override the recipe below).
+
+Measured (2-core CPU; EfficientNet-Lite0 ImageNet start, frozen backbone, head trained on features
+computed once; 460 test images):
+
+    .venv/bin/python benchmarks/train_quality.py -- --freeze-backbone true --augment none --epochs 40 \
+        --lr 0.001 --batch-size 128 --weight-decay 0.5 --log-interval 0
+    test accuracy 0.324, RMSE 1.49, within-one 0.711 (valid 0.346); 5.3 min
+
+Full fine-tuning (the default recipe) runs at a few images/s on this CPU (about 20 min an epoch):
+it is for a GPU.
 """
 
 from __future__ import annotations

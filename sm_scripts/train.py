@@ -173,18 +173,21 @@ def batches(
 
 
 class MBConv(nn.Module):
-    """EfficientNet-Lite's inverted bottleneck: no squeeze-excitation, ReLU6 (parameter names as in its checkpoints)."""
+    """EfficientNet-Lite's inverted bottleneck: no squeeze-excitation, ReLU6 (parameter names as in its checkpoints).
+
+    Batch norm keeps PyTorch's momentum (0.1), not TF's 0.01, so running statistics keep up in short fine-tunes.
+    """
 
     def __init__(self, inputs: int, outputs: int, kernel: int, stride: int, expand: int) -> None:
         super().__init__()
         hidden = inputs * expand
         if expand != 1:
             self._expand_conv = nn.Conv2d(inputs, hidden, 1, bias=False)
-            self._bn0 = nn.BatchNorm2d(hidden, momentum=0.01, eps=1e-3)
+            self._bn0 = nn.BatchNorm2d(hidden, eps=1e-3)
         self._depthwise_conv = nn.Conv2d(hidden, hidden, kernel, stride, (kernel - 1) // 2, groups=hidden, bias=False)
-        self._bn1 = nn.BatchNorm2d(hidden, momentum=0.01, eps=1e-3)
+        self._bn1 = nn.BatchNorm2d(hidden, eps=1e-3)
         self._project_conv = nn.Conv2d(hidden, outputs, 1, bias=False)
-        self._bn2 = nn.BatchNorm2d(outputs, momentum=0.01, eps=1e-3)
+        self._bn2 = nn.BatchNorm2d(outputs, eps=1e-3)
         self.skip = stride == 1 and inputs == outputs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -206,14 +209,14 @@ class EfficientNetLite0(nn.Module):
     def __init__(self, num_classes: int = 1000, dropout: float = 0.2) -> None:
         super().__init__()
         self._conv_stem = nn.Conv2d(3, 32, 3, 2, 1, bias=False)
-        self._bn0 = nn.BatchNorm2d(32, momentum=0.01, eps=1e-3)
+        self._bn0 = nn.BatchNorm2d(32, eps=1e-3)
         self._blocks = nn.ModuleList(
             MBConv(inputs if i == 0 else outputs, outputs, kernel, stride if i == 0 else 1, expand)
             for repeats, kernel, stride, expand, inputs, outputs in self.STAGES
             for i in range(repeats)
         )
         self._conv_head = nn.Conv2d(320, 1280, 1, bias=False)
-        self._bn1 = nn.BatchNorm2d(1280, momentum=0.01, eps=1e-3)
+        self._bn1 = nn.BatchNorm2d(1280, eps=1e-3)
         self._dropout = nn.Dropout(dropout)
         self._fc = nn.Linear(1280, num_classes)
         for module in self.modules():

@@ -1,0 +1,89 @@
+"""prefect.yaml round trip: a Prefect server on loopback, `prefect deploy`, a process worker, a run."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from bincount.demo_data import generate_demo_bucket
+from bincount.storage import Storage
+
+ROOT = Path(__file__).resolve().parents[1]
+PREFECT = str(Path(sys.executable).with_name("prefect"))
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """A dedicated Prefect server (its own home and SQLite database) and the environment to reach it."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = free_port()
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(home),
+        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+        "PREFECT_UI_API_URL": f"http://127.0.0.1:{port}/api",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    }
+    server = subprocess.Popen(
+        [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("the Prefect server did not start within 120 s")
+        yield env
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def run(command: list[str], env: dict[str, str], timeout: float = 300) -> str:
+    done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, f"{' '.join(command)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done.stdout
+
+
+def flow_run_states(env: dict[str, str], flow_name: str) -> list[str]:
+    query = {"flows": {"name": {"any_": [flow_name]}}}
+    runs = httpx.post(f"{env['PREFECT_API_URL']}/flow_runs/filter", json=query, timeout=10).json()
+    return [flow_run["state_type"] for flow_run in runs]
+
+
+def test_deploy_then_run_through_a_process_worker(server_env: dict[str, str], tmp_path: Path) -> None:
+    bucket = (tmp_path / "bucket").as_uri()
+    generate_demo_bucket(Storage(), bucket, images=60, seed=2, size=48)
+    env = {**server_env, "BINCOUNT_DATA_DIR": str(tmp_path / "raw"), "BINCOUNT_ARTIFACT_ROOT": str(tmp_path / "artifacts")}
+
+    run([sys.executable, "-m", "deployments.setup"], env)
+    deployed = run([PREFECT, "--no-prompt", "deploy", "--all"], env)
+    for name in ("bincount-pipeline/on-demand", "nightly-retrain/nightly", "batch-transform/on-demand", "prepare-data/on-demand"):
+        assert name in deployed, deployed
+    schedule = run([PREFECT, "deployment", "inspect", "nightly-retrain/nightly"], env)
+    assert "0 2 * * *" in schedule and "Europe/Berlin" in schedule
+
+    run([PREFECT, "deployment", "run", "prepare-data/on-demand", "--param", f"source_uri={bucket}"], env)
+    run([PREFECT, "worker", "start", "--pool", "bincount-local", "--run-once"], env, timeout=600)
+    assert flow_run_states(env, "prepare-data") == ["COMPLETED"]
+    assert "SCHEDULED" in flow_run_states(env, "nightly-retrain"), "the scheduler creates the nightly runs"
+    assert (tmp_path / "artifacts" / "datasets" / "abid" / "split.csv").is_file()

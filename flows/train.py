@@ -14,20 +14,22 @@ the debugger's overfit checks), then the model is scored on ``test``.
 from __future__ import annotations
 
 import os
-import time
 from typing import Any, Literal
 
 from prefect import flow, get_run_logger
+from prefect.context import get_run_context
 from pydantic import BaseModel, Field
 
 from bincount.config import Settings
 from bincount.training.jobs import TrainingJobFailed, TrainingJobSpec, job_name
+from bincount.sagemaker.naming import short_hash, stage_job_name
+from bincount.sagemaker.tuning import TuningSpec
 from bincount.training.search_space import SEEDS_SEARCH_SPACE, space_from_dicts
 from bincount.training.tuning import LocalTuner
 from sm_scripts.metric_format import OBJECTIVE_METRIC
 from tasks.evaluate import evaluate_model_task
 from tasks.train import check_debugger_rules_task, summarize_profile_task, train_model_task
-from tasks.tune import report_tuning_task, train_trial_task
+from tasks.tune import report_tuning_task, run_tuning_job_task, train_trial_task
 
 Hyperparameter = str | int | float | bool
 
@@ -82,11 +84,18 @@ def fixed_hyperparameters(options: TrainOptions) -> dict[str, Hyperparameter]:
     }
 
 
+def flow_run_tag() -> str:
+    """Short and unique per flow run, the same on a retry: job names built on it let a retried
+    task follow the job it already started."""
+    return short_hash(str(get_run_context().flow_run.id))
+
+
 @flow(name="tune-hyperparameters")
 def tune_hyperparameters(
     channels: dict[str, str], options: TrainOptions, settings: Settings, run_tag: str
 ) -> list[dict[str, Any]]:
-    """Search the space with TPE; each trial is a ``train-trial`` task run. Returns the leaderboard, best first.
+    """Search the space: locally with TPE, each trial a ``train-trial`` task run; on SageMaker (profile
+    ``aws``) as one tuning job. Returns the leaderboard, best first.
 
     Args:
         channels: channel URIs with ``train`` and ``valid``.
@@ -96,6 +105,21 @@ def tune_hyperparameters(
     """
     logger = get_run_logger()
     space = space_from_dicts(options.search_space) if options.search_space else SEEDS_SEARCH_SPACE
+    tuning_channels = {name: channels[name] for name in ("train", "valid")}
+    if settings.profile == "aws":
+        spec = TuningSpec(
+            name=stage_job_name("tune", run_tag, limit=32),
+            space=tuple(space),
+            static_hyperparameters=fixed_hyperparameters(options),
+            channels=tuning_channels,
+            output_uri=settings.artifact_uri("training-jobs"),
+            max_jobs=options.max_jobs,
+            max_parallel_jobs=options.max_parallel_jobs,
+        )
+        leaderboard = run_tuning_job_task(settings, spec)
+        report_tuning_task(leaderboard, OBJECTIVE_METRIC)
+        return [result.to_dict() for result in leaderboard]
+
     tuner = LocalTuner(space, options.max_jobs, options.max_parallel_jobs, OBJECTIVE_METRIC, seed=options.seed)
     while not tuner.finished:
         futures = []
@@ -103,7 +127,7 @@ def tune_hyperparameters(
             spec = TrainingJobSpec(
                 name=job_name("trial", run_tag, trial.number),
                 hyperparameters={**fixed_hyperparameters(options), **trial.hyperparameters},
-                channels={name: channels[name] for name in ("train", "valid")},
+                channels=tuning_channels,
                 output_uri=settings.artifact_uri("training-jobs"),
                 local_cpus=max(1, (os.cpu_count() or 1) // options.max_parallel_jobs),
             )
@@ -121,6 +145,58 @@ def tune_hyperparameters(
     best = tuner.best()
     logger.info("Best trial %d: %s = %.4f with %s", best.number, OBJECTIVE_METRIC, best.objective, best.hyperparameters)
     return [result.to_dict() for result in leaderboard]
+
+
+@flow(name="retrain-model")
+def retrain_model(
+    channels: dict[str, str],
+    hyperparameters: dict[str, Any],
+    options: TrainOptions = TrainOptions(),
+    artifact_root: str | None = None,
+    s3_endpoint_url: str | None = None,
+    tuning_leaderboard: list[dict[str, Any]] | None = None,
+) -> TrainedModel:
+    """Train on train+valid with given hyperparameters, with the debugger and profiler, and score on test.
+
+    Args:
+        channels: channel URIs ``{"train": ..., "valid": ..., "test": ...}`` (prepare-data's output).
+        hyperparameters: train.py flags from tuning (they override ``options``' fixed ones).
+        options: model, fixed hyperparameters, debugger and profiler.
+        artifact_root: where training jobs write (default: BINCOUNT_ARTIFACT_ROOT, else ./.bincount).
+        s3_endpoint_url: S3-compatible endpoint for MinIO or LocalStack (default: AWS).
+        tuning_leaderboard: the search that chose ``hyperparameters``, kept with the result.
+    """
+    settings = Settings.load(artifact_root=artifact_root, s3_endpoint_url=s3_endpoint_url)
+    final_hyperparameters = {
+        **fixed_hyperparameters(options),
+        **hyperparameters,
+        "train-channels": "train,valid",
+        "eval-channel": "test",
+        "keep": "last",
+    }
+    job = train_model_task(
+        settings,
+        TrainingJobSpec(
+            name=job_name("final", flow_run_tag()),
+            hyperparameters=final_hyperparameters,
+            channels=channels,
+            output_uri=settings.artifact_uri("training-jobs"),
+            debugger=options.debugger,
+            profiler=options.profiler,
+        ),
+    )
+    rules = check_debugger_rules_task(settings, job) if options.debugger else []
+    profile = summarize_profile_task(settings, job) if options.profiler else None
+    evaluation = evaluate_model_task(settings, job.model_uri, channels["test"])
+    return TrainedModel(
+        job_name=job.name,
+        model_uri=job.model_uri,
+        hyperparameters=job.hyperparameters,
+        tuning_leaderboard=tuning_leaderboard or [],
+        evaluation=evaluation.to_dict(),
+        debugger_rules=[rule.to_dict() for rule in rules],
+        profile=profile,
+    )
 
 
 @flow(name="train-model")
@@ -142,38 +218,5 @@ def train_model(
     if missing:
         raise ValueError(f"channels lacks {sorted(missing)}: pass the train, valid and test URIs from prepare-data")
     settings = Settings.load(artifact_root=artifact_root, s3_endpoint_url=s3_endpoint_url)
-    run_tag = time.strftime("%Y%m%d-%H%M%S")
-
-    leaderboard = tune_hyperparameters(channels, options, settings, run_tag)
-    best = leaderboard[0]
-    final_hyperparameters = {
-        **fixed_hyperparameters(options),
-        **best["hyperparameters"],
-        "train-channels": "train,valid",
-        "eval-channel": "test",
-        "keep": "last",
-    }
-    job = train_model_task(
-        settings,
-        TrainingJobSpec(
-            name=job_name("final", run_tag),
-            hyperparameters=final_hyperparameters,
-            channels=channels,
-            output_uri=settings.artifact_uri("training-jobs"),
-            debugger=options.debugger,
-            profiler=options.profiler,
-        ),
-    )
-    rules = check_debugger_rules_task(settings, job) if options.debugger else []
-    profile = summarize_profile_task(settings, job) if options.profiler else None
-    evaluation = evaluate_model_task(settings, job.model_uri, channels["test"])
-
-    return TrainedModel(
-        job_name=job.name,
-        model_uri=job.model_uri,
-        hyperparameters=job.hyperparameters,
-        tuning_leaderboard=leaderboard,
-        evaluation=evaluation.to_dict(),
-        debugger_rules=[rule.to_dict() for rule in rules],
-        profile=profile,
-    )
+    leaderboard = tune_hyperparameters(channels, options, settings, flow_run_tag())
+    return retrain_model(channels, leaderboard[0]["hyperparameters"], options, artifact_root, s3_endpoint_url, leaderboard)

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
-from prefect.cache_policies import NO_CACHE
 
 from bincount.config import Settings
 from bincount.storage import storage_for
 from bincount.training.evaluation import Evaluation, evaluate_model
 from bincount.training.plots import confusion_matrix_plot
 from tasks.artifacts import publish_plot
+from tasks.caching import EVALUATION_CACHE
 from tasks.retry import is_transient
 
 
@@ -19,7 +19,8 @@ from tasks.retry import is_transient
     retries=2,
     retry_delay_seconds=[10, 60],
     retry_condition_fn=is_transient,
-    cache_policy=NO_CACHE,  # the test channel's URI stays the same while its images change between runs
+    cache_policy=EVALUATION_CACHE,  # keyed on what the test channel holds, not just its URI
+    persist_result=True,
 )
 def evaluate_model_task(settings: Settings, model_uri: str, test_channel_uri: str) -> Evaluation:
     """Accuracy, RMSE, per-class and within-one accuracy, and the confusion matrix on the test channel."""

@@ -8,6 +8,7 @@ import logging
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.concurrency.sync import concurrency
 
 from bincount.config import Settings
 from bincount.storage import storage_for
@@ -16,7 +17,13 @@ from bincount.training.debugger import RuleResult, check_job_rules
 from bincount.training.jobs import read_from_archive
 from bincount.training.plots import training_curves
 from tasks.artifacts import publish_plot
+from tasks.caching import TRAINING_JOB_CACHE
 from tasks.retry import is_transient
+
+
+TRAINING_SLOTS = "bincount-training"
+"""Global concurrency limit every training job holds a slot of, so parallel trials and nightly runs
+cannot overload the machine or the account (created by ``python -m deployments.setup``)."""
 
 
 def log_line(logger: logging.LoggerAdapter | logging.Logger):
@@ -33,13 +40,15 @@ def log_line(logger: logging.LoggerAdapter | logging.Logger):
     retries=2,
     retry_delay_seconds=[30, 120],
     retry_condition_fn=is_transient,
-    cache_policy=NO_CACHE,  # job names are unique per run: a cache could never be hit
+    cache_policy=TRAINING_JOB_CACHE,
+    persist_result=True,
 )
 def train_model_task(settings: Settings, spec: TrainingJobSpec) -> TrainingJob:
     """Run a training job to its end; publish its training curves (artifact ``training-curves``)."""
     logger = get_run_logger()
     logger.info("Training %s with %s on %s", spec.name, spec.hyperparameters, sorted(spec.channels))
-    job = get_training_backend(settings).train(spec, on_log=log_line(logger))
+    with concurrency(TRAINING_SLOTS, occupy=1):
+        job = get_training_backend(settings).train(spec, on_log=log_line(logger))
     logger.info("%s %s: %s -> %s", job.name, job.status, job.metrics, job.model_uri)
     if job.metric_history:
         publish_plot("training-curves", training_curves(job.metric_history, job.name), f"Training curves: {job.name}")

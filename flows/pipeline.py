@@ -1,0 +1,95 @@
+"""Flow: the whole pipeline, from a manifest to a serving endpoint and scored images.
+
+    prepare-data ──► train-model ──────────────────────────────────► quality gate ──► deploy ──► batch-transform
+    (download,       (tune ─► retrain with debugger ─► evaluate     (test accuracy    (blue/     (the test channel,
+     split, upload,          and profiler          on test)          >= min_accuracy)  green,     through the new
+     report)                                                                           checked)   model)
+
+Stages run on the backend the profile picks (``local`` here, ``aws`` for SageMaker jobs). Each
+stage caches on its inputs (see each flow), so an unchanged re-run is served from cache up to the
+first stage whose inputs changed; ``refresh=True`` runs everything again. The deploy is never
+cached. The best hyperparameters are kept in the registry for the nightly retrain.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, get_run_logger
+from pydantic import BaseModel
+
+from bincount.config import Settings
+from bincount.registry import Registry
+from bincount.storage import join_uri
+from flows.batch_transform import batch_transform
+from flows.data import DataOptions, prepare_data
+from flows.train import TrainOptions, train_model
+from tasks.deploy import deploy_model
+
+
+class QualityGateError(RuntimeError):
+    """The new model scored below the bar: it was not deployed."""
+
+
+class PipelineResult(BaseModel):
+    dataset_split_uri: str
+    model_uri: str
+    evaluation: dict[str, Any]
+    endpoint: dict[str, Any]
+    batch_transform: dict[str, Any]
+
+
+@flow(name="bincount-pipeline")
+def pipeline(
+    data: DataOptions = DataOptions(),
+    training: TrainOptions = TrainOptions(),
+    endpoint_name: str = "bincount",
+    min_accuracy: float = 0.0,
+    source_uri: str | None = None,
+    artifact_root: str | None = None,
+    s3_endpoint_url: str | None = None,
+    refresh: bool = False,
+) -> PipelineResult:
+    """Download, split, upload, tune, retrain, evaluate, deploy and batch-transform.
+
+    Args:
+        data: what to download and how to split it.
+        training: model, hyperparameters, search space and budget, debugger and profiler.
+        endpoint_name: the endpoint to create or update with the new model.
+        min_accuracy: the quality gate: test accuracy below this stops the run before deploying.
+        source_uri: bucket laid out like ABID (default: BINCOUNT_SOURCE_URI, else s3://aft-vbi-pds).
+        artifact_root: where datasets, models and endpoint records go (default: BINCOUNT_ARTIFACT_ROOT, else ./.bincount).
+        s3_endpoint_url: S3-compatible endpoint for MinIO or LocalStack (default: AWS).
+        refresh: run every stage again instead of using cached results.
+    """
+    logger = get_run_logger()
+    settings = Settings.load(source_uri=source_uri, artifact_root=artifact_root, s3_endpoint_url=s3_endpoint_url)
+
+    prepared = prepare_data(data, source_uri, artifact_root, s3_endpoint_url, refresh)
+    trained = train_model(prepared.channels, training, artifact_root, s3_endpoint_url)
+    Registry(settings, endpoint_name).save_best_hyperparameters(
+        trained.tuning_leaderboard[0]["hyperparameters"], trained.job_name, trained.evaluation
+    )
+    accuracy = trained.evaluation["accuracy"]
+    if accuracy < min_accuracy:
+        raise QualityGateError(
+            f"test accuracy {accuracy:.3f} is below min_accuracy {min_accuracy:.3f}: {trained.model_uri} was not deployed. "
+            "Tune longer, or lower min_accuracy if this bar is too high for the data."
+        )
+    logger.info("Test accuracy %.3f passes the gate (%.3f): deploying to %r", accuracy, min_accuracy, endpoint_name)
+    endpoint = deploy_model(settings, endpoint_name, trained.model_uri)
+    scored = batch_transform(
+        input_uri=prepared.channels["test"],
+        output_uri=join_uri(settings.artifact_uri("batch-transform"), trained.job_name),
+        model_uri=trained.model_uri,
+        labels_uri=prepared.split_uri,
+        artifact_root=artifact_root,
+        s3_endpoint_url=s3_endpoint_url,
+    )
+    return PipelineResult(
+        dataset_split_uri=prepared.split_uri,
+        model_uri=trained.model_uri,
+        evaluation=trained.evaluation,
+        endpoint=endpoint,
+        batch_transform=scored,
+    )

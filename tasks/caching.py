@@ -1,0 +1,52 @@
+"""Cache keys for tasks whose inputs name data by URI: the key covers what the URIs hold now.
+
+A channel URI stays the same while the images under it change between runs, so a key made of the
+URI alone would serve a stale result. These keys add a listing of every object (URI and size, and
+the MD5 where S3 gives one) and, for training, the source of ``sm_scripts/train.py``, which runs in
+a subprocess where Prefect's ``TASK_SOURCE`` cannot see it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect.cache_policies import TASK_SOURCE, CacheKeyFnPolicy
+from prefect.context import TaskRunContext
+from prefect.utilities.hashing import hash_objects
+
+from bincount.config import Settings
+from bincount.storage import file_digest, storage_for
+
+TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "sm_scripts" / "train.py"
+
+
+def listing(settings: Settings, *uris: str) -> list[tuple[str, int, str | None]]:
+    storage = storage_for(settings)
+    return [(info.uri, info.size, info.md5) for uri in uris for info in storage.list(uri)]
+
+
+def training_job_key(context: TaskRunContext, parameters: dict[str, Any]) -> str | None:
+    """Everything a training job's result depends on except its name (unique per run)."""
+    spec, settings = parameters["spec"], parameters["settings"]
+    return hash_objects(
+        settings.profile,
+        spec.hyperparameters,
+        spec.channels,
+        listing(settings, *spec.channels.values()),
+        spec.output_uri,
+        spec.debugger,
+        spec.profiler,
+        parameters.get("trial"),
+        file_digest(TRAIN_SCRIPT),
+    )
+
+
+def evaluation_key(context: TaskRunContext, parameters: dict[str, Any]) -> str | None:
+    settings = parameters["settings"]
+    test_channel = parameters["test_channel_uri"]
+    return hash_objects(parameters["model_uri"], test_channel, listing(settings, test_channel))
+
+
+TRAINING_JOB_CACHE = CacheKeyFnPolicy(cache_key_fn=training_job_key) + TASK_SOURCE
+EVALUATION_CACHE = CacheKeyFnPolicy(cache_key_fn=evaluation_key) + TASK_SOURCE

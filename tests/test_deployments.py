@@ -77,8 +77,9 @@ def test_deploy_then_run_through_a_process_worker(server_env: dict[str, str], tm
 
     run([sys.executable, "-m", "deployments.setup"], env)
     deployed = run([PREFECT, "--no-prompt", "deploy", "--all"], env)
-    for name in ("bincount-pipeline/on-demand", "nightly-retrain/nightly", "batch-transform/on-demand", "prepare-data/on-demand"):
-        assert name in deployed, deployed
+    expected = ["bincount-pipeline/on-demand", "bincount-pipeline/demo", "nightly-retrain/nightly",
+                "batch-transform/on-demand", "prepare-data/on-demand"]
+    assert all(name in deployed for name in expected), deployed
     schedule = run([PREFECT, "deployment", "inspect", "nightly-retrain/nightly"], env)
     assert "0 2 * * *" in schedule and "Europe/Berlin" in schedule
 

@@ -200,6 +200,16 @@ class Storage:
         except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as error:
             _raise_for_client_error(error, uri)
 
+    def local_folder(self, prefix_uri: str, scratch: Path) -> Path:
+        """A local folder holding what is under ``prefix_uri``: a ``file://`` prefix is read in place,
+        any other is copied into ``scratch`` first (as SageMaker stages a channel in File mode)."""
+        if prefix_uri.startswith("file://"):
+            return local_path(prefix_uri)
+        prefix = prefix_uri.rstrip("/") + "/"
+        for item in self.list(prefix_uri):
+            self.download_file(item.uri, scratch / item.uri[len(prefix) :])
+        return scratch
+
     def exists(self, uri: str) -> bool:
         if uri.startswith("file://"):
             return local_path(uri).is_file()

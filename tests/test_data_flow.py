@@ -10,7 +10,6 @@ import pytest
 from prefect import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-from bincount.config import Settings
 from bincount.demo_data import generate_demo_bucket
 from bincount.split import SPLITS, read_split, split_dataset
 from bincount.storage import Storage, file_digest, local_path

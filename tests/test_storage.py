@@ -25,6 +25,9 @@ def test_s3_round_trip_list_and_delete(s3_server, bucket: str, tmp_path: Path) -
     assert listed == {f"{bucket}/a/one.bin": 1, f"{bucket}/a/b/two.bin": 2}
     storage.download_file(f"{bucket}/a/b/two.bin", tmp_path / "copy.bin")
     assert (tmp_path / "copy.bin").read_bytes() == b"22"
+    staged = storage.local_folder(f"{bucket}/a", tmp_path / "staged")
+    assert sorted(str(p.relative_to(staged)) for p in staged.rglob("*") if p.is_file()) == ["b/two.bin", "one.bin"]
+    assert storage.local_folder(tmp_path.as_uri(), tmp_path / "unused") == tmp_path
     storage.delete(f"{bucket}/a/one.bin")
     assert not storage.exists(f"{bucket}/a/one.bin")
     with pytest.raises(ObjectNotFoundError):

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from bincount.storage import Storage, local_path
+from bincount.storage import Storage
 
 
 
@@ -177,10 +177,5 @@ def check_rules(debug_dir: Path) -> list[RuleResult]:
 
 def check_job_rules(storage: Storage, debug_output_uri: str) -> list[RuleResult]:
     """:func:`check_rules` on a job's ``debug-output`` URI (an ``s3://`` one is copied locally first)."""
-    if debug_output_uri.startswith("file://"):
-        return check_rules(local_path(debug_output_uri))
-    prefix = debug_output_uri.rstrip("/") + "/"
     with tempfile.TemporaryDirectory(prefix="debug-output-") as scratch:
-        for item in storage.list(debug_output_uri):
-            storage.download_file(item.uri, Path(scratch) / item.uri[len(prefix) :])
-        return check_rules(Path(scratch))
+        return check_rules(storage.local_folder(debug_output_uri, Path(scratch)))

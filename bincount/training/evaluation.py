@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from sklearn.metrics import accuracy_score, confusion_matrix, mean_squared_error, recall_score
 
-from bincount.storage import Storage, local_path
+from bincount.storage import Storage
 from sm_scripts.train import ImageCache, batches, build_model, load_channel
 
 
@@ -75,13 +75,7 @@ def evaluate_model(storage: Storage, model_uri: str, test_channel_uri: str) -> E
         with tarfile.open(fileobj=io.BytesIO(storage.read_bytes(model_uri)), mode="r:gz") as archive:
             archive.extractall(model_dir, filter="data")
         info = json.loads((model_dir / "model_info.json").read_text())
-        if test_channel_uri.startswith("file://"):
-            channel = local_path(test_channel_uri)
-        else:
-            channel = Path(scratch) / "test"
-            prefix = test_channel_uri.rstrip("/") + "/"
-            for item in storage.list(test_channel_uri):
-                storage.download_file(item.uri, channel / item.uri[len(prefix) :])
+        channel = storage.local_folder(test_channel_uri, Path(scratch) / "test")
         classes = [str(c) for c in info["classes"]]
         cache = load_channel(channel, classes, info["image_size"], threads=torch.get_num_threads())
         predicted = predict_counts(model_dir, cache)

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from bincount.config import Settings
-from bincount.storage import Storage, join_uri, local_path, storage_for
+from bincount.storage import Storage, join_uri, storage_for
 from bincount.training.backend import LogSink, StopCheck
 from bincount.training.jobs import TrainingJob, TrainingJobFailed, TrainingJobSpec
 from sm_scripts.metric_format import parse_metrics
@@ -112,7 +112,9 @@ class LocalTrainingBackend:
         sink = on_log or (lambda line: logger.info("%s: %s", spec.name, line))
         with tempfile.TemporaryDirectory(prefix=f"{spec.name}-") as scratch:
             job_dir = Path(scratch)
-            channels = {name: self._stage_channel(uri, job_dir / "input" / "data" / name) for name, uri in spec.channels.items()}
+            channels = {
+                name: self.storage.local_folder(uri, job_dir / "input" / "data" / name) for name, uri in spec.channels.items()
+            }
             hyperparameters = dict(spec.hyperparameters)
             if spec.debugger:
                 hyperparameters["debugger"] = True
@@ -192,15 +194,6 @@ class LocalTrainingBackend:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-
-    def _stage_channel(self, uri: str, destination: Path) -> Path:
-        """A ``file://`` channel is read in place; an ``s3://`` one is copied to ``destination`` first."""
-        if uri.startswith("file://"):
-            return local_path(uri)
-        prefix = uri.rstrip("/") + "/"
-        for item in self.storage.list(uri):
-            self.storage.download_file(item.uri, destination / item.uri[len(prefix) :])
-        return destination
 
     def _upload_results(self, spec: TrainingJobSpec, job_dir: Path, job: TrainingJob) -> None:
         base = join_uri(spec.output_uri, spec.name)

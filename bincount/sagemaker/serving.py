@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import tempfile
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,7 @@ from botocore.exceptions import ClientError
 
 from bincount.config import Settings
 from bincount.sagemaker.naming import check_name, short_hash, stage_job_name
-from bincount.sagemaker.session import INFERENCE_ENTRY_POINT, SM_SCRIPTS_DIR, SageMakerOptions, sagemaker_session
+from bincount.sagemaker.session import INFERENCE_ENTRY_POINT, SM_SCRIPTS_DIR, SageMakerBackendBase, SageMakerOptions
 from bincount.sagemaker.training import require_s3
 from bincount.sagemaker.waiting import (
     ENDPOINT,
@@ -77,7 +76,7 @@ def smoke_request(image_size: int) -> bytes:
     return json.dumps({"image": base64.b64encode(smoke_image(image_size)).decode()}).encode()
 
 
-class SageMakerServingBackend:
+class SageMakerServingBackend(SageMakerBackendBase):
     """Endpoints and batch transforms on SageMaker, behind :class:`bincount.serving.backend.ServingBackend`.
 
     ``run_key`` names the flow run (default: ``$PREFECT__FLOW_RUN_ID``, which Prefect sets in a
@@ -92,16 +91,10 @@ class SageMakerServingBackend:
         cache_dir: Path | None = None,
         run_key: str | None = None,
     ) -> None:
-        self.settings = settings
-        self.options = options or SageMakerOptions.load()
-        self._session = session
+        super().__init__(settings, options, session)
         self.storage = storage_for(settings)
         self.cache_dir = cache_dir or Path(tempfile.gettempdir()) / "bincount-sagemaker-models"
         self.run_key = run_key if run_key is not None else os.environ.get("PREFECT__FLOW_RUN_ID", "")
-
-    @cached_property
-    def session(self) -> Any:
-        return self._session or sagemaker_session(self.settings, self.options)
 
     @property
     def client(self) -> Any:

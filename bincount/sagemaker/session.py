@@ -10,6 +10,8 @@ with :func:`credential_options` (this package imports nothing from Prefect).
 
 from __future__ import annotations
 
+from functools import cached_property
+
 from pathlib import Path
 from typing import Any, Literal
 
@@ -199,3 +201,17 @@ def sagemaker_session(settings: Settings, options: SageMakerOptions) -> Any:
         default_bucket=bucket,
         sagemaker_config=config,
     )
+
+
+class SageMakerBackendBase:
+    """What every SageMaker backend holds: settings, options, and the ``sagemaker.Session``,
+    built on first use (importing the SDK takes seconds) unless one is given."""
+
+    def __init__(self, settings: Settings, options: SageMakerOptions | None = None, session: Any = None) -> None:
+        self.settings = settings
+        self.options = options or SageMakerOptions.load()
+        self._session = session
+
+    @cached_property
+    def session(self) -> Any:
+        return self._session or sagemaker_session(self.settings, self.options)

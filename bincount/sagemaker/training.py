@@ -16,14 +16,12 @@ from __future__ import annotations
 import logging
 import re
 import time
-from functools import cached_property
 from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from bincount.config import Settings
 from bincount.sagemaker.naming import check_name
-from bincount.sagemaker.session import SM_SCRIPTS_DIR, TRAIN_ENTRY_POINT, SageMakerOptions, sagemaker_session
+from bincount.sagemaker.session import SM_SCRIPTS_DIR, TRAIN_ENTRY_POINT, SageMakerBackendBase
 from bincount.sagemaker.waiting import (
     TRAINING_JOB,
     Backoff,
@@ -111,18 +109,8 @@ def job_record(description: dict[str, Any], hyperparameters: dict[str, Any]) -> 
     )
 
 
-class SageMakerTrainingBackend:
+class SageMakerTrainingBackend(SageMakerBackendBase):
     """Runs each :class:`TrainingJobSpec` as a SageMaker training job and follows it to its end."""
-
-    def __init__(self, settings: Settings, options: SageMakerOptions | None = None, session: Any = None) -> None:
-        self.settings = settings
-        self.options = options or SageMakerOptions.load()
-        self._session = session
-
-    @cached_property
-    def session(self) -> Any:
-        """The ``sagemaker.Session`` (built on first use: importing the SDK takes seconds)."""
-        return self._session or sagemaker_session(self.settings, self.options)
 
     def job_hyperparameters(self, spec: TrainingJobSpec) -> dict[str, Any]:
         """The spec's hyperparameters plus train.py's ``debugger`` / ``profile`` flags, as locally."""

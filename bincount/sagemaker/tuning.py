@@ -13,14 +13,13 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import asdict, dataclass, field
-from functools import cached_property
 from typing import Any, Literal, Protocol
 
 from botocore.exceptions import ClientError
 
 from bincount.config import Settings
 from bincount.sagemaker.naming import check_name
-from bincount.sagemaker.session import SageMakerOptions, sagemaker_session
+from bincount.sagemaker.session import SageMakerBackendBase, SageMakerOptions
 from bincount.sagemaker.training import SageMakerTrainingBackend
 from bincount.sagemaker.waiting import TUNING_JOB, Backoff, EventSink, SageMakerJobFailed, describe_or_none, wait_for
 from bincount.training.jobs import TrainingJobSpec
@@ -104,17 +103,8 @@ def decode_hyperparameters(values: dict[str, str], space: tuple[Parameter, ...])
     return decoded
 
 
-class SageMakerTuningBackend:
+class SageMakerTuningBackend(SageMakerBackendBase):
     """One SageMaker hyperparameter tuning job per :class:`TuningSpec`."""
-
-    def __init__(self, settings: Settings, options: SageMakerOptions | None = None, session: Any = None) -> None:
-        self.settings = settings
-        self.options = options or SageMakerOptions.load()
-        self._session = session
-
-    @cached_property
-    def session(self) -> Any:
-        return self._session or sagemaker_session(self.settings, self.options)
 
     def tuner(self, spec: TuningSpec) -> tuple[Any, dict[str, str]]:
         """The HyperparameterTuner (the training backend's Estimator with the static hyperparameters) and its channels."""

@@ -25,7 +25,6 @@ from botocore.validate import validate_parameters
 from bincount.config import Settings
 from bincount.demo_data import jpeg_bytes, render_bin_image
 from bincount.loopback_s3 import LoopbackS3
-from bincount.sagemaker.naming import stage_job_name
 from bincount.sagemaker.serving import SageMakerServingBackend
 from bincount.sagemaker.session import SageMakerOptions
 from bincount.sagemaker.training import BUILT_IN_RULES, SageMakerTrainingBackend
@@ -33,7 +32,7 @@ from bincount.sagemaker.tuning import SageMakerTuningBackend, TuningSpec, get_tu
 from bincount.sagemaker.waiting import TRAINING_JOB, Backoff, SageMakerJobFailed, SageMakerWaitTimeout, wait_for
 from bincount.serving.backend import DeployError, EndpointNotFoundError, get_serving_backend
 from bincount.training.backend import get_training_backend
-from bincount.training.jobs import TrainingJobFailed, TrainingJobSpec
+from bincount.training.jobs import TrainingJobFailed, TrainingJobSpec, job_name
 from bincount.training.search_space import SEEDS_SEARCH_SPACE
 from sm_scripts.metric_format import METRIC_DEFINITIONS, OBJECTIVE_METRIC
 
@@ -193,18 +192,6 @@ def spec(settings: Settings, name: str, **kwargs: Any) -> TrainingJobSpec:
 
 
 # --- names and credentials ---------------------------------------------------------------------
-def test_job_names_are_stable_per_run_and_distinct_across_runs() -> None:
-    run = str(uuid.uuid4())
-    assert stage_job_name("retrain", run) == stage_job_name("retrain", run)
-    assert stage_job_name("retrain", run) != stage_job_name("retrain", str(uuid.uuid4()))
-    assert stage_job_name("retrain", run) != stage_job_name("tune", run)
-    assert stage_job_name("transform", run, "in-a") != stage_job_name("transform", run, "in-b")
-    tuning = stage_job_name("hyperparameter-tuning-of-the-bin-counter", run, limit=32)
-    assert len(tuning) == 32 and tuning.startswith("bincount-") and tuning == stage_job_name(
-        "hyperparameter-tuning-of-the-bin-counter", run, limit=32
-    )
-
-
 def test_credentials_from_a_prefect_aws_block(settings: Settings) -> None:
     from prefect_aws import AwsCredentials
 
@@ -226,7 +213,7 @@ def test_training_job_request_with_debugger_rules_profiler_and_spot(
 ) -> None:
     backend = SageMakerTrainingBackend(settings, options.model_copy(update={"use_spot": True, "train_instance_count": 2}))
     captured = Captured(backend.session.sagemaker_client)
-    name = stage_job_name("retrain", uuid.uuid4().hex)
+    name = job_name("retrain", uuid.uuid4().hex)
     job = backend.train(spec(settings, name, debugger=True, profiler=True))
 
     (request,) = captured("CreateTrainingJob")
@@ -269,7 +256,7 @@ def test_plain_training_job_has_no_debugger_and_no_profiler(
 ) -> None:
     backend = SageMakerTrainingBackend(settings, options)
     captured = Captured(backend.session.sagemaker_client)
-    name = stage_job_name("train", uuid.uuid4().hex)
+    name = job_name("train", uuid.uuid4().hex)
     # What SageMaker reports after a job: the metric definitions' final values and the billable time.
     moto_sagemaker.scripts[name] = [{
         "final_metric_data_list": [{"MetricName": "eval:accuracy", "Value": 0.42, "Timestamp": "2026-01-01T00:00:00Z"},
@@ -291,7 +278,7 @@ def test_tuning_job_request_and_best_hyperparameters_read_back(
     backend = get_tuning_backend(settings, options)
     assert isinstance(backend, SageMakerTuningBackend)
     captured = Captured(backend.session.sagemaker_client)
-    name = stage_job_name("tune", uuid.uuid4().hex, limit=32)
+    name = job_name("tune", uuid.uuid4().hex, limit=32)
     tuning = TuningSpec(
         name=name,
         space=SEEDS_SEARCH_SPACE,
@@ -385,7 +372,7 @@ def test_tuning_job_without_a_completed_trial_fails_with_its_reason(
 
     monkeypatch.setattr(type(state), "create_hyper_parameter_tuning_job", create)
     tuning = TuningSpec(
-        name=stage_job_name("tune", uuid.uuid4().hex, limit=32), space=SEEDS_SEARCH_SPACE, static_hyperparameters={},
+        name=job_name("tune", uuid.uuid4().hex, limit=32), space=SEEDS_SEARCH_SPACE, static_hyperparameters={},
         channels=spec(settings, "x").channels, output_uri=settings.artifact_uri("tuning"), max_jobs=2, max_parallel_jobs=1,
     )
     with pytest.raises(SageMakerJobFailed, match="channel valid holds no images"):
@@ -570,7 +557,7 @@ def test_batch_transform_request_and_joined_table(
 
 # --- waiting: transitions, backoff, timeout, interrupt -----------------------------------------
 def start_running_job(backend: SageMakerTrainingBackend, settings: Settings, moto_sagemaker: MotoSageMaker, states: list[dict]) -> str:
-    name = stage_job_name("train", uuid.uuid4().hex)
+    name = job_name("train", uuid.uuid4().hex)
     backend.estimator(spec(settings, name)).fit(backend.channels(spec(settings, name)), job_name=name, wait=False)
     moto_sagemaker.scripts[name] = states
     return name
@@ -609,7 +596,7 @@ def test_wait_logs_transitions_and_backs_off(settings: Settings, options: SageMa
 
 def test_timeout_and_interrupt_stop_the_job(settings: Settings, options: SageMakerOptions, moto_sagemaker: MotoSageMaker) -> None:
     backend = SageMakerTrainingBackend(settings, options.model_copy(update={"job_timeout_s": 0.05}))
-    name = stage_job_name("train", uuid.uuid4().hex)
+    name = job_name("train", uuid.uuid4().hex)
     moto_sagemaker.scripts[name] = [dict(RUNNING[0]) for _ in range(1000)]
     with pytest.raises(SageMakerWaitTimeout, match="asked to stop"):
         backend.train(spec(settings, name))
@@ -624,7 +611,7 @@ def test_timeout_and_interrupt_stop_the_job(settings: Settings, options: SageMak
             if "is InProgress" in line:
                 raise interruption
 
-        other = stage_job_name("train", uuid.uuid4().hex)
+        other = job_name("train", uuid.uuid4().hex)
         moto_sagemaker.scripts[other] = [dict(RUNNING[0]) for _ in range(1000)]
         with pytest.raises(type(interruption)):
             SageMakerTrainingBackend(settings, options).train(spec(settings, other), on_log=interrupt)
@@ -637,7 +624,7 @@ def test_a_failing_status_call_leaves_the_job_running(
     settings: Settings, options: SageMakerOptions, moto_sagemaker: MotoSageMaker
 ) -> None:
     """An ordinary error while polling is the retried task's to recover from: the job is not stopped."""
-    name = stage_job_name("train", uuid.uuid4().hex)
+    name = job_name("train", uuid.uuid4().hex)
     moto_sagemaker.scripts[name] = [dict(RUNNING[0]) for _ in range(10)]
 
     def drop(line: str) -> None:
@@ -652,7 +639,7 @@ def test_failed_job_raises_with_its_reason_and_log_tail(
     settings: Settings, options: SageMakerOptions, moto_sagemaker: MotoSageMaker
 ) -> None:
     backend = SageMakerTrainingBackend(settings, options)
-    name = stage_job_name("train", uuid.uuid4().hex)
+    name = job_name("train", uuid.uuid4().hex)
     # What the container would have logged to CloudWatch (moto's jobs log nothing).
     logs = backend.session.boto_session.client("logs")
     if not logs.describe_log_groups(logGroupNamePrefix="/aws/sagemaker/TrainingJobs")["logGroups"]:
@@ -675,7 +662,7 @@ def test_rule_results_are_read_after_the_rules_finish(
     settings: Settings, options: SageMakerOptions, moto_sagemaker: MotoSageMaker
 ) -> None:
     backend = SageMakerTrainingBackend(settings, options)
-    name = stage_job_name("retrain", uuid.uuid4().hex)
+    name = job_name("retrain", uuid.uuid4().hex)
     backend.train(spec(settings, name, debugger=True))
     statuses = [{"RuleConfigurationName": rule, "RuleEvaluationStatus": "InProgress"} for rule in sorted(RULE_NAMES)]
     done = [dict(s, RuleEvaluationStatus="NoIssuesFound") for s in statuses]
@@ -710,7 +697,7 @@ def test_retried_task_follows_its_job_and_a_failure_reaches_the_flow_run(
 
     @flow
     def pipeline(settings: Settings, runs_a_while: bool) -> str:
-        name = stage_job_name("train", str(get_run_context().flow_run.id))
+        name = job_name("train", str(get_run_context().flow_run.id))
         if runs_a_while:
             moto_sagemaker.scripts[name] = [RUNNING[0], RUNNING[3], RUNNING[3], {"training_job_status": "Completed"}]
         return train(settings, spec(settings, name))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import optuna
 import pytest
@@ -41,7 +42,7 @@ def test_space_from_dicts_names_a_bad_entry() -> None:
 def job(number: int, accuracies: list[float], status: str = "Completed") -> TrainingJob:
     history = [{"epoch": e, OBJECTIVE_METRIC: a} for e, a in enumerate(accuracies, start=1)]
     return TrainingJob(
-        name=job_name("t", number), status=status, hyperparameters={}, metric_history=history,
+        name=job_name("trial", "run", number), status=status, hyperparameters={}, metric_history=history,
         metrics={"epoch": len(history), OBJECTIVE_METRIC: max(accuracies)},
     )
 
@@ -115,7 +116,20 @@ def test_loss_rules_on_known_curves() -> None:
     assert overtraining(phases(([1.0], [1.0]))).status == "not_evaluated"
 
 
+def test_job_names_are_stable_per_run_and_distinct_across_runs() -> None:
+    run, other = "0b7e1f0c-run-a", "6f1d2c9e-run-b"
+    name = job_name("trial", run, 3)
+    assert re.fullmatch(r"bincount-trial-[0-9a-f]{10}", name) and name == job_name("trial", run, 3)  # a retry finds its job
+    assert name != job_name("trial", other, 3)  # another flow run never shares it
+    assert len({name, job_name("trial", run, 4), job_name("final", run), job_name("tune", run)}) == 4
+    assert job_name("transform", run, "s3://b/in-a") != job_name("transform", run, "s3://b/in-b")
+
+
 def test_job_names_follow_sagemaker_rules() -> None:
-    assert job_name("trial", "20260101-010101", 3) == "bincount-train-trial-20260101-010101-3"
-    assert len(job_name("x" * 100)) == 63
-    assert job_name("a_b c") == "bincount-train-a-b-c"
+    long = job_name("hyperparameter-tuning-of-the-bin-counter", "run", limit=32)
+    assert len(long) == 32 and long.startswith("bincount-hyper") and long[-11:] == "-" + job_name("x", "run")[-10:]
+    assert len(job_name("x" * 100, "run")) == 63
+    assert job_name("a_b  c", "run").startswith("bincount-a-b-c-")
+    assert all(re.fullmatch(r"[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}", job_name(s, "run")) for s in ("t", "-x-", "a--b", "Ü ber"))
+    with pytest.raises(ValueError, match="give a stage"):
+        job_name("__", "run")

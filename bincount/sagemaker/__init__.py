@@ -4,7 +4,7 @@ Plain Python, no Prefect: the Prefect tasks reach it through the same seams as t
 (``get_training_backend``, ``get_serving_backend``) and, for tuning, :func:`bincount.sagemaker.tuning.get_tuning_backend`.
 
     session.py   options (``BINCOUNT_SAGEMAKER_*``), the one boto3 / SageMaker session factory
-    naming.py    job names: fixed prefix + stage + hash of the flow run, within SageMaker's limits
+    naming.py    SageMaker's name limits (job names come from bincount.training.jobs.job_name)
     waiting.py   poll a job with backoff, report transitions, stop it on timeout or cancellation
     training.py  TrainingBackend: PyTorch Estimator, debugger hook, built-in rules, profiler, spot
     tuning.py    TuningBackend: HyperparameterTuner over the shared search space

@@ -30,7 +30,7 @@ import pandas as pd
 from botocore.exceptions import ClientError
 
 from bincount.config import Settings
-from bincount.sagemaker.naming import check_name, short_hash, stage_job_name
+from bincount.sagemaker.naming import check_name
 from bincount.sagemaker.session import INFERENCE_ENTRY_POINT, SM_SCRIPTS_DIR, SageMakerBackendBase, SageMakerOptions
 from bincount.sagemaker.training import require_s3
 from bincount.sagemaker.waiting import (
@@ -63,6 +63,7 @@ from bincount.serving.batch import (
 )
 from bincount.serving.model_dir import fetch_model, read_model_info
 from bincount.storage import ObjectNotFoundError, join_uri, storage_for
+from bincount.training.jobs import job_name, short_hash
 
 logger = logging.getLogger(__name__)
 
@@ -328,13 +329,13 @@ class SageMakerServingBackend(SageMakerBackendBase):
         labels = load_labels(self.storage, labels_uri) if labels_uri else None
         options = self.options
         model_name = self.ensure_model(model_uri, version, options.transform_instance_type)
-        job_name = check_name(stage_job_name("transform", self.run_key, model_name, input_uri, output_uri), "transform")
+        transform_job = check_name(job_name("transform", self.run_key, model_name, input_uri, output_uri), "transform")
         if progress:
             progress(0, len(keys))
-        if describe_or_none(self.client, TRANSFORM_JOB, job_name) is not None:
-            logger.info("transform job %s exists (an earlier attempt started it): following it", job_name)
+        if describe_or_none(self.client, TRANSFORM_JOB, transform_job) is not None:
+            logger.info("transform job %s exists (an earlier attempt started it): following it", transform_job)
         else:
-            logger.info("starting transform job %s over %d images under %s", job_name, len(keys), input_uri)
+            logger.info("starting transform job %s over %d images under %s", transform_job, len(keys), input_uri)
             Transformer(
                 model_name=model_name,
                 instance_count=options.transform_instance_count,
@@ -347,13 +348,13 @@ class SageMakerServingBackend(SageMakerBackendBase):
                 max_payload=options.max_payload_mb,
                 sagemaker_session=self.session,
             ).transform(
-                data=prefix, data_type="S3Prefix", content_type=IMAGE, split_type="None", job_name=job_name, wait=False, logs=False
+                data=prefix, data_type="S3Prefix", content_type=IMAGE, split_type="None", job_name=transform_job, wait=False, logs=False
             )
         description = wait_for(
-            self.client, TRANSFORM_JOB, job_name, on_event=logger.info, timeout_s=options.job_timeout_s, backoff=self._backoff()
+            self.client, TRANSFORM_JOB, transform_job, on_event=logger.info, timeout_s=options.job_timeout_s, backoff=self._backoff()
         )
         if description["TransformJobStatus"] != "Completed":
-            raise SageMakerJobFailed("transform job", job_name, description["TransformJobStatus"], description.get("FailureReason"))
+            raise SageMakerJobFailed("transform job", transform_job, description["TransformJobStatus"], description.get("FailureReason"))
         if progress:
             progress(len(keys), len(keys))
         table: pd.DataFrame = results_table(self.storage, output_uri, keys, labels, [int(c) for c in info["classes"]])

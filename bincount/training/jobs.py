@@ -9,6 +9,7 @@ Jobs lay out their results like SageMaker's::
 
 from __future__ import annotations
 
+import hashlib
 import io
 import re
 import tarfile
@@ -17,16 +18,35 @@ from typing import Any
 
 from bincount.storage import Storage
 
-JOB_PREFIX = "bincount-train"
+JOB_PREFIX = "bincount"
+HASH_LENGTH = 10
 _JOB_NAME = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")
 
 
-def job_name(*parts: str | int) -> str:
-    """``bincount-train-<parts>``, trimmed to SageMaker's 63-character job-name rule."""
-    name = "-".join([JOB_PREFIX, *(re.sub(r"[^a-zA-Z0-9-]+", "-", str(part)).strip("-") for part in parts)])
-    name = name[:63].rstrip("-")
-    if not _JOB_NAME.match(name):
-        raise ValueError(f"{name!r} is not a valid training job name (letters, digits, hyphens; 63 at most)")
+def short_hash(*parts: str | int, length: int = HASH_LENGTH) -> str:
+    """Hex digest of ``parts`` (unambiguously joined), first ``length`` characters."""
+    return hashlib.sha256("\x1f".join(map(str, parts)).encode()).hexdigest()[:length]
+
+
+def job_name(stage: str, run_key: str, *identity: str | int, limit: int = 63) -> str:
+    """The one way to name a job: ``bincount-<stage>-<hash of run_key and identity>``.
+
+    ``run_key`` is the flow run's id, so two runs never share a job; ``identity`` is what the stage
+    was asked to do (a trial's number, a transform's input), so one run's distinct jobs differ. The
+    same flow run asking the same again (a Prefect retry) gets the same name, and follows the job
+    its first attempt started instead of starting a second one. The name keeps SageMaker's rules:
+    letters, digits and hyphens, at most ``limit`` characters (63; a tuning job allows 32), the
+    stage trimmed and the hash kept whole.
+
+    Example:
+        ``job_name("trial", str(flow_run.id), 3)`` -> ``"bincount-trial-<10 hex digits>"``;
+        a tuning job: ``job_name("tune", str(flow_run.id), limit=32)``.
+    """
+    suffix = short_hash(run_key, *identity)
+    stage = re.sub(r"[^a-zA-Z0-9]+", "-", stage).strip("-")
+    name = f"{JOB_PREFIX}-{stage}"[: limit - len(suffix) - 1].rstrip("-") + f"-{suffix}"
+    if not stage or not _JOB_NAME.match(name):
+        raise ValueError(f"job name {name!r} from stage {stage!r}: give a stage of letters, digits and hyphens")
     return name
 
 

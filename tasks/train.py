@@ -11,6 +11,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.concurrency.sync import concurrency
 
 from bincount.config import Settings
+from bincount.sagemaker.training import SageMakerTrainingBackend
 from bincount.storage import storage_for
 from bincount.training import TrainingJob, TrainingJobSpec, get_training_backend
 from bincount.training.debugger import RuleResult, check_job_rules
@@ -57,18 +58,28 @@ def train_model_task(settings: Settings, spec: TrainingJobSpec) -> TrainingJob:
 
 @task(name="check-debugger-rules", retries=2, retry_delay_seconds=10, retry_condition_fn=is_transient, cache_policy=NO_CACHE)
 def check_debugger_rules_task(settings: Settings, job: TrainingJob) -> list[RuleResult]:
-    """Run the debugger rule checks on a job's smdebug output; a table artifact ``debugger-rules``."""
+    """The debugger rules' verdicts on a job; a table artifact ``debugger-rules``.
+
+    On profile ``aws`` they are SageMaker's own (its built-in rules ran beside the job: this waits
+    for them); locally the same checks run here on the job's smdebug output.
+    """
     logger = get_run_logger()
     if not job.debug_output_uri:
         raise ValueError(f"job {job.name} saved no debugger output: run it with debugger=True")
-    logger.info("Checking debugger rules on %s", job.debug_output_uri)
-    results = check_job_rules(storage_for(settings), job.debug_output_uri)
+    if settings.profile == "aws":
+        logger.info("Waiting for SageMaker's debugger rules on %s", job.name)
+        results: list[RuleResult] = list(SageMakerTrainingBackend(settings).rule_results(job.name, on_event=logger.info))
+    else:
+        logger.info("Checking debugger rules on %s", job.debug_output_uri)
+        results = check_job_rules(storage_for(settings), job.debug_output_uri)
     for result in results:
-        logger.log(logging.WARNING if result.status == "fired" else logging.INFO, "%s %s: %s", result.rule, result.status, result.evidence)
+        level = logging.WARNING if result.status in ("fired", "error") else logging.INFO
+        logger.log(level, "%s %s: %s", result.rule, result.status, result.evidence)
+    fired, errors = (sum(r.status == status for r in results) for status in ("fired", "error"))
     create_table_artifact(
         key="debugger-rules",
         table=[result.to_dict() for result in results],
-        description=f"Debugger rules on {job.name}: {sum(r.status == 'fired' for r in results)} fired",
+        description=f"Debugger rules on {job.name}: {fired} fired" + (f", {errors} could not run" if errors else ""),
     )
     return results
 

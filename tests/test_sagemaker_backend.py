@@ -20,6 +20,7 @@ from typing import Any
 
 import boto3
 import pytest
+from botocore.exceptions import ClientError
 from botocore.validate import validate_parameters
 
 from bincount.config import Settings
@@ -29,10 +30,12 @@ from bincount.sagemaker.serving import SageMakerServingBackend
 from bincount.sagemaker.session import SageMakerOptions
 from bincount.sagemaker.training import BUILT_IN_RULES, SageMakerTrainingBackend
 from bincount.sagemaker.tuning import SageMakerTuningBackend, TuningSpec, get_tuning_backend
-from bincount.sagemaker.waiting import TRAINING_JOB, Backoff, SageMakerJobFailed, SageMakerWaitTimeout, wait_for
+from bincount.sagemaker.waiting import (
+    TRAINING_JOB, TRAINING_LOG_GROUP, Backoff, LogFollower, SageMakerJobFailed, SageMakerWaitTimeout, wait_for,
+)
 from bincount.serving.backend import DeployError, EndpointNotFoundError, get_serving_backend
 from bincount.training.backend import get_training_backend
-from bincount.training.jobs import TrainingJobFailed, TrainingJobSpec, job_name
+from bincount.training.jobs import TrainingJob, TrainingJobFailed, TrainingJobSpec, job_name
 from bincount.training.search_space import SEEDS_SEARCH_SPACE
 from sm_scripts.metric_format import METRIC_DEFINITIONS, OBJECTIVE_METRIC
 
@@ -635,22 +638,27 @@ def test_a_failing_status_call_leaves_the_job_running(
     assert moto_sagemaker.stopped == []
 
 
+def put_log_lines(logs: Any, group: str, stream: str, lines: list[str]) -> None:
+    """What a job's container would have logged to CloudWatch (moto's jobs log nothing)."""
+    if not logs.describe_log_groups(logGroupNamePrefix=group)["logGroups"]:
+        logs.create_log_group(logGroupName=group)
+    if not logs.describe_log_streams(logGroupName=group, logStreamNamePrefix=stream)["logStreams"]:
+        logs.create_log_stream(logGroupName=group, logStreamName=stream)
+    start = int(time.time() * 1000)
+    logs.put_log_events(
+        logGroupName=group, logStreamName=stream,
+        logEvents=[{"timestamp": start + i, "message": line} for i, line in enumerate(lines)],
+    )
+
+
 def test_failed_job_raises_with_its_reason_and_log_tail(
     settings: Settings, options: SageMakerOptions, moto_sagemaker: MotoSageMaker
 ) -> None:
     backend = SageMakerTrainingBackend(settings, options)
     name = job_name("train", uuid.uuid4().hex)
-    # What the container would have logged to CloudWatch (moto's jobs log nothing).
-    logs = backend.session.boto_session.client("logs")
-    if not logs.describe_log_groups(logGroupNamePrefix="/aws/sagemaker/TrainingJobs")["logGroups"]:
-        logs.create_log_group(logGroupName="/aws/sagemaker/TrainingJobs")
-    logs.create_log_stream(logGroupName="/aws/sagemaker/TrainingJobs", logStreamName=f"{name}/algo-1-1700000000")
-    logs.put_log_events(
-        logGroupName="/aws/sagemaker/TrainingJobs", logStreamName=f"{name}/algo-1-1700000000",
-        logEvents=[{"timestamp": int(time.time() * 1000) + i, "message": line} for i, line in enumerate(
-            ["epoch: 1 train_loss: 1.6", "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"]
-        )],
-    )
+    put_log_lines(backend.logs_client, TRAINING_LOG_GROUP, f"{name}/algo-1-1700000000", [
+        "epoch: 1 train_loss: 1.6", "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"
+    ])
     moto_sagemaker.fail_next["reason"] = "AlgorithmError: ExecuteUserScriptError: CUDA out of memory"
     with pytest.raises(TrainingJobFailed, match="(?s)ExecuteUserScriptError.*Tried to allocate 2.00 GiB") as failure:
         backend.train(spec(settings, name))
@@ -658,22 +666,164 @@ def test_failed_job_raises_with_its_reason_and_log_tail(
     assert failure.value.job.log_tail[-2:] == ["epoch: 1 train_loss: 1.6", "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"]
 
 
-def test_rule_results_are_read_after_the_rules_finish(
+# --- CloudWatch log lines while a job runs -----------------------------------------------------
+def test_log_follower_passes_each_event_once_and_waits_for_group_and_streams(settings: Settings, options: SageMakerOptions) -> None:
+    logs = SageMakerTrainingBackend(settings, options).logs_client
+    group, job = f"/aws/sagemaker/TrainingJobs-{uuid.uuid4().hex}", job_name("train", uuid.uuid4().hex)
+    lines: list[str] = []
+    follower = LogFollower(logs, group, job, lines.append)
+    follower.poll()  # no group yet: nothing to read, nothing reported
+    logs.create_log_group(logGroupName=group)
+    follower.poll()  # a group, no stream of this job yet
+    put_log_lines(logs, group, f"{job}x/algo-1-1", ["another job's line"])  # shares the prefix, not the job
+    put_log_lines(logs, group, f"{job}/algo-1-1", ["starting", "epoch: 1 train_loss: 1.6"])
+    follower.poll()
+    follower.poll()  # nothing new: nothing twice
+    assert lines == ["starting", "epoch: 1 train_loss: 1.6"]
+    put_log_lines(logs, group, f"{job}/algo-1-1", ["epoch: 2 train_loss: 1.2"])
+    put_log_lines(logs, group, f"{job}/algo-2-1", ["worker 2 up"])  # a second instance: lines say which one
+    follower.poll()
+    assert lines[2:] == ["[algo-1-1] epoch: 2 train_loss: 1.2", "[algo-2-1] worker 2 up"]
+    assert list(follower.tail) == lines and follower.problem is None
+
+
+def test_log_follower_reports_a_missing_permission_once(settings: Settings, options: SageMakerOptions) -> None:
+    logs = SageMakerTrainingBackend(settings, options).logs_client
+    reported: list[str] = []
+
+    def refuse(**_: Any) -> None:  # what CloudWatch answers a caller without logs:DescribeLogStreams
+        raise ClientError(
+            {"Error": {"Code": "AccessDeniedException", "Message": "not authorized to perform: logs:DescribeLogStreams"}},
+            "DescribeLogStreams",
+        )
+
+    logs.meta.events.register_first("before-call.logs.DescribeLogStreams", refuse)
+    try:
+        follower = LogFollower(logs, TRAINING_LOG_GROUP, job_name("train", uuid.uuid4().hex), reported.append)
+        follower.poll()
+        follower.poll()
+    finally:
+        logs.meta.events.unregister("before-call.logs.DescribeLogStreams", refuse)
+    (line,) = reported
+    assert "not authorized to perform: logs:DescribeLogStreams" in line and "grant logs:DescribeLogStreams and logs:GetLogEvents" in line
+
+
+def test_training_logs_stream_to_the_task_log_while_the_job_runs(
+    settings: Settings, options: SageMakerOptions, moto_sagemaker: MotoSageMaker
+) -> None:
+    backend = SageMakerTrainingBackend(settings, options)
+    completed = {"training_job_status": "Completed", "secondary_status": "Completed"}
+    # The first describe is the one that finds the job exists; the wait sees the rest.
+    name = start_running_job(backend, settings, moto_sagemaker, [RUNNING[0], RUNNING[0], RUNNING[2], RUNNING[3], RUNNING[3], completed])
+    batches = {  # what the container has logged by the time the job shows each secondary status
+        "InProgress (Downloading)": ["Downloading input data", "channel train: 40 images"],
+        "InProgress (Training)": ["epoch: 1 train_loss: 1.6 eval_acc: 0.3", "epoch: 2 train_loss: 1.2 eval_acc: 0.4"],
+        "Completed (Completed)": ["Reporting training SUCCESS"],
+    }
+    received: list[str] = []
+
+    def on_log(line: str) -> None:
+        received.append(line)
+        for status, batch in batches.items():
+            if line == f"training job {name} is {status}":
+                put_log_lines(backend.logs_client, TRAINING_LOG_GROUP, f"{name}/algo-1-1700000000", batch)
+
+    backend.train(spec(settings, name), on_log=on_log)
+    streamed = [line for line in received if not line.startswith("training job")]
+    assert streamed == [line for batch in batches.values() for line in batch]  # in order, each exactly once
+    assert received.index("Downloading input data") < received.index(f"training job {name} is InProgress (Training)")
+
+
+# --- debugger rules: SageMaker's verdicts ------------------------------------------------------
+def rule_statuses(job: str, states: dict[str, tuple[str, str | None]]) -> list[dict[str, Any]]:
+    """DescribeTrainingJob's DebugRuleEvaluationStatuses (moto reports none: its jobs run no rules)."""
+    return [
+        {"RuleConfigurationName": rule, "RuleEvaluationStatus": state,
+         "RuleEvaluationJobArn": f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:processing-job/{job[:30]}-{rule.lower()[:12]}",
+         **({"StatusDetails": details} if details else {})}
+        for rule, (state, details) in sorted(states.items())
+    ]
+
+
+IN_PROGRESS: dict[str, tuple[str, str | None]] = {rule: ("InProgress", None) for rule in RULE_NAMES}
+VERDICTS: dict[str, tuple[str, str | None]] = {
+    **{rule: ("NoIssuesFound", None) for rule in RULE_NAMES},
+    "Overfit": ("IssuesFound", "RuleEvaluationConditionMet: Evaluation of the rule Overfit at step 120 resulted in the condition being met"),
+    "PoorWeightInitialization": ("Error", "InternalServerError: the rule's processing job failed: no tensors in collection weights"),
+}
+
+
+def test_rule_results_wait_for_every_rule_and_report_errors_as_errors(
     settings: Settings, options: SageMakerOptions, moto_sagemaker: MotoSageMaker
 ) -> None:
     backend = SageMakerTrainingBackend(settings, options)
     name = job_name("retrain", uuid.uuid4().hex)
     backend.train(spec(settings, name, debugger=True))
-    statuses = [{"RuleConfigurationName": rule, "RuleEvaluationStatus": "InProgress"} for rule in sorted(RULE_NAMES)]
-    done = [dict(s, RuleEvaluationStatus="NoIssuesFound") for s in statuses]
-    done[1] = dict(done[1], RuleEvaluationStatus="IssuesFound", StatusDetails="RuleEvaluationConditionMet: overfit")
-    moto_sagemaker.scripts[name] = [{"debug_rule_evaluation_statuses": statuses}, {"debug_rule_evaluation_statuses": done}]
-    results = backend.rule_results(name)
+    partly = {**IN_PROGRESS, "LossNotDecreasing": VERDICTS["LossNotDecreasing"]}
+    moto_sagemaker.scripts[name] = [
+        {"debug_rule_evaluation_statuses": rule_statuses(name, states)} for states in (IN_PROGRESS, IN_PROGRESS, partly, VERDICTS)
+    ]
+    events: list[str] = []
+    sleeps: list[float] = []
+    results = backend.rule_results(name, events.append, sleep=sleeps.append)
+    assert sleeps == [0.01, 0.015, 0.0225]  # polled with backoff until no rule was InProgress
     assert [(r.rule, r.status) for r in results] == [
         ("loss_not_decreasing", "passed"), ("overfit", "fired"), ("overtraining", "passed"),
-        ("poor_weight_initialization", "passed"), ("vanishing_gradient", "passed"),
+        ("poor_weight_initialization", "error"), ("vanishing_gradient", "passed"),
     ]
-    assert "RuleEvaluationConditionMet" in results[1].evidence
+    assert results[1].evidence.startswith("RuleEvaluationConditionMet") and "processing job failed" in results[3].evidence
+    assert results[3].processing_job_arn == f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:processing-job/{name[:30]}-poorweightin"
+    # Each rule's status is logged when it changes, not at every poll.
+    assert len(events) == 5 + 1 + 4 and events.count(f"debugger rule LossNotDecreasing of {name} is InProgress") == 1
+    assert f"debugger rule PoorWeightInitialization of {name} is Error: {VERDICTS['PoorWeightInitialization'][1]}" in events
+
+
+def test_rules_still_running_at_the_timeout_are_not_evaluated(
+    settings: Settings, options: SageMakerOptions, moto_sagemaker: MotoSageMaker
+) -> None:
+    backend = SageMakerTrainingBackend(settings, options.model_copy(update={"rules_timeout_s": 0.2}))
+    name = job_name("retrain", uuid.uuid4().hex)
+    backend.train(spec(settings, name, debugger=True))
+    moto_sagemaker.scripts[name] = [
+        {"debug_rule_evaluation_statuses": rule_statuses(name, {**VERDICTS, "Overtraining": ("InProgress", None)})}
+        for _ in range(100)
+    ]
+    now = [0.0]
+    events: list[str] = []
+    results = backend.rule_results(name, events.append, sleep=lambda s: now.__setitem__(0, now[0] + s), clock=lambda: now[0])
+    assert now[0] == pytest.approx(0.2)
+    overtraining = next(r for r in results if r.rule == "overtraining")
+    assert (overtraining.status, overtraining.evidence) == ("not_evaluated", "still InProgress after 0 s")
+    assert "Overtraining" in events[-1] and "BINCOUNT_SAGEMAKER_RULES_TIMEOUT_S" in events[-1]
+
+
+def test_debugger_rules_task_publishes_sagemakers_verdicts(
+    prefect_server: None, sagemaker_env: Settings, moto_sagemaker: MotoSageMaker
+) -> None:
+    from prefect import flow
+    from prefect.artifacts import Artifact
+
+    from tasks.train import check_debugger_rules_task
+
+    name = job_name("retrain", uuid.uuid4().hex)
+    job = SageMakerTrainingBackend(sagemaker_env).train(spec(sagemaker_env, name, debugger=True))
+    moto_sagemaker.scripts[name] = [
+        {"debug_rule_evaluation_statuses": rule_statuses(name, states)} for states in (IN_PROGRESS, VERDICTS)
+    ]
+
+    @flow
+    def check_rules(settings: Settings, job: TrainingJob) -> list[dict[str, Any]]:
+        return [result.to_dict() for result in check_debugger_rules_task(settings, job)]
+
+    rows = check_rules(sagemaker_env, job)
+    assert {row["rule"]: row["status"] for row in rows} == {
+        "loss_not_decreasing": "passed", "overfit": "fired", "overtraining": "passed",
+        "poor_weight_initialization": "error", "vanishing_gradient": "passed",
+    }
+    artifact = Artifact.get("debugger-rules")
+    assert artifact is not None and artifact.description == f"Debugger rules on {name}: 1 fired, 1 could not run"
+    table = json.loads(artifact.data)
+    assert table == rows and all(row["processing_job_arn"].endswith(name[:30] + "-" + row["rule"].replace("_", "")[:12]) for row in table)
 
 
 # --- through Prefect -------------------------------------------------------------------------

@@ -36,7 +36,8 @@ from bincount.sagemaker.training import require_s3
 from bincount.sagemaker.waiting import (
     ENDPOINT,
     TRANSFORM_JOB,
-    Backoff,
+    TRANSFORM_LOG_GROUP,
+    LogFollower,
     SageMakerJobFailed,
     describe_or_none,
     is_not_found,
@@ -100,9 +101,6 @@ class SageMakerServingBackend(SageMakerBackendBase):
     @property
     def client(self) -> Any:
         return self.session.sagemaker_client
-
-    def _backoff(self) -> Backoff:
-        return Backoff(self.options.poll_initial_s, self.options.poll_max_s)
 
     # models --------------------------------------------------------------------------------
     def ensure_model(self, model_uri: str, version: str, instance_type: str) -> str:
@@ -203,7 +201,7 @@ class SageMakerServingBackend(SageMakerBackendBase):
             logger.info("updating endpoint %s from config %s to %s", name, previous_config, config_name)
             self.session.update_endpoint(name, config_name, wait=False)
         description = wait_for(
-            self.client, ENDPOINT, name, on_event=logger.info, timeout_s=self.options.endpoint_timeout_s, backoff=self._backoff()
+            self.client, ENDPOINT, name, on_event=logger.info, timeout_s=self.options.endpoint_timeout_s, backoff=self.backoff()
         )
         try:
             if description["EndpointStatus"] != "InService" or description["EndpointConfigName"] != config_name:
@@ -259,7 +257,7 @@ class SageMakerServingBackend(SageMakerBackendBase):
         logger.warning("rolling endpoint %s back to config %s", name, previous_config)
         self.client.update_endpoint(EndpointName=name, EndpointConfigName=previous_config)
         rolled = wait_for(
-            self.client, ENDPOINT, name, on_event=logger.info, timeout_s=self.options.endpoint_timeout_s, backoff=self._backoff()
+            self.client, ENDPOINT, name, on_event=logger.info, timeout_s=self.options.endpoint_timeout_s, backoff=self.backoff()
         )
         if rolled["EndpointStatus"] != "InService":
             raise DeployError(
@@ -350,8 +348,10 @@ class SageMakerServingBackend(SageMakerBackendBase):
             ).transform(
                 data=prefix, data_type="S3Prefix", content_type=IMAGE, split_type="None", job_name=transform_job, wait=False, logs=False
             )
+        logs = LogFollower(self.logs_client, TRANSFORM_LOG_GROUP, transform_job, logger.info)
         description = wait_for(
-            self.client, TRANSFORM_JOB, transform_job, on_event=logger.info, timeout_s=options.job_timeout_s, backoff=self._backoff()
+            self.client, TRANSFORM_JOB, transform_job, on_event=logger.info, timeout_s=options.job_timeout_s,
+            backoff=self.backoff(), logs=logs,
         )
         if description["TransformJobStatus"] != "Completed":
             raise SageMakerJobFailed("transform job", transform_job, description["TransformJobStatus"], description.get("FailureReason"))

@@ -11,7 +11,6 @@ with :func:`credential_options` (this package imports nothing from Prefect).
 from __future__ import annotations
 
 from functools import cached_property
-
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,10 +20,12 @@ from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from bincount.config import Settings, SettingsError
+from bincount.sagemaker.waiting import Backoff
 
 SM_SCRIPTS_DIR = Path(__file__).resolve().parents[2] / "sm_scripts"
 TRAIN_ENTRY_POINT = "train.py"
 INFERENCE_ENTRY_POINT = "inference.py"
+RETRIES = botocore.config.Config(retries={"mode": "standard", "total_max_attempts": 8})
 
 
 class SageMakerOptions(BaseSettings):
@@ -188,7 +189,6 @@ def sagemaker_session(settings: Settings, options: SageMakerOptions) -> Any:
     from sagemaker.config import load_sagemaker_config
 
     boto = boto_session(settings, options)
-    retries = botocore.config.Config(retries={"mode": "standard", "total_max_attempts": 8})
     config = load_sagemaker_config()
     if options.telemetry_opt_out:
         config.setdefault("SchemaVersion", "1.0")
@@ -196,8 +196,8 @@ def sagemaker_session(settings: Settings, options: SageMakerOptions) -> Any:
     bucket = options.base_uri(settings)[len("s3://") :].split("/", 1)[0]
     return sagemaker.Session(
         boto_session=boto,
-        sagemaker_client=boto.client("sagemaker", config=retries),
-        sagemaker_runtime_client=boto.client("sagemaker-runtime", config=retries),
+        sagemaker_client=boto.client("sagemaker", config=RETRIES),
+        sagemaker_runtime_client=boto.client("sagemaker-runtime", config=RETRIES),
         default_bucket=bucket,
         sagemaker_config=config,
     )
@@ -215,3 +215,12 @@ class SageMakerBackendBase:
     @cached_property
     def session(self) -> Any:
         return self._session or sagemaker_session(self.settings, self.options)
+
+    @cached_property
+    def logs_client(self) -> Any:
+        """CloudWatch Logs on the session's boto3 session (where the jobs' containers log)."""
+        return self.session.boto_session.client("logs", config=RETRIES)
+
+    def backoff(self) -> Backoff:
+        """Status polling: ``poll_initial_s``, growing to ``poll_max_s``."""
+        return Backoff(self.options.poll_initial_s, self.options.poll_max_s)

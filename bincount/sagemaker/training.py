@@ -16,18 +16,21 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import ClientError
 
 from bincount.sagemaker.naming import check_name
 from bincount.sagemaker.session import SM_SCRIPTS_DIR, TRAIN_ENTRY_POINT, SageMakerBackendBase
 from bincount.sagemaker.waiting import (
     TRAINING_JOB,
-    Backoff,
+    TRAINING_LOG_GROUP,
     EventSink,
-    SageMakerWaitTimeout,
+    LogFollower,
     describe_or_none,
+    poll_until,
     wait_for,
 )
 from bincount.storage import join_uri
@@ -47,9 +50,15 @@ BUILT_IN_RULES: dict[str, dict[str, str]] = {
     "vanishing_gradient": {"threshold": "0.0000001"},
     "poor_weight_initialization": {"threshold": "10.0", "distribution_range": "0.001"},
 }
-RULE_STATUS = {"NoIssuesFound": "passed", "IssuesFound": "fired"}
-LOG_GROUP = "/aws/sagemaker/TrainingJobs"
-LOG_TAIL_LINES = 60
+RULE_VERDICTS = {"NoIssuesFound": "passed", "IssuesFound": "fired", "Error": "error"}
+RULES_RUNNING = frozenset({"InProgress", "Stopping"})
+
+
+@dataclass
+class RuleVerdict(RuleResult):
+    """A built-in rule's verdict from SageMaker, with the processing job that evaluated it."""
+
+    processing_job_arn: str | None = None
 
 
 def require_s3(uri: str, what: str) -> str:
@@ -197,65 +206,75 @@ class SageMakerTrainingBackend(SageMakerBackendBase):
                 ) is None:
                     raise
                 sink(f"training job {spec.name} was created by a concurrent attempt: following it")
+        logs = LogFollower(self.logs_client, TRAINING_LOG_GROUP, spec.name, sink)
         description = wait_for(
-            client,
-            TRAINING_JOB,
-            spec.name,
-            on_event=sink,
-            timeout_s=self.options.job_timeout_s,
-            backoff=Backoff(self.options.poll_initial_s, self.options.poll_max_s),
+            client, TRAINING_JOB, spec.name, on_event=sink, timeout_s=self.options.job_timeout_s, backoff=self.backoff(), logs=logs
         )
         job = job_record(description, hyperparameters)
         if job.status == "Failed":
-            job.log_tail = self.log_tail(spec.name)
+            job.log_tail = list(logs.tail) or [f"(no CloudWatch log lines for {spec.name}: {logs.problem or 'none were logged'})"]
             raise TrainingJobFailed(job)
         sink(f"training job {spec.name} {job.status.lower()} in {job.duration_s:.0f} s: {job.metrics}")
         return job
 
-    def log_tail(self, job_name: str, lines: int = LOG_TAIL_LINES) -> list[str]:
-        """The last ``lines`` lines the job's containers logged to CloudWatch (the traceback of a failure)."""
-        logs = self.session.boto_session.client("logs")
-        try:
-            streams = logs.describe_log_streams(logGroupName=LOG_GROUP, logStreamNamePrefix=f"{job_name}/")["logStreams"]
-            tail: list[str] = []
-            for stream in sorted(streams, key=lambda s: s["logStreamName"]):
-                events = logs.get_log_events(
-                    logGroupName=LOG_GROUP, logStreamName=stream["logStreamName"], limit=lines, startFromHead=False
-                )["events"]
-                tail += [event["message"] for event in events]
-        except (ClientError, BotoCoreError) as error:  # the failure reason matters more than its log lines
-            return [f"(no CloudWatch log lines for {job_name}: {error})"]
-        return tail[-lines:]
+    def rule_results(
+        self,
+        job_name: str,
+        on_event: EventSink | None = None,
+        *,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> list[RuleVerdict]:
+        """SageMaker's verdicts of the built-in rules on ``job_name``, once no rule is still running.
 
-    def rule_results(self, job_name: str, on_event: EventSink | None = None) -> list[RuleResult]:
-        """The built-in rules' verdicts on ``job_name``, once they are done (they run after training).
-
-        Named like :func:`bincount.training.debugger.check_rules`' results (``loss_not_decreasing``),
-        so the retrain task publishes either backend's verdicts in one artifact.
-
-        Raises:
-            SageMakerWaitTimeout: some rule was still running after ``rules_timeout_s``.
+        The rules run in processing jobs of their own, during and after training. This polls
+        DescribeTrainingJob's ``DebugRuleEvaluationStatuses`` with backoff for up to
+        ``rules_timeout_s``, reporting each rule's status changes to ``on_event``. Verdicts are
+        named like :func:`bincount.training.debugger.check_rules`' (``loss_not_decreasing``), so the
+        retrain task publishes either backend's in one artifact: ``passed`` (NoIssuesFound),
+        ``fired`` (IssuesFound), ``error`` (the rule itself failed: no verdict) and
+        ``not_evaluated`` (stopped, or still running at the timeout), each with SageMaker's
+        StatusDetails as evidence and the rule's processing job.
         """
         sink: EventSink = on_event or (lambda line: logger.info("%s", line))
         client = self.session.sagemaker_client
-        timeout = self.options.rules_timeout_s
-        waited, delay = 0.0, self.options.poll_initial_s
-        while True:
+        statuses: list[dict[str, Any]] = []
+        reported: dict[str, str] = {}
+
+        def rules_done() -> bool:
+            nonlocal statuses
             statuses = client.describe_training_job(TrainingJobName=job_name).get("DebugRuleEvaluationStatuses", [])
-            running = [s["RuleConfigurationName"] for s in statuses if s["RuleEvaluationStatus"] in ("InProgress", "Stopping")]
-            if not running:
-                break
-            if waited >= timeout:
-                raise SageMakerWaitTimeout(f"debugger rules {running} of {job_name} still running after {timeout:.0f} s")
-            sink(f"waiting for debugger rules {', '.join(running)} of {job_name}")
-            time.sleep(min(delay, timeout - waited))
-            waited += min(delay, timeout - waited)
-            delay = min(delay * 1.5, self.options.poll_max_s)
-        return [
-            RuleResult(
-                rule=re.sub(r"(?<!^)(?=[A-Z])", "_", status["RuleConfigurationName"]).lower(),
-                status=RULE_STATUS.get(status["RuleEvaluationStatus"], "not_evaluated"),
-                evidence=status.get("StatusDetails") or status["RuleEvaluationStatus"],
+            for status in statuses:
+                rule, state = status["RuleConfigurationName"], status["RuleEvaluationStatus"]
+                if reported.get(rule) != state:
+                    details = f": {status['StatusDetails']}" if status.get("StatusDetails") else ""
+                    sink(f"debugger rule {rule} of {job_name} is {state}{details}")
+                    reported[rule] = state
+            return not any(status["RuleEvaluationStatus"] in RULES_RUNNING for status in statuses)
+
+        timeout = self.options.rules_timeout_s
+        if not poll_until(rules_done, timeout_s=timeout, backoff=self.backoff(), sleep=sleep, clock=clock):
+            running = [s["RuleConfigurationName"] for s in statuses if s["RuleEvaluationStatus"] in RULES_RUNNING]
+            sink(
+                f"debugger rules {', '.join(running)} of {job_name} still running after {timeout:.0f} s: reported as "
+                f"not evaluated (their verdicts arrive later: aws sagemaker describe-training-job --training-job-name {job_name}; "
+                "wait longer with BINCOUNT_SAGEMAKER_RULES_TIMEOUT_S)"
             )
-            for status in statuses
-        ]
+        return [rule_verdict(status, timeout) for status in statuses]
+
+
+def rule_verdict(status: dict[str, Any], timeout_s: float) -> RuleVerdict:
+    """One DebugRuleEvaluationStatus as a :class:`RuleVerdict`."""
+    state, details = status["RuleEvaluationStatus"], status.get("StatusDetails")
+    if state in RULE_VERDICTS:
+        verdict, evidence = RULE_VERDICTS[state], details or state
+    elif state in RULES_RUNNING:
+        verdict, evidence = "not_evaluated", f"still {state} after {timeout_s:.0f} s" + (f": {details}" if details else "")
+    else:  # Stopped: the rule was stopped before it reached a verdict
+        verdict, evidence = "not_evaluated", f"{state}" + (f": {details}" if details else "")
+    return RuleVerdict(
+        rule=re.sub(r"(?<!^)(?=[A-Z])", "_", status["RuleConfigurationName"]).lower(),
+        status=verdict,
+        evidence=evidence,
+        processing_job_arn=status.get("RuleEvaluationJobArn"),
+    )

@@ -21,7 +21,7 @@ from bincount.config import Settings
 from bincount.sagemaker.naming import check_name
 from bincount.sagemaker.session import SageMakerBackendBase, SageMakerOptions
 from bincount.sagemaker.training import SageMakerTrainingBackend
-from bincount.sagemaker.waiting import TUNING_JOB, Backoff, EventSink, SageMakerJobFailed, describe_or_none, wait_for
+from bincount.sagemaker.waiting import TUNING_JOB, EventSink, SageMakerJobFailed, describe_or_none, wait_for
 from bincount.training.jobs import TrainingJobSpec
 from bincount.training.search_space import Categorical, Continuous, Integer, Parameter, sagemaker_ranges
 from bincount.training.tuning import TrialResult
@@ -148,12 +148,7 @@ class SageMakerTuningBackend(SageMakerBackendBase):
                     raise
                 sink(f"tuning job {spec.name} was created by a concurrent attempt ({error}): following it")
         description = wait_for(
-            client,
-            TUNING_JOB,
-            spec.name,
-            on_event=sink,
-            timeout_s=self.options.job_timeout_s,
-            backoff=Backoff(self.options.poll_initial_s, self.options.poll_max_s),
+            client, TUNING_JOB, spec.name, on_event=sink, timeout_s=self.options.job_timeout_s, backoff=self.backoff()
         )
         best = description.get("BestTrainingJob")
         if description["HyperParameterTuningJobStatus"] == "Failed" or not best:

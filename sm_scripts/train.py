@@ -5,6 +5,8 @@ Hyperparameters come as flags (``--lr 0.05 --batch-size 64 --epochs 3``); paths 
 ``SM_OUTPUT_DATA_DIR``, ``SM_OUTPUT_DIR``, ``SM_NUM_GPUS``), each with a local fallback. Each epoch
 prints one metric line (see ``metric_format.py``); the model dir gets ``model.pt`` (a state dict)
 and ``model_info.json`` (arch, classes, image size, normalization, hyperparameters, metrics).
+With ``--checkpoint-dir`` (SageMaker: /opt/ml/checkpoints) each epoch ends with a checkpoint, and a
+run that finds its own checkpoint there resumes after that epoch (managed spot training, retries).
 
 Speed: every image is decoded and resized once into a uint8 tensor cache (on the GPU where there
 is one), batches are sliced from it, augmented on tensors and fed channels_last; the GPU path uses
@@ -20,6 +22,7 @@ import argparse
 import json
 import math
 import os
+import pickle
 import random
 import resource
 import sys
@@ -457,9 +460,95 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = True
 
 
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: what a run needs to go on exactly where it stopped (managed spot training, retries)
+
+CHECKPOINT_FILE = "checkpoint.pt"
+# Flags that change how fast a run goes or what it logs, not what it computes: a resumed run may
+# set them differently. Every other flag (paths aside) is part of the run's fingerprint.
+RESUME_NEUTRAL_FLAGS = frozenset(
+    {"eval_batch_size", "log_interval", "compile", "threads", "num_gpus"}
+    | {"debugger", "debugger_save_interval", "profile", "profile_steps"}
+)
+
+
+def run_fingerprint(args: argparse.Namespace) -> dict[str, Any]:
+    """The flags (in flag spelling) that decide what a run computes: a checkpoint resumes only its own run."""
+    return {
+        name.replace("_", "-"): value
+        for name, value in sorted(vars(args).items())
+        if not name.endswith("_dir") and name not in RESUME_NEUTRAL_FLAGS
+    }
+
+
+def rng_states(generator: torch.Generator) -> dict[str, Any]:
+    """Every random stream a run draws from: torch's (dropout), CUDA's, and the data generator (shuffle, augment)."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []
+    return {"torch": torch.get_rng_state(), "cuda": cuda, "generator": generator.get_state()}
+
+
+def restore_rng_states(states: dict[str, Any], generator: torch.Generator) -> None:
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and len(states["cuda"]) == torch.cuda.device_count():  # else another kind of host: left as seeded
+        torch.cuda.set_rng_state_all(states["cuda"])
+    generator.set_state(states["generator"])
+
+
+def save_checkpoint(checkpoint_dir: Path, checkpoint: dict[str, Any]) -> Path:
+    """Write ``checkpoint.pt`` atomically (a synced temp file renamed over the last one): a kill mid-write loses nothing.
+
+    Only tensors and plain values inside, so ``torch.load(path, weights_only=True)`` reads it.
+    """
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    path = checkpoint_dir / CHECKPOINT_FILE
+    temporary = checkpoint_dir / f".tmp-{CHECKPOINT_FILE}"
+    with temporary.open("wb") as handle:
+        torch.save(checkpoint, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+    return path
+
+
+def load_checkpoint(checkpoint_dir: str, fingerprint: dict[str, Any]) -> dict[str, Any] | None:
+    """The checkpoint in ``checkpoint_dir``, or None when there is none (or no dir is given).
+
+    Raises:
+        TrainingError: it cannot be read, or a run with other hyperparameters wrote it.
+    """
+    if not checkpoint_dir or not (Path(checkpoint_dir) / CHECKPOINT_FILE).is_file():
+        return None
+    path = Path(checkpoint_dir) / CHECKPOINT_FILE
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as error:
+        raise TrainingError(f"checkpoint {path} cannot be read ({error}): delete it to train from scratch") from error
+    if not isinstance(checkpoint, dict) or "fingerprint" not in checkpoint:
+        raise TrainingError(f"{path} is not a train.py checkpoint: move it away, or use a fresh --checkpoint-dir")
+    written = checkpoint["fingerprint"]
+    differences = [
+        f"--{name} {written.get(name, '(unset)')} there, {fingerprint.get(name, '(unset)')} now"
+        for name in sorted(set(written) | set(fingerprint))
+        if written.get(name) != fingerprint.get(name)
+    ]
+    if differences:
+        raise TrainingError(
+            f"checkpoint {path} belongs to a run with other hyperparameters ({'; '.join(differences)}), and resuming "
+            "it would mix two runs: give this run a fresh --checkpoint-dir (or delete that checkpoint) to train from "
+            "scratch, or pass the checkpoint's hyperparameters to resume it"
+        )
+    return checkpoint
+
+
 def main(args: argparse.Namespace) -> dict[str, Any]:
-    """Train, keep the best (or last) epoch's weights, write the model dir; return the final metrics."""
+    """Train, keep the best (or last) epoch's weights, write the model dir; return the final metrics.
+
+    With ``--checkpoint-dir`` every epoch ends with a checkpoint there, and a run that finds one
+    (its own, by the fingerprint of its hyperparameters) goes on after the epoch it holds.
+    """
     seed_everything(args.seed, args.deterministic)
+    fingerprint = run_fingerprint(args)
+    checkpoint = load_checkpoint(args.checkpoint_dir, fingerprint)  # before the slow start: a refusal comes at once
     use_cuda = args.num_gpus > 0 and torch.cuda.is_available()
     device = torch.device("cuda" if use_cuda else "cpu")
     threads = args.threads or os.cpu_count() or 1
@@ -494,6 +583,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         raise TrainingError("--compile and --debugger do not mix (smdebug's module hooks need eager mode): drop one")
     model = build_model(args.arch, len(classes), args.weights, args.freeze_backbone)
     trained = prepare_model(model, device, args.compile)  # what each step calls
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
     mean_rgb, std_rgb = NORMALIZATION[args.arch]
     mean = torch.tensor(mean_rgb, device=device).view(1, 3, 1, 1)
     std = torch.tensor(std_rgb, device=device).view(1, 3, 1, 1)
@@ -540,7 +631,23 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     step_times: list[float] = []
     wait_times: list[float] = []
     stale = 0
-    for epoch in range(1, args.epochs + 1):
+    if checkpoint is not None:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(checkpoint["scheduler"])
+        history, best, stale = checkpoint["history"], checkpoint["best"], checkpoint["stale"]
+        restore_rng_states(checkpoint["rng"], generator)
+        print(
+            f"resumed from checkpoint {Path(args.checkpoint_dir) / CHECKPOINT_FILE} after epoch "
+            f"{checkpoint['epoch']} of {args.epochs}; the epochs so far:",
+            flush=True,
+        )
+        for values in history:
+            print(format_epoch_line(values), flush=True)
+    for epoch in range(len(history) + 1, args.epochs + 1):
+        if args.early_stopping_patience and stale >= args.early_stopping_patience:
+            print(f"early stopping: {args.eval_channel} accuracy has not improved for {stale} epochs", flush=True)
+            break
         lr = optimizer.param_groups[0]["lr"]
         train_data = batches(train_cache, args.batch_size, device, mean, std, True, args.augment, generator, min_batch=2)
         train_loss, train_acc, ips = train_one_epoch(
@@ -561,14 +668,31 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             "train_ips": ips,
         }
         history.append(values)
-        print(format_epoch_line(values), flush=True)
         improved = eval_acc > best["eval_acc"] or (eval_acc == best["eval_acc"] and eval_loss < best["eval_loss"])
         if args.keep == "last" or improved:
             best = {**values, "state": {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}}
         stale = 0 if improved else stale + 1
-        if args.early_stopping_patience and stale >= args.early_stopping_patience:
-            print(f"early stopping: {args.eval_channel} accuracy has not improved for {stale} epochs", flush=True)
-            break
+        checkpoint_path = None
+        if args.checkpoint_dir:  # before the epoch line: whoever acts on that line (a tuner stopping the job) finds it saved
+            state = model.state_dict()
+            checkpoint_path = save_checkpoint(
+                Path(args.checkpoint_dir),
+                {
+                    "fingerprint": fingerprint,
+                    "epoch": epoch,
+                    "model": state,
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                    # The kept epoch is often this one: the same tensors then, which torch.save writes once.
+                    "best": {**best, "state": state} if best["epoch"] == epoch else best,
+                    "stale": stale,
+                    "history": history,
+                    "rng": rng_states(generator),
+                },
+            )
+        print(format_epoch_line(values), flush=True)
+        if checkpoint_path is not None:
+            print(f"checkpoint: epoch {epoch} saved to {checkpoint_path}", flush=True)
     if profiler is not None:
         profiler.stop()
     if hook is not None:
@@ -680,6 +804,12 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="smdebug output outside a SageMaker Debugger job (default: $SM_OUTPUT_DIR/tensors)",
     )
     group.add_argument("--num-gpus", type=int, default=int(env("SM_NUM_GPUS", "1")), help="(default: $SM_NUM_GPUS)")
+    group.add_argument(
+        "--checkpoint-dir",
+        default="",
+        help="save a checkpoint here after every epoch and resume from the one found here; SageMaker syncs "
+        "/opt/ml/checkpoints with the job's checkpoint_s3_uri (default: none, no checkpoints)",
+    )
     return parser
 
 

@@ -1,9 +1,11 @@
-"""sm_scripts/train.py run as SageMaker runs it: SM_* variables, flags, model dir, metric lines."""
+"""sm_scripts/train.py run as SageMaker runs it: SM_* variables, flags, model dir, metric lines, checkpoints."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,15 +14,26 @@ import pytest
 import torch
 import torchvision
 
+from bincount.config import Settings
+from bincount.loopback_s3 import LoopbackS3
+from bincount.storage import storage_for
+from bincount.training import TrainingJobSpec
+from bincount.training.local import LocalTrainingBackend
 from sm_scripts.metric_format import EPOCH_FIELDS, METRIC_DEFINITIONS, METRIC_NAMES, format_epoch_line, parse_metrics
 
 SM_SCRIPTS = Path(__file__).resolve().parents[1] / "sm_scripts"
 TINY = ["--arch", "resnet18", "--image-size", "32", "--batch-size", "16", "--optimizer", "adamw", "--lr", "0.001"]
+# Every kind of state a resume must carry: SGD momentum, a cosine schedule, augmentation and dropout
+# draws. One thread: two threads on a busy 2-core machine make each epoch many times slower.
+RESUMABLE = {
+    "arch": "efficientnet_lite0", "image-size": 16, "batch-size": 8, "optimizer": "sgd", "lr": 0.01,
+    "lr-scheduler": "cosine", "augment": "standard", "keep": "last", "epochs": 3, "seed": 7, "threads": 1,
+}
+RESUMABLE_FLAGS = [str(part) for name, value in RESUMABLE.items() for part in (f"--{name}", value)]
 
 
-def run_train(tmp: Path, channels: dict[str, Path], *flags: str) -> subprocess.CompletedProcess:
-    """train.py from inside sm_scripts/ (as SageMaker's /opt/ml/code), with SageMaker's variables."""
-    env = {
+def sagemaker_env(tmp: Path, channels: dict[str, Path]) -> dict[str, str]:
+    return {
         **os.environ,
         "SM_MODEL_DIR": str(tmp / "model"),
         "SM_OUTPUT_DIR": str(tmp / "output"),
@@ -31,8 +44,17 @@ def run_train(tmp: Path, channels: dict[str, Path], *flags: str) -> subprocess.C
         "SM_NUM_GPUS": "0",
         "SM_NUM_CPUS": "2",
     }
+
+
+def run_train(tmp: Path, channels: dict[str, Path], *flags: str) -> subprocess.CompletedProcess:
+    """train.py from inside sm_scripts/ (as SageMaker's /opt/ml/code), with SageMaker's variables."""
     return subprocess.run(
-        [sys.executable, "train.py", *flags], cwd=SM_SCRIPTS, env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "train.py", *flags],
+        cwd=SM_SCRIPTS,
+        env=sagemaker_env(tmp, channels),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
 
@@ -109,3 +131,118 @@ def test_corrupt_image_is_named(tmp_path: Path, demo_channels: dict[str, Path]) 
     result = run_train(tmp_path / "job", channels, *TINY, "--epochs", "1")
     assert result.returncode == 2
     assert "truncated.jpg" in (tmp_path / "job" / "output" / "failure").read_text()
+
+
+# --- checkpoints and resume ------------------------------------------------------------------
+def kill_after_first_checkpoint(tmp: Path, channels: dict[str, Path], *flags: str) -> None:
+    """Start train.py and SIGKILL it as soon as it reports its first checkpoint (a spot interruption)."""
+    process = subprocess.Popen(
+        [sys.executable, "train.py", *flags],
+        cwd=SM_SCRIPTS,
+        env=sagemaker_env(tmp, channels),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        for line in process.stdout:
+            if line.startswith("checkpoint: epoch 1 saved"):
+                process.kill()
+                break
+    finally:
+        process.kill()
+        process.wait(timeout=60)
+    assert process.returncode == -9, "train.py ended before it could be killed"
+
+
+@pytest.fixture(scope="module")
+def resumed(tmp_path_factory: pytest.TempPathFactory, demo_channels: dict[str, Path]) -> dict[str, object]:
+    """An uninterrupted run, and the same run killed after its first checkpoint and started again."""
+    tmp = tmp_path_factory.mktemp("resume")
+    reference = run_train(tmp / "reference", demo_channels, *RESUMABLE_FLAGS)
+    assert reference.returncode == 0, reference.stdout + reference.stderr
+    flags = [*RESUMABLE_FLAGS, "--checkpoint-dir", str(tmp / "checkpoints")]
+    kill_after_first_checkpoint(tmp / "run", demo_channels, *flags)
+    interrupted = torch.load(tmp / "checkpoints" / "checkpoint.pt", weights_only=True)
+    second = run_train(tmp / "run", demo_channels, *flags)
+    assert second.returncode == 0, second.stdout + second.stderr
+    return {"tmp": tmp, "interrupted": interrupted, "stdout": second.stdout}
+
+
+def test_killed_run_resumes_and_ends_as_an_uninterrupted_one(resumed: dict[str, object]) -> None:
+    tmp, stdout, interrupted = resumed["tmp"], resumed["stdout"], resumed["interrupted"]
+    assert isinstance(tmp, Path) and isinstance(stdout, str) and isinstance(interrupted, dict)
+    done = interrupted["epoch"]
+    assert 1 <= done < RESUMABLE["epochs"]  # killed in the middle of the run
+    assert f"resumed from checkpoint {tmp / 'checkpoints' / 'checkpoint.pt'} after epoch {done} of 3" in stdout
+    assert {"fingerprint", "model", "optimizer", "scheduler", "best", "stale", "history", "rng"} <= set(interrupted)
+    assert interrupted["fingerprint"]["lr"] == 0.01 and "checkpoint-dir" not in interrupted["fingerprint"]
+    # The log still holds every epoch (those before the kill replayed), as tuners and curves expect.
+    assert [parse_metrics(line)["epoch"] for line in stdout.splitlines() if line.startswith("epoch:")] == [1, 2, 3]
+
+    # Same seed, same flags: the same numbers, bit for bit (train.py runs deterministic CPU kernels,
+    # and the checkpoint restores every tensor and random state the next epoch reads).
+    timing = "train_ips"  # throughput: the one field that depends on the clock
+    expected = json.loads((tmp / "reference" / "output" / "data" / "history.json").read_text())
+    history = json.loads((tmp / "run" / "output" / "data" / "history.json").read_text())
+    assert [{k: v for k, v in row.items() if k != timing} for row in history] == [
+        {k: v for k, v in row.items() if k != timing} for row in expected
+    ]
+    reference = torch.load(tmp / "reference" / "model" / "model.pt", weights_only=True)
+    weights = torch.load(tmp / "run" / "model" / "model.pt", weights_only=True)
+    assert reference.keys() == weights.keys()
+    assert all(torch.equal(reference[name], weights[name]) for name in reference)
+
+
+def test_checkpoint_of_other_hyperparameters_is_refused(
+    tmp_path: Path, resumed: dict[str, object], demo_channels: dict[str, Path]
+) -> None:
+    tmp = resumed["tmp"]
+    assert isinstance(tmp, Path)
+    shutil.copytree(tmp / "checkpoints", tmp_path / "checkpoints")
+    before = (tmp_path / "checkpoints" / "checkpoint.pt").read_bytes()
+    flags = [*RESUMABLE_FLAGS, "--lr", "0.02", "--augment", "flip", "--checkpoint-dir", str(tmp_path / "checkpoints")]
+    result = run_train(tmp_path / "job", demo_channels, *flags)
+    assert result.returncode == 2
+    failure = (tmp_path / "job" / "output" / "failure").read_text()
+    assert "--augment standard there, flip now; --lr 0.01 there, 0.02 now" in failure
+    assert "fresh --checkpoint-dir" in failure
+    assert not re.search(r"^epoch: ", result.stdout, re.MULTILINE)  # refused before training anything
+    assert (tmp_path / "checkpoints" / "checkpoint.pt").read_bytes() == before  # and the checkpoint left as it was
+
+
+class Interrupted(Exception):
+    """Stands for whatever ends a task attempt mid-job: a cancel, a crash of the flow run."""
+
+
+def test_local_backend_retry_resumes_from_the_jobs_checkpoints(
+    s3_server: LoopbackS3, s3_client, demo_channels: dict[str, Path]
+) -> None:
+    s3_client.create_bucket(Bucket="train-resume")
+    settings = Settings.load(artifact_root="s3://train-resume/art", s3_endpoint_url=s3_server.endpoint_url)
+    storage = storage_for(settings)
+    spec = TrainingJobSpec(
+        name="bincount-train-resume",
+        hyperparameters=RESUMABLE,
+        channels={name: demo_channels[name].as_uri() for name in ("train", "valid")},
+        output_uri=settings.artifact_uri("jobs"),
+    )
+    checkpoints = f"{spec.output_uri}/{spec.name}/checkpoints"
+
+    def interrupt_after_first_checkpoint(line: str) -> None:
+        if line.startswith("checkpoint: epoch 1 saved"):
+            raise Interrupted(line)
+
+    backend = LocalTrainingBackend(settings)
+    with pytest.raises(Interrupted):
+        backend.train(spec, on_log=interrupt_after_first_checkpoint)
+    assert storage.exists(f"{checkpoints}/checkpoint.pt")  # uploaded before the attempt ended
+
+    lines: list[str] = []
+    job = backend.train(spec, on_log=lines.append)  # the retry: same job name, same output
+    assert job.status == "Completed"
+    assert any(line.startswith("resumed from checkpoint") and "after epoch 1 of 3" in line for line in lines)
+    assert [row["epoch"] for row in job.metric_history] == [1, 2, 3]
+    assert "checkpoint-dir" not in job.hyperparameters
+    assert list(storage.list(checkpoints)) == []  # a completed job's checkpoints are gone

@@ -156,6 +156,8 @@ class SageMakerTrainingBackend(SageMakerBackendBase):
                 max_wait=max(options.max_wait_s, options.max_run_s),
                 checkpoint_s3_uri=join_uri(output, spec.name, "checkpoints"),
             )
+            if hyperparameters is None:  # one job resumes from it (a tuner's trials would share one URI)
+                hyperparameters = {**self.job_hyperparameters(spec), "checkpoint-dir": "/opt/ml/checkpoints"}
         return PyTorch(
             entry_point=TRAIN_ENTRY_POINT,
             source_dir=str(SM_SCRIPTS_DIR),

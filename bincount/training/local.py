@@ -5,6 +5,12 @@ The job gets SageMaker's layout in a scratch folder (``input/data/<channel>``, `
 as ``--name value`` flags. Its log streams line by line to ``on_log``; metric lines are parsed with
 the same regexes as SageMaker's metric definitions. The results are packed and put under the
 job's output URI as SageMaker would (see :mod:`bincount.training.jobs`).
+
+Checkpoints: train.py gets ``--checkpoint-dir``, a folder kept under the job's output URI
+(``{output_uri}/{name}/checkpoints``, like SageMaker's ``checkpoint_s3_uri``), so another attempt
+at the same job (a Prefect retry after a crash or a cancel) resumes after its last finished epoch.
+A ``file://`` folder is used in place; an ``s3://`` one is staged here and each new checkpoint is
+uploaded as train.py reports it. They are deleted once the job has completed or was stopped.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from sm_scripts.metric_format import parse_metrics
 SM_SCRIPTS_DIR = Path(__file__).resolve().parents[2] / "sm_scripts"
 ENTRY_POINT = "train.py"
 LOG_TAIL_LINES = 60
+CHECKPOINT_SAVED = "checkpoint: epoch "  # how train.py's line after each checkpoint it saves begins
 STOP_GRACE_S = 10.0
 
 logger = logging.getLogger(__name__)
@@ -122,15 +129,21 @@ class LocalTrainingBackend:
                 hyperparameters["profile"] = True
             for folder in ("model", "output/data", "input/config"):
                 (job_dir / folder).mkdir(parents=True, exist_ok=True)
-            environment = sagemaker_environment(job_dir, channels, hyperparameters, spec.local_cpus)
+            checkpoint_uri = join_uri(spec.output_uri, spec.name, "checkpoints")
+            checkpoints = self.storage.local_folder(checkpoint_uri, job_dir / "checkpoints")
+            flags = {**hyperparameters, "checkpoint-dir": str(checkpoints)}  # a place, not a hyperparameter of the record
+            environment = sagemaker_environment(job_dir, channels, flags, spec.local_cpus)
             env = {**os.environ, **environment, "PYTHONUNBUFFERED": "1"}
-            command = [self.python, ENTRY_POINT, *hyperparameter_flags(hyperparameters)]
+            command = [self.python, ENTRY_POINT, *hyperparameter_flags(flags)]
             sink(f"starting {spec.name}: {' '.join(command[1:])}")
+            if not checkpoint_uri.startswith("file://"):
+                sink = self._uploading_checkpoints(sink, checkpoints, checkpoint_uri)
             job = TrainingJob(name=spec.name, status="InProgress", hyperparameters=hyperparameters)
             started = time.monotonic()
             returncode = self._run(command, env, job, sink, should_stop)
             job.duration_s = round(time.monotonic() - started, 3)
             if job.status == "Stopped":
+                self._delete_checkpoints(checkpoint_uri)
                 sink(f"{spec.name} stopped early after {len(job.metric_history)} epochs")
                 return job
             if returncode != 0:
@@ -140,9 +153,27 @@ class LocalTrainingBackend:
                 job.failure_reason = failure.read_text().strip() if failure.is_file() else f"exit code {returncode}: {last}"
                 raise TrainingJobFailed(job)
             self._upload_results(spec, job_dir, job)
+            self._delete_checkpoints(checkpoint_uri)
             job.status = "Completed"
             sink(f"{spec.name} completed in {job.duration_s:.1f}s: {job.metrics}")
             return job
+
+    def _uploading_checkpoints(self, sink: LogSink, folder: Path, checkpoint_uri: str) -> LogSink:
+        """``sink``, after an upload of ``folder`` each time train.py reports a new checkpoint (as SageMaker syncs them)."""
+
+        def forward(line: str) -> None:
+            if line.startswith(CHECKPOINT_SAVED):
+                for path in sorted(folder.iterdir()):
+                    if path.is_file() and not path.name.startswith(".tmp-"):  # a write in progress
+                        self.storage.upload_file(path, join_uri(checkpoint_uri, path.name))
+            sink(line)
+
+        return forward
+
+    def _delete_checkpoints(self, checkpoint_uri: str) -> None:
+        """A finished job's checkpoints serve no resume; they are several copies of the weights."""
+        for item in self.storage.list(checkpoint_uri):
+            self.storage.delete(item.uri)
 
     def _run(
         self, command: list[str], env: dict[str, str], job: TrainingJob, sink: LogSink, should_stop: StopCheck | None

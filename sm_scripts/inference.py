@@ -20,11 +20,13 @@ Answers (``Accept``):
     text/csv                     one line per image: predicted_count,p_1,...,p_5 (no header)
 
 The model directory holds ``model.pt`` (a state dict, loaded with ``weights_only=True``) and
-``model_info.json`` (arch, classes, image_size, mean, std). Request bodies are only ever decoded
+``model_info.json`` (arch, classes, image_size, mean, std). The network is built by train.py's
+``build_model``: one definition of every arch it trains. Request bodies are only ever decoded
 as images or JSON: nothing from a request is unpickled. Bad input raises :class:`InputError`
 (its ``status_code`` is the HTTP answer) with a message that says what was expected.
 
-Self-contained on purpose: SageMaker ships only this folder, so it imports nothing from the project.
+Self-contained on purpose: SageMaker ships only this folder (train.py beside this file, the folder
+on ``sys.path``), so it imports nothing from the project.
 """
 
 from __future__ import annotations
@@ -39,15 +41,18 @@ from typing import Any
 
 import numpy as np
 import torch
-import torchvision
 from PIL import Image
+
+if __package__:
+    from .train import ARCHS, build_model
+else:  # imported as a top-level module (SageMaker's serving container puts this folder on sys.path)
+    from train import ARCHS, build_model
 
 IMAGE_CONTENT_TYPES = ("image/jpeg", "image/png", "application/x-image")
 JSON_CONTENT_TYPE = "application/json"
 CSV_CONTENT_TYPE = "text/csv"
 SUPPORTED_CONTENT_TYPES = (*IMAGE_CONTENT_TYPES, JSON_CONTENT_TYPE)
 SUPPORTED_ACCEPTS = (JSON_CONTENT_TYPE, CSV_CONTENT_TYPE)
-ARCHITECTURES = ("resnet18", "resnet34", "resnet50")
 IMAGE_FORMATS = ("JPEG", "PNG")
 MAX_IMAGES_PER_REQUEST = 64
 MAX_IMAGE_PIXELS = 16_000_000  # far above any bin photo; stops decompression bombs early
@@ -90,8 +95,8 @@ def _read_model_info(model_dir: str) -> dict[str, Any]:
     missing = [key for key in ("arch", "classes", "image_size", "mean", "std") if key not in info]
     if missing:
         raise ValueError(f"{path} lacks {missing}; it needs arch, classes, image_size, mean and std")
-    if info["arch"] not in ARCHITECTURES:
-        raise ValueError(f"{path}: arch {info['arch']!r} is not one of {list(ARCHITECTURES)}")
+    if info["arch"] not in ARCHS:
+        raise ValueError(f"{path}: arch {info['arch']!r} is not one of {list(ARCHS)}, the archs train.py trains")
     return info
 
 
@@ -103,8 +108,7 @@ def model_fn(model_dir: str) -> CountModel:
     torch.set_flush_denormal(True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     classes = [int(count) for count in info["classes"]]
-    network = getattr(torchvision.models, info["arch"])(weights=None)
-    network.fc = torch.nn.Linear(network.fc.in_features, len(classes))
+    network = build_model(info["arch"], len(classes), weights="none", freeze_backbone=False)
     state = torch.load(os.path.join(model_dir, "model.pt"), map_location="cpu", weights_only=True)
     network.load_state_dict(state)
     network.eval().to(device)

@@ -5,6 +5,9 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +17,7 @@ from PIL import Image
 from bincount.serving.model_dir import write_untrained_model_dir
 from sm_scripts import inference
 
+SM_SCRIPTS = Path(inference.__file__).resolve().parent
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -127,3 +131,58 @@ def test_model_info_errors_name_the_problem(tmp_path: Path, model_dir: Path) -> 
     (tmp_path / "model_info.json").write_text(json.dumps(info))
     with pytest.raises(ValueError, match="image_size"):
         inference.model_fn(str(tmp_path))
+
+
+@pytest.fixture(scope="module")
+def efficientnet_dir(tmp_path_factory: pytest.TempPathFactory, demo_channels: dict[str, Path]) -> Path:
+    """A tiny EfficientNet-Lite0 (train.py's own class, not torchvision's) trained one epoch by train.py."""
+    tmp = tmp_path_factory.mktemp("efficientnet")
+    env = {
+        **os.environ,
+        "SM_MODEL_DIR": str(tmp / "model"),
+        "SM_OUTPUT_DIR": str(tmp / "output"),
+        "SM_OUTPUT_DATA_DIR": str(tmp / "output" / "data"),
+        "SM_CHANNEL_TRAIN": str(demo_channels["train"]),
+        "SM_CHANNEL_VALID": str(demo_channels["valid"]),
+        "SM_NUM_GPUS": "0",
+        "SM_NUM_CPUS": "1",
+    }
+    flags = ["--arch", "efficientnet_lite0", "--weights", "none", "--image-size", "16", "--batch-size", "8", "--epochs", "1"]
+    result = subprocess.run(
+        [sys.executable, "train.py", *flags], cwd=SM_SCRIPTS, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return tmp / "model"
+
+
+def test_every_arch_train_py_trains_is_served(efficientnet_dir: Path) -> None:
+    model = inference.model_fn(str(efficientnet_dir))
+    assert model.info["arch"] == "efficientnet_lite0" and model.image_size == 16
+    answer, _ = predict(image_bytes("JPEG", (48, 48)), "image/jpeg", model)
+    (prediction,) = json.loads(answer)["predictions"]
+    assert prediction["predicted_count"] in (1, 2, 3, 4, 5)
+    assert sum(prediction["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_handlers_load_as_a_top_level_module_as_in_sagemakers_container(efficientnet_dir: Path) -> None:
+    """SageMaker imports ``inference`` with sm_scripts/ on sys.path, so it finds ``train`` the same way."""
+    script = (
+        "import json, sys, inference\n"
+        "model = inference.model_fn(sys.argv[1])\n"
+        "body = open(sys.argv[2], 'rb').read()\n"
+        "print(inference.output_fn(inference.predict_fn(inference.input_fn(body, 'image/png'), model), None)[0])\n"
+    )
+    image = efficientnet_dir.parent / "probe.png"
+    image.write_bytes(image_bytes("PNG", (48, 48)))
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(efficientnet_dir), str(image)],
+        cwd=SM_SCRIPTS,
+        env={**os.environ, "PYTHONPATH": str(SM_SCRIPTS)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    (prediction,) = json.loads(result.stdout)["predictions"]
+    here = json.loads(predict(image.read_bytes(), "image/png", inference.model_fn(str(efficientnet_dir)))[0])
+    assert prediction["predicted_count"] == here["predictions"][0]["predicted_count"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import signal
 import tarfile
 import time
@@ -31,7 +32,7 @@ from bincount.sagemaker.session import SageMakerOptions
 from bincount.sagemaker.training import BUILT_IN_RULES, SageMakerTrainingBackend
 from bincount.sagemaker.tuning import SageMakerTuningBackend, TuningSpec, get_tuning_backend
 from bincount.sagemaker.waiting import (
-    TRAINING_JOB, TRAINING_LOG_GROUP, Backoff, LogFollower, SageMakerJobFailed, SageMakerWaitTimeout, wait_for,
+    TRAINING_JOB, TRAINING_LOG_GROUP, TRANSFORM_LOG_GROUP, Backoff, LogFollower, SageMakerJobFailed, SageMakerWaitTimeout, wait_for,
 )
 from bincount.serving.backend import DeployError, EndpointNotFoundError, get_serving_backend
 from bincount.training.backend import get_training_backend
@@ -66,7 +67,11 @@ class MotoSageMaker:
         self.trials: dict[str, list[dict[str, Any]]] = {}  # tuning job -> training job summaries
         self.stopped: list[str] = []
         self.fail_updates: str | None = None  # failure reason for the next updates, which SageMaker rolls back
+        # How many describes each next CreateEndpoint / UpdateEndpoint stays Creating / Updating (moto's are at once).
+        self.endpoint_delays: list[int] = []
+        self.changing: dict[str, list[Any]] = {}  # endpoint -> [describes left, config it moves to]
         create, describe = SageMakerModelBackend.create_training_job, SageMakerModelBackend.describe_training_job
+        create_endpoint, describe_endpoint = SageMakerModelBackend.create_endpoint, SageMakerModelBackend.describe_endpoint
         owner = self
 
         def create_training_job(backend: Any, training_job_name: str, **kwargs: Any) -> Any:
@@ -85,12 +90,39 @@ class MotoSageMaker:
                     setattr(job, key, value)
             return describe(backend, training_job_name)
 
-        def update_endpoint(response: Any) -> Any:  # moto 5.2 has no UpdateEndpoint: apply it at once
+        def create_endpoint_slowly(backend: Any, endpoint_name: str, **kwargs: Any) -> Any:
+            endpoint = create_endpoint(backend, endpoint_name=endpoint_name, **kwargs)
+            if owner.endpoint_delays:
+                endpoint.endpoint_status = "Creating"
+                owner.changing[endpoint_name] = [owner.endpoint_delays.pop(0), endpoint.endpoint_config_name]
+            return endpoint
+
+        def describe_endpoint_as_it_changes(backend: Any, endpoint_name: str) -> Any:
+            change = owner.changing.get(endpoint_name)
+            if change and endpoint_name in backend.endpoints:
+                if change[0] > 0:
+                    change[0] -= 1
+                else:  # the change is done
+                    endpoint = backend.endpoints[endpoint_name]
+                    endpoint.endpoint_status, endpoint.endpoint_config_name = "InService", change[1]
+                    del owner.changing[endpoint_name]
+            return describe_endpoint(backend, endpoint_name)
+
+        def update_endpoint(response: Any) -> Any:  # moto 5.2 has no UpdateEndpoint
+            from moto.sagemaker.exceptions import ValidationError
+
             endpoint = response.sagemaker_backend.endpoints[response._get_param("EndpointName")]
+            if endpoint.endpoint_status in ("Creating", "Updating"):  # as SageMaker refuses it
+                raise ValidationError(message=f"Cannot update in-progress endpoint \"{endpoint.arn}\".")
+            config = response._get_param("EndpointConfigName")
             if owner.fail_updates:  # SageMaker keeps the old config serving and says why
                 endpoint.failure_reason = owner.fail_updates
+            elif owner.endpoint_delays:  # the old config serves until the new fleet is up
+                endpoint.endpoint_status, endpoint.failure_reason = "Updating", None
+                owner.changing[endpoint.endpoint_name] = [owner.endpoint_delays.pop(0), config]
+                return ActionResult({"EndpointArn": endpoint.arn})
             else:
-                endpoint.endpoint_config_name = response._get_param("EndpointConfigName")
+                endpoint.endpoint_config_name = config
                 endpoint.failure_reason = None
             endpoint.endpoint_status = "InService"
             return ActionResult({"EndpointArn": endpoint.arn})
@@ -108,6 +140,8 @@ class MotoSageMaker:
 
         monkeypatch.setattr(SageMakerModelBackend, "create_training_job", create_training_job)
         monkeypatch.setattr(SageMakerModelBackend, "describe_training_job", describe_training_job)
+        monkeypatch.setattr(SageMakerModelBackend, "create_endpoint", create_endpoint_slowly)
+        monkeypatch.setattr(SageMakerModelBackend, "describe_endpoint", describe_endpoint_as_it_changes)
         for handler in (update_endpoint, stop_training_job, list_training_jobs_for_hyper_parameter_tuning_job):
             monkeypatch.setattr(SageMakerResponse, handler.__name__, handler, raising=False)
 
@@ -458,8 +492,9 @@ def test_deploy_update_roll_back_retry_and_delete(
     assert second.previous_version == first.version
     assert second.details["previous_endpoint_config"] == first.details["endpoint_config"]
 
+    rolled_back = f"Rolled back: endpoint '{name}' serves its previous config {second.details['endpoint_config']} \\(model version {second.version}\\) again"
     queue_answers("not a prediction")  # the new model answers nonsense: the deploy rolls back
-    with pytest.raises(DeployError, match="serves again"):
+    with pytest.raises(DeployError, match=f"answer.*{rolled_back}.*fix the model, then deploy again"):
         backend.deploy(name, models[3])
     updates = [u["EndpointConfigName"] for u in captured("UpdateEndpoint")]
     assert len(updates) == 3 and updates[0] == updates[2] == second.details["endpoint_config"] != updates[1]
@@ -468,11 +503,24 @@ def test_deploy_update_roll_back_retry_and_delete(
 
     # An update SageMaker itself fails (and rolls back) is reported, and not updated again.
     moto_sagemaker.fail_updates = "ClientError: the container did not pass the ping health check"
-    with pytest.raises(DeployError, match="did not pass the ping health check.*serves again"):
+    with pytest.raises(DeployError, match=f"did not pass the ping health check.*{rolled_back}"):
         backend.deploy(name, models[3])
     moto_sagemaker.fail_updates = None
     assert len(captured("UpdateEndpoint")) == 4
     assert sagemaker_state().endpoints[name].endpoint_config_name == second.details["endpoint_config"]
+
+    # An update that outlives endpoint_timeout_s is rolled back too, once SageMaker lets it
+    # (it takes no update while one runs): here the new fleet comes up just after the timeout.
+    impatient = SageMakerServingBackend(
+        sagemaker_env, backend.options.model_copy(update={"endpoint_timeout_s": 1e-6}), session=backend.session
+    )
+    moto_sagemaker.endpoint_delays = [1]
+    with pytest.raises(DeployError, match=f"still Updating after 0 s. {rolled_back}"):
+        impatient.deploy(name, models[3])
+    updates = [u["EndpointConfigName"] for u in captured("UpdateEndpoint")]
+    assert len(updates) == 6 and updates[4] == updates[1] and updates[5] == second.details["endpoint_config"]
+    assert sagemaker_state().endpoints[name].endpoint_config_name == second.details["endpoint_config"]
+    assert backend.describe(name).version == second.version
 
     # A retried deploy of what already serves finds its model and config: nothing new is created.
     before = {op: len(captured(op)) for op in ("CreateModel", "CreateEndpointConfig", "CreateEndpoint", "UpdateEndpoint")}
@@ -480,6 +528,18 @@ def test_deploy_update_roll_back_retry_and_delete(
     again = backend.deploy(name, models[2])
     assert {op: len(captured(op)) for op in before} == before
     assert again.details["endpoint_config"] == second.details["endpoint_config"]
+
+    # An update still running after the rollback's own wait: the error says what to run by hand.
+    moto_sagemaker.endpoint_delays = [5]
+    with pytest.raises(DeployError, match=(
+        f"Rolling back to config {second.details['endpoint_config']} failed too .*still Updating.*"
+        f"aws sagemaker update-endpoint --endpoint-name {name} --endpoint-config-name {second.details['endpoint_config']}"
+    )):
+        impatient.deploy(name, models[3])
+    # The next deploy waits for the running update to finish before it updates the endpoint.
+    queue_answers(prediction(3))
+    assert backend.deploy(name, models[2]).details["previous_endpoint_config"] == updates[1]
+    assert sagemaker_state().endpoints[name].endpoint_config_name == second.details["endpoint_config"]
 
     backend.delete(name)
     assert name not in sagemaker_state().endpoints
@@ -490,21 +550,36 @@ def test_deploy_update_roll_back_retry_and_delete(
         backend.delete(name)
 
 
-def test_new_endpoint_that_answers_badly_is_deleted(
-    settings: Settings, options: SageMakerOptions, models: dict[int, str], moto_sagemaker: MotoSageMaker
+def test_a_new_endpoint_that_fails_is_left_with_how_to_delete_it(
+    sagemaker_env: Settings, models: dict[int, str], moto_sagemaker: MotoSageMaker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    backend = SageMakerServingBackend(settings, options)
-    name = f"bincount-test-{uuid.uuid4().hex[:8]}"
-    queue_answers("{}")
-    with pytest.raises(DeployError, match="new endpoint was deleted"):
-        backend.deploy(name, models[1])
-    assert name not in sagemaker_state().endpoints
-    with pytest.raises(EndpointNotFoundError):
-        backend.describe(name)
+    from flows.cli import main
+
+    backend = get_serving_backend(sagemaker_env)
+    assert isinstance(backend, SageMakerServingBackend)
+    impatient = SageMakerServingBackend(
+        sagemaker_env, backend.options.model_copy(update={"endpoint_timeout_s": 1e-6}), session=backend.session
+    )
+    for environment, value in {"BINCOUNT_PROFILE": "aws", "BINCOUNT_ARTIFACT_ROOT": sagemaker_env.artifact_root,
+                               "BINCOUNT_S3_ENDPOINT_URL": sagemaker_env.s3_endpoint_url, "BINCOUNT_AWS_REGION": REGION}.items():
+        monkeypatch.setenv(environment, str(value))
+    for deployer, setup, state in ((backend, lambda: queue_answers("{}"), "InService"),  # answers badly
+                                   (impatient, lambda: moto_sagemaker.endpoint_delays.append(3), "Creating")):  # too slow
+        name = f"bincount-test-{uuid.uuid4().hex[:8]}"
+        setup()
+        with pytest.raises(DeployError, match=(
+            f"(?s)failed on endpoint '{name}'.*new and never served; it is left as it is \\({state}\\).*"
+            f"delete it with `BINCOUNT_PROFILE=aws bincount delete-endpoint {name}`"
+        )):
+            deployer.deploy(name, models[1])
+        assert name in sagemaker_state().endpoints
+        main(["delete-endpoint", name])  # what the message says to run
+        assert name not in sagemaker_state().endpoints
 
 
 def test_batch_transform_request_and_joined_table(
-    settings: Settings, options: SageMakerOptions, models: dict[int, str], monkeypatch: pytest.MonkeyPatch
+    settings: Settings, options: SageMakerOptions, models: dict[int, str], monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     import numpy as np
     from moto.s3.models import s3_backends
@@ -529,10 +604,23 @@ def test_batch_transform_request_and_joined_table(
         return job
 
     monkeypatch.setattr(type(state), "create_transform_job", create_transform_job)
+
+    # What the transform container logs (a stream per instance, and one for the data plane).
+    container_lines = {"i-0abc1234": ["Warming up the model", "Model loaded"], "i-0abc1234/data-log": ["6 requests, 0 errors"]}
+
+    def container_logs(**_: Any) -> None:
+        job = captured("CreateTransformJob")[-1]["TransformJobName"]
+        for host, lines in container_lines.items():
+            put_log_lines(backend.logs_client, TRANSFORM_LOG_GROUP, f"{job}/{host}", lines)
+
+    backend.client.meta.events.register("after-call.sagemaker.CreateTransformJob", container_logs)
     progress: list[tuple[int, int]] = []
-    summary = backend.batch_transform(
-        models[1], f"s3://{BUCKET}/{prefix}/in", f"s3://{BUCKET}/{prefix}/out", progress=lambda d, t: progress.append((d, t))
-    )
+    with caplog.at_level(logging.INFO, logger="bincount.sagemaker.serving"):
+        summary = backend.batch_transform(
+            models[1], f"s3://{BUCKET}/{prefix}/in", f"s3://{BUCKET}/{prefix}/out", progress=lambda d, t: progress.append((d, t))
+        )
+    streamed = [r.getMessage() for r in caplog.records if r.getMessage().startswith("[i-0abc1234")]
+    assert streamed == [f"[{host}] {line}" for host, lines in container_lines.items() for line in lines]
     (request,) = captured("CreateTransformJob")
     assert request["TransformInput"] == {
         "DataSource": {"S3DataSource": {"S3DataType": "S3Prefix", "S3Uri": f"s3://{BUCKET}/{prefix}/in/"}},

@@ -3,12 +3,14 @@
 A deploy is SageMaker's own blue/green::
 
     model.tar.gz ─► Model (inference.py repacked in) ─► EndpointConfig ─► CreateEndpoint / UpdateEndpoint
-                                                                              │ wait InService
-                                                     roll back to the previous config ◄─ smoke invoke fails
+                                                                              │ wait InService, smoke invoke
+                             UpdateEndpoint back to the previous config ◄─ failed, timed out or answered badly
 
 Model and endpoint-config names are derived from what they hold (weights, code, instance
-settings), so a retried deploy finds what the first attempt created and only waits. A new
-endpoint that fails is deleted; an update that fails leaves (or puts back) the previous config.
+settings), so a retried deploy finds what the first attempt created and only waits. An update
+that fails is rolled back to the previous config (SageMaker keeps the old fleet when the new one
+does not start; this also covers a timeout and a bad answer); a new endpoint that fails never
+served, so it is left for a look and the error says how to delete it.
 Records (model URI, version, configs) live at ``{artifact_root}/endpoints/<name>.json``, as the
 local backend keeps them. A batch transform writes ``<key>.out`` per image under the output
 prefix, as the local one does, and its results are read back into the same joined table.
@@ -39,6 +41,7 @@ from bincount.sagemaker.waiting import (
     TRANSFORM_LOG_GROUP,
     LogFollower,
     SageMakerJobFailed,
+    SageMakerWaitTimeout,
     describe_or_none,
     is_not_found,
     wait_for,
@@ -174,8 +177,10 @@ class SageMakerServingBackend(SageMakerBackendBase):
         """Create ``name`` on ``model_uri``, or update it to a new endpoint config; smoke-invoke it.
 
         Raises:
-            DeployError: the endpoint did not come up or answered badly; a new endpoint is deleted,
-                an updated one serves its previous config again.
+            DeployError: the endpoint did not come up in time, came up failed or answered badly.
+                An updated endpoint has been rolled back to its previous config (the message says
+                so, or, if even that failed, what to run); a new one is left as it is, and the
+                message says how to delete it.
         """
         check_endpoint_name(name)
         info, version = self._model(model_uri)
@@ -183,6 +188,9 @@ class SageMakerServingBackend(SageMakerBackendBase):
         config_name = self.ensure_endpoint_config(name, model_name)
         stored = self._read_record(name)
         current = describe_or_none(self.client, ENDPOINT, name)
+        if current is not None and current["EndpointStatus"] not in ENDPOINT.final:
+            logger.info("endpoint %s is %s (another deploy?): waiting for it first", name, current["EndpointStatus"])
+            current = self._wait(name)
         previous_config: str | None = None
         if current is None:
             logger.info("creating endpoint %s with config %s", name, config_name)
@@ -194,16 +202,15 @@ class SageMakerServingBackend(SageMakerBackendBase):
                 previous_config = recorded if recorded != config_name else stored.details.get("previous_endpoint_config")
         elif current["EndpointStatus"] == "Failed":
             raise DeployError(
-                f"endpoint {name!r} is Failed ({current.get('FailureReason')}): delete it, then deploy again"
+                f"endpoint {name!r} is Failed ({current.get('FailureReason')}), and SageMaker allows nothing but deleting a "
+                f"failed endpoint: delete it with `BINCOUNT_PROFILE=aws bincount delete-endpoint {name}`, then deploy again"
             )
         else:
             previous_config = current["EndpointConfigName"]
             logger.info("updating endpoint %s from config %s to %s", name, previous_config, config_name)
             self.session.update_endpoint(name, config_name, wait=False)
-        description = wait_for(
-            self.client, ENDPOINT, name, on_event=logger.info, timeout_s=self.options.endpoint_timeout_s, backoff=self.backoff()
-        )
         try:
+            description = self._wait(name)
             if description["EndpointStatus"] != "InService" or description["EndpointConfigName"] != config_name:
                 raise ServingError(
                     f"it is {description['EndpointStatus']} on config {description['EndpointConfigName']}: "
@@ -211,10 +218,16 @@ class SageMakerServingBackend(SageMakerBackendBase):
                 )
             size, classes = int(info["image_size"]), [int(c) for c in info["classes"]]
             check_answer(self.invoke(name, smoke_request(size), JSON), classes)
-        except (ServingError, ClientError) as error:
-            self._undo(name, previous_config)
-            where = f"config {previous_config} serves again" if previous_config else "the new endpoint was deleted"
-            raise DeployError(f"model {model_uri} (version {version}) failed on endpoint {name!r} ({error}); {where}") from None
+        except (ServingError, ClientError, SageMakerWaitTimeout) as error:
+            failed = f"model {model_uri} (version {version}) failed on endpoint {name!r}: {error}"
+            if previous_config is None:
+                raise DeployError(self._left_new_endpoint(name, failed)) from None
+            self._roll_back(name, previous_config, failed)
+            serves = f" (model version {stored.version})" if stored is not None else ""
+            raise DeployError(
+                f"{failed}. Rolled back: endpoint {name!r} serves its previous config {previous_config}{serves} again. "
+                f"Look at the endpoint's log (CloudWatch group /aws/sagemaker/Endpoints/{name}), fix the model, then deploy again."
+            ) from None
         previous: tuple[str | None, str | None] = (None, None)
         if stored is not None:  # a retried deploy of the same weights keeps what they replaced
             replaced = stored.version != version
@@ -244,25 +257,53 @@ class SageMakerServingBackend(SageMakerBackendBase):
         logger.info("endpoint %s serves model %s (version %s)", name, model_uri, version)
         return record
 
-    def _undo(self, name: str, previous_config: str | None) -> None:
-        """Put ``previous_config`` back on ``name`` (unless SageMaker already did), or delete a new endpoint."""
-        if previous_config is None:
-            logger.warning("deleting endpoint %s: it never served", name)
-            self.client.delete_endpoint(EndpointName=name)
-            return
-        current = self.client.describe_endpoint(EndpointName=name)
-        if current["EndpointConfigName"] == previous_config and current["EndpointStatus"] == "InService":
-            logger.warning("endpoint %s is back on config %s (SageMaker rolled the update back)", name, previous_config)
-            return
-        logger.warning("rolling endpoint %s back to config %s", name, previous_config)
-        self.client.update_endpoint(EndpointName=name, EndpointConfigName=previous_config)
-        rolled = wait_for(
+    def _wait(self, name: str) -> dict[str, Any]:
+        """Wait for ``name`` to reach a final status (``endpoint_timeout_s`` at most)."""
+        return wait_for(
             self.client, ENDPOINT, name, on_event=logger.info, timeout_s=self.options.endpoint_timeout_s, backoff=self.backoff()
         )
-        if rolled["EndpointStatus"] != "InService":
-            raise DeployError(
-                f"endpoint {name!r} could not be rolled back to {previous_config}: {rolled.get('FailureReason')}"
-            )
+
+    def _left_new_endpoint(self, name: str, failed: str) -> str:
+        """The error for a new endpoint that failed: it never served, so nothing is rolled back; it is left for
+        a look at what went wrong, and the message says how to delete it."""
+        current = describe_or_none(self.client, ENDPOINT, name)
+        status = current["EndpointStatus"] if current else "gone"
+        logger.warning("endpoint %s is new and failed: leaving it (%s) for a look; it bills while it has instances", name, status)
+        return (
+            f"{failed}. The endpoint is new and never served; it is left as it is ({status}) so its log "
+            f"(CloudWatch group /aws/sagemaker/Endpoints/{name}) can be read, and it bills while it has instances: "
+            f"delete it with `BINCOUNT_PROFILE=aws bincount delete-endpoint {name}`, fix the model, then deploy again."
+        )
+
+    def _roll_back(self, name: str, previous_config: str, failed: str) -> None:
+        """Put ``previous_config`` back on ``name`` (unless SageMaker already did).
+
+        SageMaker takes no update while one is running: after a timed-out update this first waits
+        (``endpoint_timeout_s`` again) for the endpoint to settle.
+
+        Raises:
+            DeployError: the endpoint could not be rolled back; the message says what to run.
+        """
+        by_hand = (
+            f"put the previous config back with `aws sagemaker update-endpoint --endpoint-name {name} "
+            f"--endpoint-config-name {previous_config}` once the endpoint is InService, or delete it "
+            f"(`BINCOUNT_PROFILE=aws bincount delete-endpoint {name}`) and deploy the previous model again"
+        )
+        try:
+            current = self._wait(name)
+            if current["EndpointConfigName"] == previous_config and current["EndpointStatus"] == "InService":
+                logger.warning("endpoint %s is back on config %s (SageMaker rolled the update back)", name, previous_config)
+                return
+            if current["EndpointStatus"] != "InService":
+                raise ServingError(f"it is {current['EndpointStatus']}: {current.get('FailureReason') or 'no FailureReason given'}")
+            logger.warning("rolling endpoint %s back to config %s", name, previous_config)
+            self.client.update_endpoint(EndpointName=name, EndpointConfigName=previous_config)
+            rolled = self._wait(name)
+            if rolled["EndpointStatus"] != "InService" or rolled["EndpointConfigName"] != previous_config:
+                raise ServingError(f"it is {rolled['EndpointStatus']}: {rolled.get('FailureReason') or 'no FailureReason given'}")
+        except (ServingError, ClientError, SageMakerWaitTimeout) as error:
+            raise DeployError(f"{failed}. Rolling back to config {previous_config} failed too ({error}): {by_hand}") from None
+        logger.warning("endpoint %s serves config %s again", name, previous_config)
 
     # invoke, delete ------------------------------------------------------------------------
     def invoke(self, name: str, body: bytes, content_type: str, accept: str = JSON) -> bytes:

@@ -33,7 +33,7 @@ class SageMakerJobFailed(RuntimeError):
 
 
 class SageMakerWaitTimeout(RuntimeError):
-    """A job did not reach a final status in time; it was asked to stop."""
+    """A job or endpoint did not reach a final status in time; a job was asked to stop."""
 
 
 @dataclass(frozen=True)
@@ -237,7 +237,8 @@ def wait_for(
     try:
         if not poll_until(check, timeout_s=timeout_s, backoff=backoff, sleep=sleep, clock=clock):
             raise SageMakerWaitTimeout(
-                f"{kind.label} {name} is still {description[kind.status_key]} after {timeout_s:.0f} s; it was asked to stop"
+                f"{kind.label} {name} is still {description[kind.status_key]} after {timeout_s:.0f} s"
+                + ("; it was asked to stop" if kind.stop else "")
             )
         return description
     except BaseException as error:

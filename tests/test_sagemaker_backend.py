@@ -32,7 +32,14 @@ from bincount.sagemaker.session import SageMakerOptions
 from bincount.sagemaker.training import BUILT_IN_RULES, SageMakerTrainingBackend
 from bincount.sagemaker.tuning import SageMakerTuningBackend, TuningSpec, get_tuning_backend
 from bincount.sagemaker.waiting import (
-    TRAINING_JOB, TRAINING_LOG_GROUP, TRANSFORM_LOG_GROUP, Backoff, LogFollower, SageMakerJobFailed, SageMakerWaitTimeout, wait_for,
+    TRAINING_JOB,
+    TRAINING_LOG_GROUP,
+    TRANSFORM_LOG_GROUP,
+    Backoff,
+    LogFollower,
+    SageMakerJobFailed,
+    SageMakerWaitTimeout,
+    wait_for,
 )
 from bincount.serving.backend import DeployError, EndpointNotFoundError, get_serving_backend
 from bincount.training.backend import get_training_backend
@@ -256,6 +263,7 @@ def test_training_job_request_with_debugger_rules_profiler_and_spot(
     (request,) = captured("CreateTrainingJob")
     assert decoded(request["HyperParameters"]) == {
         "lr": 0.05, "batch-size": 64, "epochs": 3, "arch": "resnet50", "debugger": True, "profile": True,
+        "checkpoint-dir": "/opt/ml/checkpoints",  # spot: train.py resumes from what SageMaker syncs to CheckpointConfig
         "sagemaker_program": "train.py", "sagemaker_container_log_level": 20, "sagemaker_job_name": name,
         "sagemaker_region": REGION,
         "sagemaker_submit_directory": f"{settings.artifact_uri('jobs')}/{name}/source/sourcedir.tar.gz",

@@ -223,7 +223,10 @@ class SageMakerServingBackend(SageMakerBackendBase):
             if previous_config is None:
                 raise DeployError(self._left_new_endpoint(name, failed)) from None
             self._roll_back(name, previous_config, failed)
-            serves = f" (model version {stored.version})" if stored is not None else ""
+            version_back = None if stored is None else (
+                stored.version if stored.details.get("endpoint_config") == previous_config else stored.previous_version
+            )
+            serves = f" (model version {version_back})" if version_back else ""
             raise DeployError(
                 f"{failed}. Rolled back: endpoint {name!r} serves its previous config {previous_config}{serves} again. "
                 f"Look at the endpoint's log (CloudWatch group /aws/sagemaker/Endpoints/{name}), fix the model, then deploy again."

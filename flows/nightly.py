@@ -25,7 +25,7 @@ from bincount.serving.backend import EndpointNotFoundError, get_serving_backend
 from flows.data import DataOptions, prepare_data
 from flows.train import TrainOptions, retrain_model, train_model
 from tasks.deploy import deploy_model
-from tasks.evaluate import evaluate_model_task
+from tasks.evaluate import evaluate_and_publish
 
 
 def publish_decision(decision: Decision) -> None:
@@ -93,7 +93,9 @@ def nightly_retrain(
     except EndpointNotFoundError:
         serving_model_uri = None
     serving = (
-        evaluate_model_task(settings, serving_model_uri, prepared.channels["test"]).to_dict() if serving_model_uri else None
+        evaluate_and_publish(settings, serving_model_uri, prepared.channels["test"], role="serving").to_dict()
+        if serving_model_uri
+        else None
     )
     decision = decide(endpoint_name, challenger.evaluation, challenger.model_uri, serving, serving_model_uri, margin)
     logger.info("%s: %s", "Promoting" if decision.promoted else "Keeping the serving model", decision.reason)

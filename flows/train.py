@@ -3,7 +3,7 @@
     tune-hyperparameters (train-trial x max_jobs, max_parallel_jobs at a time) -> report-tuning
         -> run-training-job (best hyperparameters, train+valid, debugger + profiler)
         -> check-debugger-rules, summarize-profile
-        -> evaluate-model (test channel)
+        -> evaluate-model (test channel; the confusion matrix published even when cached)
 
 Tuning fits on ``train`` and scores each epoch on ``valid`` (the objective, ``eval:accuracy``),
 keeping each trial's best epoch. The retrain fits on ``train`` + ``valid`` for the best trial's
@@ -21,13 +21,12 @@ from prefect.context import get_run_context
 from pydantic import BaseModel, Field
 
 from bincount.config import Settings
-from bincount.training.jobs import TrainingJobFailed, TrainingJobSpec, job_name
-from bincount.sagemaker.naming import short_hash, stage_job_name
 from bincount.sagemaker.tuning import TuningSpec
+from bincount.training.jobs import TrainingJobFailed, TrainingJobSpec, job_name, short_hash
 from bincount.training.search_space import SEEDS_SEARCH_SPACE, space_from_dicts
 from bincount.training.tuning import LocalTuner
 from sm_scripts.metric_format import OBJECTIVE_METRIC
-from tasks.evaluate import evaluate_model_task
+from tasks.evaluate import evaluate_and_publish
 from tasks.train import check_debugger_rules_task, summarize_profile_task, train_model_task
 from tasks.tune import report_tuning_task, run_tuning_job_task, train_trial_task
 
@@ -108,7 +107,7 @@ def tune_hyperparameters(
     tuning_channels = {name: channels[name] for name in ("train", "valid")}
     if settings.profile == "aws":
         spec = TuningSpec(
-            name=stage_job_name("tune", run_tag, limit=32),
+            name=job_name("tune", run_tag, limit=32),
             space=tuple(space),
             static_hyperparameters=fixed_hyperparameters(options),
             channels=tuning_channels,
@@ -187,7 +186,7 @@ def retrain_model(
     )
     rules = check_debugger_rules_task(settings, job) if options.debugger else []
     profile = summarize_profile_task(settings, job) if options.profiler else None
-    evaluation = evaluate_model_task(settings, job.model_uri, channels["test"])
+    evaluation = evaluate_and_publish(settings, job.model_uri, channels["test"])
     return TrainedModel(
         job_name=job.name,
         model_uri=job.model_uri,

@@ -7,6 +7,7 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
 
 from bincount.config import Settings
 from bincount.serving.backend import get_serving_backend
@@ -57,7 +58,7 @@ def batch_transform_task(
             logged["at"] = done
             logger.info("%d/%d images done", done, total)
 
-    summary = get_serving_backend(settings).batch_transform(
+    summary = get_serving_backend(settings, run_key=str(flow_run.id)).batch_transform(
         model_uri, input_uri, output_uri, batch_size=batch_size, labels_uri=labels_uri, progress=progress
     )
     for error in summary.errors:

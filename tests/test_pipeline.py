@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 from collections.abc import Iterator
@@ -12,7 +13,14 @@ import boto3
 import numpy as np
 import pytest
 from prefect import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterParentTaskRunId
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterKey,
+    FlowRunFilter,
+    FlowRunFilterId,
+    FlowRunFilterParentTaskRunId,
+)
+from prefect.client.schemas.sorting import ArtifactSort
 
 from bincount.config import Settings
 from bincount.demo_data import generate_demo_bucket, jpeg_bytes, render_bin_image
@@ -98,6 +106,17 @@ LEARNS = {"lr": 0.003, "batch-size": 32, "epochs": 10}  # about 0.45 test accura
 DIVERGES = {**LEARNS, "lr": 50.0}  # a deliberately worse challenger: it predicts one count for every photo
 
 
+def latest_artifact_description(key: str) -> str:
+    async def read() -> str:
+        async with get_client() as client:
+            found = await client.read_artifacts(
+                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])), sort=ArtifactSort.CREATED_DESC, limit=1
+            )
+        return found[0].description or ""
+
+    return asyncio.run(read())
+
+
 def test_nightly_promotes_only_a_better_model(prefect_server, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("BINCOUNT_DATA_DIR", str(tmp_path / "raw"))
     bucket = (tmp_path / "bucket").as_uri()
@@ -117,6 +136,9 @@ def test_nightly_promotes_only_a_better_model(prefect_server, tmp_path: Path, mo
         assert not worse["promoted"], worse["reason"]
         assert worse["challenger_score"] < worse["serving_score"] + 0.01
         assert backend.describe("nightly-test").model_uri == first["challenger_model_uri"]
+        trained, serving = latest_artifact_description("confusion-matrix"), latest_artifact_description("confusion-matrix-serving")
+        assert f"test accuracy {worse['challenger_score']:.4f}" in trained, "the trained model's own matrix"
+        assert f"test accuracy {worse['serving_score']:.4f}" in serving, "the serving model's matrix, kept apart"
 
         backend.deploy("nightly-test", worse["challenger_model_uri"])  # the worse model now serves
         registry.save_best_hyperparameters(LEARNS, "known-good", {})

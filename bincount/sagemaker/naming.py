@@ -9,10 +9,6 @@ from __future__ import annotations
 
 import re
 
-# Only until flows/train.py imports job_name and short_hash from bincount.training.jobs itself.
-from bincount.training.jobs import job_name as stage_job_name  # noqa: F401
-from bincount.training.jobs import short_hash  # noqa: F401
-
 NAME_LIMITS = {"training": 63, "tuning": 32, "transform": 63, "model": 63, "endpoint-config": 63}
 _VALID = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9])*$")
 

@@ -23,7 +23,6 @@ import datetime as dt
 import hashlib
 import json
 import logging
-import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -84,8 +83,8 @@ def smoke_request(image_size: int) -> bytes:
 class SageMakerServingBackend(SageMakerBackendBase):
     """Endpoints and batch transforms on SageMaker, behind :class:`bincount.serving.backend.ServingBackend`.
 
-    ``run_key`` names the flow run (default: ``$PREFECT__FLOW_RUN_ID``, which Prefect sets in a
-    deployment's flow-run process); transform job names hash it with the request.
+    ``run_key`` names the flow run (the batch-transform task passes its flow run's id); transform
+    job names hash it with the request, so a retried task finds its job and a new run starts its own.
     """
 
     def __init__(
@@ -94,12 +93,12 @@ class SageMakerServingBackend(SageMakerBackendBase):
         options: SageMakerOptions | None = None,
         session: Any = None,
         cache_dir: Path | None = None,
-        run_key: str | None = None,
+        run_key: str = "",
     ) -> None:
         super().__init__(settings, options, session)
         self.storage = storage_for(settings)
         self.cache_dir = cache_dir or Path(tempfile.gettempdir()) / "bincount-sagemaker-models"
-        self.run_key = run_key if run_key is not None else os.environ.get("PREFECT__FLOW_RUN_ID", "")
+        self.run_key = run_key
 
     @property
     def client(self) -> Any:
@@ -110,7 +109,8 @@ class SageMakerServingBackend(SageMakerBackendBase):
         """The SageMaker Model serving ``model_uri`` with inference.py on ``instance_type``; created if absent."""
         from sagemaker.pytorch import PyTorchModel
 
-        code = hashlib.sha256((SM_SCRIPTS_DIR / INFERENCE_ENTRY_POINT).read_bytes()).hexdigest()
+        # inference.py imports train.py's build_model: the model serves all of sm_scripts/
+        code = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(SM_SCRIPTS_DIR.glob("*.py")))).hexdigest()
         identity = (model_uri, code, self.options.framework_version, self.options.py_version, instance_type)
         name = check_name(f"bincount-model-{version}-{short_hash(*identity, length=8)}", "model")
         try:

@@ -120,14 +120,14 @@ class ServingBackend(Protocol):
         ...
 
 
-def get_serving_backend(settings: Settings, host_options: HostOptions | None = None) -> ServingBackend:
-    """The serving backend for ``settings.profile``."""
+def get_serving_backend(settings: Settings, host_options: HostOptions | None = None, run_key: str = "") -> ServingBackend:
+    """The serving backend for ``settings.profile``; ``run_key`` (the flow run) keeps SageMaker job names unique per run."""
     if settings.profile == "local":
         return LocalServingBackend(settings, host_options=host_options)
     if settings.profile == "aws":
         from bincount.sagemaker.serving import SageMakerServingBackend
 
-        return SageMakerServingBackend(settings)
+        return SageMakerServingBackend(settings, run_key=run_key)
     raise NotImplementedError(
         f"serving on profile {settings.profile!r} is not built yet: use BINCOUNT_PROFILE=local"
     )

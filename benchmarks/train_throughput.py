@@ -7,7 +7,9 @@ one process, epochs interleaved (this machine is shared and noisy):
   ``Normalize`` every epoch in a ``DataLoader`` (``num_workers=0``), NCHW, fp32;
 - train.py's way: its functions (``load_channel`` decodes and resizes once into a uint8 cache,
   ``batches`` slices, flips and normalizes on tensors, channels_last), and with ``--compile`` its
-  ``torch.compile`` (compiled during the untimed warm-up epoch).
+  ``torch.compile`` (compiled during the untimed warm-up epoch);
+- the compute bound: train.py's model and step on one ready-made batch, over and over (no data path
+  at all). No data path can beat it, so ``bound / seeds`` is the most any data-side change can give.
 
     .venv/bin/python benchmarks/train_throughput.py                     # resnet18, 224 px, 192 images
     .venv/bin/python benchmarks/train_throughput.py --compile                 # train.py --compile true
@@ -126,6 +128,12 @@ def main() -> None:
             data = batches(cache, args.batch_size, device, mean, std, True, "flip", generator, min_batch=2)
             return train_one_epoch(ours_forward, criterion, ours_optimizer, data, device, False, [], [])[2]
 
+        ready = next(batches(cache, args.batch_size, device, mean, std, False))
+
+        def bound_epoch() -> float:
+            data = iter([ready] * (len(cache) // args.batch_size))
+            return train_one_epoch(ours_forward, criterion, ours_optimizer, data, device, False, [], [])[2]
+
         print(f"{args.arch} at {args.image_size}px, {len(dataset)} images, batch {args.batch_size}, "
               f"{torch.get_num_threads()} threads, train.py compile {args.compile}; "
               f"train.py's cache built in {cache_s:.1f}s", flush=True)
@@ -133,16 +141,20 @@ def main() -> None:
         start = time.perf_counter()
         ours_epoch()
         print(f"warm-up epoch of train.py took {time.perf_counter() - start:.1f}s", flush=True)
-        seeds, ours = [], []
+        seeds, ours, bound = [], [], []
         for epoch in range(1, args.epochs + 1):
             seeds.append(seeds_epoch(seeds_model, loader, seeds_optimizer))
             ours.append(ours_epoch())
-            print(f"epoch {epoch}: seeds' way {seeds[-1]:.1f} images/s, train.py {ours[-1]:.1f} images/s", flush=True)
+            bound.append(bound_epoch())
+            print(f"epoch {epoch}: seeds' way {seeds[-1]:.1f} images/s, train.py {ours[-1]:.1f} images/s, "
+                  f"compute bound {bound[-1]:.1f} images/s", flush=True)
 
-    seeds_ips, ours_ips = statistics.median(seeds), statistics.median(ours)
+    seeds_ips, ours_ips, bound_ips = statistics.median(seeds), statistics.median(ours), statistics.median(bound)
     epoch_images = len(dataset)
     with_cache = epoch_images * args.epochs / (epoch_images * args.epochs / ours_ips + cache_s)
     print(f"\nmedian images/s: seeds' way {seeds_ips:.1f}, train.py {ours_ips:.1f}: ratio {ours_ips / seeds_ips:.2f}x")
+    print(f"compute bound {bound_ips:.1f} images/s: ratio {bound_ips / seeds_ips:.2f}x (the most a data path can give); "
+          f"train.py reaches {ours_ips / bound_ips:.0%} of it")
     print(f"counting the one-time cache over {args.epochs} epochs: train.py {with_cache:.1f} images/s, "
           f"ratio {with_cache / seeds_ips:.2f}x")
 

@@ -38,7 +38,7 @@ from bincount.storage import Storage
 @dataclass
 class RuleResult:
     rule: str
-    status: str  # passed, fired, or not_evaluated (the tensors it needs were not saved)
+    status: str  # passed, fired, not_evaluated (the tensors or verdict are missing), or error (SageMaker: the rule failed)
     evidence: str
 
     def to_dict(self) -> dict[str, Any]:

@@ -122,14 +122,27 @@ def load_channel(root: Path, classes: list[str], image_size: int, threads: int) 
     return ImageCache(images, torch.tensor(labels, dtype=torch.long), [str(p) for p in files])
 
 
+def square_symmetries(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Flip each square image vertically and transpose it, each with probability 1/2 (after a horizontal
+    flip, that draws each of the square's eight symmetries with equal chance)."""
+    n = images.shape[0]
+    vertical, transpose = (torch.rand(2, n, generator=generator) < 0.5).to(images.device)[:, :, None, None, None]
+    images = torch.where(vertical, images.flip(-2), images)
+    return torch.where(transpose, images.transpose(-1, -2), images)
+
+
 def augment(images: torch.Tensor, mode: str, generator: torch.Generator) -> torch.Tensor:
-    """Augment a uint8 batch on the tensor: ``flip`` (horizontal), ``standard`` (flip, shift, brightness)."""
+    """Augment a uint8 batch on the tensor: ``flip`` (horizontal), ``standard`` (flip, shift, brightness),
+    ``strong`` (standard, plus vertical flips and transposes: with them every one of the square's eight
+    symmetries; a bin photographed from above holds as many items whichever way it is turned)."""
     if mode == "none":
         return images
     n = images.shape[0]
     flip = torch.rand(n, generator=generator) < 0.5
     images = torch.where(flip.to(images.device)[:, None, None, None], images.flip(-1), images)
-    if mode == "standard":
+    if mode == "strong":
+        images = square_symmetries(images, generator)
+    if mode in ("standard", "strong"):
         size = images.shape[-1]
         pad = max(1, size // 16)
         padded = torch.nn.functional.pad(images, (pad, pad, pad, pad), mode="replicate")
@@ -761,7 +774,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--weight-decay", type=float, default=0.0, help="weight decay (default: 0)")
     group.add_argument("--lr-scheduler", default="none", choices=("none", "cosine"), help="schedule (default: none)")
     group.add_argument("--label-smoothing", type=float, default=0.0, help="label smoothing (default: 0)")
-    group.add_argument("--augment", default="flip", choices=("none", "flip", "standard"), help="(default: flip)")
+    group.add_argument("--augment", default="flip", choices=("none", "flip", "standard", "strong"), help="(default: flip)")
     group.add_argument("--class-weights", default="none", choices=("none", "balanced"), help="loss weights (default: none)")
     group.add_argument(
         "--early-stopping-patience", type=int, default=0, help="stop after N epochs without improvement; 0 never (default: 0)"

@@ -20,6 +20,7 @@ from bincount.storage import storage_for
 from bincount.training import TrainingJobSpec
 from bincount.training.local import LocalTrainingBackend
 from sm_scripts.metric_format import EPOCH_FIELDS, METRIC_DEFINITIONS, METRIC_NAMES, format_epoch_line, parse_metrics
+from sm_scripts.train import augment, square_symmetries
 
 SM_SCRIPTS = Path(__file__).resolve().parents[1] / "sm_scripts"
 TINY = ["--arch", "resnet18", "--image-size", "32", "--batch-size", "16", "--optimizer", "adamw", "--lr", "0.001"]
@@ -101,6 +102,24 @@ def test_metric_line_round_trips_odd_values() -> None:
     assert parsed["epoch"] == 3 and parsed["train:lr"] == 1e-05
     assert parsed["train:loss"] != parsed["train:loss"]  # nan survives as nan
     assert parse_metrics("best_epoch: 3 nothing else") == {}
+
+
+def test_square_symmetries_draw_all_eight_and_keep_each_image() -> None:
+    image = torch.arange(3 * 4 * 4, dtype=torch.uint8).view(1, 3, 4, 4)  # every pixel distinct
+    turned = [image.rot90(k, (-2, -1)) for k in range(4)]
+    symmetries = [*turned, *(t.flip(-1) for t in turned)]
+    batch = image.repeat(200, 1, 1, 1)
+    batch[::2] = batch[::2].flip(-1)  # augment's random horizontal flip comes first
+    out = square_symmetries(batch, torch.Generator().manual_seed(0))
+    drawn = [next(i for i, s in enumerate(symmetries) if torch.equal(o[None], s)) for o in out]  # StopIteration if none
+    assert sorted(set(drawn)) == list(range(8))
+    assert min(drawn.count(i) for i in range(8)) > 10
+
+
+def test_strong_augmentation_keeps_shape_and_type() -> None:
+    images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
+    out = augment(images, "strong", torch.Generator().manual_seed(1))
+    assert out.shape == images.shape and out.dtype == torch.uint8 and not torch.equal(out, images)
 
 
 def test_imagenet_weights_offline_fail_clearly(tmp_path: Path, demo_channels: dict[str, Path]) -> None:

@@ -12,8 +12,12 @@ Flags after ``--`` go to train.py as they are (they override the recipe below).
 
 Measured on the 2-core CPU (EfficientNet-Lite0 ImageNet start; 460 test images):
 
+    .venv/bin/python benchmarks/train_quality.py -- --lr 0.0003 --epochs 6
+    test accuracy 0.343, RMSE 1.27, within-one 0.791 (valid 0.414, epoch 4 kept); 29 min
+    .venv/bin/python benchmarks/train_quality.py -- --lr 0.0003 --epochs 6 --augment strong
+    test accuracy 0.302, RMSE 1.29, within-one 0.791 (valid 0.386, epoch 5 kept); 28 min
     .venv/bin/python benchmarks/train_quality.py -- --image-size 160 --epochs 3 --log-interval 20
-    fine-tuned: test accuracy 0.333, RMSE 1.28, within-one 0.791 (valid 0.390, epoch 1 kept); 8 min
+    test accuracy 0.333, RMSE 1.28, within-one 0.791 (valid 0.390, epoch 1 kept); 8 min
     .venv/bin/python benchmarks/train_quality.py -- --freeze-backbone true --augment none --epochs 40 \\
         --lr 0.001 --batch-size 128 --weight-decay 0.5 --log-interval 0
     head on frozen features: test accuracy 0.324, RMSE 1.49, within-one 0.711 (valid 0.346); 5 min

@@ -11,10 +11,9 @@ from prefect.cache_policies import NO_CACHE
 from prefect.concurrency.sync import concurrency
 
 from bincount.config import Settings
-from bincount.sagemaker.training import SageMakerTrainingBackend
 from bincount.storage import storage_for
 from bincount.training import TrainingJob, TrainingJobSpec, get_training_backend
-from bincount.training.debugger import RuleResult, check_job_rules
+from bincount.training.debugger import RuleResult
 from bincount.training.jobs import read_from_archive
 from bincount.training.plots import training_curves
 from tasks.artifacts import publish_plot
@@ -64,14 +63,8 @@ def check_debugger_rules_task(settings: Settings, job: TrainingJob) -> list[Rule
     for them); locally the same checks run here on the job's smdebug output.
     """
     logger = get_run_logger()
-    if not job.debug_output_uri:
-        raise ValueError(f"job {job.name} saved no debugger output: run it with debugger=True")
-    if settings.profile == "aws":
-        logger.info("Waiting for SageMaker's debugger rules on %s", job.name)
-        results: list[RuleResult] = list(SageMakerTrainingBackend(settings).rule_results(job.name, on_event=logger.info))
-    else:
-        logger.info("Checking debugger rules on %s", job.debug_output_uri)
-        results = check_job_rules(storage_for(settings), job.debug_output_uri)
+    logger.info("Debugger rules on %s (profile %s)", job.name, settings.profile)
+    results = get_training_backend(settings).rule_results(job, on_event=logger.info)
     for result in results:
         level = logging.WARNING if result.status in ("fired", "error") else logging.INFO
         logger.log(level, "%s %s: %s", result.rule, result.status, result.evidence)

@@ -854,14 +854,14 @@ def test_rule_results_wait_for_every_rule_and_report_errors_as_errors(
 ) -> None:
     backend = SageMakerTrainingBackend(settings, options)
     name = job_name("retrain", uuid.uuid4().hex)
-    backend.train(spec(settings, name, debugger=True))
+    job = backend.train(spec(settings, name, debugger=True))
     partly = {**IN_PROGRESS, "LossNotDecreasing": VERDICTS["LossNotDecreasing"]}
     moto_sagemaker.scripts[name] = [
         {"debug_rule_evaluation_statuses": rule_statuses(name, states)} for states in (IN_PROGRESS, IN_PROGRESS, partly, VERDICTS)
     ]
     events: list[str] = []
     sleeps: list[float] = []
-    results = backend.rule_results(name, events.append, sleep=sleeps.append)
+    results = backend.rule_results(job, events.append, sleep=sleeps.append)
     assert sleeps == [0.01, 0.015, 0.0225]  # polled with backoff until no rule was InProgress
     assert [(r.rule, r.status) for r in results] == [
         ("loss_not_decreasing", "passed"), ("overfit", "fired"), ("overtraining", "passed"),
@@ -879,14 +879,14 @@ def test_rules_still_running_at_the_timeout_are_not_evaluated(
 ) -> None:
     backend = SageMakerTrainingBackend(settings, options.model_copy(update={"rules_timeout_s": 0.2}))
     name = job_name("retrain", uuid.uuid4().hex)
-    backend.train(spec(settings, name, debugger=True))
+    job = backend.train(spec(settings, name, debugger=True))
     moto_sagemaker.scripts[name] = [
         {"debug_rule_evaluation_statuses": rule_statuses(name, {**VERDICTS, "Overtraining": ("InProgress", None)})}
         for _ in range(100)
     ]
     now = [0.0]
     events: list[str] = []
-    results = backend.rule_results(name, events.append, sleep=lambda s: now.__setitem__(0, now[0] + s), clock=lambda: now[0])
+    results = backend.rule_results(job, events.append, sleep=lambda s: now.__setitem__(0, now[0] + s), clock=lambda: now[0])
     assert now[0] == pytest.approx(0.2)
     overtraining = next(r for r in results if r.rule == "overtraining")
     assert (overtraining.status, overtraining.evidence) == ("not_evaluated", "still InProgress after 0 s")

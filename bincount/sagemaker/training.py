@@ -221,13 +221,13 @@ class SageMakerTrainingBackend(SageMakerBackendBase):
 
     def rule_results(
         self,
-        job_name: str,
+        job: TrainingJob,
         on_event: EventSink | None = None,
         *,
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
-    ) -> list[RuleVerdict]:
-        """SageMaker's verdicts of the built-in rules on ``job_name``, once no rule is still running.
+    ) -> list[RuleResult]:
+        """SageMaker's verdicts of the built-in rules on ``job``, once no rule is still running.
 
         The rules run in processing jobs of their own, during and after training. This polls
         DescribeTrainingJob's ``DebugRuleEvaluationStatuses`` with backoff for up to
@@ -239,7 +239,7 @@ class SageMakerTrainingBackend(SageMakerBackendBase):
         StatusDetails as evidence and the rule's processing job.
         """
         sink: EventSink = on_event or (lambda line: logger.info("%s", line))
-        client = self.session.sagemaker_client
+        client, job_name = self.session.sagemaker_client, job.name
         statuses: list[dict[str, Any]] = []
         reported: dict[str, str] = {}
 

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from bincount.config import Settings
+from bincount.training.debugger import RuleResult
 from bincount.training.jobs import TrainingJob, TrainingJobSpec
 
 LogSink = Callable[[str], None]
@@ -22,6 +23,10 @@ class TrainingBackend(Protocol):
         self, spec: TrainingJobSpec, on_log: LogSink | None = None, should_stop: StopCheck | None = None
     ) -> TrainingJob:
         """Run a training job to its end; raise :class:`TrainingJobFailed` if it fails."""
+        ...
+
+    def rule_results(self, job: TrainingJob, on_event: LogSink | None = None) -> list[RuleResult]:
+        """The debugger rules' verdicts on ``job`` (run with ``debugger=True``), named alike on every backend."""
         ...
 
 

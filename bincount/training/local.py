@@ -32,6 +32,7 @@ from typing import Any
 from bincount.config import Settings
 from bincount.storage import Storage, join_uri, storage_for
 from bincount.training.backend import LogSink, StopCheck
+from bincount.training.debugger import RuleResult, check_job_rules
 from bincount.training.jobs import TrainingJob, TrainingJobFailed, TrainingJobSpec
 from sm_scripts.metric_format import parse_metrics
 
@@ -107,6 +108,12 @@ class LocalTrainingBackend:
         self.settings = settings
         self.storage = storage or storage_for(settings)
         self.python = python
+
+    def rule_results(self, job: TrainingJob, on_event: LogSink | None = None) -> list[RuleResult]:
+        """The checks that mean what SageMaker's built-in rules mean, run here on the job's smdebug output."""
+        if not job.debug_output_uri:
+            raise ValueError(f"job {job.name} saved no debugger output: run it with debugger=True")
+        return check_job_rules(self.storage, job.debug_output_uri)
 
     def train(
         self, spec: TrainingJobSpec, on_log: LogSink | None = None, should_stop: StopCheck | None = None

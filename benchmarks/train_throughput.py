@@ -22,8 +22,7 @@ Measured on the 2-core CPU (shared, noisy), 125-190 real photos, batch 32, media
 resnet18 224 px 1.28x (10.1 -> 12.9 images/s), with --compile 1.16x; resnet18 112 px 1.15x. On a
 quiet machine (``--images 160``): seeds' way 13.0, train.py 15.1, compute bound 15.2 images/s, so
 train.py's data path costs nothing measurable and the ceiling for any data path is 1.17x here: the
-1.5x target cannot be reached on this CPU without changing the model's arithmetic (bf16 autocast,
-the usual lever, runs about 4x slower than fp32 on a CPU without AMX or AVX512-BF16).
+1.5x target cannot be reached on this CPU without changing the model's arithmetic.
 """
 
 from __future__ import annotations

@@ -3,7 +3,6 @@ mean/std (the normalization that train.py and inference.py apply)."""
 
 from __future__ import annotations
 
-import io
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,24 +80,3 @@ def class_count_rows(report: DataReport) -> list[dict[str, int | str]]:
         {"count": label, **{split: report.class_counts[split].get(label, 0) for split in report.class_counts}}
         for label in labels
     ]
-
-
-def data_report_png(report: DataReport) -> bytes:
-    """Class balance per split beside the most common image sizes, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, (balance, sizes) = plt.subplots(1, 2, figsize=(11, 4))
-    table = pd.DataFrame(report.class_counts).fillna(0).sort_index()
-    table.plot.bar(ax=balance, rot=0)
-    balance.set(title="Images per count and split", xlabel="items in bin", ylabel="images")
-    top = list(report.image_sizes.items())[:8]
-    sizes.barh([name for name, _ in top][::-1], [n for _, n in top][::-1], color="tab:gray")
-    sizes.set(title="Most common image sizes", xlabel="images")
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=90)
-    plt.close(figure)
-    return buffer.getvalue()

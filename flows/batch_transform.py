@@ -9,11 +9,10 @@ writes them), ``results.csv`` (id, predicted count, probabilities, label where k
 
 from __future__ import annotations
 
-from typing import Any
-
 from prefect import flow
 
 from bincount.config import Settings, to_uri
+from bincount.contracts.serving import BatchTransformSummary
 from tasks.batch_transform import batch_transform_task, resolve_model_task
 
 
@@ -25,9 +24,8 @@ def batch_transform(
     endpoint_name: str | None = "bincount",
     batch_size: int = 16,
     labels_uri: str | None = None,
-    artifact_root: str | None = None,
-    s3_endpoint_url: str | None = None,
-) -> dict[str, Any]:
+    settings: Settings | None = None,
+) -> BatchTransformSummary:
     """Score every .jpg/.jpeg/.png under ``input_uri``.
 
     Args:
@@ -37,9 +35,8 @@ def batch_transform(
         endpoint_name: endpoint whose model to use when no model_uri is given.
         batch_size: images per forward pass.
         labels_uri: CSV with id and label columns (e.g. a dataset's split.csv) for the results table.
-        artifact_root: where endpoint records live (default: BINCOUNT_ARTIFACT_ROOT, else ./.bincount).
-        s3_endpoint_url: S3-compatible endpoint for MinIO or LocalStack (default: AWS).
+        settings: where endpoint records live and which backend scores (default: the BINCOUNT_* variables).
     """
-    settings = Settings.load(artifact_root=artifact_root, s3_endpoint_url=s3_endpoint_url)
+    settings = settings or Settings.load()
     model = resolve_model_task(settings, model_uri, endpoint_name)
     return batch_transform_task(settings, model, to_uri(input_uri), to_uri(output_uri), batch_size, labels_uri)

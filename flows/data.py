@@ -10,8 +10,8 @@ split. Transient S3 failures are retried.
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
 from prefect import flow
+from pydantic import BaseModel, Field
 
 from bincount.config import Settings
 from bincount.download import Ledger
@@ -55,22 +55,16 @@ class PreparedData(BaseModel):
 
 @flow(name="prepare-data")
 def prepare_data(
-    options: DataOptions = DataOptions(),
-    source_uri: str | None = None,
-    artifact_root: str | None = None,
-    s3_endpoint_url: str | None = None,
-    refresh: bool = False,
+    options: DataOptions = DataOptions(), settings: Settings | None = None, refresh: bool = False
 ) -> PreparedData:
     """Download the manifest's images, split them, sync the splits to their channels, report.
 
     Args:
         options: what to download and how to split it.
-        source_uri: bucket laid out like ABID (default: BINCOUNT_SOURCE_URI, else s3://aft-vbi-pds).
-        artifact_root: where datasets are written (default: BINCOUNT_ARTIFACT_ROOT, else ./.bincount).
-        s3_endpoint_url: S3-compatible endpoint for MinIO or LocalStack (default: AWS).
+        settings: the source bucket, where datasets are written, the S3 endpoint (default: the BINCOUNT_* variables).
         refresh: run every stage again instead of using cached results.
     """
-    settings = Settings.load(source_uri=source_uri, artifact_root=artifact_root, s3_endpoint_url=s3_endpoint_url)
+    settings = settings or Settings.load()
     dataset_uri = settings.artifact_uri("datasets", options.dataset)
     split_uri = join_uri(dataset_uri, "split.csv")
     channels_uri = join_uri(dataset_uri, "channels")

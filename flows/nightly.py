@@ -21,7 +21,8 @@ from prefect.events import emit_event
 
 from bincount.config import Settings
 from bincount.registry import Decision, Registry, decide
-from bincount.serving.backend import EndpointNotFoundError, get_serving_backend
+from bincount.contracts.serving import EndpointNotFoundError
+from bincount.factory import get_serving_backend
 from flows.data import DataOptions, prepare_data
 from flows.train import TrainOptions, retrain_model, train_model
 from tasks.deploy import deploy_model
@@ -56,9 +57,7 @@ def nightly_retrain(
     endpoint_name: str = "bincount",
     margin: float = 0.01,
     retune: bool = False,
-    source_uri: str | None = None,
-    artifact_root: str | None = None,
-    s3_endpoint_url: str | None = None,
+    settings: Settings | None = None,
 ) -> dict[str, Any]:
     """Refresh the data, retrain, and deploy the new model only if it beats the serving one.
 
@@ -68,25 +67,20 @@ def nightly_retrain(
         endpoint_name: the endpoint whose model the challenger must beat.
         margin: how much higher the challenger's test accuracy must be to replace the serving model.
         retune: search hyperparameters again instead of reusing the best known ones.
-        source_uri: bucket laid out like ABID (default: BINCOUNT_SOURCE_URI, else s3://aft-vbi-pds).
-        artifact_root: where datasets, models and records live (default: BINCOUNT_ARTIFACT_ROOT, else ./.bincount).
-        s3_endpoint_url: S3-compatible endpoint for MinIO or LocalStack (default: AWS).
+        settings: the profile, source bucket, artifact root, S3 endpoint and region (default: the BINCOUNT_* variables).
     """
     logger = get_run_logger()
-    settings = Settings.load(source_uri=source_uri, artifact_root=artifact_root, s3_endpoint_url=s3_endpoint_url)
+    settings = settings or Settings.load()
     registry = Registry(settings, endpoint_name)
 
-    prepared = prepare_data(data, source_uri, artifact_root, s3_endpoint_url, refresh=True)
+    prepared = prepare_data(data, settings, refresh=True)
     known = None if retune else registry.best_hyperparameters()
     if known is None:
         logger.info("No known best hyperparameters for %r (or retune=True): tuning first", endpoint_name)
-        challenger = train_model(prepared.channels, training, artifact_root, s3_endpoint_url)
-        registry.save_best_hyperparameters(
-            challenger.tuning_leaderboard[0]["hyperparameters"], challenger.job_name, challenger.evaluation
-        )
+        challenger = train_model(prepared.channels, training, settings)
     else:
         logger.info("Retraining with the best known hyperparameters %s", known)
-        challenger = retrain_model(prepared.channels, known, training, artifact_root, s3_endpoint_url)
+        challenger = retrain_model(prepared.channels, known, training, settings)
 
     try:
         serving_model_uri: str | None = get_serving_backend(settings).describe(endpoint_name).model_uri
@@ -97,9 +91,10 @@ def nightly_retrain(
         if serving_model_uri
         else None
     )
-    decision = decide(endpoint_name, challenger.evaluation, challenger.model_uri, serving, serving_model_uri, margin)
+    decision = decide(endpoint_name, challenger.evaluation.to_dict(), challenger.model_uri, serving, serving_model_uri, margin)
     logger.info("%s: %s", "Promoting" if decision.promoted else "Keeping the serving model", decision.reason)
     if decision.promoted:
+        registry.save_best_hyperparameters(challenger.hyperparameters, challenger.job_name, challenger.evaluation.to_dict())
         deploy_model(settings, endpoint_name, challenger.model_uri)
     registry.record(decision)
     publish_decision(decision)

@@ -13,12 +13,12 @@ cached. The best hyperparameters are kept in the registry for the nightly retrai
 
 from __future__ import annotations
 
-from typing import Any
-
 from prefect import flow, get_run_logger
 from pydantic import BaseModel
 
 from bincount.config import Settings
+from bincount.contracts.serving import BatchTransformSummary, EndpointRecord
+from bincount.evaluation import Evaluation
 from bincount.registry import Registry
 from bincount.storage import join_uri
 from flows.batch_transform import batch_transform
@@ -34,9 +34,9 @@ class QualityGateError(RuntimeError):
 class PipelineResult(BaseModel):
     dataset_split_uri: str
     model_uri: str
-    evaluation: dict[str, Any]
-    endpoint: dict[str, Any]
-    batch_transform: dict[str, Any]
+    evaluation: Evaluation
+    endpoint: EndpointRecord
+    batch_transform: BatchTransformSummary
 
 
 @flow(name="bincount-pipeline")
@@ -45,9 +45,7 @@ def pipeline(
     training: TrainOptions = TrainOptions(),
     endpoint_name: str = "bincount",
     min_accuracy: float = 0.0,
-    source_uri: str | None = None,
-    artifact_root: str | None = None,
-    s3_endpoint_url: str | None = None,
+    settings: Settings | None = None,
     refresh: bool = False,
 ) -> PipelineResult:
     """Download, split, upload, tune, retrain, evaluate, deploy and batch-transform.
@@ -57,34 +55,32 @@ def pipeline(
         training: model, hyperparameters, search space and budget, debugger and profiler.
         endpoint_name: the endpoint to create or update with the new model.
         min_accuracy: the quality gate: test accuracy below this stops the run before deploying.
-        source_uri: bucket laid out like ABID (default: BINCOUNT_SOURCE_URI, else s3://aft-vbi-pds).
-        artifact_root: where datasets, models and endpoint records go (default: BINCOUNT_ARTIFACT_ROOT, else ./.bincount).
-        s3_endpoint_url: S3-compatible endpoint for MinIO or LocalStack (default: AWS).
+        settings: the profile (local or aws), source bucket, artifact root, S3 endpoint and region
+            (default: the BINCOUNT_* variables; what is given here wins).
         refresh: run every stage again instead of using cached results.
     """
     logger = get_run_logger()
-    settings = Settings.load(source_uri=source_uri, artifact_root=artifact_root, s3_endpoint_url=s3_endpoint_url)
+    settings = settings or Settings.load()
 
-    prepared = prepare_data(data, source_uri, artifact_root, s3_endpoint_url, refresh)
-    trained = train_model(prepared.channels, training, artifact_root, s3_endpoint_url)
-    Registry(settings, endpoint_name).save_best_hyperparameters(
-        trained.tuning_leaderboard[0]["hyperparameters"], trained.job_name, trained.evaluation
-    )
-    accuracy = trained.evaluation["accuracy"]
+    prepared = prepare_data(data, settings, refresh)
+    trained = train_model(prepared.channels, training, settings)
+    accuracy = trained.evaluation.accuracy
     if accuracy < min_accuracy:
         raise QualityGateError(
             f"test accuracy {accuracy:.3f} is below min_accuracy {min_accuracy:.3f}: {trained.model_uri} was not deployed. "
             "Tune longer, or lower min_accuracy if this bar is too high for the data."
         )
     logger.info("Test accuracy %.3f passes the gate (%.3f): deploying to %r", accuracy, min_accuracy, endpoint_name)
+    Registry(settings, endpoint_name).save_best_hyperparameters(
+        trained.hyperparameters, trained.job_name, trained.evaluation.to_dict()
+    )
     endpoint = deploy_model(settings, endpoint_name, trained.model_uri)
     scored = batch_transform(
         input_uri=prepared.channels["test"],
         output_uri=join_uri(settings.artifact_uri("batch-transform"), trained.job_name),
         model_uri=trained.model_uri,
         labels_uri=prepared.split_uri,
-        artifact_root=artifact_root,
-        s3_endpoint_url=s3_endpoint_url,
+        settings=settings,
     )
     return PipelineResult(
         dataset_split_uri=prepared.split_uri,

@@ -1,6 +1,7 @@
 """Flow: from prepared channels to a scored model.
 
-    tune-hyperparameters (train-trial x max_jobs, max_parallel_jobs at a time) -> report-tuning
+    tune-hyperparameters (train-trial x max_jobs, max_parallel_jobs at a time; one tuning job on SageMaker)
+        -> report-tuning
         -> run-training-job (best hyperparameters, train+valid, debugger + profiler)
         -> check-debugger-rules, summarize-profile
         -> evaluate-model (test channel; the confusion matrix published even when cached)
@@ -17,18 +18,20 @@ import os
 from typing import Any, Literal
 
 from prefect import flow, get_run_logger
-from prefect.context import get_run_context
+from prefect.futures import PrefectFuture
+from prefect.runtime import flow_run
 from pydantic import BaseModel, Field
 
 from bincount.config import Settings
-from bincount.sagemaker.tuning import TuningSpec
-from bincount.training.jobs import TrainingJobFailed, TrainingJobSpec, job_name, short_hash
-from bincount.training.search_space import SEEDS_SEARCH_SPACE, space_from_dicts
-from bincount.training.tuning import LocalTuner
-from sm_scripts.metric_format import OBJECTIVE_METRIC
+from bincount.contracts.naming import job_name
+from bincount.contracts.training import RuleResult, TrainingJob, TrainingJobSpec
+from bincount.contracts.tuning import SEEDS_SEARCH_SPACE, TrialSpec, TuningResult, TuningSpec, space_from_dicts
+from bincount.evaluation import Evaluation
+from bincount.factory import get_tuning_backend
+from sm_scripts.metric_format import OBJECTIVE_METRIC, OBJECTIVE_TYPE
 from tasks.evaluate import evaluate_and_publish
 from tasks.train import check_debugger_rules_task, summarize_profile_task, train_model_task
-from tasks.tune import report_tuning_task, run_tuning_job_task, train_trial_task
+from tasks.tune import report_tuning_task, train_trial_task
 
 Hyperparameter = str | int | float | bool
 
@@ -47,12 +50,12 @@ class TrainOptions(BaseModel):
     image_size: int = Field(default=224, ge=16, le=1024, description="Square input size in pixels.")
     hyperparameters: dict[str, Hyperparameter] = Field(
         default_factory=dict,
-        description="More train.py flags for every job, spelled like the flags: {\"optimizer\": \"adamw\"}.",
+        description='More train.py flags for every job, spelled like the flags: {"optimizer": "adamw"}.',
     )
     search_space: list[dict[str, Any]] | None = Field(
         default=None,
         description="Instead of the seeds' space (lr 0.01-0.1 log, batch-size {32,64,128}, epochs 1-10): "
-        "[{\"type\": \"continuous\"|\"integer\"|\"categorical\", \"name\": ..., \"low\"/\"high\" or \"values\": ...}].",
+        '[{"type": "continuous"|"integer"|"categorical", "name": ..., "low"/"high" or "values": ...}].',
     )
     max_jobs: int = Field(default=8, ge=1, le=100, description="Tuning trials in all (failed ones count).")
     max_parallel_jobs: int = Field(default=1, ge=1, le=16, description="Tuning trials run at once.")
@@ -62,14 +65,15 @@ class TrainOptions(BaseModel):
 
 
 class TrainedModel(BaseModel):
-    """What the pipeline's next stages need: the model and how good it is."""
+    """What the pipeline's next stages need: the model, how it was made and how good it is."""
 
     job_name: str
     model_uri: str
     hyperparameters: dict[str, Any]
-    tuning_leaderboard: list[dict[str, Any]]
-    evaluation: dict[str, Any]
-    debugger_rules: list[dict[str, Any]]
+    """Every train.py flag the retrain ran with: the full recipe, enough to train it again."""
+    tuning: TuningResult | None
+    evaluation: Evaluation
+    debugger_rules: list[RuleResult]
     profile: dict[str, Any] | None
 
 
@@ -83,67 +87,44 @@ def fixed_hyperparameters(options: TrainOptions) -> dict[str, Hyperparameter]:
     }
 
 
-def flow_run_tag() -> str:
-    """Short and unique per flow run, the same on a retry: job names built on it let a retried
-    task follow the job it already started."""
-    return short_hash(str(get_run_context().flow_run.id))
+def run_key() -> str:
+    """The flow run's id: job names built on it are unique per run and the same on a retry, so a
+    retried task follows the job it already started."""
+    return str(flow_run.id)
 
 
 @flow(name="tune-hyperparameters")
-def tune_hyperparameters(
-    channels: dict[str, str], options: TrainOptions, settings: Settings, run_tag: str
-) -> list[dict[str, Any]]:
-    """Search the space: locally with TPE, each trial a ``train-trial`` task run; on SageMaker (profile
-    ``aws``) as one tuning job. Returns the leaderboard, best first.
+def tune_hyperparameters(channels: dict[str, str], options: TrainOptions, settings: Settings) -> TuningResult:
+    """Search the space on the profile's tuning backend: locally with TPE, each trial a ``train-trial``
+    task run; on SageMaker one tuning job. Returns the trials, best first.
 
     Args:
         channels: channel URIs with ``train`` and ``valid``.
         options: fixed hyperparameters, search space and budget.
-        settings: where jobs write their results.
-        run_tag: makes this run's job names unique.
+        settings: where jobs write their results, and which backend runs them.
     """
     logger = get_run_logger()
-    space = space_from_dicts(options.search_space) if options.search_space else SEEDS_SEARCH_SPACE
-    tuning_channels = {name: channels[name] for name in ("train", "valid")}
-    if settings.profile == "aws":
-        spec = TuningSpec(
-            name=job_name("tune", run_tag, limit=32),
-            space=tuple(space),
-            static_hyperparameters=fixed_hyperparameters(options),
-            channels=tuning_channels,
-            output_uri=settings.artifact_uri("training-jobs"),
-            max_jobs=options.max_jobs,
-            max_parallel_jobs=options.max_parallel_jobs,
-        )
-        leaderboard = run_tuning_job_task(settings, spec)
-        report_tuning_task(leaderboard, OBJECTIVE_METRIC)
-        return [result.to_dict() for result in leaderboard]
+    spec = TuningSpec(
+        name=job_name("tune", run_key(), kind="tuning"),
+        space=space_from_dicts(options.search_space) if options.search_space else SEEDS_SEARCH_SPACE,
+        static_hyperparameters=fixed_hyperparameters(options),
+        channels={name: channels[name] for name in ("train", "valid")},
+        output_uri=settings.artifact_uri("training-jobs"),
+        max_jobs=options.max_jobs,
+        max_parallel_jobs=options.max_parallel_jobs,
+        objective_metric=OBJECTIVE_METRIC,
+        objective_type=OBJECTIVE_TYPE,
+        seed=options.seed,
+        local_cpus=max(1, (os.cpu_count() or 1) // options.max_parallel_jobs),
+    )
 
-    tuner = LocalTuner(space, options.max_jobs, options.max_parallel_jobs, OBJECTIVE_METRIC, seed=options.seed)
-    while not tuner.finished:
-        futures = []
-        for trial in tuner.ask():
-            spec = TrainingJobSpec(
-                name=job_name("trial", run_tag, trial.number),
-                hyperparameters={**fixed_hyperparameters(options), **trial.hyperparameters},
-                channels=tuning_channels,
-                output_uri=settings.artifact_uri("training-jobs"),
-                local_cpus=max(1, (os.cpu_count() or 1) // options.max_parallel_jobs),
-            )
-            futures.append((trial.number, train_trial_task.submit(settings, spec, trial, OBJECTIVE_METRIC, tuner.direction)))
-        for number, future in futures:
-            outcome = future.result(raise_on_failure=False)
-            if isinstance(outcome, BaseException):
-                reason = outcome.job.failure_reason if isinstance(outcome, TrainingJobFailed) else repr(outcome)
-                logger.warning("Trial %d failed; the search goes on: %s", number, reason)
-                tuner.tell(number, failure=reason)
-            else:
-                tuner.tell(number, job=outcome)
-    leaderboard = tuner.leaderboard()
-    report_tuning_task(leaderboard, OBJECTIVE_METRIC)
-    best = tuner.best()
-    logger.info("Best trial %d: %s = %.4f with %s", best.number, OBJECTIVE_METRIC, best.objective, best.hyperparameters)
-    return [result.to_dict() for result in leaderboard]
+    def run_trials(trials: list[TrialSpec]) -> list[TrainingJob | BaseException]:
+        futures: list[PrefectFuture[TrainingJob]] = [train_trial_task.submit(settings, trial) for trial in trials]
+        return [future.result(raise_on_failure=False) for future in futures]
+
+    result = get_tuning_backend(settings).tune(spec, run_trials, on_event=logger.info)
+    report_tuning_task(result, spec.objective_metric)
+    return result
 
 
 @flow(name="retrain-model")
@@ -151,21 +132,19 @@ def retrain_model(
     channels: dict[str, str],
     hyperparameters: dict[str, Any],
     options: TrainOptions = TrainOptions(),
-    artifact_root: str | None = None,
-    s3_endpoint_url: str | None = None,
-    tuning_leaderboard: list[dict[str, Any]] | None = None,
+    settings: Settings | None = None,
+    tuning: TuningResult | None = None,
 ) -> TrainedModel:
     """Train on train+valid with given hyperparameters, with the debugger and profiler, and score on test.
 
     Args:
         channels: channel URIs ``{"train": ..., "valid": ..., "test": ...}`` (prepare-data's output).
-        hyperparameters: train.py flags from tuning (they override ``options``' fixed ones).
+        hyperparameters: train.py flags (from tuning, or a registered model's recipe); they override ``options``' fixed ones.
         options: model, fixed hyperparameters, debugger and profiler.
-        artifact_root: where training jobs write (default: BINCOUNT_ARTIFACT_ROOT, else ./.bincount).
-        s3_endpoint_url: S3-compatible endpoint for MinIO or LocalStack (default: AWS).
-        tuning_leaderboard: the search that chose ``hyperparameters``, kept with the result.
+        settings: where jobs write and which backend runs them (default: the BINCOUNT_* variables).
+        tuning: the search that chose ``hyperparameters``, kept with the result.
     """
-    settings = Settings.load(artifact_root=artifact_root, s3_endpoint_url=s3_endpoint_url)
+    settings = settings or Settings.load()
     final_hyperparameters = {
         **fixed_hyperparameters(options),
         **hyperparameters,
@@ -176,7 +155,7 @@ def retrain_model(
     job = train_model_task(
         settings,
         TrainingJobSpec(
-            name=job_name("final", flow_run_tag()),
+            name=job_name("final", run_key()),
             hyperparameters=final_hyperparameters,
             channels=channels,
             output_uri=settings.artifact_uri("training-jobs"),
@@ -184,38 +163,35 @@ def retrain_model(
             profiler=options.profiler,
         ),
     )
+    assert job.model_uri is not None  # a completed job always has its model
     rules = check_debugger_rules_task(settings, job) if options.debugger else []
     profile = summarize_profile_task(settings, job) if options.profiler else None
     evaluation = evaluate_and_publish(settings, job.model_uri, channels["test"])
     return TrainedModel(
         job_name=job.name,
         model_uri=job.model_uri,
-        hyperparameters=job.hyperparameters,
-        tuning_leaderboard=tuning_leaderboard or [],
-        evaluation=evaluation.to_dict(),
-        debugger_rules=[rule.to_dict() for rule in rules],
+        hyperparameters=final_hyperparameters,
+        tuning=tuning,
+        evaluation=evaluation,
+        debugger_rules=rules,
         profile=profile,
     )
 
 
 @flow(name="train-model")
 def train_model(
-    channels: dict[str, str],
-    options: TrainOptions = TrainOptions(),
-    artifact_root: str | None = None,
-    s3_endpoint_url: str | None = None,
+    channels: dict[str, str], options: TrainOptions = TrainOptions(), settings: Settings | None = None
 ) -> TrainedModel:
     """Tune, retrain the best trial on train+valid with the debugger and profiler, and score it on test.
 
     Args:
         channels: channel URIs ``{"train": ..., "valid": ..., "test": ...}`` (prepare-data's output).
         options: model, hyperparameters, search space, tuning budget, debugger and profiler.
-        artifact_root: where training jobs write (default: BINCOUNT_ARTIFACT_ROOT, else ./.bincount).
-        s3_endpoint_url: S3-compatible endpoint for MinIO or LocalStack (default: AWS).
+        settings: where jobs write and which backend runs them (default: the BINCOUNT_* variables).
     """
     missing = {"train", "valid", "test"} - set(channels)
     if missing:
         raise ValueError(f"channels lacks {sorted(missing)}: pass the train, valid and test URIs from prepare-data")
-    settings = Settings.load(artifact_root=artifact_root, s3_endpoint_url=s3_endpoint_url)
-    leaderboard = tune_hyperparameters(channels, options, settings, flow_run_tag())
-    return retrain_model(channels, leaderboard[0]["hyperparameters"], options, artifact_root, s3_endpoint_url, leaderboard)
+    settings = settings or Settings.load()
+    tuning = tune_hyperparameters(channels, options, settings)
+    return retrain_model(channels, tuning.best_hyperparameters, options, settings, tuning)

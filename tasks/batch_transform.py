@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
 from bincount.config import Settings
-from bincount.serving.backend import get_serving_backend
+from bincount.contracts.serving import BatchTransformSummary
+from bincount.factory import get_serving_backend
 from tasks.artifacts import ProgressArtifact
 from tasks.retry import is_transient
 
@@ -45,8 +44,8 @@ def batch_transform_task(
     output_uri: str,
     batch_size: int = 16,
     labels_uri: str | None = None,
-) -> dict[str, Any]:
-    """Score every image under ``input_uri`` into ``output_uri``; returns the summary as a dict."""
+) -> BatchTransformSummary:
+    """Score every image under ``input_uri`` into ``output_uri``; returns what it did."""
     logger = get_run_logger()
     logger.info("Batch transform of %s into %s with %s (batch size %d)", input_uri, output_uri, model_uri, batch_size)
     bar = ProgressArtifact(PROGRESS_KEY, f"Batch transform of {input_uri}")
@@ -82,4 +81,4 @@ def batch_transform_task(
     )
     if summary.errors:
         create_table_artifact(key=ERRORS_KEY, table=summary.errors, description="Images the batch transform could not read")
-    return summary.to_dict()
+    return summary

@@ -2,23 +2,21 @@
 
 A channel URI stays the same while the images under it change between runs, so a key made of the
 URI alone would serve a stale result. These keys add a listing of every object (URI and size, and
-the MD5 where S3 gives one) and, for training, the source of ``sm_scripts/train.py``, which runs in
-a subprocess where Prefect's ``TASK_SOURCE`` cannot see it.
+the MD5 where S3 gives one) and, for training, the hash of all of ``sm_scripts/``, which runs in a
+subprocess (or a SageMaker container) where Prefect's ``TASK_SOURCE`` cannot see it.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from prefect.cache_policies import TASK_SOURCE, CacheKeyFnPolicy
 from prefect.context import TaskRunContext
 from prefect.utilities.hashing import hash_objects
 
+from bincount.code import code_hash
 from bincount.config import Settings
-from bincount.storage import file_digest, storage_for
-
-TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "sm_scripts" / "train.py"
+from bincount.storage import storage_for
 
 
 def listing(settings: Settings, *uris: str) -> list[tuple[str, int, str | None]]:
@@ -27,8 +25,12 @@ def listing(settings: Settings, *uris: str) -> list[tuple[str, int, str | None]]
 
 
 def training_job_key(context: TaskRunContext, parameters: dict[str, Any]) -> str | None:
-    """Everything a training job's result depends on except its name (unique per run)."""
-    spec, settings = parameters["spec"], parameters["settings"]
+    """Everything a training job's result depends on except its name (unique per run).
+
+    A tuning trial's job is keyed with the trial (its number and pruning bar) beside it.
+    """
+    settings, trial = parameters["settings"], parameters.get("trial")
+    spec = trial.job if trial is not None else parameters["spec"]
     return hash_objects(
         settings.profile,
         spec.hyperparameters,
@@ -37,8 +39,8 @@ def training_job_key(context: TaskRunContext, parameters: dict[str, Any]) -> str
         spec.output_uri,
         spec.debugger,
         spec.profiler,
-        parameters.get("trial"),
-        file_digest(TRAIN_SCRIPT),
+        None if trial is None else (trial.number, trial.prune_below),
+        code_hash(),
     )
 
 

@@ -1,4 +1,4 @@
-"""Tasks: deploy a model to a named endpoint, check it, delete it; never cached.
+"""Tasks: deploy a model to a named endpoint and check it; never cached.
 
 Call :func:`deploy_model` from a flow: it runs deploy-endpoint then check-endpoint inside one
 Prefect ``transaction()``. The backend's own blue/green deploy already keeps the old model serving
@@ -9,15 +9,15 @@ model back on the endpoint, or deletes an endpoint that did not exist before.
 
 from __future__ import annotations
 
-from typing import Any
-
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.transactions import Transaction, get_transaction, transaction
 
 from bincount.config import Settings
-from bincount.serving.backend import EndpointNotFoundError, EndpointRecord, check_answer, get_serving_backend, smoke_image
+from bincount.contracts.serving import EndpointNotFoundError, EndpointRecord, check_answer
+from bincount.endpoints import smoke_image
+from bincount.factory import get_serving_backend
 from bincount.storage import storage_for
 
 
@@ -46,27 +46,27 @@ def publish_endpoint(record: EndpointRecord, note: str = "") -> None:
 
 
 @task(name="deploy-endpoint", cache_policy=NO_CACHE)
-def deploy_endpoint_task(settings: Settings, endpoint_name: str, model_uri: str) -> dict[str, Any]:
+def deploy_endpoint_task(settings: Settings, endpoint_name: str, model_uri: str) -> EndpointRecord:
     """Start ``endpoint_name`` on ``model_uri``, or move it there blue/green; returns the endpoint record."""
     logger = get_run_logger()
     backend = get_serving_backend(settings)
     try:
-        previous: dict[str, Any] | None = backend.describe(endpoint_name).to_dict()
+        previous: EndpointRecord | None = backend.describe(endpoint_name)
     except EndpointNotFoundError:
         previous = None
     txn = get_transaction()
     if txn is not None:  # what the rollback hook needs to undo this deploy
         txn.set("settings", settings.model_dump(mode="json"))
         txn.set("endpoint_name", endpoint_name)
-        txn.set("previous", previous)
+        txn.set("previous", previous.to_dict() if previous else None)
     logger.info(
         "Deploying %s to endpoint %r (%s)",
-        model_uri, endpoint_name, f"replacing version {previous['version']}" if previous else "new endpoint",
+        model_uri, endpoint_name, f"replacing version {previous.version}" if previous else "new endpoint",
     )
     record = backend.deploy(endpoint_name, model_uri)
     logger.info("Endpoint %r serves version %s at %s", record.name, record.version, record.url)
     publish_endpoint(record)
-    return record.to_dict()
+    return record
 
 
 @deploy_endpoint_task.on_rollback
@@ -74,7 +74,7 @@ def restore_previous_endpoint(txn: Transaction) -> None:
     """Undo a deploy: the previous model back on the endpoint, or no endpoint if there was none."""
     settings = Settings.load(**txn.get("settings"))
     name: str = txn.get("endpoint_name")
-    previous: dict[str, Any] | None = txn.get("previous")
+    previous = txn.get("previous")
     backend = get_serving_backend(settings)
     if previous is None:
         backend.delete(name)
@@ -99,16 +99,9 @@ def check_endpoint_task(settings: Settings, endpoint_name: str, sample_image_uri
     return count
 
 
-@task(name="delete-endpoint", cache_policy=NO_CACHE)
-def delete_endpoint_task(settings: Settings, endpoint_name: str) -> None:
-    """Stop the endpoint and forget its record."""
-    get_run_logger().info("Deleting endpoint %r", endpoint_name)
-    get_serving_backend(settings).delete(endpoint_name)
-
-
 def deploy_model(
     settings: Settings, endpoint_name: str, model_uri: str, sample_image_uri: str | None = None
-) -> dict[str, Any]:
+) -> EndpointRecord:
     """Deploy and check in one transaction (call from a flow): a failed check rolls the deploy back."""
     with transaction():
         record = deploy_endpoint_task(settings, endpoint_name, model_uri)

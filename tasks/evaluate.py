@@ -7,8 +7,8 @@ from prefect.artifacts import create_table_artifact
 
 from bincount.config import Settings
 from bincount.storage import storage_for
-from bincount.training.evaluation import Evaluation, evaluate_model
-from bincount.training.plots import confusion_matrix_plot
+from bincount.evaluation import Evaluation, evaluate_model
+from bincount.plots import confusion_matrix_plot
 from tasks.artifacts import publish_plot
 from tasks.caching import EVALUATION_CACHE
 from tasks.retry import is_transient

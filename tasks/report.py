@@ -10,7 +10,8 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 
 from bincount.config import Settings
-from bincount.data_report import DataReport, build_data_report, class_count_rows, data_report_png
+from bincount.data_report import DataReport, build_data_report, class_count_rows
+from bincount.plots import data_report_png
 from tasks.artifacts import publish_plot
 
 

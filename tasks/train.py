@@ -5,25 +5,51 @@ from __future__ import annotations
 import json
 import logging
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.concurrency.sync import concurrency
+from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
 from bincount.config import Settings
+from bincount.contracts.training import RuleResult, TrainingJob, TrainingJobSpec
+from bincount.factory import get_training_backend
+from bincount.models import read_from_archive
+from bincount.plots import training_curves
 from bincount.storage import storage_for
-from bincount.training import TrainingJob, TrainingJobSpec, get_training_backend
-from bincount.training.debugger import RuleResult
-from bincount.training.jobs import read_from_archive
-from bincount.training.plots import training_curves
 from tasks.artifacts import publish_plot
 from tasks.caching import TRAINING_JOB_CACHE
 from tasks.retry import is_transient
 
-
 TRAINING_SLOTS = "bincount-training"
 """Global concurrency limit every training job holds a slot of, so parallel trials and nightly runs
-cannot overload the machine or the account (created by ``python -m deployments.setup``)."""
+cannot overload the machine or the account. Created with one slot on first use;
+``python -m deployments.setup --training-slots N`` sets another size."""
+
+
+def ensure_concurrency_limit(name: str, slots: int = 1) -> None:
+    """Create the global concurrency limit ``name`` with ``slots`` unless it exists (any size it has is kept)."""
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            try:
+                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=slots))
+            except ObjectAlreadyExists:
+                pass  # another run created it first
+
+
+@contextmanager
+def training_slot() -> Iterator[None]:
+    """Hold one slot of :data:`TRAINING_SLOTS` (strict: the limit is always there, so it always holds)."""
+    ensure_concurrency_limit(TRAINING_SLOTS)
+    with concurrency(TRAINING_SLOTS, occupy=1, strict=True):
+        yield
 
 
 def log_line(logger: logging.LoggerAdapter | logging.Logger):
@@ -47,7 +73,7 @@ def train_model_task(settings: Settings, spec: TrainingJobSpec) -> TrainingJob:
     """Run a training job to its end; publish its training curves (artifact ``training-curves``)."""
     logger = get_run_logger()
     logger.info("Training %s with %s on %s", spec.name, spec.hyperparameters, sorted(spec.channels))
-    with concurrency(TRAINING_SLOTS, occupy=1):
+    with training_slot():
         job = get_training_backend(settings).train(spec, on_log=log_line(logger))
     logger.info("%s %s: %s -> %s", job.name, job.status, job.metrics, job.model_uri)
     if job.metric_history:

@@ -25,7 +25,8 @@ from prefect.client.schemas.sorting import ArtifactSort
 from bincount.config import Settings
 from bincount.demo_data import generate_demo_bucket, jpeg_bytes, render_bin_image
 from bincount.registry import Registry
-from bincount.serving.backend import EndpointNotFoundError, get_serving_backend
+from bincount.contracts.serving import EndpointNotFoundError
+from bincount.factory import get_serving_backend
 from bincount.storage import Storage, local_path
 from flows.data import DataOptions
 from flows.nightly import nightly_retrain

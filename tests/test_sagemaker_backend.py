@@ -29,8 +29,8 @@ from bincount.demo_data import jpeg_bytes, render_bin_image
 from bincount.loopback_s3 import LoopbackS3
 from bincount.sagemaker.serving import SageMakerServingBackend
 from bincount.sagemaker.session import SageMakerOptions
-from bincount.sagemaker.training import BUILT_IN_RULES, SageMakerTrainingBackend
-from bincount.sagemaker.tuning import SageMakerTuningBackend, TuningSpec, get_tuning_backend
+from bincount.sagemaker.training import SageMakerTrainingBackend
+from bincount.sagemaker.tuning import SageMakerTuningBackend
 from bincount.sagemaker.waiting import (
     TRAINING_JOB,
     TRAINING_LOG_GROUP,
@@ -41,10 +41,11 @@ from bincount.sagemaker.waiting import (
     SageMakerWaitTimeout,
     wait_for,
 )
-from bincount.serving.backend import DeployError, EndpointNotFoundError, get_serving_backend
-from bincount.training.backend import get_training_backend
-from bincount.training.jobs import TrainingJob, TrainingJobFailed, TrainingJobSpec, job_name
-from bincount.training.search_space import SEEDS_SEARCH_SPACE
+from bincount.contracts.naming import job_name
+from bincount.contracts.serving import DeployError, EndpointNotFoundError
+from bincount.contracts.training import DEBUGGER_RULES, TrainingJob, TrainingJobFailed, TrainingJobSpec
+from bincount.contracts.tuning import SEEDS_SEARCH_SPACE, TuningSpec
+from bincount.factory import get_serving_backend, get_training_backend, get_tuning_backend
 from sm_scripts.metric_format import METRIC_DEFINITIONS, OBJECTIVE_METRIC
 
 ACCOUNT, REGION = "123456789012", "us-east-1"
@@ -281,7 +282,7 @@ def test_training_job_request_with_debugger_rules_profiler_and_spot(
     assert request["DebugHookConfig"]["S3OutputPath"] == settings.artifact_uri("jobs")
     rules = {r["RuleConfigurationName"]: r["RuleParameters"] for r in request["DebugRuleConfigurations"]}
     assert set(rules) == RULE_NAMES
-    assert rules["Overtraining"] == {"rule_to_invoke": "Overtraining", **BUILT_IN_RULES["overtraining"]}
+    assert rules["Overtraining"] == {"rule_to_invoke": "Overtraining", **{key: str(value) for key, value in DEBUGGER_RULES["overtraining"].items()}}
     assert request["ProfilerConfig"]["ProfilingIntervalInMilliseconds"] == 500
     assert "ProfilingParameters" not in request["ProfilerConfig"]  # system monitoring only
     assert not request["ProfilerConfig"].get("DisableProfiler")
@@ -320,10 +321,10 @@ def test_plain_training_job_has_no_debugger_and_no_profiler(
 def test_tuning_job_request_and_best_hyperparameters_read_back(
     settings: Settings, options: SageMakerOptions, moto_sagemaker: MotoSageMaker
 ) -> None:
-    backend = get_tuning_backend(settings, options)
-    assert isinstance(backend, SageMakerTuningBackend)
+    assert isinstance(get_tuning_backend(settings), SageMakerTuningBackend)
+    backend = SageMakerTuningBackend(settings, options)
     captured = Captured(backend.session.sagemaker_client)
-    name = job_name("tune", uuid.uuid4().hex, limit=32)
+    name = job_name("tune", uuid.uuid4().hex, kind="tuning")
     tuning = TuningSpec(
         name=name,
         space=SEEDS_SEARCH_SPACE,
@@ -332,6 +333,7 @@ def test_tuning_job_request_and_best_hyperparameters_read_back(
         output_uri=settings.artifact_uri("tuning"),
         max_jobs=12,
         max_parallel_jobs=3,
+        objective_metric=OBJECTIVE_METRIC,
     )
     # moto's tuning job names a made-up best trial with made-up values: put in what SageMaker reports
     # (the SDK's JSON-encoded strings) and the trial it names, as SageMaker would after the search.
@@ -395,7 +397,7 @@ def test_tuning_job_request_and_best_hyperparameters_read_back(
     assert result.best_hyperparameters == {"arch": "resnet50", "weights": "none", "lr": 0.0421, "batch-size": 128, "epochs": 7}
     assert result.best_objective == pytest.approx(0.61)
     assert result.best_model_uri == f"{settings.artifact_uri('jobs')}/{best_trial}/output/model.tar.gz"
-    assert [(t.status, t.hyperparameters["batch-size"]) for t in result.trials] == [("Stopped", 32), ("Completed", 128)]
+    assert [(t.status, t.hyperparameters["batch-size"]) for t in result.trials] == [("Completed", 128), ("Stopped", 32)]  # best first
 
     # A retried tune task follows the tuning job instead of starting a second one.
     backend.tune(tuning)
@@ -417,8 +419,9 @@ def test_tuning_job_without_a_completed_trial_fails_with_its_reason(
 
     monkeypatch.setattr(type(state), "create_hyper_parameter_tuning_job", create)
     tuning = TuningSpec(
-        name=job_name("tune", uuid.uuid4().hex, limit=32), space=SEEDS_SEARCH_SPACE, static_hyperparameters={},
+        name=job_name("tune", uuid.uuid4().hex, kind="tuning"), space=SEEDS_SEARCH_SPACE, static_hyperparameters={},
         channels=spec(settings, "x").channels, output_uri=settings.artifact_uri("tuning"), max_jobs=2, max_parallel_jobs=1,
+        objective_metric=OBJECTIVE_METRIC,
     )
     with pytest.raises(SageMakerJobFailed, match="channel valid holds no images"):
         SageMakerTuningBackend(settings, options).tune(tuning)

@@ -12,9 +12,9 @@ import pytest
 
 from bincount.config import Settings
 from bincount.manifest import parse_manifest
-from bincount.serving.backend import LocalServingBackend
-from bincount.serving.batch import BatchTransformError
-from bincount.serving.model_dir import pack_model_dir, write_untrained_model_dir
+from bincount.contracts.serving import BatchTransformError
+from bincount.local.serving import LocalServingBackend
+from bincount.models import pack_folder, write_untrained_model_dir
 from bincount.storage import Storage
 from flows.batch_transform import batch_transform
 
@@ -40,7 +40,7 @@ def channel(abid_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def model_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
     root = tmp_path_factory.mktemp("model")
-    return pack_model_dir(write_untrained_model_dir(root / "m", "resnet18", 32, seed=4), root / "model.tar.gz").as_uri()
+    return pack_folder(write_untrained_model_dir(root / "m", "resnet18", 32, seed=4), root / "model.tar.gz").as_uri()
 
 
 def test_batch_transform_scores_every_good_image_reports_the_bad_and_resumes(

@@ -11,8 +11,9 @@ from prefect import flow
 from prefect.artifacts import Artifact
 
 from bincount.config import Settings
-from bincount.serving.backend import EndpointNotFoundError, LocalServingBackend
-from bincount.serving.model_dir import write_untrained_model_dir
+from bincount.contracts.serving import EndpointNotFoundError
+from bincount.local.serving import LocalServingBackend
+from bincount.models import write_untrained_model_dir
 from tasks.deploy import delete_endpoint_task, deploy_model, endpoint_artifact_key
 
 

@@ -19,15 +19,10 @@ import httpx
 import pytest
 
 from bincount.config import Settings
-from bincount.serving.backend import (
-    DeployError,
-    EndpointNotFoundError,
-    EndpointRecord,
-    LocalServingBackend,
-    runtime_client,
-)
-from bincount.serving.host import HostOptions
-from bincount.serving.model_dir import pack_model_dir, write_untrained_model_dir
+from bincount.contracts.serving import DeployError, EndpointNotFoundError, EndpointRecord
+from bincount.local.host import HostOptions
+from bincount.local.serving import LocalServingBackend, runtime_client
+from bincount.models import pack_folder, write_untrained_model_dir
 from sm_scripts import inference
 
 NAME = "bins"
@@ -37,7 +32,7 @@ NAME = "bins"
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Two different tiny models (one packed as model.tar.gz, one a folder) and a broken one."""
     root = tmp_path_factory.mktemp("models")
-    blue = pack_model_dir(write_untrained_model_dir(root / "blue", "resnet18", 32, seed=1), root / "blue.tar.gz")
+    blue = pack_folder(write_untrained_model_dir(root / "blue", "resnet18", 32, seed=1), root / "blue.tar.gz")
     green = write_untrained_model_dir(root / "green", "resnet18", 32, seed=2)
     broken = write_untrained_model_dir(root / "broken", "resnet18", 32, seed=3)
     (broken / "model.pt").write_bytes((broken / "model.pt").read_bytes()[:5000])  # truncated weights
@@ -185,7 +180,7 @@ def test_sigterm_drains_the_request_in_flight_then_exits(models: dict[str, Path]
     sock.listen(16)
     port = sock.getsockname()[1]
     host = subprocess.Popen(
-        [sys.executable, "-m", "bincount.serving.host", "--model-dir", str(models["green"]), "--name", NAME,
+        [sys.executable, "-m", "bincount.local.host", "--model-dir", str(models["green"]), "--name", NAME,
          "--fd", str(sock.fileno()), "--threads", "1"],
         pass_fds=[sock.fileno()], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )

@@ -17,9 +17,10 @@ import torch
 from bincount.config import Settings
 from bincount.loopback_s3 import LoopbackS3
 from bincount.storage import storage_for
-from bincount.training import TrainingJobFailed, TrainingJobSpec, get_training_backend
-from bincount.training.debugger import check_job_rules
-from bincount.training.jobs import read_from_archive
+from bincount.contracts.training import TrainingJobFailed, TrainingJobSpec
+from bincount.factory import get_training_backend
+from bincount.local.debugger import check_job_rules
+from bincount.models import read_from_archive
 
 TINY = {"arch": "resnet18", "image-size": 32, "batch-size": 16, "optimizer": "adamw", "debugger-save-interval": 100}
 
@@ -151,7 +152,8 @@ def test_killed_parent_takes_the_training_process_with_it(tmp_path: Path, demo_c
     script = f"""
 from pathlib import Path
 from bincount.config import Settings
-from bincount.training import TrainingJobSpec, get_training_backend
+from bincount.contracts.training import TrainingJobSpec
+from bincount.factory import get_training_backend
 settings = Settings.load(artifact_root={str(tmp_path / "art")!r})
 spec = TrainingJobSpec("bincount-train-orphan", {{**{TINY!r}, "epochs": 50}},
                        {{k: Path(v).as_uri() for k, v in {dict((k, str(v)) for k, v in demo_channels.items())!r}.items()}},

@@ -14,7 +14,7 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, Ta
 
 from bincount.config import Settings
 from bincount.storage import Storage, storage_for
-from bincount.training.jobs import read_from_archive
+from bincount.models import read_from_archive
 from flows.train import TrainOptions, train_model
 
 ARTIFACT_KEYS = {

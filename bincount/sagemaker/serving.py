@@ -19,21 +19,33 @@ prefix, as the local one does, and its results are read back into the same joine
 from __future__ import annotations
 
 import base64
-import datetime as dt
-import hashlib
+
+
 import json
 import logging
 import tempfile
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
+
 from botocore.exceptions import ClientError
 
+from bincount.batch_results import list_inputs, load_labels, write_tables
+from bincount.code import INFERENCE_ENTRY_POINT, SM_SCRIPTS_DIR, code_hash
 from bincount.config import Settings
-from bincount.sagemaker.naming import check_name
-from bincount.sagemaker.session import INFERENCE_ENTRY_POINT, SM_SCRIPTS_DIR, SageMakerBackendBase, SageMakerOptions
-from bincount.sagemaker.training import require_s3
+from bincount.contracts.naming import check_endpoint_name, check_name, job_name, short_hash
+from bincount.contracts.serving import (
+    BatchTransformSummary,
+    DeployError,
+    EndpointNotFoundError,
+    EndpointRecord,
+    ProgressFn,
+    ServingError,
+    check_answer,
+)
+from bincount.endpoints import EndpointRecords, now_iso, smoke_image
+from bincount.models import fetch_model, read_model_info
+from bincount.sagemaker.session import SageMakerBackendBase, SageMakerOptions, require_s3
 from bincount.sagemaker.waiting import (
     ENDPOINT,
     TRANSFORM_JOB,
@@ -45,28 +57,7 @@ from bincount.sagemaker.waiting import (
     is_not_found,
     wait_for,
 )
-from bincount.serving.backend import (
-    DeployError,
-    EndpointNotFoundError,
-    EndpointRecord,
-    ServingError,
-    check_answer,
-    check_endpoint_name,
-    smoke_image,
-)
-from bincount.serving.batch import (
-    ERRORS_NAME,
-    IMAGE_SUFFIXES,
-    RESULTS_NAME,
-    BatchTransformError,
-    BatchTransformSummary,
-    ProgressFn,
-    results_table,
-    load_labels,
-)
-from bincount.serving.model_dir import fetch_model, read_model_info
-from bincount.storage import ObjectNotFoundError, join_uri, storage_for
-from bincount.training.jobs import job_name, short_hash
+from bincount.storage import join_uri, storage_for
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +72,7 @@ def smoke_request(image_size: int) -> bytes:
 
 
 class SageMakerServingBackend(SageMakerBackendBase):
-    """Endpoints and batch transforms on SageMaker, behind :class:`bincount.serving.backend.ServingBackend`.
+    """Endpoints and batch transforms on SageMaker, behind :class:`bincount.contracts.serving.ServingBackend`.
 
     ``run_key`` names the flow run (the batch-transform task passes its flow run's id); transform
     job names hash it with the request, so a retried task finds its job and a new run starts its own.
@@ -97,6 +88,7 @@ class SageMakerServingBackend(SageMakerBackendBase):
     ) -> None:
         super().__init__(settings, options, session)
         self.storage = storage_for(settings)
+        self.records = EndpointRecords(settings, self.storage)
         self.cache_dir = cache_dir or Path(tempfile.gettempdir()) / "bincount-sagemaker-models"
         self.run_key = run_key
 
@@ -109,9 +101,7 @@ class SageMakerServingBackend(SageMakerBackendBase):
         """The SageMaker Model serving ``model_uri`` with inference.py on ``instance_type``; created if absent."""
         from sagemaker.pytorch import PyTorchModel
 
-        # inference.py imports train.py's build_model: the model serves all of sm_scripts/
-        code = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(SM_SCRIPTS_DIR.glob("*.py")))).hexdigest()
-        identity = (model_uri, code, self.options.framework_version, self.options.py_version, instance_type)
+        identity = (model_uri, code_hash(), self.options.framework_version, self.options.py_version, instance_type)
         name = check_name(f"bincount-model-{version}-{short_hash(*identity, length=8)}", "model")
         try:
             self.client.describe_model(ModelName=name)
@@ -152,23 +142,14 @@ class SageMakerServingBackend(SageMakerBackendBase):
         return name
 
     # records -------------------------------------------------------------------------------
-    def record_uri(self, name: str) -> str:
-        return self.settings.artifact_uri("endpoints", f"{name}.json")
-
-    def _read_record(self, name: str) -> EndpointRecord | None:
-        try:
-            return EndpointRecord.from_dict(json.loads(self.storage.read_bytes(self.record_uri(name))))
-        except ObjectNotFoundError:
-            return None
-
     def describe(self, name: str) -> EndpointRecord:
         check_endpoint_name(name)
-        record = self._read_record(name)
+        record = self.records.read(name)
         if describe_or_none(self.client, ENDPOINT, name) is None:
             raise EndpointNotFoundError(f"SageMaker has no endpoint named {name!r}")
         if record is None:
             raise EndpointNotFoundError(
-                f"endpoint {name!r} exists on SageMaker but has no record at {self.record_uri(name)}: deploy it with bincount"
+                f"endpoint {name!r} exists on SageMaker but has no record at {self.records.uri(name)}: deploy it with bincount"
             )
         return record
 
@@ -186,7 +167,7 @@ class SageMakerServingBackend(SageMakerBackendBase):
         info, version = self._model(model_uri)
         model_name = self.ensure_model(model_uri, version, self.options.deploy_instance_type)
         config_name = self.ensure_endpoint_config(name, model_name)
-        stored = self._read_record(name)
+        stored = self.records.read(name)
         current = describe_or_none(self.client, ENDPOINT, name)
         if current is not None and current["EndpointStatus"] not in ENDPOINT.final:
             logger.info("endpoint %s is %s (another deploy?): waiting for it first", name, current["EndpointStatus"])
@@ -244,7 +225,7 @@ class SageMakerServingBackend(SageMakerBackendBase):
             image_size=int(info["image_size"]),
             classes=[int(c) for c in info["classes"]],
             backend="sagemaker",
-            deployed_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            deployed_at=now_iso(),
             previous_model_uri=previous[0],
             previous_version=previous[1],
             details={
@@ -256,7 +237,7 @@ class SageMakerServingBackend(SageMakerBackendBase):
                 "instance_count": self.options.deploy_instance_count,
             },
         )
-        self.storage.write_bytes(self.record_uri(name), json.dumps(record.to_dict(), indent=2).encode())
+        self.records.write(record)
         logger.info("endpoint %s serves model %s (version %s)", name, model_uri, version)
         return record
 
@@ -318,7 +299,7 @@ class SageMakerServingBackend(SageMakerBackendBase):
     def delete(self, name: str) -> None:
         """Delete the endpoint and its config (models stay: they cost nothing); a retried delete finishes the job."""
         check_endpoint_name(name)
-        record = self._read_record(name)
+        record = self.records.read(name)
         current = describe_or_none(self.client, ENDPOINT, name)
         if current is None and record is None:
             raise EndpointNotFoundError(f"SageMaker has no endpoint named {name!r} and none is recorded")
@@ -333,7 +314,7 @@ class SageMakerServingBackend(SageMakerBackendBase):
                 if not is_not_found(error):
                     raise
         if record is not None:
-            self.storage.delete(self.record_uri(name))
+            self.records.delete(name)
 
     # batch transform -----------------------------------------------------------------------
     def batch_transform(
@@ -359,19 +340,13 @@ class SageMakerServingBackend(SageMakerBackendBase):
 
         input_uri = require_s3(input_uri, "input URI")
         output_uri = require_s3(output_uri, "output URI")
-        if output_uri.startswith(input_uri + "/") or output_uri == input_uri or input_uri.startswith(output_uri + "/"):
-            raise BatchTransformError(f"input {input_uri} and output {output_uri} overlap: give an output prefix outside the input")
+        keys = list_inputs(self.storage, input_uri, output_uri)
         prefix = input_uri + "/"
-        keys = sorted(
-            item.uri[len(prefix) :] for item in self.storage.list(input_uri) if item.uri.lower().endswith(IMAGE_SUFFIXES)
-        )
-        if not keys:
-            raise BatchTransformError(f"no .jpg, .jpeg or .png objects under {input_uri}")
         info, version = self._model(model_uri)
         labels = load_labels(self.storage, labels_uri) if labels_uri else None
         options = self.options
         model_name = self.ensure_model(model_uri, version, options.transform_instance_type)
-        transform_job = check_name(job_name("transform", self.run_key, model_name, input_uri, output_uri), "transform")
+        transform_job = job_name("transform", self.run_key, model_name, input_uri, output_uri, kind="transform")
         if progress:
             progress(0, len(keys))
         if describe_or_none(self.client, TRANSFORM_JOB, transform_job) is not None:
@@ -401,11 +376,8 @@ class SageMakerServingBackend(SageMakerBackendBase):
             raise SageMakerJobFailed("transform job", transform_job, description["TransformJobStatus"], description.get("FailureReason"))
         if progress:
             progress(len(keys), len(keys))
-        table: pd.DataFrame = results_table(self.storage, output_uri, keys, labels, [int(c) for c in info["classes"]])
-        results_uri = join_uri(output_uri, RESULTS_NAME)
-        self.storage.write_bytes(results_uri, table.to_csv(index=False).encode())
-        self.storage.delete(join_uri(output_uri, ERRORS_NAME))  # a failed image fails the whole SageMaker job
-        known = table.dropna(subset=["label"])
+        # a failed image fails the whole SageMaker job: a completed one has no errors to list
+        results_uri, _, accuracy = write_tables(self.storage, output_uri, keys, labels, [int(c) for c in info["classes"]], [])
         seconds = (description["TransformEndTime"] - description["TransformStartTime"]).total_seconds()
         return BatchTransformSummary(
             input_uri=input_uri,
@@ -419,5 +391,5 @@ class SageMakerServingBackend(SageMakerBackendBase):
             images_per_s=round(len(keys) / seconds, 2) if seconds > 0 else 0.0,
             results_uri=results_uri,
             errors_uri=None,
-            accuracy=round(float(known["correct"].mean()), 4) if len(known) else None,
+            accuracy=accuracy,
         )

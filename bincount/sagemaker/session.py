@@ -11,7 +11,6 @@ with :func:`credential_options` (this package imports nothing from Prefect).
 from __future__ import annotations
 
 from functools import cached_property
-from pathlib import Path
 from typing import Any, Literal
 
 import boto3
@@ -22,10 +21,17 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from bincount.config import Settings, SettingsError
 from bincount.sagemaker.waiting import Backoff
 
-SM_SCRIPTS_DIR = Path(__file__).resolve().parents[2] / "sm_scripts"
-TRAIN_ENTRY_POINT = "train.py"
-INFERENCE_ENTRY_POINT = "inference.py"
 RETRIES = botocore.config.Config(retries={"mode": "standard", "total_max_attempts": 8})
+
+
+def require_s3(uri: str, what: str) -> str:
+    """``uri`` without a trailing slash, if it is on S3 (the only store SageMaker reads and writes)."""
+    if not uri.startswith("s3://"):
+        raise ValueError(
+            f"{what} {uri} is not on S3: SageMaker reads and writes s3:// only "
+            "(set BINCOUNT_ARTIFACT_ROOT=s3://<bucket>/bincount and upload the channels again)"
+        )
+    return uri.rstrip("/")
 
 
 class SageMakerOptions(BaseSettings):

@@ -7,8 +7,8 @@ adds a DebuggerHookConfig (losses, gradients, weights) and the five built-in rul
 PyTorch 2.0: train.py's own ``torch.profiler`` trace lands in the job's ``output.tar.gz``).
 
 The job is named ``spec.name``: a retried task that finds a job of that name follows it instead
-of starting another (see :mod:`bincount.sagemaker.naming`). Results lie where the local backend
-puts them (:mod:`bincount.training.jobs`), because SageMaker itself lays them out that way.
+of starting another (see :func:`bincount.contracts.naming.job_name`). Results lie where the local
+backend puts them (:mod:`bincount.contracts.training`), because SageMaker itself lays them out that way.
 """
 
 from __future__ import annotations
@@ -17,13 +17,22 @@ import logging
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from botocore.exceptions import ClientError
 
-from bincount.sagemaker.naming import check_name
-from bincount.sagemaker.session import SM_SCRIPTS_DIR, TRAIN_ENTRY_POINT, SageMakerBackendBase
+from bincount.code import SM_SCRIPTS_DIR, TRAIN_ENTRY_POINT
+from bincount.contracts.naming import check_name
+from bincount.contracts.training import (
+    DEBUGGER_RULES,
+    LogSink,
+    RuleResult,
+    StopCheck,
+    TrainingJob,
+    TrainingJobFailed,
+    TrainingJobSpec,
+)
+from bincount.sagemaker.session import SageMakerBackendBase, require_s3
 from bincount.sagemaker.waiting import (
     TRAINING_JOB,
     TRAINING_LOG_GROUP,
@@ -34,40 +43,12 @@ from bincount.sagemaker.waiting import (
     wait_for,
 )
 from bincount.storage import join_uri
-from bincount.training.backend import LogSink, StopCheck
-from bincount.training.debugger import RuleResult
-from bincount.training.jobs import TrainingJob, TrainingJobFailed, TrainingJobSpec
 from sm_scripts.metric_format import METRIC_DEFINITIONS
 
 logger = logging.getLogger(__name__)
 
-DEBUGGER_COLLECTIONS = ("losses", "gradients", "weights")
-BUILT_IN_RULES: dict[str, dict[str, str]] = {
-    # rule -> parameters, set to the thresholds bincount.training.debugger uses locally
-    "loss_not_decreasing": {"num_steps": "10", "diff_percent": "0.1"},
-    "overfit": {"ratio_threshold": "0.1", "patience": "1"},
-    "overtraining": {"patience_validation": "3", "delta": "0.01"},
-    "vanishing_gradient": {"threshold": "0.0000001"},
-    "poor_weight_initialization": {"threshold": "10.0", "distribution_range": "0.001"},
-}
 RULE_VERDICTS = {"NoIssuesFound": "passed", "IssuesFound": "fired", "Error": "error"}
 RULES_RUNNING = frozenset({"InProgress", "Stopping"})
-
-
-@dataclass
-class RuleVerdict(RuleResult):
-    """A built-in rule's verdict from SageMaker, with the processing job that evaluated it."""
-
-    processing_job_arn: str | None = None
-
-
-def require_s3(uri: str, what: str) -> str:
-    if not uri.startswith("s3://"):
-        raise ValueError(
-            f"{what} {uri} is not on S3: SageMaker reads and writes s3:// only "
-            "(set BINCOUNT_ARTIFACT_ROOT=s3://<bucket>/bincount and upload the channels again)"
-        )
-    return uri.rstrip("/")
 
 
 def collection_configs(save_interval: int) -> list[Any]:
@@ -87,7 +68,8 @@ def built_in_rules(collections: list[Any]) -> list[Any]:
 
     ours = {config.name: config for config in collections}
     rules = []
-    for name, parameters in BUILT_IN_RULES.items():
+    for name, thresholds in DEBUGGER_RULES.items():
+        parameters = {key: str(value) for key, value in thresholds.items()}
         base = getattr(rule_configs, name)()
         wanted = [
             ours.get(item["CollectionName"], CollectionConfig(item["CollectionName"], parameters=item.get("CollectionParameters")))
@@ -121,15 +103,6 @@ def job_record(description: dict[str, Any], hyperparameters: dict[str, Any]) -> 
 class SageMakerTrainingBackend(SageMakerBackendBase):
     """Runs each :class:`TrainingJobSpec` as a SageMaker training job and follows it to its end."""
 
-    def job_hyperparameters(self, spec: TrainingJobSpec) -> dict[str, Any]:
-        """The spec's hyperparameters plus train.py's ``debugger`` / ``profile`` flags, as locally."""
-        hyperparameters = dict(spec.hyperparameters)
-        if spec.debugger:
-            hyperparameters["debugger"] = True
-        if spec.profiler:
-            hyperparameters["profile"] = True
-        return hyperparameters
-
     def estimator(self, spec: TrainingJobSpec, hyperparameters: dict[str, Any] | None = None) -> Any:
         """The PyTorch Estimator for ``spec`` (also the tuner's template, with ``hyperparameters`` static)."""
         from sagemaker.debugger import DebuggerHookConfig, ProfilerConfig
@@ -157,7 +130,7 @@ class SageMakerTrainingBackend(SageMakerBackendBase):
                 checkpoint_s3_uri=join_uri(output, spec.name, "checkpoints"),
             )
             if hyperparameters is None:  # one job resumes from it (a tuner's trials would share one URI)
-                hyperparameters = {**self.job_hyperparameters(spec), "checkpoint-dir": "/opt/ml/checkpoints"}
+                hyperparameters = {**spec.script_hyperparameters(), "checkpoint-dir": "/opt/ml/checkpoints"}
         return PyTorch(
             entry_point=TRAIN_ENTRY_POINT,
             source_dir=str(SM_SCRIPTS_DIR),
@@ -168,7 +141,7 @@ class SageMakerTrainingBackend(SageMakerBackendBase):
             instance_count=options.train_instance_count,
             volume_size=options.volume_size_gb,
             max_run=options.max_run_s,
-            hyperparameters=self.job_hyperparameters(spec) if hyperparameters is None else hyperparameters,
+            hyperparameters=spec.script_hyperparameters() if hyperparameters is None else hyperparameters,
             metric_definitions=METRIC_DEFINITIONS,
             output_path=output,
             code_location=output,
@@ -195,7 +168,7 @@ class SageMakerTrainingBackend(SageMakerBackendBase):
         sink: EventSink = on_log or (lambda line: logger.info("%s", line))
         check_name(spec.name, "training")
         client = self.session.sagemaker_client
-        hyperparameters = self.job_hyperparameters(spec)
+        hyperparameters = spec.script_hyperparameters()
         if describe_or_none(client, TRAINING_JOB, spec.name) is not None:
             sink(f"training job {spec.name} exists (an earlier attempt started it): following it")
         else:
@@ -232,7 +205,7 @@ class SageMakerTrainingBackend(SageMakerBackendBase):
         The rules run in processing jobs of their own, during and after training. This polls
         DescribeTrainingJob's ``DebugRuleEvaluationStatuses`` with backoff for up to
         ``rules_timeout_s``, reporting each rule's status changes to ``on_event``. Verdicts are
-        named like :func:`bincount.training.debugger.check_rules`' (``loss_not_decreasing``), so the
+        named like :func:`bincount.local.debugger.check_rules`' (``loss_not_decreasing``), so the
         retrain task publishes either backend's in one artifact: ``passed`` (NoIssuesFound),
         ``fired`` (IssuesFound), ``error`` (the rule itself failed: no verdict) and
         ``not_evaluated`` (stopped, or still running at the timeout), each with SageMaker's
@@ -265,8 +238,8 @@ class SageMakerTrainingBackend(SageMakerBackendBase):
         return [rule_verdict(status, timeout) for status in statuses]
 
 
-def rule_verdict(status: dict[str, Any], timeout_s: float) -> RuleVerdict:
-    """One DebugRuleEvaluationStatus as a :class:`RuleVerdict`."""
+def rule_verdict(status: dict[str, Any], timeout_s: float) -> RuleResult:
+    """One DebugRuleEvaluationStatus as a :class:`RuleResult`."""
     state, details = status["RuleEvaluationStatus"], status.get("StatusDetails")
     if state in RULE_VERDICTS:
         verdict, evidence = RULE_VERDICTS[state], details or state
@@ -274,7 +247,7 @@ def rule_verdict(status: dict[str, Any], timeout_s: float) -> RuleVerdict:
         verdict, evidence = "not_evaluated", f"still {state} after {timeout_s:.0f} s" + (f": {details}" if details else "")
     else:  # Stopped: the rule was stopped before it reached a verdict
         verdict, evidence = "not_evaluated", f"{state}" + (f": {details}" if details else "")
-    return RuleVerdict(
+    return RuleResult(
         rule=re.sub(r"(?<!^)(?=[A-Z])", "_", status["RuleConfigurationName"]).lower(),
         status=verdict,
         evidence=evidence,

@@ -1,86 +1,51 @@
-"""Hyperparameter tuning as one SageMaker tuning job, behind a small seam of its own.
+"""Hyperparameter tuning as one SageMaker tuning job.
 
-Locally, tuning is an ask/tell loop the flow drives (:class:`bincount.training.tuning.LocalTuner`,
-one task run per trial). On SageMaker the service runs the whole search: one
-``HyperparameterTuner`` job (Bayesian, ``max_jobs``, ``max_parallel_jobs``, early stopping) over
-the shared search space, the metric definitions from ``sm_scripts/metric_format.py``, and the
-best hyperparameters read back from the tuning job. :class:`TuningBackend` is that seam; the tune
-task selects it with :func:`get_tuning_backend` when ``settings.profile == "aws"``.
+The service runs the whole search: one ``HyperparameterTuner`` job (Bayesian, ``max_jobs``,
+``max_parallel_jobs``, early stopping) over the shared search space, the metric definitions from
+``sm_scripts/metric_format.py``, and the best hyperparameters read back from the tuning job.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any
 
 from botocore.exceptions import ClientError
 
-from bincount.config import Settings
-from bincount.sagemaker.naming import check_name
-from bincount.sagemaker.session import SageMakerBackendBase, SageMakerOptions
+from bincount.contracts.naming import check_name
+from bincount.contracts.training import LogSink, TrainingJobSpec
+from bincount.contracts.tuning import (
+    Categorical,
+    Continuous,
+    Integer,
+    Parameter,
+    TrialResult,
+    TrialRunner,
+    TuningResult,
+    TuningSpec,
+)
+from bincount.sagemaker.session import SageMakerBackendBase
 from bincount.sagemaker.training import SageMakerTrainingBackend
-from bincount.sagemaker.waiting import TUNING_JOB, EventSink, SageMakerJobFailed, describe_or_none, wait_for
-from bincount.training.jobs import TrainingJobSpec
-from bincount.training.search_space import Categorical, Continuous, Integer, Parameter, sagemaker_ranges
-from bincount.training.tuning import TrialResult
-from sm_scripts.metric_format import METRIC_DEFINITIONS, OBJECTIVE_METRIC, OBJECTIVE_TYPE
+from bincount.sagemaker.waiting import TUNING_JOB, SageMakerJobFailed, describe_or_none, wait_for
+from sm_scripts.metric_format import METRIC_DEFINITIONS
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class TuningSpec:
-    """A tuning job: ``name`` (32 characters at most), the space, fixed hyperparameters and channels."""
+def sagemaker_ranges(space: tuple[Parameter, ...]) -> dict[str, Any]:
+    """``hyperparameter_ranges`` for ``sagemaker.tuner.HyperparameterTuner`` (SageMaker SDK v2)."""
+    from sagemaker.tuner import CategoricalParameter, ContinuousParameter, IntegerParameter
 
-    name: str
-    space: tuple[Parameter, ...]
-    static_hyperparameters: dict[str, Any]
-    channels: dict[str, str]
-    output_uri: str
-    max_jobs: int
-    max_parallel_jobs: int
-    early_stopping: Literal["Auto", "Off"] = "Auto"
-    objective_metric: str = OBJECTIVE_METRIC
-    objective_type: Literal["Maximize", "Minimize"] = OBJECTIVE_TYPE  # type: ignore[assignment]
-
-
-@dataclass
-class TuningResult:
-    """What a finished tuning job found; ``best_hyperparameters`` = static + tuned, typed as the space says."""
-
-    name: str
-    status: str
-    best_training_job: str
-    best_hyperparameters: dict[str, Any]
-    best_objective: float | None
-    best_model_uri: str | None
-    trials: list[TrialResult] = field(default_factory=list)
-    counters: dict[str, int] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-class TuningBackend(Protocol):
-    def tune(self, spec: TuningSpec, on_event: EventSink | None = None) -> TuningResult:
-        """Run (or follow) the tuning job ``spec.name`` to its end; raise if no trial completed."""
-        ...
-
-
-def get_tuning_backend(settings: Settings, options: SageMakerOptions | None = None) -> TuningBackend:
-    """The tuning backend for ``settings.profile``: SageMaker's for ``aws``.
-
-    Raises:
-        ValueError: for ``local``, which tunes with :class:`bincount.training.tuning.LocalTuner`'s ask/tell loop.
-    """
-    if settings.profile == "aws":
-        return SageMakerTuningBackend(settings, options)
-    raise ValueError(
-        f"profile {settings.profile!r} tunes in the flow with bincount.training.tuning.LocalTuner; "
-        "a tuning backend exists for profile 'aws' only"
-    )
+    ranges: dict[str, Any] = {}
+    for parameter in space:
+        if isinstance(parameter, Continuous):
+            ranges[parameter.name] = ContinuousParameter(parameter.low, parameter.high, scaling_type=parameter.scaling)
+        elif isinstance(parameter, Integer):
+            ranges[parameter.name] = IntegerParameter(parameter.low, parameter.high)
+        else:
+            ranges[parameter.name] = CategoricalParameter(list(parameter.values))
+    return ranges
 
 
 def decode_hyperparameters(values: dict[str, str], space: tuple[Parameter, ...]) -> dict[str, Any]:
@@ -126,14 +91,16 @@ class SageMakerTuningBackend(SageMakerBackendBase):
             early_stopping_type=spec.early_stopping,
         ), trainer.channels(template)
 
-    def tune(self, spec: TuningSpec, on_event: EventSink | None = None) -> TuningResult:
+    def tune(self, spec: TuningSpec, run_trials: TrialRunner | None = None, on_event: LogSink | None = None) -> TuningResult:
         """Start ``spec.name`` (or follow it, if a previous attempt started it) and read back the best trial.
+
+        ``run_trials`` is not called: SageMaker runs the trials.
 
         Raises:
             SageMakerJobFailed: the tuning job failed or no trial completed (with SageMaker's reason).
             SageMakerWaitTimeout: it outlived ``job_timeout_s`` and was asked to stop.
         """
-        sink: EventSink = on_event or (lambda line: logger.info("%s", line))
+        sink: LogSink = on_event or (lambda line: logger.info("%s", line))
         check_name(spec.name, "tuning")
         client = self.session.sagemaker_client
         if describe_or_none(client, TUNING_JOB, spec.name) is not None:
@@ -168,7 +135,7 @@ class SageMakerTuningBackend(SageMakerBackendBase):
             },
             best_objective=float(objective) if objective is not None else None,
             best_model_uri=best_job.get("ModelArtifacts", {}).get("S3ModelArtifacts"),
-            trials=self.trials(spec),
+            trials=ranked(self.trials(spec), spec.objective_type),
             counters=dict(description.get("TrainingJobStatusCounters", {})),
         )
         sink(f"tuning job {spec.name}: best trial {result.best_training_job} ({spec.objective_metric} "
@@ -198,3 +165,9 @@ class SageMakerTuningBackend(SageMakerBackendBase):
                 )
             )
         return results
+
+
+def ranked(trials: list[TrialResult], objective_type: str) -> list[TrialResult]:
+    """Trials with an objective best first, then the rest."""
+    sign = -1.0 if objective_type == "Maximize" else 1.0
+    return sorted(trials, key=lambda trial: (trial.objective is None, sign * (trial.objective or 0.0)))

@@ -1,72 +1,62 @@
 """Local hyperparameter tuning with Optuna's TPE sampler (SageMaker's Bayesian strategy's peer).
 
-The tuner hands out trials in rounds of at most ``max_parallel_jobs``; whoever runs them (the
-Prefect flow, one task run per trial) reports each back with :meth:`LocalTuner.tell`. Pruning
-is Optuna's median rule on per-epoch objective values: a trial is given, as plain numbers, the
-median that completed trials reached at each epoch, and stops when it falls below it
-(:func:`median_stop_check`). A failed trial is recorded as failed and the search goes on.
+The tuner hands out trials in rounds of at most ``max_parallel_jobs``; ``run_trials`` (the Prefect
+flow: one task run per trial) runs each round and the results go back with :meth:`LocalTuner.tell`.
+Pruning is Optuna's median rule on per-epoch objective values: a trial is given, as plain
+numbers, the median that finished trials reached at each epoch, and stops when it falls below it
+(:meth:`bincount.contracts.tuning.TrialSpec.should_stop`). A failed trial is recorded as failed and
+the search goes on.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import statistics
-from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from collections import Counter
+from typing import Any, Literal, NamedTuple
 
 import optuna
 from optuna.trial import TrialState
 
-from bincount.training.backend import StopCheck
-from bincount.training.jobs import TrainingJob
-from bincount.training.search_space import Parameter, suggest
+from bincount.contracts.naming import job_name
+from bincount.contracts.training import LogSink, TrainingJob, TrainingJobFailed, TrainingJobSpec
+from bincount.contracts.tuning import (
+    Continuous,
+    Integer,
+    Parameter,
+    TrialResult,
+    TrialRunner,
+    TrialSpec,
+    TuningResult,
+    TuningSpec,
+)
+
 from sm_scripts.metric_format import OBJECTIVE_METRIC
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
+logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class TrialSpec:
-    """One trial to run: its hyperparameters and the per-epoch bar it must clear to go on."""
+def suggest(trial: optuna.trial.BaseTrial, space: tuple[Parameter, ...]) -> dict[str, Any]:
+    """Hyperparameters for one Optuna trial."""
+    values: dict[str, Any] = {}
+    for parameter in space:
+        if isinstance(parameter, Continuous):
+            values[parameter.name] = trial.suggest_float(
+                parameter.name, parameter.low, parameter.high, log=parameter.scaling == "Logarithmic"
+            )
+        elif isinstance(parameter, Integer):
+            values[parameter.name] = trial.suggest_int(parameter.name, parameter.low, parameter.high)
+        else:
+            values[parameter.name] = trial.suggest_categorical(parameter.name, list(parameter.values))
+    return values
 
+
+class Suggestion(NamedTuple):
     number: int
     hyperparameters: dict[str, Any]
     prune_below: dict[int, float]
-
-
-@dataclass
-class TrialResult:
-    """A trial's outcome, for the leaderboard."""
-
-    number: int
-    status: str  # Completed, Stopped (pruned) or Failed
-    hyperparameters: dict[str, Any]
-    objective: float | None = None
-    job_name: str | None = None
-    model_uri: str | None = None
-    metrics: dict[str, float] = field(default_factory=dict)
-    failure_reason: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def median_stop_check(
-    prune_below: dict[int, float], objective_metric: str = OBJECTIVE_METRIC, direction: str = "maximize"
-) -> StopCheck:
-    """Stop a job when its objective at an epoch is worse than the median others reached there."""
-
-    def should_stop(history: list[dict[str, float]]) -> bool:
-        latest = history[-1]
-        bar = prune_below.get(int(latest.get("epoch", 0)))
-        value = latest.get(objective_metric)
-        if bar is None or value is None:
-            return False
-        if math.isnan(value):
-            return True
-        return value < bar if direction == "maximize" else value > bar
-
-    return should_stop
 
 
 class LocalTuner:
@@ -101,14 +91,14 @@ class LocalTuner:
     def finished(self) -> bool:
         return len(self.study.trials) >= self.max_jobs and not self._running
 
-    def ask(self) -> list[TrialSpec]:
+    def ask(self) -> list[Suggestion]:
         """The next round of trials: as many as free parallel slots and the job budget allow."""
         room = min(self.max_parallel_jobs - len(self._running), self.max_jobs - len(self.study.trials))
         specs = []
         for _ in range(max(room, 0)):
             trial = self.study.ask()
             self._running[trial.number] = trial
-            specs.append(TrialSpec(trial.number, suggest(trial, self.space), self._prune_thresholds()))
+            specs.append(Suggestion(trial.number, suggest(trial, self.space), self._prune_thresholds()))
         return specs
 
     def tell(self, number: int, job: TrainingJob | None = None, failure: str | None = None) -> TrialResult:
@@ -171,3 +161,56 @@ class LocalTuner:
             for epoch, values in sorted(by_epoch.items())
             if epoch > self.pruning_warmup_epochs and len(values) >= self.pruning_startup_trials
         }
+
+
+class LocalTuningBackend:
+    """A :class:`LocalTuner` search whose rounds of trials ``run_trials`` runs on this machine."""
+
+    def tune(self, spec: TuningSpec, run_trials: TrialRunner, on_event: LogSink | None = None) -> TuningResult:
+        """Run the search to its end.
+
+        Raises:
+            RuntimeError: no trial completed; the message lists why each failed.
+        """
+        sink = on_event or logger.info
+        direction: Literal["maximize", "minimize"] = "maximize" if spec.objective_type == "Maximize" else "minimize"
+        tuner = LocalTuner(spec.space, spec.max_jobs, spec.max_parallel_jobs, spec.objective_metric, direction, spec.seed)
+        while not tuner.finished:
+            trials = [self._trial(spec, suggestion) for suggestion in tuner.ask()]
+            for trial, outcome in zip(trials, run_trials(trials), strict=True):
+                if isinstance(outcome, BaseException):
+                    reason = outcome.job.failure_reason if isinstance(outcome, TrainingJobFailed) else repr(outcome)
+                    sink(f"trial {trial.number} failed; the search goes on: {reason}")
+                    tuner.tell(trial.number, failure=reason)
+                else:
+                    tuner.tell(trial.number, job=outcome)
+        best = tuner.best()
+        sink(f"best trial {best.number}: {spec.objective_metric} = {best.objective:.4f} with {best.hyperparameters}")
+        return TuningResult(
+            name=spec.name,
+            status="Completed",
+            best_training_job=best.job_name or "",
+            best_hyperparameters={**spec.static_hyperparameters, **best.hyperparameters},
+            best_objective=best.objective,
+            best_model_uri=best.model_uri,
+            trials=tuner.leaderboard(),
+            counters=dict(Counter(result.status for result in tuner.results)),
+        )
+
+    @staticmethod
+    def _trial(spec: TuningSpec, suggestion: Suggestion) -> TrialSpec:
+        job = TrainingJobSpec(
+            name=job_name("trial", spec.name, suggestion.number),
+            hyperparameters={**spec.static_hyperparameters, **suggestion.hyperparameters},
+            channels=spec.channels,
+            output_uri=spec.output_uri,
+            local_cpus=spec.local_cpus,
+        )
+        return TrialSpec(
+            number=suggestion.number,
+            hyperparameters=suggestion.hyperparameters,
+            job=job,
+            objective_metric=spec.objective_metric,
+            objective_type=spec.objective_type,
+            prune_below=suggestion.prune_below,
+        )

@@ -4,7 +4,7 @@ The job gets SageMaker's layout in a scratch folder (``input/data/<channel>``, `
 ``output/data``, ``output/failure``), the ``SM_*`` variables pointing at it, and the hyperparameters
 as ``--name value`` flags. Its log streams line by line to ``on_log``; metric lines are parsed with
 the same regexes as SageMaker's metric definitions. The results are packed and put under the
-job's output URI as SageMaker would (see :mod:`bincount.training.jobs`).
+job's output URI as SageMaker would (see :mod:`bincount.contracts.training`).
 
 Checkpoints: train.py gets ``--checkpoint-dir``, a folder kept under the job's output URI
 (``{output_uri}/{name}/checkpoints``, like SageMaker's ``checkpoint_s3_uri``), so another attempt
@@ -22,23 +22,28 @@ import os
 import signal
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from collections import deque
 from pathlib import Path
 from typing import Any
 
+from bincount.code import SM_SCRIPTS_DIR, TRAIN_ENTRY_POINT
 from bincount.config import Settings
+from bincount.contracts.training import (
+    LOG_TAIL_LINES,
+    LogSink,
+    RuleResult,
+    StopCheck,
+    TrainingJob,
+    TrainingJobFailed,
+    TrainingJobSpec,
+)
+from bincount.local.debugger import check_job_rules
+from bincount.models import pack_folder
 from bincount.storage import Storage, join_uri, storage_for
-from bincount.training.backend import LogSink, StopCheck
-from bincount.training.debugger import RuleResult, check_job_rules
-from bincount.training.jobs import TrainingJob, TrainingJobFailed, TrainingJobSpec
 from sm_scripts.metric_format import parse_metrics
 
-SM_SCRIPTS_DIR = Path(__file__).resolve().parents[2] / "sm_scripts"
-ENTRY_POINT = "train.py"
-LOG_TAIL_LINES = 60
 CHECKPOINT_SAVED = "checkpoint: epoch "  # how train.py's line after each checkpoint it saves begins
 STOP_GRACE_S = 10.0
 
@@ -77,7 +82,7 @@ def sagemaker_environment(
         "SM_HOSTS": json.dumps(["algo-1"]),
         "SM_CURRENT_HOST": "algo-1",
         "SM_MODULE_DIR": str(SM_SCRIPTS_DIR),
-        "SM_USER_ENTRY_POINT": ENTRY_POINT,
+        "SM_USER_ENTRY_POINT": TRAIN_ENTRY_POINT,
         "SM_HPS": json.dumps(hps),
         "SM_USER_ARGS": json.dumps(hyperparameter_flags(hyperparameters)),
     }
@@ -91,14 +96,6 @@ def sagemaker_environment(
 def _die_with_parent() -> None:
     """In the child before exec: get SIGTERM when the parent dies (a cancelled flow run killed outright)."""
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
-
-
-def pack(folder: Path, archive: Path) -> None:
-    """``folder``'s files into a ``.tar.gz`` with the files at the archive root, like SageMaker's."""
-    with tarfile.open(archive, "w:gz", compresslevel=1) as tar:  # weights barely compress: favour speed
-        for path in sorted(folder.rglob("*")):
-            if path.is_file():
-                tar.add(path, arcname=str(path.relative_to(folder)))
 
 
 class LocalTrainingBackend:
@@ -129,11 +126,7 @@ class LocalTrainingBackend:
             channels = {
                 name: self.storage.local_folder(uri, job_dir / "input" / "data" / name) for name, uri in spec.channels.items()
             }
-            hyperparameters = dict(spec.hyperparameters)
-            if spec.debugger:
-                hyperparameters["debugger"] = True
-            if spec.profiler:
-                hyperparameters["profile"] = True
+            hyperparameters = spec.script_hyperparameters()
             for folder in ("model", "output/data", "input/config"):
                 (job_dir / folder).mkdir(parents=True, exist_ok=True)
             checkpoint_uri = join_uri(spec.output_uri, spec.name, "checkpoints")
@@ -141,7 +134,7 @@ class LocalTrainingBackend:
             flags = {**hyperparameters, "checkpoint-dir": str(checkpoints)}  # a place, not a hyperparameter of the record
             environment = sagemaker_environment(job_dir, channels, flags, spec.local_cpus)
             env = {**os.environ, **environment, "PYTHONUNBUFFERED": "1"}
-            command = [self.python, ENTRY_POINT, *hyperparameter_flags(flags)]
+            command = [self.python, TRAIN_ENTRY_POINT, *hyperparameter_flags(flags)]
             sink(f"starting {spec.name}: {' '.join(command[1:])}")
             if not checkpoint_uri.startswith("file://"):
                 sink = self._uploading_checkpoints(sink, checkpoints, checkpoint_uri)
@@ -235,10 +228,10 @@ class LocalTrainingBackend:
 
     def _upload_results(self, spec: TrainingJobSpec, job_dir: Path, job: TrainingJob) -> None:
         base = join_uri(spec.output_uri, spec.name)
-        pack(job_dir / "model", job_dir / "model.tar.gz")
+        pack_folder(job_dir / "model", job_dir / "model.tar.gz")
         job.model_uri = join_uri(base, "output", "model.tar.gz")
         self.storage.upload_file(job_dir / "model.tar.gz", job.model_uri)
-        pack(job_dir / "output" / "data", job_dir / "output.tar.gz")
+        pack_folder(job_dir / "output" / "data", job_dir / "output.tar.gz")
         job.output_uri = join_uri(base, "output", "output.tar.gz")
         self.storage.upload_file(job_dir / "output.tar.gz", job.output_uri)
         tensors = job_dir / "output" / "tensors"

@@ -1,7 +1,8 @@
 """Checks on smdebug output with the meaning of SageMaker Debugger's built-in rules.
 
 Each rule reads the tensors a job saved (``smdebug.trials``) and reports ``passed`` or ``fired``
-with its evidence. Training and evaluation losses are grouped into phases (one run of consecutive
+with its evidence, with the thresholds SageMaker's rules get too
+(:data:`bincount.contracts.training.DEBUGGER_RULES`). Training and evaluation losses are grouped into phases (one run of consecutive
 steps in the same mode, i.e. one epoch's training or evaluation), the way the built-in rules
 compare TRAIN and EVAL losses.
 
@@ -25,24 +26,14 @@ from __future__ import annotations
 
 import math
 import tempfile
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from bincount.contracts.training import DEBUGGER_RULES, RuleResult
 from bincount.storage import Storage
 
-
-
-@dataclass
-class RuleResult:
-    rule: str
-    status: str  # passed, fired, not_evaluated (the tensors or verdict are missing), or error (SageMaker: the rule failed)
-    evidence: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def _phases(trial: Any) -> list[tuple[str, list[float]]]:
@@ -71,7 +62,7 @@ def _epoch_losses(phases: list[tuple[str, list[float]]]) -> list[tuple[float, fl
     return pairs
 
 
-def loss_not_decreasing(phases: list[tuple[str, list[float]]], num_steps: int = 10, diff_percent: float = 0.1) -> RuleResult:
+def loss_not_decreasing(phases: list[tuple[str, list[float]]], num_steps: int, diff_percent: float) -> RuleResult:
     losses = [v for mode, values in phases if mode == "TRAIN" for v in values]
     if len(losses) < 2:
         return RuleResult("loss_not_decreasing", "not_evaluated", f"{len(losses)} training loss values saved; need 2")
@@ -85,7 +76,7 @@ def loss_not_decreasing(phases: list[tuple[str, list[float]]], num_steps: int = 
     return RuleResult("loss_not_decreasing", "fired" if drop < diff_percent else "passed", evidence)
 
 
-def overfit(phases: list[tuple[str, list[float]]], ratio_threshold: float = 0.1, patience: int = 1) -> RuleResult:
+def overfit(phases: list[tuple[str, list[float]]], ratio_threshold: float, patience: int) -> RuleResult:
     pairs = _epoch_losses(phases)
     if not pairs:
         return RuleResult("overfit", "not_evaluated", "no evaluation losses saved")
@@ -103,7 +94,7 @@ def overfit(phases: list[tuple[str, list[float]]], ratio_threshold: float = 0.1,
     return RuleResult("overfit", "passed", f"eval/train loss gap stayed within {100 * ratio_threshold:.0f}% (last {last_eval:.4g} vs {last_train:.4g})")
 
 
-def overtraining(phases: list[tuple[str, list[float]]], patience_validation: int = 3, delta: float = 0.01) -> RuleResult:
+def overtraining(phases: list[tuple[str, list[float]]], patience_validation: int, delta: float) -> RuleResult:
     pairs = _epoch_losses(phases)
     if len(pairs) <= patience_validation:
         return RuleResult("overtraining", "not_evaluated", f"{len(pairs)} epochs evaluated; need more than {patience_validation}")
@@ -120,7 +111,7 @@ def overtraining(phases: list[tuple[str, list[float]]], patience_validation: int
     return RuleResult("overtraining", "fired" if stalled and train_falling else "passed", evidence)
 
 
-def vanishing_gradient(trial: Any, threshold: float = 1e-7) -> RuleResult:
+def vanishing_gradient(trial: Any, threshold: float) -> RuleResult:
     names = trial.tensor_names(collection="gradients")
     if not names:
         return RuleResult("vanishing_gradient", "not_evaluated", "no gradients saved")
@@ -135,7 +126,7 @@ def vanishing_gradient(trial: Any, threshold: float = 1e-7) -> RuleResult:
     return RuleResult("vanishing_gradient", "fired" if smallest[0] < threshold else "passed", evidence)
 
 
-def poor_weight_initialization(trial: Any, threshold: float = 10.0, distribution_range: float = 0.001) -> RuleResult:
+def poor_weight_initialization(trial: Any, threshold: float, distribution_range: float) -> RuleResult:
     names = [n for n in trial.tensor_names(collection="weights") if n.endswith(".weight")]
     gains: dict[str, float] = {}
     for name in names:
@@ -167,11 +158,11 @@ def check_rules(debug_dir: Path) -> list[RuleResult]:
     trial = create_trial(str(debug_dir))
     phases = _phases(trial)
     return [
-        loss_not_decreasing(phases),
-        overfit(phases),
-        overtraining(phases),
-        vanishing_gradient(trial),
-        poor_weight_initialization(trial),
+        loss_not_decreasing(phases, **DEBUGGER_RULES["loss_not_decreasing"]),
+        overfit(phases, **DEBUGGER_RULES["overfit"]),
+        overtraining(phases, **DEBUGGER_RULES["overtraining"]),
+        vanishing_gradient(trial, **DEBUGGER_RULES["vanishing_gradient"]),
+        poor_weight_initialization(trial, **DEBUGGER_RULES["poor_weight_initialization"]),
     ]
 
 

@@ -15,89 +15,25 @@ failing (:class:`~bincount.storage.TransientStorageError`) fails the run, and a 
 
 from __future__ import annotations
 
-import io
-import json
 import time
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
-from pathlib import Path, PurePosixPath
+from dataclasses import dataclass
+from pathlib import Path
 
-import pandas as pd
 import torch
 
-from bincount.serving.batcher import prepare_model_thread
-from bincount.serving.host import available_cores
+from bincount.batch_results import list_inputs, relative_keys, write_tables
+from bincount.contracts.serving import BatchTransformSummary, ProgressFn
+from bincount.local.batcher import available_cores, prepare_model_thread
 from bincount.storage import Storage, StorageError, TransientStorageError, join_uri
 from sm_scripts import inference
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-RESULTS_NAME = "results.csv"
-ERRORS_NAME = "errors.csv"
-
-ProgressFn = Callable[[int, int], None]
-
-
-class BatchTransformError(ValueError):
-    """The transform cannot start as asked (the message says how to fix the request)."""
-
-
-@dataclass
-class BatchTransformSummary:
-    """What a batch transform did; plain values only (a Prefect task returns it)."""
-
-    input_uri: str
-    output_uri: str
-    model_version: str
-    images: int  # image objects under the input prefix
-    scored: int  # scored in this run
-    skipped: int  # already done by an earlier run
-    failed: int  # unreadable images (see errors)
-    seconds: float
-    images_per_s: float  # scored in this run / seconds spent scoring
-    results_uri: str
-    errors_uri: str | None
-    accuracy: float | None  # over the images with a known label
-    errors: list[dict[str, str]] = field(default_factory=list)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
 
 @dataclass
 class _Loaded:
     key: str
     pixels: torch.Tensor | None
     error: str | None
-
-
-def image_id(key: str) -> str:
-    """``1/abc.jpg`` -> ``abc``."""
-    return PurePosixPath(key).stem
-
-
-def label_from_key(key: str, classes: list[int]) -> int | None:
-    """The label of a channel-layout key (``<split>/<count>/<id>.jpg``): the parent folder, if a class."""
-    parent = PurePosixPath(key).parent.name
-    return int(parent) if parent.isdigit() and int(parent) in classes else None
-
-
-def load_labels(storage: Storage, labels_uri: str) -> dict[str, int]:
-    """``id -> label`` from a CSV with ``id`` and ``label`` columns (a split.csv will do)."""
-    table = pd.read_csv(io.BytesIO(storage.read_bytes(labels_uri)), dtype={"id": str})
-    missing = {"id", "label"} - set(table.columns)
-    if missing:
-        raise BatchTransformError(f"{labels_uri} lacks columns {sorted(missing)}: labels need id and label")
-    return dict(zip(table["id"], table["label"].astype(int)))
-
-
-def _relative_keys(storage: Storage, prefix_uri: str, suffixes: tuple[str, ...]) -> list[str]:
-    base = prefix_uri.rstrip("/") + "/"
-    return sorted(
-        info.uri[len(base) :]
-        for info in storage.list(prefix_uri)
-        if info.uri.startswith(base) and info.uri.lower().endswith(suffixes)
-    )
 
 
 def run_batch_transform(
@@ -118,14 +54,8 @@ def run_batch_transform(
         BatchTransformError: the prefixes overlap, or the input holds no images.
     """
     input_uri, output_uri = input_uri.rstrip("/"), output_uri.rstrip("/")
-    if output_uri.startswith(input_uri + "/") or output_uri == input_uri or input_uri.startswith(output_uri + "/"):
-        raise BatchTransformError(
-            f"input {input_uri} and output {output_uri} overlap: give an output prefix outside the input"
-        )
-    keys = _relative_keys(storage, input_uri, IMAGE_SUFFIXES)
-    if not keys:
-        raise BatchTransformError(f"no .jpg, .jpeg or .png objects under {input_uri}")
-    done = set(_relative_keys(storage, output_uri, (".out",)))
+    keys = list_inputs(storage, input_uri, output_uri)
+    done = set(relative_keys(storage, output_uri, (".out",)))
     pending = [key for key in keys if f"{key}.out" not in done]
 
     workers = workers or available_cores()
@@ -171,16 +101,8 @@ def run_batch_transform(
     scored = len(pending) - len(errors)
 
     failed_keys = {error["key"] for error in errors}
-    table = results_table(storage, output_uri, [key for key in keys if key not in failed_keys], labels, model.classes)
-    results_uri = join_uri(output_uri, RESULTS_NAME)
-    storage.write_bytes(results_uri, table.to_csv(index=False).encode())
-    errors_uri = None
-    if errors:
-        errors_uri = join_uri(output_uri, ERRORS_NAME)
-        storage.write_bytes(errors_uri, pd.DataFrame(errors).to_csv(index=False).encode())
-    else:
-        storage.delete(join_uri(output_uri, ERRORS_NAME))  # a rerun that fixed every error leaves none listed
-    known = table.dropna(subset=["label"])
+    scored_keys = [key for key in keys if key not in failed_keys]
+    results_uri, errors_uri, accuracy = write_tables(storage, output_uri, scored_keys, labels, model.classes, errors)
     return BatchTransformSummary(
         input_uri=input_uri,
         output_uri=output_uri,
@@ -193,7 +115,7 @@ def run_batch_transform(
         images_per_s=round(scored / seconds, 2) if scored and seconds > 0 else 0.0,
         results_uri=results_uri,
         errors_uri=errors_uri,
-        accuracy=round(float(known["correct"].mean()), 4) if len(known) else None,
+        accuracy=accuracy,
         errors=errors,
     )
 
@@ -210,28 +132,3 @@ def _prefetched_batches(
             yield [future.result() for future in queued.pop(0)]
     for futures in queued:
         yield [future.result() for future in futures]
-
-
-def results_table(
-    storage: Storage, output_uri: str, keys: list[str], labels: Mapping[str, int] | None, classes: list[int]
-) -> pd.DataFrame:
-    """One row per scored image, read back from the ``.out`` files (so reruns see earlier runs too)."""
-
-    def row(key: str) -> dict:
-        answer = json.loads(storage.read_bytes(join_uri(output_uri, f"{key}.out")))["predictions"][0]
-        label = labels.get(image_id(key)) if labels is not None else label_from_key(key, classes)
-        return {
-            "id": image_id(key),
-            "key": key,
-            "predicted_count": answer["predicted_count"],
-            **{f"prob_{count}": p for count, p in answer["probabilities"].items()},
-            "label": label,
-        }
-
-    with ThreadPoolExecutor(max_workers=16) as pool:
-        rows = list(pool.map(row, keys))
-    columns = ["id", "key", "predicted_count", *(f"prob_{count}" for count in classes), "label"]
-    table = pd.DataFrame(rows, columns=columns)
-    table["label"] = table["label"].astype("Int64")
-    table["correct"] = (table["predicted_count"] == table["label"]).astype("boolean")
-    return table

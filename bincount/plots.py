@@ -1,4 +1,4 @@
-"""PNG plots of training curves, tuning trials and confusion matrices (matplotlib, no display)."""
+"""PNG plots of the data report, training curves, tuning trials and confusion matrices (matplotlib, no display)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from bincount.training.tuning import TrialResult  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from bincount.contracts.tuning import TrialResult  # noqa: E402
+from bincount.data_report import DataReport  # noqa: E402
 
 
 def _png(figure: plt.Figure) -> bytes:
@@ -18,6 +21,18 @@ def _png(figure: plt.Figure) -> bytes:
     figure.savefig(buffer, format="png", dpi=100)
     plt.close(figure)
     return buffer.getvalue()
+
+
+def data_report_png(report: DataReport) -> bytes:
+    """Class balance per split beside the most common image sizes."""
+    figure, (balance, sizes) = plt.subplots(1, 2, figsize=(11, 4))
+    table = pd.DataFrame(report.class_counts).fillna(0).sort_index()
+    table.plot.bar(ax=balance, rot=0)
+    balance.set(title="Images per count and split", xlabel="items in bin", ylabel="images")
+    top = list(report.image_sizes.items())[:8]
+    sizes.barh([name for name, _ in top][::-1], [n for _, n in top][::-1], color="tab:gray")
+    sizes.set(title="Most common image sizes", xlabel="images")
+    return _png(figure)
 
 
 def training_curves(history: list[dict[str, float]], title: str) -> bytes:

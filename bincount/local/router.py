@@ -1,6 +1,6 @@
 """The endpoint's front door: a stable address that forwards to whichever model host is live.
 
-    python -m bincount.serving.router --name NAME --state-file FILE [--port P | --fd N]
+    python -m bincount.local.router --name NAME --state-file FILE [--port P | --fd N]
 
 A local endpoint is this router plus one model host process (two during a redeploy). The router
 owns the endpoint's URL, so clients never see a host come or go: a deploy starts the new host,
@@ -24,15 +24,14 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from bincount.serving import httpio
+from bincount.local import httpio
 
-logger = logging.getLogger("bincount.serving.router")
+logger = logging.getLogger("bincount.local.router")
 
 _FORWARDED_HEADERS = ("content-type", "accept", "x-amzn-sagemaker-custom-attributes")
 _RETURNED_HEADERS = ("content-type", "x-amzn-errortype", "x-amzn-invoked-production-variant")
@@ -152,16 +151,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = uvicorn.Config(
-        create_app(args.name, args.state_file),
-        log_level="info",
-        access_log=False,
-        timeout_keep_alive=75,
-        timeout_graceful_shutdown=args.graceful_timeout,
-        limit_concurrency=1024,
-        lifespan="on",
-    )
-    uvicorn.Server(config).run(sockets=[httpio.bound_socket(args.host, args.port, args.fd)])
+    app = create_app(args.name, args.state_file)
+    httpio.serve(app, httpio.bound_socket(args.host, args.port, args.fd), args.graceful_timeout, 1024)
 
 
 if __name__ == "__main__":

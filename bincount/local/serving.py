@@ -1,10 +1,6 @@
-"""Serving backends: deploy, describe, invoke and delete named endpoints; run batch transforms.
+"""The local serving backend: endpoints as processes on this machine, batch transform in-process.
 
-:class:`ServingBackend` is what the Prefect tasks call; :func:`get_serving_backend` picks the
-implementation from the settings' profile. Only ``local`` exists now; a SageMaker backend (model,
-endpoint config, ``update_endpoint``, Transformer) implements the same protocol later.
-
-The local backend, per endpoint::
+Per endpoint::
 
     client ──► router (stable port: the endpoint URL) ──► model host (a port of its own)
 
@@ -18,119 +14,42 @@ Both processes are detached, so an endpoint outlives the flow run that deployed 
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import fcntl
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import boto3
 import botocore.config
 import httpx
-import numpy as np
 from botocore import UNSIGNED
 
 from bincount.config import Settings
-from bincount.demo_data import jpeg_bytes, render_bin_image
-from bincount.serving.batch import BatchTransformSummary, ProgressFn, load_labels, run_batch_transform
-from bincount.serving.host import HostOptions
-from bincount.serving.httpio import ENDPOINT_NAME
-from bincount.serving.model_dir import fetch_model, read_model_info
-from bincount.storage import ObjectNotFoundError, Storage, local_path, storage_for
+from bincount.contracts.naming import check_endpoint_name
+from bincount.contracts.serving import (
+    BatchTransformSummary,
+    DeployError,
+    EndpointNotFoundError,
+    EndpointRecord,
+    ProgressFn,
+    ServingError,
+    check_answer,
+)
+from bincount.endpoints import EndpointRecords, now_iso, smoke_image
+from bincount.batch_results import load_labels
+from bincount.local.batch import run_batch_transform
+from bincount.local.host import HostOptions
+from bincount.local.httpio import listening_socket
+from bincount.models import fetch_model, read_model_info
+from bincount.storage import Storage, local_path, storage_for
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
-RECORD_SCHEMA = 1
-
-
-class ServingError(RuntimeError):
-    """An endpoint operation failed; the message says what to look at (often the host's log)."""
-
-
-class DeployError(ServingError):
-    """A new model could not be put in service; whatever served before still serves."""
-
-
-class EndpointNotFoundError(ServingError, LookupError):
-    """No endpoint of that name is recorded."""
-
-
-@dataclass
-class EndpointRecord:
-    """An endpoint as recorded under the artifact root; ``details`` is backend-specific."""
-
-    name: str
-    url: str
-    model_uri: str
-    version: str
-    arch: str
-    image_size: int
-    classes: list[int]
-    backend: str
-    deployed_at: str
-    previous_model_uri: str | None = None
-    previous_version: str | None = None
-    details: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"schema": RECORD_SCHEMA, **asdict(self)}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> EndpointRecord:
-        return cls(**{key: value for key, value in data.items() if key != "schema"})
-
-
-class ServingBackend(Protocol):
-    """What the deploy and batch transform tasks need from a place that serves models."""
-
-    def deploy(self, name: str, model_uri: str) -> EndpointRecord:
-        """Start ``name`` on ``model_uri``, or replace its model without dropping a request."""
-        ...
-
-    def describe(self, name: str) -> EndpointRecord:
-        """The record of ``name``; raises :class:`EndpointNotFoundError`."""
-        ...
-
-    def invoke(self, name: str, body: bytes, content_type: str, accept: str = "application/json") -> bytes:
-        """One request through the endpoint, as a client sends it."""
-        ...
-
-    def delete(self, name: str) -> None:
-        """Stop ``name`` and forget its record; raises :class:`EndpointNotFoundError`."""
-        ...
-
-    def batch_transform(
-        self,
-        model_uri: str,
-        input_uri: str,
-        output_uri: str,
-        *,
-        batch_size: int = 16,
-        labels_uri: str | None = None,
-        progress: ProgressFn | None = None,
-    ) -> BatchTransformSummary:
-        """Score every image under ``input_uri`` into ``output_uri`` (see bincount.serving.batch)."""
-        ...
-
-
-def get_serving_backend(settings: Settings, host_options: HostOptions | None = None, run_key: str = "") -> ServingBackend:
-    """The serving backend for ``settings.profile``; ``run_key`` (the flow run) keeps SageMaker job names unique per run."""
-    if settings.profile == "local":
-        return LocalServingBackend(settings, host_options=host_options)
-    if settings.profile == "aws":
-        from bincount.sagemaker.serving import SageMakerServingBackend
-
-        return SageMakerServingBackend(settings, run_key=run_key)
-    raise NotImplementedError(
-        f"serving on profile {settings.profile!r} is not built yet: use BINCOUNT_PROFILE=local"
-    )
 
 
 def runtime_client(endpoint_url: str, max_attempts: int = 3):
@@ -146,30 +65,6 @@ def runtime_client(endpoint_url: str, max_attempts: int = 3):
     )
 
 
-def check_endpoint_name(name: str) -> str:
-    if not ENDPOINT_NAME.match(name):
-        raise ValueError(f"endpoint name {name!r}: use 1-63 letters, digits and single dashes, as SageMaker does")
-    return name
-
-
-def smoke_image(image_size: int) -> bytes:
-    """A synthetic bin photo (two items) at the model's size, to check a new host end to end."""
-    return jpeg_bytes(render_bin_image(2, np.random.default_rng(0), size=max(image_size, 32)))
-
-
-def check_answer(answer: bytes, classes: list[int]) -> int:
-    """The count in a JSON answer; raises ServingError when the answer is not a valid prediction."""
-    try:
-        prediction = json.loads(answer)["predictions"][0]
-        count = int(prediction["predicted_count"])
-        total = sum(prediction["probabilities"].values())
-    except (ValueError, KeyError, IndexError, TypeError) as error:
-        raise ServingError(f"the answer is not a prediction ({error}): {answer[:200]!r}") from None
-    if count not in classes or abs(total - 1.0) > 1e-3:
-        raise ServingError(f"implausible answer: count {count}, probabilities summing to {total}")
-    return count
-
-
 class LocalServingBackend:
     """Endpoints as local processes (router + model host); batch transform in this process."""
 
@@ -183,6 +78,7 @@ class LocalServingBackend:
     ) -> None:
         self.settings = settings
         self.storage: Storage = storage_for(settings)
+        self.records = EndpointRecords(settings, self.storage)
         self.host_options = host_options or HostOptions()
         if runtime_root is None:
             runtime_root = (
@@ -196,15 +92,11 @@ class LocalServingBackend:
         self._children: dict[int, subprocess.Popen] = {}
 
     # records -------------------------------------------------------------------------------
-    def record_uri(self, name: str) -> str:
-        return self.settings.artifact_uri("endpoints", f"{name}.json")
-
     def describe(self, name: str) -> EndpointRecord:
-        check_endpoint_name(name)
-        try:
-            return EndpointRecord.from_dict(json.loads(self.storage.read_bytes(self.record_uri(name))))
-        except ObjectNotFoundError:
-            raise EndpointNotFoundError(f"no endpoint named {name!r} is recorded at {self.record_uri(name)}") from None
+        record = self.records.read(name)
+        if record is None:
+            raise EndpointNotFoundError(f"no endpoint named {name!r} is recorded at {self.records.uri(name)}")
+        return record
 
     def is_serving(self, record: EndpointRecord) -> bool:
         """Whether the router at the record's URL answers for this endpoint."""
@@ -251,24 +143,24 @@ class LocalServingBackend:
                 image_size=int(info["image_size"]),
                 classes=[int(count) for count in info["classes"]],
                 backend="local",
-                deployed_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                deployed_at=now_iso(),
                 previous_model_uri=current.model_uri if current else None,
                 previous_version=current.version if current else None,
                 details=details,
             )
-            self.storage.write_bytes(self.record_uri(name), json.dumps(record.to_dict(), indent=2).encode())
+            self.records.write(record)
             return record
 
     def _start_host(self, name: str, model_dir: Path, version: str, workdir: Path) -> tuple[subprocess.Popen, str]:
         args = ["--model-dir", str(model_dir), "--name", name, *self.host_options.cli_args()]
-        proc, port = self._spawn("bincount.serving.host", args, 0, workdir, "host")
+        proc, port = self._spawn("bincount.local.host", args, 0, workdir, "host")
         return proc, f"http://{self.bind_host}:{port}"
 
     def _start_router(self, name: str, port: int, state: dict, workdir: Path, host_pid: int) -> dict[str, Any]:
         state_file = workdir / "router.json"
         _write_json(state_file, state)
         try:
-            proc, port = self._spawn("bincount.serving.router", ["--name", name, "--state-file", str(state_file)], port, workdir, "router")
+            proc, port = self._spawn("bincount.local.router", ["--name", name, "--state-file", str(state_file)], port, workdir, "router")
         except OSError as error:
             self._stop(host_pid)
             raise DeployError(f"cannot bind the router of {name!r} to port {port} ({error}): free it or delete the endpoint") from None
@@ -307,11 +199,8 @@ class LocalServingBackend:
     # processes -----------------------------------------------------------------------------
     def _spawn(self, module: str, args: list[str], port: int, workdir: Path, kind: str) -> tuple[subprocess.Popen, int]:
         """Start ``python -m module`` detached, serving on a socket bound here (so its port is known now)."""
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock = listening_socket(self.bind_host, port)
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((self.bind_host, port))
-            sock.listen(512)
             port = sock.getsockname()[1]
             env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))}
             log_path = workdir / f"{kind}-pending.log"
@@ -395,7 +284,7 @@ class LocalServingBackend:
         with _exclusive(self.runtime_root / name / ".deploy.lock"):
             self._stop(record.details.get("router_pid"))
             self._stop(record.details.get("host_pid"))
-            self.storage.delete(self.record_uri(name))
+            self.records.delete(name)
 
     # batch transform -----------------------------------------------------------------------
     def batch_transform(
@@ -422,7 +311,7 @@ def _is_ours(pid: int) -> bool:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except (FileNotFoundError, ProcessLookupError):
         return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z" and b"bincount.serving." in cmdline
+    return stat.rsplit(")", 1)[1].split()[0] != "Z" and b"bincount.local." in cmdline
 
 
 def _write_json(path: Path, data: dict) -> None:

@@ -1,11 +1,11 @@
 """The model host: one model behind SageMaker's container routes, run as its own process.
 
-    python -m bincount.serving.host --model-dir DIR --name NAME [--port 8080 | --fd N]
+    python -m bincount.local.host --model-dir DIR --name NAME [--port 8080 | --fd N]
 
 Routes: ``GET /ping`` (200 once the model is loaded), ``POST /invocations`` and the runtime route
 ``POST /endpoints/<name>/invocations`` (so boto3's ``sagemaker-runtime`` client works with
 ``endpoint_url=``). Handlers come from ``sm_scripts/inference.py``: requests are decoded on a
-small thread pool, then :class:`~bincount.serving.batcher.MicroBatcher` runs one forward at a
+small thread pool, then :class:`~bincount.local.batcher.MicroBatcher` runs one forward at a
 time over the requests that arrived together. Bad requests get a 4xx and change nothing else;
 SIGTERM stops accepting, answers every request already in, then exits.
 
@@ -19,25 +19,22 @@ import argparse
 import contextlib
 import json
 import logging
-import os
-import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
 import torch
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from bincount.serving import httpio
-from bincount.serving.batcher import MicroBatcher
+from bincount.local import httpio
+from bincount.local.batcher import MicroBatcher, available_cores
 from sm_scripts import inference
 
-logger = logging.getLogger("bincount.serving.host")
+logger = logging.getLogger("bincount.local.host")
 
 
 @dataclass(frozen=True)
@@ -54,10 +51,6 @@ class HostOptions:
         if self.threads:
             args += ["--threads", str(self.threads)]
         return [*args, "--graceful-timeout", str(self.graceful_timeout_s)]
-
-
-def available_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def create_app(model_dir: Path, name: str, options: HostOptions) -> Starlette:
@@ -151,20 +144,6 @@ def create_app(model_dir: Path, name: str, options: HostOptions) -> Starlette:
     )
 
 
-def serve(app: Starlette, sock: socket.socket, graceful_timeout_s: float, access_log: bool = False) -> None:
-    """Run ``app`` on an already bound socket until SIGTERM or SIGINT, then drain and return."""
-    config = uvicorn.Config(
-        app,
-        log_level="info",
-        access_log=access_log,
-        timeout_keep_alive=75,  # longer than any client pool keeps idle connections: no reuse race
-        timeout_graceful_shutdown=graceful_timeout_s,
-        limit_concurrency=512,  # beyond this uvicorn answers 503 instead of queueing without end
-        lifespan="on",
-    )
-    uvicorn.Server(config).run(sockets=[sock])
-
-
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Serve one bin-count model with SageMaker's container routes.")
     parser.add_argument("--model-dir", type=Path, required=True, help="folder with model.pt and model_info.json")
@@ -184,7 +163,7 @@ def main(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     options = HostOptions(args.max_batch_size, args.max_wait_ms, args.threads, args.graceful_timeout)
     app = create_app(args.model_dir, args.name, options)
-    serve(app, httpio.bound_socket(args.host, args.port, args.fd), options.graceful_timeout_s, args.access_log)
+    httpio.serve(app, httpio.bound_socket(args.host, args.port, args.fd), options.graceful_timeout_s, 512, args.access_log)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""HTTP pieces shared by the model host and the router: body limits and SageMaker-shaped errors.
+"""HTTP pieces shared by the model host and the router: sockets, the server, body limits and SageMaker-shaped errors.
 
 Two kinds of route answer errors differently, as on SageMaker:
 - container routes (``/ping``, ``/invocations``) answer the model's own status and a JSON message;
@@ -10,14 +10,14 @@ Two kinds of route answer errors differently, as on SageMaker:
 from __future__ import annotations
 
 import json
-import re
 import socket
 
+import uvicorn
+from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 MAX_PAYLOAD_BYTES = 6 * 1024 * 1024  # SageMaker real-time endpoints refuse bigger bodies
-ENDPOINT_NAME = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")  # SageMaker's rule for endpoint names
 
 
 class RequestError(Exception):
@@ -85,12 +85,29 @@ def unknown_endpoint(name: str, served: str) -> Response:
     return runtime_error("ValidationError", 400, f"Endpoint {name} not found: this server serves {served!r}.")
 
 
-def bound_socket(host: str, port: int, fd: int | None) -> socket.socket:
-    """The listening socket: inherited (``fd``, bound by the deployer) or bound here."""
-    if fd is not None:
-        return socket.socket(fileno=fd)
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port`` (0: any free port) and listening."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     sock.listen(512)
     return sock
+
+
+def bound_socket(host: str, port: int, fd: int | None) -> socket.socket:
+    """The listening socket: inherited (``fd``, bound by the deployer) or bound here."""
+    return socket.socket(fileno=fd) if fd is not None else listening_socket(host, port)
+
+
+def serve(app: Starlette, sock: socket.socket, graceful_timeout_s: float, limit_concurrency: int, access_log: bool = False) -> None:
+    """Run ``app`` on an already bound socket until SIGTERM or SIGINT, then drain and return."""
+    config = uvicorn.Config(
+        app,
+        log_level="info",
+        access_log=access_log,
+        timeout_keep_alive=75,  # longer than any client pool keeps idle connections: no reuse race
+        timeout_graceful_shutdown=graceful_timeout_s,
+        limit_concurrency=limit_concurrency,  # beyond this uvicorn answers 503 instead of queueing without end
+        lifespan="on",
+    )
+    uvicorn.Server(config).run(sockets=[sock])

@@ -1,12 +1,10 @@
-"""Score a packed model (``model.tar.gz``) on a test channel: accuracy, RMSE of the count,
-per-class accuracy, within-one accuracy and the confusion matrix (scikit-learn's)."""
+"""Score a model (``model.tar.gz`` or a folder, any URI) on a test channel: accuracy, RMSE of the
+count, per-class accuracy, within-one accuracy and the confusion matrix (scikit-learn's)."""
 
 from __future__ import annotations
 
-import io
 import json
 import math
-import tarfile
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -16,6 +14,7 @@ import numpy as np
 import torch
 from sklearn.metrics import accuracy_score, confusion_matrix, mean_squared_error, recall_score
 
+from bincount.models import fetch_model, read_model_info
 from bincount.storage import Storage
 from sm_scripts.train import ImageCache, batches, build_model, load_channel
 
@@ -69,12 +68,10 @@ def predict_counts(model_dir: Path, cache: ImageCache, batch_size: int = 64) -> 
 
 
 def evaluate_model(storage: Storage, model_uri: str, test_channel_uri: str) -> Evaluation:
-    """Score the ``model.tar.gz`` at ``model_uri`` on the channel at ``test_channel_uri``."""
+    """Score the model at ``model_uri`` (an archive or a folder) on the channel at ``test_channel_uri``."""
     with tempfile.TemporaryDirectory(prefix="evaluate-") as scratch:
-        model_dir = Path(scratch) / "model"
-        with tarfile.open(fileobj=io.BytesIO(storage.read_bytes(model_uri)), mode="r:gz") as archive:
-            archive.extractall(model_dir, filter="data")
-        info = json.loads((model_dir / "model_info.json").read_text())
+        model_dir, _ = fetch_model(storage, model_uri, Path(scratch) / "models")
+        info = read_model_info(model_dir)
         channel = storage.local_folder(test_channel_uri, Path(scratch) / "test")
         classes = [str(c) for c in info["classes"]]
         cache = load_channel(channel, classes, info["image_size"], threads=torch.get_num_threads())

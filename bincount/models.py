@@ -1,4 +1,4 @@
-"""Model directories (see docs/CONTRACTS.md): fetch one from a URI, pack one, name its version.
+"""Model directories (see docs/CONTRACTS.md): fetch one from a URI, pack one, read one file of an archive, name its version.
 
 A model URI is a ``model.tar.gz`` (files at the archive root, as SageMaker packs them) or a folder
 holding ``model.pt`` and ``model_info.json``, on ``file://`` or ``s3://``. Serving and batch
@@ -8,7 +8,6 @@ bytes: the same model is fetched once, a changed one under the same URI is fetch
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import shutil
@@ -17,7 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from bincount.storage import Storage, join_uri
+from bincount.storage import Storage, file_digest, join_uri
 
 MODEL_FILES = ("model.pt", "model_info.json")
 
@@ -66,24 +65,33 @@ def fetch_model(storage: Storage, model_uri: str, cache_dir: Path) -> tuple[Path
 
 def model_version(model_dir: Path) -> str:
     """First 12 hex digits of the SHA-256 of ``model.pt``."""
-    digest = hashlib.sha256()
-    with (model_dir / "model.pt").open("rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()[:12]
+    return file_digest(model_dir / "model.pt")[:12]
 
 
 def read_model_info(model_dir: Path) -> dict[str, Any]:
     return json.loads((model_dir / "model_info.json").read_text())
 
 
-def pack_model_dir(model_dir: Path, archive: Path) -> Path:
-    """Pack a model folder as ``model.tar.gz`` with its files at the archive root."""
+def pack_folder(folder: Path, archive: Path) -> Path:
+    """``folder``'s files into a ``.tar.gz`` with the files at the archive root, as SageMaker packs ``model.tar.gz``."""
     archive.parent.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(archive, "w:gz") as tar:
-        for path in sorted(model_dir.iterdir()):
-            tar.add(path, arcname=path.name)
+    with tarfile.open(archive, "w:gz", compresslevel=1) as tar:  # weights barely compress: favour speed
+        for path in sorted(folder.rglob("*")):
+            if path.is_file():
+                tar.add(path, arcname=str(path.relative_to(folder)))
     return archive
+
+
+def read_from_archive(storage: Storage, archive_uri: str, member: str) -> bytes:
+    """One file out of a ``.tar.gz`` at ``archive_uri`` (``model.tar.gz`` or ``output.tar.gz``)."""
+    with tarfile.open(fileobj=io.BytesIO(storage.read_bytes(archive_uri)), mode="r:gz") as archive:
+        try:
+            extracted = archive.extractfile(member)
+        except KeyError:
+            extracted = None
+        if extracted is None:
+            raise FileNotFoundError(f"{archive_uri} holds no file {member!r}")
+        return extracted.read()
 
 
 def write_untrained_model_dir(

@@ -9,6 +9,7 @@ While a forward runs, new requests queue up and go together in the next one.
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from collections import deque
@@ -17,6 +18,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+
+def available_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def prepare_model_thread(threads: int | None = None) -> None:

@@ -1,0 +1,136 @@
+"""Serving: endpoints that answer an image with its count, and batch transforms over a prefix of images.
+
+The answer format (``application/json``) every backend gives::
+
+    {"predictions": [{"predicted_count": 3, "probabilities": {"1": 0.1, ..., "5": 0.05}}, ...]}
+
+Batch transform output (SageMaker's layout on every backend)::
+
+    {output_uri}/<key>.jpg.out     the JSON answer for that image
+    {output_uri}/results.csv       id, key, predicted_count, prob_1.., label (where known), correct
+    {output_uri}/errors.csv        the images that could not be read, and why
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+RECORD_SCHEMA = 1
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+RESULTS_NAME = "results.csv"
+ERRORS_NAME = "errors.csv"
+
+ProgressFn = Callable[[int, int], None]
+"""Called with (done, total) as a batch transform goes."""
+
+
+class ServingError(RuntimeError):
+    """An endpoint operation failed; the message says what to look at (often the host's log)."""
+
+
+class DeployError(ServingError):
+    """A new model could not be put in service; whatever served before still serves."""
+
+
+class EndpointNotFoundError(ServingError, LookupError):
+    """No endpoint of that name is recorded."""
+
+
+class BatchTransformError(ValueError):
+    """The transform cannot start as asked (the message says how to fix the request)."""
+
+
+@dataclass
+class EndpointRecord:
+    """An endpoint as recorded under the artifact root; ``details`` is backend-specific."""
+
+    name: str
+    url: str
+    model_uri: str
+    version: str
+    arch: str
+    image_size: int
+    classes: list[int]
+    backend: str
+    deployed_at: str
+    previous_model_uri: str | None = None
+    previous_version: str | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema": RECORD_SCHEMA, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EndpointRecord:
+        return cls(**{key: value for key, value in data.items() if key != "schema"})
+
+
+@dataclass
+class BatchTransformSummary:
+    """What a batch transform did; plain values only (a Prefect task returns it)."""
+
+    input_uri: str
+    output_uri: str
+    model_version: str
+    images: int  # image objects under the input prefix
+    scored: int  # scored in this run
+    skipped: int  # already done by an earlier run
+    failed: int  # unreadable images (see errors)
+    seconds: float
+    images_per_s: float  # scored in this run / seconds spent scoring
+    results_uri: str
+    errors_uri: str | None
+    accuracy: float | None  # over the images with a known label
+    errors: list[dict[str, str]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def check_answer(answer: bytes, classes: list[int]) -> int:
+    """The count in a JSON answer; raises ServingError when the answer is not a valid prediction."""
+    try:
+        prediction = json.loads(answer)["predictions"][0]
+        count = int(prediction["predicted_count"])
+        total = sum(prediction["probabilities"].values())
+    except (ValueError, KeyError, IndexError, TypeError) as error:
+        raise ServingError(f"the answer is not a prediction ({error}): {answer[:200]!r}") from None
+    if count not in classes or abs(total - 1.0) > 1e-3:
+        raise ServingError(f"implausible answer: count {count}, probabilities summing to {total}")
+    return count
+
+
+class ServingBackend(Protocol):
+    """What the deploy and batch transform tasks need from a place that serves models."""
+
+    def deploy(self, name: str, model_uri: str) -> EndpointRecord:
+        """Start ``name`` on ``model_uri``, or replace its model without dropping a request."""
+        ...
+
+    def describe(self, name: str) -> EndpointRecord:
+        """The record of ``name``; raises :class:`EndpointNotFoundError`."""
+        ...
+
+    def invoke(self, name: str, body: bytes, content_type: str, accept: str = "application/json") -> bytes:
+        """One request through the endpoint, as a client sends it."""
+        ...
+
+    def delete(self, name: str) -> None:
+        """Stop ``name`` and forget its record; raises :class:`EndpointNotFoundError`."""
+        ...
+
+    def batch_transform(
+        self,
+        model_uri: str,
+        input_uri: str,
+        output_uri: str,
+        *,
+        batch_size: int = 16,
+        labels_uri: str | None = None,
+        progress: ProgressFn | None = None,
+    ) -> BatchTransformSummary:
+        """Score every image under ``input_uri`` into ``output_uri`` (the layout above)."""
+        ...

@@ -1,0 +1,116 @@
+"""Training jobs: what to run (:class:`TrainingJobSpec`), what came of it (:class:`TrainingJob`), and the backend seam.
+
+Jobs lay out their results like SageMaker's, on every backend::
+
+    {output_uri}/{name}/output/model.tar.gz     model dir packed (files at the archive root)
+    {output_uri}/{name}/output/output.tar.gz    SM_OUTPUT_DATA_DIR packed (history, profiler trace + summary)
+    {output_uri}/{name}/debug-output/...        smdebug tensors, when the debugger is on
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal, Protocol
+
+from bincount.contracts.naming import check_name
+
+LogSink = Callable[[str], None]
+StopCheck = Callable[[list[dict[str, float]]], bool]
+"""Given the epochs' metrics so far, True stops the job early (status ``Stopped``)."""
+
+LOG_TAIL_LINES = 60
+"""How many of a job's last log lines its record keeps (for failure messages)."""
+
+DEBUGGER_RULES: dict[str, dict[str, float]] = {
+    # rule -> thresholds, the same for the local checks and SageMaker's built-in rules
+    "loss_not_decreasing": {"num_steps": 10, "diff_percent": 0.1},
+    "overfit": {"ratio_threshold": 0.1, "patience": 1},
+    "overtraining": {"patience_validation": 3, "delta": 0.01},
+    "vanishing_gradient": {"threshold": 1e-7},
+    "poor_weight_initialization": {"threshold": 10.0, "distribution_range": 0.001},
+}
+
+RuleStatus = Literal["passed", "fired", "not_evaluated", "error"]
+
+
+@dataclass(frozen=True)
+class TrainingJobSpec:
+    """A training job to run: ``channels`` maps ``train``/``valid``/``test`` to channel URIs.
+
+    ``local_cpus`` is the local backend's share of this machine's cores for the job (when jobs run
+    side by side); SageMaker gives each job its own instance and ignores it.
+    """
+
+    name: str
+    hyperparameters: dict[str, Any]
+    channels: dict[str, str]
+    output_uri: str
+    debugger: bool = False
+    profiler: bool = False
+    local_cpus: int | None = None
+
+    def __post_init__(self) -> None:
+        check_name(self.name, "training")
+
+    def script_hyperparameters(self) -> dict[str, Any]:
+        """What train.py gets as flags: the hyperparameters plus its ``--debugger`` / ``--profile`` switches."""
+        return {
+            **self.hyperparameters,
+            **({"debugger": True} if self.debugger else {}),
+            **({"profile": True} if self.profiler else {}),
+        }
+
+
+@dataclass
+class TrainingJob:
+    """What a finished (or stopped) job left: status ``Completed``, ``Stopped`` or ``Failed``."""
+
+    name: str
+    status: str
+    hyperparameters: dict[str, Any]
+    metrics: dict[str, float] = field(default_factory=dict)
+    metric_history: list[dict[str, float]] = field(default_factory=list)
+    model_uri: str | None = None
+    output_uri: str | None = None
+    debug_output_uri: str | None = None
+    failure_reason: str | None = None
+    log_tail: list[str] = field(default_factory=list)
+    duration_s: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class TrainingJobFailed(RuntimeError):
+    """A training job failed; ``job`` holds its record (reason and the tail of its log)."""
+
+    def __init__(self, job: TrainingJob) -> None:
+        tail = "\n".join(job.log_tail[-20:])
+        super().__init__(f"training job {job.name} failed: {job.failure_reason}\n--- last log lines ---\n{tail}")
+        self.job = job
+
+
+@dataclass
+class RuleResult:
+    """A debugger rule's verdict; ``processing_job_arn`` is SageMaker's rule job (None locally)."""
+
+    rule: str
+    status: RuleStatus  # error: SageMaker's rule job itself failed
+    evidence: str
+    processing_job_arn: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class TrainingBackend(Protocol):
+    def train(
+        self, spec: TrainingJobSpec, on_log: LogSink | None = None, should_stop: StopCheck | None = None
+    ) -> TrainingJob:
+        """Run a training job to its end; raise :class:`TrainingJobFailed` if it fails."""
+        ...
+
+    def rule_results(self, job: TrainingJob, on_event: LogSink | None = None) -> list[RuleResult]:
+        """The debugger rules' verdicts on ``job`` (run with ``debugger=True``), named alike on every backend."""
+        ...

@@ -1,0 +1,1 @@
+"""The one-machine implementations of the contracts: subprocess training, Optuna tuning, HTTP endpoints."""

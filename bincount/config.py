@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlparse
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Profile = Literal["local", "aws"]
@@ -111,3 +111,37 @@ class Settings(BaseSettings):
     def artifact_uri(self, *parts: str) -> str:
         """A URI under the artifact root."""
         return "/".join([self.artifact_root.rstrip("/"), *(part.strip("/") for part in parts)])
+
+
+class Location(BaseModel):
+    """The settings as flow parameters: each one given here wins over its ``BINCOUNT_*`` variable.
+
+    A flow resolves its location once (:meth:`settings`) and hands the result down: subflows get
+    the :class:`Settings` object, or, where they are deployable flows of their own,
+    ``Location.of(settings)`` with every value filled in, so they resolve to the very same settings.
+    """
+
+    profile: Profile | None = Field(default=None, description="`local` or `aws` (default: BINCOUNT_PROFILE, else local).")
+    artifact_root: str | None = Field(
+        default=None, description="URI for datasets, models and records (default: BINCOUNT_ARTIFACT_ROOT, else ./.bincount)."
+    )
+    data_dir: str | None = Field(default=None, description="Local download cache (default: BINCOUNT_DATA_DIR, else ./.bincount/raw).")
+    source_uri: str | None = Field(
+        default=None, description="Bucket laid out like ABID (default: BINCOUNT_SOURCE_URI, else s3://aft-vbi-pds)."
+    )
+    source_anonymous: bool | None = Field(default=None, description="Read the source without credentials (default: true).")
+    s3_endpoint_url: str | None = Field(default=None, description="S3-compatible endpoint: MinIO, LocalStack (default: AWS).")
+    aws_region: str | None = Field(default=None, description="AWS region (default: the AWS default chain).")
+
+    def settings(self) -> Settings:
+        """The settings: these values over the ``BINCOUNT_*`` variables over the defaults.
+
+        Raises:
+            SettingsError: naming each bad value and what it expects.
+        """
+        return Settings.load(**self.model_dump())
+
+    @classmethod
+    def of(cls, settings: Settings) -> Location:
+        """Every value of ``settings``, for a subflow that takes a location."""
+        return cls(**settings.model_dump(mode="json"))

@@ -1,7 +1,8 @@
 """Picks the implementations of the contracts for a profile: the only module that knows both backends.
 
     local  train.py as a subprocess, Optuna, endpoints as processes here, batch transform in-process
-    aws    SageMaker training and tuning jobs, endpoints and transform jobs (SDK v2)
+    aws    SageMaker training and tuning jobs, endpoints and transform jobs (SDK v2), and the
+           model registry mirrored to SageMaker Model Registry
 
 The SageMaker SDK itself is imported inside the SageMaker backends, on first use: it takes seconds.
 """
@@ -16,6 +17,8 @@ from bincount.local.host import HostOptions
 from bincount.local.serving import LocalServingBackend
 from bincount.local.training import LocalTrainingBackend
 from bincount.local.tuning import LocalTuningBackend
+from bincount.registry import StorageModelRegistry
+from bincount.sagemaker.model_registry import SageMakerModelRegistry
 from bincount.sagemaker.serving import SageMakerServingBackend
 from bincount.sagemaker.training import SageMakerTrainingBackend
 from bincount.sagemaker.tuning import SageMakerTuningBackend
@@ -39,3 +42,8 @@ def get_serving_backend(settings: Settings, run_key: str = "", host_options: Hos
     if settings.profile == "aws":
         return SageMakerServingBackend(settings, run_key=run_key)
     return LocalServingBackend(settings, host_options=host_options)
+
+
+def get_model_registry(settings: Settings) -> StorageModelRegistry:
+    """The registry under the artifact root (both profiles); on ``aws`` each version is mirrored to SageMaker."""
+    return StorageModelRegistry.from_settings(settings, mirror=SageMakerModelRegistry(settings) if settings.profile == "aws" else None)

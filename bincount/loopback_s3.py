@@ -45,10 +45,6 @@ class LoopbackS3:
         with self._lock:
             self._faults.append([path_contains, times, status])
 
-    def clear_faults(self) -> None:
-        with self._lock:
-            self._faults.clear()
-
     def _app(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
         with self._lock:
             self.requests += 1

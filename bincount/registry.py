@@ -1,41 +1,92 @@
-"""What the pipeline remembers between runs, under ``{artifact_root}/registry/<endpoint>/``:
+"""The model registry over :class:`~bincount.storage.Storage` (``file://`` or ``s3://``), and the promotion rule.
 
-    best-hyperparameters.json   the best tuned hyperparameters and the job they came from
-    decisions.jsonl             one line per nightly decision: promoted or kept, with both scores
+Layout, under ``{artifact_root}/registry/<group>/`` (one group per endpoint by default)::
 
-and the promotion rule itself, so the nightly flow and its tests agree on it.
+    versions/000003.json                       version 3: model, metrics, dataset, code, recipe, job, flow run
+    events/<utc time>-<uuid>.json              one stage, approval or mirror change of one version
+    best-hyperparameters/<utc time>-<uuid>.json    hyperparameters of a model that passed the gate and beat the best
+    decisions/<utc time>-<uuid>.json           one nightly decision: promoted or kept, with both scores
+
+Every object is written once and never rewritten: a version number is taken by creating its file
+only if it is absent (a hard link of a finished temporary file on ``file://``; a conditional
+``PutObject`` with ``If-None-Match: *`` on S3), so two runs registering at once get distinct
+numbers and lose nothing, without a lock. Current stages and approvals are derived from the
+events, the latest winning; the best hyperparameters are the best-scoring record. Files of the
+earlier layout (``best-hyperparameters.json``, ``decisions.jsonl``) are still read.
 """
 
 from __future__ import annotations
 
+import builtins
+import dataclasses
 import datetime as dt
+import hashlib
 import json
-from dataclasses import asdict, dataclass
+import os
+import re
+import tempfile
+import uuid
+from pathlib import Path
 from typing import Any
 
+import botocore.exceptions
+
 from bincount.config import Settings
-from bincount.storage import ObjectNotFoundError, Storage, storage_for
+from bincount.contracts.registry import (
+    APPROVAL_STATUSES,
+    FORMAT_VERSION,
+    PROMOTION_METRIC,
+    STAGES,
+    ApprovalStatus,
+    BestHyperparameters,
+    DatasetRef,
+    Decision,
+    EventKind,
+    InvalidReferenceError,
+    InvalidTransitionError,
+    ModelMetrics,
+    ModelVersion,
+    ModelVersionSpec,
+    NoPreviousProductionError,
+    RegistryError,
+    RegistryMirror,
+    Stage,
+    StageEvent,
+    UnsupportedFormatError,
+    VersionNotFoundError,
+    VersionRef,
+    check_group,
+    parse_reference,
+)
+from bincount.split import SPLITS, read_split
+from bincount.storage import (
+    ObjectNotFoundError,
+    Storage,
+    StorageError,
+    join_uri,
+    local_path,
+    split_s3_uri,
+    storage_for,
+)
 
-PROMOTION_METRIC = "accuracy"
+VERSION_FILE = re.compile(r"^(\d{6,})\.json$")
+MAX_ALLOCATION_ATTEMPTS = 1000
 
 
-@dataclass
-class Decision:
-    """A nightly comparison of a challenger with the serving model, on the same test split."""
+def now_iso() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="microseconds")
 
-    endpoint_name: str
-    promoted: bool
-    reason: str
-    metric: str
-    challenger_score: float
-    serving_score: float | None
-    margin: float
-    challenger_model_uri: str
-    serving_model_uri: str | None
-    decided_at: str = ""
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+def object_sha256(storage: Storage, uri: str) -> str:
+    """SHA-256 of the object at ``uri`` (a model.tar.gz, a split.csv)."""
+    return hashlib.sha256(storage.read_bytes(uri)).hexdigest()
+
+
+def dataset_ref(storage: Storage, split_uri: str) -> DatasetRef:
+    """The split manifest at ``split_uri`` as a version records it: its hash and images per side."""
+    data = storage.read_bytes(split_uri)
+    counts = read_split(storage, split_uri)["split"].value_counts()
+    return DatasetRef(split_uri, hashlib.sha256(data).hexdigest(), {side: int(counts.get(side, 0)) for side in SPLITS})
 
 
 def decide(
@@ -46,6 +97,8 @@ def decide(
     serving_model_uri: str | None,
     margin: float,
     metric: str = PROMOTION_METRIC,
+    challenger_version: int | None = None,
+    serving_version: int | None = None,
 ) -> Decision:
     """Promote the challenger when nothing serves, or when it beats the serving model by ``margin``."""
     score = challenger[metric]
@@ -65,41 +118,471 @@ def decide(
         margin=margin,
         challenger_model_uri=challenger_model_uri,
         serving_model_uri=serving_model_uri,
-        decided_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        decided_at=now_iso(),
+        challenger_version=challenger_version,
+        serving_version=serving_version,
     )
 
 
-class Registry:
-    """Best hyperparameters and decisions for one endpoint."""
+# --- records as JSON ---------------------------------------------------------------------------
+def _spec_from_dict(data: dict[str, Any]) -> ModelVersionSpec:
+    return ModelVersionSpec(
+        **{
+            **data,
+            "metrics": ModelMetrics(**data["metrics"]),
+            "dataset": DatasetRef(**data["dataset"]),
+        }
+    )
 
-    def __init__(self, settings: Settings, endpoint_name: str, storage: Storage | None = None) -> None:
-        self.storage = storage or storage_for(settings)
-        self.root = settings.artifact_uri("registry", endpoint_name)
 
-    def save_best_hyperparameters(self, hyperparameters: dict[str, Any], job_name: str, score: dict[str, float]) -> None:
-        document = {"hyperparameters": hyperparameters, "job_name": job_name, "score": score}
-        self.storage.write_bytes(f"{self.root}/best-hyperparameters.json", json.dumps(document, indent=1).encode())
+def _event_from_dict(data: dict[str, Any]) -> StageEvent:
+    return StageEvent(**{key: value for key, value in data.items() if key != "format"})
 
-    def best_hyperparameters(self) -> dict[str, Any] | None:
-        """The last saved best hyperparameters, or None when nothing was ever tuned."""
+
+class _Objects:
+    """Write-once JSON objects under one prefix, on ``file://`` or ``s3://``."""
+
+    def __init__(self, storage: Storage) -> None:
+        self.storage = storage
+
+    def create(self, uri: str, document: dict[str, Any]) -> bool:
+        """Write ``document`` at ``uri`` only if nothing is there; False when something is.
+
+        A reader sees the whole object or none: on ``file://`` a finished temporary file is hard-linked
+        to the name (``link`` fails if the name exists); on S3 ``PutObject`` carries ``If-None-Match: *``.
+        """
+        data = json.dumps({"format": FORMAT_VERSION, **document}, indent=1).encode()
+        if uri.startswith("file://"):
+            path = local_path(uri)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}.", dir=path.parent)
+            try:
+                with os.fdopen(fd, "wb") as handle:
+                    handle.write(data)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                os.link(tmp, path)
+                return True
+            except FileExistsError:
+                return False
+            finally:
+                Path(tmp).unlink(missing_ok=True)
+        bucket, key = split_s3_uri(uri)
         try:
-            document = json.loads(self.storage.read_bytes(f"{self.root}/best-hyperparameters.json"))
+            self.storage.s3.put_object(
+                Bucket=bucket, Key=key, Body=data, IfNoneMatch="*", ContentType="application/json"
+            )
+            return True
+        except botocore.exceptions.ClientError as error:
+            # 412: the key exists. 409: another conditional write of the key is in flight; one of the two wins.
+            if error.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict"):
+                return False
+            if error.response.get("Error", {}).get("Code") == "NotImplemented":
+                raise StorageError(
+                    f"{uri}: this S3 endpoint refuses conditional writes (If-None-Match), which the registry needs "
+                    "to number versions safely: use AWS S3, MinIO or a recent LocalStack"
+                ) from error
+            raise StorageError(f"{uri}: S3 answered {error.response.get('Error', {}).get('Code')}: {error}") from error
+        except botocore.exceptions.BotoCoreError as error:
+            raise StorageError(f"{uri}: {type(error).__name__}: {error}") from error
+
+    def read(self, uri: str) -> dict[str, Any]:
+        try:
+            document = json.loads(self.storage.read_bytes(uri))
+        except ValueError as error:
+            raise RegistryError(
+                f"{uri} is not a registry object ({error}): restore it from a backup or move it away"
+            ) from None
+        found = document.get("format") if isinstance(document, dict) else None
+        if not isinstance(found, int):
+            raise RegistryError(f"{uri} is not a registry object (no format number): restore it or move it away")
+        if found > FORMAT_VERSION:
+            raise UnsupportedFormatError(
+                f"{uri} was written by a newer bincount (registry format {found}; this one reads up to "
+                f"{FORMAT_VERSION}): upgrade bincount to work with this registry. Nothing was changed."
+            )
+        return document
+
+    def uris(self, prefix: str) -> builtins.list[str]:
+        return sorted(info.uri for info in self.storage.list(prefix) if info.uri.endswith(".json"))
+
+
+def _stamped_name() -> str:
+    """``<utc time>-<uuid>.json``: sorts by time, and is never the same twice."""
+    return f"{dt.datetime.now(dt.UTC).strftime('%Y%m%dT%H%M%S.%fZ')}-{uuid.uuid4().hex}.json"
+
+
+class StorageModelRegistry:
+    """The :class:`~bincount.contracts.registry.ModelRegistry` under an artifact root.
+
+    ``mirror`` (SageMaker Model Registry on profile ``aws``) is told about every version and
+    approval after it is recorded here; a registration retried after a mirror failure finds the
+    version recorded and only publishes it again.
+
+    Example:
+        ``registry = StorageModelRegistry.from_settings(settings)``;
+        ``registry.register("bincount", spec).ref`` -> ``VersionRef("bincount", 1)``
+    """
+
+    def __init__(
+        self, storage: Storage, artifact_root: str, path: str = "registry", mirror: RegistryMirror | None = None
+    ) -> None:
+        if not artifact_root.startswith(("file://", "s3://")):
+            raise InvalidReferenceError(f"artifact root {artifact_root!r}: give a file:// or s3:// URI")
+        parts = path.strip("/").split("/")
+        if "://" in path or path.startswith("/") or any(part in ("", ".", "..") for part in parts):
+            raise InvalidReferenceError(
+                f"registry path {path!r} would lie outside the artifact root {artifact_root}: give a relative "
+                "folder under it such as 'registry'"
+            )
+        self.storage = storage
+        self.root = join_uri(artifact_root, *parts)
+        self.mirror = mirror
+        self.objects = _Objects(storage)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, mirror: RegistryMirror | None = None) -> StorageModelRegistry:
+        return cls(storage_for(settings), settings.artifact_root, mirror=mirror)
+
+    def _group_uri(self, group: str, *parts: str) -> str:
+        return join_uri(self.root, check_group(group), *parts)
+
+    # reading ---------------------------------------------------------------------------------
+    def groups(self) -> builtins.list[str]:
+        prefix = self.root.rstrip("/") + "/"
+        return sorted(
+            {
+                info.uri[len(prefix) :].split("/", 1)[0]
+                for info in self.storage.list(self.root)
+                if "/versions/" in info.uri
+            }
+        )
+
+    def _versions(self, group: str) -> dict[int, ModelVersion]:
+        """Every version of ``group`` with its stage and approval derived from the events (latest wins)."""
+        versions: dict[int, ModelVersion] = {}
+        for uri in self.objects.uris(self._group_uri(group, "versions")):
+            if not VERSION_FILE.match(uri.rsplit("/", 1)[-1]):
+                continue
+            document = self.objects.read(uri)
+            versions[document["version"]] = ModelVersion(
+                group=group,
+                version=document["version"],
+                spec=_spec_from_dict(document["spec"]),
+                created_at=document["created_at"],
+                approval=document["spec"]["approval"],
+            )
+        events = sorted(
+            (_event_from_dict(self.objects.read(uri)) for uri in self.objects.uris(self._group_uri(group, "events"))),
+            key=lambda event: (event.at, event.event_id),
+        )
+        state: dict[int, dict[str, Any]] = {
+            n: {"stage": "candidate", "approval": v.approval, "history": [], "mirror": {}} for n, v in versions.items()
+        }
+        serving: int | None = None
+        for event in events:
+            if event.version not in state:
+                continue  # an event of a version whose record is gone: nothing to attach it to
+            current = state[event.version]
+            current["history"].append(event)
+            if event.kind == "stage" and event.stage:
+                current["stage"] = event.stage
+                if event.stage == "production":
+                    if serving not in (None, event.version) and state[serving]["stage"] == "production":
+                        state[serving]["stage"] = "archived"  # superseded
+                    serving = event.version
+            elif event.kind == "approval" and event.approval:
+                current["approval"] = event.approval
+            elif event.kind == "mirrored":
+                current["mirror"].update(event.details)
+        return {
+            n: v.with_state(state[n]["stage"], state[n]["approval"], tuple(state[n]["history"]), state[n]["mirror"])
+            for n, v in sorted(versions.items())
+        }
+
+    def get(self, group: str, version: int) -> ModelVersion:
+        versions = self._versions(group)
+        if version not in versions:
+            known = f"it has versions 1-{max(versions)}" if versions else "it has no versions"
+            raise VersionNotFoundError(
+                f"model group {group!r} has no version {version} ({known}): see `bincount models list --group {group}`"
+            )
+        return versions[version]
+
+    def resolve(self, reference: str | VersionRef) -> ModelVersion:
+        ref = parse_reference(reference) if isinstance(reference, str) else reference
+        if ref.version == "production":
+            found = self.production(ref.group)
+            if found is None:
+                raise VersionNotFoundError(f"model group {ref.group!r} has no version in production")
+            return found
+        if ref.version == "latest":
+            versions = self._versions(ref.group)
+            if not versions:
+                raise VersionNotFoundError(f"model group {ref.group!r} has no versions: train a model first")
+            return versions[max(versions)]
+        return self.get(ref.group, ref.version)
+
+    def list(self, group: str | None = None) -> builtins.list[ModelVersion]:
+        return [v for name in ([group] if group else self.groups()) for v in self._versions(name).values()]
+
+    def production(self, group: str) -> ModelVersion | None:
+        return next((v for v in self._versions(group).values() if v.stage == "production"), None)
+
+    def previous_production(self, group: str) -> ModelVersion:
+        """The version a rollback goes back to: the one that served before the current production version.
+
+        Production history is a stack: a promotion pushes a version, a rollback pops back to its target.
+        The answer is the nearest version below the top that is not rejected.
+        """
+        versions = self._versions(group)
+        ordered = sorted(
+            (e for v in versions.values() for e in v.history if e.kind == "stage" and e.stage == "production"),
+            key=lambda e: (e.at, e.event_id),
+        )
+        stack: builtins.list[int] = []
+        for event in ordered:
+            if "rollback_from" in event.details and event.version in stack:
+                del stack[stack.index(event.version) + 1 :]
+            else:
+                stack.append(event.version)
+        current = self.production(group)
+        top = current.version if current else None
+        for number in reversed(stack):
+            if number != top and versions[number].approval != "Rejected":
+                return versions[number]
+        where = f"version {top} is in production" if top else "no version is in production"
+        raise NoPreviousProductionError(
+            f"model group {group!r} has no earlier production version to roll back to ({where}, and no other version "
+            "that served is left unrejected): deploy a version by name instead (`bincount models show` lists them)"
+        )
+
+    def find_by_model_uri(self, group: str, model_uri: str) -> ModelVersion | None:
+        found = [v for v in self._versions(group).values() if v.spec.model_uri == model_uri]
+        return found[-1] if found else None
+
+    # writing ---------------------------------------------------------------------------------
+    def register(self, group: str, spec: ModelVersionSpec) -> ModelVersion:
+        """Record ``spec`` as the next version of ``group`` (then the mirror); a model already registered
+        (same URI and sha256: a retried task) returns its version instead of a second one."""
+        check_group(group)
+        if spec.approval not in APPROVAL_STATUSES:
+            raise RegistryError(f"approval {spec.approval!r}: use one of {APPROVAL_STATUSES}")
+        if not spec.model_uri.startswith(("file://", "s3://")):
+            raise RegistryError(f"model URI {spec.model_uri!r}: register a model by its file:// or s3:// URI")
+        try:
+            json.dumps(spec.hyperparameters)
+        except TypeError as error:
+            raise RegistryError(f"hyperparameters must be plain JSON values (train.py flags): {error}") from None
+        versions = self._versions(group)
+        existing = next(
+            (
+                v
+                for v in versions.values()
+                if (v.spec.model_uri, v.spec.model_sha256) == (spec.model_uri, spec.model_sha256)
+            ),
+            None,
+        )
+        if existing is None:
+            number = max(versions, default=0) + 1
+            created_at = now_iso()
+            document = {"group": group, "version": 0, "created_at": created_at, "spec": dataclasses.asdict(spec)}
+            for _ in range(MAX_ALLOCATION_ATTEMPTS):
+                if self.objects.create(
+                    self._group_uri(group, "versions", f"{number:06d}.json"), {**document, "version": number}
+                ):
+                    break
+                number += 1  # another run took this number first
+            else:
+                raise RegistryError(
+                    f"could not allocate a version number in {group!r} after {MAX_ALLOCATION_ATTEMPTS} tries"
+                )
+            existing = ModelVersion(group, number, spec, created_at, approval=spec.approval)
+        if self.mirror is not None and not existing.mirror:
+            self._write_event(
+                group,
+                existing.version,
+                "mirrored",
+                spec.created_by,
+                "registered in the mirror",
+                details=self.mirror.publish(existing),
+            )
+            existing = self.get(group, existing.version)
+        return existing
+
+    def _write_event(
+        self,
+        group: str,
+        version: int,
+        kind: EventKind,
+        actor: str,
+        reason: str,
+        *,
+        stage: Stage | None = None,
+        approval: ApprovalStatus | None = None,
+        details: dict[str, str] | None = None,
+    ) -> None:
+        name = _stamped_name()
+        event = StageEvent(
+            group=group,
+            version=version,
+            kind=kind,
+            at=now_iso(),
+            actor=actor,
+            reason=reason,
+            stage=stage,
+            approval=approval,
+            details=details or {},
+            event_id=name.removesuffix(".json"),
+        )
+        if not self.objects.create(self._group_uri(group, "events", name), dataclasses.asdict(event)):
+            raise RegistryError(f"event name {name} already taken (a clock or uuid fault): try again")
+
+    @staticmethod
+    def _check_actor(actor: str, reason: str) -> None:
+        if not actor.strip() or not reason.strip():
+            raise RegistryError("say who changes the version and why: give a non-empty actor and reason")
+
+    def transition(self, group: str, version: int, stage: Stage, actor: str, reason: str) -> ModelVersion:
+        """Move ``version`` to ``stage``. Production takes an approved version only, and the version it
+        replaces becomes ``archived``."""
+        if stage not in STAGES:
+            raise RegistryError(f"stage {stage!r}: use one of {STAGES}")
+        self._check_actor(actor, reason)
+        current = self.get(group, version)
+        if stage == "production" and current.approval != "Approved":
+            how = (
+                "it was rejected: register a new version"
+                if current.approval == "Rejected"
+                else f"approve it first (`bincount models approve {current.ref} --reason ...`)"
+            )
+            raise InvalidTransitionError(
+                f"{current.ref} is {current.approval}, and only an approved version goes to production: {how}"
+            )
+        if current.stage == stage:
+            return current
+        self._write_event(group, version, "stage", actor, reason, stage=stage)
+        return self.get(group, version)
+
+    def rollback(self, group: str, actor: str, reason: str) -> ModelVersion:
+        """Put :meth:`previous_production` back in production (after it was deployed again)."""
+        self._check_actor(actor, reason)
+        target = self.previous_production(group)
+        current = self.production(group)
+        self._write_event(
+            group,
+            target.version,
+            "stage",
+            actor,
+            reason,
+            stage="production",
+            details={"rollback_from": str(current.version) if current else ""},
+        )
+        return self.get(group, target.version)
+
+    def _set_approval(
+        self, group: str, version: int, approval: ApprovalStatus, actor: str, reason: str
+    ) -> ModelVersion:
+        self._check_actor(actor, reason)
+        current = self.get(group, version)
+        if approval == "Approved" and current.approval == "Rejected":
+            rejection = next((e for e in reversed(current.history) if e.approval == "Rejected"), None)
+            by = f" by {rejection.actor}: {rejection.reason}" if rejection else ""
+            raise InvalidTransitionError(
+                f"{current.ref} was rejected{by}. A rejected version stays rejected: "
+                "train again and register a new version"
+            )
+        if current.approval != approval:
+            self._write_event(group, version, "approval", actor, reason, approval=approval)
+            current = self.get(group, version)
+        if self.mirror is not None:  # also when unchanged here: a retry brings the mirror up to date
+            if not current.mirror:
+                current = self.register(group, current.spec)
+            self.mirror.set_approval(current, approval, reason)
+        return current
+
+    def approve(self, group: str, version: int, actor: str, reason: str) -> ModelVersion:
+        return self._set_approval(group, version, "Approved", actor, reason)
+
+    def reject(self, group: str, version: int, actor: str, reason: str) -> ModelVersion:
+        """Reject ``version``: it can no longer go to production nor be rolled back to (if it serves, it still does)."""
+        return self._set_approval(group, version, "Rejected", actor, reason)
+
+    # best hyperparameters and decisions --------------------------------------------------------
+    def save_best_hyperparameters(
+        self,
+        group: str,
+        hyperparameters: dict[str, Any],
+        job_name: str,
+        score: dict[str, Any],
+        version: int | None = None,
+        metric: str = PROMOTION_METRIC,
+    ) -> bool:
+        stored = self.best_hyperparameters(group, metric)
+        if stored is not None and not _score(score, metric) > _score(stored.score, metric):
+            return False
+        record = BestHyperparameters(hyperparameters, job_name, score, now_iso(), version)
+        return self.objects.create(
+            self._group_uri(group, "best-hyperparameters", _stamped_name()), dataclasses.asdict(record)
+        )
+
+    def best_hyperparameters(self, group: str, metric: str = PROMOTION_METRIC) -> BestHyperparameters | None:
+        """The best-scoring saved record (the latest among equals), or None when nothing was ever saved."""
+        records = [
+            BestHyperparameters(**{k: v for k, v in self.objects.read(uri).items() if k != "format"})
+            for uri in self.objects.uris(self._group_uri(group, "best-hyperparameters"))
+        ]
+        try:  # the earlier layout: one file, overwritten
+            legacy = json.loads(self.storage.read_bytes(self._group_uri(group, "best-hyperparameters.json")))
+            records.append(
+                BestHyperparameters(legacy["hyperparameters"], legacy["job_name"], legacy.get("score") or {})
+            )
         except ObjectNotFoundError:
+            pass
+        if not records:
             return None
-        return document["hyperparameters"]
+        return max(records, key=lambda r: (_score(r.score, metric), r.saved_at))
 
     def record(self, decision: Decision) -> None:
-        """Append ``decision`` to the log (read, append, write: one writer per endpoint at a time)."""
-        uri = f"{self.root}/decisions.jsonl"
-        try:
-            previous = self.storage.read_bytes(uri)
-        except ObjectNotFoundError:
-            previous = b""
-        self.storage.write_bytes(uri, previous + json.dumps(decision.to_dict()).encode() + b"\n")
+        self.objects.create(self._group_uri(decision.endpoint_name, "decisions", _stamped_name()), decision.to_dict())
 
-    def decisions(self) -> list[Decision]:
-        try:
-            lines = self.storage.read_bytes(f"{self.root}/decisions.jsonl").decode().splitlines()
+    def decisions(self, group: str) -> builtins.list[Decision]:
+        found = [
+            Decision(**{k: v for k, v in self.objects.read(uri).items() if k != "format"})
+            for uri in self.objects.uris(self._group_uri(group, "decisions"))
+        ]
+        try:  # the earlier layout: one JSON line per decision
+            lines = self.storage.read_bytes(self._group_uri(group, "decisions.jsonl")).decode().splitlines()
+            found += [Decision(**json.loads(line)) for line in lines if line.strip()]
         except ObjectNotFoundError:
-            return []
-        return [Decision(**json.loads(line)) for line in lines if line.strip()]
+            pass
+        return sorted(found, key=lambda d: d.decided_at)
+
+
+def _score(score: dict[str, Any], metric: str) -> float:
+    value = score.get(metric)
+    return float(value) if isinstance(value, (int, float)) else float("-inf")
+
+
+class Registry:
+    """One endpoint's view of the registry, as the pipeline and nightly flows use it today."""
+
+    def __init__(self, settings: Settings, endpoint_name: str, storage: Storage | None = None) -> None:
+        self.registry = StorageModelRegistry(storage or storage_for(settings), settings.artifact_root)
+        self.group = check_group(endpoint_name)
+
+    def save_best_hyperparameters(
+        self, hyperparameters: dict[str, Any], job_name: str, score: dict[str, float]
+    ) -> bool:
+        return self.registry.save_best_hyperparameters(self.group, hyperparameters, job_name, score)
+
+    def best_hyperparameters(self) -> dict[str, Any] | None:
+        """The best saved hyperparameters, or None when nothing was ever tuned."""
+        best = self.registry.best_hyperparameters(self.group)
+        return None if best is None else best.hyperparameters
+
+    def record(self, decision: Decision) -> None:
+        self.registry.record(decision)
+
+    def decisions(self) -> builtins.list[Decision]:
+        return self.registry.decisions(self.group)

@@ -13,7 +13,6 @@ from pathlib import Path
 import pandas as pd
 
 from bincount.download import image_path
-from bincount.split import SPLITS
 from bincount.storage import ObjectInfo, Storage, file_digest, join_uri, local_path
 
 
@@ -23,9 +22,6 @@ class SyncReport:
     copied: int = 0
     unchanged: int = 0
     deleted: int = 0
-
-    def channel_uris(self) -> dict[str, str]:
-        return {split: join_uri(self.channels_uri, split) for split in SPLITS}
 
 
 def _unchanged(existing: ObjectInfo | None, source: Path, sha256: str) -> bool:

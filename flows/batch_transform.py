@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from prefect import flow
 
-from bincount.config import Settings, to_uri
+from bincount.config import Location, to_uri
 from bincount.contracts.serving import BatchTransformSummary
 from tasks.batch_transform import batch_transform_task, resolve_model_task
 
@@ -24,7 +24,7 @@ def batch_transform(
     endpoint_name: str | None = "bincount",
     batch_size: int = 16,
     labels_uri: str | None = None,
-    settings: Settings | None = None,
+    location: Location = Location(),
 ) -> BatchTransformSummary:
     """Score every .jpg/.jpeg/.png under ``input_uri``.
 
@@ -35,8 +35,8 @@ def batch_transform(
         endpoint_name: endpoint whose model to use when no model_uri is given.
         batch_size: images per forward pass.
         labels_uri: CSV with id and label columns (e.g. a dataset's split.csv) for the results table.
-        settings: where endpoint records live and which backend scores (default: the BINCOUNT_* variables).
+        location: where endpoint records live and which backend scores (default: the BINCOUNT_* variables).
     """
-    settings = settings or Settings.load()
+    settings = location.settings()
     model = resolve_model_task(settings, model_uri, endpoint_name)
     return batch_transform_task(settings, model, to_uri(input_uri), to_uri(output_uri), batch_size, labels_uri)

@@ -1,15 +1,25 @@
 """The `bincount` command: run the pipeline on the offline demo data, prepare a real dataset,
-make demo data, or stop an endpoint."""
+make demo data, stop an endpoint, or look after registered models (`bincount models ...`)."""
 
 from __future__ import annotations
 
 import argparse
+import getpass
 import os
+import sys
 from pathlib import Path
 
-from bincount.config import Settings, to_uri
+from bincount.config import Location, Settings, to_uri
+from bincount.contracts.registry import ModelVersion, RegistryError
+from bincount.contracts.serving import EndpointRecord
 from bincount.demo_data import generate_demo_bucket
+from bincount.endpoints import EndpointRecords
+from bincount.factory import get_model_registry, get_serving_backend
+from bincount.registry import StorageModelRegistry
 from bincount.storage import join_uri, storage_for
+from flows.data import DataOptions, prepare_data
+from flows.pipeline import pipeline
+from flows.train import TrainOptions
 
 
 def demo_bucket(settings: Settings, images: int, seed: int) -> str:
@@ -22,11 +32,9 @@ def demo_bucket(settings: Settings, images: int, seed: int) -> str:
     return bucket_uri
 
 
-def demo_training_options():
+def demo_training_options() -> TrainOptions:
     """Small enough for a laptop CPU in a few minutes; the real defaults (ResNet-50 at 224 px, the
     seeds' search space) are for real data."""
-    from flows.train import TrainOptions
-
     return TrainOptions(
         arch="resnet18",
         image_size=64,
@@ -40,6 +48,120 @@ def demo_training_options():
     )
 
 
+# --- bincount models ---------------------------------------------------------------------------
+def format_table(headers: list[str], rows: list[list[str]]) -> str:
+    """Columns padded to their widest cell, under a header and a rule."""
+    widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows, strict=True)]
+    lines = [headers, ["-" * width for width in widths], *rows]
+    padded = ("  ".join(str(cell).ljust(width) for cell, width in zip(line, widths, strict=True)) for line in lines)
+    return "\n".join(line.rstrip() for line in padded)
+
+
+def endpoint_records(settings: Settings) -> list[EndpointRecord]:
+    records = EndpointRecords(settings, storage_for(settings))
+    return [record for name in records.names() if (record := records.read(name)) is not None]
+
+
+def serving(version: ModelVersion, endpoints: list[EndpointRecord]) -> list[EndpointRecord]:
+    """The endpoints whose record says they serve ``version``'s model."""
+    return [record for record in endpoints if record.model_uri == version.model_uri]
+
+
+def list_models(registry: StorageModelRegistry, settings: Settings, group: str | None) -> str:
+    endpoints = endpoint_records(settings)
+    rows = [
+        [
+            str(v.ref), v.stage, v.approval, f"{v.spec.metrics.accuracy:.3f}", f"{v.spec.metrics.rmse:.3f}",
+            f"{v.spec.metrics.within_one_accuracy:.3f}", v.created_at[:19].replace("T", " "), v.spec.training_job,
+            ",".join(record.name for record in serving(v, endpoints)) or "-",
+        ]
+        for v in registry.list(group)
+    ]
+    if not rows:
+        return f"No registered models{f' in group {group!r}' if group else ''} under {registry.root}"
+    headers = ["VERSION", "STAGE", "APPROVAL", "ACCURACY", "RMSE", "WITHIN-1", "CREATED (UTC)", "TRAINING JOB"]
+    return format_table([*headers, "SERVED BY"], rows)
+
+
+def show_model(version: ModelVersion, settings: Settings) -> str:
+    """The lineage of ``version``: dataset -> training job -> model -> endpoints, with its flow run and history."""
+    spec, metrics, dataset = version.spec, version.spec.metrics, version.spec.dataset
+    endpoints = serving(version, endpoint_records(settings))
+    per_class = ", ".join(f"{label}: {score:.3f}" for label, score in sorted(metrics.per_class_accuracy.items()))
+    sides = ", ".join(f"{side} {count}" for side, count in dataset.counts.items())
+    lines = [
+        f"{version.ref}  stage {version.stage}, {version.approval}; "
+        f"registered {version.created_at} by {spec.created_by}",
+        "",
+        f"dataset       {dataset.split_uri}",
+        f"              sha256 {dataset.split_sha256}; {sides}",
+        f"training job  {spec.training_job}",
+        f"  code        sm_scripts sha256 {spec.code_hash}",
+        "  recipe      " + " ".join(f"--{name} {value}" for name, value in sorted(spec.hyperparameters.items())),
+        f"  flow run    {spec.flow_run_id or '-'}  {spec.flow_run_url or ''}".rstrip(),
+        f"model         {spec.model_uri}",
+        f"              sha256 {spec.model_sha256}",
+        f"  test scores accuracy {metrics.accuracy:.4f}, RMSE {metrics.rmse:.4f}, "
+        f"within one {metrics.within_one_accuracy:.4f} ({metrics.images} images); per class {per_class}",
+    ]
+    lines += [f"  {key.replace('_', ' '):11} {value}" for key, value in sorted(version.mirror.items())]
+    if endpoints:
+        lines += [f"endpoint      {r.name}  {r.url}  ({r.backend}, deployed {r.deployed_at})" for r in endpoints]
+    else:
+        lines.append("endpoint      none serves it")
+    history = [[version.created_at[:19], spec.created_by, "registered", "candidate", spec.description]]
+    history += [
+        [e.at[:19], e.actor, e.kind, e.stage or e.approval or ",".join(e.details.values()), e.reason]
+        for e in version.history
+    ]
+    return "\n".join(lines) + "\n\nhistory\n" + format_table(["TIME (UTC)", "BY", "KIND", "CHANGE", "REASON"], history)
+
+
+def rollback_endpoint(
+    settings: Settings, registry: StorageModelRegistry, endpoint: str, actor: str, reason: str
+) -> ModelVersion:
+    """Deploy the group's previous production version on ``endpoint`` (group = endpoint name), then record it.
+
+    The deploy comes first: if it fails, the endpoint keeps serving what it served and the registry is unchanged.
+    """
+    target = registry.previous_production(endpoint)
+    get_serving_backend(settings).deploy(endpoint, target.model_uri)
+    return registry.rollback(endpoint, actor, reason)
+
+
+def models_command(args: argparse.Namespace, settings: Settings) -> str:
+    registry = get_model_registry(settings)
+    if args.models_command == "list":
+        return list_models(registry, settings, args.group)
+    if args.models_command == "show":
+        return show_model(registry.resolve(args.version), settings)
+    if args.models_command == "rollback":
+        version = rollback_endpoint(settings, registry, args.endpoint, args.actor, args.reason)
+        return f"Endpoint {args.endpoint!r} serves {version.ref} again ({version.model_uri})"
+    target = registry.resolve(args.version)
+    change = registry.approve if args.models_command == "approve" else registry.reject
+    version = change(target.group, target.version, args.actor, args.reason)
+    return f"{version.ref} is {version.approval} (stage {version.stage})"
+
+
+def add_models_commands(commands: argparse._SubParsersAction) -> None:
+    models = commands.add_parser("models", help="list, show, approve, reject or roll back registered model versions")
+    actions = models.add_subparsers(dest="models_command", required=True)
+    listing = actions.add_parser("list", help="every registered version: stage, approval, scores, endpoints")
+    listing.add_argument("--group", help="only this model group (default: every group; a group per endpoint)")
+    show = actions.add_parser("show", help="a version's lineage: dataset -> training job -> model -> endpoints")
+    show.add_argument("version", help="<group>:<number>, <group>:latest or <group>:production (e.g. bincount:3)")
+    for name in ("approve", "reject"):
+        action = actions.add_parser(name, help=f"{name} a version (and its SageMaker model package on profile aws)")
+        action.add_argument("version", help="<group>:<number>, e.g. bincount:3")
+        action.add_argument("--reason", required=True, help="why: kept in the version's history")
+        action.add_argument("--actor", default=getpass.getuser(), help="who (default: the current user)")
+    rollback = actions.add_parser("rollback", help="deploy an endpoint's previous production version again")
+    rollback.add_argument("endpoint", help="endpoint name (its model group has the same name)")
+    rollback.add_argument("--reason", required=True, help="why: kept in the version's history")
+    rollback.add_argument("--actor", default=getpass.getuser(), help="who (default: the current user)")
+
+
 def main(argv: list[str] | None = None) -> None:
     # Without PREFECT_API_URL each run starts a temporary server: give it time on a busy 2-core machine.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
@@ -50,12 +172,14 @@ def main(argv: list[str] | None = None) -> None:
     demo.add_argument("--images", type=int, default=600, help="demo photos to generate (default: 600)")
     demo.add_argument("--seed", type=int, default=0, help="seed of the demo data (default: 0)")
     demo.add_argument("--refresh", action="store_true", help="ignore cached results (default: off)")
-    data = commands.add_parser("data", help="prepare a dataset from a manifest (default source: the public ABID bucket)")
+    data = commands.add_parser("data", help="prepare a dataset from a manifest (default source: the ABID bucket)")
     data.add_argument("--manifest-uri", help="seed-format file_list.json: a path, file:// or s3:// URI")
     data.add_argument("--ids-file", type=Path, help="instead of a manifest: a file of image ids, one per line")
     data.add_argument("--source-uri", help="bucket laid out like ABID (default: BINCOUNT_SOURCE_URI or s3://aft-vbi-pds)")
     data.add_argument("--dataset", default="abid", help="dataset name under <artifact_root>/datasets (default: abid)")
-    data.add_argument("--max-missing-share", type=float, default=0.01, help="missing/corrupt share tolerated (default: 0.01)")
+    data.add_argument(
+        "--max-missing-share", type=float, default=0.01, help="missing/corrupt share tolerated (default: 0.01)"
+    )
     data.add_argument("--refresh", action="store_true", help="ignore cached results (default: off)")
     stop = commands.add_parser("delete-endpoint", help="stop a local endpoint and forget its record")
     stop.add_argument("name", help="endpoint name (the demo's is 'bincount')")
@@ -63,6 +187,7 @@ def main(argv: list[str] | None = None) -> None:
     make.add_argument("uri", help="file:// or s3:// URI, or a folder")
     make.add_argument("--images", type=int, default=600, help="demo photos to generate (default: 600)")
     make.add_argument("--seed", type=int, default=0, help="seed of the demo data (default: 0)")
+    add_models_commands(commands)
     args = parser.parse_args(argv)
 
     settings = Settings.load()
@@ -70,14 +195,17 @@ def main(argv: list[str] | None = None) -> None:
         target = to_uri(args.uri)
         print(generate_demo_bucket(storage_for(settings), target, images=args.images, seed=args.seed))
         return
+    if args.command == "models":
+        try:
+            print(models_command(args, settings))
+        except RegistryError as error:
+            print(f"bincount models {args.models_command}: {error}", file=sys.stderr)
+            raise SystemExit(2) from None
+        return
     if args.command == "delete-endpoint":
-        from bincount.serving.backend import get_serving_backend
-
         get_serving_backend(settings).delete(args.name)
         print(f"Endpoint {args.name!r} stopped")
         return
-    from flows.data import DataOptions, prepare_data
-
     if args.command == "data":
         options = DataOptions(
             manifest_uri=to_uri(args.manifest_uri) if args.manifest_uri else None,
@@ -85,24 +213,22 @@ def main(argv: list[str] | None = None) -> None:
             dataset=args.dataset,
             max_missing_share=args.max_missing_share,
         )
-        result = prepare_data(options, source_uri=args.source_uri, refresh=args.refresh)
+        result = prepare_data(options, Location(source_uri=args.source_uri), refresh=args.refresh)
         print(f"Prepared {result.images} images; split manifest: {result.split_uri}")
         return
-    from flows.pipeline import pipeline
-
-    source_uri = demo_bucket(settings, args.images, args.seed)
-    result = pipeline(DataOptions(), demo_training_options(), source_uri=source_uri, refresh=args.refresh)
+    location = Location(source_uri=demo_bucket(settings, args.images, args.seed))
+    result = pipeline(DataOptions(), demo_training_options(), location=location, refresh=args.refresh)
     evaluation, endpoint, scored = result.evaluation, result.endpoint, result.batch_transform
     print(
-        f"\nTest accuracy {evaluation['accuracy']:.3f}, RMSE {evaluation['rmse']:.3f} ({evaluation['images']} images)\n"
+        f"\nTest accuracy {evaluation.accuracy:.3f}, RMSE {evaluation.rmse:.3f} ({evaluation.images} images)\n"
         f"Model: {result.model_uri}\n"
-        f"Endpoint {endpoint['name']!r} serves it at {endpoint['url']}:\n"
-        f"  boto3.client('sagemaker-runtime', endpoint_url='{endpoint['url']}', region_name='us-east-1',\n"
+        f"Endpoint {endpoint.name!r} serves it at {endpoint.url}:\n"
+        f"  boto3.client('sagemaker-runtime', endpoint_url='{endpoint.url}', region_name='us-east-1',\n"
         f"               aws_access_key_id='local', aws_secret_access_key='local')  # any credentials do locally\n"
         f"       "
-        f".invoke_endpoint(EndpointName='{endpoint['name']}', Body=jpeg_bytes, ContentType='image/jpeg')\n"
-        f"Batch transform: {scored['images']} images scored into {scored['output_uri']}\n"
-        f"Stop the endpoint with: bincount delete-endpoint {endpoint['name']}"
+        f".invoke_endpoint(EndpointName='{endpoint.name}', Body=jpeg_bytes, ContentType='image/jpeg')\n"
+        f"Batch transform: {scored.images} images scored into {scored.output_uri}\n"
+        f"Stop the endpoint with: bincount delete-endpoint {endpoint.name}"
     )
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from prefect import flow
 from pydantic import BaseModel, Field
 
-from bincount.config import Settings
+from bincount.config import Location
 from bincount.download import Ledger
 from bincount.split import SPLITS
 from bincount.storage import join_uri
@@ -55,16 +55,16 @@ class PreparedData(BaseModel):
 
 @flow(name="prepare-data")
 def prepare_data(
-    options: DataOptions = DataOptions(), settings: Settings | None = None, refresh: bool = False
+    options: DataOptions = DataOptions(), location: Location = Location(), refresh: bool = False
 ) -> PreparedData:
     """Download the manifest's images, split them, sync the splits to their channels, report.
 
     Args:
         options: what to download and how to split it.
-        settings: the source bucket, where datasets are written, the S3 endpoint (default: the BINCOUNT_* variables).
+        location: the source bucket, where datasets are written, the S3 endpoint (default: the BINCOUNT_* variables).
         refresh: run every stage again instead of using cached results.
     """
-    settings = settings or Settings.load()
+    settings = location.settings()
     dataset_uri = settings.artifact_uri("datasets", options.dataset)
     split_uri = join_uri(dataset_uri, "split.csv")
     channels_uri = join_uri(dataset_uri, "channels")

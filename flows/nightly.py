@@ -19,7 +19,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.events import emit_event
 
-from bincount.config import Settings
+from bincount.config import Location
 from bincount.registry import Decision, Registry, decide
 from bincount.contracts.serving import EndpointNotFoundError
 from bincount.factory import get_serving_backend
@@ -57,7 +57,7 @@ def nightly_retrain(
     endpoint_name: str = "bincount",
     margin: float = 0.01,
     retune: bool = False,
-    settings: Settings | None = None,
+    location: Location = Location(),
 ) -> dict[str, Any]:
     """Refresh the data, retrain, and deploy the new model only if it beats the serving one.
 
@@ -67,13 +67,13 @@ def nightly_retrain(
         endpoint_name: the endpoint whose model the challenger must beat.
         margin: how much higher the challenger's test accuracy must be to replace the serving model.
         retune: search hyperparameters again instead of reusing the best known ones.
-        settings: the profile, source bucket, artifact root, S3 endpoint and region (default: the BINCOUNT_* variables).
+        location: the profile, source bucket, artifact root, S3 endpoint and region (default: the BINCOUNT_* variables).
     """
     logger = get_run_logger()
-    settings = settings or Settings.load()
+    settings = location.settings()
     registry = Registry(settings, endpoint_name)
 
-    prepared = prepare_data(data, settings, refresh=True)
+    prepared = prepare_data(data, Location.of(settings), refresh=True)
     known = None if retune else registry.best_hyperparameters()
     if known is None:
         logger.info("No known best hyperparameters for %r (or retune=True): tuning first", endpoint_name)

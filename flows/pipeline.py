@@ -16,7 +16,7 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 from pydantic import BaseModel
 
-from bincount.config import Settings
+from bincount.config import Location
 from bincount.contracts.serving import BatchTransformSummary, EndpointRecord
 from bincount.evaluation import Evaluation
 from bincount.registry import Registry
@@ -45,7 +45,7 @@ def pipeline(
     training: TrainOptions = TrainOptions(),
     endpoint_name: str = "bincount",
     min_accuracy: float = 0.0,
-    settings: Settings | None = None,
+    location: Location = Location(),
     refresh: bool = False,
 ) -> PipelineResult:
     """Download, split, upload, tune, retrain, evaluate, deploy and batch-transform.
@@ -55,14 +55,14 @@ def pipeline(
         training: model, hyperparameters, search space and budget, debugger and profiler.
         endpoint_name: the endpoint to create or update with the new model.
         min_accuracy: the quality gate: test accuracy below this stops the run before deploying.
-        settings: the profile (local or aws), source bucket, artifact root, S3 endpoint and region
+        location: the profile (local or aws), source bucket, artifact root, S3 endpoint and region
             (default: the BINCOUNT_* variables; what is given here wins).
         refresh: run every stage again instead of using cached results.
     """
     logger = get_run_logger()
-    settings = settings or Settings.load()
+    settings = location.settings()
 
-    prepared = prepare_data(data, settings, refresh)
+    prepared = prepare_data(data, Location.of(settings), refresh)
     trained = train_model(prepared.channels, training, settings)
     accuracy = trained.evaluation.accuracy
     if accuracy < min_accuracy:
@@ -80,7 +80,7 @@ def pipeline(
         output_uri=join_uri(settings.artifact_uri("batch-transform"), trained.job_name),
         model_uri=trained.model_uri,
         labels_uri=prepared.split_uri,
-        settings=settings,
+        location=Location.of(settings),
     )
     return PipelineResult(
         dataset_split_uri=prepared.split_uri,

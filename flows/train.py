@@ -131,8 +131,8 @@ def tune_hyperparameters(channels: dict[str, str], options: TrainOptions, settin
 def retrain_model(
     channels: dict[str, str],
     hyperparameters: dict[str, Any],
-    options: TrainOptions = TrainOptions(),
-    settings: Settings | None = None,
+    options: TrainOptions,
+    settings: Settings,
     tuning: TuningResult | None = None,
 ) -> TrainedModel:
     """Train on train+valid with given hyperparameters, with the debugger and profiler, and score on test.
@@ -141,10 +141,9 @@ def retrain_model(
         channels: channel URIs ``{"train": ..., "valid": ..., "test": ...}`` (prepare-data's output).
         hyperparameters: train.py flags (from tuning, or a registered model's recipe); they override ``options``' fixed ones.
         options: model, fixed hyperparameters, debugger and profiler.
-        settings: where jobs write and which backend runs them (default: the BINCOUNT_* variables).
+        settings: where jobs write and which backend runs them.
         tuning: the search that chose ``hyperparameters``, kept with the result.
     """
-    settings = settings or Settings.load()
     final_hyperparameters = {
         **fixed_hyperparameters(options),
         **hyperparameters,
@@ -179,19 +178,16 @@ def retrain_model(
 
 
 @flow(name="train-model")
-def train_model(
-    channels: dict[str, str], options: TrainOptions = TrainOptions(), settings: Settings | None = None
-) -> TrainedModel:
+def train_model(channels: dict[str, str], options: TrainOptions, settings: Settings) -> TrainedModel:
     """Tune, retrain the best trial on train+valid with the debugger and profiler, and score it on test.
 
     Args:
         channels: channel URIs ``{"train": ..., "valid": ..., "test": ...}`` (prepare-data's output).
         options: model, hyperparameters, search space, tuning budget, debugger and profiler.
-        settings: where jobs write and which backend runs them (default: the BINCOUNT_* variables).
+        settings: where jobs write and which backend runs them.
     """
     missing = {"train", "valid", "test"} - set(channels)
     if missing:
         raise ValueError(f"channels lacks {sorted(missing)}: pass the train, valid and test URIs from prepare-data")
-    settings = settings or Settings.load()
     tuning = tune_hyperparameters(channels, options, settings)
     return retrain_model(channels, tuning.best_hyperparameters, options, settings, tuning)

@@ -9,8 +9,8 @@ from prefect.cache_policies import INPUTS, TASK_SOURCE
 from bincount.config import Settings
 from bincount.download import DownloadedImage
 from bincount.manifest import Manifest
-from bincount.split import split_dataset, write_split
-from bincount.storage import storage_for
+from bincount.split import read_split, split_dataset, write_split
+from bincount.storage import ObjectNotFoundError, storage_for
 from tasks.retry import is_transient
 
 
@@ -30,10 +30,20 @@ def split_dataset_task(
     fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
     seed: int = 0,
 ) -> pd.DataFrame:
-    """Stratified split (seeded), written as CSV at ``split_uri``."""
+    """Split (stratified, seeded), keeping every image of the split already at ``split_uri`` on its side;
+    written as CSV at ``split_uri``."""
     logger = get_run_logger()
-    table = split_dataset(manifest, downloaded, settings.source_uri, fractions=fractions, seed=seed)
-    write_split(table, storage_for(settings), split_uri)
+    storage = storage_for(settings)
+    try:
+        previous = read_split(storage, split_uri)
+    except ObjectNotFoundError:
+        previous = None
+    table = split_dataset(manifest, downloaded, settings.source_uri, fractions=fractions, seed=seed, previous=previous)
+    write_split(table, storage, split_uri)
     sizes = table["split"].value_counts().reindex(["train", "valid", "test"]).to_dict()
-    logger.info("Split %d images %s (seed %d) into %s", len(table), sizes, seed, split_uri)
+    kept = 0 if previous is None else int(table["id"].isin(previous["id"]).sum())
+    logger.info(
+        "Split %d images %s (seed %d) into %s: %d kept their side from the previous split, %d placed anew",
+        len(table), sizes, seed, split_uri, kept, len(table) - kept,
+    )
     return table

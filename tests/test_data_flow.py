@@ -10,6 +10,7 @@ import pytest
 from prefect import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
+from bincount.config import Location
 from bincount.demo_data import generate_demo_bucket
 from bincount.split import SPLITS, read_split, split_dataset
 from bincount.storage import Storage, file_digest, local_path
@@ -32,7 +33,7 @@ def env(monkeypatch, s3_server, tmp_path: Path) -> Path:
 
 def test_real_images_from_s3_to_channels_then_served_from_cache(prefect_server, env: Path, abid_bucket: dict[str, int]) -> None:
     artifacts = env / "artifacts"
-    state = prepare_data(source_uri="s3://abid-sample", artifact_root=str(artifacts), return_state=True)
+    state = prepare_data(location=Location(source_uri="s3://abid-sample", artifact_root=str(artifacts)), return_state=True)
     result = state.result()
     table = read_split(Storage(), result.split_uri)
     assert len(table) == len(abid_bucket) == result.images
@@ -46,12 +47,12 @@ def test_real_images_from_s3_to_channels_then_served_from_cache(prefect_server, 
         assert file_digest(channel_file) == row.sha256
     assert all(0.0 < value < 1.0 for value in (*result.mean, *result.std))
 
-    rerun = prepare_data(source_uri="s3://abid-sample", artifact_root=str(artifacts), return_state=True)
+    rerun = prepare_data(location=Location(source_uri="s3://abid-sample", artifact_root=str(artifacts)), return_state=True)
     states = task_states(rerun.state_details.flow_run_id)
     assert {states[name] for name in ("download-images", "split-dataset", "report-data")} == {"Cached"}
     assert rerun.result() == result
 
-    refreshed = prepare_data(source_uri="s3://abid-sample", artifact_root=str(artifacts), refresh=True, return_state=True)
+    refreshed = prepare_data(location=Location(source_uri="s3://abid-sample", artifact_root=str(artifacts)), refresh=True, return_state=True)
     assert task_states(refreshed.state_details.flow_run_id)["download-images"] == "Completed"
 
 
@@ -62,8 +63,7 @@ def test_demo_data_round_trips_through_s3_and_the_flow(prefect_server, env: Path
     manifest_uri = generate_demo_bucket(storage, "s3://demo-roundtrip", images=120, seed=7, size=96)
     result = prepare_data(
         DataOptions(manifest_uri=manifest_uri, dataset="demo"),
-        source_uri="s3://demo-roundtrip",
-        artifact_root="s3://demo-roundtrip/artifacts",
+        Location(source_uri="s3://demo-roundtrip", artifact_root="s3://demo-roundtrip/artifacts"),
     )
     assert result.channels["train"] == "s3://demo-roundtrip/artifacts/datasets/demo/channels/train"
     table = read_split(storage, result.split_uri)

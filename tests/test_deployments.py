@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -83,7 +84,7 @@ def test_deploy_then_run_through_a_process_worker(server_env: dict[str, str], tm
     schedule = run([PREFECT, "deployment", "inspect", "nightly-retrain/nightly"], env)
     assert "0 2 * * *" in schedule and "Europe/Berlin" in schedule
 
-    run([PREFECT, "deployment", "run", "prepare-data/on-demand", "--param", f"source_uri={bucket}"], env)
+    run([PREFECT, "deployment", "run", "prepare-data/on-demand", "--params", json.dumps({"location": {"source_uri": bucket}})], env)
     run([PREFECT, "worker", "start", "--pool", "bincount-local", "--run-once"], env, timeout=600)
     assert flow_run_states(env, "prepare-data") == ["COMPLETED"]
     assert "SCHEDULED" in flow_run_states(env, "nightly-retrain"), "the scheduler creates the nightly runs"

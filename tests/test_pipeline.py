@@ -22,7 +22,7 @@ from prefect.client.schemas.filters import (
 )
 from prefect.client.schemas.sorting import ArtifactSort
 
-from bincount.config import Settings
+from bincount.config import Location, Settings
 from bincount.demo_data import generate_demo_bucket, jpeg_bytes, render_bin_image
 from bincount.registry import Registry
 from bincount.contracts.serving import EndpointNotFoundError
@@ -78,7 +78,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
 
 def test_pipeline_end_to_end_then_served_from_cache(prefect_server, demo: dict[str, str], monkeypatch, tmp_path: Path) -> None:
     monkeypatch.setenv("BINCOUNT_DATA_DIR", str(tmp_path / "raw"))
-    state = pipeline(DataOptions(), TINY, endpoint_name=ENDPOINT, return_state=True, **demo)
+    state = pipeline(DataOptions(), TINY, endpoint_name=ENDPOINT, location=Location(**demo), return_state=True)
     result = state.result()
 
     endpoint = get_serving_backend(Settings.load(artifact_root=demo["artifact_root"])).describe(ENDPOINT)
@@ -89,11 +89,11 @@ def test_pipeline_end_to_end_then_served_from_cache(prefect_server, demo: dict[s
     assert answer["predictions"][0]["predicted_count"] in (1, 2, 3, 4, 5)
 
     scored = result.batch_transform
-    outputs = sorted(local_path(scored["output_uri"]).rglob("*.out"))
-    assert len(outputs) == scored["scored"] > 0
+    outputs = sorted(local_path(scored.output_uri).rglob("*.out"))
+    assert len(outputs) == scored.scored > 0
     assert Registry(Settings.load(artifact_root=demo["artifact_root"]), ENDPOINT).best_hyperparameters()
 
-    rerun = pipeline(DataOptions(), TINY, endpoint_name=ENDPOINT, return_state=True, **demo)
+    rerun = pipeline(DataOptions(), TINY, endpoint_name=ENDPOINT, location=Location(**demo), return_state=True)
     states = all_task_states(rerun.state_details.flow_run_id)
     for expensive in ("download-images", "split-dataset", "report-data", "train-trial", "run-training-job"):
         assert states[expensive] == {"Cached"}, (expensive, states[expensive])
@@ -125,7 +125,7 @@ def test_nightly_promotes_only_a_better_model(prefect_server, tmp_path: Path, mo
     where = {"source_uri": bucket, "artifact_root": str(tmp_path / "artifacts")}
     settings = Settings.load(artifact_root=where["artifact_root"])
     registry, backend = Registry(settings, "nightly-test"), get_serving_backend(settings)
-    nightly = lambda: nightly_retrain(DataOptions(), NIGHTLY, endpoint_name="nightly-test", margin=0.01, **where)  # noqa: E731
+    nightly = lambda: nightly_retrain(DataOptions(), NIGHTLY, endpoint_name="nightly-test", margin=0.01, location=Location(**where))  # noqa: E731
     try:
         registry.save_best_hyperparameters(LEARNS, "known-good", {})
         first = nightly()

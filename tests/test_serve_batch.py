@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from bincount.config import Settings
+from bincount.config import Location, Settings
 from bincount.manifest import parse_manifest
 from bincount.contracts.serving import BatchTransformError
 from bincount.local.serving import LocalServingBackend
@@ -49,11 +49,12 @@ def test_batch_transform_scores_every_good_image_reports_the_bad_and_resumes(
     output = tmp_path / "out"
     artifacts = tmp_path / "artifacts"
     summary = batch_transform(
-        input_uri=channel.as_uri(), output_uri=str(output), model_uri=model_uri, batch_size=8, artifact_root=str(artifacts)
+        input_uri=channel.as_uri(), output_uri=str(output), model_uri=model_uri, batch_size=8,
+        location=Location(artifact_root=str(artifacts)),
     )
     good = 5 * PER_CLASS
-    assert (summary["images"], summary["scored"], summary["skipped"], summary["failed"]) == (good + 1, good, 0, 1)
-    assert summary["errors"][0]["key"] == "3/corrupt.jpg" and "JPEG" in summary["errors"][0]["error"]
+    assert (summary.images, summary.scored, summary.skipped, summary.failed) == (good + 1, good, 0, 1)
+    assert summary.errors[0]["key"] == "3/corrupt.jpg" and "JPEG" in summary.errors[0]["error"]
 
     outs = sorted(path.relative_to(output).as_posix() for path in output.rglob("*.out"))
     assert len(outs) == good and "3/corrupt.jpg.out" not in outs
@@ -64,15 +65,16 @@ def test_batch_transform_scores_every_good_image_reports_the_bad_and_resumes(
     assert len(table) == good and set(table["label"]) == {1, 2, 3, 4, 5}
     assert (table["predicted_count"].between(1, 5)).all()
     assert table[[f"prob_{count}" for count in range(1, 6)]].sum(axis=1).round(3).eq(1.0).all()
-    assert summary["accuracy"] == pytest.approx((table["predicted_count"] == table["label"]).mean(), abs=1e-4)
+    assert summary.accuracy == pytest.approx((table["predicted_count"] == table["label"]).mean(), abs=1e-4)
     errors = pd.read_csv(output / "errors.csv")
     assert list(errors["key"]) == ["3/corrupt.jpg"]
 
     written = {path: path.stat().st_mtime_ns for path in output.rglob("*.out")}
     again = batch_transform(
-        input_uri=channel.as_uri(), output_uri=str(output), model_uri=model_uri, batch_size=8, artifact_root=str(artifacts)
+        input_uri=channel.as_uri(), output_uri=str(output), model_uri=model_uri, batch_size=8,
+        location=Location(artifact_root=str(artifacts)),
     )
-    assert (again["scored"], again["skipped"], again["failed"]) == (0, good, 1)
+    assert (again.scored, again.skipped, again.failed) == (0, good, 1)
     assert {path: path.stat().st_mtime_ns for path in output.rglob("*.out")} == written  # nothing recomputed
     assert pd.read_csv(output / "results.csv", dtype={"id": str}).equals(table)
 

@@ -11,20 +11,15 @@ from prefect import flow
 from prefect.artifacts import Artifact
 
 from bincount.config import Settings
-from bincount.contracts.serving import EndpointNotFoundError
+from bincount.contracts.serving import EndpointNotFoundError, EndpointRecord
 from bincount.local.serving import LocalServingBackend
 from bincount.models import write_untrained_model_dir
-from tasks.deploy import delete_endpoint_task, deploy_model, endpoint_artifact_key
+from tasks.deploy import deploy_model, endpoint_artifact_key
 
 
 @flow(name="deploy-for-test")
-def deploy_flow(artifact_root: str, endpoint_name: str, model_uri: str, sample_image_uri: str | None = None) -> dict:
+def deploy_flow(artifact_root: str, endpoint_name: str, model_uri: str, sample_image_uri: str | None = None) -> EndpointRecord:
     return deploy_model(Settings.load(artifact_root=artifact_root), endpoint_name, model_uri, sample_image_uri)
-
-
-@flow(name="delete-for-test")
-def delete_flow(artifact_root: str, endpoint_name: str) -> None:
-    delete_endpoint_task(Settings.load(artifact_root=artifact_root), endpoint_name)
 
 
 @pytest.fixture(scope="module")
@@ -47,20 +42,20 @@ def test_a_failed_check_rolls_the_endpoint_back_to_the_previous_model(
 
     deployed = deploy_flow(artifact_root, "rollback-ep", first, photo)
     backend = LocalServingBackend(Settings.load(artifact_root=artifact_root))
-    assert backend.describe("rollback-ep").version == deployed["version"]
+    assert backend.describe("rollback-ep").version == deployed.version
 
     with pytest.raises(Exception, match="ModelError|not a JPEG"):
         deploy_flow(artifact_root, "rollback-ep", second, corrupt.as_uri())  # deploys, then the check fails
 
     after = backend.describe("rollback-ep")
-    assert after.version == deployed["version"] and after.model_uri == first
-    assert after.url == deployed["url"]
+    assert after.version == deployed.version and after.model_uri == first
+    assert after.url == deployed.url
     answer = json.loads(backend.invoke("rollback-ep", Path(photo.removeprefix("file://")).read_bytes(), "image/jpeg"))
     assert answer["predictions"][0]["predicted_count"] in (1, 2, 3, 4, 5)
     artifact = Artifact.get(endpoint_artifact_key("rollback-ep"))
-    assert artifact is not None and "Rolled back" in artifact.data and deployed["version"] in artifact.data
+    assert artifact is not None and "Rolled back" in artifact.data and deployed.version in artifact.data
 
-    delete_flow(artifact_root, "rollback-ep")
+    backend.delete("rollback-ep")
     with pytest.raises(EndpointNotFoundError):
         backend.describe("rollback-ep")
 

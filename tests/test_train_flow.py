@@ -50,28 +50,31 @@ def test_train_model_flow(prefect_server: None, demo_channels: dict[str, Path], 
         ],
     )
     channels = {name: path.as_uri() for name, path in demo_channels.items()}
-    result = train_model(channels, options, artifact_root=str(tmp_path / "art"))
+    settings = Settings.load(artifact_root=str(tmp_path / "art"))
+    result = train_model(channels, options, settings)
 
-    statuses = [trial["status"] for trial in result.tuning_leaderboard]
+    assert result.tuning is not None
+    statuses = [trial.status for trial in result.tuning.trials]
     assert len(statuses) == 3 and statuses[0] == "Completed" and "Failed" in statuses
-    failed = next(trial for trial in result.tuning_leaderboard if trial["status"] == "Failed")
-    assert failed["hyperparameters"]["batch-size"] == "bogus" and "invalid int value" in failed["failure_reason"]
-    best = result.tuning_leaderboard[0]
-    assert {k: result.hyperparameters[k] for k in best["hyperparameters"]} == best["hyperparameters"]
+    failed = next(trial for trial in result.tuning.trials if trial.status == "Failed")
+    assert failed.hyperparameters["batch-size"] == "bogus" and "invalid int value" in (failed.failure_reason or "")
+    best = result.tuning.trials[0]
+    assert {k: result.hyperparameters[k] for k in best.hyperparameters} == best.hyperparameters
     assert result.hyperparameters["train-channels"] == "train,valid"
+    assert result.hyperparameters["optimizer"] == "adamw", "the full recipe, fixed flags included"
 
     evaluation = result.evaluation
-    assert evaluation["images"] == 40 and sum(map(sum, evaluation["confusion"])) == 40
-    assert 0 <= evaluation["accuracy"] <= evaluation["within_one_accuracy"] <= 1
-    assert set(evaluation["per_class_accuracy"]) == {"1", "2", "3", "4", "5"}
-    assert {rule["rule"] for rule in result.debugger_rules} == {
+    assert evaluation.images == 40 and sum(map(sum, evaluation.confusion)) == 40
+    assert 0 <= evaluation.accuracy <= evaluation.within_one_accuracy <= 1
+    assert set(evaluation.per_class_accuracy) == {"1", "2", "3", "4", "5"}
+    assert {rule.rule for rule in result.debugger_rules} == {
         "loss_not_decreasing", "overfit", "overtraining", "vanishing_gradient", "poor_weight_initialization",
     }
-    assert all(rule["status"] in ("passed", "fired", "not_evaluated") and rule["evidence"] for rule in result.debugger_rules)
+    assert all(rule.status in ("passed", "fired", "not_evaluated") and rule.evidence for rule in result.debugger_rules)
     assert result.profile["steps"] >= 2 and result.profile["top_operators"]
     assert 0 <= result.profile["data_wait_share"] < 1
 
-    storage = storage_for(Settings.load(artifact_root=str(tmp_path / "art")))
+    storage = storage_for(settings)
     state = torch.load(io.BytesIO(read_from_archive(storage, result.model_uri, "model.pt")), weights_only=True)
     assert state["fc.weight"].shape == (5, 512)
     info = json.loads(read_from_archive(storage, result.model_uri, "model_info.json"))

@@ -36,7 +36,6 @@ from bincount.sagemaker.session import SageMakerBackendBase, require_s3
 from bincount.sagemaker.waiting import (
     TRAINING_JOB,
     TRAINING_LOG_GROUP,
-    EventSink,
     LogFollower,
     describe_or_none,
     poll_until,
@@ -165,7 +164,7 @@ class SageMakerTrainingBackend(SageMakerBackendBase):
             TrainingJobFailed: the job failed; the record holds SageMaker's FailureReason.
             SageMakerWaitTimeout: the job outlived ``job_timeout_s`` and was asked to stop.
         """
-        sink: EventSink = on_log or (lambda line: logger.info("%s", line))
+        sink: LogSink = on_log or (lambda line: logger.info("%s", line))
         check_name(spec.name, "training")
         client = self.session.sagemaker_client
         hyperparameters = spec.script_hyperparameters()
@@ -195,7 +194,7 @@ class SageMakerTrainingBackend(SageMakerBackendBase):
     def rule_results(
         self,
         job: TrainingJob,
-        on_event: EventSink | None = None,
+        on_event: LogSink | None = None,
         *,
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
@@ -211,7 +210,7 @@ class SageMakerTrainingBackend(SageMakerBackendBase):
         ``not_evaluated`` (stopped, or still running at the timeout), each with SageMaker's
         StatusDetails as evidence and the rule's processing job.
         """
-        sink: EventSink = on_event or (lambda line: logger.info("%s", line))
+        sink: LogSink = on_event or (lambda line: logger.info("%s", line))
         client, job_name = self.session.sagemaker_client, job.name
         statuses: list[dict[str, Any]] = []
         reported: dict[str, str] = {}

@@ -18,10 +18,10 @@ from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-EventSink = Callable[[str], None]
+from bincount.contracts.training import LOG_TAIL_LINES, LogSink
+
 TRAINING_LOG_GROUP = "/aws/sagemaker/TrainingJobs"
 TRANSFORM_LOG_GROUP = "/aws/sagemaker/TransformJobs"
-LOG_TAIL_LINES = 60
 
 
 class SageMakerJobFailed(RuntimeError):
@@ -104,7 +104,7 @@ class LogFollower:
         ``LogFollower(session.boto_session.client("logs"), TRAINING_LOG_GROUP, name, logger.info)``
     """
 
-    def __init__(self, logs_client: Any, log_group: str, job_name: str, sink: EventSink, tail_lines: int = LOG_TAIL_LINES) -> None:
+    def __init__(self, logs_client: Any, log_group: str, job_name: str, sink: LogSink, tail_lines: int = LOG_TAIL_LINES) -> None:
         self.logs, self.group, self.job_name, self.sink = logs_client, log_group, job_name, sink
         self.tokens: dict[str, str | None] = {}  # stream name -> nextForwardToken (None: read from its head)
         self.tail: deque[str] = deque(maxlen=tail_lines)  # the last lines passed on (a failure's traceback)
@@ -200,7 +200,7 @@ def wait_for(
     kind: JobKind,
     name: str,
     *,
-    on_event: EventSink,
+    on_event: LogSink,
     timeout_s: float,
     backoff: Backoff = Backoff(),
     logs: LogFollower | None = None,
@@ -251,7 +251,7 @@ def wait_for(
         raise
 
 
-def stop(client: Any, kind: JobKind, name: str, on_event: EventSink) -> None:
+def stop(client: Any, kind: JobKind, name: str, on_event: LogSink) -> None:
     """Ask SageMaker to stop ``name``; a refusal is reported (the caller is already raising)."""
     assert kind.stop is not None
     on_event(f"stopping {kind.label} {name}")

@@ -1,0 +1,312 @@
+"""The model registry's seam: version records, stage and approval events, errors, and the Protocols.
+
+Every trained model is a numbered version of a model group (one group per endpoint by default).
+A version record never changes after it is written; what happens to it later (approved, put in
+production, archived) is a stream of events, and its current stage and approval are derived from
+them, the latest winning. Stages and approval statuses use SageMaker Model Registry's words.
+
+A version is referred to as ``<group>:<number>`` (``bincount:3``), or ``<group>:latest`` /
+``<group>:production``; see :func:`parse_reference`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Literal, Protocol
+
+from bincount.contracts.naming import check_endpoint_name
+
+FORMAT_VERSION = 1
+"""The layout of every registry object this code writes; it refuses objects of a later one."""
+
+Stage = Literal["candidate", "production", "archived"]
+ApprovalStatus = Literal["PendingManualApproval", "Approved", "Rejected"]
+STAGES: tuple[Stage, ...] = ("candidate", "production", "archived")
+APPROVAL_STATUSES: tuple[ApprovalStatus, ...] = ("PendingManualApproval", "Approved", "Rejected")
+EventKind = Literal["stage", "approval", "mirrored"]
+PROMOTION_METRIC = "accuracy"
+
+
+class RegistryError(ValueError):
+    """The registry cannot do what was asked; the message says what to do instead. Nothing was written."""
+
+
+class VersionNotFoundError(RegistryError, LookupError):
+    """No such group or version."""
+
+
+class InvalidTransitionError(RegistryError):
+    """The version's stage or approval forbids the change (approving a rejected model, deploying one)."""
+
+
+class NoPreviousProductionError(RegistryError, LookupError):
+    """A rollback was asked for, but the group had no earlier production version to go back to."""
+
+
+class UnsupportedFormatError(RegistryError):
+    """A registry object was written by a newer bincount (a later :data:`FORMAT_VERSION`)."""
+
+
+class InvalidReferenceError(RegistryError):
+    """A version reference, group name or registry path is malformed."""
+
+
+def check_group(group: str) -> str:
+    """``group`` if it is a valid model group name: the endpoint name rule (SageMaker's for package groups too)."""
+    try:
+        return check_endpoint_name(group)
+    except ValueError:
+        raise InvalidReferenceError(
+            f"model group {group!r}: name it like the endpoint it serves (letters, digits and hyphens, not at either "
+            "end, 63 characters at most)"
+        ) from None
+
+
+@dataclass(frozen=True)
+class VersionRef:
+    """``group`` and a version number, or ``"latest"`` / ``"production"``."""
+
+    group: str
+    version: int | Literal["latest", "production"]
+
+    def __str__(self) -> str:
+        return f"{self.group}:{self.version}"
+
+
+_REFERENCE = re.compile(r"^(?P<group>[^:/\s]+):(?P<version>[0-9]+|latest|production)$")
+
+
+def parse_reference(text: str) -> VersionRef:
+    """``"bincount:3"`` -> ``VersionRef("bincount", 3)``; also ``bincount:latest`` and ``bincount:production``.
+
+    Raises:
+        InvalidReferenceError: not ``<group>:<number|latest|production>``, or a bad group name.
+    """
+    match = _REFERENCE.match(text.strip())
+    if not match:
+        raise InvalidReferenceError(
+            f"version reference {text!r}: write <group>:<number> (bincount:3), <group>:latest or <group>:production"
+        )
+    group, version = check_group(match["group"]), match["version"]
+    if version in ("latest", "production"):
+        return VersionRef(group, version)
+    if int(version) == 0:
+        raise InvalidReferenceError(f"version reference {text!r}: versions are numbered from 1")
+    return VersionRef(group, int(version))
+
+
+@dataclass(frozen=True)
+class ModelMetrics:
+    """Test-split scores of a model (see ``bincount.evaluation.Evaluation``)."""
+
+    accuracy: float
+    rmse: float
+    within_one_accuracy: float
+    per_class_accuracy: dict[str, float]
+    images: int = 0
+
+    @classmethod
+    def from_dict(cls, scores: dict[str, Any]) -> ModelMetrics:
+        """From an evaluation's ``to_dict()`` (extra keys, such as the confusion matrix, are left out)."""
+        return cls(
+            accuracy=float(scores["accuracy"]),
+            rmse=float(scores["rmse"]),
+            within_one_accuracy=float(scores["within_one_accuracy"]),
+            per_class_accuracy={str(k): float(v) for k, v in scores["per_class_accuracy"].items()},
+            images=int(scores.get("images", 0)),
+        )
+
+
+@dataclass(frozen=True)
+class DatasetRef:
+    """The split a model was trained and scored on: its manifest, that file's hash, and images per side."""
+
+    split_uri: str
+    split_sha256: str
+    counts: dict[str, int]
+
+
+@dataclass(frozen=True)
+class ModelVersionSpec:
+    """What a training run knows about the model it made: everything a version records at birth.
+
+    ``hyperparameters`` is the full recipe: every train.py flag the job was given. ``flow_run_id`` and
+    ``flow_run_url`` are plain strings (the registry imports nothing from Prefect).
+    """
+
+    model_uri: str
+    model_sha256: str
+    metrics: ModelMetrics
+    dataset: DatasetRef
+    code_hash: str
+    hyperparameters: dict[str, Any]
+    training_job: str
+    flow_run_id: str | None = None
+    flow_run_url: str | None = None
+    created_by: str = "bincount"
+    description: str = ""
+    approval: ApprovalStatus = "PendingManualApproval"
+
+
+@dataclass(frozen=True)
+class StageEvent:
+    """One change to a version: its stage, its approval, or where a mirror registered it (``details``)."""
+
+    group: str
+    version: int
+    kind: EventKind
+    at: str
+    actor: str
+    reason: str
+    stage: Stage | None = None
+    approval: ApprovalStatus | None = None
+    details: dict[str, str] = field(default_factory=dict)
+    event_id: str = ""
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    """A registered version, with its current stage and approval and the history that led there.
+
+    ``stage`` is derived: a version put in production becomes ``archived`` when a later version of
+    the group is put in production. ``history`` starts with the registration.
+    """
+
+    group: str
+    version: int
+    spec: ModelVersionSpec
+    created_at: str
+    stage: Stage = "candidate"
+    approval: ApprovalStatus = "PendingManualApproval"
+    history: tuple[StageEvent, ...] = ()
+    mirror: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def ref(self) -> VersionRef:
+        return VersionRef(self.group, self.version)
+
+    @property
+    def model_uri(self) -> str:
+        return self.spec.model_uri
+
+    def with_state(
+        self, stage: Stage, approval: ApprovalStatus, history: tuple[StageEvent, ...], mirror: dict[str, str]
+    ) -> ModelVersion:
+        return replace(self, stage=stage, approval=approval, history=history, mirror=mirror)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """A nightly comparison of a challenger with the serving model, on the same test split."""
+
+    endpoint_name: str
+    promoted: bool
+    reason: str
+    metric: str
+    challenger_score: float
+    serving_score: float | None
+    margin: float
+    challenger_model_uri: str
+    serving_model_uri: str | None
+    decided_at: str = ""
+    challenger_version: int | None = None
+    serving_version: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class BestHyperparameters:
+    """The hyperparameters of the best model that passed the gate, the job that used them and its scores."""
+
+    hyperparameters: dict[str, Any]
+    job_name: str
+    score: dict[str, Any]
+    saved_at: str = ""
+    version: int | None = None
+
+
+class RegistryMirror(Protocol):
+    """Another registry that holds the same versions (SageMaker Model Registry on profile ``aws``)."""
+
+    def publish(self, version: ModelVersion) -> dict[str, str]:
+        """Register ``version`` there if it is not yet (retries are safe); what identifies it there (an ARN)."""
+        ...
+
+    def set_approval(self, version: ModelVersion, approval: ApprovalStatus, reason: str) -> None:
+        """Set the approval of a version ``publish`` registered (``version.mirror`` says where)."""
+        ...
+
+
+class ModelRegistry(Protocol):
+    """Versions of model groups, their stages and approvals, best hyperparameters and nightly decisions."""
+
+    def register(self, group: str, spec: ModelVersionSpec) -> ModelVersion:
+        """A new version (the next number), or the existing one if this model (URI and sha256) is registered."""
+        ...
+
+    def get(self, group: str, version: int) -> ModelVersion:
+        """Raises :class:`VersionNotFoundError`."""
+        ...
+
+    def resolve(self, reference: str | VersionRef) -> ModelVersion:
+        """The version ``bincount:3``, ``bincount:latest`` or ``bincount:production`` names."""
+        ...
+
+    def list(self, group: str | None = None) -> list[ModelVersion]:
+        """Every version of ``group`` (of every group when None), by group and number."""
+        ...
+
+    def groups(self) -> list[str]: ...
+
+    def production(self, group: str) -> ModelVersion | None:
+        """The version in production, or None when none ever was."""
+        ...
+
+    def previous_production(self, group: str) -> ModelVersion:
+        """The version to roll back to: the latest earlier production version not rejected.
+
+        Raises:
+            NoPreviousProductionError: there is none.
+        """
+        ...
+
+    def transition(self, group: str, version: int, stage: Stage, actor: str, reason: str) -> ModelVersion:
+        """Move a version to ``stage``; production needs an approved version."""
+        ...
+
+    def approve(self, group: str, version: int, actor: str, reason: str) -> ModelVersion: ...
+
+    def reject(self, group: str, version: int, actor: str, reason: str) -> ModelVersion: ...
+
+    def find_by_model_uri(self, group: str, model_uri: str) -> ModelVersion | None:
+        """The latest version of ``group`` whose model is at ``model_uri``."""
+        ...
+
+    def save_best_hyperparameters(
+        self,
+        group: str,
+        hyperparameters: dict[str, Any],
+        job_name: str,
+        score: dict[str, Any],
+        version: int | None = None,
+        metric: str = PROMOTION_METRIC,
+    ) -> bool:
+        """Keep these hyperparameters if they beat the stored ones on ``metric``; True when kept.
+
+        Call it only for a model that passed the quality gate.
+        """
+        ...
+
+    def best_hyperparameters(self, group: str) -> BestHyperparameters | None: ...
+
+    def record(self, decision: Decision) -> None:
+        """Keep a nightly decision (the group is its endpoint name)."""
+        ...
+
+    def decisions(self, group: str) -> list[Decision]: ...

@@ -5,7 +5,7 @@ one process, epochs interleaved (this machine is shared and noisy):
 
 - seeds' way: ``ImageFolder`` + PIL decode, ``Resize``, ``RandomHorizontalFlip``, ``ToTensor``,
   ``Normalize`` every epoch in a ``DataLoader`` (``num_workers=0``), NCHW, fp32;
-- train.py's way: its functions (``load_channel`` decodes and resizes once into a uint8 cache,
+- train.py's way: its modules' functions (``load_channel`` decodes and resizes once into a uint8 cache,
   ``batches`` slices, flips and normalizes on tensors, channels_last), and with ``--compile`` its
   ``torch.compile`` (compiled during the untimed warm-up epoch);
 - the compute bound: train.py's model and step on one ready-made batch, over and over (no data path
@@ -43,16 +43,11 @@ from torchvision import transforms
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sm_scripts.train import (  # noqa: E402
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    batches,
-    build_model,
-    find_classes,
-    load_channel,
-    prepare_model,
-    train_one_epoch,
-)
+from sm_scripts.data import batches, find_classes, load_channel
+from sm_scripts.loop import train_one_epoch
+from sm_scripts.monitoring import StepTimes
+from sm_scripts.networks import IMAGENET_MEAN, IMAGENET_STD, build_model, prepare_model
+from sm_scripts.preprocessing import channel_values
 
 ABID = ROOT.parent / "shared" / "data" / "abid"
 
@@ -117,8 +112,8 @@ def main() -> None:
         ])
         dataset = torchvision.datasets.ImageFolder(str(folder), transform=seeds_transform)
         loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=0)
-        seeds_model = build_model(args.arch, len(classes), "none", freeze_backbone=False)
-        ours_model = build_model(args.arch, len(classes), "none", freeze_backbone=False)
+        seeds_model = build_model(args.arch, len(classes))
+        ours_model = build_model(args.arch, len(classes))
         ours_model.load_state_dict(seeds_model.state_dict())
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         amp = device.type == "cuda"  # train.py's default: bf16 autocast on a GPU, fp32 on a CPU
@@ -130,20 +125,19 @@ def main() -> None:
         cache_s = time.perf_counter() - start
         seeds_optimizer = torch.optim.SGD(seeds_model.parameters(), lr=0.01, momentum=0.9)
         ours_optimizer = torch.optim.SGD(ours_model.parameters(), lr=0.01, momentum=0.9)
-        mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+        mean, std = channel_values(IMAGENET_MEAN, device), channel_values(IMAGENET_STD, device)
         generator = torch.Generator().manual_seed(0)
         criterion = nn.CrossEntropyLoss()
 
         def ours_epoch() -> float:
             data = batches(cache, args.batch_size, device, mean, std, True, "flip", generator, min_batch=2)
-            return train_one_epoch(ours_forward, criterion, ours_optimizer, data, device, amp, [], [])[2]
+            return train_one_epoch(ours_forward, criterion, ours_optimizer, data, device, amp, StepTimes())[2]
 
         ready = next(batches(cache, args.batch_size, device, mean, std, False))
 
         def bound_epoch() -> float:
             data = iter([ready] * (len(cache) // args.batch_size))
-            return train_one_epoch(ours_forward, criterion, ours_optimizer, data, device, amp, [], [])[2]
+            return train_one_epoch(ours_forward, criterion, ours_optimizer, data, device, amp, StepTimes())[2]
 
         print(f"{args.arch} at {args.image_size}px, {len(dataset)} images, batch {args.batch_size}, "
               f"on {device} ({torch.get_num_threads()} CPU threads), train.py amp {amp}, compile {args.compile}; "
@@ -164,8 +158,8 @@ def main() -> None:
     epoch_images = len(dataset)
     with_cache = epoch_images * args.epochs / (epoch_images * args.epochs / ours_ips + cache_s)
     print(f"\nmedian images/s: seeds' way {seeds_ips:.1f}, train.py {ours_ips:.1f}: ratio {ours_ips / seeds_ips:.2f}x")
-    print(f"compute bound {bound_ips:.1f} images/s: ratio {bound_ips / seeds_ips:.2f}x (the most a data path can give); "
-          f"train.py reaches {ours_ips / bound_ips:.0%} of it")
+    print(f"compute bound {bound_ips:.1f} images/s: ratio {bound_ips / seeds_ips:.2f}x "
+          f"(the most a data path can give); train.py reaches {ours_ips / bound_ips:.0%} of it")
     print(f"counting the one-time cache over {args.epochs} epochs: train.py {with_cache:.1f} images/s, "
           f"ratio {with_cache / seeds_ips:.2f}x")
 

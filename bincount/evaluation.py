@@ -3,7 +3,6 @@ count, per-class accuracy, within-one accuracy and the confusion matrix (scikit-
 
 from __future__ import annotations
 
-import json
 import math
 import tempfile
 from dataclasses import asdict, dataclass
@@ -14,9 +13,11 @@ import numpy as np
 import torch
 from sklearn.metrics import accuracy_score, confusion_matrix, mean_squared_error, recall_score
 
-from bincount.models import fetch_model, read_model_info
+from bincount.models import fetch_model
 from bincount.storage import Storage
-from sm_scripts.train import ImageCache, batches, build_model, load_channel
+from sm_scripts.data import ImageCache, batches, load_channel
+from sm_scripts.model_dir import load_network, read_model_info
+from sm_scripts.preprocessing import channel_values
 
 
 @dataclass
@@ -54,12 +55,9 @@ def score_counts(true_counts: list[int], predicted_counts: list[int], classes: l
 
 def predict_counts(model_dir: Path, cache: ImageCache, batch_size: int = 64) -> list[int]:
     """The count predicted for each cached image by the model in ``model_dir``."""
-    info = json.loads((model_dir / "model_info.json").read_text())
-    model = build_model(info["arch"], len(info["classes"]), "none", freeze_backbone=False)
-    model.load_state_dict(torch.load(model_dir / "model.pt", map_location="cpu", weights_only=True))
-    model = model.to(memory_format=torch.channels_last).eval()
-    mean = torch.tensor(info["mean"]).view(1, 3, 1, 1)
-    std = torch.tensor(info["std"]).view(1, 3, 1, 1)
+    info = read_model_info(model_dir)
+    model = load_network(model_dir, info).to(memory_format=torch.channels_last)
+    mean, std = channel_values(info["mean"]), channel_values(info["std"])
     predicted: list[int] = []
     with torch.inference_mode():
         for images, _ in batches(cache, batch_size, torch.device("cpu"), mean, std, shuffle=False):

@@ -9,16 +9,16 @@ bytes: the same model is fetched once, a changed one under the same URI is fetch
 from __future__ import annotations
 
 import io
-import json
 import shutil
 import tarfile
 import tempfile
 from pathlib import Path
-from typing import Any
 
 from bincount.storage import Storage, file_digest, join_uri
+from sm_scripts.model_dir import INFO_FILE, MODEL_FILE, model_info, write_model_dir
+from sm_scripts.networks import build_model
 
-MODEL_FILES = ("model.pt", "model_info.json")
+MODEL_FILES = (MODEL_FILE, INFO_FILE)
 
 
 class ModelDirError(ValueError):
@@ -68,10 +68,6 @@ def model_version(model_dir: Path) -> str:
     return file_digest(model_dir / "model.pt")[:12]
 
 
-def read_model_info(model_dir: Path) -> dict[str, Any]:
-    return json.loads((model_dir / "model_info.json").read_text())
-
-
 def pack_folder(folder: Path, archive: Path) -> Path:
     """``folder``'s files into a ``.tar.gz`` with the files at the archive root, as SageMaker packs ``model.tar.gz``."""
     archive.parent.mkdir(parents=True, exist_ok=True)
@@ -97,17 +93,16 @@ def read_from_archive(storage: Storage, archive_uri: str, member: str) -> bytes:
 def write_untrained_model_dir(
     model_dir: Path, arch: str = "resnet18", image_size: int = 32, seed: int = 0, classes: tuple[int, ...] = (1, 2, 3, 4, 5)
 ) -> Path:
-    """A randomly initialised model dir in the contract's format, for tests, benchmarks and smoke checks.
+    """A randomly initialised model dir in the contract's format (train.py's network and files), for tests,
+    benchmarks and smoke checks.
 
     Batch-norm statistics are measured on a few random normalised images, so activations have the
     scale of a trained network's (raw initial statistics give degenerate, unrepresentative numerics).
     """
     import torch
-    import torchvision
 
     torch.manual_seed(seed)
-    network = getattr(torchvision.models, arch)(weights=None)
-    network.fc = torch.nn.Linear(network.fc.in_features, len(classes))
+    network = build_model(arch, len(classes))
     for module in network.modules():
         if isinstance(module, torch.nn.BatchNorm2d):
             module.reset_running_stats()
@@ -116,17 +111,5 @@ def write_untrained_model_dir(
     with torch.no_grad():
         for _ in range(2):
             network(torch.randn(8, 3, image_size, image_size))
-    network.eval()
-    model_dir.mkdir(parents=True, exist_ok=True)
-    torch.save(network.state_dict(), model_dir / "model.pt")
-    info = {
-        "arch": arch,
-        "classes": list(classes),
-        "image_size": image_size,
-        "mean": [0.485, 0.456, 0.406],
-        "std": [0.229, 0.224, 0.225],
-        "hyperparameters": {"seed": seed},
-        "metrics": {},
-    }
-    (model_dir / "model_info.json").write_text(json.dumps(info, indent=2))
-    return model_dir
+    info = model_info(arch, list(classes), image_size, {"seed": seed})
+    return write_model_dir(model_dir, network.eval().state_dict(), info)

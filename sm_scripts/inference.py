@@ -1,14 +1,17 @@
 """Serving handlers for the bin-count model, in the SageMaker PyTorch serving contract.
 
-SageMaker's PyTorch container (and the local host in ``bincount.serving``) calls:
+SageMaker's PyTorch container (and the project's local host) calls:
 
     model_fn(model_dir)                    -> CountModel          (once, at start)
-    input_fn(body, content_type)           -> list of N RGB images (per request)
+    input_fn(body, content_type)           -> list of N decoded images, uint8 [3, H, W] (per request)
     predict_fn(images, model)              -> list of N prediction dicts
     output_fn(predictions, accept)         -> (body, content type)
 
 ``predict_fn`` is ``forward(preprocess(images, model), model)``: a host that batches requests
-runs ``preprocess`` per request and one ``forward`` over many requests' pixels.
+runs ``preprocess`` (resize to uint8 [N, 3, S, S]) per request and one ``forward`` (normalize, then
+the network) over many requests' pixels. Decoding, resizing and normalizing are
+:mod:`sm_scripts.preprocessing`'s, the functions training uses: the same photo gives the network
+the same tensor here as in training and evaluation.
 
 Requests:
     image/jpeg, image/png, application/x-image   one JPEG or PNG image as the raw body
@@ -20,42 +23,40 @@ Answers (``Accept``):
     text/csv                     one line per image: predicted_count,p_1,...,p_5 (no header)
 
 The model directory holds ``model.pt`` (a state dict, loaded with ``weights_only=True``) and
-``model_info.json`` (arch, classes, image_size, mean, std). The network is built by train.py's
-``build_model``: one definition of every arch it trains. Request bodies are only ever decoded
+``model_info.json`` (arch, classes, image_size, mean, std); ``networks.build_model`` builds the
+network: one definition of every arch train.py trains. Request bodies are only ever decoded
 as images or JSON: nothing from a request is unpickled. Bad input raises :class:`InputError`
 (its ``status_code`` is the HTTP answer) with a message that says what was expected.
 
-Self-contained on purpose: SageMaker ships only this folder (train.py beside this file, the folder
-on ``sys.path``), so it imports nothing from the project.
+Self-contained on purpose: SageMaker ships only this folder (the folder on ``sys.path``), so it
+imports nothing from the project.
 """
 
 from __future__ import annotations
 
+if not __package__:  # a loose file, as SageMaker's serving container imports it (import inference): see _package.py
+    import _package
+
+    _package.register()
+
 import base64
 import binascii
-import io
 import json
-import os
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
-if __package__:
-    from .train import ARCHS, build_model
-else:  # imported as a top-level module (SageMaker's serving container puts this folder on sys.path)
-    from train import ARCHS, build_model
+from sm_scripts.model_dir import load_network, read_model_info
+from sm_scripts.preprocessing import ImageError, channel_values, decode_image, normalize, resize
 
 IMAGE_CONTENT_TYPES = ("image/jpeg", "image/png", "application/x-image")
 JSON_CONTENT_TYPE = "application/json"
 CSV_CONTENT_TYPE = "text/csv"
 SUPPORTED_CONTENT_TYPES = (*IMAGE_CONTENT_TYPES, JSON_CONTENT_TYPE)
 SUPPORTED_ACCEPTS = (JSON_CONTENT_TYPE, CSV_CONTENT_TYPE)
-IMAGE_FORMATS = ("JPEG", "PNG")
 MAX_IMAGES_PER_REQUEST = 64
-MAX_IMAGE_PIXELS = 16_000_000  # far above any bin photo; stops decompression bombs early
 
 
 class InputError(ValueError):
@@ -79,80 +80,33 @@ class CountModel:
     network: torch.nn.Module
     classes: list[int]
     image_size: int
-    mean: np.ndarray  # [3], float32
-    std: np.ndarray  # [3], float32
+    mean: torch.Tensor  # [1, 3, 1, 1] float32, on device
+    std: torch.Tensor  # [1, 3, 1, 1] float32, on device
     device: torch.device
     info: dict[str, Any]
 
 
-def _read_model_info(model_dir: str) -> dict[str, Any]:
-    path = os.path.join(model_dir, "model_info.json")
-    try:
-        with open(path, encoding="utf-8") as handle:
-            info = json.load(handle)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path} is missing: a model dir holds model.pt and model_info.json") from None
-    missing = [key for key in ("arch", "classes", "image_size", "mean", "std") if key not in info]
-    if missing:
-        raise ValueError(f"{path} lacks {missing}; it needs arch, classes, image_size, mean and std")
-    if info["arch"] not in ARCHS:
-        raise ValueError(f"{path}: arch {info['arch']!r} is not one of {list(ARCHS)}, the archs train.py trains")
-    return info
-
-
 def model_fn(model_dir: str) -> CountModel:
     """Build the network named in ``model_info.json`` and load ``model.pt`` into it."""
-    info = _read_model_info(model_dir)
+    info = read_model_info(model_dir)
     # Denormal floats can make CPU convolutions many times slower; flushing them changes no count.
     # The flag is per thread (and copied by threads it starts): this sets it for the serving thread.
     torch.set_flush_denormal(True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    classes = [int(count) for count in info["classes"]]
-    network = build_model(info["arch"], len(classes), weights="none", freeze_backbone=False)
-    state = torch.load(os.path.join(model_dir, "model.pt"), map_location="cpu", weights_only=True)
-    network.load_state_dict(state)
-    network.eval().to(device)
-    if device.type == "cpu":
-        network = network.to(memory_format=torch.channels_last)  # oneDNN's fast layout on CPU
+    network = load_network(model_dir, info).to(device, memory_format=torch.channels_last)  # as trained
     return CountModel(
         network=network,
-        classes=classes,
+        classes=[int(count) for count in info["classes"]],
         image_size=int(info["image_size"]),
-        mean=np.asarray(info["mean"], dtype=np.float32),
-        std=np.asarray(info["std"], dtype=np.float32),
+        mean=channel_values(info["mean"], device),
+        std=channel_values(info["std"], device),
         device=device,
         info=info,
     )
 
 
-def decode_image(data: bytes) -> Image.Image:
-    """JPEG or PNG bytes -> a decoded RGB image.
-
-    Raises:
-        InputError: the bytes are not a complete JPEG or PNG image.
-    """
-    if not data:
-        raise InputError("the image is empty: send the bytes of a JPEG or PNG image")
-    try:
-        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
-            if image.width * image.height > MAX_IMAGE_PIXELS:
-                raise InputError(f"the image is {image.width}x{image.height}: at most {MAX_IMAGE_PIXELS} pixels")
-            image.load()  # decode now, so that truncated or corrupt data fails here
-            return image.convert("RGB")
-    except InputError:
-        raise
-    except Image.UnidentifiedImageError:
-        raise InputError("the body is not a JPEG or PNG image: its first bytes match neither format") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-        # PIL reports unknown formats, truncation and corrupt streams as these
-        raise InputError(f"the body is not a readable JPEG or PNG image ({error})") from None
-
-
-def _base64_images(body: bytes | str) -> list[bytes]:
-    try:
-        document = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise InputError(f"the body is not valid JSON ({error})") from None
+def _encoded_images(document: Any) -> list[Any]:
+    """The list of encoded images a JSON request names."""
     if isinstance(document, dict) and "image" in document:
         encoded = [document["image"]]
     elif isinstance(document, dict) and "images" in document:
@@ -165,8 +119,16 @@ def _base64_images(body: bytes | str) -> list[bytes]:
         raise InputError("JSON names no images: give one or more base64 strings")
     if len(encoded) > MAX_IMAGES_PER_REQUEST:
         raise InputError(f"{len(encoded)} images in one request: at most {MAX_IMAGES_PER_REQUEST}")
+    return encoded
+
+
+def _base64_images(body: bytes | str) -> list[bytes]:
+    try:
+        document = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise InputError(f"the body is not valid JSON ({error})") from None
     images = []
-    for index, item in enumerate(encoded):
+    for index, item in enumerate(_encoded_images(document)):
         if not isinstance(item, str):
             raise InputError(f"image {index} is a JSON {type(item).__name__}, not a base64 string")
         if item.startswith("data:") and "," in item:
@@ -182,8 +144,8 @@ def _media_type(header: str | None) -> str:
     return (header or "").split(";", 1)[0].strip().lower()
 
 
-def input_fn(request_body: bytes | str, request_content_type: str) -> list[Image.Image]:
-    """Decode a request into its RGB images (one for an image body, one or more for JSON)."""
+def input_fn(request_body: bytes | bytearray | str, request_content_type: str) -> list[torch.Tensor]:
+    """Decode a request into its RGB images, uint8 [3, H, W] (one for an image body, one or more for JSON)."""
     content_type = _media_type(request_content_type)
     if isinstance(request_body, str):
         request_body = request_body.encode("utf-8")
@@ -201,41 +163,41 @@ def input_fn(request_body: bytes | str, request_content_type: str) -> list[Image
     for index, data in enumerate(encoded):
         try:
             images.append(decode_image(data))
-        except InputError as error:
+        except ImageError as error:
             raise InputError(f"image {index}: {error}" if len(encoded) > 1 else str(error)) from None
     return images
 
 
-def preprocess(images: list[Image.Image], model: CountModel) -> torch.Tensor:
-    """RGB images -> normalised pixels [N, 3, S, S], resized to the model's square input.
+def preprocess(images: list[torch.Tensor], model: CountModel) -> torch.Tensor:
+    """Decoded images -> uint8 pixels [N, 3, S, S], resized to the model's square input.
 
-    Plain numpy on purpose: hosts call this on several threads at once, and torch ops there would
-    each start their own team of worker threads beside the model's. The result is laid out
-    channels-last in memory (NHWC viewed as NCHW), the layout the CPU forward wants.
+    Hosts call this on several threads at once: resizing one image runs on the calling thread
+    alone, and numpy stacks the results, since torch's copy would start a team of worker threads
+    in each of those threads, beside the model's.
     """
-    size = (model.image_size, model.image_size)
-    pixels = np.stack([np.asarray(image.resize(size, Image.Resampling.BILINEAR), dtype=np.float32) for image in images])
-    pixels = (pixels * np.float32(1 / 255.0) - model.mean) / model.std
-    return torch.from_numpy(pixels).permute(0, 3, 1, 2)
+    return torch.from_numpy(np.stack([resize(image, model.image_size).numpy() for image in images]))
+
+
+def model_input(pixels: torch.Tensor, model: CountModel) -> torch.Tensor:
+    """uint8 pixels [N, 3, S, S] -> the normalized float batch on the model's device, as training feeds it."""
+    return normalize(pixels.to(model.device, non_blocking=True), model.mean, model.std)
 
 
 def forward(pixels: torch.Tensor, model: CountModel) -> list[dict[str, Any]]:
-    """Normalised pixels [N, 3, S, S] -> one ``{"predicted_count", "probabilities"}`` dict per image."""
-    pixels = pixels.to(model.device, non_blocking=True)
-    if model.device.type == "cpu":
-        pixels = pixels.contiguous(memory_format=torch.channels_last)
+    """uint8 pixels [N, 3, S, S] (from :func:`preprocess`) -> one ``{"predicted_count", "probabilities"}``
+    dict per image."""
     with torch.inference_mode():
-        probabilities = torch.softmax(model.network(pixels).float(), dim=1).cpu().numpy()
+        probabilities = torch.softmax(model.network(model_input(pixels, model)).float(), dim=1).cpu().numpy()
     return [
         {
             "predicted_count": model.classes[int(row.argmax())],
-            "probabilities": {str(count): round(float(p), 6) for count, p in zip(model.classes, row)},
+            "probabilities": {str(count): round(float(p), 6) for count, p in zip(model.classes, row, strict=True)},
         }
         for row in probabilities
     ]
 
 
-def predict_fn(input_data: list[Image.Image], model: CountModel) -> list[dict[str, Any]]:
+def predict_fn(input_data: list[torch.Tensor], model: CountModel) -> list[dict[str, Any]]:
     """Images -> one prediction dict per image."""
     return forward(preprocess(input_data, model), model)
 

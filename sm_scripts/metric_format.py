@@ -2,9 +2,10 @@
 
 Both tuners read the same lines: SageMaker's HyperparameterTuner through ``METRIC_DEFINITIONS``
 (its ``metric_definitions`` argument), and the local backend through :func:`parse_metrics`.
-A line looks like::
+A line looks like this (one line, wrapped here)::
 
-    epoch: 3 train_loss: 1.2345 train_acc: 0.4012 eval_loss: 1.4410 eval_acc: 0.3550 eval_rmse: 1.0817 lr: 0.010000 train_ips: 312.4
+    epoch: 3 train_loss: 1.2345 train_acc: 0.4012 eval_loss: 1.4410 eval_acc: 0.3550
+        eval_rmse: 1.0817 lr: 0.01 train_ips: 312.4
 
 Self-contained (stdlib only): SageMaker ships sm_scripts/ alone.
 """

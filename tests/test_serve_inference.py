@@ -6,22 +6,30 @@ import base64
 import io
 import json
 import os
+import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
-from bincount.serving.model_dir import write_untrained_model_dir
 from sm_scripts import inference
+from sm_scripts.model_dir import model_info, write_model_dir
+from sm_scripts.networks import build_model
+from sm_scripts.preprocessing import MAX_IMAGE_PIXELS
 
 SM_SCRIPTS = Path(inference.__file__).resolve().parent
 
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_untrained_model_dir(tmp_path_factory.mktemp("model"), "resnet18", image_size=32, seed=0)
+    """An untrained ResNet-18 at 32 px, written as train.py writes its models."""
+    torch.manual_seed(0)
+    state = build_model("resnet18", 5).state_dict()
+    return write_model_dir(tmp_path_factory.mktemp("model"), state, model_info("resnet18", [1, 2, 3, 4, 5], 32))
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +71,7 @@ def test_json_with_several_base64_images_answers_each_in_order(model: inference.
     for body in (json.dumps({"images": encoded}), json.dumps(encoded)):
         answer = json.loads(predict(body.encode(), "application/json; charset=utf-8", model)[0])["predictions"]
         assert [a["predicted_count"] for a in answer] == [s["predicted_count"] for s in singles]
-        for got, alone in zip(answer, singles):
+        for got, alone in zip(answer, singles, strict=True):
             for count in alone["probabilities"]:
                 assert got["probabilities"][count] == pytest.approx(alone["probabilities"][count], abs=1e-4)
     single = json.loads(predict(json.dumps({"image": encoded[0]}).encode(), "application/json", model)[0])
@@ -107,6 +115,30 @@ def test_bad_input_is_refused_with_a_clear_error(
     assert caught.value.status_code == status
 
 
+def png_claiming_size(width: int, height: int) -> bytes:
+    """A small PNG whose header (with a valid checksum) claims ``width`` x ``height`` pixels."""
+    data = bytearray(image_bytes("PNG", (4, 4)))
+    data[16:24] = struct.pack(">II", width, height)  # IHDR's width and height
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))  # IHDR's CRC over its type and data
+    return bytes(data)
+
+
+def test_oversized_image_is_refused_before_decoding(model: inference.CountModel) -> None:
+    says = f"the image is 5000x4000: at most {MAX_IMAGE_PIXELS} pixels"
+    with pytest.raises(inference.InputError, match=says) as caught:
+        inference.input_fn(png_claiming_size(5000, 4000), "image/png")
+    assert caught.value.status_code == 400
+
+
+def test_grey_palette_and_alpha_pngs_are_served_as_rgb(model: inference.CountModel) -> None:
+    for mode in ("L", "P", "RGBA", "LA"):
+        buffer = io.BytesIO()
+        Image.new("RGB", (40, 30), (200, 120, 40)).convert(mode).save(buffer, format="PNG")
+        (image,) = inference.input_fn(buffer.getvalue(), "image/png")
+        assert image.shape == (3, 30, 40) and image.dtype == torch.uint8
+        assert len(inference.predict_fn([image], model)) == 1
+
+
 def test_unsupported_accept_is_406() -> None:
     with pytest.raises(inference.UnsupportedAcceptError) as caught:
         inference.output_fn([], "application/xml")
@@ -117,7 +149,7 @@ def test_model_pt_is_loaded_without_unpickling_code(tmp_path: Path, model_dir: P
     """A model.pt holding an arbitrary object (code on load) is refused by weights_only loading."""
     (tmp_path / "model_info.json").write_text((model_dir / "model_info.json").read_text())
     torch.save({"payload": Path("/etc/passwd")}, tmp_path / "model.pt")  # a pickled non-tensor object
-    with pytest.raises(Exception, match="[Ww]eights only load failed|Unsupported global"):
+    with pytest.raises(Exception, match=r"[Ww]eights only load failed|Unsupported global"):
         inference.model_fn(str(tmp_path))
 
 
@@ -147,7 +179,8 @@ def efficientnet_dir(tmp_path_factory: pytest.TempPathFactory, demo_channels: di
         "SM_NUM_GPUS": "0",
         "SM_NUM_CPUS": "1",
     }
-    flags = ["--arch", "efficientnet_lite0", "--weights", "none", "--image-size", "16", "--batch-size", "8", "--epochs", "1"]
+    flags = ["--arch", "efficientnet_lite0", "--weights", "none", "--image-size", "16", "--batch-size", "8"]
+    flags += ["--epochs", "1"]
     result = subprocess.run(
         [sys.executable, "train.py", *flags], cwd=SM_SCRIPTS, env=env, capture_output=True, text=True, timeout=300
     )
@@ -165,7 +198,7 @@ def test_every_arch_train_py_trains_is_served(efficientnet_dir: Path) -> None:
 
 
 def test_handlers_load_as_a_top_level_module_as_in_sagemakers_container(efficientnet_dir: Path) -> None:
-    """SageMaker imports ``inference`` with sm_scripts/ on sys.path, so it finds ``train`` the same way."""
+    """SageMaker imports ``inference`` with sm_scripts/ on sys.path; it finds its sibling modules all the same."""
     script = (
         "import json, sys, inference\n"
         "model = inference.model_fn(sys.argv[1])\n"

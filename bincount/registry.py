@@ -562,27 +562,3 @@ class StorageModelRegistry:
 def _score(score: dict[str, Any], metric: str) -> float:
     value = score.get(metric)
     return float(value) if isinstance(value, (int, float)) else float("-inf")
-
-
-class Registry:
-    """One endpoint's view of the registry, as the pipeline and nightly flows use it today."""
-
-    def __init__(self, settings: Settings, endpoint_name: str, storage: Storage | None = None) -> None:
-        self.registry = StorageModelRegistry(storage or storage_for(settings), settings.artifact_root)
-        self.group = check_group(endpoint_name)
-
-    def save_best_hyperparameters(
-        self, hyperparameters: dict[str, Any], job_name: str, score: dict[str, float]
-    ) -> bool:
-        return self.registry.save_best_hyperparameters(self.group, hyperparameters, job_name, score)
-
-    def best_hyperparameters(self) -> dict[str, Any] | None:
-        """The best saved hyperparameters, or None when nothing was ever tuned."""
-        best = self.registry.best_hyperparameters(self.group)
-        return None if best is None else best.hyperparameters
-
-    def record(self, decision: Decision) -> None:
-        self.registry.record(decision)
-
-    def decisions(self) -> builtins.list[Decision]:
-        return self.registry.decisions(self.group)

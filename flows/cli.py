@@ -125,7 +125,7 @@ def rollback_endpoint(
     The deploy comes first: if it fails, the endpoint keeps serving what it served and the registry is unchanged.
     """
     target = registry.previous_production(endpoint)
-    get_serving_backend(settings).deploy(endpoint, target.model_uri)
+    get_serving_backend(settings).deploy(endpoint, target.model_uri, str(target.ref))
     return registry.rollback(endpoint, actor, reason)
 
 

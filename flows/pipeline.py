@@ -1,42 +1,58 @@
 """Flow: the whole pipeline, from a manifest to a serving endpoint and scored images.
 
-    prepare-data ──► train-model ──────────────────────────────────► quality gate ──► deploy ──► batch-transform
-    (download,       (tune ─► retrain with debugger ─► evaluate     (test accuracy    (blue/     (the test channel,
-     split, upload,          and profiler          on test)          >= min_accuracy)  green,     through the new
-     report)                                                                           checked)   model)
+    prepare-data ─► train-model ─► register-model ─► quality gate ─► approve ─► deploy ─► production ─► batch-transform
+    (download,      (tune ─►        (a version of    (test accuracy  (at once,  (blue/   (the version   (the test
+     split, upload,  retrain ─►      the endpoint's   >= min_         or a       green,   it replaced    channel,
+     report)         evaluate)       model group)     accuracy)       person)    checked) is archived)   new model)
 
 Stages run on the backend the profile picks (``local`` here, ``aws`` for SageMaker jobs). Each
 stage caches on its inputs (see each flow), so an unchanged re-run is served from cache up to the
 first stage whose inputs changed; ``refresh=True`` runs everything again. The deploy is never
-cached. The best hyperparameters are kept in the registry for the nightly retrain.
+cached. Every trained model is registered with its lineage (data, code, recipe, job, this run);
+one that fails the gate is rejected, and only a model that passed it updates the best
+hyperparameters the nightly retrain starts from.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 from prefect import flow, get_run_logger
 from pydantic import BaseModel
 
-from bincount.config import Location
+from bincount.config import Location, Settings
+from bincount.contracts.naming import check_endpoint_name
 from bincount.contracts.serving import BatchTransformSummary, EndpointRecord
 from bincount.evaluation import Evaluation
-from bincount.registry import Registry
+from bincount.factory import get_model_registry
 from bincount.storage import join_uri
 from flows.batch_transform import batch_transform
 from flows.data import DataOptions, prepare_data
+from flows.promotion import approve_version, put_in_production
 from flows.train import TrainOptions, train_model
-from tasks.deploy import deploy_model
+from tasks.registry import register_model_task, set_approval_task
 
 
 class QualityGateError(RuntimeError):
-    """The new model scored below the bar: it was not deployed."""
+    """The new model scored below the bar: it was rejected and not deployed."""
 
 
 class PipelineResult(BaseModel):
     dataset_split_uri: str
     model_uri: str
+    model_version: str
     evaluation: Evaluation
-    endpoint: EndpointRecord
-    batch_transform: BatchTransformSummary
+    endpoint: EndpointRecord | None
+    batch_transform: BatchTransformSummary | None
+
+
+def recipe(data: DataOptions, training: TrainOptions, settings: Settings) -> dict[str, Any]:
+    """How to make the model again: what a nightly run with no parameters reads back from the registry."""
+    return {
+        "data": data.model_dump(mode="json"),
+        "training": training.model_dump(mode="json"),
+        "location": settings.model_dump(mode="json", include={"source_uri", "source_anonymous", "s3_endpoint_url"}),
+    }
 
 
 @flow(name="bincount-pipeline")
@@ -45,36 +61,54 @@ def pipeline(
     training: TrainOptions = TrainOptions(),
     endpoint_name: str = "bincount",
     min_accuracy: float = 0.0,
+    require_approval: bool = False,
+    approval_timeout_s: int = 24 * 3600,
     location: Location = Location(),
     refresh: bool = False,
 ) -> PipelineResult:
-    """Download, split, upload, tune, retrain, evaluate, deploy and batch-transform.
+    """Download, split, upload, tune, retrain, evaluate, register, deploy and batch-transform.
 
     Args:
         data: what to download and how to split it.
         training: model, hyperparameters, search space and budget, debugger and profiler.
-        endpoint_name: the endpoint to create or update with the new model.
-        min_accuracy: the quality gate: test accuracy below this stops the run before deploying.
+        endpoint_name: the endpoint to create or update; also the model group the model is registered in.
+        min_accuracy: the quality gate: a model below this test accuracy is rejected, not deployed.
+        require_approval: wait for a person to approve the model in the Prefect UI before it is deployed.
+        approval_timeout_s: with require_approval, reject the model when nobody answers within this.
         location: the profile (local or aws), source bucket, artifact root, S3 endpoint and region
             (default: the BINCOUNT_* variables; what is given here wins).
         refresh: run every stage again instead of using cached results.
     """
     logger = get_run_logger()
+    check_endpoint_name(endpoint_name)  # before hours of training, not at deploy time
     settings = location.settings()
 
     prepared = prepare_data(data, Location.of(settings), refresh)
     trained = train_model(prepared.channels, training, settings)
+    version = register_model_task(
+        settings, endpoint_name, trained.model_uri, trained.evaluation, prepared.split_uri,
+        trained.hyperparameters, trained.job_name, recipe(data, training, settings),
+    )
     accuracy = trained.evaluation.accuracy
     if accuracy < min_accuracy:
+        set_approval_task(settings, version, False, "quality-gate", f"test accuracy {accuracy:.4f} < min_accuracy {min_accuracy:.4f}")
         raise QualityGateError(
-            f"test accuracy {accuracy:.3f} is below min_accuracy {min_accuracy:.3f}: {trained.model_uri} was not deployed. "
-            "Tune longer, or lower min_accuracy if this bar is too high for the data."
+            f"test accuracy {accuracy:.3f} is below min_accuracy {min_accuracy:.3f}: {version.ref} was rejected and not "
+            "deployed. Tune longer, or lower min_accuracy if this bar is too high for the data."
         )
-    logger.info("Test accuracy %.3f passes the gate (%.3f): deploying to %r", accuracy, min_accuracy, endpoint_name)
-    Registry(settings, endpoint_name).save_best_hyperparameters(
-        trained.hyperparameters, trained.job_name, trained.evaluation.to_dict()
+    passed = f"test accuracy {accuracy:.4f} >= min_accuracy {min_accuracy:.4f}"
+    version = approve_version(settings, version, require_approval, approval_timeout_s, passed)
+    if version.approval != "Approved":
+        logger.warning("%s was rejected (%s): nothing deployed", version.ref, version.history[-1].reason)
+        return PipelineResult(
+            dataset_split_uri=prepared.split_uri, model_uri=trained.model_uri, model_version=str(version.ref),
+            evaluation=trained.evaluation, endpoint=None, batch_transform=None,
+        )
+    get_model_registry(settings).save_best_hyperparameters(
+        endpoint_name, trained.hyperparameters, trained.job_name, trained.evaluation.to_dict(), version.version
     )
-    endpoint = deploy_model(settings, endpoint_name, trained.model_uri)
+    logger.info("%s passed the gate (%s): deploying to %r", version.ref, passed, endpoint_name)
+    endpoint = put_in_production(settings, endpoint_name, version, f"deployed by the pipeline: {passed}")
     scored = batch_transform(
         input_uri=prepared.channels["test"],
         output_uri=join_uri(settings.artifact_uri("batch-transform"), trained.job_name),
@@ -85,6 +119,7 @@ def pipeline(
     return PipelineResult(
         dataset_split_uri=prepared.split_uri,
         model_uri=trained.model_uri,
+        model_version=str(version.ref),
         evaluation=trained.evaluation,
         endpoint=endpoint,
         batch_transform=scored,

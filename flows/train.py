@@ -134,6 +134,7 @@ def retrain_model(
     options: TrainOptions,
     settings: Settings,
     tuning: TuningResult | None = None,
+    refresh: bool = False,
 ) -> TrainedModel:
     """Train on train+valid with given hyperparameters, with the debugger and profiler, and score on test.
 
@@ -143,6 +144,7 @@ def retrain_model(
         options: model, fixed hyperparameters, debugger and profiler.
         settings: where jobs write and which backend runs them.
         tuning: the search that chose ``hyperparameters``, kept with the result.
+        refresh: train again even when a job with the same inputs is cached (the nightly's challenger).
     """
     final_hyperparameters = {
         **fixed_hyperparameters(options),
@@ -151,7 +153,7 @@ def retrain_model(
         "eval-channel": "test",
         "keep": "last",
     }
-    job = train_model_task(
+    job = train_model_task.with_options(refresh_cache=refresh)(
         settings,
         TrainingJobSpec(
             name=job_name("final", run_key()),

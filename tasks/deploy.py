@@ -15,6 +15,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.transactions import Transaction, get_transaction, transaction
 
 from bincount.config import Settings
+from bincount.contracts.registry import ModelVersion
 from bincount.contracts.serving import EndpointNotFoundError, EndpointRecord, check_answer
 from bincount.endpoints import smoke_image
 from bincount.factory import get_serving_backend
@@ -33,21 +34,21 @@ def publish_endpoint(record: EndpointRecord, note: str = "") -> None:
             f"### Endpoint `{record.name}`\n\n"
             "| | |\n|---|---|\n"
             f"| URL | `{record.url}` |\n"
-            f"| model version | `{record.version}` ({record.arch}) |\n"
+            f"| model version | `{record.model_ref or '-'}` ({record.arch}, weights `{record.version}`) |\n"
             f"| model URI | `{record.model_uri}` |\n"
-            f"| previous version | `{record.previous_version or '-'}` |\n"
+            f"| previous version | `{record.previous_model_ref or record.previous_version or '-'}` |\n"
             f"| backend | {record.backend} |\n"
             f"| deployed at | {record.deployed_at} |\n\n"
             f"Invoke: `boto3.client('sagemaker-runtime', endpoint_url='{record.url}')"
             f".invoke_endpoint(EndpointName='{record.name}', Body=jpeg, ContentType='image/jpeg')`\n\n{note}"
         ),
-        description=f"Endpoint {record.name}: model {record.version}",
+        description=f"Endpoint {record.name}: model {record.model_ref or record.version}",
     )
 
 
 @task(name="deploy-endpoint", cache_policy=NO_CACHE)
-def deploy_endpoint_task(settings: Settings, endpoint_name: str, model_uri: str) -> EndpointRecord:
-    """Start ``endpoint_name`` on ``model_uri``, or move it there blue/green; returns the endpoint record."""
+def deploy_endpoint_task(settings: Settings, endpoint_name: str, model_uri: str, model_ref: str | None) -> EndpointRecord:
+    """Start ``endpoint_name`` on ``model_uri`` (registered as ``model_ref``), or move it there blue/green."""
     logger = get_run_logger()
     backend = get_serving_backend(settings)
     try:
@@ -60,10 +61,11 @@ def deploy_endpoint_task(settings: Settings, endpoint_name: str, model_uri: str)
         txn.set("endpoint_name", endpoint_name)
         txn.set("previous", previous.to_dict() if previous else None)
     logger.info(
-        "Deploying %s to endpoint %r (%s)",
-        model_uri, endpoint_name, f"replacing version {previous.version}" if previous else "new endpoint",
+        "Deploying %s (%s) to endpoint %r (%s)",
+        model_ref, model_uri, endpoint_name,
+        f"replacing {previous.model_ref or previous.version}" if previous else "new endpoint",
     )
-    record = backend.deploy(endpoint_name, model_uri)
+    record = backend.deploy(endpoint_name, model_uri, model_ref)
     logger.info("Endpoint %r serves version %s at %s", record.name, record.version, record.url)
     publish_endpoint(record)
     return record
@@ -79,8 +81,9 @@ def restore_previous_endpoint(txn: Transaction) -> None:
     if previous is None:
         backend.delete(name)
         return
-    record = backend.deploy(name, previous["model_uri"])
-    publish_endpoint(record, note=f"Rolled back: the deploy that replaced version {previous['version']} failed its checks.")
+    record = backend.deploy(name, previous["model_uri"], previous.get("model_ref"))
+    replaced = previous.get("model_ref") or previous["version"]
+    publish_endpoint(record, note=f"Rolled back: the deploy that replaced version {replaced} failed its checks.")
 
 
 @task(name="check-endpoint", cache_policy=NO_CACHE)
@@ -100,10 +103,11 @@ def check_endpoint_task(settings: Settings, endpoint_name: str, sample_image_uri
 
 
 def deploy_model(
-    settings: Settings, endpoint_name: str, model_uri: str, sample_image_uri: str | None = None
+    settings: Settings, endpoint_name: str, version: ModelVersion, sample_image_uri: str | None = None
 ) -> EndpointRecord:
-    """Deploy and check in one transaction (call from a flow): a failed check rolls the deploy back."""
+    """Deploy a registered version and check it in one transaction (call from a flow): a failed check rolls
+    the deploy back."""
     with transaction():
-        record = deploy_endpoint_task(settings, endpoint_name, model_uri)
+        record = deploy_endpoint_task(settings, endpoint_name, version.model_uri, str(version.ref))
         check_endpoint_task(settings, endpoint_name, sample_image_uri)
     return record

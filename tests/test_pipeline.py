@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from uuid import UUID
@@ -14,23 +14,23 @@ import numpy as np
 import pytest
 from prefect import get_client
 from prefect.client.schemas.filters import (
-    ArtifactFilter,
-    ArtifactFilterKey,
     FlowRunFilter,
     FlowRunFilterId,
     FlowRunFilterParentTaskRunId,
 )
-from prefect.client.schemas.sorting import ArtifactSort
 
+from prefect.events.filters import EventFilter, EventNameFilter
+
+from bincount.code import code_hash
 from bincount.config import Location, Settings
-from bincount.demo_data import generate_demo_bucket, jpeg_bytes, render_bin_image
-from bincount.registry import Registry
 from bincount.contracts.serving import EndpointNotFoundError
-from bincount.factory import get_serving_backend
+from bincount.demo_data import generate_demo_bucket, jpeg_bytes, render_bin_image
+from bincount.factory import get_model_registry, get_serving_backend
+from bincount.split import read_split
 from bincount.storage import Storage, local_path
 from flows.data import DataOptions
-from flows.nightly import nightly_retrain
-from flows.pipeline import pipeline
+from flows.nightly import NoProductionModelError, nightly_retrain
+from flows.pipeline import PipelineResult, pipeline
 from flows.train import TrainOptions
 
 ENDPOINT = "pipeline-test"
@@ -64,89 +64,118 @@ def all_task_states(flow_run_id: UUID) -> dict[str, set[str]]:
     return states
 
 
+def events_named(name: str, related_to: str | None = None, wait_s: float = 10.0) -> list:
+    """Events ``name`` on the server (they are written asynchronously: wait a little for them)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        with get_client(sync_client=True) as client:
+            found = client.read_events(EventFilter(event=EventNameFilter(name=[name])), limit=50).events
+        if related_to is not None:
+            found = [e for e in found if any(r.id == related_to for r in e.related)]
+        if found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.5)
+
+
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+def deployed(prefect_server: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[dict[str, str], PipelineResult]]:
+    """The pipeline run once on a demo bucket: its endpoint serves the first registered version."""
     root = tmp_path_factory.mktemp("pipeline")
     bucket = (root / "bucket").as_uri()
     generate_demo_bucket(Storage(), bucket, images=150, seed=1, size=64)
-    env = {"source_uri": bucket, "artifact_root": str(root / "artifacts")}
-    yield env
-    backend = get_serving_backend(Settings.load(artifact_root=env["artifact_root"]))
-    with contextlib.suppress(EndpointNotFoundError):  # stop the endpoint's processes
-        backend.delete(ENDPOINT)
+    where = {"source_uri": bucket, "artifact_root": str(root / "artifacts")}
+    environment = pytest.MonkeyPatch()
+    environment.setenv("BINCOUNT_DATA_DIR", str(root / "raw"))
+    try:
+        yield where, pipeline(DataOptions(), TINY, endpoint_name=ENDPOINT, location=Location(**where))
+    finally:
+        with contextlib.suppress(EndpointNotFoundError):  # stop the endpoint's processes
+            get_serving_backend(Settings.load(artifact_root=where["artifact_root"])).delete(ENDPOINT)
+        environment.undo()
 
 
-def test_pipeline_end_to_end_then_served_from_cache(prefect_server, demo: dict[str, str], monkeypatch, tmp_path: Path) -> None:
-    monkeypatch.setenv("BINCOUNT_DATA_DIR", str(tmp_path / "raw"))
-    state = pipeline(DataOptions(), TINY, endpoint_name=ENDPOINT, location=Location(**demo), return_state=True)
-    result = state.result()
-
-    endpoint = get_serving_backend(Settings.load(artifact_root=demo["artifact_root"])).describe(ENDPOINT)
-    assert endpoint.model_uri == result.model_uri
+def test_pipeline_end_to_end_registers_deploys_then_is_served_from_cache(
+    deployed: tuple[dict[str, str], PipelineResult],
+) -> None:
+    where, result = deployed
+    settings = Settings.load(artifact_root=where["artifact_root"])
+    endpoint = get_serving_backend(settings).describe(ENDPOINT)
+    assert endpoint.model_uri == result.model_uri and endpoint.model_ref == result.model_version == f"{ENDPOINT}:1"
     runtime = boto3.client("sagemaker-runtime", endpoint_url=endpoint.url, region_name="us-east-1")
     photo = jpeg_bytes(render_bin_image(3, np.random.default_rng(0), 64))
     answer = json.loads(runtime.invoke_endpoint(EndpointName=ENDPOINT, Body=photo, ContentType="image/jpeg")["Body"].read())
     assert answer["predictions"][0]["predicted_count"] in (1, 2, 3, 4, 5)
 
     scored = result.batch_transform
+    assert scored is not None
     outputs = sorted(local_path(scored.output_uri).rglob("*.out"))
     assert len(outputs) == scored.scored > 0
-    assert Registry(Settings.load(artifact_root=demo["artifact_root"]), ENDPOINT).best_hyperparameters()
 
-    rerun = pipeline(DataOptions(), TINY, endpoint_name=ENDPOINT, location=Location(**demo), return_state=True)
+    registry = get_model_registry(settings)
+    version = registry.production(ENDPOINT)
+    assert version is not None and (version.version, version.approval) == (1, "Approved")
+    lineage = version.spec
+    assert lineage.model_uri == result.model_uri and lineage.dataset.split_uri == result.dataset_split_uri
+    assert lineage.dataset.counts == read_split(Storage(), result.dataset_split_uri)["split"].value_counts().to_dict()
+    assert lineage.code_hash == code_hash() and lineage.metrics.accuracy == pytest.approx(result.evaluation.accuracy)
+    assert lineage.hyperparameters["arch"] == "resnet18" and lineage.hyperparameters["train-channels"] == "train,valid"
+    assert lineage.recipe["location"]["source_uri"] == where["source_uri"] and lineage.recipe["training"]["image_size"] == 32
+    assert lineage.flow_run_id and lineage.flow_run_url
+    best = registry.best_hyperparameters(ENDPOINT)
+    assert best is not None and best.version == 1
+    related = f"bincount.model-version.{ENDPOINT}.1"
+    assert events_named("bincount.model.registered", related) and events_named("bincount.model.promoted", related)
+
+    rerun = pipeline(DataOptions(), TINY, endpoint_name=ENDPOINT, location=Location(**where), return_state=True)
     states = all_task_states(rerun.state_details.flow_run_id)
     for expensive in ("download-images", "split-dataset", "report-data", "train-trial", "run-training-job"):
         assert states[expensive] == {"Cached"}, (expensive, states[expensive])
-    assert rerun.result().model_uri == result.model_uri
+    assert rerun.result().model_version == result.model_version, "the same model is the same version"
+    assert len(registry.list(ENDPOINT)) == 1
 
 
-NIGHTLY = TrainOptions(
-    arch="resnet18", image_size=64, seed=0, hyperparameters={"optimizer": "adamw", "lr-scheduler": "cosine"}, debugger=False, profiler=False
-)
-LEARNS = {"lr": 0.003, "batch-size": 32, "epochs": 10}  # about 0.45 test accuracy on this demo data (chance: 0.2)
-DIVERGES = {**LEARNS, "lr": 50.0}  # a deliberately worse challenger: it predicts one count for every photo
+def test_nightly_with_no_parameters_retrains_production_on_leak_free_data(
+    deployed: tuple[dict[str, str], PipelineResult],
+) -> None:
+    where, first = deployed
+    location = Location(artifact_root=where["artifact_root"])  # what a scheduled run has: BINCOUNT_* only
+    settings, storage = location.settings(), Storage()
+    registry = get_model_registry(settings)
+
+    unchanged = nightly_retrain(endpoint_name=ENDPOINT, location=location)
+    assert not unchanged.promoted and "nothing retrained" in unchanged.reason
+    assert len(registry.list(ENDPOINT)) == 1, "no model is compared with itself"
+
+    before = read_split(storage, first.dataset_split_uri).set_index("id")["split"]
+    generate_demo_bucket(storage, where["source_uri"], images=220, seed=1, size=64)  # the manifest grows
+    decision = nightly_retrain(endpoint_name=ENDPOINT, location=location)
+
+    after = read_split(storage, first.dataset_split_uri).set_index("id")["split"]
+    assert len(after) > len(before) and (after[before.index] == before).all(), "no image changed sides"
+    champion_trained_on = set(before[before != "test"].index)
+    challenger = registry.get(ENDPOINT, 2)
+    test_side = set(after[after == "test"].index)
+    assert test_side and not test_side & champion_trained_on and not test_side & set(after[after != "test"].index)
+    assert challenger.spec.metrics.images == len(test_side) == challenger.spec.dataset.counts["test"]
+    assert challenger.spec.hyperparameters == registry.get(ENDPOINT, 1).spec.hyperparameters, "the production recipe"
+    assert (decision.challenger_version, decision.serving_version) == (2, 1)
+    serving = get_serving_backend(settings).describe(ENDPOINT)
+    if decision.promoted:
+        assert registry.production(ENDPOINT).version == 2 and serving.model_ref == f"{ENDPOINT}:2"
+    else:
+        assert challenger.stage == "archived" and serving.model_ref == f"{ENDPOINT}:1"
+    kind = "promoted" if decision.promoted else "kept"
+    assert any(e.payload.get("challenger_version") == 2 for e in events_named(f"bincount.model.{kind}"))
+    assert [d.challenger_version for d in registry.decisions(ENDPOINT)] == [None, 2]
 
 
-def latest_artifact_description(key: str) -> str:
-    async def read() -> str:
-        async with get_client() as client:
-            found = await client.read_artifacts(
-                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])), sort=ArtifactSort.CREATED_DESC, limit=1
-            )
-        return found[0].description or ""
-
-    return asyncio.run(read())
+def test_nightly_without_a_production_model_fails_at_once(prefect_server: None, tmp_path: Path) -> None:
+    with pytest.raises(NoProductionModelError, match="run the pipeline first"):
+        nightly_retrain(endpoint_name="nothing-deployed", location=Location(artifact_root=str(tmp_path)))
+    assert not (tmp_path / "datasets").exists()
 
 
-def test_nightly_promotes_only_a_better_model(prefect_server, tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setenv("BINCOUNT_DATA_DIR", str(tmp_path / "raw"))
-    bucket = (tmp_path / "bucket").as_uri()
-    generate_demo_bucket(Storage(), bucket, images=400, seed=3, size=64)
-    where = {"source_uri": bucket, "artifact_root": str(tmp_path / "artifacts")}
-    settings = Settings.load(artifact_root=where["artifact_root"])
-    registry, backend = Registry(settings, "nightly-test"), get_serving_backend(settings)
-    nightly = lambda: nightly_retrain(DataOptions(), NIGHTLY, endpoint_name="nightly-test", margin=0.01, location=Location(**where))  # noqa: E731
-    try:
-        registry.save_best_hyperparameters(LEARNS, "known-good", {})
-        first = nightly()
-        assert first["promoted"] and first["serving_score"] is None, "nothing served yet"
-        assert backend.describe("nightly-test").model_uri == first["challenger_model_uri"]
-
-        registry.save_best_hyperparameters(DIVERGES, "deliberately-diverging", {})
-        worse = nightly()
-        assert not worse["promoted"], worse["reason"]
-        assert worse["challenger_score"] < worse["serving_score"] + 0.01
-        assert backend.describe("nightly-test").model_uri == first["challenger_model_uri"]
-        trained, serving = latest_artifact_description("confusion-matrix"), latest_artifact_description("confusion-matrix-serving")
-        assert f"test accuracy {worse['challenger_score']:.4f}" in trained, "the trained model's own matrix"
-        assert f"test accuracy {worse['serving_score']:.4f}" in serving, "the serving model's matrix, kept apart"
-
-        backend.deploy("nightly-test", worse["challenger_model_uri"])  # the worse model now serves
-        registry.save_best_hyperparameters(LEARNS, "known-good", {})
-        better = nightly()
-        assert better["promoted"], better["reason"]
-        assert backend.describe("nightly-test").model_uri == better["challenger_model_uri"]
-        assert [decision.promoted for decision in registry.decisions()] == [True, False, True]
-    finally:
-        with contextlib.suppress(EndpointNotFoundError):
-            backend.delete("nightly-test")
+def test_an_invalid_endpoint_name_fails_before_any_training(prefect_server: None, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="endpoint name 'not_valid!'"):
+        pipeline(DataOptions(), TINY, endpoint_name="not_valid!", location=Location(artifact_root=str(tmp_path)))
+    assert not (tmp_path / "datasets").exists()

@@ -5,14 +5,17 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
 
 import boto3
+import numpy as np
 import pytest
 
 from bincount.config import Settings
+from bincount.demo_data import jpeg_bytes, render_bin_image
 from bincount.contracts.registry import (
     DatasetRef,
     InvalidReferenceError,
@@ -27,7 +30,6 @@ from bincount.contracts.registry import (
     parse_reference,
 )
 from bincount.registry import (
-    Registry,
     StorageModelRegistry,
     dataset_ref,
     decide,
@@ -189,16 +191,6 @@ def test_best_hyperparameters_only_for_a_better_model_and_old_files_still_read(r
     assert [(d.promoted, d.challenger_version) for d in registry.decisions(GROUP)] == [(True, None), (False, 2)]
 
 
-def test_endpoint_view_keeps_the_flows_api(tmp_path: Path) -> None:
-    settings = Settings.load(artifact_root=tmp_path.as_uri())
-    view = Registry(settings, "nightly-test")
-    assert view.best_hyperparameters() is None
-    assert view.save_best_hyperparameters({"lr": 0.01}, "known-good", {})
-    assert view.best_hyperparameters() == {"lr": 0.01}
-    view.record(decide("nightly-test", {"accuracy": 0.7}, "file:///m", None, None, 0.0))
-    assert len(view.decisions()) == 1
-
-
 def test_dataset_and_model_hashes_come_from_the_stored_objects(tmp_path: Path) -> None:
     storage = Storage()
     split = tmp_path / "split.csv"
@@ -326,7 +318,7 @@ def test_models_command_lists_shows_approves_and_refuses_clearly(
 def test_models_rollback_deploys_the_previous_production_version(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from bincount.local.serving import LocalServingBackend
+    from bincount.local.serving import LocalServingBackend, runtime_client
     from bincount.models import write_untrained_model_dir
     from flows.cli import main
 
@@ -341,10 +333,33 @@ def test_models_rollback_deploys_the_previous_production_version(
         registry.approve(endpoint, n, "alice", "ok")
         registry.transition(endpoint, n, "production", "pipeline", f"deployed v{n}")
     try:
-        backend.deploy(endpoint, registry.get(endpoint, 2).model_uri)
-        main(["models", "rollback", endpoint, "--reason", "v2 too slow", "--actor", "bob"])
+        record = backend.deploy(endpoint, registry.get(endpoint, 2).model_uri, f"{endpoint}:2")
+        photo = jpeg_bytes(render_bin_image(2, np.random.default_rng(0), 32))
+        stop, answered, failures = threading.Event(), [], []
+
+        def client_load() -> None:  # boto3's own client, as users call the endpoint, during the whole rollback
+            runtime = runtime_client(record.url, max_attempts=1)
+            while not stop.is_set():
+                try:
+                    runtime.invoke_endpoint(EndpointName=endpoint, Body=photo, ContentType="image/jpeg")["Body"].read()
+                    answered.append(1)
+                except Exception as error:  # noqa: BLE001 - every failure is what this test counts
+                    failures.append(repr(error))
+
+        clients = [threading.Thread(target=client_load) for _ in range(4)]
+        for thread in clients:
+            thread.start()
+        try:
+            main(["models", "rollback", endpoint, "--reason", "v2 too slow", "--actor", "bob"])
+        finally:
+            stop.set()
+            for thread in clients:
+                thread.join()
+        assert failures == [] and len(answered) > 10
         assert capsys.readouterr().out.startswith(f"Endpoint {endpoint!r} serves {endpoint}:1 again")
-        assert backend.describe(endpoint).model_uri == registry.get(endpoint, 1).model_uri
+        served = backend.describe(endpoint)
+        assert served.model_uri == registry.get(endpoint, 1).model_uri and served.model_ref == f"{endpoint}:1"
+        assert served.previous_model_ref == f"{endpoint}:2"
         assert registry.production(endpoint).version == 1 and registry.get(endpoint, 2).stage == "archived"
         assert registry.get(endpoint, 1).history[-1].details == {"rollback_from": "2"}
     finally:

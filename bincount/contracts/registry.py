@@ -131,7 +131,9 @@ class DatasetRef:
 class ModelVersionSpec:
     """What a training run knows about the model it made: everything a version records at birth.
 
-    ``hyperparameters`` is the full recipe: every train.py flag the job was given. ``flow_run_id`` and
+    ``hyperparameters`` is the full recipe: every train.py flag the job was given; ``recipe`` holds the
+    rest of how to make it again (the flow's data and training options, the data source), so a
+    nightly run with no parameters retrains what is in production. ``flow_run_id`` and
     ``flow_run_url`` are plain strings (the registry imports nothing from Prefect).
     """
 
@@ -147,6 +149,7 @@ class ModelVersionSpec:
     created_by: str = "bincount"
     description: str = ""
     approval: ApprovalStatus = "PendingManualApproval"
+    recipe: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

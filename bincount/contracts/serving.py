@@ -45,7 +45,11 @@ class BatchTransformError(ValueError):
 
 @dataclass
 class EndpointRecord:
-    """An endpoint as recorded under the artifact root; ``details`` is backend-specific."""
+    """An endpoint as recorded under the artifact root; ``details`` is backend-specific.
+
+    ``version`` names the weights (the first 12 hex digits of model.pt's SHA-256); ``model_ref`` the
+    registry version they were deployed as.
+    """
 
     name: str
     url: str
@@ -59,6 +63,8 @@ class EndpointRecord:
     previous_model_uri: str | None = None
     previous_version: str | None = None
     details: dict[str, Any] = field(default_factory=dict)
+    model_ref: str | None = None  # the registered version it serves (``bincount:3``)
+    previous_model_ref: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"schema": RECORD_SCHEMA, **asdict(self)}
@@ -106,8 +112,8 @@ def check_answer(answer: bytes, classes: list[int]) -> int:
 class ServingBackend(Protocol):
     """What the deploy and batch transform tasks need from a place that serves models."""
 
-    def deploy(self, name: str, model_uri: str) -> EndpointRecord:
-        """Start ``name`` on ``model_uri``, or replace its model without dropping a request."""
+    def deploy(self, name: str, model_uri: str, model_ref: str | None = None) -> EndpointRecord:
+        """Start ``name`` on ``model_uri`` (registered as ``model_ref``), or replace its model without dropping a request."""
         ...
 
     def describe(self, name: str) -> EndpointRecord:

@@ -19,6 +19,7 @@ from bincount.registry import StorageModelRegistry
 from bincount.storage import join_uri, storage_for
 from flows.data import DataOptions, prepare_data
 from flows.pipeline import pipeline
+from flows.rollback import rollback_model
 from flows.train import TrainOptions
 
 
@@ -117,18 +118,6 @@ def show_model(version: ModelVersion, settings: Settings) -> str:
     return "\n".join(lines) + "\n\nhistory\n" + format_table(["TIME (UTC)", "BY", "KIND", "CHANGE", "REASON"], history)
 
 
-def rollback_endpoint(
-    settings: Settings, registry: StorageModelRegistry, endpoint: str, actor: str, reason: str
-) -> ModelVersion:
-    """Deploy the group's previous production version on ``endpoint`` (group = endpoint name), then record it.
-
-    The deploy comes first: if it fails, the endpoint keeps serving what it served and the registry is unchanged.
-    """
-    target = registry.previous_production(endpoint)
-    get_serving_backend(settings).deploy(endpoint, target.model_uri, str(target.ref))
-    return registry.rollback(endpoint, actor, reason)
-
-
 def models_command(args: argparse.Namespace, settings: Settings) -> str:
     registry = get_model_registry(settings)
     if args.models_command == "list":
@@ -136,8 +125,8 @@ def models_command(args: argparse.Namespace, settings: Settings) -> str:
     if args.models_command == "show":
         return show_model(registry.resolve(args.version), settings)
     if args.models_command == "rollback":
-        version = rollback_endpoint(settings, registry, args.endpoint, args.actor, args.reason)
-        return f"Endpoint {args.endpoint!r} serves {version.ref} again ({version.model_uri})"
+        endpoint = rollback_model(args.endpoint, args.reason, args.actor, Location.of(settings))
+        return f"Endpoint {args.endpoint!r} serves {endpoint.model_ref} again ({endpoint.model_uri})"
     target = registry.resolve(args.version)
     change = registry.approve if args.models_command == "approve" else registry.reject
     version = change(target.group, target.version, args.actor, args.reason)

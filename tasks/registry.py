@@ -118,3 +118,15 @@ def set_stage_task(settings: Settings, version: ModelVersion, stage: Stage, acto
     emit_model_event("promoted" if stage == "production" else "archived", updated, {"actor": actor, "reason": reason})
     publish_registry(settings, version.group)
     return updated
+
+
+@task(name="record-rollback", cache_policy=NO_CACHE)
+def record_rollback_task(settings: Settings, group: str, actor: str, reason: str) -> ModelVersion:
+    """Put the previous production version back in production in the registry (after it was deployed again)."""
+    registry = get_model_registry(settings)
+    rolled_from = registry.production(group)
+    restored = registry.rollback(group, actor, reason)
+    get_run_logger().info("%s is in production again (was %s): %s", restored.ref, rolled_from.ref if rolled_from else "-", reason)
+    emit_model_event("rolled-back", restored, {"actor": actor, "reason": reason, "rolled_back_from": str(rolled_from.ref) if rolled_from else None})
+    publish_registry(settings, group)
+    return restored

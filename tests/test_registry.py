@@ -258,6 +258,7 @@ def test_objects_of_a_newer_format_are_refused_and_left_alone(registry: StorageM
 
 # --- the `bincount models` command ------------------------------------------------------------------
 def test_models_command_lists_shows_approves_and_refuses_clearly(
+    prefect_server: None,
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from bincount.contracts.serving import EndpointRecord
@@ -316,6 +317,7 @@ def test_models_command_lists_shows_approves_and_refuses_clearly(
 
 
 def test_models_rollback_deploys_the_previous_production_version(
+    prefect_server: None,
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from bincount.local.serving import LocalServingBackend, runtime_client
@@ -362,5 +364,6 @@ def test_models_rollback_deploys_the_previous_production_version(
         assert served.previous_model_ref == f"{endpoint}:2"
         assert registry.production(endpoint).version == 1 and registry.get(endpoint, 2).stage == "archived"
         assert registry.get(endpoint, 1).history[-1].details == {"rollback_from": "2"}
+        assert registry.get(endpoint, 1).history[-1].actor == "bob"
     finally:
         backend.delete(endpoint)

@@ -208,9 +208,12 @@ def main(argv: list[str] | None = None) -> None:
     location = Location(source_uri=demo_bucket(settings, args.images, args.seed))
     result = pipeline(DataOptions(), demo_training_options(), location=location, refresh=args.refresh)
     evaluation, endpoint, scored = result.evaluation, result.endpoint, result.batch_transform
+    if endpoint is None or scored is None:
+        print(f"Model version {result.model_version} was rejected: nothing deployed (bincount models show {result.model_version})")
+        return
     print(
         f"\nTest accuracy {evaluation.accuracy:.3f}, RMSE {evaluation.rmse:.3f} ({evaluation.images} images)\n"
-        f"Model: {result.model_uri}\n"
+        f"Model version {result.model_version}: {result.model_uri} (its lineage: bincount models show {result.model_version})\n"
         f"Endpoint {endpoint.name!r} serves it at {endpoint.url}:\n"
         f"  boto3.client('sagemaker-runtime', endpoint_url='{endpoint.url}', region_name='us-east-1',\n"
         f"               aws_access_key_id='local', aws_secret_access_key='local')  # any credentials do locally\n"

@@ -102,7 +102,10 @@ def test_deploy_then_the_scheduled_nightly_runs_with_no_parameters(server_env: d
     assert all(name in deployed for name in expected), deployed
     nightly = run([PREFECT, "deployment", "inspect", "nightly-retrain/nightly"], env)
     assert "0 2 * * *" in nightly and "Europe/Berlin" in nightly
-    assert "'concurrency_limit': 1" in nightly and "ENQUEUE" in nightly, "one nightly at a time; a second waits"
+    described = httpx.get(f"{env['PREFECT_API_URL']}/deployments/name/nightly-retrain/nightly", timeout=10).json()
+    limit = described.get("global_concurrency_limit") or {}
+    assert limit.get("limit") == 1, f"one nightly at a time: {described}"
+    assert (described.get("concurrency_options") or {}).get("collision_strategy") == "ENQUEUE", "a second one waits"
     assert "SCHEDULED" in flow_run_states(env, "nightly-retrain"), "the scheduler creates the nightly runs"
 
     pipeline = {**TINY_PIPELINE, "location": {"source_uri": bucket}}

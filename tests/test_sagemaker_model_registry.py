@@ -17,8 +17,8 @@ from typing import Any
 
 import boto3
 import pytest
+from sagemaker_requests import Captured
 from botocore.exceptions import ClientError
-from botocore.validate import validate_parameters
 
 from bincount.config import Settings
 from bincount.contracts.registry import (
@@ -35,25 +35,6 @@ from bincount.storage import Storage
 
 REGION = "us-east-1"
 ROLE = "arn:aws:iam::123456789012:role/bincount-sagemaker"
-
-
-class Captured:
-    """Every SageMaker request as botocore is about to serialize it; ``(operation)`` validates them first."""
-
-    def __init__(self, client: Any) -> None:
-        self.client = client
-        self.requests: list[tuple[str, dict[str, Any]]] = []
-        client.meta.events.register("provide-client-params.sagemaker.*", self._record)
-
-    def _record(self, params: dict[str, Any], model: Any, **_: Any) -> None:
-        self.requests.append((model.name, json.loads(json.dumps(params, default=str))))
-
-    def __call__(self, operation: str) -> list[dict[str, Any]]:
-        found = [params for name, params in self.requests if name == operation]
-        shape = self.client.meta.service_model.operation_model(operation).input_shape
-        for params in found:
-            validate_parameters(params, shape)
-        return found
 
 
 def model_archive(seed: int) -> bytes:

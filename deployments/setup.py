@@ -1,8 +1,8 @@
 """Prepare a Prefect server for this project's deployments in one command (idempotent).
 
     python -m deployments.setup                 # local: process work pool + training concurrency limit
-    python -m deployments.setup --aws --bucket my-bucket [--aws-profile p] [--region eu-west-1]
-                                                # also: ECS work pool, AwsCredentials and S3Bucket blocks
+    python -m deployments.setup --aws --bucket my-bucket [--region eu-west-1]
+                                                # also: ECS work pool and the S3Bucket block for flow results
 
 Then `prefect deploy --all` reads prefect.yaml, and `prefect worker start --pool bincount-local`
 runs what is deployed.
@@ -17,12 +17,12 @@ from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.utilities.asyncutils import run_coro_as_sync
 from prefect.workers.process import ProcessWorker
 
+from tasks.train import TRAINING_SLOTS
+
 LOCAL_POOL = "bincount-local"
 ECS_POOL = "bincount-ecs"
-TRAINING_LIMIT = "bincount-training"
-"""Global concurrency limit held by every training job (tuning trials, retrains, nightly runs)."""
-AWS_CREDENTIALS_BLOCK = "bincount-aws"
 RESULTS_BLOCK = "bincount-results"
+"""S3Bucket block the AWS deployments keep flow results in (PREFECT_DEFAULT_RESULT_STORAGE_BLOCK)."""
 
 
 async def ensure_work_pool(name: str, pool_type: str, base_job_template: dict) -> None:
@@ -34,25 +34,25 @@ async def ensure_work_pool(name: str, pool_type: str, base_job_template: dict) -
 
 async def ensure_training_limit(limit: int) -> None:
     async with get_client() as client:
-        await client.upsert_global_concurrency_limit_by_name(TRAINING_LIMIT, limit)
+        await client.upsert_global_concurrency_limit_by_name(TRAINING_SLOTS, limit)
 
 
-def save_aws_blocks(bucket: str, profile: str | None, region: str | None) -> None:
-    """Credentials (the default AWS chain, or a named profile) and the S3 bucket for flow results."""
+def save_results_block(bucket: str, region: str | None) -> None:
+    """The S3 bucket for flow results. It holds no keys and no profile: whoever reads it (the ECS
+    task's role, a developer's shell) brings credentials from the default AWS chain, as the tasks do."""
     from prefect_aws import AwsCredentials, S3Bucket
 
-    credentials = AwsCredentials(profile_name=profile, region_name=region)
-    credentials.save(AWS_CREDENTIALS_BLOCK, overwrite=True)
-    S3Bucket(bucket_name=bucket, bucket_folder="prefect-results", credentials=credentials).save(RESULTS_BLOCK, overwrite=True)
+    credentials = AwsCredentials(region_name=region)
+    block = S3Bucket(bucket_name=bucket, bucket_folder="prefect-results", credentials=credentials)
+    block.save(RESULTS_BLOCK, overwrite=True)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--training-slots", type=int, default=1, help="training jobs at once (default: 1)")
-    parser.add_argument("--aws", action="store_true", help="also prepare the ECS pool and AWS blocks (default: off)")
+    parser.add_argument("--aws", action="store_true", help="also the ECS pool and the results block (default: off)")
     parser.add_argument("--bucket", help="S3 bucket for flow results (required with --aws)")
-    parser.add_argument("--aws-profile", help="named AWS profile (default: the default credential chain)")
-    parser.add_argument("--region", help="AWS region (default: the profile's)")
+    parser.add_argument("--region", help="AWS region of the bucket (default: the default chain's)")
     args = parser.parse_args(argv)
     if args.aws and not args.bucket:
         parser.error("--aws needs --bucket: the S3 bucket that will hold flow results")
@@ -60,14 +60,14 @@ def main(argv: list[str] | None = None) -> None:
     run_coro_as_sync(ensure_work_pool(LOCAL_POOL, "process", ProcessWorker.get_default_base_job_template()))
     print(f"work pool {LOCAL_POOL!r} (process) ready")
     run_coro_as_sync(ensure_training_limit(args.training_slots))
-    print(f"global concurrency limit {TRAINING_LIMIT!r} = {args.training_slots}")
+    print(f"global concurrency limit {TRAINING_SLOTS!r} = {args.training_slots}")
     if args.aws:
         from prefect_aws.workers import ECSWorker
 
         run_coro_as_sync(ensure_work_pool(ECS_POOL, "ecs", ECSWorker.get_default_base_job_template()))
         print(f"work pool {ECS_POOL!r} (ecs) ready")
-        save_aws_blocks(args.bucket, args.aws_profile, args.region)
-        print(f"blocks aws-credentials/{AWS_CREDENTIALS_BLOCK} and s3-bucket/{RESULTS_BLOCK} saved")
+        save_results_block(args.bucket, args.region)
+        print(f"block s3-bucket/{RESULTS_BLOCK} saved")
 
 
 if __name__ == "__main__":

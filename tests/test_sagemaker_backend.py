@@ -217,13 +217,13 @@ def spec(settings: Settings, name: str, **kwargs: Any) -> TrainingJobSpec:
 
 
 # --- names and credentials ---------------------------------------------------------------------
-def test_credentials_from_a_prefect_aws_block(settings: Settings) -> None:
-    from prefect_aws import AwsCredentials
+def test_credentials_given_as_options(settings: Settings) -> None:
+    from bincount.sagemaker.session import boto_session
 
-    from bincount.sagemaker.session import boto_session, credential_options
-
-    block = AwsCredentials(aws_access_key_id="AKIDEXAMPLE", aws_secret_access_key="wJalrXUtnFEMI/K7MDENG", aws_session_token="token")
-    options = SageMakerOptions.load(**credential_options(block), endpoint_url="http://127.0.0.1:1")
+    options = SageMakerOptions.load(
+        aws_access_key_id="AKIDEXAMPLE", aws_secret_access_key="wJalrXUtnFEMI/K7MDENG", aws_session_token="token",
+        endpoint_url="http://127.0.0.1:1",
+    )
     session = boto_session(settings, options)
     credentials = session.get_credentials().get_frozen_credentials()
     assert (credentials.access_key, credentials.secret_key, credentials.token) == ("AKIDEXAMPLE", "wJalrXUtnFEMI/K7MDENG", "token")

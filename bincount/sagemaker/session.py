@@ -1,8 +1,7 @@
 """SageMaker options and the one place sessions and clients are built.
 
-Credentials come from the default AWS chain (environment, profile, instance role), or from values
-passed in as options: the tasks read a prefect-aws ``AwsCredentials`` block and hand its values over
-with :func:`credential_options` (this package imports nothing from Prefect).
+Credentials come from the default AWS chain (environment, profile, the ECS task's or instance's
+role), or from the ``BINCOUNT_SAGEMAKER_AWS_*`` / ``..._PROFILE_NAME`` options.
 
     options = SageMakerOptions.load(role_arn="arn:aws:iam::123456789012:role/bincount-sagemaker")
     session = sagemaker_session(settings, options)     # sagemaker.Session on the right endpoints
@@ -130,22 +129,6 @@ class SageMakerOptions(BaseSettings):
                 "or BINCOUNT_SAGEMAKER_OUTPUT_URI=s3://<bucket>/<prefix>"
             )
         return uri.rstrip("/")
-
-
-def credential_options(credentials: Any) -> dict[str, Any]:
-    """Option values from a prefect-aws ``AwsCredentials`` block (or anything with its attributes).
-
-    Example:
-        ``SageMakerOptions.load(**credential_options(AwsCredentials.load("bincount")))``
-    """
-    secret = credentials.aws_secret_access_key
-    token = credentials.aws_session_token
-    return {
-        "aws_access_key_id": credentials.aws_access_key_id,
-        "aws_secret_access_key": secret.get_secret_value() if isinstance(secret, SecretStr) else secret,
-        "aws_session_token": token.get_secret_value() if isinstance(token, SecretStr) else token,
-        "profile_name": credentials.profile_name,
-    }
 
 
 class EndpointSession(boto3.session.Session):

@@ -8,10 +8,14 @@ exponentially with full jitter; what is still failing after that surfaces as
 
 from __future__ import annotations
 
+import datetime as dt
+import fcntl
 import hashlib
 import os
 import shutil
+import socket
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,6 +30,7 @@ import botocore.exceptions
 from botocore import UNSIGNED
 
 from bincount.config import Settings
+from bincount.ids import UnsafeNameError, check_key
 
 S3_MAX_ATTEMPTS = 8
 _CHUNK = 1024 * 1024
@@ -41,6 +46,23 @@ class ObjectNotFoundError(StorageError, FileNotFoundError):
 
 class TransientStorageError(StorageError):
     """The store kept failing after botocore's retries (5xx, throttling, timeouts): try again later."""
+
+
+class LockedError(StorageError):
+    """Another process holds the lock; the message names it."""
+
+
+TRANSIENT_BOTOCORE_ERRORS = (
+    botocore.exceptions.ConnectionError,  # refused, connect timeouts, endpoint unreachable, proxy
+    botocore.exceptions.HTTPClientError,  # read timeouts, ConnectionClosedError, ResponseStreamingError
+    botocore.exceptions.IncompleteReadError,
+)
+"""botocore's families of network failures: the request may well succeed when sent again."""
+
+
+def is_transient_botocore_error(error: BaseException) -> bool:
+    """Whether a botocore exception is a network failure worth retrying (a TLS certificate problem is not)."""
+    return isinstance(error, TRANSIENT_BOTOCORE_ERRORS) and not isinstance(error, botocore.exceptions.SSLError)
 
 
 @dataclass(frozen=True)
@@ -107,8 +129,9 @@ def _raise_for_client_error(error: botocore.exceptions.BotoCoreError | botocore.
         if status >= 500 or code in ("SlowDown", "Throttling", "ThrottlingException", "RequestTimeout"):
             raise TransientStorageError(f"{uri}: S3 kept answering {code or status} after retries") from error
         raise StorageError(f"{uri}: S3 answered {code or status}: {error}") from error
-    # Connection errors, read timeouts and incomplete reads outlasted botocore's retries.
-    raise TransientStorageError(f"{uri}: {type(error).__name__}: {error}") from error
+    if is_transient_botocore_error(error):  # it outlasted botocore's own retries
+        raise TransientStorageError(f"{uri}: {type(error).__name__}: {error}") from error
+    raise StorageError(f"{uri}: {type(error).__name__}: {error} (check the AWS credentials and settings)") from error
 
 
 def storage_for(settings: Settings, *, source: bool = False) -> Storage:
@@ -207,7 +230,14 @@ class Storage:
             return local_path(prefix_uri)
         prefix = prefix_uri.rstrip("/") + "/"
         for item in self.list(prefix_uri):
-            self.download_file(item.uri, scratch / item.uri[len(prefix) :])
+            key = item.uri[len(prefix) :]
+            if key.endswith("/"):
+                continue  # a console-made "folder" marker, not a file
+            try:
+                check_key(key, f"object under {prefix_uri}")
+            except UnsafeNameError as error:
+                raise StorageError(f"cannot stage {prefix_uri}: {error}") from None
+            self.download_file(item.uri, scratch / key)
         return scratch
 
     def exists(self, uri: str) -> bool:
@@ -271,7 +301,14 @@ def _atomic_file(path: Path) -> Iterator[IO[bytes]]:
     try:
         with os.fdopen(fd, "wb") as target:
             yield target
+            target.flush()
+            os.fsync(target.fileno())  # the data is on disk before the name points at it
         os.replace(tmp, path)
+        directory = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)  # and so is the rename
+        finally:
+            os.close(directory)
     finally:
         Path(tmp).unlink(missing_ok=True)
 
@@ -286,3 +323,34 @@ def file_digest(path: Path, algorithm: str = "sha256") -> str:
     """Hex digest of a file (``sha256`` for checksums, ``md5`` to compare with an S3 ETag)."""
     with path.open("rb") as handle:
         return hashlib.file_digest(handle, algorithm).hexdigest()
+
+
+@contextmanager
+def file_lock(path: Path, wait_s: float | None = None) -> Iterator[None]:
+    """Hold ``path`` as an exclusive lock across processes (``flock``: released when the holder dies).
+
+    The holder writes who it is into the file. A second caller waits up to ``wait_s`` seconds
+    (``None``: as long as it takes), then raises :class:`LockedError` naming the holder.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT, 0o644), "r+") as handle:
+        deadline = None if wait_s is None else time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if deadline is not None and time.monotonic() >= deadline:
+                    handle.seek(0)
+                    holder = handle.read().strip() or "another process"
+                    raise LockedError(
+                        f"{path.parent} is in use by {holder} (lock {path}): wait until it finishes, "
+                        "or give this run a folder of its own"
+                    ) from None
+                time.sleep(0.1)
+        started = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {started}")
+        handle.flush()
+        yield

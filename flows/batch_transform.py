@@ -4,7 +4,8 @@
 
 Output: one ``<key>.out`` per input image under ``output_uri`` (as SageMaker's batch transform
 writes them), ``results.csv`` (id, predicted count, probabilities, label where known) and
-``errors.csv`` for unreadable images. Reruns skip what is done, so a failed run resumes.
+``errors.csv`` for unreadable images. Reruns skip what is done, so a failed run resumes; a rerun
+with another model into the same output is refused unless ``rescore`` asks to score everything again.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ def batch_transform(
     labels_uri: str | None = None,
     artifact_root: str | None = None,
     s3_endpoint_url: str | None = None,
+    rescore: bool = False,
 ) -> dict[str, Any]:
     """Score every .jpg/.jpeg/.png under ``input_uri``.
 
@@ -39,7 +41,8 @@ def batch_transform(
         labels_uri: CSV with id and label columns (e.g. a dataset's split.csv) for the results table.
         artifact_root: where endpoint records live (default: BINCOUNT_ARTIFACT_ROOT, else ./.bincount).
         s3_endpoint_url: S3-compatible endpoint for MinIO or LocalStack (default: AWS).
+        rescore: score every image again, even where output_uri holds answers (maybe of another model).
     """
     settings = Settings.load(artifact_root=artifact_root, s3_endpoint_url=s3_endpoint_url)
     model = resolve_model_task(settings, model_uri, endpoint_name)
-    return batch_transform_task(settings, model, to_uri(input_uri), to_uri(output_uri), batch_size, labels_uri)
+    return batch_transform_task(settings, model, to_uri(input_uri), to_uri(output_uri), batch_size, labels_uri, rescore)

@@ -115,8 +115,10 @@ class ServingBackend(Protocol):
         batch_size: int = 16,
         labels_uri: str | None = None,
         progress: ProgressFn | None = None,
+        rescore: bool = False,
     ) -> BatchTransformSummary:
-        """Score every image under ``input_uri`` into ``output_uri`` (see bincount.serving.batch)."""
+        """Score every image under ``input_uri`` into ``output_uri`` (see bincount.serving.batch);
+        ``rescore`` scores again what an earlier run (maybe of another model) left there."""
         ...
 
 
@@ -407,11 +409,13 @@ class LocalServingBackend:
         batch_size: int = 16,
         labels_uri: str | None = None,
         progress: ProgressFn | None = None,
+        rescore: bool = False,
     ) -> BatchTransformSummary:
         model_dir, version = fetch_model(self.storage, model_uri, self.runtime_root / "models")
         labels = load_labels(self.storage, labels_uri) if labels_uri else None
         return run_batch_transform(
-            self.storage, model_dir, version, input_uri, output_uri, batch_size=batch_size, labels=labels, progress=progress
+            self.storage, model_dir, version, input_uri, output_uri,
+            batch_size=batch_size, labels=labels, progress=progress, rescore=rescore,
         )
 
 

@@ -3,14 +3,18 @@
     input  {input_uri}/<key>.jpg          every .jpg/.jpeg/.png object under the prefix
     output {output_uri}/<key>.jpg.out     the JSON answer for that image (as the endpoint gives it)
            {output_uri}/results.csv       the joined table: id, key, predicted_count, prob_1..,
-                                          label (where known), correct
+                                          label (where known), correct, model_version
            {output_uri}/errors.csv        the images that could not be read, and why
+           {output_uri}/model.json        {"model_version": ...}: the model every .out came from
 
 The model runs in batches on this machine (no HTTP per image); a thread pool reads and decodes
 the next batches while the current one runs through the model. Resumable: an input whose
-``.out`` exists is not scored again, and the table is rebuilt from every ``.out``. An unreadable
-image is reported and skipped, never fatal; it is tried again on the next run. A store that keeps
-failing (:class:`~bincount.storage.TransientStorageError`) fails the run, and a retry resumes it.
+``.out`` exists is not scored again, and the table is rebuilt from every ``.out``. A resume with
+another model than the one in ``model.json`` is refused (one table never mixes two models);
+``rescore=True`` scores every image again. An unreadable image, or a key that would lead out of
+the output prefix (``..``), is reported and skipped, never fatal; it is tried again on the next
+run. A store that keeps failing (:class:`~bincount.storage.TransientStorageError`) fails the run,
+and a retry resumes it.
 """
 
 from __future__ import annotations
@@ -26,14 +30,22 @@ from pathlib import Path, PurePosixPath
 import pandas as pd
 import torch
 
+from bincount.ids import UnsafeNameError, check_key
 from bincount.serving.batcher import prepare_model_thread
 from bincount.serving.host import available_cores
-from bincount.storage import Storage, StorageError, TransientStorageError, join_uri
+from bincount.storage import (
+    ObjectNotFoundError,
+    Storage,
+    StorageError,
+    TransientStorageError,
+    join_uri,
+)
 from sm_scripts import inference
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 RESULTS_NAME = "results.csv"
 ERRORS_NAME = "errors.csv"
+MODEL_NAME = "model.json"
 
 ProgressFn = Callable[[int, int], None]
 
@@ -111,11 +123,14 @@ def run_batch_transform(
     labels: Mapping[str, int] | None = None,
     progress: ProgressFn | None = None,
     workers: int | None = None,
+    rescore: bool = False,
 ) -> BatchTransformSummary:
-    """Score every image under ``input_uri`` that has no ``.out`` under ``output_uri`` yet.
+    """Score every image under ``input_uri`` that has no ``.out`` under ``output_uri`` yet
+    (every image, after deleting the old ``.out`` files, with ``rescore=True``).
 
     Raises:
-        BatchTransformError: the prefixes overlap, or the input holds no images.
+        BatchTransformError: the prefixes overlap, the input holds no images, or the output
+            holds another model's predictions and ``rescore`` is off.
     """
     input_uri, output_uri = input_uri.rstrip("/"), output_uri.rstrip("/")
     if output_uri.startswith(input_uri + "/") or output_uri == input_uri or input_uri.startswith(output_uri + "/"):
@@ -125,11 +140,17 @@ def run_batch_transform(
     keys = _relative_keys(storage, input_uri, IMAGE_SUFFIXES)
     if not keys:
         raise BatchTransformError(f"no .jpg, .jpeg or .png objects under {input_uri}")
-    done = set(_relative_keys(storage, output_uri, (".out",)))
-    pending = [key for key in keys if f"{key}.out" not in done]
+    done = _claim_output(storage, output_uri, model_version, rescore)
+    errors: list[dict[str, str]] = []
+    for key in keys:
+        try:
+            check_key(key, "input key")
+        except UnsafeNameError as error:
+            errors.append({"key": key, "error": str(error)})
+    unsafe = {error["key"] for error in errors}
+    pending = [key for key in keys if f"{key}.out" not in done and key not in unsafe]
 
     workers = workers or available_cores()
-    errors: list[dict[str, str]] = []
 
     def load(key: str) -> _Loaded:
         uri = join_uri(input_uri, key)
@@ -168,10 +189,11 @@ def run_batch_transform(
         for future in writes:
             future.result()  # a failed write raises here: the transform is not done
     seconds = time.perf_counter() - started
-    scored = len(pending) - len(errors)
+    scored = len(pending) - (len(errors) - len(unsafe))
 
     failed_keys = {error["key"] for error in errors}
     table = results_table(storage, output_uri, [key for key in keys if key not in failed_keys], labels, model.classes)
+    table["model_version"] = model_version
     results_uri = join_uri(output_uri, RESULTS_NAME)
     storage.write_bytes(results_uri, table.to_csv(index=False).encode())
     errors_uri = None
@@ -187,7 +209,7 @@ def run_batch_transform(
         model_version=model_version,
         images=len(keys),
         scored=scored,
-        skipped=len(keys) - len(pending),
+        skipped=len(keys) - len(pending) - len(unsafe),
         failed=len(errors),
         seconds=round(seconds, 3),
         images_per_s=round(scored / seconds, 2) if scored and seconds > 0 else 0.0,
@@ -196,6 +218,33 @@ def run_batch_transform(
         accuracy=round(float(known["correct"].mean()), 4) if len(known) else None,
         errors=errors,
     )
+
+
+def _claim_output(storage: Storage, output_uri: str, model_version: str, rescore: bool) -> set[str]:
+    """Record ``model_version`` as the model of ``output_uri``; return the ``.out`` keys it may resume from.
+
+    Raises:
+        BatchTransformError: the ``.out`` files there came from another (or an unrecorded) model
+            and ``rescore`` is off.
+    """
+    marker = join_uri(output_uri, MODEL_NAME)
+    done = set(_relative_keys(storage, output_uri, (".out",)))
+    try:
+        previous = json.loads(storage.read_bytes(marker))["model_version"]
+    except ObjectNotFoundError:
+        previous = None
+    if done and previous != model_version and not rescore:
+        written_by = f"model {previous}" if previous else "an unrecorded model"
+        raise BatchTransformError(
+            f"{output_uri} holds {len(done)} predictions of {written_by}, not of model {model_version}: "
+            "give a new output prefix, or rescore=True to score every image again with this model"
+        )
+    if done and rescore:
+        for key in done:
+            storage.delete(join_uri(output_uri, key))
+        done = set()
+    storage.write_bytes(marker, json.dumps({"model_version": model_version}).encode())
+    return done
 
 
 def _prefetched_batches(

@@ -10,7 +10,9 @@ import pytest
 from sagemaker.parameter import CategoricalParameter, ContinuousParameter, IntegerParameter
 
 from bincount.training.debugger import loss_not_decreasing, overfit, overtraining
-from bincount.training.evaluation import score_counts
+from bincount.serving.model_dir import pack_model_dir, write_untrained_model_dir
+from bincount.storage import Storage
+from bincount.training.evaluation import evaluate_model, score_counts
 from bincount.training.jobs import TrainingJob, job_name
 from bincount.training.search_space import SEEDS_SEARCH_SPACE, sagemaker_ranges, space_from_dicts, suggest
 from bincount.training.tuning import LocalTuner, median_stop_check
@@ -133,3 +135,13 @@ def test_job_names_follow_sagemaker_rules() -> None:
     assert all(re.fullmatch(r"[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}", job_name(s, "run")) for s in ("t", "-x-", "a--b", "Ü ber"))
     with pytest.raises(ValueError, match="give a stage"):
         job_name("__", "run")
+
+
+def test_evaluation_reads_a_model_folder_as_deploy_does(demo_channels, tmp_path) -> None:
+    """The nightly scores the serving model, which deploy may have been given as a folder."""
+    folder = write_untrained_model_dir(tmp_path / "model", "resnet18", 32, seed=5)
+    archive = pack_model_dir(folder, tmp_path / "model.tar.gz")
+    test_channel = demo_channels["test"].as_uri()
+    from_folder = evaluate_model(Storage(), folder.as_uri(), test_channel)
+    assert from_folder.images == 40
+    assert from_folder == evaluate_model(Storage(), archive.as_uri(), test_channel)

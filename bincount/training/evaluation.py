@@ -1,12 +1,9 @@
-"""Score a packed model (``model.tar.gz``) on a test channel: accuracy, RMSE of the count,
+"""Score a model (``model.tar.gz`` or model folder) on a test channel: accuracy, RMSE of the count,
 per-class accuracy, within-one accuracy and the confusion matrix (scikit-learn's)."""
 
 from __future__ import annotations
 
-import io
-import json
 import math
-import tarfile
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -16,6 +13,7 @@ import numpy as np
 import torch
 from sklearn.metrics import accuracy_score, confusion_matrix, mean_squared_error, recall_score
 
+from bincount.serving.model_dir import fetch_model, read_model_info
 from bincount.storage import Storage
 from sm_scripts.train import ImageCache, batches, build_model, load_channel
 
@@ -55,7 +53,7 @@ def score_counts(true_counts: list[int], predicted_counts: list[int], classes: l
 
 def predict_counts(model_dir: Path, cache: ImageCache, batch_size: int = 64) -> list[int]:
     """The count predicted for each cached image by the model in ``model_dir``."""
-    info = json.loads((model_dir / "model_info.json").read_text())
+    info = read_model_info(model_dir)
     model = build_model(info["arch"], len(info["classes"]), "none", freeze_backbone=False)
     model.load_state_dict(torch.load(model_dir / "model.pt", map_location="cpu", weights_only=True))
     model = model.to(memory_format=torch.channels_last).eval()
@@ -69,12 +67,11 @@ def predict_counts(model_dir: Path, cache: ImageCache, batch_size: int = 64) -> 
 
 
 def evaluate_model(storage: Storage, model_uri: str, test_channel_uri: str) -> Evaluation:
-    """Score the ``model.tar.gz`` at ``model_uri`` on the channel at ``test_channel_uri``."""
+    """Score the model at ``model_uri`` (a ``model.tar.gz`` or a folder: whatever deploy accepts)
+    on the channel at ``test_channel_uri``."""
     with tempfile.TemporaryDirectory(prefix="evaluate-") as scratch:
-        model_dir = Path(scratch) / "model"
-        with tarfile.open(fileobj=io.BytesIO(storage.read_bytes(model_uri)), mode="r:gz") as archive:
-            archive.extractall(model_dir, filter="data")
-        info = json.loads((model_dir / "model_info.json").read_text())
+        model_dir, _ = fetch_model(storage, model_uri, Path(scratch) / "model")
+        info = read_model_info(model_dir)
         channel = storage.local_folder(test_channel_uri, Path(scratch) / "test")
         classes = [str(c) for c in info["classes"]]
         cache = load_channel(channel, classes, info["image_size"], threads=torch.get_num_threads())

@@ -56,6 +56,7 @@ SUPPORTED_ACCEPTS = (JSON_CONTENT_TYPE, CSV_CONTENT_TYPE)
 IMAGE_FORMATS = ("JPEG", "PNG")
 MAX_IMAGES_PER_REQUEST = 64
 MAX_IMAGE_PIXELS = 16_000_000  # far above any bin photo; stops decompression bombs early
+MAX_REQUEST_PIXELS = 32_000_000  # decoded, all images of a request together: ~96 MB of RGB, ~100 ABID photos
 
 
 class InputError(ValueError):
@@ -70,6 +71,12 @@ class UnsupportedContentTypeError(InputError):
 
 class UnsupportedAcceptError(InputError):
     status_code = 406
+
+
+class PayloadTooLargeError(InputError):
+    """The request's images would decode to more than ``MAX_REQUEST_PIXELS`` pixels."""
+
+    status_code = 413
 
 
 @dataclass
@@ -125,11 +132,13 @@ def model_fn(model_dir: str) -> CountModel:
     )
 
 
-def decode_image(data: bytes) -> Image.Image:
-    """JPEG or PNG bytes -> a decoded RGB image.
+def decode_image(data: bytes, pixel_budget: int = MAX_REQUEST_PIXELS) -> Image.Image:
+    """JPEG or PNG bytes -> a decoded RGB image. Sizes are read from the header and checked before
+    anything is decoded; ``pixel_budget`` is what the request has left of ``MAX_REQUEST_PIXELS``.
 
     Raises:
         InputError: the bytes are not a complete JPEG or PNG image.
+        PayloadTooLargeError: the image would pass the request's pixel budget.
     """
     if not data:
         raise InputError("the image is empty: send the bytes of a JPEG or PNG image")
@@ -137,6 +146,12 @@ def decode_image(data: bytes) -> Image.Image:
         with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
             if image.width * image.height > MAX_IMAGE_PIXELS:
                 raise InputError(f"the image is {image.width}x{image.height}: at most {MAX_IMAGE_PIXELS} pixels")
+            if image.width * image.height > pixel_budget:
+                raise PayloadTooLargeError(
+                    f"the images of one request may hold at most {MAX_REQUEST_PIXELS} pixels decoded, and this "
+                    f"{image.width}x{image.height} image passes that: send fewer or smaller images per request, "
+                    "or use batch transform"
+                )
             image.load()  # decode now, so that truncated or corrupt data fails here
             return image.convert("RGB")
     except InputError:
@@ -197,12 +212,15 @@ def input_fn(request_body: bytes | str, request_content_type: str) -> list[Image
         raise UnsupportedContentTypeError(
             f"content type {request_content_type!r} is not supported: use one of {list(SUPPORTED_CONTENT_TYPES)}"
         )
-    images = []
+    images, budget = [], MAX_REQUEST_PIXELS
     for index, data in enumerate(encoded):
         try:
-            images.append(decode_image(data))
+            images.append(decode_image(data, budget))
         except InputError as error:
-            raise InputError(f"image {index}: {error}" if len(encoded) > 1 else str(error)) from None
+            if len(encoded) == 1:
+                raise
+            raise type(error)(f"image {index}: {error}") from None
+        budget -= images[-1].width * images[-1].height
     return images
 
 

@@ -246,6 +246,26 @@ def test_sigterm_drains_the_request_in_flight_then_exits(models: dict[str, Path]
             host.wait()
 
 
+def test_a_redeploy_never_signals_a_process_that_is_not_the_router(
+    backend: LocalServingBackend, endpoint: EndpointRecord, models: dict[str, Path]
+) -> None:
+    """A router pid in the record that now names another process (a reused pid) gets no SIGHUP."""
+    stranger = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])  # SIGHUP would end it
+    record = backend.describe(NAME)
+    forged = {**record.to_dict(), "details": {**record.details, "router_pid": stranger.pid}}
+    backend.storage.write_bytes(backend.record_uri(NAME), json.dumps(forged).encode())
+    try:
+        with pytest.raises(DeployError, match=rf"pid {stranger.pid}, recorded as the router of '{NAME}', is not that router"):
+            backend.deploy(NAME, models["green"].as_uri())
+        time.sleep(0.2)
+        assert stranger.poll() is None
+        assert httpx.get(f"{record.url}/router/status").json()["target"] == record.details["host_url"]
+    finally:
+        backend.storage.write_bytes(backend.record_uri(NAME), json.dumps(record.to_dict()).encode())
+        stranger.kill()
+        stranger.wait()
+
+
 def test_delete_stops_the_endpoint_and_forgets_it(backend: LocalServingBackend, models: dict[str, Path]) -> None:
     record = backend.deploy("short-lived", models["blue"].as_uri())
     assert httpx.get(f"{record.url}/ping").status_code == 200

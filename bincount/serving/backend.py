@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import fcntl
 import json
 import os
 import signal
@@ -27,7 +26,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -44,7 +42,7 @@ from bincount.serving.batch import BatchTransformSummary, ProgressFn, load_label
 from bincount.serving.host import HostOptions
 from bincount.serving.httpio import ENDPOINT_NAME
 from bincount.serving.model_dir import fetch_model, read_model_info
-from bincount.storage import ObjectNotFoundError, Storage, local_path, storage_for
+from bincount.storage import ObjectNotFoundError, Storage, atomic_write_bytes, file_lock, local_path, storage_for
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 RECORD_SCHEMA = 1
@@ -217,7 +215,7 @@ class LocalServingBackend:
         check_endpoint_name(name)
         workdir = self.runtime_root / name
         workdir.mkdir(parents=True, exist_ok=True)
-        with _exclusive(workdir / ".deploy.lock"):
+        with file_lock(workdir / ".deploy.lock"):  # one deploy or delete of an endpoint at a time
             try:
                 current = self.describe(name)
             except EndpointNotFoundError:
@@ -286,10 +284,17 @@ class LocalServingBackend:
 
     def _switch(self, current: EndpointRecord, host_pid: int, state: dict, workdir: Path) -> dict[str, Any]:
         """Point the running router at the new host, then retire the old host once it is idle."""
+        router_pid = current.details["router_pid"]
+        if not _is_ours(router_pid, "bincount.serving.router"):  # a reused pid: SIGHUP would end a stranger
+            self._stop(host_pid)
+            raise DeployError(
+                f"pid {router_pid}, recorded as the router of {current.name!r}, is not that router now: "
+                f"the old model still serves; run `bincount delete-endpoint {current.name}` and deploy again"
+            )
         state_file = workdir / "router.json"
         old_state = json.loads(state_file.read_text())
         _write_json(state_file, state)
-        os.kill(current.details["router_pid"], signal.SIGHUP)
+        os.kill(router_pid, signal.SIGHUP)
         deadline = time.monotonic() + 10
         while (status := self._router_status(current.url, current.name)) is None or status["target"] != state["target"]:
             if time.monotonic() > deadline:
@@ -394,7 +399,7 @@ class LocalServingBackend:
 
     def delete(self, name: str) -> None:
         record = self.describe(name)
-        with _exclusive(self.runtime_root / name / ".deploy.lock"):
+        with file_lock(self.runtime_root / name / ".deploy.lock"):
             self._stop(record.details.get("router_pid"))
             self._stop(record.details.get("host_pid"))
             self.storage.delete(self.record_uri(name))
@@ -419,20 +424,18 @@ class LocalServingBackend:
         )
 
 
-def _is_ours(pid: int) -> bool:
-    """Whether ``pid`` is a live (not zombie) serving process: guards against reused pids."""
+def _is_ours(pid: int, module: str = "bincount.serving.") -> bool:
+    """Whether ``pid`` is a live (not zombie) process running ``module``: guards against reused pids."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except (FileNotFoundError, ProcessLookupError):
         return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z" and b"bincount.serving." in cmdline
+    return stat.rsplit(")", 1)[1].split()[0] != "Z" and module.encode() in cmdline
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
+    atomic_write_bytes(path, json.dumps(data).encode())
 
 
 def _tail(path: Path, lines: int = 30) -> str:
@@ -442,10 +445,3 @@ def _tail(path: Path, lines: int = 30) -> str:
         return f"(no log at {path})"
 
 
-@contextlib.contextmanager
-def _exclusive(lock_path: Path) -> Iterator[None]:
-    """One deploy or delete of an endpoint at a time, across processes."""
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with lock_path.open("w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        yield

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import fcntl
 import hashlib
+import json
 import os
 import shutil
 import socket
@@ -354,3 +355,30 @@ def file_lock(path: Path, wait_s: float | None = None) -> Iterator[None]:
         handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {started}")
         handle.flush()
         yield
+
+
+DIGEST_CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "bincount" / "digests"
+
+
+def folder_digests(folder: Path, cache_dir: Path = DIGEST_CACHE_DIR) -> dict[str, str]:
+    """SHA-256 of every file under ``folder`` (skipping ``.tmp-*``), by ``file://`` URI.
+
+    A file is read only when its size, mtime, ctime or inode changed since the last call: the
+    digests are kept in ``cache_dir``, one JSON file per folder, so an unchanged re-run reads
+    nothing, while a photo replaced by another of the same size is hashed again.
+    """
+    cache = cache_dir / f"{hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:24]}.json"
+    try:
+        known = json.loads(cache.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        known = {}
+    seen: dict[str, list] = {}
+    for info in Storage().list(folder.as_uri()):
+        path = local_path(info.uri)
+        stat = path.stat()
+        stamp = [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino]
+        entry = known.get(info.uri)
+        seen[info.uri] = entry if entry and entry[0] == stamp else [stamp, file_digest(path)]
+    if seen != known:
+        atomic_write_bytes(cache, json.dumps(seen).encode())
+    return {uri: digest for uri, (_, digest) in seen.items()}

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bincount.storage import ObjectNotFoundError, Storage, StorageError, TransientStorageError
+from bincount.storage import ObjectNotFoundError, Storage, StorageError, TransientStorageError, folder_digests
 
 
 @pytest.fixture
@@ -79,3 +79,22 @@ def test_local_writes_reach_the_disk_before_the_rename(tmp_path: Path, monkeypat
     assert len(synced) == 2
     assert synced[0].startswith(str(tmp_path / ".tmp-model.json."))  # the data, under its temporary name
     assert synced[1] == str(tmp_path)  # then the folder, so that the rename itself is durable
+
+
+def test_folder_digests_see_a_same_size_replacement_and_reread_nothing_unchanged(tmp_path: Path) -> None:
+    channel, cache = tmp_path / "channel", tmp_path / "cache"
+    (channel / "1").mkdir(parents=True)
+    photo = channel / "1" / "a.jpg"
+    photo.write_bytes(b"first photo")
+    (channel / "1" / "b.jpg").write_bytes(b"another one")
+    first = folder_digests(channel, cache)
+    (cache_file,) = cache.iterdir()
+    written = cache_file.stat().st_mtime_ns
+    assert folder_digests(channel, cache) == first and cache_file.stat().st_mtime_ns == written  # nothing new to hash
+
+    stat = photo.stat()
+    photo.write_bytes(b"other photo")  # same size; even with the old mtime put back, ctime moves
+    os.utime(photo, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    second = folder_digests(channel, cache)
+    assert second[photo.as_uri()] != first[photo.as_uri()]
+    assert second[(channel / "1" / "b.jpg").as_uri()] == first[(channel / "1" / "b.jpg").as_uri()]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+import shutil
 
 import optuna
 import pytest
@@ -145,3 +146,19 @@ def test_evaluation_reads_a_model_folder_as_deploy_does(demo_channels, tmp_path)
     from_folder = evaluate_model(Storage(), folder.as_uri(), test_channel)
     assert from_folder.images == 40
     assert from_folder == evaluate_model(Storage(), archive.as_uri(), test_channel)
+
+
+def test_the_cache_key_of_a_local_channel_changes_when_a_photo_is_replaced_by_one_of_the_same_size(demo_channels, tmp_path) -> None:
+    from bincount.config import Settings
+    from tasks.caching import listing
+
+    channel = tmp_path / "train"
+    shutil.copytree(demo_channels["train"], channel)
+    settings = Settings.load(artifact_root=str(tmp_path / "art"))
+    before = listing(settings, channel.as_uri())
+    first, second = sorted(channel.glob("1/*.jpg"))[:2]
+    same_size = second.read_bytes()[: first.stat().st_size].ljust(first.stat().st_size, b"\0")
+    first.write_bytes(same_size)
+    after = listing(settings, channel.as_uri())
+    assert [(uri, size) for uri, size, _ in after] == [(uri, size) for uri, size, _ in before]
+    assert after != before

@@ -136,10 +136,17 @@ def _raise_for_client_error(error: botocore.exceptions.BotoCoreError | botocore.
 
 
 def storage_for(settings: Settings, *, source: bool = False) -> Storage:
-    """The storage for the artifact root, or (``source=True``) for the data source bucket."""
+    """The storage for the artifact root, or (``source=True``) for the data source bucket.
+
+    The source is read anonymously when ``source_anonymous`` says so (the public ABID bucket),
+    except when it lies in the artifact root's own bucket (the demo bucket ``bincount demo``
+    writes there): the project's own buckets are read with its own credentials.
+    """
+    source_bucket, root_bucket = urlparse(settings.source_uri), urlparse(settings.artifact_root)
+    own_bucket = source_bucket.scheme == root_bucket.scheme == "s3" and source_bucket.netloc == root_bucket.netloc
     return Storage(
         s3_endpoint_url=settings.s3_endpoint_url,
-        anonymous=source and settings.source_anonymous,
+        anonymous=source and settings.source_anonymous and not own_bucket,
         region=settings.aws_region,
     )
 

@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from prefect import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
 from bincount.config import Settings
 from bincount.demo_data import jpeg_bytes, render_bin_image
@@ -50,9 +52,11 @@ def test_batch_transform_scores_every_good_image_reports_the_bad_and_resumes(
 ) -> None:
     output = tmp_path / "out"
     artifacts = tmp_path / "artifacts"
-    summary = batch_transform(
-        input_uri=channel.as_uri(), output_uri=str(output), model_uri=model_uri, batch_size=8, artifact_root=str(artifacts)
+    state = batch_transform(
+        input_uri=channel.as_uri(), output_uri=str(output), model_uri=model_uri, batch_size=8, artifact_root=str(artifacts),
+        return_state=True,
     )
+    summary = state.result()
     good = 5 * PER_CLASS
     assert (summary["images"], summary["scored"], summary["skipped"], summary["failed"]) == (good + 1, good, 0, 1)
     assert summary["errors"][0]["key"] == "3/corrupt.jpg" and "JPEG" in summary["errors"][0]["error"]
@@ -69,6 +73,18 @@ def test_batch_transform_scores_every_good_image_reports_the_bad_and_resumes(
     assert summary["accuracy"] == pytest.approx((table["predicted_count"] == table["label"]).mean(), abs=1e-4)
     errors = pd.read_csv(output / "errors.csv")
     assert list(errors["key"]) == ["3/corrupt.jpg"]
+    with get_client(sync_client=True) as client:
+        shown = {
+            artifact.key: artifact
+            for artifact in client.read_artifacts(
+                artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id]))
+            )
+        }
+    assert f"| output | `{output.as_uri()}` |" in shown["batch-transform-summary"].data
+    assert f"| scored now | {good} (" in shown["batch-transform-summary"].data
+    assert f"(version `{summary['model_version']}`)" in shown["batch-transform-summary"].data
+    assert "3/corrupt.jpg" in str(shown["batch-transform-errors"].data)
+    assert shown["batch-transform-progress"].data == 100.0
 
     written = {path: path.stat().st_mtime_ns for path in output.rglob("*.out")}
     again = batch_transform(

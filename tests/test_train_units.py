@@ -162,3 +162,34 @@ def test_the_cache_key_of_a_local_channel_changes_when_a_photo_is_replaced_by_on
     after = listing(settings, channel.as_uri())
     assert [(uri, size) for uri, size, _ in after] == [(uri, size) for uri, size, _ in before]
     assert after != before
+
+
+def test_the_gradient_and_initialization_rules_fire_on_a_network_that_cannot_learn(tmp_path) -> None:
+    """All-zero weights, saved by train.py's own smdebug hook: no gradient reaches the first layer,
+    and its weights span nothing. Both rules must fire (a healthy job passes them: test_train_backend)."""
+    import argparse
+
+    import torch
+    from smdebug import modes
+
+    from bincount.training.debugger import check_rules
+    from sm_scripts.train import make_debugger_hook
+
+    torch.manual_seed(0)
+    network = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 5))
+    for parameter in network.parameters():
+        torch.nn.init.zeros_(parameter)
+    criterion = torch.nn.CrossEntropyLoss()
+    hook = make_debugger_hook(argparse.Namespace(debugger_dir=str(tmp_path / "tensors"), debugger_save_interval=1), network, criterion)
+    hook.set_mode(modes.TRAIN)
+    optimizer = torch.optim.SGD(network.parameters(), lr=0.1)
+    for _ in range(3):
+        optimizer.zero_grad()
+        criterion(network(torch.randn(4, 8)), torch.tensor([0, 1, 2, 3])).backward()
+        optimizer.step()
+    hook.close()
+
+    rules = {rule.rule: rule for rule in check_rules(tmp_path / "tensors")}
+    assert rules["vanishing_gradient"].status == "fired", rules["vanishing_gradient"].evidence
+    assert rules["poor_weight_initialization"].status == "fired", rules["poor_weight_initialization"].evidence
+    assert "spans only 0" in rules["poor_weight_initialization"].evidence

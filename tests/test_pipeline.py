@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from uuid import UUID
@@ -21,6 +22,7 @@ from prefect.client.schemas.filters import (
     FlowRunFilterParentTaskRunId,
 )
 from prefect.client.schemas.sorting import ArtifactSort
+from prefect.events.filters import EventFilter, EventNameFilter, EventOrder, EventResourceFilter
 
 from bincount.config import Settings
 from bincount.demo_data import generate_demo_bucket, jpeg_bytes, render_bin_image
@@ -117,6 +119,27 @@ def latest_artifact_description(key: str) -> str:
     return asyncio.run(read())
 
 
+def decision_events(endpoint: str, expected: int, timeout_s: float = 30.0) -> list[tuple[str, dict]]:
+    """The nightly's events about ``endpoint`` (name, payload), oldest first, once ``expected`` have arrived."""
+
+    async def read() -> list[tuple[str, dict]]:
+        async with get_client() as client:
+            page = await client.read_events(
+                filter=EventFilter(
+                    event=EventNameFilter(prefix=["bincount.model."]),
+                    resource=EventResourceFilter(id=[f"bincount.endpoint.{endpoint}"]),
+                    order=EventOrder.ASC,
+                ),
+                limit=50,
+            )
+        return [(event.event, event.payload) for event in page.events]
+
+    deadline = time.monotonic() + timeout_s  # events reach the server asynchronously
+    while len(events := asyncio.run(read())) < expected and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return events
+
+
 def test_nightly_promotes_only_a_better_model(prefect_server, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("BINCOUNT_DATA_DIR", str(tmp_path / "raw"))
     bucket = (tmp_path / "bucket").as_uri()
@@ -129,11 +152,13 @@ def test_nightly_promotes_only_a_better_model(prefect_server, tmp_path: Path, mo
         registry.save_best_hyperparameters(LEARNS, "known-good", {})
         first = nightly()
         assert first["promoted"] and first["serving_score"] is None, "nothing served yet"
+        assert latest_artifact_description("nightly-decision-nightly-test") == "Nightly decision for nightly-test: promoted"
         assert backend.describe("nightly-test").model_uri == first["challenger_model_uri"]
 
         registry.save_best_hyperparameters(DIVERGES, "deliberately-diverging", {})
         worse = nightly()
         assert not worse["promoted"], worse["reason"]
+        assert latest_artifact_description("nightly-decision-nightly-test") == "Nightly decision for nightly-test: kept the serving model"
         assert worse["challenger_score"] < worse["serving_score"] + 0.01
         assert backend.describe("nightly-test").model_uri == first["challenger_model_uri"]
         trained, serving = latest_artifact_description("confusion-matrix"), latest_artifact_description("confusion-matrix-serving")
@@ -146,6 +171,11 @@ def test_nightly_promotes_only_a_better_model(prefect_server, tmp_path: Path, mo
         assert better["promoted"], better["reason"]
         assert backend.describe("nightly-test").model_uri == better["challenger_model_uri"]
         assert [decision.promoted for decision in registry.decisions()] == [True, False, True]
+        events = decision_events("nightly-test", expected=3)
+        assert [name for name, _ in events] == ["bincount.model.promoted", "bincount.model.kept", "bincount.model.promoted"]
+        assert [payload["challenger_model_uri"] for _, payload in events] == [
+            first["challenger_model_uri"], worse["challenger_model_uri"], better["challenger_model_uri"]
+        ]
     finally:
         with contextlib.suppress(EndpointNotFoundError):
             backend.delete("nightly-test")

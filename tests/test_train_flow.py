@@ -27,7 +27,7 @@ from bincount.config import Settings
 from bincount.serving.model_dir import write_untrained_model_dir
 from bincount.storage import Storage, storage_for
 from bincount.training.jobs import read_from_archive
-from flows.train import TrainOptions, train_model
+from flows.train import TrainOptions, train_model, tune_hyperparameters
 from tasks.evaluate import score_model_task
 
 ARTIFACT_KEYS = {
@@ -136,3 +136,30 @@ def test_a_changed_channel_is_scored_again_an_unchanged_one_comes_from_cache(
     replacement = smaller.read_bytes()  # another photo, padded after its end marker to the same size
     bigger.write_bytes(replacement + b"\0" * (bigger.stat().st_size - len(replacement)))
     assert scored() == "Completed", "a photo replaced by another of the same size must not be served from cache"
+
+
+def test_a_trial_below_the_median_is_pruned_in_the_tuning_flow(prefect_server: None, demo_channels: dict[str, Path], tmp_path: Path) -> None:
+    """With seed 0 Optuna's seeded start asks lr 1e6, 0.01, 1e6: the third trial diverges like the
+    first (NaN weights: one count for every photo, 0.2 accuracy), falls below the median of the
+    two finished ones at epoch 2 (0.2 and lr 0.01's 0.25 here) and is stopped there, by its own
+    train-trial task."""
+    options = TrainOptions(
+        arch="resnet18",
+        image_size=32,
+        max_jobs=3,
+        seed=0,
+        debugger=False,
+        profiler=False,
+        search_space=[
+            {"type": "categorical", "name": "lr", "values": [0.01, 1e6]},
+            {"type": "categorical", "name": "batch-size", "values": [16]},
+            {"type": "categorical", "name": "epochs", "values": [4]},
+        ],
+    )
+    channels = {name: path.as_uri() for name, path in demo_channels.items()}
+    run = tune_hyperparameters(channels, options, Settings.load(artifact_root=str(tmp_path / "art")), "prune-test", return_state=True)
+    trials = {trial["number"]: trial for trial in run.result()}
+    assert [trials[n]["hyperparameters"]["lr"] for n in range(3)] == [1e6, 0.01, 1e6]
+    assert [trials[n]["status"] for n in range(3)] == ["Completed", "Completed", "Stopped"], trials
+    assert trials[1]["objective"] > trials[0]["objective"] == 0.2, "the premise: lr 0.01 beats chance by epoch 2"
+    assert set(task_states(run.state_details.flow_run_id, "train-trial-").values()) == {"Completed"}

@@ -24,11 +24,11 @@ import torch
 
 from bincount.config import Settings
 from bincount.demo_data import jpeg_bytes, render_bin_image
-from bincount.serving.backend import LocalServingBackend, runtime_client
-from bincount.serving.batch import run_batch_transform
-from bincount.serving.batcher import prepare_model_thread
-from bincount.serving.host import HostOptions, available_cores
-from bincount.serving.model_dir import model_version, write_untrained_model_dir
+from bincount.local.batch import run_batch_transform
+from bincount.local.batcher import available_cores, prepare_model_thread
+from bincount.local.host import HostOptions
+from bincount.local.serving import LocalServingBackend, runtime_client
+from bincount.models import model_version, write_untrained_model_dir
 from bincount.storage import Storage
 from sm_scripts import inference
 

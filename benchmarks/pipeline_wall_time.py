@@ -25,9 +25,9 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as root:
         os.environ["BINCOUNT_DATA_DIR"] = str(Path(root) / "raw")
-        from bincount.config import Settings
+        from bincount.config import Location
         from bincount.demo_data import generate_demo_bucket
-        from bincount.serving.backend import get_serving_backend
+        from bincount.factory import get_serving_backend
         from bincount.storage import Storage
         from flows.cli import demo_training_options
         from flows.data import DataOptions
@@ -35,7 +35,7 @@ def main() -> None:
 
         bucket = (Path(root) / "bucket").as_uri()
         generate_demo_bucket(Storage(), bucket, images=args.images, seed=0)
-        where = {"source_uri": bucket, "artifact_root": str(Path(root) / "artifacts"), "endpoint_name": "bench"}
+        where = {"endpoint_name": "bench", "location": Location(source_uri=bucket, artifact_root=str(Path(root) / "artifacts"))}
         try:
             started = time.perf_counter()
             pipeline(DataOptions(), demo_training_options(), refresh=True, **where)
@@ -44,7 +44,7 @@ def main() -> None:
             pipeline(DataOptions(), demo_training_options(), **where)
             warm = time.perf_counter() - started
         finally:
-            get_serving_backend(Settings.load(artifact_root=where["artifact_root"])).delete("bench")
+            get_serving_backend(where["location"].settings()).delete("bench")
     print(f"pipeline on {args.images} demo photos: cold {cold:.1f} s, warm (cached) {warm:.1f} s, "
           f"warm/cold {warm / cold:.2f}")
 

@@ -41,8 +41,9 @@ sys.path.insert(0, str(ROOT))
 from bincount.config import Settings  # noqa: E402
 from bincount.manifest import parse_manifest  # noqa: E402
 from bincount.storage import storage_for  # noqa: E402
-from bincount.training import TrainingJobSpec, get_training_backend  # noqa: E402
-from bincount.training.evaluation import evaluate_model  # noqa: E402
+from bincount.contracts.training import TrainingJobSpec  # noqa: E402
+from bincount.evaluation import evaluate_model  # noqa: E402
+from bincount.factory import get_training_backend  # noqa: E402
 
 RECIPE = {  # fine-tuning an ImageNet start on a few thousand photos
     "image-size": 224,

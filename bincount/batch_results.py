@@ -89,12 +89,14 @@ def write_tables(
     labels: Mapping[str, int] | None,
     classes: list[int],
     errors: list[dict[str, str]],
+    model_version: str,
 ) -> tuple[str, str | None, float | None]:
     """``results.csv`` from the ``.out`` files of ``keys`` and ``errors.csv`` (deleted when nothing failed).
 
     Returns the results URI, the errors URI (or None) and the accuracy over the images with a known label.
     """
     table = results_table(storage, output_uri, keys, labels, classes)
+    table["model_version"] = model_version
     results_uri = join_uri(output_uri, RESULTS_NAME)
     storage.write_bytes(results_uri, table.to_csv(index=False).encode())
     errors_uri = join_uri(output_uri, ERRORS_NAME)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlparse
 
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Profile = Literal["local", "aws"]
@@ -120,6 +120,8 @@ class Location(BaseModel):
     the :class:`Settings` object, or, where they are deployable flows of their own,
     ``Location.of(settings)`` with every value filled in, so they resolve to the very same settings.
     """
+
+    model_config = ConfigDict(frozen=True)
 
     profile: Profile | None = Field(default=None, description="`local` or `aws` (default: BINCOUNT_PROFILE, else local).")
     artifact_root: str | None = Field(

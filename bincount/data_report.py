@@ -1,5 +1,7 @@
 """The data report: class counts per split, image sizes, and the training split's per-channel
-mean/std (the normalization that train.py and inference.py apply)."""
+mean/std. The mean/std describe the data (to compare new data against); they are not what
+training normalizes with: train.py and inference.py use the constants the network's pretrained
+weights were made with (``NORMALIZATION`` in train.py: ImageNet's for the ResNets)."""
 
 from __future__ import annotations
 

@@ -4,8 +4,9 @@ Concurrent (a bounded thread pool over one shared S3 client), resumable (a ledge
 file that arrived whole and decoded; a re-run checks those against their SHA-256 and skips them),
 atomic (a file appears under its final name complete or not at all) and constant in memory
 whatever the manifest size (at most ``concurrency`` downloads are in flight, and each streams to
-disk, a photo at a time). Missing objects and images that do not decode are listed; the run fails only when they
-pass ``max_missing_share`` of the manifest.
+disk, a photo at a time). Missing objects, objects the store refuses (403) and bytes that are not a
+whole JPEG or PNG of sane size are listed; the run fails only when they pass ``max_missing_share``
+of the manifest. One run at a time per folder: a lock file names the run that holds it.
 """
 
 from __future__ import annotations
@@ -22,10 +23,22 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from bincount.ids import check_image_id
 from bincount.manifest import Manifest, image_uri, metadata_uri
-from bincount.storage import ObjectNotFoundError, Storage, atomic_write_bytes, file_digest
+from bincount.storage import (
+    ObjectNotFoundError,
+    Storage,
+    StorageError,
+    TransientStorageError,
+    atomic_write_bytes,
+    file_digest,
+    file_lock,
+)
 
 LEDGER_NAME = "downloaded.jsonl"
+LOCK_NAME = ".download.lock"
+IMAGE_FORMATS = ("JPEG", "PNG")
+MAX_IMAGE_PIXELS = 16_000_000  # as the endpoint's limit (sm_scripts/inference.py): far above any bin photo
 
 ProgressCallback = Callable[[int, int], None]
 """Called as ``progress(done, total)`` from the calling thread."""
@@ -54,33 +67,41 @@ class DownloadReport:
     bytes_downloaded: int = 0
     seconds: float = 0.0
     missing: list[str] = field(default_factory=list)
-    corrupt: dict[str, str] = field(default_factory=dict)
+    corrupt: dict[str, str] = field(default_factory=dict)  # bytes that are not a usable JPEG or PNG
+    unreadable: dict[str, str] = field(default_factory=dict)  # objects the store would not give (403...)
 
     @property
     def unusable_share(self) -> float:
-        return (len(self.missing) + len(self.corrupt)) / self.requested if self.requested else 0.0
+        unusable = len(self.missing) + len(self.corrupt) + len(self.unreadable)
+        return unusable / self.requested if self.requested else 0.0
 
 
 def image_path(local_dir: Path, image_id: str) -> Path:
-    return local_dir / "bin-images" / f"{image_id}.jpg"
+    return local_dir / "bin-images" / f"{check_image_id(image_id)}.jpg"
 
 
 def check_image(data: bytes) -> tuple[int, int]:
-    """Decode an encoded image and return its ``(width, height)``.
+    """Decode a JPEG or PNG and return its ``(width, height)``.
 
     A JPEG is decoded at 1/8 scale (every scan is still read, so truncation and corruption are
-    caught, at about half the cost of a full decode).
+    caught, at about half the cost of a full decode). Sizes are checked before decoding, so a
+    decompression bomb is refused without being expanded.
 
     Raises:
-        ValueError: the file is not an image, or is truncated or corrupt.
+        ValueError: the bytes are not a JPEG or PNG, are truncated or corrupt, or hold more
+            than ``MAX_IMAGE_PIXELS`` pixels.
     """
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
             size = image.size
+            if size[0] * size[1] > MAX_IMAGE_PIXELS:
+                raise ValueError(f"is {size[0]}x{size[1]} pixels, over the {MAX_IMAGE_PIXELS} limit (a decompression bomb?)")
             image.draft("RGB", (max(1, size[0] // 8), max(1, size[1] // 8)))
             image.load()
             return size
-    except (UnidentifiedImageError, OSError, SyntaxError) as error:
+    except UnidentifiedImageError:
+        raise ValueError("is not a JPEG or PNG (only those are accepted)") from None
+    except (OSError, SyntaxError, Image.DecompressionBombError) as error:
         raise ValueError(f"does not decode as an image: {error}") from None
 
 
@@ -165,6 +186,7 @@ def download_images(
     max_missing_share: float = 0.01,
     with_metadata: bool = True,
     progress: ProgressCallback | None = None,
+    lock_wait_s: float | None = 3600.0,
 ) -> tuple[DownloadReport, dict[str, DownloadedImage]]:
     """Mirror the manifest's images from ``source_uri`` into ``local_dir``.
 
@@ -172,13 +194,27 @@ def download_images(
         The report, and the verified files by id (for the split manifest's checksums).
 
     Raises:
-        DownloadError: more than ``max_missing_share`` of the manifest is missing or corrupt.
+        DownloadError: more than ``max_missing_share`` of the manifest is missing, unreadable or corrupt.
+        LockedError: another run kept ``local_dir`` for more than ``lock_wait_s`` seconds.
         TransientStorageError: the store kept failing after retries (safe to run again: what
             arrived is kept).
     """
+    with file_lock(local_dir / LOCK_NAME, wait_s=lock_wait_s):
+        return _download_locked(manifest, source_uri, local_dir, storage, concurrency, max_missing_share, with_metadata, progress)
+
+
+def _download_locked(
+    manifest: Manifest,
+    source_uri: str,
+    local_dir: Path,
+    storage: Storage,
+    concurrency: int,
+    max_missing_share: float,
+    with_metadata: bool,
+    progress: ProgressCallback | None,
+) -> tuple[DownloadReport, dict[str, DownloadedImage]]:
     started = time.perf_counter()
-    local_dir.mkdir(parents=True, exist_ok=True)
-    for leftover in local_dir.glob("*/.tmp-*"):  # what a killed run was writing
+    for leftover in local_dir.glob("*/.tmp-*"):  # what a killed run was writing (no live run writes now)
         leftover.unlink()
     ledger = Ledger(local_dir)
     known = ledger.read()
@@ -210,8 +246,12 @@ def download_images(
             for image_id, future in _bounded_map(pool, fetch, to_fetch, limit=2 * concurrency):
                 try:
                     entry = future.result()
+                except TransientStorageError:
+                    raise  # the store, not this object: a retry of the run resumes here
                 except ObjectNotFoundError:
                     report.missing.append(image_id)
+                except StorageError as error:
+                    report.unreadable[image_id] = str(error)
                 except ValueError as error:
                     report.corrupt[image_id] = str(error)
                 else:
@@ -231,10 +271,11 @@ def download_images(
 def _failure_message(report: DownloadReport, max_missing_share: float) -> str:
     examples = ", ".join(report.missing[:5]) or "none"
     corrupt = "; ".join(f"{image_id}: {why}" for image_id, why in list(report.corrupt.items())[:5]) or "none"
+    unreadable = "; ".join(f"{image_id}: {why}" for image_id, why in list(report.unreadable.items())[:5]) or "none"
     return (
-        f"{len(report.missing)} missing and {len(report.corrupt)} corrupt of {report.requested} images "
-        f"({report.unusable_share:.1%}) is more than max_missing_share={max_missing_share:.1%}. "
-        f"Missing (first 5): {examples}. Corrupt (first 5): {corrupt}. "
+        f"{len(report.missing)} missing, {len(report.unreadable)} unreadable and {len(report.corrupt)} corrupt "
+        f"of {report.requested} images ({report.unusable_share:.1%}) is more than max_missing_share={max_missing_share:.1%}. "
+        f"Missing (first 5): {examples}. Unreadable (first 5): {unreadable}. Corrupt (first 5): {corrupt}. "
         f"Check source_uri={report.source_uri} and the manifest, or raise max_missing_share to accept the gaps; "
         f"the {report.downloaded + report.already_present} good images are kept and will not be fetched again."
     )

@@ -15,12 +15,13 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from bincount.ids import IMAGE_ID, UnsafeNameError, check_image_id
 from bincount.storage import ObjectNotFoundError, Storage, join_uri
 
 CLASSES: tuple[int, ...] = (1, 2, 3, 4, 5)
 """The counts the model predicts (the classic 10k subset of ABID)."""
 
-_METADATA_PATH = re.compile(r"^(?:data/)?metadata/(?P<id>[0-9A-Za-z_-]+)\.json$")
+_METADATA_PATH = re.compile(r"^(?:data/)?metadata/(?P<id>[^/]+)\.json$")
 
 Manifest = dict[str, int]
 
@@ -30,11 +31,11 @@ class ManifestError(ValueError):
 
 
 def image_uri(source_uri: str, image_id: str) -> str:
-    return join_uri(source_uri, "bin-images", f"{image_id}.jpg")
+    return join_uri(source_uri, "bin-images", f"{check_image_id(image_id)}.jpg")
 
 
 def metadata_uri(source_uri: str, image_id: str) -> str:
-    return join_uri(source_uri, "metadata", f"{image_id}.json")
+    return join_uri(source_uri, "metadata", f"{check_image_id(image_id)}.json")
 
 
 def parse_manifest(text: str | bytes, name: str = "manifest", classes: Iterable[int] = CLASSES) -> Manifest:
@@ -63,7 +64,10 @@ def parse_manifest(text: str | bytes, name: str = "manifest", classes: Iterable[
             match = _METADATA_PATH.match(path) if isinstance(path, str) else None
             if match is None:
                 raise ManifestError(f"{entry} = {path!r} is not a path like 'data/metadata/<id>.json'")
-            image_id = match["id"]
+            try:
+                image_id = check_image_id(match["id"], entry)
+            except UnsafeNameError as error:
+                raise ManifestError(str(error)) from None
             if image_id in manifest:
                 raise ManifestError(f"{entry}: id {image_id} is listed twice (also at {where[image_id]})")
             manifest[image_id] = int(key)
@@ -117,9 +121,19 @@ def build_manifest(
     concurrency: int = 32,
 ) -> BuiltManifest:
     """Label ids from their metadata's ``EXPECTED_QUANTITY``; ids without usable metadata or
-    with a count outside ``classes`` are left out and listed."""
+    with a count outside ``classes`` are left out and listed.
+
+    Raises:
+        ManifestError: some ids are not image ids (``../x``, ``a/b``): nothing is fetched.
+    """
     allowed = set(classes)
     ids = list(dict.fromkeys(image_ids))
+    bad = [f"image_ids[{position}] = {image_id!r}" for position, image_id in enumerate(ids) if not (isinstance(image_id, str) and IMAGE_ID.match(image_id))]
+    if bad:
+        raise ManifestError(
+            f"{len(bad)} of {len(ids)} ids are not image ids ({'; '.join(bad[:5])}): an id is 1-128 letters, "
+            "digits, '_' or '-' (like '00710'); fix the id file or image_ids"
+        )
 
     def label(image_id: str) -> tuple[str, int | str]:
         uri = metadata_uri(source_uri, image_id)

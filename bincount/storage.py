@@ -8,10 +8,15 @@ exponentially with full jitter; what is still failing after that surfaces as
 
 from __future__ import annotations
 
+import datetime as dt
+import fcntl
 import hashlib
+import json
 import os
 import shutil
+import socket
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,6 +31,7 @@ import botocore.exceptions
 from botocore import UNSIGNED
 
 from bincount.config import Settings
+from bincount.ids import UnsafeNameError, check_key
 
 S3_MAX_ATTEMPTS = 8
 _CHUNK = 1024 * 1024
@@ -41,6 +47,23 @@ class ObjectNotFoundError(StorageError, FileNotFoundError):
 
 class TransientStorageError(StorageError):
     """The store kept failing after botocore's retries (5xx, throttling, timeouts): try again later."""
+
+
+class LockedError(StorageError):
+    """Another process holds the lock; the message names it."""
+
+
+TRANSIENT_BOTOCORE_ERRORS = (
+    botocore.exceptions.ConnectionError,  # refused, connect timeouts, endpoint unreachable, proxy
+    botocore.exceptions.HTTPClientError,  # read timeouts, ConnectionClosedError, ResponseStreamingError
+    botocore.exceptions.IncompleteReadError,
+)
+"""botocore's families of network failures: the request may well succeed when sent again."""
+
+
+def is_transient_botocore_error(error: BaseException) -> bool:
+    """Whether a botocore exception is a network failure worth retrying (a TLS certificate problem is not)."""
+    return isinstance(error, TRANSIENT_BOTOCORE_ERRORS) and not isinstance(error, botocore.exceptions.SSLError)
 
 
 @dataclass(frozen=True)
@@ -107,15 +130,23 @@ def _raise_for_client_error(error: botocore.exceptions.BotoCoreError | botocore.
         if status >= 500 or code in ("SlowDown", "Throttling", "ThrottlingException", "RequestTimeout"):
             raise TransientStorageError(f"{uri}: S3 kept answering {code or status} after retries") from error
         raise StorageError(f"{uri}: S3 answered {code or status}: {error}") from error
-    # Connection errors, read timeouts and incomplete reads outlasted botocore's retries.
-    raise TransientStorageError(f"{uri}: {type(error).__name__}: {error}") from error
+    if is_transient_botocore_error(error):  # it outlasted botocore's own retries
+        raise TransientStorageError(f"{uri}: {type(error).__name__}: {error}") from error
+    raise StorageError(f"{uri}: {type(error).__name__}: {error} (check the AWS credentials and settings)") from error
 
 
 def storage_for(settings: Settings, *, source: bool = False) -> Storage:
-    """The storage for the artifact root, or (``source=True``) for the data source bucket."""
+    """The storage for the artifact root, or (``source=True``) for the data source bucket.
+
+    The source is read anonymously when ``source_anonymous`` says so (the public ABID bucket),
+    except when it lies in the artifact root's own bucket (the demo bucket ``bincount demo``
+    writes there): the project's own buckets are read with its own credentials.
+    """
+    source_bucket, root_bucket = urlparse(settings.source_uri), urlparse(settings.artifact_root)
+    own_bucket = source_bucket.scheme == root_bucket.scheme == "s3" and source_bucket.netloc == root_bucket.netloc
     return Storage(
         s3_endpoint_url=settings.s3_endpoint_url,
-        anonymous=source and settings.source_anonymous,
+        anonymous=source and settings.source_anonymous and not own_bucket,
         region=settings.aws_region,
     )
 
@@ -207,7 +238,14 @@ class Storage:
             return local_path(prefix_uri)
         prefix = prefix_uri.rstrip("/") + "/"
         for item in self.list(prefix_uri):
-            self.download_file(item.uri, scratch / item.uri[len(prefix) :])
+            key = item.uri[len(prefix) :]
+            if key.endswith("/"):
+                continue  # a console-made "folder" marker, not a file
+            try:
+                check_key(key, f"object under {prefix_uri}")
+            except UnsafeNameError as error:
+                raise StorageError(f"cannot stage {prefix_uri}: {error}") from None
+            self.download_file(item.uri, scratch / key)
         return scratch
 
     def exists(self, uri: str) -> bool:
@@ -271,7 +309,14 @@ def _atomic_file(path: Path) -> Iterator[IO[bytes]]:
     try:
         with os.fdopen(fd, "wb") as target:
             yield target
+            target.flush()
+            os.fsync(target.fileno())  # the data is on disk before the name points at it
         os.replace(tmp, path)
+        directory = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)  # and so is the rename
+        finally:
+            os.close(directory)
     finally:
         Path(tmp).unlink(missing_ok=True)
 
@@ -286,3 +331,61 @@ def file_digest(path: Path, algorithm: str = "sha256") -> str:
     """Hex digest of a file (``sha256`` for checksums, ``md5`` to compare with an S3 ETag)."""
     with path.open("rb") as handle:
         return hashlib.file_digest(handle, algorithm).hexdigest()
+
+
+@contextmanager
+def file_lock(path: Path, wait_s: float | None = None) -> Iterator[None]:
+    """Hold ``path`` as an exclusive lock across processes (``flock``: released when the holder dies).
+
+    The holder writes who it is into the file. A second caller waits up to ``wait_s`` seconds
+    (``None``: as long as it takes), then raises :class:`LockedError` naming the holder.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT, 0o644), "r+") as handle:
+        deadline = None if wait_s is None else time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if deadline is not None and time.monotonic() >= deadline:
+                    handle.seek(0)
+                    holder = handle.read().strip() or "another process"
+                    raise LockedError(
+                        f"{path.parent} is in use by {holder} (lock {path}): wait until it finishes, "
+                        "or give this run a folder of its own"
+                    ) from None
+                time.sleep(0.1)
+        started = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {started}")
+        handle.flush()
+        yield
+
+
+DIGEST_CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "bincount" / "digests"
+
+
+def folder_digests(folder: Path, cache_dir: Path = DIGEST_CACHE_DIR) -> dict[str, str]:
+    """SHA-256 of every file under ``folder`` (skipping ``.tmp-*``), by ``file://`` URI.
+
+    A file is read only when its size, mtime, ctime or inode changed since the last call: the
+    digests are kept in ``cache_dir``, one JSON file per folder, so an unchanged re-run reads
+    nothing, while a photo replaced by another of the same size is hashed again.
+    """
+    cache = cache_dir / f"{hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:24]}.json"
+    try:
+        known = json.loads(cache.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        known = {}
+    seen: dict[str, list] = {}
+    for info in Storage().list(folder.as_uri()):
+        path = local_path(info.uri)
+        stat = path.stat()
+        stamp = [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino]
+        entry = known.get(info.uri)
+        seen[info.uri] = entry if entry and entry[0] == stamp else [stamp, file_digest(path)]
+    if seen != known:
+        atomic_write_bytes(cache, json.dumps(seen).encode())
+    return {uri: digest for uri, (_, digest) in seen.items()}

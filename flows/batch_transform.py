@@ -4,7 +4,8 @@
 
 Output: one ``<key>.out`` per input image under ``output_uri`` (as SageMaker's batch transform
 writes them), ``results.csv`` (id, predicted count, probabilities, label where known) and
-``errors.csv`` for unreadable images. Reruns skip what is done, so a failed run resumes.
+``errors.csv`` for unreadable images. Reruns skip what is done, so a failed run resumes; a rerun
+with another model into the same output is refused unless ``rescore`` asks to score everything again.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ def batch_transform(
     endpoint_name: str | None = "bincount",
     batch_size: int = 16,
     labels_uri: str | None = None,
+    rescore: bool = False,
     location: Location = Location(),
 ) -> BatchTransformSummary:
     """Score every .jpg/.jpeg/.png under ``input_uri``.
@@ -35,8 +37,9 @@ def batch_transform(
         endpoint_name: endpoint whose model to use when no model_uri is given.
         batch_size: images per forward pass.
         labels_uri: CSV with id and label columns (e.g. a dataset's split.csv) for the results table.
+        rescore: score every image again, even where output_uri holds answers (maybe of another model).
         location: where endpoint records live and which backend scores (default: the BINCOUNT_* variables).
     """
     settings = location.settings()
     model = resolve_model_task(settings, model_uri, endpoint_name)
-    return batch_transform_task(settings, model, to_uri(input_uri), to_uri(output_uri), batch_size, labels_uri)
+    return batch_transform_task(settings, model, to_uri(input_uri), to_uri(output_uri), batch_size, labels_uri, rescore)

@@ -11,7 +11,7 @@ split. Transient S3 failures are retried.
 from __future__ import annotations
 
 from prefect import flow
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from bincount.config import Location
 from bincount.download import Ledger
@@ -26,6 +26,8 @@ from tasks.upload import upload_channels_task
 
 class DataOptions(BaseModel):
     """What to download and how to split it."""
+
+    model_config = ConfigDict(frozen=True)
 
     manifest_uri: str | None = Field(
         default=None, description="Seed-format manifest (file_list.json); default <source_uri>/file_list.json."

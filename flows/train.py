@@ -20,7 +20,7 @@ from typing import Any, Literal
 from prefect import flow, get_run_logger
 from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from bincount.config import Settings
 from bincount.contracts.naming import job_name
@@ -38,6 +38,8 @@ Hyperparameter = str | int | float | bool
 
 class TrainOptions(BaseModel):
     """How to tune and train: the fixed hyperparameters, the search and the tools."""
+
+    model_config = ConfigDict(frozen=True)
 
     arch: Literal["resnet18", "resnet34", "resnet50", "efficientnet_lite0"] = Field(
         default="resnet50", description="Network: a torchvision ResNet, or EfficientNet-Lite0."

@@ -49,7 +49,7 @@ import numpy as np
 import torch
 
 from sm_scripts.model_dir import load_network, read_model_info
-from sm_scripts.preprocessing import ImageError, channel_values, decode_image, normalize, resize
+from sm_scripts.preprocessing import ImageError, TooManyPixelsError, channel_values, decode_image, normalize, resize
 
 IMAGE_CONTENT_TYPES = ("image/jpeg", "image/png", "application/x-image")
 JSON_CONTENT_TYPE = "application/json"
@@ -57,6 +57,7 @@ CSV_CONTENT_TYPE = "text/csv"
 SUPPORTED_CONTENT_TYPES = (*IMAGE_CONTENT_TYPES, JSON_CONTENT_TYPE)
 SUPPORTED_ACCEPTS = (JSON_CONTENT_TYPE, CSV_CONTENT_TYPE)
 MAX_IMAGES_PER_REQUEST = 64
+MAX_REQUEST_PIXELS = 32_000_000  # decoded, all images of a request together: ~96 MB of RGB, ~100 ABID photos
 
 
 class InputError(ValueError):
@@ -71,6 +72,12 @@ class UnsupportedContentTypeError(InputError):
 
 class UnsupportedAcceptError(InputError):
     status_code = 406
+
+
+class PayloadTooLargeError(InputError):
+    """The request's images would decode to more than ``MAX_REQUEST_PIXELS`` pixels."""
+
+    status_code = 413
 
 
 @dataclass
@@ -159,12 +166,19 @@ def input_fn(request_body: bytes | bytearray | str, request_content_type: str) -
         raise UnsupportedContentTypeError(
             f"content type {request_content_type!r} is not supported: use one of {list(SUPPORTED_CONTENT_TYPES)}"
         )
-    images = []
+    images, budget = [], MAX_REQUEST_PIXELS
     for index, data in enumerate(encoded):
         try:
-            images.append(decode_image(data))
+            images.append(decode_image(data, pixel_budget=budget))
+        except TooManyPixelsError as error:
+            raise PayloadTooLargeError(
+                f"the images of one request may hold at most {MAX_REQUEST_PIXELS} pixels decoded, and "
+                f"{'image ' + str(index) if len(encoded) > 1 else 'this image'} passes that ({error}): send fewer "
+                "or smaller images per request, or use batch transform"
+            ) from None
         except ImageError as error:
             raise InputError(f"image {index}: {error}" if len(encoded) > 1 else str(error)) from None
+        budget -= images[-1].shape[1] * images[-1].shape[2]
     return images
 
 

@@ -29,8 +29,12 @@ class ImageError(ValueError):
     """The bytes are not a complete JPEG or PNG image of a sensible size; the message says which."""
 
 
-def _check_header(data: bytes) -> None:
-    """Refuse anything but a JPEG or PNG header, and images over ``MAX_IMAGE_PIXELS``.
+class TooManyPixelsError(ImageError):
+    """The image would decode to more pixels than the budget it was given."""
+
+
+def _check_header(data: bytes, pixel_budget: int | None) -> None:
+    """Refuse anything but a JPEG or PNG header, images over ``MAX_IMAGE_PIXELS``, and over ``pixel_budget``.
 
     PIL reads the header only (format and size, no pixels): torchvision decodes GIF and WebP too,
     and would allocate a bomb's pixels before any check could see its size.
@@ -44,17 +48,22 @@ def _check_header(data: bytes) -> None:
         raise ImageError(f"the image is not a readable JPEG or PNG ({error})") from None
     if width * height > MAX_IMAGE_PIXELS:
         raise ImageError(f"the image is {width}x{height}: at most {MAX_IMAGE_PIXELS} pixels")
+    if pixel_budget is not None and width * height > pixel_budget:
+        raise TooManyPixelsError(f"{width}x{height} pixels, {pixel_budget} left")
 
 
-def decode_image(data: bytes | bytearray) -> torch.Tensor:
+def decode_image(data: bytes | bytearray, pixel_budget: int | None = None) -> torch.Tensor:
     """JPEG or PNG bytes -> uint8 RGB pixels [3, H, W] (grey, palette and alpha images converted).
 
+    ``pixel_budget`` caps the decoded size (checked from the header, before any pixel is decoded).
+
     Raises:
+        TooManyPixelsError: the image would pass ``pixel_budget``.
         ImageError: empty, another format, too large, truncated or corrupt.
     """
     if not data:
         raise ImageError("the image is empty: send the bytes of a JPEG or PNG image")
-    _check_header(bytes(data))
+    _check_header(bytes(data), pixel_budget)
     try:
         image = _decode_pixels(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
     except RuntimeError as error:

@@ -44,6 +44,7 @@ def batch_transform_task(
     output_uri: str,
     batch_size: int = 16,
     labels_uri: str | None = None,
+    rescore: bool = False,
 ) -> BatchTransformSummary:
     """Score every image under ``input_uri`` into ``output_uri``; returns what it did."""
     logger = get_run_logger()
@@ -58,7 +59,7 @@ def batch_transform_task(
             logger.info("%d/%d images done", done, total)
 
     summary = get_serving_backend(settings, run_key=str(flow_run.id)).batch_transform(
-        model_uri, input_uri, output_uri, batch_size=batch_size, labels_uri=labels_uri, progress=progress
+        model_uri, input_uri, output_uri, batch_size=batch_size, labels_uri=labels_uri, progress=progress, rescore=rescore
     )
     for error in summary.errors:
         logger.warning("Unreadable, not scored: %s: %s", error["key"], error["error"])

@@ -1,8 +1,9 @@
 """Cache keys for tasks whose inputs name data by URI: the key covers what the URIs hold now.
 
 A channel URI stays the same while the images under it change between runs, so a key made of the
-URI alone would serve a stale result. These keys add a listing of every object (URI and size, and
-the MD5 where S3 gives one) and, for training, the hash of all of ``sm_scripts/``, which runs in a
+URI alone would serve a stale result. These keys add a listing of every object: its URI and size,
+and its content (the SHA-256 of a local file, remembered by mtime so that re-runs read nothing new;
+the MD5 where S3 gives one), and, for training, the hash of all of ``sm_scripts/``, which runs in a
 subprocess (or a SageMaker container) where Prefect's ``TASK_SOURCE`` cannot see it.
 """
 
@@ -16,12 +17,17 @@ from prefect.utilities.hashing import hash_objects
 
 from bincount.code import code_hash
 from bincount.config import Settings
-from bincount.storage import storage_for
+from bincount.storage import folder_digests, local_path, storage_for
 
 
 def listing(settings: Settings, *uris: str) -> list[tuple[str, int, str | None]]:
+    """Every object under ``uris``: URI, size and a content digest (where S3 gives none, size only)."""
     storage = storage_for(settings)
-    return [(info.uri, info.size, info.md5) for uri in uris for info in storage.list(uri)]
+    rows: list[tuple[str, int, str | None]] = []
+    for uri in uris:
+        digests = folder_digests(local_path(uri)) if uri.startswith("file://") else {}
+        rows += [(info.uri, info.size, digests.get(info.uri, info.md5)) for info in storage.list(uri)]
+    return rows
 
 
 def training_job_key(context: TaskRunContext, parameters: dict[str, Any]) -> str | None:

@@ -53,12 +53,12 @@ def download_images_task(
             progress=progress,
         )
     logger.info(
-        "Downloaded %d (%.1f MB in %.1f s), %d already present, %d missing, %d corrupt",
+        "Downloaded %d (%.1f MB in %.1f s), %d already present, %d missing, %d unreadable, %d corrupt",
         report.downloaded, report.bytes_downloaded / 1e6, report.seconds,
-        report.already_present, len(report.missing), len(report.corrupt),
+        report.already_present, len(report.missing), len(report.unreadable), len(report.corrupt),
     )
     problems = [{"id": image_id, "problem": "missing from the source"} for image_id in report.missing]
-    problems += [{"id": image_id, "problem": why} for image_id, why in report.corrupt.items()]
+    problems += [{"id": image_id, "problem": why} for image_id, why in {**report.unreadable, **report.corrupt}.items()]
     if problems:
         create_table_artifact(
             key="download-problems",

@@ -1,4 +1,4 @@
-"""Task: the data report (class balance, image sizes, normalization) as Prefect artifacts."""
+"""Task: the data report (class balance, image sizes, per-channel statistics) as Prefect artifacts."""
 
 from __future__ import annotations
 
@@ -20,13 +20,14 @@ def report_data_task(settings: Settings, split_table: pd.DataFrame) -> DataRepor
     """Class counts per split, image sizes and the training split's mean/std, shown in the UI."""
     logger = get_run_logger()
     report = build_data_report(split_table, Path(settings.data_dir))
-    logger.info("Training normalization from %d images: mean %s std %s", report.normalization_images, report.mean, report.std)
+    logger.info("Train split per-channel statistics from %d images: mean %s std %s", report.normalization_images, report.mean, report.std)
     create_table_artifact(key="data-class-counts", table=class_count_rows(report), description="Images per count and split")
     publish_plot(
         "data-report",
         data_report_png(report),
         "Data report",
-        f"Normalization (train split, {report.normalization_images} images): mean {report.mean}, std {report.std}. "
+        f"Train split per-channel statistics ({report.normalization_images} images): mean {report.mean}, std {report.std} "
+        "(a description of the data: training normalizes with the pretrained weights' constants, ImageNet's for the ResNets). "
         + " ".join(report.notes),
     )
     return report

@@ -1,5 +1,10 @@
 """Which failures a task retries: only transient ones (storage, AWS throttling and 5xx, dropped
-connections); bad input and bugs fail at once."""
+connections); bad input and bugs fail at once.
+
+Network failures are recognised by botocore's exception families (``ConnectionError``,
+``HTTPClientError``, ``IncompleteReadError``; see :data:`~bincount.storage.TRANSIENT_BOTOCORE_ERRORS`),
+so a new member of a family (``ConnectionClosedError``, ``ResponseStreamingError``...) is covered.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,7 @@ from prefect import Task
 from prefect.client.schemas.objects import TaskRun
 from prefect.states import State
 
-from bincount.storage import TransientStorageError
+from bincount.storage import TransientStorageError, is_transient_botocore_error
 
 _TRANSIENT_AWS_CODES = {
     "Throttling", "ThrottlingException", "TooManyRequestsException", "RequestLimitExceeded",
@@ -17,7 +22,8 @@ _TRANSIENT_AWS_CODES = {
 
 
 def is_transient_error(error: BaseException) -> bool:
-    if isinstance(error, TransientStorageError | botocore.exceptions.ConnectionError | botocore.exceptions.ReadTimeoutError):
+    """Whether trying again later may succeed: a store that kept failing, a network failure, AWS throttling or 5xx."""
+    if isinstance(error, TransientStorageError) or is_transient_botocore_error(error):
         return True
     if isinstance(error, botocore.exceptions.ClientError):
         status = int(error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)

@@ -44,9 +44,13 @@ def s3_client(s3_server: LoopbackS3):
 
 @pytest.fixture(scope="session")
 def abid_dir() -> Path:
-    """The real ABID sample; tests that need it skip when it is absent."""
+    """The real ABID sample; tests that need it skip when it is absent, or fail where it is
+    expected (``BINCOUNT_REQUIRE_ABID=1``, as CI sets it when ``../shared/data/abid`` exists)."""
     if not (ABID_DIR / "file_list.sample.json").is_file():
-        pytest.skip(f"the real ABID sample is not at {ABID_DIR} (set BINCOUNT_ABID_SAMPLE to its folder; see README: Tests)")
+        message = f"the real ABID sample is not at {ABID_DIR} (set BINCOUNT_ABID_SAMPLE to its folder; see README: Tests)"
+        if os.environ.get("BINCOUNT_REQUIRE_ABID") == "1":
+            pytest.fail(f"{message}; BINCOUNT_REQUIRE_ABID=1 says it must be there", pytrace=False)
+        pytest.skip(message)
     return ABID_DIR
 
 

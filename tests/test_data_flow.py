@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from uuid import UUID
 
 import numpy as np
 import pytest
 from prefect import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.objects import Artifact
 
 from bincount.config import Location
 from bincount.demo_data import generate_demo_bucket
@@ -22,6 +24,16 @@ def task_states(flow_run_id: UUID) -> dict[str, str]:
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
     return {run.name.rsplit("-", 1)[0]: run.state.name for run in runs}
+
+
+def run_artifacts(flow_run_id: UUID) -> dict[str, Artifact]:
+    """The artifacts one flow run made, by key (table data parsed)."""
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    for artifact in found:
+        if artifact.type == "table" and isinstance(artifact.data, str):
+            artifact.data = json.loads(artifact.data)
+    return {artifact.key: artifact for artifact in found}
 
 
 @pytest.fixture
@@ -55,9 +67,16 @@ def test_real_images_from_s3_to_channels_then_served_from_cache(prefect_server, 
     refreshed = prepare_data(location=Location(source_uri="s3://abid-sample", artifact_root=str(artifacts)), refresh=True, return_state=True)
     assert task_states(refreshed.state_details.flow_run_id)["download-images"] == "Completed"
 
+    shown = run_artifacts(state.state_details.flow_run_id)
+    assert f"mean {result.mean}, std {result.std}" in shown["data-report"].data
+    assert "data:image/png;base64," in shown["data-report"].data
+    assert sum(row["train"] for row in shown["data-class-counts"].data) == (table["split"] == "train").sum()
+    assert shown["download-progress"].type == "progress" and shown["download-progress"].data == 100.0
 
-def test_demo_data_round_trips_through_s3_and_the_flow(prefect_server, env: Path, s3_server, s3_client, monkeypatch) -> None:
-    monkeypatch.setenv("BINCOUNT_SOURCE_ANONYMOUS", "false")  # a private bucket, unlike the public ABID one
+
+def test_demo_data_round_trips_through_s3_and_the_flow(prefect_server, env: Path, s3_server, s3_client) -> None:
+    """As `bincount demo` with an s3:// artifact root: the demo bucket is private, in the artifact
+    root's bucket, and read with the project's credentials although sources default to anonymous."""
     s3_client.create_bucket(Bucket="demo-roundtrip")
     storage = Storage(s3_endpoint_url=s3_server.endpoint_url)
     manifest_uri = generate_demo_bucket(storage, "s3://demo-roundtrip", images=120, seed=7, size=96)

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import io
+import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import boto3
+import numpy as np
 import pytest
+from PIL import Image
 
-from bincount.download import DownloadError, Ledger, check_image, download_images, image_path
-from bincount.storage import Storage, file_digest
+from bincount.demo_data import jpeg_bytes, render_bin_image
+from bincount.download import LOCK_NAME, DownloadError, Ledger, check_image, download_images, image_path
+from bincount.ids import UnsafeNameError
+from bincount.storage import LockedError, Storage, file_digest, file_lock
 
 BUCKET = "s3://abid-sample"
 
@@ -54,7 +60,7 @@ def test_corrupt_truncated_and_missing_are_reported_and_leave_nothing(s3_server,
     assert len(downloaded) == 10
     assert sorted(p.name for p in (tmp_path / "bin-images").iterdir()) == sorted(f"{i}.jpg" for i in downloaded)
 
-    with pytest.raises(DownloadError, match=r"1 missing and 2 corrupt of 13 images .*raise max_missing_share") as failure:
+    with pytest.raises(DownloadError, match=r"1 missing, 0 unreadable and 2 corrupt of 13 images .*raise max_missing_share") as failure:
         download_images(manifest, source, tmp_path / "strict", storage, max_missing_share=0.1, with_metadata=False)
     assert "truncated" in str(failure.value) and "missing" in str(failure.value)
 
@@ -102,3 +108,65 @@ def test_a_killed_download_resumes_without_refetching_or_partial_files(s3_server
     assert report.downloaded == len(abid_bucket) - len(arrived)
     assert not list(tmp_path.glob("*/.tmp-*"))
     assert all(file_digest(image_path(tmp_path, i)) == entry.sha256 for i, entry in downloaded.items())
+
+
+def _encoded(image: Image.Image, format: str) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=format)
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def hostile_bucket(s3_client) -> tuple[str, dict[str, int]]:
+    """A public bucket of four good photos, one private object (403 to an anonymous reader), GIF,
+    BMP and TIFF bytes saved as .jpg, and a 20-megapixel PNG of a few kilobytes (a bomb)."""
+    s3_client.create_bucket(Bucket="hostile-objects")
+    photo = render_bin_image(2, np.random.default_rng(0), size=48)
+    bodies = {f"good{i}": jpeg_bytes(render_bin_image(i + 1, np.random.default_rng(i), size=48)) for i in range(4)}
+    bodies |= {kind: _encoded(photo, kind.upper()) for kind in ("gif", "bmp", "tiff")}
+    bodies["bomb"] = _encoded(Image.new("1", (5000, 4000)), "PNG")
+    for image_id, body in bodies.items():
+        s3_client.put_object(Bucket="hostile-objects", Key=f"bin-images/{image_id}.jpg", Body=body, ACL="public-read")
+    s3_client.put_object(Bucket="hostile-objects", Key="bin-images/forbidden.jpg", Body=bodies["good0"])  # private
+    return "s3://hostile-objects", {image_id: 1 for image_id in [*bodies, "forbidden"]}
+
+
+def test_forbidden_bombs_and_other_formats_are_listed_never_fatal_alone(s3_server, hostile_bucket, tmp_path: Path) -> None:
+    source, manifest = hostile_bucket
+    storage = Storage(s3_endpoint_url=s3_server.endpoint_url, anonymous=True)
+    report, downloaded = download_images(manifest, source, tmp_path, storage, max_missing_share=0.7, with_metadata=False)
+    assert sorted(downloaded) == ["good0", "good1", "good2", "good3"]
+    assert list(report.unreadable) == ["forbidden"] and "access denied" in report.unreadable["forbidden"]
+    assert sorted(report.corrupt) == ["bmp", "bomb", "gif", "tiff"]
+    assert all("not a JPEG or PNG" in report.corrupt[kind] for kind in ("bmp", "gif", "tiff"))
+    assert "5000x4000" in report.corrupt["bomb"]
+    assert sorted(p.stem for p in (tmp_path / "bin-images").iterdir()) == sorted(downloaded)
+
+    with pytest.raises(DownloadError, match=r"0 missing, 1 unreadable and 4 corrupt of 9 images .*forbidden: access denied"):
+        download_images(manifest, source, tmp_path / "strict", storage, max_missing_share=0.5, with_metadata=False)
+
+
+def test_ids_that_leave_the_folder_are_refused_before_any_request(s3_server, hostile_bucket, tmp_path: Path) -> None:
+    source, _ = hostile_bucket
+    before = s3_server.requests
+    with pytest.raises(UnsafeNameError, match=r"'\.\./\.\./evil' is not an image id"):
+        download_images({"good0": 1, "../../evil": 1}, source, tmp_path / "data", Storage(s3_endpoint_url=s3_server.endpoint_url))
+    assert s3_server.requests == before
+    assert not list(tmp_path.rglob("evil*"))
+
+
+def test_a_second_run_on_the_same_folder_waits_then_names_the_holder(s3_server, hostile_bucket, tmp_path: Path) -> None:
+    source, _ = hostile_bucket
+    storage = Storage(s3_endpoint_url=s3_server.endpoint_url)
+    in_flight = tmp_path / "bin-images" / ".tmp-good1.jpg.abc"  # what the holder is writing right now
+    in_flight.parent.mkdir(parents=True)
+    in_flight.write_bytes(b"partial")
+    with file_lock(tmp_path / LOCK_NAME):
+        started = time.monotonic()
+        with pytest.raises(LockedError, match=rf"in use by pid {os.getpid()} on .* since "):
+            download_images({"good0": 1}, source, tmp_path, storage, with_metadata=False, lock_wait_s=0.5)
+        assert time.monotonic() - started >= 0.5
+        assert in_flight.is_file(), "the waiting run must not touch the holder's files"
+    report, _ = download_images({"good0": 1}, source, tmp_path, storage, with_metadata=False, lock_wait_s=0)
+    assert report.downloaded == 1
+    assert not in_flight.exists(), "once the lock is free, a killed run's leftovers are cleared"

@@ -27,6 +27,7 @@ def test_seed_format_round_trips() -> None:
         ('{"2": ["data/metadata/00001.json", "images/00002.jpg"]}', r"manifest\['2'\]\[1\] = 'images/00002.jpg'"),
         ('{"1": ["data/metadata/00001.json"], "4": ["data/metadata/00001.json"]}', r"id 00001 is listed twice \(also at manifest\['1'\]\[0\]\)"),
         ("{}", "lists no images"),
+        ('{"1": ["data/metadata/...json"]}', r"manifest\['1'\]\[0\] = '\.\.' is not an image id"),
     ],
 )
 def test_malformed_manifest_names_the_entry(document: str, message: str) -> None:
@@ -47,3 +48,12 @@ def test_build_from_ids_uses_expected_quantity_and_lists_what_it_leaves_out(abid
     assert set(built.left_out) == {*outside[:5], "99999999"}
     assert "no file" in built.left_out["99999999"]
     assert all("outside" in built.left_out[image_id] for image_id in outside[:5])
+
+
+def test_an_id_file_with_a_path_in_it_is_refused_naming_the_id(abid_dir, tmp_path) -> None:
+    """The measured escape: ``../../evil`` beside good ids fetched an object outside bin-images/."""
+    sample = list(parse_manifest((abid_dir / "file_list.sample.json").read_text()))[:3]
+    ids_file = tmp_path / "ids.txt"
+    ids_file.write_text("\n".join([*sample, "../../evil", "a/b"]))
+    with pytest.raises(ManifestError, match=r"2 of 5 ids are not image ids \(image_ids\[3\] = '\.\./\.\./evil'; image_ids\[4\] = 'a/b'\)"):
+        build_manifest(Storage(), (abid_dir / "bucket").as_uri(), ids_file.read_text().split())

@@ -7,10 +7,14 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
+from prefect import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
 from bincount.config import Location, Settings
+from bincount.demo_data import jpeg_bytes, render_bin_image
 from bincount.manifest import parse_manifest
 from bincount.contracts.serving import BatchTransformError
 from bincount.local.serving import LocalServingBackend
@@ -48,10 +52,11 @@ def test_batch_transform_scores_every_good_image_reports_the_bad_and_resumes(
 ) -> None:
     output = tmp_path / "out"
     artifacts = tmp_path / "artifacts"
-    summary = batch_transform(
+    state = batch_transform(
         input_uri=channel.as_uri(), output_uri=str(output), model_uri=model_uri, batch_size=8,
-        location=Location(artifact_root=str(artifacts)),
+        location=Location(artifact_root=str(artifacts)), return_state=True,
     )
+    summary = state.result()
     good = 5 * PER_CLASS
     assert (summary.images, summary.scored, summary.skipped, summary.failed) == (good + 1, good, 0, 1)
     assert summary.errors[0]["key"] == "3/corrupt.jpg" and "JPEG" in summary.errors[0]["error"]
@@ -68,6 +73,18 @@ def test_batch_transform_scores_every_good_image_reports_the_bad_and_resumes(
     assert summary.accuracy == pytest.approx((table["predicted_count"] == table["label"]).mean(), abs=1e-4)
     errors = pd.read_csv(output / "errors.csv")
     assert list(errors["key"]) == ["3/corrupt.jpg"]
+    with get_client(sync_client=True) as client:
+        shown = {
+            artifact.key: artifact
+            for artifact in client.read_artifacts(
+                artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id]))
+            )
+        }
+    assert f"| output | `{output.as_uri()}` |" in shown["batch-transform-summary"].data
+    assert f"| scored now | {good} (" in shown["batch-transform-summary"].data
+    assert f"(version `{summary.model_version}`)" in shown["batch-transform-summary"].data
+    assert "3/corrupt.jpg" in str(shown["batch-transform-errors"].data)
+    assert shown["batch-transform-progress"].data == 100.0
 
     written = {path: path.stat().st_mtime_ns for path in output.rglob("*.out")}
     again = batch_transform(
@@ -107,6 +124,57 @@ def test_batch_transform_between_s3_prefixes(channel: Path, model_uri: str, s3_s
     summary = LocalServingBackend(settings).batch_transform(model_uri, "s3://serve-batch/in", "s3://serve-batch/out", batch_size=4)
     assert (summary.scored, summary.failed) == (len(photos), 0)
     keys = {item["Key"] for item in s3_client.list_objects_v2(Bucket="serve-batch", Prefix="out/")["Contents"]}
-    assert keys == {f"out/{p.parent.name}/{p.name}.out" for p in photos} | {"out/results.csv"}
+    assert keys == {f"out/{p.parent.name}/{p.name}.out" for p in photos} | {"out/results.csv", "out/model.json"}
     table = pd.read_csv(io.BytesIO(s3_client.get_object(Bucket="serve-batch", Key="out/results.csv")["Body"].read()))
     assert sorted(table["label"].unique()) == [1, 2]
+
+
+@pytest.fixture(scope="module")
+def small_channel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Six synthetic photos in channel layout (no real sample needed)."""
+    root = tmp_path_factory.mktemp("small") / "test"
+    for count in (1, 2, 3):
+        (root / str(count)).mkdir(parents=True)
+        for index in range(2):
+            photo = render_bin_image(count, np.random.default_rng(10 * count + index), size=48)
+            (root / str(count) / f"p{count}{index}.jpg").write_bytes(jpeg_bytes(photo))
+    return root
+
+
+def test_a_resume_with_another_model_is_refused_and_rescoring_is_explicit(small_channel: Path, tmp_path: Path) -> None:
+    backend = LocalServingBackend(Settings.load(artifact_root=str(tmp_path / "artifacts")))
+    models = [
+        write_untrained_model_dir(tmp_path / f"m{seed}", "resnet18", 32, seed=seed).as_uri() for seed in (1, 2)
+    ]
+    output = tmp_path / "out"
+    first = backend.batch_transform(models[0], small_channel.as_uri(), output.as_uri())
+    table = pd.read_csv(output / "results.csv", dtype={"model_version": str})
+    assert set(table["model_version"]) == {first.model_version}
+    (output / "3" / "p30.jpg.out").unlink()  # as if the first run had been cut short
+
+    with pytest.raises(BatchTransformError, match=rf"holds 5 predictions of model {first.model_version}, not of model [0-9a-f]{{12}}: .*rescore=True"):
+        backend.batch_transform(models[1], small_channel.as_uri(), output.as_uri())
+    assert pd.read_csv(output / "results.csv", dtype={"model_version": str}).equals(table)
+
+    second = backend.batch_transform(models[1], small_channel.as_uri(), output.as_uri(), rescore=True)
+    assert second.model_version != first.model_version
+    assert (second.scored, second.skipped) == (6, 0)
+    rescored = pd.read_csv(output / "results.csv", dtype={"model_version": str})
+    assert len(rescored) == 6 and set(rescored["model_version"]) == {second.model_version}
+    assert json.loads((output / "model.json").read_text()) == {"model_version": second.model_version}
+
+
+def test_input_keys_that_climb_out_of_the_output_are_reported_not_written(
+    small_channel: Path, s3_server, s3_client, tmp_path: Path
+) -> None:
+    s3_client.create_bucket(Bucket="batch-escape")
+    for path in sorted(small_channel.glob("1/*.jpg")):
+        s3_client.upload_file(str(path), "batch-escape", f"in/1/{path.name}")
+    s3_client.upload_file(str(path), "batch-escape", "in/1/../../evil.jpg")
+    settings = Settings.load(artifact_root=str(tmp_path / "artifacts"), s3_endpoint_url=s3_server.endpoint_url)
+    model = write_untrained_model_dir(tmp_path / "m", "resnet18", 32, seed=3).as_uri()
+    output = tmp_path / "deep" / "out"
+    summary = LocalServingBackend(settings).batch_transform(model, "s3://batch-escape/in", output.as_uri())
+    assert (summary.images, summary.scored, summary.failed) == (3, 2, 1)
+    assert summary.errors[0]["key"] == "1/../../evil.jpg" and "not a plain relative key" in summary.errors[0]["error"]
+    assert not list(tmp_path.rglob("evil*"))

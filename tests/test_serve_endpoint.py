@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import http.client
+import io
 import json
 import os
 import signal
@@ -17,6 +19,7 @@ from pathlib import Path
 import botocore.exceptions
 import httpx
 import pytest
+from PIL import Image
 
 from bincount.config import Settings
 from bincount.contracts.serving import DeployError, EndpointNotFoundError, EndpointRecord
@@ -113,6 +116,25 @@ def test_bad_requests_get_clear_4xx_and_the_server_still_answers(endpoint: Endpo
     answer = client.invoke_endpoint(EndpointName=NAME, Body=photo, ContentType="image/jpeg")
     assert json.loads(answer["Body"].read())["predictions"][0]["predicted_count"] in (1, 2, 3, 4, 5)
     assert _is_running(endpoint.details["host_pid"]) and _is_running(endpoint.details["router_pid"])
+
+
+def test_a_request_whose_images_decode_past_the_pixel_cap_is_413(endpoint: EndpointRecord) -> None:
+    """Three 12-megapixel JPEGs are small on the wire (under 6 MB) but 108 MB decoded: refused before decoding."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (4000, 3000), (90, 120, 60)).save(buffer, format="JPEG")
+    encoded = base64.b64encode(buffer.getvalue()).decode()
+    body = json.dumps({"images": [encoded] * 3}).encode()
+    assert len(body) < 6 * 1024 * 1024
+    client = runtime_client(endpoint.url, max_attempts=1)
+    with pytest.raises(botocore.exceptions.ClientError) as caught:
+        client.invoke_endpoint(EndpointName=NAME, Body=body, ContentType="application/json")
+    assert caught.value.response["ResponseMetadata"]["HTTPStatusCode"] == 413
+    assert f"at most {inference.MAX_REQUEST_PIXELS} pixels" in caught.value.response["Error"]["Message"]
+    assert "image 2" in caught.value.response["Error"]["Message"]
+    answer = httpx.post(f"{endpoint.url}/invocations", content=body, headers={"Content-Type": "application/json"}, timeout=30)
+    assert answer.status_code == 413 and "use batch transform" in answer.json()["error"]
+    two = json.dumps({"images": [encoded] * 2}).encode()  # 24 MP: within the cap
+    assert len(json.loads(client.invoke_endpoint(EndpointName=NAME, Body=two, ContentType="application/json")["Body"].read())["predictions"]) == 2
 
 
 def test_redeploy_under_concurrent_load_fails_no_request(
@@ -217,6 +239,26 @@ def test_sigterm_drains_the_request_in_flight_then_exits(models: dict[str, Path]
         if host.poll() is None:
             host.kill()
             host.wait()
+
+
+def test_a_redeploy_never_signals_a_process_that_is_not_the_router(
+    backend: LocalServingBackend, endpoint: EndpointRecord, models: dict[str, Path]
+) -> None:
+    """A router pid in the record that now names another process (a reused pid) gets no SIGHUP."""
+    stranger = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])  # SIGHUP would end it
+    record = backend.describe(NAME)
+    forged = {**record.to_dict(), "details": {**record.details, "router_pid": stranger.pid}}
+    backend.storage.write_bytes(backend.records.uri(NAME), json.dumps(forged).encode())
+    try:
+        with pytest.raises(DeployError, match=rf"pid {stranger.pid}, recorded as the router of '{NAME}', is not that router"):
+            backend.deploy(NAME, models["green"].as_uri())
+        time.sleep(0.2)
+        assert stranger.poll() is None
+        assert httpx.get(f"{record.url}/router/status").json()["target"] == record.details["host_url"]
+    finally:
+        backend.storage.write_bytes(backend.records.uri(NAME), json.dumps(record.to_dict()).encode())
+        stranger.kill()
+        stranger.wait()
 
 
 def test_delete_stops_the_endpoint_and_forgets_it(backend: LocalServingBackend, models: dict[str, Path]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
@@ -16,6 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
+from bincount.local.batcher import MicroBatcher
 from sm_scripts import inference
 from sm_scripts.model_dir import model_info, write_model_dir
 from sm_scripts.networks import build_model
@@ -219,3 +221,27 @@ def test_handlers_load_as_a_top_level_module_as_in_sagemakers_container(efficien
     (prediction,) = json.loads(result.stdout)["predictions"]
     here = json.loads(predict(image.read_bytes(), "image/png", inference.model_fn(str(efficientnet_dir)))[0])
     assert prediction["predicted_count"] == here["predictions"][0]["predicted_count"]
+
+
+def test_concurrent_requests_share_one_forward_and_each_gets_its_own_answer() -> None:
+    """Micro-batching: six requests in flight together go through the model as one batch of six."""
+    batch_sizes: list[int] = []
+
+    def forward(pixels: torch.Tensor) -> list[float]:
+        batch_sizes.append(len(pixels))
+        return pixels[:, 0, 0, 0].tolist()  # each image's answer names the image
+
+    batcher = MicroBatcher(forward, max_batch_size=8, max_wait_s=2.0, threads=1)
+    batcher.start()
+
+    async def requests() -> list[list[float]]:
+        for _ in range(6):
+            batcher.expect()  # as the host does when a request arrives, before it decodes
+        return await asyncio.gather(*(batcher.submit(torch.full((1, 3, 2, 2), float(i))) for i in range(6)))
+
+    try:
+        answers = asyncio.run(requests())
+    finally:
+        batcher.stop()
+    assert answers == [[float(i)] for i in range(6)]
+    assert batch_sizes == [6] and (batcher.batches, batcher.images) == (1, 6)

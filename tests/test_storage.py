@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
-from bincount.storage import ObjectNotFoundError, Storage, TransientStorageError
+from bincount.storage import ObjectNotFoundError, Storage, StorageError, TransientStorageError, folder_digests
 
 
 @pytest.fixture
@@ -52,3 +53,48 @@ def test_transient_errors_are_retried_then_reported(s3_server, bucket: str) -> N
     s3_server.fail_next("flaky.bin", times=2)
     with pytest.raises(TransientStorageError, match="SlowDown"):
         impatient.read_bytes(f"{bucket}/flaky.bin")
+
+
+def test_staging_refuses_keys_that_climb_out_of_the_scratch_folder(s3_server, bucket: str, s3_client, tmp_path: Path) -> None:
+    storage = Storage(s3_endpoint_url=s3_server.endpoint_url)
+    storage.write_bytes(f"{bucket}/chan/1/a.jpg", b"a")
+    s3_client.put_object(Bucket="storage-tests", Key="chan/1/../../../evil.jpg", Body=b"evil")
+    with pytest.raises(StorageError, match=r"cannot stage .*'1/\.\./\.\./\.\./evil\.jpg' is not a plain relative key"):
+        storage.local_folder(f"{bucket}/chan", tmp_path / "deep" / "scratch")
+    assert not list(tmp_path.rglob("evil.jpg"))
+
+
+def test_local_writes_reach_the_disk_before_the_rename(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A crash right after the rename must not leave an empty file under the final name."""
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    target = tmp_path / "model.json"
+    Storage().write_bytes(target.as_uri(), b"{}")
+    assert len(synced) == 2
+    assert synced[0].startswith(str(tmp_path / ".tmp-model.json."))  # the data, under its temporary name
+    assert synced[1] == str(tmp_path)  # then the folder, so that the rename itself is durable
+
+
+def test_folder_digests_see_a_same_size_replacement_and_reread_nothing_unchanged(tmp_path: Path) -> None:
+    channel, cache = tmp_path / "channel", tmp_path / "cache"
+    (channel / "1").mkdir(parents=True)
+    photo = channel / "1" / "a.jpg"
+    photo.write_bytes(b"first photo")
+    (channel / "1" / "b.jpg").write_bytes(b"another one")
+    first = folder_digests(channel, cache)
+    (cache_file,) = cache.iterdir()
+    written = cache_file.stat().st_mtime_ns
+    assert folder_digests(channel, cache) == first and cache_file.stat().st_mtime_ns == written  # nothing new to hash
+
+    stat = photo.stat()
+    photo.write_bytes(b"other photo")  # same size; even with the old mtime put back, ctime moves
+    os.utime(photo, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    second = folder_digests(channel, cache)
+    assert second[photo.as_uri()] != first[photo.as_uri()]
+    assert second[(channel / "1" / "b.jpg").as_uri()] == first[(channel / "1" / "b.jpg").as_uri()]

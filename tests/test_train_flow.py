@@ -5,17 +5,29 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import shutil
 import tarfile
 from pathlib import Path
+from uuid import UUID
 
 import torch
+from prefect import flow
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, TaskRunFilter, TaskRunFilterName
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterKey,
+    FlowRunFilter,
+    FlowRunFilterId,
+    FlowRunFilterParentFlowRunId,
+    TaskRunFilter,
+    TaskRunFilterName,
+)
 
 from bincount.config import Settings
+from bincount.models import read_from_archive, write_untrained_model_dir
 from bincount.storage import Storage, storage_for
-from bincount.models import read_from_archive
-from flows.train import TrainOptions, train_model
+from flows.train import TrainOptions, train_model, tune_hyperparameters
+from tasks.evaluate import score_model_task
 
 ARTIFACT_KEYS = {
     "tuning-leaderboard", "tuning-trials", "training-curves", "debugger-rules",
@@ -29,10 +41,15 @@ async def latest_artifacts(keys: set[str]) -> dict[str, object]:
     return {artifact.key: artifact for artifact in found}
 
 
-async def trial_task_runs() -> dict[str, str]:
-    async with get_client() as client:
-        runs = await client.read_task_runs(task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_="train-trial-")))
-    return {run.name: run.state.type.value for run in runs}
+def task_states(flow_run_id: UUID, name_like: str = "") -> dict[str, str]:
+    """Task run name -> state name, in this flow run and its subflows only (other tests' runs share the server)."""
+    with get_client(sync_client=True) as client:
+        children = client.read_flow_runs(flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id])))
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id, *(child.id for child in children)])),
+            task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_=name_like)),
+        )
+    return {run.name: run.state.name for run in runs}
 
 
 def test_train_model_flow(prefect_server: None, demo_channels: dict[str, Path], tmp_path: Path) -> None:
@@ -51,7 +68,8 @@ def test_train_model_flow(prefect_server: None, demo_channels: dict[str, Path], 
     )
     channels = {name: path.as_uri() for name, path in demo_channels.items()}
     settings = Settings.load(artifact_root=str(tmp_path / "art"))
-    result = train_model(channels, options, settings)
+    run = train_model(channels, options, settings, return_state=True)
+    result = run.result()
 
     assert result.tuning is not None
     statuses = [trial.status for trial in result.tuning.trials]
@@ -86,11 +104,64 @@ def test_train_model_flow(prefect_server: None, demo_channels: dict[str, Path], 
     assert set(artifacts) == ARTIFACT_KEYS
     assert "data:image/png;base64," in artifacts["confusion-matrix-plot"].data
     assert "data:image/png;base64," in artifacts["tuning-trials"].data
-    trials = asyncio.run(trial_task_runs())
+    trials = task_states(run.state_details.flow_run_id, "train-trial-")
     assert set(trials) == {"train-trial-0", "train-trial-1", "train-trial-2"}
-    assert sorted(trials.values()) == ["COMPLETED", "COMPLETED", "FAILED"]
+    assert sorted(trials.values()) == ["Completed", "Completed", "Failed"]
 
 
 def tarfile_names(storage: Storage, uri: str) -> list[str]:
     with tarfile.open(fileobj=io.BytesIO(storage.read_bytes(uri)), mode="r:gz") as archive:
         return archive.getnames()
+
+
+@flow(name="score-test-channel")
+def score_test_channel(model_uri: str, channel_uri: str, artifact_root: str) -> float:
+    return score_model_task(Settings.load(artifact_root=artifact_root), model_uri, channel_uri, "trained").accuracy
+
+
+def test_a_changed_channel_is_scored_again_an_unchanged_one_comes_from_cache(
+    prefect_server: None, demo_channels: dict[str, Path], tmp_path: Path
+) -> None:
+    channel = tmp_path / "test"
+    shutil.copytree(demo_channels["test"], channel)
+    model = write_untrained_model_dir(tmp_path / "model", "resnet18", 32, seed=6).as_uri()
+
+    def scored() -> str:
+        state = score_test_channel(model, channel.as_uri(), str(tmp_path / "art"), return_state=True)
+        (evaluation_state,) = task_states(state.state_details.flow_run_id, "evaluate-").values()
+        return evaluation_state
+
+    assert scored() == "Completed"
+    assert scored() == "Cached"
+    photos = sorted(channel.glob("*/*.jpg"), key=lambda path: path.stat().st_size)
+    smaller, bigger = photos[0], photos[-1]
+    replacement = smaller.read_bytes()  # another photo, padded after its end marker to the same size
+    bigger.write_bytes(replacement + b"\0" * (bigger.stat().st_size - len(replacement)))
+    assert scored() == "Completed", "a photo replaced by another of the same size must not be served from cache"
+
+
+def test_a_trial_below_the_median_is_pruned_in_the_tuning_flow(prefect_server: None, demo_channels: dict[str, Path], tmp_path: Path) -> None:
+    """With seed 0 Optuna's seeded start asks lr 1e6, 0.01, 1e6: the third trial diverges like the
+    first (NaN weights: one count for every photo, 0.2 accuracy), falls below the median of the
+    two finished ones at epoch 2 (0.2 and lr 0.01's 0.25 here) and is stopped there, by its own
+    train-trial task."""
+    options = TrainOptions(
+        arch="resnet18",
+        image_size=32,
+        max_jobs=3,
+        seed=0,
+        debugger=False,
+        profiler=False,
+        search_space=[
+            {"type": "categorical", "name": "lr", "values": [0.01, 1e6]},
+            {"type": "categorical", "name": "batch-size", "values": [16]},
+            {"type": "categorical", "name": "epochs", "values": [4]},
+        ],
+    )
+    channels = {name: path.as_uri() for name, path in demo_channels.items()}
+    run = tune_hyperparameters(channels, options, Settings.load(artifact_root=str(tmp_path / "art")), return_state=True)
+    trials = {trial.number: trial for trial in run.result().trials}
+    assert [trials[n].hyperparameters["lr"] for n in range(3)] == [1e6, 0.01, 1e6]
+    assert [trials[n].status for n in range(3)] == ["Completed", "Completed", "Stopped"], trials
+    assert trials[1].objective > trials[0].objective == 0.2, "the premise: lr 0.01 beats chance by epoch 2"
+    assert set(task_states(run.state_details.flow_run_id, "train-trial-").values()) == {"Completed"}

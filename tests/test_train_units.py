@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+import shutil
 
 import optuna
 import pytest
@@ -12,8 +13,10 @@ from sagemaker.parameter import CategoricalParameter, ContinuousParameter, Integ
 from bincount.contracts.naming import job_name
 from bincount.contracts.training import DEBUGGER_RULES, TrainingJob, TrainingJobSpec
 from bincount.contracts.tuning import SEEDS_SEARCH_SPACE, TrialSpec, space_from_dicts
-from bincount.evaluation import score_counts
-from bincount.local.debugger import loss_not_decreasing, overfit, overtraining
+from bincount.evaluation import evaluate_model, score_counts
+from bincount.local.debugger import check_rules, loss_not_decreasing, overfit, overtraining
+from bincount.models import pack_folder, write_untrained_model_dir
+from bincount.storage import Storage
 from bincount.local.tuning import LocalTuner, suggest
 from bincount.sagemaker.tuning import sagemaker_ranges
 from sm_scripts.metric_format import METRIC_DEFINITIONS, OBJECTIVE_METRIC
@@ -165,3 +168,55 @@ def test_local_tuning_backend_runs_rounds_through_the_given_runner() -> None:
     assert objectives == sorted(objectives, reverse=True) and result.trials[-1].status == "Failed"
     assert result.best_objective == objectives[0] and result.best_hyperparameters["arch"] == "resnet18"
     assert result.counters == {"Completed": 4, "Failed": 1}
+def test_evaluation_reads_a_model_folder_as_deploy_does(demo_channels, tmp_path) -> None:
+    """The nightly scores the serving model, which deploy may have been given as a folder."""
+    folder = write_untrained_model_dir(tmp_path / "model", "resnet18", 32, seed=5)
+    archive = pack_folder(folder, tmp_path / "model.tar.gz")
+    test_channel = demo_channels["test"].as_uri()
+    from_folder = evaluate_model(Storage(), folder.as_uri(), test_channel)
+    assert from_folder.images == 40
+    assert from_folder == evaluate_model(Storage(), archive.as_uri(), test_channel)
+
+
+def test_the_cache_key_of_a_local_channel_changes_when_a_photo_is_replaced_by_one_of_the_same_size(demo_channels, tmp_path) -> None:
+    from bincount.config import Settings
+    from tasks.caching import listing
+
+    channel = tmp_path / "train"
+    shutil.copytree(demo_channels["train"], channel)
+    settings = Settings.load(artifact_root=str(tmp_path / "art"))
+    before = listing(settings, channel.as_uri())
+    first, second = sorted(channel.glob("1/*.jpg"))[:2]
+    same_size = second.read_bytes()[: first.stat().st_size].ljust(first.stat().st_size, b"\0")
+    first.write_bytes(same_size)
+    after = listing(settings, channel.as_uri())
+    assert [(uri, size) for uri, size, _ in after] == [(uri, size) for uri, size, _ in before]
+    assert after != before
+
+
+def test_the_gradient_and_initialization_rules_fire_on_a_network_that_cannot_learn(tmp_path) -> None:
+    """All-zero weights, saved by train.py's own smdebug hook: no gradient reaches the first layer,
+    and its weights span nothing. Both rules must fire (a healthy job passes them: test_train_backend)."""
+    import torch
+    from smdebug import modes
+
+    from sm_scripts.monitoring import make_debugger_hook
+
+    torch.manual_seed(0)
+    network = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 5))
+    for parameter in network.parameters():
+        torch.nn.init.zeros_(parameter)
+    criterion = torch.nn.CrossEntropyLoss()
+    hook = make_debugger_hook(network, criterion, str(tmp_path / "tensors"), save_interval=1)
+    hook.set_mode(modes.TRAIN)
+    optimizer = torch.optim.SGD(network.parameters(), lr=0.1)
+    for _ in range(3):
+        optimizer.zero_grad()
+        criterion(network(torch.randn(4, 8)), torch.tensor([0, 1, 2, 3])).backward()
+        optimizer.step()
+    hook.close()
+
+    rules = {rule.rule: rule for rule in check_rules(tmp_path / "tensors")}
+    assert rules["vanishing_gradient"].status == "fired", rules["vanishing_gradient"].evidence
+    assert rules["poor_weight_initialization"].status == "fired", rules["poor_weight_initialization"].evidence
+    assert "spans only 0" in rules["poor_weight_initialization"].evidence

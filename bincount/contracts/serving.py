@@ -7,8 +7,9 @@ The answer format (``application/json``) every backend gives::
 Batch transform output (SageMaker's layout on every backend)::
 
     {output_uri}/<key>.jpg.out     the JSON answer for that image
-    {output_uri}/results.csv       id, key, predicted_count, prob_1.., label (where known), correct
+    {output_uri}/results.csv       id, key, predicted_count, prob_1.., label (where known), correct, model_version
     {output_uri}/errors.csv        the images that could not be read, and why
+    {output_uri}/model.json        {"model_version": ...}: the model every .out came from (local backend)
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ RECORD_SCHEMA = 1
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 RESULTS_NAME = "results.csv"
 ERRORS_NAME = "errors.csv"
+MODEL_NAME = "model.json"
 
 ProgressFn = Callable[[int, int], None]
 """Called with (done, total) as a batch transform goes."""
@@ -137,6 +139,8 @@ class ServingBackend(Protocol):
         batch_size: int = 16,
         labels_uri: str | None = None,
         progress: ProgressFn | None = None,
+        rescore: bool = False,
     ) -> BatchTransformSummary:
-        """Score every image under ``input_uri`` into ``output_uri`` (the layout above)."""
+        """Score every image under ``input_uri`` into ``output_uri`` (the layout above); ``rescore`` scores
+        again what an earlier run (maybe of another model) left there."""
         ...

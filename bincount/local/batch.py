@@ -3,18 +3,23 @@
     input  {input_uri}/<key>.jpg          every .jpg/.jpeg/.png object under the prefix
     output {output_uri}/<key>.jpg.out     the JSON answer for that image (as the endpoint gives it)
            {output_uri}/results.csv       the joined table: id, key, predicted_count, prob_1..,
-                                          label (where known), correct
+                                          label (where known), correct, model_version
            {output_uri}/errors.csv        the images that could not be read, and why
+           {output_uri}/model.json        {"model_version": ...}: the model every .out came from
 
 The model runs in batches on this machine (no HTTP per image); a thread pool reads and decodes
 the next batches while the current one runs through the model. Resumable: an input whose
-``.out`` exists is not scored again, and the table is rebuilt from every ``.out``. An unreadable
-image is reported and skipped, never fatal; it is tried again on the next run. A store that keeps
-failing (:class:`~bincount.storage.TransientStorageError`) fails the run, and a retry resumes it.
+``.out`` exists is not scored again, and the table is rebuilt from every ``.out``. A resume with
+another model than the one in ``model.json`` is refused (one table never mixes two models);
+``rescore=True`` scores every image again. An unreadable image, or a key that would lead out of
+the output prefix (``..``), is reported and skipped, never fatal; it is tried again on the next
+run. A store that keeps failing (:class:`~bincount.storage.TransientStorageError`) fails the run,
+and a retry resumes it.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -24,10 +29,12 @@ from pathlib import Path
 import torch
 
 from bincount.batch_results import list_inputs, relative_keys, write_tables
-from bincount.contracts.serving import BatchTransformSummary, ProgressFn
+from bincount.contracts.serving import MODEL_NAME, BatchTransformError, BatchTransformSummary, ProgressFn
+from bincount.ids import UnsafeNameError, check_key
 from bincount.local.batcher import available_cores, prepare_model_thread
-from bincount.storage import Storage, StorageError, TransientStorageError, join_uri
+from bincount.storage import ObjectNotFoundError, Storage, StorageError, TransientStorageError, join_uri
 from sm_scripts import inference
+
 
 @dataclass
 class _Loaded:
@@ -47,19 +54,28 @@ def run_batch_transform(
     labels: Mapping[str, int] | None = None,
     progress: ProgressFn | None = None,
     workers: int | None = None,
+    rescore: bool = False,
 ) -> BatchTransformSummary:
-    """Score every image under ``input_uri`` that has no ``.out`` under ``output_uri`` yet.
+    """Score every image under ``input_uri`` that has no ``.out`` under ``output_uri`` yet
+    (every image, after deleting the old ``.out`` files, with ``rescore=True``).
 
     Raises:
-        BatchTransformError: the prefixes overlap, or the input holds no images.
+        BatchTransformError: the prefixes overlap, the input holds no images, or the output
+            holds another model's predictions and ``rescore`` is off.
     """
     input_uri, output_uri = input_uri.rstrip("/"), output_uri.rstrip("/")
     keys = list_inputs(storage, input_uri, output_uri)
-    done = set(relative_keys(storage, output_uri, (".out",)))
-    pending = [key for key in keys if f"{key}.out" not in done]
+    done = _claim_output(storage, output_uri, model_version, rescore)
+    errors: list[dict[str, str]] = []
+    for key in keys:
+        try:
+            check_key(key, "input key")
+        except UnsafeNameError as error:
+            errors.append({"key": key, "error": str(error)})
+    unsafe = {error["key"] for error in errors}
+    pending = [key for key in keys if f"{key}.out" not in done and key not in unsafe]
 
     workers = workers or available_cores()
-    errors: list[dict[str, str]] = []
 
     def load(key: str) -> _Loaded:
         uri = join_uri(input_uri, key)
@@ -98,18 +114,20 @@ def run_batch_transform(
         for future in writes:
             future.result()  # a failed write raises here: the transform is not done
     seconds = time.perf_counter() - started
-    scored = len(pending) - len(errors)
+    scored = len(pending) - (len(errors) - len(unsafe))
 
     failed_keys = {error["key"] for error in errors}
     scored_keys = [key for key in keys if key not in failed_keys]
-    results_uri, errors_uri, accuracy = write_tables(storage, output_uri, scored_keys, labels, model.classes, errors)
+    results_uri, errors_uri, accuracy = write_tables(
+        storage, output_uri, scored_keys, labels, model.classes, errors, model_version
+    )
     return BatchTransformSummary(
         input_uri=input_uri,
         output_uri=output_uri,
         model_version=model_version,
         images=len(keys),
         scored=scored,
-        skipped=len(keys) - len(pending),
+        skipped=len(keys) - len(pending) - len(unsafe),
         failed=len(errors),
         seconds=round(seconds, 3),
         images_per_s=round(scored / seconds, 2) if scored and seconds > 0 else 0.0,
@@ -118,6 +136,33 @@ def run_batch_transform(
         accuracy=accuracy,
         errors=errors,
     )
+
+
+def _claim_output(storage: Storage, output_uri: str, model_version: str, rescore: bool) -> set[str]:
+    """Record ``model_version`` as the model of ``output_uri``; return the ``.out`` keys it may resume from.
+
+    Raises:
+        BatchTransformError: the ``.out`` files there came from another (or an unrecorded) model
+            and ``rescore`` is off.
+    """
+    marker = join_uri(output_uri, MODEL_NAME)
+    done = set(relative_keys(storage, output_uri, (".out",)))
+    try:
+        previous = json.loads(storage.read_bytes(marker))["model_version"]
+    except ObjectNotFoundError:
+        previous = None
+    if done and previous != model_version and not rescore:
+        written_by = f"model {previous}" if previous else "an unrecorded model"
+        raise BatchTransformError(
+            f"{output_uri} holds {len(done)} predictions of {written_by}, not of model {model_version}: "
+            "give a new output prefix, or rescore=True to score every image again with this model"
+        )
+    if done and rescore:
+        for key in done:
+            storage.delete(join_uri(output_uri, key))
+        done = set()
+    storage.write_bytes(marker, json.dumps({"model_version": model_version}).encode())
+    return done
 
 
 def _prefetched_batches(

@@ -14,14 +14,12 @@ Both processes are detached, so an endpoint outlives the flow run that deployed 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +45,7 @@ from bincount.local.batch import run_batch_transform
 from bincount.local.host import HostOptions
 from bincount.local.httpio import listening_socket
 from bincount.models import fetch_model
-from bincount.storage import Storage, local_path, storage_for
+from bincount.storage import Storage, atomic_write_bytes, file_lock, local_path, storage_for
 from sm_scripts.model_dir import read_model_info
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -108,7 +106,7 @@ class LocalServingBackend:
         check_endpoint_name(name)
         workdir = self.runtime_root / name
         workdir.mkdir(parents=True, exist_ok=True)
-        with _exclusive(workdir / ".deploy.lock"):
+        with file_lock(workdir / ".deploy.lock"):  # one deploy or delete of an endpoint at a time
             try:
                 current = self.describe(name)
             except EndpointNotFoundError:
@@ -179,10 +177,17 @@ class LocalServingBackend:
 
     def _switch(self, current: EndpointRecord, host_pid: int, state: dict, workdir: Path) -> dict[str, Any]:
         """Point the running router at the new host, then retire the old host once it is idle."""
+        router_pid = current.details["router_pid"]
+        if not _is_ours(router_pid, "bincount.local.router"):  # a reused pid: SIGHUP would end a stranger
+            self._stop(host_pid)
+            raise DeployError(
+                f"pid {router_pid}, recorded as the router of {current.name!r}, is not that router now: "
+                f"the old model still serves; run `bincount delete-endpoint {current.name}` and deploy again"
+            )
         state_file = workdir / "router.json"
         old_state = json.loads(state_file.read_text())
         _write_json(state_file, state)
-        os.kill(current.details["router_pid"], signal.SIGHUP)
+        os.kill(router_pid, signal.SIGHUP)
         deadline = time.monotonic() + 10
         while (status := self._router_status(current.url, current.name)) is None or status["target"] != state["target"]:
             if time.monotonic() > deadline:
@@ -284,7 +289,7 @@ class LocalServingBackend:
 
     def delete(self, name: str) -> None:
         record = self.describe(name)
-        with _exclusive(self.runtime_root / name / ".deploy.lock"):
+        with file_lock(self.runtime_root / name / ".deploy.lock"):
             self._stop(record.details.get("router_pid"))
             self._stop(record.details.get("host_pid"))
             self.records.delete(name)
@@ -299,28 +304,28 @@ class LocalServingBackend:
         batch_size: int = 16,
         labels_uri: str | None = None,
         progress: ProgressFn | None = None,
+        rescore: bool = False,
     ) -> BatchTransformSummary:
         model_dir, version = fetch_model(self.storage, model_uri, self.runtime_root / "models")
         labels = load_labels(self.storage, labels_uri) if labels_uri else None
         return run_batch_transform(
-            self.storage, model_dir, version, input_uri, output_uri, batch_size=batch_size, labels=labels, progress=progress
+            self.storage, model_dir, version, input_uri, output_uri,
+            batch_size=batch_size, labels=labels, progress=progress, rescore=rescore,
         )
 
 
-def _is_ours(pid: int) -> bool:
-    """Whether ``pid`` is a live (not zombie) serving process: guards against reused pids."""
+def _is_ours(pid: int, module: str = "bincount.local.") -> bool:
+    """Whether ``pid`` is a live (not zombie) process running ``module``: guards against reused pids."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except (FileNotFoundError, ProcessLookupError):
         return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z" and b"bincount.local." in cmdline
+    return stat.rsplit(")", 1)[1].split()[0] != "Z" and module.encode() in cmdline
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
+    atomic_write_bytes(path, json.dumps(data).encode())
 
 
 def _tail(path: Path, lines: int = 30) -> str:
@@ -328,12 +333,3 @@ def _tail(path: Path, lines: int = 30) -> str:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except FileNotFoundError:
         return f"(no log at {path})"
-
-
-@contextlib.contextmanager
-def _exclusive(lock_path: Path) -> Iterator[None]:
-    """One deploy or delete of an endpoint at a time, across processes."""
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with lock_path.open("w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        yield

@@ -329,11 +329,14 @@ class SageMakerServingBackend(SageMakerBackendBase):
         batch_size: int = 16,
         labels_uri: str | None = None,
         progress: ProgressFn | None = None,
+        rescore: bool = False,
     ) -> BatchTransformSummary:
         """A SageMaker transform job over every image under ``input_uri``; the joined table read back.
 
         ``batch_size`` is the local backend's knob: SageMaker sends ``transform_strategy`` requests of
         at most ``max_payload_mb``, ``max_concurrent_transforms`` at a time per instance (options).
+        ``rescore`` is the local backend's too: a transform job always scores (and overwrites) every
+        image, so its output never mixes two models.
 
         Raises:
             BatchTransformError: the prefixes overlap or the input holds no images.
@@ -380,7 +383,9 @@ class SageMakerServingBackend(SageMakerBackendBase):
         if progress:
             progress(len(keys), len(keys))
         # a failed image fails the whole SageMaker job: a completed one has no errors to list
-        results_uri, _, accuracy = write_tables(self.storage, output_uri, keys, labels, [int(c) for c in info["classes"]], [])
+        results_uri, _, accuracy = write_tables(
+            self.storage, output_uri, keys, labels, [int(c) for c in info["classes"]], [], version
+        )
         seconds = (description["TransformEndTime"] - description["TransformStartTime"]).total_seconds()
         return BatchTransformSummary(
             input_uri=input_uri,

@@ -155,7 +155,7 @@ def test_a_trial_below_the_median_is_pruned_in_the_tuning_flow(prefect_server: N
         search_space=[
             {"type": "categorical", "name": "lr", "values": [0.01, 1e6]},
             {"type": "categorical", "name": "batch-size", "values": [16]},
-            {"type": "categorical", "name": "epochs", "values": [4]},
+            {"type": "categorical", "name": "epochs", "values": [3]},
         ],
     )
     channels = {name: path.as_uri() for name, path in demo_channels.items()}

@@ -35,7 +35,10 @@ def main() -> None:
 
         bucket = (Path(root) / "bucket").as_uri()
         generate_demo_bucket(Storage(), bucket, images=args.images, seed=0)
-        where = {"endpoint_name": "bench", "location": Location(source_uri=bucket, artifact_root=str(Path(root) / "artifacts"))}
+        where = {
+            "endpoint_name": "bench",
+            "location": Location(source_uri=bucket, artifact_root=str(Path(root) / "artifacts")),
+        }
         try:
             started = time.perf_counter()
             pipeline(DataOptions(), demo_training_options(), refresh=True, **where)
@@ -45,8 +48,10 @@ def main() -> None:
             warm = time.perf_counter() - started
         finally:
             get_serving_backend(where["location"].settings()).delete("bench")
-    print(f"pipeline on {args.images} demo photos: cold {cold:.1f} s, warm (cached) {warm:.1f} s, "
-          f"warm/cold {warm / cold:.2f}")
+    print(
+        f"pipeline on {args.images} demo photos: cold {cold:.1f} s, warm (cached) {warm:.1f} s, "
+        f"warm/cold {warm / cold:.2f}"
+    )
 
 
 if __name__ == "__main__":

@@ -16,8 +16,8 @@ import io
 import json
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -95,7 +95,9 @@ def check_image(data: bytes) -> tuple[int, int]:
         with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
             size = image.size
             if size[0] * size[1] > MAX_IMAGE_PIXELS:
-                raise ValueError(f"is {size[0]}x{size[1]} pixels, over the {MAX_IMAGE_PIXELS} limit (a decompression bomb?)")
+                raise ValueError(
+                    f"is {size[0]}x{size[1]} pixels, over the {MAX_IMAGE_PIXELS} limit (a decompression bomb?)"
+                )
             image.draft("RGB", (max(1, size[0] // 8), max(1, size[1] // 8)))
             image.load()
             return size
@@ -151,7 +153,9 @@ def verify_existing(local_dir: Path, image_id: str, entry: DownloadedImage | Non
     return DownloadedImage(image_id=image_id, sha256=hashlib.sha256(data).hexdigest(), size=len(data))
 
 
-def _fetch_one(storage: Storage, source_uri: str, local_dir: Path, image_id: str, with_metadata: bool) -> DownloadedImage:
+def _fetch_one(
+    storage: Storage, source_uri: str, local_dir: Path, image_id: str, with_metadata: bool
+) -> DownloadedImage:
     """Fetch metadata then image (so an image on disk always has its metadata); only an image
     that decodes is written, and it appears whole under its name or not at all."""
     if with_metadata:
@@ -162,7 +166,9 @@ def _fetch_one(storage: Storage, source_uri: str, local_dir: Path, image_id: str
     return DownloadedImage(image_id=image_id, sha256=hashlib.sha256(data).hexdigest(), size=len(data))
 
 
-def _bounded_map(pool: ThreadPoolExecutor, function: Callable[[str], DownloadedImage], items: Iterable[str], limit: int) -> Iterator[tuple[str, Future]]:
+def _bounded_map(
+    pool: ThreadPoolExecutor, function: Callable[[str], DownloadedImage], items: Iterable[str], limit: int
+) -> Iterator[tuple[str, Future]]:
     """Like ``pool.map`` but with at most ``limit`` tasks queued, yielding as they finish."""
     pending: dict[Future, str] = {}
     for item in items:
@@ -200,7 +206,9 @@ def download_images(
             arrived is kept).
     """
     with file_lock(local_dir / LOCK_NAME, wait_s=lock_wait_s):
-        return _download_locked(manifest, source_uri, local_dir, storage, concurrency, max_missing_share, with_metadata, progress)
+        return _download_locked(
+            manifest, source_uri, local_dir, storage, concurrency, max_missing_share, with_metadata, progress
+        )
 
 
 def _download_locked(

@@ -49,9 +49,13 @@ def parse_manifest(text: str | bytes, name: str = "manifest", classes: Iterable[
     try:
         document = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ManifestError(f"{name} is not valid JSON ({error}); expected {{\"1\": [\"data/metadata/<id>.json\", ...]}}") from None
+        raise ManifestError(
+            f'{name} is not valid JSON ({error}); expected {{"1": ["data/metadata/<id>.json", ...]}}'
+        ) from None
     if not isinstance(document, dict):
-        raise ManifestError(f"{name} must be a JSON object from count to a list of metadata paths, not {type(document).__name__}")
+        raise ManifestError(
+            f"{name} must be a JSON object from count to a list of metadata paths, not {type(document).__name__}"
+        )
     manifest: Manifest = {}
     where: dict[str, str] = {}
     for key, paths in document.items():
@@ -128,7 +132,11 @@ def build_manifest(
     """
     allowed = set(classes)
     ids = list(dict.fromkeys(image_ids))
-    bad = [f"image_ids[{position}] = {image_id!r}" for position, image_id in enumerate(ids) if not (isinstance(image_id, str) and IMAGE_ID.match(image_id))]
+    bad = [
+        f"image_ids[{position}] = {image_id!r}"
+        for position, image_id in enumerate(ids)
+        if not (isinstance(image_id, str) and IMAGE_ID.match(image_id))
+    ]
     if bad:
         raise ManifestError(
             f"{len(bad)} of {len(ids)} ids are not image ids ({'; '.join(bad[:5])}): an id is 1-128 letters, "

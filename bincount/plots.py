@@ -7,12 +7,11 @@ import io
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
+import pandas as pd
 
-import pandas as pd  # noqa: E402
-
-from bincount.contracts.tuning import TrialResult  # noqa: E402
-from bincount.data_report import DataReport  # noqa: E402
+from bincount.contracts.tuning import TrialResult
+from bincount.data_report import DataReport
 
 
 def _png(figure: plt.Figure) -> bytes:

@@ -47,7 +47,9 @@ def publish_endpoint(record: EndpointRecord, note: str = "") -> None:
 
 
 @task(name="deploy-endpoint", cache_policy=NO_CACHE)
-def deploy_endpoint_task(settings: Settings, endpoint_name: str, model_uri: str, model_ref: str | None) -> EndpointRecord:
+def deploy_endpoint_task(
+    settings: Settings, endpoint_name: str, model_uri: str, model_ref: str | None
+) -> EndpointRecord:
     """Start ``endpoint_name`` on ``model_uri`` (registered as ``model_ref``), or move it there blue/green."""
     logger = get_run_logger()
     backend = get_serving_backend(settings)
@@ -62,7 +64,9 @@ def deploy_endpoint_task(settings: Settings, endpoint_name: str, model_uri: str,
         txn.set("previous", previous.to_dict() if previous else None)
     logger.info(
         "Deploying %s (%s) to endpoint %r (%s)",
-        model_ref, model_uri, endpoint_name,
+        model_ref,
+        model_uri,
+        endpoint_name,
         f"replacing {previous.model_ref or previous.version}" if previous else "new endpoint",
     )
     record = backend.deploy(endpoint_name, model_uri, model_ref)

@@ -16,8 +16,15 @@ from prefect.states import State
 from bincount.storage import TransientStorageError, is_transient_botocore_error
 
 _TRANSIENT_AWS_CODES = {
-    "Throttling", "ThrottlingException", "TooManyRequestsException", "RequestLimitExceeded",
-    "SlowDown", "ServiceUnavailable", "InternalFailure", "InternalServerError", "RequestTimeout",
+    "Throttling",
+    "ThrottlingException",
+    "TooManyRequestsException",
+    "RequestLimitExceeded",
+    "SlowDown",
+    "ServiceUnavailable",
+    "InternalFailure",
+    "InternalServerError",
+    "RequestTimeout",
 }
 
 

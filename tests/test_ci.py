@@ -19,7 +19,11 @@ def run_without_sample(tmp_path: Path, **env: str) -> subprocess.CompletedProces
     environment |= {"BINCOUNT_ABID_SAMPLE": str(tmp_path / "absent"), **env}
     return subprocess.run(
         [sys.executable, "-m", "pytest", NEEDS_SAMPLE, "-q", "-p", "no:cacheprovider"],
-        cwd=ROOT, env=environment, capture_output=True, text=True, timeout=120,
+        cwd=ROOT,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 
@@ -27,7 +31,9 @@ def test_a_test_needing_the_sample_skips_without_it_but_fails_when_ci_requires_i
     relaxed = run_without_sample(tmp_path)
     assert relaxed.returncode == 0 and "1 skipped" in relaxed.stdout, relaxed.stdout
     required = run_without_sample(tmp_path, BINCOUNT_REQUIRE_ABID="1")
-    assert required.returncode == 1 and "BINCOUNT_REQUIRE_ABID=1 says it must be there" in required.stdout, required.stdout
+    assert required.returncode == 1 and "BINCOUNT_REQUIRE_ABID=1 says it must be there" in required.stdout, (
+        required.stdout
+    )
     assert "BINCOUNT_REQUIRE_ABID=1" in (ROOT / ".ci" / "run").read_text()
 
 

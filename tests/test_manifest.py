@@ -25,7 +25,10 @@ def test_seed_format_round_trips() -> None:
         ('{"6": ["data/metadata/00001.json"]}', "class key '6' is not one of"),
         ('{"1": "data/metadata/00001.json"}', r"manifest\['1'\] must be a list"),
         ('{"2": ["data/metadata/00001.json", "images/00002.jpg"]}', r"manifest\['2'\]\[1\] = 'images/00002.jpg'"),
-        ('{"1": ["data/metadata/00001.json"], "4": ["data/metadata/00001.json"]}', r"id 00001 is listed twice \(also at manifest\['1'\]\[0\]\)"),
+        (
+            '{"1": ["data/metadata/00001.json"], "4": ["data/metadata/00001.json"]}',
+            r"id 00001 is listed twice \(also at manifest\['1'\]\[0\]\)",
+        ),
         ("{}", "lists no images"),
         ('{"1": ["data/metadata/...json"]}', r"manifest\['1'\]\[0\] = '\.\.' is not an image id"),
     ],
@@ -55,5 +58,8 @@ def test_an_id_file_with_a_path_in_it_is_refused_naming_the_id(abid_dir, tmp_pat
     sample = list(parse_manifest((abid_dir / "file_list.sample.json").read_text()))[:3]
     ids_file = tmp_path / "ids.txt"
     ids_file.write_text("\n".join([*sample, "../../evil", "a/b"]))
-    with pytest.raises(ManifestError, match=r"2 of 5 ids are not image ids \(image_ids\[3\] = '\.\./\.\./evil'; image_ids\[4\] = 'a/b'\)"):
+    with pytest.raises(
+        ManifestError,
+        match=r"2 of 5 ids are not image ids \(image_ids\[3\] = '\.\./\.\./evil'; image_ids\[4\] = 'a/b'\)",
+    ):
         build_manifest(Storage(), (abid_dir / "bucket").as_uri(), ids_file.read_text().split())

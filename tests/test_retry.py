@@ -15,7 +15,9 @@ URL = "https://s3.amazonaws.com/bucket/key"
 
 
 def client_error(code: str, status: int) -> bx.ClientError:
-    return bx.ClientError({"Error": {"Code": code, "Message": code}, "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject")
+    return bx.ClientError(
+        {"Error": {"Code": code, "Message": code}, "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject"
+    )
 
 
 TRANSIENT = [

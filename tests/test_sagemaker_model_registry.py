@@ -17,8 +17,8 @@ from typing import Any
 
 import boto3
 import pytest
-from sagemaker_requests import Captured
 from botocore.exceptions import ClientError
+from sagemaker_requests import Captured
 
 from bincount.config import Settings
 from bincount.contracts.registry import (

@@ -14,10 +14,10 @@ from prefect import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
 from bincount.config import Location, Settings
-from bincount.demo_data import jpeg_bytes, render_bin_image
-from bincount.manifest import parse_manifest
 from bincount.contracts.serving import BatchTransformError
+from bincount.demo_data import jpeg_bytes, render_bin_image
 from bincount.local.serving import LocalServingBackend
+from bincount.manifest import parse_manifest
 from bincount.models import pack_folder, write_untrained_model_dir
 from bincount.storage import Storage
 from flows.batch_transform import batch_transform
@@ -53,8 +53,12 @@ def test_batch_transform_scores_every_good_image_reports_the_bad_and_resumes(
     output = tmp_path / "out"
     artifacts = tmp_path / "artifacts"
     state = batch_transform(
-        input_uri=channel.as_uri(), output_uri=str(output), model_uri=model_uri, batch_size=8,
-        location=Location(artifact_root=str(artifacts)), return_state=True,
+        input_uri=channel.as_uri(),
+        output_uri=str(output),
+        model_uri=model_uri,
+        batch_size=8,
+        location=Location(artifact_root=str(artifacts)),
+        return_state=True,
     )
     summary = state.result()
     good = 5 * PER_CLASS
@@ -77,7 +81,9 @@ def test_batch_transform_scores_every_good_image_reports_the_bad_and_resumes(
         shown = {
             artifact.key: artifact
             for artifact in client.read_artifacts(
-                artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id]))
+                artifact_filter=ArtifactFilter(
+                    flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])
+                )
             )
         }
     assert f"| output | `{output.as_uri()}` |" in shown["batch-transform-summary"].data
@@ -88,7 +94,10 @@ def test_batch_transform_scores_every_good_image_reports_the_bad_and_resumes(
 
     written = {path: path.stat().st_mtime_ns for path in output.rglob("*.out")}
     again = batch_transform(
-        input_uri=channel.as_uri(), output_uri=str(output), model_uri=model_uri, batch_size=8,
+        input_uri=channel.as_uri(),
+        output_uri=str(output),
+        model_uri=model_uri,
+        batch_size=8,
         location=Location(artifact_root=str(artifacts)),
     )
     assert (again.scored, again.skipped, again.failed) == (0, good, 1)
@@ -115,13 +124,17 @@ def test_overlapping_prefixes_are_refused(channel: Path, model_uri: str, tmp_pat
         backend.batch_transform(model_uri, channel.as_uri(), (channel / "out").as_uri())
 
 
-def test_batch_transform_between_s3_prefixes(channel: Path, model_uri: str, s3_server, s3_client, tmp_path: Path) -> None:
+def test_batch_transform_between_s3_prefixes(
+    channel: Path, model_uri: str, s3_server, s3_client, tmp_path: Path
+) -> None:
     s3_client.create_bucket(Bucket="serve-batch")
     photos = sorted(channel.glob("[12]/*.jpg"))
     for path in photos:
         s3_client.upload_file(str(path), "serve-batch", f"in/{path.parent.name}/{path.name}")
     settings = Settings.load(artifact_root=str(tmp_path / "artifacts"), s3_endpoint_url=s3_server.endpoint_url)
-    summary = LocalServingBackend(settings).batch_transform(model_uri, "s3://serve-batch/in", "s3://serve-batch/out", batch_size=4)
+    summary = LocalServingBackend(settings).batch_transform(
+        model_uri, "s3://serve-batch/in", "s3://serve-batch/out", batch_size=4
+    )
     assert (summary.scored, summary.failed) == (len(photos), 0)
     keys = {item["Key"] for item in s3_client.list_objects_v2(Bucket="serve-batch", Prefix="out/")["Contents"]}
     assert keys == {f"out/{p.parent.name}/{p.name}.out" for p in photos} | {"out/results.csv", "out/model.json"}
@@ -143,16 +156,17 @@ def small_channel(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_a_resume_with_another_model_is_refused_and_rescoring_is_explicit(small_channel: Path, tmp_path: Path) -> None:
     backend = LocalServingBackend(Settings.load(artifact_root=str(tmp_path / "artifacts")))
-    models = [
-        write_untrained_model_dir(tmp_path / f"m{seed}", "resnet18", 32, seed=seed).as_uri() for seed in (1, 2)
-    ]
+    models = [write_untrained_model_dir(tmp_path / f"m{seed}", "resnet18", 32, seed=seed).as_uri() for seed in (1, 2)]
     output = tmp_path / "out"
     first = backend.batch_transform(models[0], small_channel.as_uri(), output.as_uri())
     table = pd.read_csv(output / "results.csv", dtype={"model_version": str})
     assert set(table["model_version"]) == {first.model_version}
     (output / "3" / "p30.jpg.out").unlink()  # as if the first run had been cut short
 
-    with pytest.raises(BatchTransformError, match=rf"holds 5 predictions of model {first.model_version}, not of model [0-9a-f]{{12}}: .*rescore=True"):
+    with pytest.raises(
+        BatchTransformError,
+        match=rf"holds 5 predictions of model {first.model_version}, not of model [0-9a-f]{{12}}: .*rescore=True",
+    ):
         backend.batch_transform(models[1], small_channel.as_uri(), output.as_uri())
     assert pd.read_csv(output / "results.csv", dtype={"model_version": str}).equals(table)
 

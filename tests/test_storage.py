@@ -55,7 +55,9 @@ def test_transient_errors_are_retried_then_reported(s3_server, bucket: str) -> N
         impatient.read_bytes(f"{bucket}/flaky.bin")
 
 
-def test_staging_refuses_keys_that_climb_out_of_the_scratch_folder(s3_server, bucket: str, s3_client, tmp_path: Path) -> None:
+def test_staging_refuses_keys_that_climb_out_of_the_scratch_folder(
+    s3_server, bucket: str, s3_client, tmp_path: Path
+) -> None:
     storage = Storage(s3_endpoint_url=s3_server.endpoint_url)
     storage.write_bytes(f"{bucket}/chan/1/a.jpg", b"a")
     s3_client.put_object(Bucket="storage-tests", Key="chan/1/../../../evil.jpg", Body=b"evil")

@@ -30,8 +30,13 @@ from flows.train import TrainOptions, train_model, tune_hyperparameters
 from tasks.evaluate import score_model_task
 
 ARTIFACT_KEYS = {
-    "tuning-leaderboard", "tuning-trials", "training-curves", "debugger-rules",
-    "profiler-summary", "confusion-matrix", "confusion-matrix-plot",
+    "tuning-leaderboard",
+    "tuning-trials",
+    "training-curves",
+    "debugger-rules",
+    "profiler-summary",
+    "confusion-matrix",
+    "confusion-matrix-plot",
 }
 
 
@@ -44,7 +49,9 @@ async def latest_artifacts(keys: set[str]) -> dict[str, object]:
 def task_states(flow_run_id: UUID, name_like: str = "") -> dict[str, str]:
     """Task run name -> state name, in this flow run and its subflows only (other tests' runs share the server)."""
     with get_client(sync_client=True) as client:
-        children = client.read_flow_runs(flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id])))
+        children = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id]))
+        )
         runs = client.read_task_runs(
             flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id, *(child.id for child in children)])),
             task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_=name_like)),
@@ -86,7 +93,11 @@ def test_train_model_flow(prefect_server: None, demo_channels: dict[str, Path], 
     assert 0 <= evaluation.accuracy <= evaluation.within_one_accuracy <= 1
     assert set(evaluation.per_class_accuracy) == {"1", "2", "3", "4", "5"}
     assert {rule.rule for rule in result.debugger_rules} == {
-        "loss_not_decreasing", "overfit", "overtraining", "vanishing_gradient", "poor_weight_initialization",
+        "loss_not_decreasing",
+        "overfit",
+        "overtraining",
+        "vanishing_gradient",
+        "poor_weight_initialization",
     }
     assert all(rule.status in ("passed", "fired", "not_evaluated") and rule.evidence for rule in result.debugger_rules)
     assert result.profile["steps"] >= 2 and result.profile["top_operators"]
@@ -97,7 +108,11 @@ def test_train_model_flow(prefect_server: None, demo_channels: dict[str, Path], 
     assert state["fc.weight"].shape == (5, 512)
     info = json.loads(read_from_archive(storage, result.model_uri, "model_info.json"))
     assert info["hyperparameters"]["keep"] == "last"
-    traces = [n for n in tarfile_names(storage, result.model_uri.replace("model.tar.gz", "output.tar.gz")) if n.endswith(".pt.trace.json")]
+    traces = [
+        n
+        for n in tarfile_names(storage, result.model_uri.replace("model.tar.gz", "output.tar.gz"))
+        if n.endswith(".pt.trace.json")
+    ]
     assert traces, "the TensorBoard trace is missing from output.tar.gz"
 
     artifacts = asyncio.run(latest_artifacts(ARTIFACT_KEYS))
@@ -140,7 +155,9 @@ def test_a_changed_channel_is_scored_again_an_unchanged_one_comes_from_cache(
     assert scored() == "Completed", "a photo replaced by another of the same size must not be served from cache"
 
 
-def test_a_trial_below_the_median_is_pruned_in_the_tuning_flow(prefect_server: None, demo_channels: dict[str, Path], tmp_path: Path) -> None:
+def test_a_trial_below_the_median_is_pruned_in_the_tuning_flow(
+    prefect_server: None, demo_channels: dict[str, Path], tmp_path: Path
+) -> None:
     """With seed 0 Optuna's seeded start asks lr 1e6, 0.01, 1e6: the third trial diverges like the
     first (NaN weights: one count for every photo, 0.2 accuracy), falls below the median of the
     two finished ones at epoch 2 (0.2 and lr 0.01's 0.25 here) and is stopped there, by its own

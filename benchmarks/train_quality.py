@@ -110,7 +110,7 @@ def main() -> None:
     weights = args.weights or (default_weights() if args.arch == "efficientnet_lite0" else "none")
     hyperparameters = {"arch": args.arch, "weights": weights, "seed": args.seed, **RECIPE}
     extra = args.train_flags
-    for name, value in zip(extra[::2], extra[1::2]):
+    for name, value in zip(extra[::2], extra[1::2], strict=True):
         hyperparameters[name.removeprefix("--")] = value
 
     settings = Settings.load(artifact_root=str(args.work_dir / "artifacts"))

@@ -31,7 +31,7 @@ def load_labels(storage: Storage, labels_uri: str) -> dict[str, int]:
     missing = {"id", "label"} - set(table.columns)
     if missing:
         raise BatchTransformError(f"{labels_uri} lacks columns {sorted(missing)}: labels need id and label")
-    return dict(zip(table["id"], table["label"].astype(int)))
+    return dict(zip(table["id"], table["label"].astype(int), strict=True))
 
 
 def relative_keys(storage: Storage, prefix_uri: str, suffixes: tuple[str, ...]) -> list[str]:

@@ -89,7 +89,7 @@ def generate_demo_bucket(
 
     with ThreadPoolExecutor(max_workers=concurrency) as pool:
         list(pool.map(write, range(images)))
-    manifest = {image_id: int(count) for image_id, count in zip(ids, counts) if count in CLASSES}
+    manifest = {image_id: int(count) for image_id, count in zip(ids, counts, strict=True) if count in CLASSES}
     manifest_uri = join_uri(bucket_uri, "file_list.json")
     storage.write_bytes(manifest_uri, dump_manifest(manifest))
     return manifest_uri

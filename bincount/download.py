@@ -225,7 +225,6 @@ def _download_locked(
     for leftover in local_dir.glob("*/.tmp-*"):  # what a killed run was writing (no live run writes now)
         leftover.unlink()
     ledger = Ledger(local_dir)
-    known = ledger.read()
     report = DownloadReport(source_uri=source_uri, local_dir=str(local_dir), requested=len(manifest))
     verified: dict[str, DownloadedImage] = {}
     done = 0
@@ -234,39 +233,19 @@ def _download_locked(
         if progress:
             progress(done, report.requested)
 
-    to_fetch = []
-    with ledger.appender() as record:
-        for image_id in manifest:
-            entry = known.get(image_id)
-            present = verify_existing(local_dir, image_id, entry)
-            if present is None:
-                to_fetch.append(image_id)
-                continue
-            if entry is None:
-                record(present)
-            verified[image_id] = present
-            report.already_present += 1
-            done += 1
-        tick()
+    def fetch(image_id: str) -> DownloadedImage:
+        return _fetch_one(storage, source_uri, local_dir, image_id, with_metadata)
 
+    with ledger.appender() as record:
+        to_fetch = _keep_verified(manifest, ledger.read(), local_dir, record, verified, report)
+        done = report.already_present
+        tick()
         with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="download") as pool:
-            fetch = lambda image_id: _fetch_one(storage, source_uri, local_dir, image_id, with_metadata)  # noqa: E731
             for image_id, future in _bounded_map(pool, fetch, to_fetch, limit=2 * concurrency):
-                try:
-                    entry = future.result()
-                except TransientStorageError:
-                    raise  # the store, not this object: a retry of the run resumes here
-                except ObjectNotFoundError:
-                    report.missing.append(image_id)
-                except StorageError as error:
-                    report.unreadable[image_id] = str(error)
-                except ValueError as error:
-                    report.corrupt[image_id] = str(error)
-                else:
+                entry = _outcome(image_id, future, report)
+                if entry is not None:
                     record(entry)
                     verified[image_id] = entry
-                    report.downloaded += 1
-                    report.bytes_downloaded += entry.size
                 done += 1
                 tick()
     report.seconds = time.perf_counter() - started
@@ -274,6 +253,48 @@ def _download_locked(
     if report.unusable_share > max_missing_share:
         raise DownloadError(_failure_message(report, max_missing_share))
     return report, verified
+
+
+def _keep_verified(
+    manifest: Manifest,
+    known: dict[str, DownloadedImage],
+    local_dir: Path,
+    record: Callable[[DownloadedImage], None],
+    verified: dict[str, DownloadedImage],
+    report: DownloadReport,
+) -> list[str]:
+    """Keep every image already here and whole (recording it if the ledger lacks it); return the rest."""
+    to_fetch = []
+    for image_id in manifest:
+        entry = known.get(image_id)
+        present = verify_existing(local_dir, image_id, entry)
+        if present is None:
+            to_fetch.append(image_id)
+            continue
+        if entry is None:
+            record(present)
+        verified[image_id] = present
+        report.already_present += 1
+    return to_fetch
+
+
+def _outcome(image_id: str, future: Future[DownloadedImage], report: DownloadReport) -> DownloadedImage | None:
+    """The fetched image, or None with the reason listed in ``report`` (a transient store error is raised)."""
+    try:
+        entry = future.result()
+    except TransientStorageError:
+        raise  # the store, not this object: a retry of the run resumes here
+    except ObjectNotFoundError:
+        report.missing.append(image_id)
+    except StorageError as error:
+        report.unreadable[image_id] = str(error)
+    except ValueError as error:
+        report.corrupt[image_id] = str(error)
+    else:
+        report.downloaded += 1
+        report.bytes_downloaded += entry.size
+        return entry
+    return None
 
 
 def _failure_message(report: DownloadReport, max_missing_share: float) -> str:

@@ -49,7 +49,7 @@ def score_counts(true_counts: list[int], predicted_counts: list[int], classes: l
         accuracy=float(accuracy_score(truth, predicted)),
         rmse=math.sqrt(float(mean_squared_error(truth, predicted))),
         within_one_accuracy=float(np.mean(np.abs(truth - predicted) <= 1)),
-        per_class_accuracy={str(c): float(r) for c, r in zip(classes, recalls)},
+        per_class_accuracy={str(c): float(r) for c, r in zip(classes, recalls, strict=True)},
         classes=list(classes),
         confusion=confusion_matrix(truth, predicted, labels=classes).tolist(),
     )

@@ -10,6 +10,7 @@ makes requests whose path contains a substring answer an HTTP error a number of 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import threading
 import time
@@ -87,10 +88,8 @@ def main() -> None:
     args = parser.parse_args()
     server = LoopbackS3(args.host, args.port, latency_s=args.latency_ms / 1000)
     print(f"S3 API at {server.endpoint_url} (latency {args.latency_ms} ms); Ctrl-C stops it", flush=True)
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         server._server.serve_forever()
-    except KeyboardInterrupt:
-        pass
 
 
 if __name__ == "__main__":

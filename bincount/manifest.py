@@ -65,13 +65,7 @@ def parse_manifest(text: str | bytes, name: str = "manifest", classes: Iterable[
             raise ManifestError(f"{name}[{key!r}] must be a list of metadata paths, not {type(paths).__name__}")
         for position, path in enumerate(paths):
             entry = f"{name}[{key!r}][{position}]"
-            match = _METADATA_PATH.match(path) if isinstance(path, str) else None
-            if match is None:
-                raise ManifestError(f"{entry} = {path!r} is not a path like 'data/metadata/<id>.json'")
-            try:
-                image_id = check_image_id(match["id"], entry)
-            except UnsafeNameError as error:
-                raise ManifestError(str(error)) from None
+            image_id = _metadata_path_id(path, entry)
             if image_id in manifest:
                 raise ManifestError(f"{entry}: id {image_id} is listed twice (also at {where[image_id]})")
             manifest[image_id] = int(key)
@@ -79,6 +73,17 @@ def parse_manifest(text: str | bytes, name: str = "manifest", classes: Iterable[
     if not manifest:
         raise ManifestError(f"{name} lists no images")
     return manifest
+
+
+def _metadata_path_id(path: object, entry: str) -> str:
+    """The image id of a manifest entry ``data/metadata/<id>.json``; raises :class:`ManifestError`."""
+    match = _METADATA_PATH.match(path) if isinstance(path, str) else None
+    if match is None:
+        raise ManifestError(f"{entry} = {path!r} is not a path like 'data/metadata/<id>.json'")
+    try:
+        return check_image_id(match["id"], entry)
+    except UnsafeNameError as error:
+        raise ManifestError(str(error)) from None
 
 
 def dump_manifest(manifest: Manifest) -> bytes:

@@ -162,13 +162,13 @@ class Storage:
         max_attempts: int = S3_MAX_ATTEMPTS,
         max_pool_connections: int = 64,
     ) -> None:
-        self._client_options = dict(
-            endpoint_url=s3_endpoint_url,
-            anonymous=anonymous,
-            region=region,
-            max_attempts=max_attempts,
-            max_pool_connections=max_pool_connections,
-        )
+        self._client_options = {
+            "endpoint_url": s3_endpoint_url,
+            "anonymous": anonymous,
+            "region": region,
+            "max_attempts": max_attempts,
+            "max_pool_connections": max_pool_connections,
+        }
 
     @cached_property
     def s3(self):

@@ -55,10 +55,10 @@ def evaluate_and_publish(
         table=[
             {
                 "true count": str(true),
-                **{f"predicted {c}": n for c, n in zip(evaluation.classes, row)},
+                **{f"predicted {c}": n for c, n in zip(evaluation.classes, row, strict=True)},
                 "accuracy": round(evaluation.per_class_accuracy[str(true)], 4),
             }
-            for true, row in zip(evaluation.classes, evaluation.confusion)
+            for true, row in zip(evaluation.classes, evaluation.confusion, strict=True)
         ],
         description=(
             f"The {role} model {model_uri}: test accuracy {evaluation.accuracy:.4f}, RMSE {evaluation.rmse:.4f}, "

@@ -77,9 +77,7 @@ def abid_bucket(abid_dir: Path, s3_server: LoopbackS3) -> dict[str, int]:
     sample = parse_manifest((abid_dir / "file_list.sample.json").read_text())
     manifest: dict[str, int] = {}
     for count in sorted(set(sample.values())):
-        manifest.update(
-            list((image_id, label) for image_id, label in sample.items() if label == count)[:ABID_PER_CLASS]
-        )
+        manifest.update([(image_id, label) for image_id, label in sample.items() if label == count][:ABID_PER_CLASS])
     client = boto3.client("s3", endpoint_url=s3_server.endpoint_url)
     client.create_bucket(Bucket=ABID_BUCKET)
     for image_id in manifest:

@@ -8,45 +8,18 @@ import sys
 from pathlib import Path
 
 import grimp
+import networkx as nx
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("bincount", "flows", "tasks", "sm_scripts", "deployments")
 
 
 def import_cycles(graph: grimp.ImportGraph) -> list[list[str]]:
-    """Every cycle among the project's modules (one per strongly connected component), by Tarjan's algorithm."""
-    index: dict[str, int] = {}
-    low: dict[str, int] = {}
-    stack: list[str] = []
-    on_stack: set[str] = set()
-    cycles: list[list[str]] = []
-
-    def visit(module: str) -> None:
-        index[module] = low[module] = len(index)
-        stack.append(module)
-        on_stack.add(module)
-        for imported in graph.find_modules_directly_imported_by(module):
-            if imported not in index:
-                visit(imported)
-                low[module] = min(low[module], low[imported])
-            elif imported in on_stack:
-                low[module] = min(low[module], index[imported])
-        if low[module] == index[module]:
-            component = []
-            while True:
-                member = stack.pop()
-                on_stack.discard(member)
-                component.append(member)
-                if member == module:
-                    break
-            if len(component) > 1:
-                cycles.append(sorted(component))
-
-    sys.setrecursionlimit(10_000)
-    for module in sorted(graph.modules):
-        if module not in index:
-            visit(module)
-    return cycles
+    """Every cycle among the project's modules, one per strongly connected component (networkx's)."""
+    edges = nx.DiGraph(
+        (module, imported) for module in graph.modules for imported in graph.find_modules_directly_imported_by(module)
+    )
+    return sorted(sorted(component) for component in nx.strongly_connected_components(edges) if len(component) > 1)
 
 
 def test_no_import_cycle_inside_the_project() -> None:

@@ -59,7 +59,7 @@ def test_real_images_from_s3_to_channels_then_served_from_cache(
     shares = table["split"].value_counts(normalize=True)
     assert shares["train"] == pytest.approx(0.8, abs=0.01) and shares["test"] == pytest.approx(0.1, abs=0.01)
     assert (table.groupby("split")["label"].nunique() == 5).all(), "every count on every side"
-    assert dict(zip(table["id"], table["label"])) == abid_bucket
+    assert dict(zip(table["id"], table["label"], strict=True)) == abid_bucket
     for row in table.itertuples():
         channel_file = local_path(result.channels[row.split]) / str(row.label) / f"{row.id}.jpg"
         assert file_digest(channel_file) == row.sha256
@@ -134,10 +134,10 @@ def test_sync_copies_only_what_changed_and_removes_what_moved(
     assert report.copied == report.deleted == moved > 0
     where = {}
     for info in storage.list(channels):
-        split, label, name = info.uri.rsplit("/", 3)[-3:]
+        split, _label, name = info.uri.rsplit("/", 3)[-3:]
         assert name.removesuffix(".jpg") not in where, "an image on two sides"
         where[name.removesuffix(".jpg")] = split
-    assert where == dict(zip(second["id"], second["split"].astype(str)))
+    assert where == dict(zip(second["id"], second["split"].astype(str), strict=True))
 
 
 def test_split_is_stratified_and_seeded() -> None:

@@ -65,7 +65,6 @@ class MotoSageMaker:
     """Extends moto's SageMaker API for one test: scripted job statuses, failures, and the calls moto lacks."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        from moto.core.responses import ActionResult, EmptyResult
         from moto.sagemaker.models import SageMakerModelBackend
         from moto.sagemaker.responses import SageMakerResponse
 
@@ -78,85 +77,89 @@ class MotoSageMaker:
         # How many describes each next CreateEndpoint / UpdateEndpoint stays Creating / Updating (moto's are at once).
         self.endpoint_delays: list[int] = []
         self.changing: dict[str, list[Any]] = {}  # endpoint -> [describes left, config it moves to]
-        create, describe = SageMakerModelBackend.create_training_job, SageMakerModelBackend.describe_training_job
-        create_endpoint, describe_endpoint = (
-            SageMakerModelBackend.create_endpoint,
-            SageMakerModelBackend.describe_endpoint,
-        )
-        owner = self
+        self.moto = {name: getattr(SageMakerModelBackend, name) for name in self.BACKEND_CALLS}
+        for name in self.BACKEND_CALLS:  # moto's backend calls, wrapped (the backend comes first, as self)
+            monkeypatch.setattr(SageMakerModelBackend, name, self._handler(getattr(self, name)))
+        for name in self.RESPONSE_CALLS:  # the calls moto lacks, answered
+            monkeypatch.setattr(SageMakerResponse, name, self._handler(getattr(self, name)), raising=False)
 
-        def create_training_job(backend: Any, training_job_name: str, **kwargs: Any) -> Any:
-            owner.created.append(training_job_name)
-            job = create(backend, training_job_name=training_job_name, **kwargs)
-            if owner.fail_next:  # moto completes every job; a real one can fail
-                job.training_job_status, job.secondary_status = "Failed", "Failed"
-                job.failure_reason = owner.fail_next.pop("reason")
-            return job
+    BACKEND_CALLS = ("create_training_job", "describe_training_job", "create_endpoint", "describe_endpoint")
+    RESPONSE_CALLS = ("update_endpoint", "stop_training_job", "list_training_jobs_for_hyper_parameter_tuning_job")
 
-        def describe_training_job(backend: Any, training_job_name: str) -> Any:
-            script = owner.scripts.get(training_job_name)
-            if script and training_job_name in backend.training_jobs:  # the next scripted state (moto's jobs never run)
-                job = backend.training_jobs[training_job_name]
-                for key, value in script.pop(0).items():
-                    setattr(job, key, value)
-            return describe(backend, training_job_name)
+    @staticmethod
+    def _handler(method: Any) -> Any:
+        return lambda receiver, *args, **kwargs: method(receiver, *args, **kwargs)
 
-        def create_endpoint_slowly(backend: Any, endpoint_name: str, **kwargs: Any) -> Any:
-            endpoint = create_endpoint(backend, endpoint_name=endpoint_name, **kwargs)
-            if owner.endpoint_delays:
-                endpoint.endpoint_status = "Creating"
-                owner.changing[endpoint_name] = [owner.endpoint_delays.pop(0), endpoint.endpoint_config_name]
-            return endpoint
+    def create_training_job(self, backend: Any, training_job_name: str, **kwargs: Any) -> Any:
+        self.created.append(training_job_name)
+        job = self.moto["create_training_job"](backend, training_job_name=training_job_name, **kwargs)
+        if self.fail_next:  # moto completes every job; a real one can fail
+            job.training_job_status, job.secondary_status = "Failed", "Failed"
+            job.failure_reason = self.fail_next.pop("reason")
+        return job
 
-        def describe_endpoint_as_it_changes(backend: Any, endpoint_name: str) -> Any:
-            change = owner.changing.get(endpoint_name)
-            if change and endpoint_name in backend.endpoints:
-                if change[0] > 0:
-                    change[0] -= 1
-                else:  # the change is done
-                    endpoint = backend.endpoints[endpoint_name]
-                    endpoint.endpoint_status, endpoint.endpoint_config_name = "InService", change[1]
-                    del owner.changing[endpoint_name]
-            return describe_endpoint(backend, endpoint_name)
+    def describe_training_job(self, backend: Any, training_job_name: str) -> Any:
+        script = self.scripts.get(training_job_name)
+        if script and training_job_name in backend.training_jobs:  # the next scripted state (moto's jobs never run)
+            job = backend.training_jobs[training_job_name]
+            for key, value in script.pop(0).items():
+                setattr(job, key, value)
+        return self.moto["describe_training_job"](backend, training_job_name)
 
-        def update_endpoint(response: Any) -> Any:  # moto 5.2 has no UpdateEndpoint
-            from moto.sagemaker.exceptions import ValidationError
+    def create_endpoint(self, backend: Any, endpoint_name: str, **kwargs: Any) -> Any:
+        endpoint = self.moto["create_endpoint"](backend, endpoint_name=endpoint_name, **kwargs)
+        if self.endpoint_delays:
+            endpoint.endpoint_status = "Creating"
+            self.changing[endpoint_name] = [self.endpoint_delays.pop(0), endpoint.endpoint_config_name]
+        return endpoint
 
-            endpoint = response.sagemaker_backend.endpoints[response._get_param("EndpointName")]
-            if endpoint.endpoint_status in ("Creating", "Updating"):  # as SageMaker refuses it
-                raise ValidationError(message=f'Cannot update in-progress endpoint "{endpoint.arn}".')
-            config = response._get_param("EndpointConfigName")
-            if owner.fail_updates:  # SageMaker keeps the old config serving and says why
-                endpoint.failure_reason = owner.fail_updates
-            elif owner.endpoint_delays:  # the old config serves until the new fleet is up
-                endpoint.endpoint_status, endpoint.failure_reason = "Updating", None
-                owner.changing[endpoint.endpoint_name] = [owner.endpoint_delays.pop(0), config]
-                return ActionResult({"EndpointArn": endpoint.arn})
-            else:
-                endpoint.endpoint_config_name = config
-                endpoint.failure_reason = None
-            endpoint.endpoint_status = "InService"
+    def describe_endpoint(self, backend: Any, endpoint_name: str) -> Any:
+        change = self.changing.get(endpoint_name)
+        if change and endpoint_name in backend.endpoints:
+            if change[0] > 0:
+                change[0] -= 1
+            else:  # the change is done
+                endpoint = backend.endpoints[endpoint_name]
+                endpoint.endpoint_status, endpoint.endpoint_config_name = "InService", change[1]
+                del self.changing[endpoint_name]
+        return self.moto["describe_endpoint"](backend, endpoint_name)
+
+    def update_endpoint(self, response: Any) -> Any:  # moto 5.2 has no UpdateEndpoint
+        from moto.core.responses import ActionResult
+        from moto.sagemaker.exceptions import ValidationError
+
+        endpoint = response.sagemaker_backend.endpoints[response._get_param("EndpointName")]
+        if endpoint.endpoint_status in ("Creating", "Updating"):  # as SageMaker refuses it
+            raise ValidationError(message=f'Cannot update in-progress endpoint "{endpoint.arn}".')
+        config = response._get_param("EndpointConfigName")
+        if self.fail_updates:  # SageMaker keeps the old config serving and says why
+            endpoint.failure_reason = self.fail_updates
+        elif self.endpoint_delays:  # the old config serves until the new fleet is up
+            endpoint.endpoint_status, endpoint.failure_reason = "Updating", None
+            self.changing[endpoint.endpoint_name] = [self.endpoint_delays.pop(0), config]
             return ActionResult({"EndpointArn": endpoint.arn})
+        else:
+            endpoint.endpoint_config_name = config
+            endpoint.failure_reason = None
+        endpoint.endpoint_status = "InService"
+        return ActionResult({"EndpointArn": endpoint.arn})
 
-        def stop_training_job(response: Any) -> Any:  # nor StopTrainingJob
-            name = response._get_param("TrainingJobName")
-            owner.stopped.append(name)
-            job = response.sagemaker_backend.training_jobs[name]
-            job.training_job_status, job.secondary_status = "Stopped", "Stopped"
-            owner.scripts.pop(name, None)
-            return EmptyResult()
+    def stop_training_job(self, response: Any) -> Any:  # nor StopTrainingJob
+        from moto.core.responses import EmptyResult
 
-        def list_training_jobs_for_hyper_parameter_tuning_job(response: Any) -> Any:  # nor this
-            return ActionResult(
-                {"TrainingJobSummaries": owner.trials.get(response._get_param("HyperParameterTuningJobName"), [])}
-            )
+        name = response._get_param("TrainingJobName")
+        self.stopped.append(name)
+        job = response.sagemaker_backend.training_jobs[name]
+        job.training_job_status, job.secondary_status = "Stopped", "Stopped"
+        self.scripts.pop(name, None)
+        return EmptyResult()
 
-        monkeypatch.setattr(SageMakerModelBackend, "create_training_job", create_training_job)
-        monkeypatch.setattr(SageMakerModelBackend, "describe_training_job", describe_training_job)
-        monkeypatch.setattr(SageMakerModelBackend, "create_endpoint", create_endpoint_slowly)
-        monkeypatch.setattr(SageMakerModelBackend, "describe_endpoint", describe_endpoint_as_it_changes)
-        for handler in (update_endpoint, stop_training_job, list_training_jobs_for_hyper_parameter_tuning_job):
-            monkeypatch.setattr(SageMakerResponse, handler.__name__, handler, raising=False)
+    def list_training_jobs_for_hyper_parameter_tuning_job(self, response: Any) -> Any:  # nor this
+        from moto.core.responses import ActionResult
+
+        return ActionResult(
+            {"TrainingJobSummaries": self.trials.get(response._get_param("HyperParameterTuningJobName"), [])}
+        )
 
 
 @pytest.fixture
@@ -760,9 +763,11 @@ def test_batch_transform_request_and_joined_table(
         "prob_5",
         "label",
         "correct",
+        "model_version",
     ]
+    assert set(table["model_version"].astype(str)) == {summary.model_version}
     assert sorted(table["key"]) == sorted(images) and set(table["predicted_count"]) == {2}
-    assert dict(zip(table["key"], table["label"])) == images
+    assert dict(zip(table["key"], table["label"], strict=True)) == images
 
     # A retried task follows the job it started.
     backend.batch_transform(models[1], f"s3://{BUCKET}/{prefix}/in", f"s3://{BUCKET}/{prefix}/out")
@@ -842,7 +847,7 @@ def test_timeout_and_interrupt_stop_the_job(
 
     for interruption in (KeyboardInterrupt(), TerminationSignal(signal.SIGTERM)):
 
-        def interrupt(line: str) -> None:
+        def interrupt(line: str, interruption: BaseException = interruption) -> None:
             if "is InProgress" in line:
                 raise interruption
 
@@ -896,7 +901,7 @@ def test_failed_job_raises_with_its_reason_and_log_tail(
         ["epoch: 1 train_loss: 1.6", "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"],
     )
     moto_sagemaker.fail_next["reason"] = "AlgorithmError: ExecuteUserScriptError: CUDA out of memory"
-    with pytest.raises(TrainingJobFailed, match="(?s)ExecuteUserScriptError.*Tried to allocate 2.00 GiB") as failure:
+    with pytest.raises(TrainingJobFailed, match=r"(?s)ExecuteUserScriptError.*Tried to allocate 2\.00 GiB") as failure:
         backend.train(spec(settings, name))
     assert failure.value.job.status == "Failed"
     assert failure.value.job.log_tail[-2:] == [

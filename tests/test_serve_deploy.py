@@ -46,7 +46,7 @@ def test_a_failed_check_rolls_the_endpoint_back_to_the_previous_model(
     backend = LocalServingBackend(Settings.load(artifact_root=artifact_root))
     assert backend.describe("rollback-ep").version == deployed.version
 
-    with pytest.raises(Exception, match="ModelError|not a JPEG"):
+    with pytest.raises(Exception, match=r"ModelError|not a JPEG"):
         deploy_flow(artifact_root, "rollback-ep", second, corrupt.as_uri())  # deploys, then the check fails
 
     after = backend.describe("rollback-ep")
@@ -68,7 +68,7 @@ def test_a_new_endpoint_that_fails_its_check_is_removed(
     model = write_untrained_model_dir(tmp_path / "model", "resnet18", 32, seed=7).as_uri()
     corrupt = tmp_path / "corrupt.png"
     corrupt.write_bytes(b"\x89PNG\r\n\x1a\n broken")
-    with pytest.raises(Exception, match="ModelError|not a"):
+    with pytest.raises(Exception, match=r"ModelError|not a"):
         deploy_flow(artifact_root, "fresh-ep", model, corrupt.as_uri())
     with pytest.raises(EndpointNotFoundError):
         LocalServingBackend(Settings.load(artifact_root=artifact_root)).describe("fresh-ep")

@@ -164,7 +164,7 @@ def test_redeploy_under_concurrent_load_fails_no_request(
 
     def which_model(probabilities: list[float]) -> str:
         distance = {
-            name: max(abs(a - b) for a, b in zip(probabilities, ref))
+            name: max(abs(a - b) for a, b in zip(probabilities, ref, strict=True))
             for name, ref in (("blue", blue), ("green", green))
         }
         best = min(distance, key=distance.get)

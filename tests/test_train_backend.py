@@ -159,7 +159,7 @@ from bincount.contracts.training import TrainingJobSpec
 from bincount.factory import get_training_backend
 settings = Settings.load(artifact_root={str(tmp_path / "art")!r})
 spec = TrainingJobSpec("bincount-train-orphan", {{**{TINY!r}, "epochs": 50}},
-                       {{k: Path(v).as_uri() for k, v in {dict((k, str(v)) for k, v in demo_channels.items())!r}.items()}},
+                       {{k: Path(v).as_uri() for k, v in { {k: str(v) for k, v in demo_channels.items()}!r}.items()}},
                        settings.artifact_uri("jobs"))
 get_training_backend(settings).train(spec, on_log=lambda line: print(line, flush=True))
 """

@@ -66,12 +66,7 @@ def run_batch_transform(
     input_uri, output_uri = input_uri.rstrip("/"), output_uri.rstrip("/")
     keys = list_inputs(storage, input_uri, output_uri)
     done = _claim_output(storage, output_uri, model_version, rescore)
-    errors: list[dict[str, str]] = []
-    for key in keys:
-        try:
-            check_key(key, "input key")
-        except UnsafeNameError as error:
-            errors.append({"key": key, "error": str(error)})
+    errors = _unsafe_keys(keys)
     unsafe = {error["key"] for error in errors}
     pending = [key for key in keys if f"{key}.out" not in done and key not in unsafe]
 
@@ -109,7 +104,7 @@ def run_batch_transform(
             if good:
                 pixels = torch.cat([item.pixels for item in good])
                 predictions = model_thread.submit(inference.forward, pixels, model).result()
-                writes.extend(pool.submit(write, item.key, p) for item, p in zip(good, predictions))
+                writes.extend(pool.submit(write, item.key, p) for item, p in zip(good, predictions, strict=True))
             finished += len(batch)
             if progress:
                 progress(finished, len(keys))
@@ -138,6 +133,17 @@ def run_batch_transform(
         accuracy=accuracy,
         errors=errors,
     )
+
+
+def _unsafe_keys(keys: list[str]) -> list[dict[str, str]]:
+    """An error row for each key that would lead out of the output prefix (never scored nor written)."""
+    errors = []
+    for key in keys:
+        try:
+            check_key(key, "input key")
+        except UnsafeNameError as error:
+            errors.append({"key": key, "error": str(error)})
+    return errors
 
 
 def _claim_output(storage: Storage, output_uri: str, model_version: str, rescore: bool) -> set[str]:

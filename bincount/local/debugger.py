@@ -24,6 +24,7 @@ compare TRAIN and EVAL losses.
 
 from __future__ import annotations
 
+import itertools
 import math
 import tempfile
 from pathlib import Path
@@ -55,7 +56,7 @@ def _phases(trial: Any) -> list[tuple[str, list[float]]]:
 def _epoch_losses(phases: list[tuple[str, list[float]]]) -> list[tuple[float, float]]:
     """(train mean, eval mean) per epoch: each TRAIN phase paired with the EVAL phase after it."""
     pairs = []
-    for (mode, values), (next_mode, next_values) in zip(phases, phases[1:]):
+    for (mode, values), (next_mode, next_values) in itertools.pairwise(phases):
         if mode == "TRAIN" and next_mode == "EVAL":
             pairs.append((float(np.mean(values)), float(np.mean(next_values))))
     return pairs

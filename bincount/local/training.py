@@ -68,7 +68,7 @@ def sagemaker_environment(
     import torch
 
     gpus = torch.cuda.device_count()
-    hps = {name: value for name, value in hyperparameters.items()}
+    hps = dict(hyperparameters.items())
     env = {
         "SM_MODEL_DIR": str(job_dir / "model"),
         "SM_OUTPUT_DIR": str(job_dir / "output"),

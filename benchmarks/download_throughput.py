@@ -112,7 +112,8 @@ def main() -> None:
         ours = task_engine(endpoint, args.objects, args.concurrency)
         print(f"serial boto3 download_file loop: {args.objects / serial_s:8.1f} objects/s ({serial_s:.1f} s)")
         print(
-            f"bincount download_images:        {args.objects / ours['seconds']:8.1f} objects/s ({ours['seconds']:.1f} s, "
+            f"bincount download_images:        {args.objects / ours['seconds']:8.1f} objects/s "
+            f"({ours['seconds']:.1f} s, "
             f"concurrency {args.concurrency}, decode-checked and hashed)"
         )
         print(f"speed-up: {serial_s / ours['seconds']:.1f}x  (target >= 10x) at {args.latency_ms:g} ms per request")
@@ -122,7 +123,8 @@ def main() -> None:
         peaks[args.objects] = ours["peak_rss_mb"]
         print("peak RSS by object count: " + ", ".join(f"{n}: {mb:.0f} MB" for n, mb in sorted(peaks.items())))
         print(
-            f"peak RSS ratio {max(peaks)} vs {min(peaks)} objects: {peaks[max(peaks)] / peaks[min(peaks)]:.2f}  (flat = 1.0)"
+            f"peak RSS ratio {max(peaks)} vs {min(peaks)} objects: {peaks[max(peaks)] / peaks[min(peaks)]:.2f}  "
+            "(flat = 1.0)"
         )
     finally:
         server.terminate()

@@ -157,7 +157,8 @@ def main(args: argparse.Namespace) -> None:
                 adjacent = (bare_before + bare_after) / 2
                 rows.append((label, clients, result, adjacent, cpu["host"] + cpu["router"], bare_cpu))
                 print(
-                    f"{label:>15} {clients:>3} clients: {result['req_s']:5.1f} req/s = {result['req_s'] / adjacent:6.1%} of bare "
+                    f"{label:>15} {clients:>3} clients: {result['req_s']:5.1f} req/s = "
+                    f"{result['req_s'] / adjacent:6.1%} of bare "
                     f"batch {args.max_batch_size} ({bare_before:.1f} before, {bare_after:.1f} after)  "
                     f"p50 {result['p50_ms']:6.0f} ms  p99 {result['p99_ms']:6.0f} ms  errors {result['errors']}  "
                     f"CPU ms/request: host {cpu['host']:.0f} + router {cpu['router']:.1f} (bare {bare_cpu:.0f})",
@@ -167,7 +168,8 @@ def main(args: argparse.Namespace) -> None:
         bare.close()
     print(f"load average {os.getloadavg()[0]:.1f} (other processes on these cores skew every figure)")
     print(
-        "\nsummary: throughput vs adjacent bare forward | CPU efficiency (bare CPU per image / endpoint CPU per request)"
+        "\nsummary: throughput vs adjacent bare forward | CPU efficiency (bare CPU per image / endpoint CPU per "
+        "request)"
     )
     for label, clients, result, adjacent, endpoint_cpu, bare_cpu in rows:
         print(

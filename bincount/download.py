@@ -303,7 +303,8 @@ def _failure_message(report: DownloadReport, max_missing_share: float) -> str:
     unreadable = "; ".join(f"{image_id}: {why}" for image_id, why in list(report.unreadable.items())[:5]) or "none"
     return (
         f"{len(report.missing)} missing, {len(report.unreadable)} unreadable and {len(report.corrupt)} corrupt "
-        f"of {report.requested} images ({report.unusable_share:.1%}) is more than max_missing_share={max_missing_share:.1%}. "
+        f"of {report.requested} images ({report.unusable_share:.1%}) is more than "
+        f"max_missing_share={max_missing_share:.1%}. "
         f"Missing (first 5): {examples}. Unreadable (first 5): {unreadable}. Corrupt (first 5): {corrupt}. "
         f"Check source_uri={report.source_uri} and the manifest, or raise max_missing_share to accept the gaps; "
         f"the {report.downloaded + report.already_present} good images are kept and will not be fetched again."

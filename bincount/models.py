@@ -1,4 +1,4 @@
-"""Model directories (see docs/CONTRACTS.md): fetch one from a URI, pack one, read one file of an archive, name its version.
+"""Model directories (docs/CONTRACTS.md): fetch one from a URI, pack one, read a file of an archive, name a version.
 
 A model URI is a ``model.tar.gz`` (files at the archive root, as SageMaker packs them) or a folder
 holding ``model.pt`` and ``model_info.json``, on ``file://`` or ``s3://``. Serving and batch

@@ -142,7 +142,8 @@ def retrain_model(
 
     Args:
         channels: channel URIs ``{"train": ..., "valid": ..., "test": ...}`` (prepare-data's output).
-        hyperparameters: train.py flags (from tuning, or a registered model's recipe); they override ``options``' fixed ones.
+        hyperparameters: train.py flags (from tuning, or a registered model's recipe); they override
+            ``options``' fixed ones.
         options: model, fixed hyperparameters, debugger and profiler.
         settings: where jobs write and which backend runs them.
         tuning: the search that chose ``hyperparameters``, kept with the result.

@@ -33,8 +33,9 @@ def report_data_task(settings: Settings, split_table: pd.DataFrame) -> DataRepor
         "data-report",
         data_report_png(report),
         "Data report",
-        f"Train split per-channel statistics ({report.normalization_images} images): mean {report.mean}, std {report.std} "
-        "(a description of the data: training normalizes with the pretrained weights' constants, ImageNet's for the ResNets). "
-        + " ".join(report.notes),
+        f"Train split per-channel statistics ({report.normalization_images} images): mean {report.mean}, std "
+        f"{report.std} "
+        "(a description of the data: training normalizes with the pretrained weights' constants, ImageNet's for the "
+        "ResNets). " + " ".join(report.notes),
     )
     return report

@@ -1,4 +1,4 @@
-"""Approval as a paused flow run on a real Prefect server: a person resumes it with the typed form, or the timeout rejects."""
+"""Approval as a paused flow run on a real Prefect server: a person resumes it with the form, or the timeout rejects."""
 
 from __future__ import annotations
 

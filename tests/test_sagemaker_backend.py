@@ -571,7 +571,11 @@ def test_deploy_update_roll_back_retry_and_delete(
     assert second.previous_version == first.version
     assert second.details["previous_endpoint_config"] == first.details["endpoint_config"]
 
-    rolled_back = f"Rolled back: endpoint '{name}' serves its previous config {second.details['endpoint_config']} \\(model version {second.version}\\) again"
+    previous_config = second.details["endpoint_config"]
+    rolled_back = (
+        f"Rolled back: endpoint '{name}' serves its previous config {previous_config} "
+        f"\\(model version {second.version}\\) again"
+    )
     queue_answers("not a prediction")  # the new model answers nonsense: the deploy rolls back
     with pytest.raises(DeployError, match=f"answer.*{rolled_back}.*fix the model, then deploy again"):
         backend.deploy(name, models[3])
@@ -616,7 +620,8 @@ def test_deploy_update_roll_back_retry_and_delete(
         DeployError,
         match=(
             f"Rolling back to config {second.details['endpoint_config']} failed too .*still Updating.*"
-            f"aws sagemaker update-endpoint --endpoint-name {name} --endpoint-config-name {second.details['endpoint_config']}"
+            f"aws sagemaker update-endpoint --endpoint-name {name} --endpoint-config-name "
+            f"{second.details['endpoint_config']}"
         ),
     ):
         impatient.deploy(name, models[3])
@@ -997,7 +1002,9 @@ def rule_statuses(job: str, states: dict[str, tuple[str, str | None]]) -> list[d
         {
             "RuleConfigurationName": rule,
             "RuleEvaluationStatus": state,
-            "RuleEvaluationJobArn": f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:processing-job/{job[:30]}-{rule.lower()[:12]}",
+            "RuleEvaluationJobArn": (
+                f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:processing-job/{job[:30]}-{rule.lower()[:12]}"
+            ),
             **({"StatusDetails": details} if details else {}),
         }
         for rule, (state, details) in sorted(states.items())

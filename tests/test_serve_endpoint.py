@@ -249,7 +249,8 @@ def test_sigterm_drains_the_request_in_flight_then_exits(models: dict[str, Path]
                 time.sleep(0.2)
         request = socket.create_connection(("127.0.0.1", port))
         request.sendall(
-            f"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: {len(photo)}\r\n\r\n".encode()
+            b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+            + f"Content-Length: {len(photo)}\r\n\r\n".encode()
             + photo[:1000]
         )
         time.sleep(0.3)

@@ -26,9 +26,8 @@ def two_trainings_at_once() -> list[tuple[float, float]]:
 
 
 def test_two_trainings_never_overlap_and_the_limit_needs_no_setup(prefect_server: None) -> None:
-    with get_client(sync_client=True) as client:
-        with contextlib.suppress(ObjectNotFound):  # as on a server nobody set up
-            client.delete_global_concurrency_limit_by_name(TRAINING_SLOTS)
+    with get_client(sync_client=True) as client, contextlib.suppress(ObjectNotFound):  # as nobody set up
+        client.delete_global_concurrency_limit_by_name(TRAINING_SLOTS)
     (_first_start, first_end), (second_start, _second_end) = sorted(two_trainings_at_once())
     assert second_start >= first_end, "the second training started while the first still held the slot"
     with get_client(sync_client=True) as client:

@@ -115,7 +115,8 @@ class ServingBackend(Protocol):
     """What the deploy and batch transform tasks need from a place that serves models."""
 
     def deploy(self, name: str, model_uri: str, model_ref: str | None = None) -> EndpointRecord:
-        """Start ``name`` on ``model_uri`` (registered as ``model_ref``), or replace its model without dropping a request."""
+        """Start ``name`` on ``model_uri`` (registered as ``model_ref``), or replace its model without dropping
+        a request."""
         ...
 
     def describe(self, name: str) -> EndpointRecord:

@@ -165,7 +165,8 @@ class LocalTrainingBackend:
             return job
 
     def _uploading_checkpoints(self, sink: LogSink, folder: Path, checkpoint_uri: str) -> LogSink:
-        """``sink``, after an upload of ``folder`` each time train.py reports a new checkpoint (as SageMaker syncs them)."""
+        """``sink``, after an upload of ``folder`` each time train.py reports a new checkpoint (as SageMaker
+        syncs them)."""
 
         def forward(line: str) -> None:
             if line.startswith(CHECKPOINT_SAVED):

@@ -1,4 +1,4 @@
-"""The SageMaker implementations of the contracts (profile ``aws``): training, tuning, endpoints and batch transform as SageMaker jobs.
+"""The SageMaker implementations of the contracts (profile ``aws``): training, tuning, endpoints, batch transform.
 
 session.py   options (``BINCOUNT_SAGEMAKER_*``), the one boto3 / SageMaker session factory
 waiting.py   poll a job with backoff, report transitions, stop it on timeout or cancellation

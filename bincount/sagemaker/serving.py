@@ -149,7 +149,8 @@ class SageMakerServingBackend(SageMakerBackendBase):
             raise EndpointNotFoundError(f"SageMaker has no endpoint named {name!r}")
         if record is None:
             raise EndpointNotFoundError(
-                f"endpoint {name!r} exists on SageMaker but has no record at {self.records.uri(name)}: deploy it with bincount"
+                f"endpoint {name!r} exists on SageMaker but has no record at {self.records.uri(name)}: deploy it "
+                "with bincount"
             )
         return record
 
@@ -185,8 +186,10 @@ class SageMakerServingBackend(SageMakerBackendBase):
                 )
         elif current["EndpointStatus"] == "Failed":
             raise DeployError(
-                f"endpoint {name!r} is Failed ({current.get('FailureReason')}), and SageMaker allows nothing but deleting a "
-                f"failed endpoint: delete it with `BINCOUNT_PROFILE=aws bincount delete-endpoint {name}`, then deploy again"
+                f"endpoint {name!r} is Failed ({current.get('FailureReason')}), and SageMaker allows nothing but "
+                "deleting a "
+                f"failed endpoint: delete it with `BINCOUNT_PROFILE=aws bincount delete-endpoint {name}`, then "
+                "deploy again"
             )
         else:
             previous_config = current["EndpointConfigName"]
@@ -218,7 +221,8 @@ class SageMakerServingBackend(SageMakerBackendBase):
             serves = f" (model version {version_back})" if version_back else ""
             raise DeployError(
                 f"{failed}. Rolled back: endpoint {name!r} serves its previous config {previous_config}{serves} again. "
-                f"Look at the endpoint's log (CloudWatch group /aws/sagemaker/Endpoints/{name}), fix the model, then deploy again."
+                f"Look at the endpoint's log (CloudWatch group /aws/sagemaker/Endpoints/{name}), fix the model, then "
+                "deploy again."
             ) from None
         previous: tuple[str | None, str | None] = (None, None)
         if stored is not None:  # a retried deploy of the same weights keeps what they replaced

@@ -34,7 +34,7 @@ def require_s3(uri: str, what: str) -> str:
 
 
 class SageMakerOptions(BaseSettings):
-    """Everything the SageMaker backend needs beyond :class:`~bincount.config.Settings` (env ``BINCOUNT_SAGEMAKER_*``)."""
+    """What the SageMaker backends need beyond :class:`~bincount.config.Settings` (env ``BINCOUNT_SAGEMAKER_*``)."""
 
     model_config = SettingsConfigDict(env_prefix="BINCOUNT_SAGEMAKER_", extra="forbid")
 

@@ -175,7 +175,8 @@ class SageMakerTrainingBackend(SageMakerBackendBase):
             sink(f"training job {spec.name} exists (an earlier attempt started it): following it")
         else:
             sink(
-                f"starting training job {spec.name} on {self.options.train_instance_count} x {self.options.train_instance_type}"
+                f"starting training job {spec.name} on {self.options.train_instance_count} x "
+                f"{self.options.train_instance_type}"
             )
             try:
                 self.estimator(spec).fit(self.channels(spec), job_name=spec.name, wait=False)
@@ -245,7 +246,8 @@ class SageMakerTrainingBackend(SageMakerBackendBase):
             running = [s["RuleConfigurationName"] for s in statuses if s["RuleEvaluationStatus"] in RULES_RUNNING]
             sink(
                 f"debugger rules {', '.join(running)} of {job_name} still running after {timeout:.0f} s: reported as "
-                f"not evaluated (their verdicts arrive later: aws sagemaker describe-training-job --training-job-name {job_name}; "
+                "not evaluated (their verdicts arrive later: aws sagemaker describe-training-job "
+                f"--training-job-name {job_name}; "
                 "wait longer with BINCOUNT_SAGEMAKER_RULES_TIMEOUT_S)"
             )
         return [rule_verdict(status, timeout) for status in statuses]

@@ -72,7 +72,7 @@ class SageMakerTuningBackend(SageMakerBackendBase):
     """One SageMaker hyperparameter tuning job per :class:`TuningSpec`."""
 
     def tuner(self, spec: TuningSpec) -> tuple[Any, dict[str, str]]:
-        """The HyperparameterTuner (the training backend's Estimator with the static hyperparameters) and its channels."""
+        """The HyperparameterTuner (the training backend's Estimator, static hyperparameters) and its channels."""
         from sagemaker.tuner import HyperparameterTuner
 
         trainer = SageMakerTrainingBackend(self.settings, self.options, session=self.session)

@@ -27,10 +27,10 @@ import numpy as np
 
 from bincount.config import Settings
 from bincount.demo_data import jpeg_bytes, render_bin_image
-from bincount.serving.backend import LocalServingBackend
-from bincount.serving.batcher import prepare_model_thread
-from bincount.serving.host import HostOptions, available_cores
-from bincount.serving.model_dir import write_untrained_model_dir
+from bincount.local.batcher import available_cores, prepare_model_thread
+from bincount.local.host import HostOptions
+from bincount.local.serving import LocalServingBackend
+from bincount.models import write_untrained_model_dir
 from sm_scripts import inference
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,10 +69,10 @@ class BareForward:
         self._thread.shutdown()
 
 
-def load(url: str, photo: bytes, clients: int, seconds: float) -> dict[str, float]:
+def load(url: str, photo: bytes, clients: int, seconds: float, name: str = NAME) -> dict[str, float]:
     """Closed-loop clients for ``seconds``; req/s, p50/p99 latency (ms) and errors."""
     target = urlparse(url)
-    path = f"/endpoints/{NAME}/invocations"
+    path = f"/endpoints/{name}/invocations"
     headers = {"Content-Type": "image/jpeg", "Accept": "application/json"}
     latencies: list[float] = []
     errors: list[str] = []

@@ -1,0 +1,72 @@
+"""Flow: watch live endpoints: their captured traffic against the baseline of the model they serve.
+
+    per endpoint: read capture since the cursor ─► counts, errors, latency, input statistics ─► drift tests
+                  (vs the version's training baseline) ─► live accuracy (ids with metadata) ─► report + event
+
+Deployment ``monitor-endpoint/hourly``. One endpoint's failure (say, an unreadable record) is reported
+after the others are done: it never hides their results. Drift and ok are events
+(``bincount.monitor.drift-detected`` / ``bincount.monitor.ok``) that automations act on.
+"""
+
+from __future__ import annotations
+
+from prefect import flow, get_run_logger
+from pydantic import BaseModel, Field
+
+from bincount.config import Location
+from bincount.endpoints import EndpointRecords
+from bincount.monitoring import DriftThresholds, MonitorReport
+from bincount.storage import storage_for
+from tasks.monitor import monitor_traffic_task, publish_monitor_task
+
+
+class MonitorThresholds(BaseModel):
+    """When to call drift."""
+
+    psi: float = Field(default=0.2, gt=0, description="PSI of the predicted counts above which they drifted (with chi-square).")
+    chi2_alpha: float = Field(default=0.01, gt=0, lt=1, description="Chi-square p-value below which the counts drifted.")
+    ks_statistic: float = Field(default=0.2, gt=0, le=1, description="KS distance above which an input statistic drifted (with ks_alpha).")
+    ks_alpha: float = Field(default=0.01, gt=0, lt=1, description="KS p-value below which an input statistic drifted.")
+    min_requests: int = Field(default=30, ge=1, description="Fewer captured requests than this in the window: no verdict.")
+
+
+class MonitorError(RuntimeError):
+    """Some endpoints could not be monitored; the others' results are published."""
+
+
+@flow(name="monitor-endpoint")
+def monitor_endpoint(
+    endpoint_names: list[str] | None = None,
+    thresholds: MonitorThresholds = MonitorThresholds(),
+    labels_uri: str | None = None,
+    location: Location = Location(),
+) -> list[MonitorReport]:
+    """Compare each endpoint's traffic since the last run with its model's training baseline.
+
+    Args:
+        endpoint_names: the endpoints to watch (default: every recorded endpoint).
+        thresholds: when drift is called.
+        labels_uri: a bucket laid out like ABID whose ``metadata/<id>.json`` labels requests sent with
+            ``InferenceId=<id>`` (default: the data source, BINCOUNT_SOURCE_URI).
+        location: where the capture, registry and records live (default: the BINCOUNT_* variables).
+    """
+    logger = get_run_logger()
+    settings = location.settings()
+    names = endpoint_names or EndpointRecords(settings, storage_for(settings)).names()
+    if not names:
+        logger.warning("no endpoints are recorded under %s: nothing to monitor", settings.artifact_root)
+        return []
+    limits = DriftThresholds(**thresholds.model_dump())
+    futures = {name: monitor_traffic_task.submit(settings, name, limits, labels_uri or settings.source_uri) for name in names}
+    reports, failed = [], []
+    for name, future in futures.items():
+        state = future.wait() or future.state
+        if state.is_completed():
+            report = future.result()
+            publish_monitor_task(report)
+            reports.append(report)
+        else:
+            failed.append(f"{name}: {state.message}")
+    if failed:
+        raise MonitorError(f"{len(failed)} of {len(names)} endpoints could not be monitored (the others were): " + "; ".join(failed))
+    return reports

@@ -147,6 +147,7 @@ class DriftThresholds:
     ks_statistic: float = 0.2  # KS distance of an input statistic ...
     ks_alpha: float = 0.01  # ... and its p-value: both must pass to call it drift
     min_requests: int = 30  # fewer captured requests than this: no verdict
+    max_error_rate: float = 0.05  # above it the monitor also says error-rate-high (whatever the drift verdict)
 
 
 @dataclass
@@ -160,6 +161,7 @@ class MonitorReport:
     requests: int = 0
     errors: int = 0
     error_rate: float = 0.0
+    error_rate_high: bool = False
     latency_ms: dict[str, float] = field(default_factory=dict)
     predicted_shares: dict[str, float] = field(default_factory=dict)
     baseline_shares: dict[str, float] = field(default_factory=dict)
@@ -233,6 +235,7 @@ def monitor_window(
     statuses = [int(r["eventMetadata"].get("bincount", {}).get("status", 200)) for r in records]
     report.errors = sum(status >= 400 for status in statuses)
     report.error_rate = report.errors / len(records)
+    report.error_rate_high = report.error_rate > thresholds.max_error_rate
     latencies = [float(r["eventMetadata"]["bincount"]["latencyMs"]) for r in records if "latencyMs" in r["eventMetadata"].get("bincount", {})]
     if latencies:
         report.latency_ms = {f"p{q}": float(np.percentile(latencies, q)) for q in (50, 90, 99)}

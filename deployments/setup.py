@@ -5,7 +5,9 @@
                                                 # also: ECS work pool, AwsCredentials and S3Bucket blocks
 
 Then `prefect deploy --all` reads prefect.yaml, and `prefect worker start --pool bincount-local`
-runs what is deployed.
+runs what is deployed. Once deployed, the automations (deployments/automations.py):
+
+    python -m deployments.setup --automations --notify-url https://hooks.example.com/bincount [--retune-on-drift]
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from prefect import get_client
 from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.utilities.asyncutils import run_coro_as_sync
 from prefect.workers.process import ProcessWorker
+
+from deployments.automations import AutomationSetupError, create_automations
 
 LOCAL_POOL = "bincount-local"
 ECS_POOL = "bincount-ecs"
@@ -53,6 +57,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--bucket", help="S3 bucket for flow results (required with --aws)")
     parser.add_argument("--aws-profile", help="named AWS profile (default: the default credential chain)")
     parser.add_argument("--region", help="AWS region (default: the profile's)")
+    parser.add_argument("--automations", action="store_true", help="create the automations (after `prefect deploy --all`)")
+    parser.add_argument("--notify-url", help="webhook that failure and missed-run notifications POST to (default: none)")
+    parser.add_argument("--retune-on-drift", action="store_true", help="drift starts a nightly run that tunes again (default: off)")
     args = parser.parse_args(argv)
     if args.aws and not args.bucket:
         parser.error("--aws needs --bucket: the S3 bucket that will hold flow results")
@@ -68,6 +75,12 @@ def main(argv: list[str] | None = None) -> None:
         print(f"work pool {ECS_POOL!r} (ecs) ready")
         save_aws_blocks(args.bucket, args.aws_profile, args.region)
         print(f"blocks aws-credentials/{AWS_CREDENTIALS_BLOCK} and s3-bucket/{RESULTS_BLOCK} saved")
+    if args.automations:
+        try:
+            names = create_automations(args.notify_url, args.retune_on_drift)
+        except AutomationSetupError as error:
+            parser.error(str(error))
+        print(f"automations ready: {', '.join(names)}" + ("" if args.notify_url else " (no --notify-url: no notifications)"))
 
 
 if __name__ == "__main__":

@@ -28,6 +28,9 @@ class MonitorThresholds(BaseModel):
     ks_statistic: float = Field(default=0.2, gt=0, le=1, description="KS distance above which an input statistic drifted (with ks_alpha).")
     ks_alpha: float = Field(default=0.01, gt=0, lt=1, description="KS p-value below which an input statistic drifted.")
     min_requests: int = Field(default=30, ge=1, description="Fewer captured requests than this in the window: no verdict.")
+    max_error_rate: float = Field(
+        default=0.05, ge=0, le=1, description="Error rate above which bincount.monitor.error-rate-high is emitted (rollback automation)."
+    )
 
 
 class MonitorError(RuntimeError):

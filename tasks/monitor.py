@@ -1,7 +1,7 @@
 """Tasks: monitor one endpoint's captured traffic against its model's baseline; publish the verdict and emit it.
 
 Events: ``bincount.monitor.drift-detected`` or ``bincount.monitor.ok`` (and ``bincount.monitor.inconclusive``
-with no traffic or no baseline), about the endpoint, with the model version as a related resource; the
+with no traffic or no baseline), plus ``bincount.monitor.error-rate-high`` past ``max_error_rate``, about the endpoint, with the model version as a related resource; the
 payload carries the figures (error rate, PSI, drifted features, live accuracy) automations can filter on.
 """
 
@@ -96,13 +96,12 @@ def publish_monitor_task(report: MonitorReport) -> None:
             "prefect.resource.role": "model-version",
             "prefect.resource.name": report.model_version,
         })
-    emit_event(
-        event=EVENTS.get(report.verdict, "bincount.monitor.inconclusive"),
-        resource={"prefect.resource.id": f"bincount.endpoint.{report.endpoint}", "prefect.resource.name": report.endpoint},
-        related=related,
-        payload={
-            "verdict": report.verdict, "message": report.message, "model_version": report.model_version,
-            "requests": report.requests, "error_rate": report.error_rate, "psi": report.psi,
-            "drifted": report.drifted, "accuracy": report.accuracy, "rmse": report.rmse,
-        },
-    )
+    resource = {"prefect.resource.id": f"bincount.endpoint.{report.endpoint}", "prefect.resource.name": report.endpoint}
+    payload = {
+        "verdict": report.verdict, "message": report.message, "model_version": report.model_version,
+        "requests": report.requests, "error_rate": report.error_rate, "psi": report.psi,
+        "drifted": report.drifted, "accuracy": report.accuracy, "rmse": report.rmse,
+    }
+    emit_event(event=EVENTS.get(report.verdict, "bincount.monitor.inconclusive"), resource=resource, related=related, payload=payload)
+    if report.error_rate_high:
+        emit_event(event="bincount.monitor.error-rate-high", resource=resource, related=related, payload=payload)

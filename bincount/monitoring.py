@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field
 from scipy import stats
 
 from bincount.capture import iter_sampled_images
@@ -138,16 +139,19 @@ def load_baseline(storage: Storage, baseline_uri: str | None) -> Baseline | None
         return None
 
 
-@dataclass(frozen=True)
-class DriftThresholds:
+class DriftThresholds(BaseModel):
     """When the monitor calls drift (flow parameters)."""
 
-    psi: float = 0.2  # population stability index of the predicted counts (0.1 small, 0.25 large) ...
-    chi2_alpha: float = 0.01  # ... and the p-value of a chi-square test of baseline vs live counts: both must pass
-    ks_statistic: float = 0.2  # KS distance of an input statistic ...
-    ks_alpha: float = 0.01  # ... and its p-value: both must pass to call it drift
-    min_requests: int = 30  # fewer captured requests than this: no verdict
-    max_error_rate: float = 0.05  # above it the monitor also says error-rate-high (whatever the drift verdict)
+    model_config = ConfigDict(frozen=True)
+
+    psi: float = Field(default=0.2, gt=0, description="PSI of the predicted counts above which they drifted (0.1 small, 0.25 large; with chi2_alpha).")
+    chi2_alpha: float = Field(default=0.01, gt=0, lt=1, description="Chi-square p-value (baseline vs live counts) below which the counts drifted.")
+    ks_statistic: float = Field(default=0.2, gt=0, le=1, description="KS distance above which an input statistic drifted (with ks_alpha).")
+    ks_alpha: float = Field(default=0.01, gt=0, lt=1, description="KS p-value below which an input statistic drifted.")
+    min_requests: int = Field(default=30, ge=1, description="Fewer captured requests than this in the window: no verdict.")
+    max_error_rate: float = Field(
+        default=0.05, ge=0, le=1, description="Error rate above which bincount.monitor.error-rate-high is emitted (rollback automation)."
+    )
 
 
 @dataclass

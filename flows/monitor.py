@@ -11,26 +11,12 @@ after the others are done: it never hides their results. Drift and ok are events
 from __future__ import annotations
 
 from prefect import flow, get_run_logger
-from pydantic import BaseModel, Field
 
 from bincount.config import Location
 from bincount.endpoints import EndpointRecords
 from bincount.monitoring import DriftThresholds, MonitorReport
 from bincount.storage import storage_for
 from tasks.monitor import monitor_traffic_task, publish_monitor_task
-
-
-class MonitorThresholds(BaseModel):
-    """When to call drift."""
-
-    psi: float = Field(default=0.2, gt=0, description="PSI of the predicted counts above which they drifted (with chi-square).")
-    chi2_alpha: float = Field(default=0.01, gt=0, lt=1, description="Chi-square p-value below which the counts drifted.")
-    ks_statistic: float = Field(default=0.2, gt=0, le=1, description="KS distance above which an input statistic drifted (with ks_alpha).")
-    ks_alpha: float = Field(default=0.01, gt=0, lt=1, description="KS p-value below which an input statistic drifted.")
-    min_requests: int = Field(default=30, ge=1, description="Fewer captured requests than this in the window: no verdict.")
-    max_error_rate: float = Field(
-        default=0.05, ge=0, le=1, description="Error rate above which bincount.monitor.error-rate-high is emitted (rollback automation)."
-    )
 
 
 class MonitorError(RuntimeError):
@@ -40,7 +26,7 @@ class MonitorError(RuntimeError):
 @flow(name="monitor-endpoint")
 def monitor_endpoint(
     endpoint_names: list[str] | None = None,
-    thresholds: MonitorThresholds = MonitorThresholds(),
+    thresholds: DriftThresholds = DriftThresholds(),
     labels_uri: str | None = None,
     location: Location = Location(),
 ) -> list[MonitorReport]:
@@ -59,8 +45,7 @@ def monitor_endpoint(
     if not names:
         logger.warning("no endpoints are recorded under %s: nothing to monitor", settings.artifact_root)
         return []
-    limits = DriftThresholds(**thresholds.model_dump())
-    futures = {name: monitor_traffic_task.submit(settings, name, limits, labels_uri or settings.source_uri) for name in names}
+    futures = {name: monitor_traffic_task.submit(settings, name, thresholds, labels_uri or settings.source_uri) for name in names}
     reports, failed = [], []
     for name, future in futures.items():
         state = future.wait() or future.state

@@ -51,7 +51,7 @@ def monitor_endpoint(
         state = future.wait() or future.state
         if state.is_completed():
             report = future.result()
-            publish_monitor_task(report)
+            publish_monitor_task(settings, report)
             reports.append(report)
         else:
             failed.append(f"{name}: {state.message}")

@@ -16,7 +16,7 @@ from bincount.capture import capture_prefix, read_capture
 from bincount.config import Settings
 from bincount.contracts.registry import parse_reference
 from bincount.contracts.serving import EndpointNotFoundError
-from bincount.endpoints import EndpointRecords
+from bincount.endpoints import EndpointRecords, now_iso
 from bincount.factory import get_model_registry
 from bincount.monitoring import (
     DriftThresholds,
@@ -30,6 +30,7 @@ from bincount.monitoring import (
 from bincount.plots import monitor_plot
 from bincount.storage import storage_for
 from tasks.artifacts import publish_plot
+from tasks.deploy import publish_endpoint
 from tasks.retry import is_transient
 
 EVENTS = {"drift": "bincount.monitor.drift-detected", "ok": "bincount.monitor.ok"}
@@ -68,8 +69,8 @@ def monitor_traffic_task(settings: Settings, endpoint: str, thresholds: DriftThr
 
 
 @task(name="publish-monitor-report", cache_policy=NO_CACHE)
-def publish_monitor_task(report: MonitorReport) -> None:
-    """The report as a table artifact and a plot, and its event."""
+def publish_monitor_task(settings: Settings, report: MonitorReport) -> None:
+    """The report as a table artifact and a plot, the verdict on the endpoint's artifact, and its event."""
     rows = [
         {"figure": "verdict", "value": f"{report.verdict}: {report.message}"},
         {"figure": "model version", "value": report.model_version or "-"},
@@ -88,6 +89,9 @@ def publish_monitor_task(report: MonitorReport) -> None:
         title = f"{report.endpoint} ({report.model_version}): {report.verdict}"
         png = monitor_plot(report.predicted_shares, report.baseline_shares, report.features, title)
         publish_plot(f"{monitor_artifact_key(report.endpoint)}-plot", png, title, report.message)
+    record = EndpointRecords(settings, storage_for(settings)).read(report.endpoint)
+    if record is not None:
+        publish_endpoint(record, monitor=f"{report.verdict} at {now_iso()}: {report.message}")
     group = report.endpoint
     related = []
     if report.model_version and ":" in report.model_version:

@@ -80,3 +80,20 @@ def test_drift_starts_a_nightly_run_and_its_failure_notifies_the_webhook(
     (message,) = received
     assert "nightly-retrain" in message["subject"] and "Failed" in message["subject"], message
     assert started[0]["name"] in message["body"], message
+
+    # a promotion, then an error rate above the monitor's threshold: the rollback deployment is run
+    emit_sequence = (
+        "import time\n"
+        "from prefect.events import emit_event\n"
+        "emit_event(event='bincount.model.promoted', resource={'prefect.resource.id': 'bincount.model-group.bincount', "
+        "'prefect.resource.name': 'bincount'})\n"
+        "time.sleep(2)\n"
+        "emit_event(event='bincount.monitor.error-rate-high', "
+        "resource={'prefect.resource.id': 'bincount.endpoint.bincount', 'prefect.resource.name': 'bincount'})\n"
+    )
+    run([sys.executable, "-c", emit_sequence], env)
+    deadline = time.monotonic() + 60
+    while not (rollbacks := [r for r in flow_runs(env, "rollback-model/on-demand") if (r.get("created_by") or {}).get("type") == "AUTOMATION"]):
+        assert time.monotonic() < deadline, "the rollback automation created no rollback run"
+        time.sleep(1)
+    assert rollbacks[0]["parameters"]["endpoint_name"] == "bincount" and rollbacks[0]["parameters"]["actor"] == "automation"

@@ -275,8 +275,8 @@ def monitor_window(
         report.drifted.append(f"predicted counts (PSI {report.psi:.2f}, chi-square p {report.chi2_p:.1e})")
     live: dict[str, list[float]] = {name: [] for name in FEATURES}
     for record, data in iter_sampled_images(ok):
-        if record["eventMetadata"].get("bincount", {}).get("input") != "inline":
-            continue  # a thumbnail's size and pixels are not the request's
+        if record["eventMetadata"].get("bincount", {}).get("input", "inline") != "inline":
+            continue  # a thumbnail's size and pixels are not the request's (SageMaker's records are whole)
         try:
             values = image_statistics(data)
         except (OSError, ValueError, Image.DecompressionBombError):

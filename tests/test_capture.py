@@ -32,6 +32,7 @@ from bincount.demo_data import jpeg_bytes, render_bin_image
 from bincount.local.host import HostOptions
 from bincount.local.serving import LocalServingBackend, runtime_client
 from bincount.models import write_untrained_model_dir
+from bincount.monitoring import DriftThresholds, monitor_window
 from bincount.storage import Storage
 
 NAME = "captured"
@@ -216,3 +217,24 @@ def test_bad_capture_files_are_listed_and_skipped(tmp_path: Path) -> None:
     assert "line 4: not a capture record (the last line" in problems
     assert "eventVersion 7 is newer" in problems
     assert "README.txt: not a capture file" in problems
+
+
+def test_records_as_sagemaker_writes_them_are_read_and_monitored(tmp_path: Path) -> None:
+    """SageMaker's own capture lines (no bincount metadata, seconds only) go through the same reader and monitor."""
+    image = photos(1)[0]
+    line = {
+        "captureData": {
+            "endpointInput": {"observedContentType": "image/jpeg", "mode": "INPUT", "data": base64.b64encode(image).decode(), "encoding": "BASE64"},
+            "endpointOutput": {"observedContentType": "application/json", "mode": "OUTPUT", "encoding": "JSON",
+                               "data": '{"predictions": [{"predicted_count": 4, "probabilities": {"4": 1.0}}]}'},
+        },
+        "eventMetadata": {"eventId": "b7d5d7e2-0000-4000-8000-000000000000", "inferenceId": "00042", "inferenceTime": "2026-11-30T21:04:05Z"},
+        "eventVersion": "0",
+    }
+    folder = tmp_path / "ep" / "AllTraffic" / "2026" / "11" / "30" / "21"
+    folder.mkdir(parents=True)
+    (folder / "04-05-000-abc.jsonl").write_text(json.dumps(line) + "\n")
+    read = read_capture(Storage(), (tmp_path / "ep" / "AllTraffic").as_uri())
+    assert len(read.records) == 1 and read.problems == []
+    report = monitor_window("ep", read.records, None, DriftThresholds(), {"00042": 4})
+    assert report.verdict == "no-baseline" and report.predicted_shares["4"] == 1.0 and report.accuracy == 1.0

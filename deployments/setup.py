@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--automations", action="store_true", help="create the automations (after `prefect deploy --all`)")
     parser.add_argument("--notify-url", help="webhook that failure and missed-run notifications POST to (default: none)")
     parser.add_argument("--retune-on-drift", action="store_true", help="drift starts a nightly run that tunes again (default: off)")
+    parser.add_argument("--nightly-missed-after-h", type=float, default=26.0, help="notify when no nightly completed within (default: 26)")
     args = parser.parse_args(argv)
     if args.aws and not args.bucket:
         parser.error("--aws needs --bucket: the S3 bucket that will hold flow results")
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"blocks aws-credentials/{AWS_CREDENTIALS_BLOCK} and s3-bucket/{RESULTS_BLOCK} saved")
     if args.automations:
         try:
-            names = create_automations(args.notify_url, args.retune_on_drift)
+            names = create_automations(args.notify_url, args.retune_on_drift, args.nightly_missed_after_h)
         except AutomationSetupError as error:
             parser.error(str(error))
         print(f"automations ready: {', '.join(names)}" + ("" if args.notify_url else " (no --notify-url: no notifications)"))

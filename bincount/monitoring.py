@@ -208,14 +208,21 @@ def _prediction(record: dict[str, Any]) -> int | None:
         return None
 
 
-def ground_truth(storage: Storage, labels_uri: str, ids: list[str]) -> dict[str, int]:
-    """``EXPECTED_QUANTITY`` from ``<labels_uri>/metadata/<id>.json`` for the ids that have one."""
+def ground_truth(storage: Storage, labels_uri: str, ids: list[str], problems: list[str]) -> dict[str, int]:
+    """``EXPECTED_QUANTITY`` from ``<labels_uri>/metadata/<id>.json`` for the ids that have one.
+
+    An id without readable metadata is left out; a labels source that cannot be read at all (unreachable,
+    access denied) stops the lookup with a line in ``problems``, so live quality is skipped, not the report.
+    """
     labels: dict[str, int] = {}
     for image_id in ids:
         try:
             labels[image_id] = int(json.loads(storage.read_bytes(metadata_uri(labels_uri, image_id)))["EXPECTED_QUANTITY"])
-        except (StorageError, ValueError, KeyError, TypeError):  # no metadata, or none readable for this id
+        except (ObjectNotFoundError, ValueError, KeyError, TypeError):
             continue
+        except StorageError as error:
+            problems.append(f"labels at {labels_uri} cannot be read ({error}): no live accuracy this run")
+            break
     return labels
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 
-from bincount.config import Location
+from bincount.config import Location, to_uri
 from bincount.endpoints import EndpointRecords
 from bincount.monitoring import DriftThresholds, MonitorReport
 from bincount.storage import storage_for
@@ -36,7 +36,7 @@ def monitor_endpoint(
         endpoint_names: the endpoints to watch (default: every recorded endpoint).
         thresholds: when drift is called.
         labels_uri: a bucket laid out like ABID whose ``metadata/<id>.json`` labels requests sent with
-            ``InferenceId=<id>`` (default: the data source, BINCOUNT_SOURCE_URI).
+            ``InferenceId=<id>`` (default: the bucket the served version was trained from, else the data source).
         location: where the capture, registry and records live (default: the BINCOUNT_* variables).
     """
     logger = get_run_logger()
@@ -45,7 +45,8 @@ def monitor_endpoint(
     if not names:
         logger.warning("no endpoints are recorded under %s: nothing to monitor", settings.artifact_root)
         return []
-    futures = {name: monitor_traffic_task.submit(settings, name, thresholds, labels_uri or settings.source_uri) for name in names}
+    labels = to_uri(labels_uri) if labels_uri else None
+    futures = {name: monitor_traffic_task.submit(settings, name, thresholds, labels) for name in names}
     reports, failed = [], []
     for name, future in futures.items():
         state = future.wait() or future.state

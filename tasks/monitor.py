@@ -42,7 +42,10 @@ def monitor_artifact_key(endpoint: str) -> str:
 
 @task(name="monitor-endpoint-traffic", retries=2, retry_delay_seconds=10, retry_condition_fn=is_transient, cache_policy=NO_CACHE)
 def monitor_traffic_task(settings: Settings, endpoint: str, thresholds: DriftThresholds, labels_uri: str | None) -> MonitorReport:
-    """Read ``endpoint``'s capture since the last run, compare it with the served version's baseline, save the report."""
+    """Read ``endpoint``'s capture since the last run, compare it with the served version's baseline, save the report.
+
+    Labels come from ``labels_uri``, else the bucket the served version was trained from, else the data source.
+    """
     logger = get_run_logger()
     storage = storage_for(settings)
     record = EndpointRecords(settings, storage).read(endpoint)
@@ -54,14 +57,14 @@ def monitor_traffic_task(settings: Settings, endpoint: str, thresholds: DriftThr
     read = read_capture(storage, prefix, after)
     for problem in read.problems:
         logger.warning("%s: %s", endpoint, problem)
-    baseline = None
+    baseline, trained_from = None, None
     if record.model_ref:
         version = get_model_registry(settings).resolve(parse_reference(record.model_ref))
         baseline = load_baseline(storage, version.spec.baseline_uri)
-    labels = None
-    if labels_uri:
-        ids = sorted({r["eventMetadata"]["inferenceId"] for r in read.records if r["eventMetadata"].get("inferenceId")})
-        labels = ground_truth(storage_for(settings, source=True), labels_uri, ids)
+        trained_from = version.spec.recipe.get("location", {}).get("source_uri")
+    labels_uri = labels_uri or trained_from or settings.source_uri
+    ids = sorted({r["eventMetadata"]["inferenceId"] for r in read.records if r["eventMetadata"].get("inferenceId")})
+    labels = ground_truth(storage_for(settings, source=True), labels_uri, ids, read.problems) if ids else None
     report = monitor_window(endpoint, read.records, baseline, thresholds, labels, record.model_ref or record.version, read.problems)
     save_report(storage, settings.artifact_root, report)
     logger.info("%s: %s: %s", endpoint, report.verdict, report.message)

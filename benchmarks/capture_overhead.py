@@ -30,7 +30,9 @@ from bincount.storage import Storage
 
 
 def main(args: argparse.Namespace) -> None:
-    photo = ABID_PHOTO.read_bytes() if ABID_PHOTO.is_file() else jpeg_bytes(render_bin_image(3, np.random.default_rng(0)))
+    photo = (
+        ABID_PHOTO.read_bytes() if ABID_PHOTO.is_file() else jpeg_bytes(render_bin_image(3, np.random.default_rng(0)))
+    )
     with tempfile.TemporaryDirectory() as scratch:
         settings = Settings.load(artifact_root=str(Path(scratch) / "artifacts"))
         model_dir = write_untrained_model_dir(Path(scratch) / "model", args.arch, args.image_size)
@@ -39,7 +41,9 @@ def main(args: argparse.Namespace) -> None:
             "off": backend.deploy("bench-off", model_dir.as_uri()),
             "on": backend.deploy("bench-on", model_dir.as_uri(), capture=CaptureConfig(sampling_percentage=100)),
         }
-        print(f"{args.arch} at {args.image_size} px, photo {len(photo)} bytes, {args.clients} clients, load {os.getloadavg()[0]:.1f}")
+        print(
+            f"{args.arch} at {args.image_size} px, photo {len(photo)} bytes, {args.clients} clients, load {os.getloadavg()[0]:.1f}"
+        )
         for label, record in endpoints.items():
             load(record.url, photo, 2, 2.0, record.name)  # warm up
         results: dict[str, list[dict[str, float]]] = {"off": [], "on": []}
@@ -57,7 +61,10 @@ def main(args: argparse.Namespace) -> None:
         for record in endpoints.values():
             backend.delete(record.name)
         captured = read_capture(Storage(), capture_prefix(settings.artifact_root, "bench-on"))
-    median = {label: {key: statistics.median(r[key] for r in rows) for key in ("req_s", "p99_ms")} for label, rows in results.items()}
+    median = {
+        label: {key: statistics.median(r[key] for r in rows) for key in ("req_s", "p99_ms")}
+        for label, rows in results.items()
+    }
     throughput = median["on"]["req_s"] / median["off"]["req_s"]
     p99 = median["on"]["p99_ms"] / median["off"]["p99_ms"]
     print(f"capture writer: {stats}; records on disk {len(captured.records)}, problems {len(captured.problems)}")

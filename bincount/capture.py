@@ -88,7 +88,12 @@ def _input_part(exchange: Exchange, max_inline_bytes: int) -> tuple[dict[str, st
             data, content_type, kept = buffer.getvalue(), "image/jpeg", "thumbnail"
         except (OSError, ValueError, Image.DecompressionBombError):
             data, content_type, kept = b"", exchange.content_type, "dropped"
-    part = {"observedContentType": content_type, "mode": "INPUT", "data": base64.b64encode(data).decode(), "encoding": "BASE64"}
+    part = {
+        "observedContentType": content_type,
+        "mode": "INPUT",
+        "data": base64.b64encode(data).decode(),
+        "encoding": "BASE64",
+    }
     return part, kept
 
 
@@ -177,7 +182,9 @@ class CaptureWriter:
         self._queue.put(None)
         self._thread.join(timeout_s)
         if self._thread.is_alive():
-            logger.error("capture writer did not finish within %.0f s; %d records still queued", timeout_s, self._queue.qsize())
+            logger.error(
+                "capture writer did not finish within %.0f s; %d records still queued", timeout_s, self._queue.qsize()
+            )
 
     def _run(self) -> None:
         while (exchange := self._queue.get()) is not None:
@@ -195,7 +202,9 @@ class CaptureWriter:
             logger.error("last capture file not stored: %s", self.stats.last_error)
 
     def _write(self, exchange: Exchange) -> None:
-        line = (json.dumps(capture_record(exchange, self.config.max_inline_bytes), separators=(",", ":")) + "\n").encode()
+        line = (
+            json.dumps(capture_record(exchange, self.config.max_inline_bytes), separators=(",", ":")) + "\n"
+        ).encode()
         hour = exchange.at.astimezone(dt.UTC).strftime("%Y/%m/%d/%H")
         if self._file is None or hour != self._file_hour or self._file_bytes + len(line) > self.config.max_file_bytes:
             self._roll()
@@ -278,7 +287,9 @@ def read_capture(storage: Storage, prefix_uri: str, after: str | None = None) ->
                 result.problems.append(f"{relative} line {number}: not a capture record{last}: skipped")
                 continue
             if version != EVENT_VERSION:
-                result.problems.append(f"{relative} line {number}: eventVersion {version} is newer than this reader's ({EVENT_VERSION}): skipped")
+                result.problems.append(
+                    f"{relative} line {number}: eventVersion {version} is newer than this reader's ({EVENT_VERSION}): skipped"
+                )
                 continue
             if after is None or time > after:
                 result.records.append(record)

@@ -144,13 +144,29 @@ class DriftThresholds(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    psi: float = Field(default=0.2, gt=0, description="PSI of the predicted counts above which they drifted (0.1 small, 0.25 large; with chi2_alpha).")
-    chi2_alpha: float = Field(default=0.01, gt=0, lt=1, description="Chi-square p-value (baseline vs live counts) below which the counts drifted.")
-    ks_statistic: float = Field(default=0.2, gt=0, le=1, description="KS distance above which an input statistic drifted (with ks_alpha).")
+    psi: float = Field(
+        default=0.2,
+        gt=0,
+        description="PSI of the predicted counts above which they drifted (0.1 small, 0.25 large; with chi2_alpha).",
+    )
+    chi2_alpha: float = Field(
+        default=0.01,
+        gt=0,
+        lt=1,
+        description="Chi-square p-value (baseline vs live counts) below which the counts drifted.",
+    )
+    ks_statistic: float = Field(
+        default=0.2, gt=0, le=1, description="KS distance above which an input statistic drifted (with ks_alpha)."
+    )
     ks_alpha: float = Field(default=0.01, gt=0, lt=1, description="KS p-value below which an input statistic drifted.")
-    min_requests: int = Field(default=30, ge=1, description="Fewer captured requests than this in the window: no verdict.")
+    min_requests: int = Field(
+        default=30, ge=1, description="Fewer captured requests than this in the window: no verdict."
+    )
     max_error_rate: float = Field(
-        default=0.05, ge=0, le=1, description="Error rate above which bincount.monitor.error-rate-high is emitted (rollback automation)."
+        default=0.05,
+        ge=0,
+        le=1,
+        description="Error rate above which bincount.monitor.error-rate-high is emitted (rollback automation).",
     )
 
 
@@ -217,7 +233,9 @@ def ground_truth(storage: Storage, labels_uri: str, ids: list[str], problems: li
     labels: dict[str, int] = {}
     for image_id in ids:
         try:
-            labels[image_id] = int(json.loads(storage.read_bytes(metadata_uri(labels_uri, image_id)))["EXPECTED_QUANTITY"])
+            labels[image_id] = int(
+                json.loads(storage.read_bytes(metadata_uri(labels_uri, image_id)))["EXPECTED_QUANTITY"]
+            )
         except (ObjectNotFoundError, ValueError, KeyError, TypeError):
             continue
         except StorageError as error:
@@ -247,7 +265,11 @@ def monitor_window(
     report.errors = sum(status >= 400 for status in statuses)
     report.error_rate = report.errors / len(records)
     report.error_rate_high = report.error_rate > thresholds.max_error_rate
-    latencies = [float(r["eventMetadata"]["bincount"]["latencyMs"]) for r in records if "latencyMs" in r["eventMetadata"].get("bincount", {})]
+    latencies = [
+        float(r["eventMetadata"]["bincount"]["latencyMs"])
+        for r in records
+        if "latencyMs" in r["eventMetadata"].get("bincount", {})
+    ]
     if latencies:
         report.latency_ms = {f"p{q}": float(np.percentile(latencies, q)) for q in (50, 90, 99)}
     ok = [r for r, status in zip(records, statuses) if status < 400]
@@ -255,8 +277,11 @@ def monitor_window(
     counted = Counter(predictions.values())
     report.predicted_shares = {str(c): counted.get(c, 0) / max(len(predictions), 1) for c in CLASSES}
     if labels:
-        pairs = [(labels[r["eventMetadata"]["inferenceId"]], predictions[i]) for i, r in enumerate(ok)
-                 if i in predictions and r["eventMetadata"].get("inferenceId") in labels]
+        pairs = [
+            (labels[r["eventMetadata"]["inferenceId"]], predictions[i])
+            for i, r in enumerate(ok)
+            if i in predictions and r["eventMetadata"].get("inferenceId") in labels
+        ]
         if pairs:
             truth, predicted = np.array(pairs).T
             report.labelled = len(pairs)
@@ -268,7 +293,9 @@ def monitor_window(
         return report
     if len(predictions) < thresholds.min_requests:
         report.verdict = "no-traffic"
-        report.message = f"{len(predictions)} answered requests, fewer than min_requests={thresholds.min_requests}: no verdict"
+        report.message = (
+            f"{len(predictions)} answered requests, fewer than min_requests={thresholds.min_requests}: no verdict"
+        )
         return report
     report.baseline_shares = baseline.predicted_shares
     reference = np.array([baseline.predicted_shares[str(c)] * baseline.images for c in CLASSES])
@@ -295,10 +322,16 @@ def monitor_window(
             continue
         result = stats.ks_2samp(baseline.features[name], live[name])
         drift = bool(result.statistic > thresholds.ks_statistic and result.pvalue < thresholds.ks_alpha)
-        report.features.append({
-            "feature": name, "baseline mean": float(np.mean(baseline.features[name])), "live mean": float(np.mean(live[name])),
-            "KS": float(result.statistic), "p": float(result.pvalue), "drift": drift,
-        })
+        report.features.append(
+            {
+                "feature": name,
+                "baseline mean": float(np.mean(baseline.features[name])),
+                "live mean": float(np.mean(live[name])),
+                "KS": float(result.statistic),
+                "p": float(result.pvalue),
+                "drift": drift,
+            }
+        )
         if drift:
             report.drifted.append(f"{name} (KS {result.statistic:.2f}, p {result.pvalue:.1e})")
     if report.drifted:
@@ -328,7 +361,10 @@ def save_report(storage: Storage, artifact_root: str, report: MonitorReport) -> 
     storage.write_bytes(monitoring_uri(artifact_root, report.endpoint, "reports", f"{stamp}.json"), document)
     storage.write_bytes(monitoring_uri(artifact_root, report.endpoint, "last.json"), document)
     if report.window_end:
-        storage.write_bytes(monitoring_uri(artifact_root, report.endpoint, "cursor.json"), json.dumps({"after": report.window_end}).encode())
+        storage.write_bytes(
+            monitoring_uri(artifact_root, report.endpoint, "cursor.json"),
+            json.dumps({"after": report.window_end}).encode(),
+        )
 
 
 def last_report(storage: Storage, artifact_root: str, endpoint: str) -> dict[str, Any] | None:

@@ -40,7 +40,10 @@ class AutomationSetupError(RuntimeError):
 def save_webhook_block(url: str) -> UUID:
     """The notification block every alert goes through: a JSON POST of subject and body to ``url``."""
     block = CustomWebhookNotificationBlock(
-        name="bincount", url=url, method="POST", json_data={"subject": "{{subject}}", "body": "{{body}}", "source": "{{name}}"}
+        name="bincount",
+        url=url,
+        method="POST",
+        json_data={"subject": "{{subject}}", "body": "{{body}}", "source": "{{name}}"},
     )
     return block.save(NOTIFY_BLOCK, overwrite=True)
 
@@ -50,7 +53,9 @@ def _deployment_id(name: str) -> UUID:
         try:
             return client.read_deployment_by_name(name).id
         except ObjectNotFound:
-            raise AutomationSetupError(f"deployment {name!r} does not exist yet: run `prefect deploy --all` first") from None
+            raise AutomationSetupError(
+                f"deployment {name!r} does not exist yet: run `prefect deploy --all` first"
+            ) from None
 
 
 def _flow_runs_of(flows: list[str]) -> dict[str, object]:
@@ -63,37 +68,57 @@ _RUN_BODY = (
 )
 
 
-def automations(notify_block_id: UUID | None, retune_on_drift: bool, missed_after_h: float, rollback_window_h: float) -> list[Automation]:
+def automations(
+    notify_block_id: UUID | None, retune_on_drift: bool, missed_after_h: float, rollback_window_h: float
+) -> list[Automation]:
     """The automations, not yet created (no notification ones without a block)."""
     found = [
         Automation(
             name="bincount-drift-retrain",
             description="Drift detected by the monitor: retrain now.",
             trigger=EventTrigger(
-                expect={"bincount.monitor.drift-detected"}, match={"prefect.resource.id": "bincount.endpoint.*"},
-                posture=Posture.Reactive, threshold=1,
+                expect={"bincount.monitor.drift-detected"},
+                match={"prefect.resource.id": "bincount.endpoint.*"},
+                posture=Posture.Reactive,
+                threshold=1,
             ),
-            actions=[RunDeployment(source="selected", deployment_id=_deployment_id(NIGHTLY), parameters={
-                "endpoint_name": "{{ event.resource['prefect.resource.name'] }}", "retune": retune_on_drift,
-            })],
+            actions=[
+                RunDeployment(
+                    source="selected",
+                    deployment_id=_deployment_id(NIGHTLY),
+                    parameters={
+                        "endpoint_name": "{{ event.resource['prefect.resource.name'] }}",
+                        "retune": retune_on_drift,
+                    },
+                )
+            ],
         ),
         Automation(
             name="bincount-error-rate-rollback",
             description="A promotion followed by an error rate above the monitor's max_error_rate: roll back.",
             trigger=SequenceTrigger(
                 triggers=[
-                    EventTrigger(expect={"bincount.model.promoted"}, match={"prefect.resource.id": "bincount.model-group.*"}),
-                    EventTrigger(expect={"bincount.monitor.error-rate-high"}, match={"prefect.resource.id": "bincount.endpoint.*"}),
+                    EventTrigger(
+                        expect={"bincount.model.promoted"}, match={"prefect.resource.id": "bincount.model-group.*"}
+                    ),
+                    EventTrigger(
+                        expect={"bincount.monitor.error-rate-high"},
+                        match={"prefect.resource.id": "bincount.endpoint.*"},
+                    ),
                 ],
                 within=timedelta(hours=rollback_window_h),
             ),
-            actions=[RunDeployment(
-                source="selected", deployment_id=_deployment_id(ROLLBACK),
-                parameters={
-                    "endpoint_name": "{{ event.resource['prefect.resource.name'] }}",
-                    "reason": "error rate above the threshold after a promotion", "actor": "automation",
-                },
-            )],
+            actions=[
+                RunDeployment(
+                    source="selected",
+                    deployment_id=_deployment_id(ROLLBACK),
+                    parameters={
+                        "endpoint_name": "{{ event.resource['prefect.resource.name'] }}",
+                        "reason": "error rate above the threshold after a promotion",
+                        "actor": "automation",
+                    },
+                )
+            ],
         ),
     ]
     if notify_block_id is not None:
@@ -103,25 +128,37 @@ def automations(notify_block_id: UUID | None, retune_on_drift: bool, missed_afte
                 description="A nightly or pipeline run failed or crashed: tell someone.",
                 trigger=EventTrigger(
                     expect={"prefect.flow-run.Failed", "prefect.flow-run.Crashed"},
-                    match={"prefect.resource.id": "prefect.flow-run.*"}, match_related=_flow_runs_of(WATCHED_FLOWS),
-                    posture=Posture.Reactive, threshold=1,
+                    match={"prefect.resource.id": "prefect.flow-run.*"},
+                    match_related=_flow_runs_of(WATCHED_FLOWS),
+                    posture=Posture.Reactive,
+                    threshold=1,
                 ),
-                actions=[SendNotification(
-                    block_document_id=notify_block_id, subject="bincount: {{ flow.name }} {{ flow_run.state.name }}", body=_RUN_BODY
-                )],
+                actions=[
+                    SendNotification(
+                        block_document_id=notify_block_id,
+                        subject="bincount: {{ flow.name }} {{ flow_run.state.name }}",
+                        body=_RUN_BODY,
+                    )
+                ],
             ),
             Automation(
                 name="bincount-nightly-missed",
                 description=f"No nightly-retrain run completed within {missed_after_h:g} h: tell someone.",
                 trigger=EventTrigger(
-                    expect={"prefect.flow-run.Completed"}, match={"prefect.resource.id": "prefect.flow-run.*"},
+                    expect={"prefect.flow-run.Completed"},
+                    match={"prefect.resource.id": "prefect.flow-run.*"},
                     match_related=_flow_runs_of(["nightly-retrain"]),
-                    posture=Posture.Proactive, threshold=1, within=timedelta(hours=missed_after_h),
+                    posture=Posture.Proactive,
+                    threshold=1,
+                    within=timedelta(hours=missed_after_h),
                 ),
-                actions=[SendNotification(
-                    block_document_id=notify_block_id, subject="bincount: no nightly retrain completed",
-                    body=f"No nightly-retrain run has completed in the last {missed_after_h:g} hours.",
-                )],
+                actions=[
+                    SendNotification(
+                        block_document_id=notify_block_id,
+                        subject="bincount: no nightly retrain completed",
+                        body=f"No nightly-retrain run has completed in the last {missed_after_h:g} hours.",
+                    )
+                ],
             ),
         ]
     return found

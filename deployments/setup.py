@@ -47,7 +47,9 @@ def save_aws_blocks(bucket: str, profile: str | None, region: str | None) -> Non
 
     credentials = AwsCredentials(profile_name=profile, region_name=region)
     credentials.save(AWS_CREDENTIALS_BLOCK, overwrite=True)
-    S3Bucket(bucket_name=bucket, bucket_folder="prefect-results", credentials=credentials).save(RESULTS_BLOCK, overwrite=True)
+    S3Bucket(bucket_name=bucket, bucket_folder="prefect-results", credentials=credentials).save(
+        RESULTS_BLOCK, overwrite=True
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -57,10 +59,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--bucket", help="S3 bucket for flow results (required with --aws)")
     parser.add_argument("--aws-profile", help="named AWS profile (default: the default credential chain)")
     parser.add_argument("--region", help="AWS region (default: the profile's)")
-    parser.add_argument("--automations", action="store_true", help="create the automations (after `prefect deploy --all`)")
-    parser.add_argument("--notify-url", help="webhook that failure and missed-run notifications POST to (default: none)")
-    parser.add_argument("--retune-on-drift", action="store_true", help="drift starts a nightly run that tunes again (default: off)")
-    parser.add_argument("--nightly-missed-after-h", type=float, default=26.0, help="notify when no nightly completed within (default: 26)")
+    parser.add_argument(
+        "--automations", action="store_true", help="create the automations (after `prefect deploy --all`)"
+    )
+    parser.add_argument(
+        "--notify-url", help="webhook that failure and missed-run notifications POST to (default: none)"
+    )
+    parser.add_argument(
+        "--retune-on-drift", action="store_true", help="drift starts a nightly run that tunes again (default: off)"
+    )
+    parser.add_argument(
+        "--nightly-missed-after-h",
+        type=float,
+        default=26.0,
+        help="notify when no nightly completed within (default: 26)",
+    )
     args = parser.parse_args(argv)
     if args.aws and not args.bucket:
         parser.error("--aws needs --bucket: the S3 bucket that will hold flow results")
@@ -81,7 +94,10 @@ def main(argv: list[str] | None = None) -> None:
             names = create_automations(args.notify_url, args.retune_on_drift, args.nightly_missed_after_h)
         except AutomationSetupError as error:
             parser.error(str(error))
-        print(f"automations ready: {', '.join(names)}" + ("" if args.notify_url else " (no --notify-url: no notifications)"))
+        print(
+            f"automations ready: {', '.join(names)}"
+            + ("" if args.notify_url else " (no --notify-url: no notifications)")
+        )
 
 
 if __name__ == "__main__":

@@ -72,8 +72,14 @@ def list_models(registry: StorageModelRegistry, settings: Settings, group: str |
     endpoints = endpoint_records(settings)
     rows = [
         [
-            str(v.ref), v.stage, v.approval, f"{v.spec.metrics.accuracy:.3f}", f"{v.spec.metrics.rmse:.3f}",
-            f"{v.spec.metrics.within_one_accuracy:.3f}", v.created_at[:19].replace("T", " "), v.spec.training_job,
+            str(v.ref),
+            v.stage,
+            v.approval,
+            f"{v.spec.metrics.accuracy:.3f}",
+            f"{v.spec.metrics.rmse:.3f}",
+            f"{v.spec.metrics.within_one_accuracy:.3f}",
+            v.created_at[:19].replace("T", " "),
+            v.spec.training_job,
             ",".join(record.name for record in serving(v, endpoints)) or "-",
         ]
         for v in registry.list(group)
@@ -164,7 +170,9 @@ def main(argv: list[str] | None = None) -> None:
     data = commands.add_parser("data", help="prepare a dataset from a manifest (default source: the ABID bucket)")
     data.add_argument("--manifest-uri", help="seed-format file_list.json: a path, file:// or s3:// URI")
     data.add_argument("--ids-file", type=Path, help="instead of a manifest: a file of image ids, one per line")
-    data.add_argument("--source-uri", help="bucket laid out like ABID (default: BINCOUNT_SOURCE_URI or s3://aft-vbi-pds)")
+    data.add_argument(
+        "--source-uri", help="bucket laid out like ABID (default: BINCOUNT_SOURCE_URI or s3://aft-vbi-pds)"
+    )
     data.add_argument("--dataset", default="abid", help="dataset name under <artifact_root>/datasets (default: abid)")
     data.add_argument(
         "--max-missing-share", type=float, default=0.01, help="missing/corrupt share tolerated (default: 0.01)"
@@ -209,7 +217,9 @@ def main(argv: list[str] | None = None) -> None:
     result = pipeline(DataOptions(), demo_training_options(), location=location, refresh=args.refresh)
     evaluation, endpoint, scored = result.evaluation, result.endpoint, result.batch_transform
     if endpoint is None or scored is None:
-        print(f"Model version {result.model_version} was rejected: nothing deployed (bincount models show {result.model_version})")
+        print(
+            f"Model version {result.model_version} was rejected: nothing deployed (bincount models show {result.model_version})"
+        )
         return
     print(
         f"\nTest accuracy {evaluation.accuracy:.3f}, RMSE {evaluation.rmse:.3f} ({evaluation.images} images)\n"

@@ -35,7 +35,11 @@ class DataOptions(BaseModel):
     image_ids: list[str] | None = Field(
         default=None, description="Instead of a manifest: ids to label from their metadata's EXPECTED_QUANTITY."
     )
-    dataset: str = Field(default="abid", pattern=r"^[a-z0-9][a-z0-9_-]*$", description="Name of the dataset under <artifact_root>/datasets/.")
+    dataset: str = Field(
+        default="abid",
+        pattern=r"^[a-z0-9][a-z0-9_-]*$",
+        description="Name of the dataset under <artifact_root>/datasets/.",
+    )
     fractions: tuple[float, float, float] = Field(default=(0.8, 0.1, 0.1), description="Train, valid and test shares.")
     seed: int = Field(default=0, description="Seed of the split.")
     max_missing_share: float = Field(
@@ -43,7 +47,8 @@ class DataOptions(BaseModel):
     )
     concurrency: int = Field(default=32, ge=1, le=256, description="Downloads in flight at once.")
     validation: ValidationThresholds = Field(
-        default_factory=ValidationThresholds, description="Data validation: a failed check stops the run before training."
+        default_factory=ValidationThresholds,
+        description="Data validation: a failed check stops the run before training.",
     )
 
 

@@ -57,5 +57,7 @@ def monitor_endpoint(
         else:
             failed.append(f"{name}: {state.message}")
     if failed:
-        raise MonitorError(f"{len(failed)} of {len(names)} endpoints could not be monitored (the others were): " + "; ".join(failed))
+        raise MonitorError(
+            f"{len(failed)} of {len(names)} endpoints could not be monitored (the others were): " + "; ".join(failed)
+        )
     return reports

@@ -21,7 +21,10 @@ from tasks.registry import record_rollback_task
 
 @flow(name="rollback-model")
 def rollback_model(
-    endpoint_name: str = "bincount", reason: str = "rolled back", actor: str = "bincount", location: Location = Location()
+    endpoint_name: str = "bincount",
+    reason: str = "rolled back",
+    actor: str = "bincount",
+    location: Location = Location(),
 ) -> EndpointRecord:
     """Deploy the endpoint's previous production version again and record the rollback.
 

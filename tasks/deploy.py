@@ -30,7 +30,9 @@ def endpoint_artifact_key(endpoint_name: str) -> str:
 def publish_endpoint(record: EndpointRecord, note: str = "", monitor: str = "not monitored since this deploy") -> None:
     """The endpoint's artifact; ``monitor``: the last monitor verdict (the monitor flow republishes it)."""
     capture = record.details.get("capture")
-    capturing = f"{capture['sampling_percentage']}% of requests to `{record.details.get('capture_uri')}`" if capture else "off"
+    capturing = (
+        f"{capture['sampling_percentage']}% of requests to `{record.details.get('capture_uri')}`" if capture else "off"
+    )
     create_markdown_artifact(
         key=endpoint_artifact_key(record.name),
         markdown=(
@@ -72,7 +74,9 @@ def deploy_endpoint_task(
         txn.set("previous", previous.to_dict() if previous else None)
     logger.info(
         "Deploying %s (%s) to endpoint %r (%s)",
-        model_ref, model_uri, endpoint_name,
+        model_ref,
+        model_uri,
+        endpoint_name,
         f"replacing {previous.model_ref or previous.version}" if previous else "new endpoint",
     )
     capture = None if capture_percentage is None else CaptureConfig(sampling_percentage=capture_percentage)

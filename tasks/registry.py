@@ -37,7 +37,10 @@ def emit_model_event(kind: ModelEvent, version: ModelVersion, payload: dict[str,
     """``bincount.model.<kind>`` about the model group, with the version as a related resource."""
     emit_event(
         event=f"bincount.model.{kind}",
-        resource={"prefect.resource.id": f"bincount.model-group.{version.group}", "prefect.resource.name": version.group},
+        resource={
+            "prefect.resource.id": f"bincount.model-group.{version.group}",
+            "prefect.resource.name": version.group,
+        },
         related=[
             {
                 "prefect.resource.id": f"bincount.model-version.{version.group}.{version.version}",
@@ -97,7 +100,9 @@ def register_model_task(
         flow_run_url=flow_run.ui_url,
         created_by=f"flow run {flow_run.name}" if flow_run.name else "bincount",
         recipe=recipe,
-        baseline_uri=store_baseline(storage, settings.artifact_uri("registry", group, "baselines", f"{sha256[:16]}.json"), split_uri, model_uri),
+        baseline_uri=store_baseline(
+            storage, settings.artifact_uri("registry", group, "baselines", f"{sha256[:16]}.json"), split_uri, model_uri
+        ),
     )
     version = get_model_registry(settings).register(group, spec)
     get_run_logger().info("Registered %s: %s (test accuracy %.4f)", version.ref, model_uri, spec.metrics.accuracy)
@@ -107,7 +112,9 @@ def register_model_task(
 
 
 @task(name="set-model-approval", cache_policy=NO_CACHE)
-def set_approval_task(settings: Settings, version: ModelVersion, approved: bool, actor: str, reason: str) -> ModelVersion:
+def set_approval_task(
+    settings: Settings, version: ModelVersion, approved: bool, actor: str, reason: str
+) -> ModelVersion:
     """Approve or reject ``version`` (who and why are kept in its history)."""
     registry = get_model_registry(settings)
     change = registry.approve if approved else registry.reject
@@ -134,7 +141,13 @@ def record_rollback_task(settings: Settings, group: str, actor: str, reason: str
     registry = get_model_registry(settings)
     rolled_from = registry.production(group)
     restored = registry.rollback(group, actor, reason)
-    get_run_logger().info("%s is in production again (was %s): %s", restored.ref, rolled_from.ref if rolled_from else "-", reason)
-    emit_model_event("rolled-back", restored, {"actor": actor, "reason": reason, "rolled_back_from": str(rolled_from.ref) if rolled_from else None})
+    get_run_logger().info(
+        "%s is in production again (was %s): %s", restored.ref, rolled_from.ref if rolled_from else "-", reason
+    )
+    emit_model_event(
+        "rolled-back",
+        restored,
+        {"actor": actor, "reason": reason, "rolled_back_from": str(rolled_from.ref) if rolled_from else None},
+    )
     publish_registry(settings, group)
     return restored

@@ -16,14 +16,18 @@ from tasks.caching import TRAINING_JOB_CACHE
 from tasks.train import log_line, training_slot
 
 
-@task(name="train-trial", task_run_name="train-trial-{trial.number}", cache_policy=TRAINING_JOB_CACHE, persist_result=True)
+@task(
+    name="train-trial", task_run_name="train-trial-{trial.number}", cache_policy=TRAINING_JOB_CACHE, persist_result=True
+)
 def train_trial_task(settings: Settings, trial: TrialSpec) -> TrainingJob:
     """Run one trial's job; it stops early when its objective falls below the median of earlier trials.
 
     Not retried: a trial that fails is recorded as failed and the search goes on without it.
     """
     logger = get_run_logger()
-    logger.info("Trial %d: %s (prune below %s)", trial.number, trial.hyperparameters, trial.prune_below or "nothing yet")
+    logger.info(
+        "Trial %d: %s (prune below %s)", trial.number, trial.hyperparameters, trial.prune_below or "nothing yet"
+    )
     with training_slot():
         job = get_training_backend(settings).train(trial.job, on_log=log_line(logger), should_stop=trial.should_stop)
     logger.info("Trial %d %s: %s", trial.number, job.status, job.metrics.get(trial.objective_metric))
@@ -47,5 +51,12 @@ def report_tuning_task(result: TuningResult, objective_metric: str) -> None:
         }
         for rank, trial in enumerate(result.trials, start=1)
     ]
-    create_table_artifact(key="tuning-leaderboard", table=rows, description=f"Tuning trials ranked by {objective_metric}")
-    publish_plot("tuning-trials", tuning_trials(result.trials, objective_metric), "Tuning trials", f"Objective: {objective_metric}")
+    create_table_artifact(
+        key="tuning-leaderboard", table=rows, description=f"Tuning trials ranked by {objective_metric}"
+    )
+    publish_plot(
+        "tuning-trials",
+        tuning_trials(result.trials, objective_metric),
+        "Tuning trials",
+        f"Objective: {objective_metric}",
+    )

@@ -22,7 +22,9 @@ from bincount.validation import (
 
 
 @task(name="validate-data", cache_policy=INPUTS + TASK_SOURCE, persist_result=True)
-def validate_data_task(settings: Settings, split_table: pd.DataFrame, dataset_uri: str, thresholds: ValidationThresholds) -> ValidationReport:
+def validate_data_task(
+    settings: Settings, split_table: pd.DataFrame, dataset_uri: str, thresholds: ValidationThresholds
+) -> ValidationReport:
     """Run the checks; on a pass keep this version's statistics for the next run's shift check, on a failure stop.
 
     Raises:
@@ -35,12 +37,21 @@ def validate_data_task(settings: Settings, split_table: pd.DataFrame, dataset_ur
         previous = previous_statistics(storage.read_bytes(accepted_uri))
     except ObjectNotFoundError:
         previous = None
-    logger.info("Validating %d images (%s)", len(split_table), "against the last accepted version" if previous else "first version")
+    logger.info(
+        "Validating %d images (%s)",
+        len(split_table),
+        "against the last accepted version" if previous else "first version",
+    )
     report = validate_dataset(split_table, Path(settings.data_dir), previous, thresholds)
     create_table_artifact(
         key="data-validation",
         table=[
-            {"check": c.check, "result": "pass" if c.passed else "FAIL", "message": c.message, "images": ", ".join(c.images[:20])}
+            {
+                "check": c.check,
+                "result": "pass" if c.passed else "FAIL",
+                "message": c.message,
+                "images": ", ".join(c.images[:20]),
+            }
             for c in report.checks
         ],
         description="Data validation: " + ("passed" if report.passed else "FAILED"),

@@ -44,21 +44,50 @@ def flow_runs(env: dict[str, str], deployment_name: str) -> list[dict]:
 
 
 def test_drift_starts_a_nightly_run_and_its_failure_notifies_the_webhook(
-    server_env: dict[str, str], webhook: tuple[str, list[dict]], tmp_path: Path  # noqa: F811
+    server_env: dict[str, str],
+    webhook: tuple[str, list[dict]],
+    tmp_path: Path,  # noqa: F811
 ) -> None:
     url, received = webhook
-    env = {**server_env, "BINCOUNT_ARTIFACT_ROOT": str(tmp_path / "artifacts"), "BINCOUNT_DATA_DIR": str(tmp_path / "raw")}
+    env = {
+        **server_env,
+        "BINCOUNT_ARTIFACT_ROOT": str(tmp_path / "artifacts"),
+        "BINCOUNT_DATA_DIR": str(tmp_path / "raw"),
+    }
     run([sys.executable, "-m", "deployments.setup"], env)
     run([PREFECT, "--no-prompt", "deploy", "--all"], env)
     created = run([sys.executable, "-m", "deployments.setup", "--automations", "--notify-url", url], env)
-    assert "bincount-drift-retrain" in created and "bincount-run-failed" in created and "bincount-nightly-missed" in created
+    assert (
+        "bincount-drift-retrain" in created
+        and "bincount-run-failed" in created
+        and "bincount-nightly-missed" in created
+    )
     names = {a["name"] for a in httpx.post(f"{env['PREFECT_API_URL']}/automations/filter", json={}, timeout=10).json()}
-    assert {"bincount-drift-retrain", "bincount-run-failed", "bincount-nightly-missed", "bincount-error-rate-rollback"} <= names
+    assert {
+        "bincount-drift-retrain",
+        "bincount-run-failed",
+        "bincount-nightly-missed",
+        "bincount-error-rate-rollback",
+    } <= names
     # again: replaced, not doubled; the missed-nightly window shortened to 12 s so that it fires during the test
-    run([sys.executable, "-m", "deployments.setup", "--automations", "--notify-url", url, "--nightly-missed-after-h", "0.0034"], env)
+    run(
+        [
+            sys.executable,
+            "-m",
+            "deployments.setup",
+            "--automations",
+            "--notify-url",
+            url,
+            "--nightly-missed-after-h",
+            "0.0034",
+        ],
+        env,
+    )
     listed = [a["name"] for a in httpx.post(f"{env['PREFECT_API_URL']}/automations/filter", json={}, timeout=10).json()]
     assert listed.count("bincount-drift-retrain") == 1
-    assert flow_runs(env, "nightly-retrain/nightly") == [] or all(r["state_type"] == "SCHEDULED" for r in flow_runs(env, "nightly-retrain/nightly"))
+    assert flow_runs(env, "nightly-retrain/nightly") == [] or all(
+        r["state_type"] == "SCHEDULED" for r in flow_runs(env, "nightly-retrain/nightly")
+    )
 
     emit = (
         "from prefect.events import emit_event\n"
@@ -68,7 +97,13 @@ def test_drift_starts_a_nightly_run_and_its_failure_notifies_the_webhook(
     )
     run([sys.executable, "-c", emit], env)
     deadline = time.monotonic() + 60
-    while not (started := [r for r in flow_runs(env, "nightly-retrain/nightly") if (r.get("created_by") or {}).get("type") == "AUTOMATION"]):
+    while not (
+        started := [
+            r
+            for r in flow_runs(env, "nightly-retrain/nightly")
+            if (r.get("created_by") or {}).get("type") == "AUTOMATION"
+        ]
+    ):
         assert time.monotonic() < deadline, "the drift automation created no nightly run"
         time.sleep(1)
     assert started[0]["parameters"]["endpoint_name"] == "bincount"
@@ -97,7 +132,16 @@ def test_drift_starts_a_nightly_run_and_its_failure_notifies_the_webhook(
     )
     run([sys.executable, "-c", emit_sequence], env)
     deadline = time.monotonic() + 60
-    while not (rollbacks := [r for r in flow_runs(env, "rollback-model/on-demand") if (r.get("created_by") or {}).get("type") == "AUTOMATION"]):
+    while not (
+        rollbacks := [
+            r
+            for r in flow_runs(env, "rollback-model/on-demand")
+            if (r.get("created_by") or {}).get("type") == "AUTOMATION"
+        ]
+    ):
         assert time.monotonic() < deadline, "the rollback automation created no rollback run"
         time.sleep(1)
-    assert rollbacks[0]["parameters"]["endpoint_name"] == "bincount" and rollbacks[0]["parameters"]["actor"] == "automation"
+    assert (
+        rollbacks[0]["parameters"]["endpoint_name"] == "bincount"
+        and rollbacks[0]["parameters"]["actor"] == "automation"
+    )

@@ -44,7 +44,9 @@ def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
 
 
 @pytest.fixture(scope="module")
-def endpoint(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalServingBackend, EndpointRecord]]:
+def endpoint(
+    settings: Settings, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[LocalServingBackend, EndpointRecord]]:
     model = write_untrained_model_dir(tmp_path_factory.mktemp("model") / "m", "resnet18", 32, seed=1)
     backend = LocalServingBackend(settings, host_options=HostOptions(max_batch_size=8, max_wait_ms=5, threads=1))
     record = backend.deploy(NAME, model.as_uri(), "captured:1", capture=CaptureConfig(sampling_percentage=100))
@@ -91,9 +93,14 @@ def test_every_answered_request_has_exactly_one_record_at_100_percent(
         assert data["endpointInput"]["observedContentType"] == "image/jpeg" and data["endpointInput"]["mode"] == "INPUT"
         assert base64.b64decode(data["endpointInput"]["data"]) in images
         assert json.loads(data["endpointOutput"]["data"]) == json.loads(answered[item["eventMetadata"]["inferenceId"]])
-        assert item["eventMetadata"]["bincount"]["status"] == 200 and item["eventMetadata"]["bincount"]["modelVersion"] == "captured:1"
+        assert (
+            item["eventMetadata"]["bincount"]["status"] == 200
+            and item["eventMetadata"]["bincount"]["modelVersion"] == "captured:1"
+        )
         assert item["eventVersion"] == EVENT_VERSION
-    files = list(Path(settings.artifact_root.removeprefix("file://"), "data-capture", NAME, "AllTraffic").rglob("*.jsonl"))
+    files = list(
+        Path(settings.artifact_root.removeprefix("file://"), "data-capture", NAME, "AllTraffic").rglob("*.jsonl")
+    )
     assert files and all(len(path.relative_to(files[0].parents[4]).parts) == 5 for path in files), files
 
 
@@ -129,23 +136,47 @@ def test_a_hung_writer_fails_no_request_and_drops_are_counted(
 ) -> None:
     """The real router app, forwarding to a real host, capturing into an S3 that never answers."""
     model = write_untrained_model_dir(tmp_path_factory.mktemp("model2") / "m", "resnet18", 32, seed=2)
-    backend = LocalServingBackend(Settings.load(artifact_root=str(tmp_path / "artifacts")), host_options=HostOptions(threads=1))
+    backend = LocalServingBackend(
+        Settings.load(artifact_root=str(tmp_path / "artifacts")), host_options=HostOptions(threads=1)
+    )
     record = backend.deploy("plain", model.as_uri())
     try:
         config = CaptureConfig(sampling_percentage=100, queue_size=4, max_file_bytes=1)  # every record rolls: an upload
         state = tmp_path / "router.json"
-        state.write_text(json.dumps({
-            "target": record.details["host_url"], "version": record.version,
-            "capture": {"config": config.to_dict(), "destination": "s3://hung/data-capture/plain/AllTraffic", "s3_endpoint_url": hung_s3},
-        }))
+        state.write_text(
+            json.dumps(
+                {
+                    "target": record.details["host_url"],
+                    "version": record.version,
+                    "capture": {
+                        "config": config.to_dict(),
+                        "destination": "s3://hung/data-capture/plain/AllTraffic",
+                        "s3_endpoint_url": hung_s3,
+                    },
+                }
+            )
+        )
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
         sock.listen(64)
         url = f"http://127.0.0.1:{sock.getsockname()[1]}"
         front = subprocess.Popen(
-            [sys.executable, "-m", "bincount.local.router", "--name", "plain", "--state-file", str(state), "--fd", str(sock.fileno()),
-             "--graceful-timeout", "5"],
-            pass_fds=[sock.fileno()], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                sys.executable,
+                "-m",
+                "bincount.local.router",
+                "--name",
+                "plain",
+                "--state-file",
+                str(state),
+                "--fd",
+                str(sock.fileno()),
+                "--graceful-timeout",
+                "5",
+            ],
+            pass_fds=[sock.fileno()],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         sock.close()
         try:
@@ -178,7 +209,9 @@ def exchange(at: dt.datetime, body: bytes = b"\xff\xd8abc", inference_id: str | 
 def test_files_roll_by_hour_and_size_and_big_images_become_thumbnails(tmp_path: Path) -> None:
     prefix = (tmp_path / "capture").as_uri()
     big = jpeg_bytes(render_bin_image(3, np.random.default_rng(1), size=600), quality=95)
-    writer = CaptureWriter(prefix, CaptureConfig(sampling_percentage=100, max_inline_bytes=20_000, max_file_bytes=3000), Storage())
+    writer = CaptureWriter(
+        prefix, CaptureConfig(sampling_percentage=100, max_inline_bytes=20_000, max_file_bytes=3000), Storage()
+    )
     base = dt.datetime(2026, 11, 30, 9, 59, 58, tzinfo=dt.UTC)
     writer.offer(exchange(base, big, "big"))
     for second in range(8):
@@ -195,7 +228,9 @@ def test_files_roll_by_hour_and_size_and_big_images_become_thumbnails(tmp_path: 
     image = Image.open(io.BytesIO(base64.b64decode(thumb["captureData"]["endpointInput"]["data"])))
     assert max(image.size) <= 256 and image.format == "JPEG"
     later = read_capture(Storage(), prefix, after=read.records[4]["eventMetadata"]["inferenceTime"])
-    assert [r["eventMetadata"]["inferenceId"] for r in later.records] == [r["eventMetadata"]["inferenceId"] for r in read.records[5:]]
+    assert [r["eventMetadata"]["inferenceId"] for r in later.records] == [
+        r["eventMetadata"]["inferenceId"] for r in read.records[5:]
+    ]
 
 
 def test_bad_capture_files_are_listed_and_skipped(tmp_path: Path) -> None:
@@ -224,11 +259,24 @@ def test_records_as_sagemaker_writes_them_are_read_and_monitored(tmp_path: Path)
     image = photos(1)[0]
     line = {
         "captureData": {
-            "endpointInput": {"observedContentType": "image/jpeg", "mode": "INPUT", "data": base64.b64encode(image).decode(), "encoding": "BASE64"},
-            "endpointOutput": {"observedContentType": "application/json", "mode": "OUTPUT", "encoding": "JSON",
-                               "data": '{"predictions": [{"predicted_count": 4, "probabilities": {"4": 1.0}}]}'},
+            "endpointInput": {
+                "observedContentType": "image/jpeg",
+                "mode": "INPUT",
+                "data": base64.b64encode(image).decode(),
+                "encoding": "BASE64",
+            },
+            "endpointOutput": {
+                "observedContentType": "application/json",
+                "mode": "OUTPUT",
+                "encoding": "JSON",
+                "data": '{"predictions": [{"predicted_count": 4, "probabilities": {"4": 1.0}}]}',
+            },
         },
-        "eventMetadata": {"eventId": "b7d5d7e2-0000-4000-8000-000000000000", "inferenceId": "00042", "inferenceTime": "2026-11-30T21:04:05Z"},
+        "eventMetadata": {
+            "eventId": "b7d5d7e2-0000-4000-8000-000000000000",
+            "inferenceId": "00042",
+            "inferenceTime": "2026-11-30T21:04:05Z",
+        },
         "eventVersion": "0",
     }
     folder = tmp_path / "ep" / "AllTraffic" / "2026" / "11" / "30" / "21"

@@ -42,15 +42,23 @@ def test_each_check_names_its_images(tmp_path: Path) -> None:
     assert ok.passed, ok.failure_message()
 
     broken = table.copy()
-    (local / "bin-images" / f"{table.id[3]}.jpg").write_bytes((local / "bin-images" / f"{table.id[3]}.jpg").read_bytes()[:300])
-    shutil.copy(local / "bin-images" / f"{table.id[0]}.jpg", local / "bin-images" / f"{table.id[9]}.jpg")  # train photo on test
+    (local / "bin-images" / f"{table.id[3]}.jpg").write_bytes(
+        (local / "bin-images" / f"{table.id[3]}.jpg").read_bytes()[:300]
+    )
+    shutil.copy(
+        local / "bin-images" / f"{table.id[0]}.jpg", local / "bin-images" / f"{table.id[9]}.jpg"
+    )  # train photo on test
     broken.loc[9, "sha256"] = broken.loc[0, "sha256"]
     broken.loc[5, "label"] = 7
     report = validate_dataset(broken, local, None, ValidationThresholds())
     message = report.failure_message()
     assert not report.passed
     assert f"decodes: 1 images do not decode (images: {table.id[3]} (OSError))" in message
-    assert "duplicates: 1 photos are on more than one side" in message and f"{table.id[0]} (train)" in message and f"{table.id[9]} (test)" in message
+    assert (
+        "duplicates: 1 photos are on more than one side" in message
+        and f"{table.id[0]} (train)" in message
+        and f"{table.id[9]} (test)" in message
+    )
     assert f"labels: 1 labels outside 1-5 (images: {table.id[5]} (label 7))" in message
 
     darker, dark_local = mirror(tmp_path, [1] * 30 + [2] * 20, darken=0.4, seed=1)
@@ -63,12 +71,19 @@ def test_each_check_names_its_images(tmp_path: Path) -> None:
 def test_a_pipeline_fed_a_duplicated_set_stops_before_training(prefect_server: None, tmp_path: Path) -> None:
     bucket = tmp_path / "bucket"
     generate_demo_bucket(Storage(), bucket.as_uri(), images=60, seed=5, size=48)
-    for copy in [f"{n:05d}" for n in range(2, 13)]:  # the same photo under eleven more ids: they land on different sides
+    for copy in [
+        f"{n:05d}" for n in range(2, 13)
+    ]:  # the same photo under eleven more ids: they land on different sides
         shutil.copy(bucket / "bin-images" / "00001.jpg", bucket / "bin-images" / f"{copy}.jpg")
-    location = Location(artifact_root=str(tmp_path / "artifacts"), data_dir=str(tmp_path / "raw"), source_uri=str(bucket))
+    location = Location(
+        artifact_root=str(tmp_path / "artifacts"), data_dir=str(tmp_path / "raw"), source_uri=str(bucket)
+    )
     state = pipeline(data=DataOptions(max_missing_share=0.2), location=location, return_state=True)
     assert state.is_failed()
-    with pytest.raises(Exception, match=r"data validation failed, so nothing was trained: duplicates: 1 photos are on more than one side") as caught:
+    with pytest.raises(
+        Exception,
+        match=r"data validation failed, so nothing was trained: duplicates: 1 photos are on more than one side",
+    ) as caught:
         state.result()
     assert "00001" in str(caught.value)
     assert not (tmp_path / "artifacts" / "training-jobs").exists()

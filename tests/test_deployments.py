@@ -41,7 +41,9 @@ def server_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, s
     }
     server = subprocess.Popen(
         [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         deadline = time.monotonic() + 120
@@ -78,7 +80,11 @@ def decisions(artifact_root: Path, group: str) -> list[dict]:
 
 TINY_PIPELINE = {  # endpoint and model group: the default, "bincount"
     "training": {
-        "arch": "resnet18", "image_size": 32, "max_jobs": 1, "debugger": False, "profiler": False,
+        "arch": "resnet18",
+        "image_size": 32,
+        "max_jobs": 1,
+        "debugger": False,
+        "profiler": False,
         "search_space": [
             {"type": "categorical", "name": "lr", "values": [0.01]},
             {"type": "categorical", "name": "batch-size", "values": [32]},
@@ -97,8 +103,14 @@ def test_deploy_then_the_scheduled_nightly_runs_with_no_parameters(server_env: d
 
     run([sys.executable, "-m", "deployments.setup"], env)
     deployed = run([PREFECT, "--no-prompt", "deploy", "--all"], env)
-    expected = ["bincount-pipeline/on-demand", "bincount-pipeline/demo", "nightly-retrain/nightly",
-                "batch-transform/on-demand", "prepare-data/on-demand", "rollback-model/on-demand"]
+    expected = [
+        "bincount-pipeline/on-demand",
+        "bincount-pipeline/demo",
+        "nightly-retrain/nightly",
+        "batch-transform/on-demand",
+        "prepare-data/on-demand",
+        "rollback-model/on-demand",
+    ]
     assert all(name in deployed for name in expected), deployed
     nightly = run([PREFECT, "deployment", "inspect", "nightly-retrain/nightly"], env)
     assert "0 2 * * *" in nightly and "Europe/Berlin" in nightly
@@ -127,4 +139,6 @@ def test_deploy_then_the_scheduled_nightly_runs_with_no_parameters(server_env: d
         assert version["spec"]["recipe"]["location"]["source_uri"] == bucket, "the production version's data source"
         assert version["spec"]["hyperparameters"]["epochs"] == 1, "and its recipe"
     finally:
-        subprocess.run([sys.executable, "-m", "flows.cli", "delete-endpoint", "bincount"], env=env, cwd=ROOT, timeout=120)
+        subprocess.run(
+            [sys.executable, "-m", "flows.cli", "delete-endpoint", "bincount"], env=env, cwd=ROOT, timeout=120
+        )

@@ -50,12 +50,18 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     split_uri = (dataset / "split.csv").as_uri()
     pd.DataFrame(rows).to_csv(dataset / "split.csv", index=False)
     model_uri = write_untrained_model_dir(root / "model", "resnet18", 32, seed=4).as_uri()
-    baseline_uri = store_baseline(storage, settings.artifact_uri("registry", NAME, "baselines", "m.json"), split_uri, model_uri)
+    baseline_uri = store_baseline(
+        storage, settings.artifact_uri("registry", NAME, "baselines", "m.json"), split_uri, model_uri
+    )
     spec = ModelVersionSpec(
-        model_uri=model_uri, model_sha256="0" * 64,
+        model_uri=model_uri,
+        model_sha256="0" * 64,
         metrics=ModelMetrics(accuracy=0.3, rmse=1.5, within_one_accuracy=0.7, per_class_accuracy={}, images=10),
-        dataset=DatasetRef(split_uri, "ab" * 32, {"train": 80}), code_hash="cd" * 32, hyperparameters={},
-        training_job="job-1", baseline_uri=baseline_uri,
+        dataset=DatasetRef(split_uri, "ab" * 32, {"train": 80}),
+        code_hash="cd" * 32,
+        hyperparameters={},
+        training_job="job-1",
+        baseline_uri=baseline_uri,
     )
     version = StorageModelRegistry(storage, settings.artifact_root).register(NAME, spec)
     backend = LocalServingBackend(settings, host_options=HostOptions(threads=1))
@@ -111,10 +117,18 @@ def test_unshifted_traffic_is_ok_then_darker_photos_of_another_mix_drift(prefect
     assert quiet.verdict == "no-traffic" and "no captured requests" in quiet.message
 
 
-def test_a_model_without_a_baseline_and_a_broken_endpoint_do_not_hide_the_others(prefect_server: None, world: dict) -> None:
+def test_a_model_without_a_baseline_and_a_broken_endpoint_do_not_hide_the_others(
+    prefect_server: None, world: dict
+) -> None:
     settings, backend = world["settings"], world["backend"]
-    older = backend.deploy("older", world["model_uri"], capture=CaptureConfig(sampling_percentage=100))  # no registered version
-    send(older.url, [(jpeg_bytes(render_bin_image(2, np.random.default_rng(n), size=64)), None) for n in range(5)], "older")
+    older = backend.deploy(
+        "older", world["model_uri"], capture=CaptureConfig(sampling_percentage=100)
+    )  # no registered version
+    send(
+        older.url,
+        [(jpeg_bytes(render_bin_image(2, np.random.default_rng(n), size=64)), None) for n in range(5)],
+        "older",
+    )
     wait_for_capture(backend, older.url, "older", 5)
     state = monitor_endpoint.with_options(name="monitor-endpoint")(
         [NAME, "older", f"missing-{uuid.uuid4().hex[:6]}"], location=Location.of(settings), return_state=True

@@ -18,7 +18,6 @@ from prefect.client.schemas.filters import (
     FlowRunFilterId,
     FlowRunFilterParentTaskRunId,
 )
-
 from prefect.events.filters import EventFilter, EventNameFilter
 
 from bincount.code import code_hash
@@ -78,7 +77,9 @@ def events_named(name: str, related_to: str | None = None, wait_s: float = 10.0)
 
 
 @pytest.fixture(scope="module")
-def deployed(prefect_server: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[dict[str, str], PipelineResult]]:
+def deployed(
+    prefect_server: None, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[dict[str, str], PipelineResult]]:
     """The pipeline run once on a demo bucket: its endpoint serves the first registered version."""
     root = tmp_path_factory.mktemp("pipeline")
     bucket = (root / "bucket").as_uri()
@@ -103,7 +104,9 @@ def test_pipeline_end_to_end_registers_deploys_then_is_served_from_cache(
     assert endpoint.model_uri == result.model_uri and endpoint.model_ref == result.model_version == f"{ENDPOINT}:1"
     runtime = boto3.client("sagemaker-runtime", endpoint_url=endpoint.url, region_name="us-east-1")
     photo = jpeg_bytes(render_bin_image(3, np.random.default_rng(0), 64))
-    answer = json.loads(runtime.invoke_endpoint(EndpointName=ENDPOINT, Body=photo, ContentType="image/jpeg")["Body"].read())
+    answer = json.loads(
+        runtime.invoke_endpoint(EndpointName=ENDPOINT, Body=photo, ContentType="image/jpeg")["Body"].read()
+    )
     assert answer["predictions"][0]["predicted_count"] in (1, 2, 3, 4, 5)
 
     scored = result.batch_transform
@@ -119,7 +122,10 @@ def test_pipeline_end_to_end_registers_deploys_then_is_served_from_cache(
     assert lineage.dataset.counts == read_split(Storage(), result.dataset_split_uri)["split"].value_counts().to_dict()
     assert lineage.code_hash == code_hash() and lineage.metrics.accuracy == pytest.approx(result.evaluation.accuracy)
     assert lineage.hyperparameters["arch"] == "resnet18" and lineage.hyperparameters["train-channels"] == "train,valid"
-    assert lineage.recipe["location"]["source_uri"] == where["source_uri"] and lineage.recipe["training"]["image_size"] == 32
+    assert (
+        lineage.recipe["location"]["source_uri"] == where["source_uri"]
+        and lineage.recipe["training"]["image_size"] == 32
+    )
     assert lineage.flow_run_id and lineage.flow_run_url
     best = registry.best_hyperparameters(ENDPOINT)
     assert best is not None and best.version == 1

@@ -27,7 +27,9 @@ from bincount.sagemaker.serving import SageMakerServingBackend
 
 
 def test_capture_goes_into_the_endpoint_config_and_stays_across_redeploys(
-    sagemaker_env: Settings, models: dict[int, str], moto_sagemaker: MotoSageMaker  # noqa: F811
+    sagemaker_env: Settings,
+    models: dict[int, str],
+    moto_sagemaker: MotoSageMaker,  # noqa: F811
 ) -> None:
     backend = get_serving_backend(sagemaker_env)
     assert isinstance(backend, SageMakerServingBackend)
@@ -52,14 +54,18 @@ def test_capture_goes_into_the_endpoint_config_and_stays_across_redeploys(
     assert second.details["capture"]["sampling_percentage"] == 25
 
     queue_answers(prediction(3))
-    third = backend.deploy(name, models[2], "g:2", capture=CaptureConfig(sampling_percentage=0))  # turned off: a new config
+    third = backend.deploy(
+        name, models[2], "g:2", capture=CaptureConfig(sampling_percentage=0)
+    )  # turned off: a new config
     off = captured("CreateEndpointConfig")[2]
     assert "DataCaptureConfig" not in off and third.details["endpoint_config"] != second.details["endpoint_config"]
     assert third.details["capture"] is None
     backend.delete(name)
 
 
-def test_capture_needs_an_s3_artifact_root(sagemaker_env: Settings, models: dict[int, str], moto_sagemaker: MotoSageMaker, tmp_path) -> None:  # noqa: F811
+def test_capture_needs_an_s3_artifact_root(
+    sagemaker_env: Settings, models: dict[int, str], moto_sagemaker: MotoSageMaker, tmp_path
+) -> None:  # noqa: F811
     backend = SageMakerServingBackend(Settings.load(**{**sagemaker_env.model_dump(), "artifact_root": str(tmp_path)}))
     with pytest.raises(DeployError, match="data capture on SageMaker writes to S3.*BINCOUNT_ARTIFACT_ROOT=s3://"):
         backend.data_capture_config(CaptureConfig(sampling_percentage=10))

@@ -69,10 +69,10 @@ class BareForward:
         self._thread.shutdown()
 
 
-def load(url: str, photo: bytes, clients: int, seconds: float) -> dict[str, float]:
+def load(url: str, photo: bytes, clients: int, seconds: float, name: str = NAME) -> dict[str, float]:
     """Closed-loop clients for ``seconds``; req/s, p50/p99 latency (ms) and errors."""
     target = urlparse(url)
-    path = f"/endpoints/{NAME}/invocations"
+    path = f"/endpoints/{name}/invocations"
     headers = {"Content-Type": "image/jpeg", "Accept": "application/json"}
     latencies: list[float] = []
     errors: list[str] = []

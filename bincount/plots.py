@@ -83,3 +83,22 @@ def confusion_matrix_plot(confusion: list[list[int]], classes: list[int], title:
     figure.colorbar(image, ax=axes)
     axes.set_title(title)
     return _png(figure)
+
+
+def monitor_plot(predicted: dict[str, float], baseline: dict[str, float], features: list[dict], title: str) -> bytes:
+    """Predicted-count shares against the training baseline, and each input statistic's live vs baseline mean."""
+    figure, (counts, stats) = plt.subplots(1, 2, figsize=(11, 4))
+    table = pd.DataFrame({"model on its training side": baseline, "live predictions": predicted}).fillna(0).sort_index()
+    table.plot.bar(ax=counts, rot=0)
+    counts.set(title="Count distribution", xlabel="items in bin", ylabel="share")
+    if features:
+        names = [row["feature"] for row in features]
+        ratio = [row["live mean"] / row["baseline mean"] if row["baseline mean"] else 0.0 for row in features]
+        stats.barh(names, ratio, color=["tab:red" if row["drift"] else "tab:gray" for row in features])
+        stats.axvline(1.0, color="black", linewidth=1)
+        stats.set(title="Input statistics: live mean / baseline mean (red: KS drift)", xlabel="ratio")
+    else:
+        stats.text(0.5, 0.5, "no input statistics in this window", ha="center", va="center")
+        stats.set_axis_off()
+    figure.suptitle(title)
+    return _png(figure)

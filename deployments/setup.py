@@ -5,7 +5,9 @@
                                                 # also: ECS work pool and the S3Bucket block for flow results
 
 Then `prefect deploy --all` reads prefect.yaml, and `prefect worker start --pool bincount-local`
-runs what is deployed.
+runs what is deployed. Once deployed, the automations (deployments/automations.py):
+
+    python -m deployments.setup --automations --notify-url https://hooks.example.com/bincount [--retune-on-drift]
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.utilities.asyncutils import run_coro_as_sync
 from prefect.workers.process import ProcessWorker
 
+from deployments.automations import AutomationSetupError, create_automations
 from tasks.train import TRAINING_SLOTS
 
 LOCAL_POOL = "bincount-local"
@@ -53,6 +56,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--aws", action="store_true", help="also the ECS pool and the results block (default: off)")
     parser.add_argument("--bucket", help="S3 bucket for flow results (required with --aws)")
     parser.add_argument("--region", help="AWS region of the bucket (default: the default chain's)")
+    parser.add_argument("--automations", action="store_true", help="create the automations (after `prefect deploy`)")
+    parser.add_argument("--notify-url", help="webhook that failure and missed-run notifications POST to (default: none)")
+    parser.add_argument(
+        "--retune-on-drift", action="store_true", help="drift starts a nightly run that tunes again (default: off)"
+    )
+    parser.add_argument(
+        "--nightly-missed-after-h", type=float, default=26.0, help="notify when no nightly completed within (default: 26)"
+    )
     args = parser.parse_args(argv)
     if args.aws and not args.bucket:
         parser.error("--aws needs --bucket: the S3 bucket that will hold flow results")
@@ -68,6 +79,13 @@ def main(argv: list[str] | None = None) -> None:
         print(f"work pool {ECS_POOL!r} (ecs) ready")
         save_results_block(args.bucket, args.region)
         print(f"block s3-bucket/{RESULTS_BLOCK} saved")
+    if args.automations:
+        try:
+            names = create_automations(args.notify_url, args.retune_on_drift, args.nightly_missed_after_h)
+        except AutomationSetupError as error:
+            parser.error(str(error))
+        notes = "" if args.notify_url else " (no --notify-url: no notifications)"
+        print(f"automations ready: {', '.join(names)}{notes}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Flow: prepare the data for training.
 
-    load-manifest -> download-images -> split-dataset -> upload-channels -> report-data
+    load-manifest -> download-images -> split-dataset -> validate-data -> upload-channels -> report-data
 
 The stages cache on their inputs and source (results persisted), so an unchanged re-run is served
 from cache; ``refresh=True`` runs every stage again. The upload is never cached: an unchanged sync
@@ -17,11 +17,13 @@ from bincount.config import Location
 from bincount.download import Ledger
 from bincount.split import SPLITS
 from bincount.storage import join_uri
+from bincount.validation import ValidationThresholds
 from tasks.download import download_images_task
 from tasks.manifest import load_manifest
 from tasks.report import report_data_task
 from tasks.split import split_dataset_task
 from tasks.upload import upload_channels_task
+from tasks.validate import validate_data_task
 
 
 class DataOptions(BaseModel):
@@ -46,6 +48,10 @@ class DataOptions(BaseModel):
         default=0.01, ge=0, le=1, description="Share of missing or corrupt images tolerated before the run fails."
     )
     concurrency: int = Field(default=32, ge=1, le=256, description="Downloads in flight at once.")
+    validation: ValidationThresholds = Field(
+        default_factory=ValidationThresholds,
+        description="Data validation: a failed check stops the run before training.",
+    )
 
 
 class PreparedData(BaseModel):
@@ -83,6 +89,7 @@ def prepare_data(
     split_table = split_dataset_task.with_options(refresh_cache=refresh)(
         settings, manifest, downloaded, split_uri, options.fractions, options.seed
     )
+    validate_data_task.with_options(refresh_cache=refresh)(settings, split_table, dataset_uri, options.validation)
     upload_channels_task(settings, split_table, channels_uri)
     report = report_data_task.with_options(refresh_cache=refresh)(settings, split_table)
 

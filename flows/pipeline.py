@@ -15,10 +15,10 @@ hyperparameters the nightly retrain starts from.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from prefect import flow, get_run_logger
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from bincount.config import Location, Settings
 from bincount.contracts.naming import check_endpoint_name
@@ -65,6 +65,7 @@ def pipeline(
     approval_timeout_s: int = 24 * 3600,
     location: Location = Location(),
     refresh: bool = False,
+    data_capture_percentage: Annotated[int | None, Field(ge=0, le=100)] = None,
 ) -> PipelineResult:
     """Download, split, upload, tune, retrain, evaluate, register, deploy and batch-transform.
 
@@ -78,6 +79,8 @@ def pipeline(
         location: the profile (local or aws), source bucket, artifact root, S3 endpoint and region
             (default: the BINCOUNT_* variables; what is given here wins).
         refresh: run every stage again instead of using cached results.
+        data_capture_percentage: share of the endpoint's requests captured for monitoring, 0-100 (0: off;
+            default: keep the endpoint's setting, off for a new endpoint).
     """
     logger = get_run_logger()
     check_endpoint_name(endpoint_name)  # before hours of training, not at deploy time
@@ -120,7 +123,9 @@ def pipeline(
         endpoint_name, trained.hyperparameters, trained.job_name, trained.evaluation.to_dict(), version.version
     )
     logger.info("%s passed the gate (%s): deploying to %r", version.ref, passed, endpoint_name)
-    endpoint = put_in_production(settings, endpoint_name, version, f"deployed by the pipeline: {passed}")
+    endpoint = put_in_production(
+        settings, endpoint_name, version, f"deployed by the pipeline: {passed}", data_capture_percentage
+    )
     scored = batch_transform(
         input_uri=prepared.channels["test"],
         output_uri=join_uri(settings.artifact_uri("batch-transform"), trained.job_name),

@@ -54,8 +54,11 @@ def approve_version(
     return set_approval_task(settings, version, answer.approve, answer.reviewer, answer.reason)
 
 
-def put_in_production(settings: Settings, endpoint_name: str, version: ModelVersion, reason: str) -> EndpointRecord:
-    """Deploy an approved version (blue/green, checked, rolled back on failure), then mark it production."""
-    endpoint = deploy_model(settings, endpoint_name, version)
+def put_in_production(
+    settings: Settings, endpoint_name: str, version: ModelVersion, reason: str, capture_percentage: int | None = None
+) -> EndpointRecord:
+    """Deploy an approved version (blue/green, checked, rolled back on failure), then mark it production.
+    ``capture_percentage`` None keeps the endpoint's data capture setting."""
+    endpoint = deploy_model(settings, endpoint_name, version, capture_percentage=capture_percentage)
     set_stage_task(settings, version, "production", "bincount", reason)
     return endpoint

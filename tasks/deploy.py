@@ -16,7 +16,7 @@ from prefect.transactions import Transaction, get_transaction, transaction
 
 from bincount.config import Settings
 from bincount.contracts.registry import ModelVersion
-from bincount.contracts.serving import EndpointNotFoundError, EndpointRecord, check_answer
+from bincount.contracts.serving import CaptureConfig, EndpointNotFoundError, EndpointRecord, check_answer
 from bincount.endpoints import smoke_image
 from bincount.factory import get_serving_backend
 from bincount.storage import storage_for
@@ -27,7 +27,12 @@ def endpoint_artifact_key(endpoint_name: str) -> str:
     return f"endpoint-{endpoint_name.lower()}"
 
 
-def publish_endpoint(record: EndpointRecord, note: str = "") -> None:
+def publish_endpoint(record: EndpointRecord, note: str = "", monitor: str = "not monitored since this deploy") -> None:
+    """The endpoint's artifact; ``monitor``: the last monitor verdict (the monitor flow republishes it)."""
+    capture = record.details.get("capture")
+    capturing = (
+        f"{capture['sampling_percentage']}% of requests to `{record.details.get('capture_uri')}`" if capture else "off"
+    )
     create_markdown_artifact(
         key=endpoint_artifact_key(record.name),
         markdown=(
@@ -38,7 +43,9 @@ def publish_endpoint(record: EndpointRecord, note: str = "") -> None:
             f"| model URI | `{record.model_uri}` |\n"
             f"| previous version | `{record.previous_model_ref or record.previous_version or '-'}` |\n"
             f"| backend | {record.backend} |\n"
-            f"| deployed at | {record.deployed_at} |\n\n"
+            f"| deployed at | {record.deployed_at} |\n"
+            f"| data capture | {capturing} |\n"
+            f"| last monitor verdict | {monitor} |\n\n"
             f"Invoke: `boto3.client('sagemaker-runtime', endpoint_url='{record.url}')"
             f".invoke_endpoint(EndpointName='{record.name}', Body=jpeg, ContentType='image/jpeg')`\n\n{note}"
         ),
@@ -48,9 +55,12 @@ def publish_endpoint(record: EndpointRecord, note: str = "") -> None:
 
 @task(name="deploy-endpoint", cache_policy=NO_CACHE)
 def deploy_endpoint_task(
-    settings: Settings, endpoint_name: str, model_uri: str, model_ref: str | None
+    settings: Settings, endpoint_name: str, model_uri: str, model_ref: str | None, capture_percentage: int | None = None
 ) -> EndpointRecord:
-    """Start ``endpoint_name`` on ``model_uri`` (registered as ``model_ref``), or move it there blue/green."""
+    """Start ``endpoint_name`` on ``model_uri`` (registered as ``model_ref``), or move it there blue/green.
+
+    ``capture_percentage``: requests captured (0 off); None keeps the endpoint's setting.
+    """
     logger = get_run_logger()
     backend = get_serving_backend(settings)
     try:
@@ -69,7 +79,8 @@ def deploy_endpoint_task(
         endpoint_name,
         f"replacing {previous.model_ref or previous.version}" if previous else "new endpoint",
     )
-    record = backend.deploy(endpoint_name, model_uri, model_ref)
+    capture = None if capture_percentage is None else CaptureConfig(sampling_percentage=capture_percentage)
+    record = backend.deploy(endpoint_name, model_uri, model_ref, capture)
     logger.info("Endpoint %r serves version %s at %s", record.name, record.version, record.url)
     publish_endpoint(record)
     return record
@@ -107,11 +118,15 @@ def check_endpoint_task(settings: Settings, endpoint_name: str, sample_image_uri
 
 
 def deploy_model(
-    settings: Settings, endpoint_name: str, version: ModelVersion, sample_image_uri: str | None = None
+    settings: Settings,
+    endpoint_name: str,
+    version: ModelVersion,
+    sample_image_uri: str | None = None,
+    capture_percentage: int | None = None,
 ) -> EndpointRecord:
     """Deploy a registered version and check it in one transaction (call from a flow): a failed check rolls
     the deploy back."""
     with transaction():
-        record = deploy_endpoint_task(settings, endpoint_name, version.model_uri, str(version.ref))
+        record = deploy_endpoint_task(settings, endpoint_name, version.model_uri, str(version.ref), capture_percentage)
         check_endpoint_task(settings, endpoint_name, sample_image_uri)
     return record

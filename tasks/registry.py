@@ -13,9 +13,15 @@ from prefect.runtime import flow_run
 
 from bincount.code import code_hash
 from bincount.config import Settings
-from bincount.contracts.registry import ModelMetrics, ModelVersion, ModelVersionSpec, Stage
+from bincount.contracts.registry import (
+    ModelMetrics,
+    ModelVersion,
+    ModelVersionSpec,
+    Stage,
+)
 from bincount.evaluation import Evaluation
 from bincount.factory import get_model_registry
+from bincount.monitoring import store_baseline
 from bincount.registry import dataset_ref, object_sha256
 from bincount.storage import storage_for
 from tasks.retry import is_transient
@@ -81,9 +87,10 @@ def register_model_task(
     A retry finds the version the first attempt registered (same model URI and sha256).
     """
     storage = storage_for(settings)
+    sha256 = object_sha256(storage, model_uri)
     spec = ModelVersionSpec(
         model_uri=model_uri,
-        model_sha256=object_sha256(storage, model_uri),
+        model_sha256=sha256,
         metrics=ModelMetrics.from_dict(evaluation.to_dict()),
         dataset=dataset_ref(storage, split_uri),
         code_hash=code_hash(),
@@ -93,6 +100,9 @@ def register_model_task(
         flow_run_url=flow_run.ui_url,
         created_by=f"flow run {flow_run.name}" if flow_run.name else "bincount",
         recipe=recipe,
+        baseline_uri=store_baseline(
+            storage, settings.artifact_uri("registry", group, "baselines", f"{sha256[:16]}.json"), split_uri, model_uri
+        ),
     )
     version = get_model_registry(settings).register(group, spec)
     get_run_logger().info("Registered %s: %s (test accuracy %.4f)", version.ref, model_uri, spec.metrics.accuracy)

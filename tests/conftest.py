@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import boto3
+import httpx
 import pytest
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -15,8 +21,12 @@ os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 
+from sagemaker_moto import BUCKET, REGION, ROLE, MotoSageMaker, model_archive
+
+from bincount.config import Settings
 from bincount.demo_data import write_demo_channels
 from bincount.loopback_s3 import LoopbackS3
+from bincount.sagemaker.session import SageMakerOptions
 
 ABID_DIR = Path(
     os.environ.get("BINCOUNT_ABID_SAMPLE", Path(__file__).resolve().parents[1].parent / "shared" / "data" / "abid")
@@ -88,3 +98,108 @@ def abid_bucket(abid_dir: Path, s3_server: LoopbackS3) -> dict[str, int]:
             )
     client.put_object(Bucket=ABID_BUCKET, Key="file_list.json", Body=dump_manifest(manifest), ACL="public-read")
     return manifest
+
+
+# --- SageMaker on loopback (moto), shared by the SageMaker test modules ----------------------------
+@pytest.fixture
+def moto_sagemaker(monkeypatch: pytest.MonkeyPatch) -> MotoSageMaker:
+    return MotoSageMaker(monkeypatch)
+
+
+@pytest.fixture(scope="module")
+def bucket(s3_server: LoopbackS3) -> str:
+    client = boto3.client("s3", endpoint_url=s3_server.endpoint_url, region_name=REGION)
+    client.create_bucket(Bucket=BUCKET)
+    return BUCKET
+
+
+@pytest.fixture
+def settings(s3_server: LoopbackS3, bucket: str) -> Settings:
+    return Settings.load(
+        profile="aws",
+        artifact_root=f"s3://{bucket}/bincount",
+        s3_endpoint_url=s3_server.endpoint_url,
+        aws_region=REGION,
+    )
+
+
+@pytest.fixture
+def options(s3_server: LoopbackS3) -> SageMakerOptions:
+    return SageMakerOptions.load(
+        role_arn=ROLE,
+        endpoint_url=s3_server.endpoint_url,
+        runtime_endpoint_url=s3_server.endpoint_url,
+        logs_endpoint_url=s3_server.endpoint_url,
+        poll_initial_s=0.01,
+        poll_max_s=0.05,
+    )
+
+
+@pytest.fixture
+def sagemaker_env(monkeypatch: pytest.MonkeyPatch, settings: Settings, options: SageMakerOptions) -> Settings:
+    """The ``aws`` profile as environment variables, for the backends the factories build."""
+    for name, value in {
+        "BINCOUNT_SAGEMAKER_ROLE_ARN": ROLE,
+        "BINCOUNT_SAGEMAKER_ENDPOINT_URL": options.endpoint_url,
+        "BINCOUNT_SAGEMAKER_RUNTIME_ENDPOINT_URL": options.runtime_endpoint_url,
+        "BINCOUNT_SAGEMAKER_LOGS_ENDPOINT_URL": options.logs_endpoint_url,
+        "BINCOUNT_SAGEMAKER_POLL_INITIAL_S": "0.01",
+        "BINCOUNT_SAGEMAKER_POLL_MAX_S": "0.05",
+    }.items():
+        monkeypatch.setenv(name, str(value))
+    return settings
+
+
+@pytest.fixture
+def models(settings: Settings) -> dict[int, str]:
+    s3 = boto3.client("s3", endpoint_url=settings.s3_endpoint_url, region_name=REGION)
+    uris = {}
+    for seed in (1, 2, 3):
+        key = f"bincount/models/{uuid.uuid4().hex}/model.tar.gz"
+        s3.put_object(Bucket=BUCKET, Key=key, Body=model_archive(seed))
+        uris[seed] = f"s3://{BUCKET}/{key}"
+    return uris
+
+
+# --- a Prefect server of its own, reached over its CLI and API (deployments, workers, automations) ---
+PREFECT = str(Path(sys.executable).with_name("prefect"))
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """A dedicated Prefect server (its own home and SQLite database) and the environment to reach it."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = free_port()
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(home),
+        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+        "PREFECT_UI_API_URL": f"http://127.0.0.1:{port}/api",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    }
+    server = subprocess.Popen(
+        [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("the Prefect server did not start within 120 s")
+        yield env
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

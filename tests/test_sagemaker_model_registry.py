@@ -18,7 +18,7 @@ from typing import Any
 import boto3
 import pytest
 from botocore.exceptions import ClientError
-from sagemaker_requests import Captured
+from sagemaker_moto import Captured
 
 from bincount.config import Settings
 from bincount.contracts.registry import (

@@ -150,6 +150,7 @@ class ModelVersionSpec:
     description: str = ""
     approval: ApprovalStatus = "PendingManualApproval"
     recipe: dict[str, Any] = field(default_factory=dict)
+    baseline_uri: str | None = None  # the training side's statistics the monitor compares traffic with
 
 
 @dataclass(frozen=True)

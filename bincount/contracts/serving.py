@@ -76,6 +76,31 @@ class EndpointRecord:
         return cls(**{key: value for key, value in data.items() if key != "schema"})
 
 
+@dataclass(frozen=True)
+class CaptureConfig:
+    """Data capture of an endpoint (SageMaker's DataCaptureConfig; the format is in ``bincount/capture.py``).
+
+    ``sampling_percentage`` 0 turns capture off. Records go under
+    ``<artifact_root>/data-capture/<endpoint>/<variant>/yyyy/mm/dd/hh/``.
+    """
+
+    sampling_percentage: int = 0
+    max_inline_bytes: int = 512 * 1024  # bigger request bodies are kept as a thumbnail
+    queue_size: int = 2048  # records waiting for the writer; past it, requests are answered and not captured
+    max_file_bytes: int = 64 * 1024 * 1024  # a file rolls past this size, and every hour
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.sampling_percentage <= 100:
+            raise ValueError(f"sampling_percentage {self.sampling_percentage} must be between 0 and 100")
+
+    @property
+    def enabled(self) -> bool:
+        return self.sampling_percentage > 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 @dataclass
 class BatchTransformSummary:
     """What a batch transform did; plain values only (a Prefect task returns it)."""
@@ -114,9 +139,14 @@ def check_answer(answer: bytes, classes: list[int]) -> int:
 class ServingBackend(Protocol):
     """What the deploy and batch transform tasks need from a place that serves models."""
 
-    def deploy(self, name: str, model_uri: str, model_ref: str | None = None) -> EndpointRecord:
+    def deploy(
+        self, name: str, model_uri: str, model_ref: str | None = None, capture: CaptureConfig | None = None
+    ) -> EndpointRecord:
         """Start ``name`` on ``model_uri`` (registered as ``model_ref``), or replace its model without dropping
-        a request."""
+        a request.
+
+        ``capture`` samples requests and answers into the data-capture prefix (None or 0%: off).
+        """
         ...
 
     def describe(self, name: str) -> EndpointRecord:

@@ -10,6 +10,11 @@ requests already forwarded to the old one finish there. ``GET /router/status`` r
 target and the requests in flight per host, so the deployer stops the old host only once it
 has none left. Forwarding is the only thing a request costs here: bodies are checked against the
 payload limit and passed through unchanged; answers come back as the host gave them.
+
+Data capture (the state file's ``capture``: a :class:`~bincount.contracts.serving.CaptureConfig` and a
+destination) happens here, at the front door: a sampled invocation's body, answer, status and latency
+go to a :class:`~bincount.capture.CaptureWriter` queue after the answer is ready; SIGTERM drains
+the queue into the files. ``/router/status`` reports the writer's counts.
 """
 
 from __future__ import annotations
@@ -17,9 +22,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import datetime as dt
 import json
 import logging
 import signal
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -29,7 +36,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from bincount.capture import CaptureWriter, Exchange
+from bincount.contracts.serving import CaptureConfig
 from bincount.local import httpio
+from bincount.storage import Storage
 
 logger = logging.getLogger("bincount.local.router")
 
@@ -45,8 +55,11 @@ class Router:
         self.state_file = state_file
         self.target: str | None = None
         self.version: str | None = None
+        self.model_ref: str | None = None
         self.inflight: dict[str, int] = {}
         self._clients: dict[str, httpx.AsyncClient] = {}
+        self.capture: CaptureWriter | None = None
+        self._capture_key: str | None = None
 
     def reload(self) -> None:
         """Point at the target named in the state file (switching is atomic: one event loop)."""
@@ -54,7 +67,8 @@ class Router:
         target = state["target"].rstrip("/")
         if target != self.target:
             logger.info("endpoint %s now forwards to %s (model %s)", self.name, target, state.get("version"))
-        self.target, self.version = target, state.get("version")
+        self.target, self.version, self.model_ref = target, state.get("version"), state.get("model_ref")
+        self._configure_capture(state.get("capture"))
         if target not in self._clients:
             # idle connections expire (5 s) long before the host drops them (75 s): no reuse race
             self._clients[target] = httpx.AsyncClient(
@@ -63,6 +77,39 @@ class Router:
                 limits=httpx.Limits(max_connections=256, max_keepalive_connections=64, keepalive_expiry=5.0),
             )
             self.inflight[target] = 0
+
+    def _configure_capture(self, capture: dict | None) -> None:
+        """Start, change or stop the capture writer as the state file says (a changed one drains in the background)."""
+        key = json.dumps(capture, sort_keys=True) if capture else None
+        if key == self._capture_key:
+            return
+        old, self.capture, self._capture_key = self.capture, None, key
+        if capture:
+            config = CaptureConfig(**capture["config"])
+            storage = Storage(s3_endpoint_url=capture.get("s3_endpoint_url"), region=capture.get("region"))
+            self.capture = CaptureWriter(capture["destination"], config, storage)
+            logger.info("capturing %d%% of requests to %s", config.sampling_percentage, capture["destination"])
+        if old is not None:
+            asyncio.get_running_loop().run_in_executor(None, old.close)
+
+    def record(self, body: bytes, headers: dict[str, str], answer: Response, start: float) -> None:
+        """Offer one answered invocation to the capture writer (a dict copy and a queue put: nothing waits)."""
+        writer = self.capture
+        if writer is None or not writer.sampled():
+            return
+        writer.offer(
+            Exchange(
+                body=body,
+                content_type=headers.get("content-type", ""),
+                answer=bytes(answer.body),
+                answer_type=answer.headers.get("content-type", ""),
+                status=answer.status_code,
+                latency_ms=1000 * (time.perf_counter() - start),
+                at=dt.datetime.now(dt.UTC),
+                inference_id=headers.get("x-amzn-sagemaker-inference-id"),
+                model_version=self.model_ref or self.version,
+            )
+        )
 
     async def forget_drained(self) -> None:
         """Close the pools of old hosts with nothing in flight."""
@@ -88,6 +135,8 @@ class Router:
     async def close(self) -> None:
         for client in self._clients.values():
             await client.aclose()
+        if self.capture is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.capture.close)
 
 
 def create_app(name: str, state_file: Path) -> Starlette:
@@ -103,30 +152,49 @@ def create_app(name: str, state_file: Path) -> Starlette:
     def forwarded_headers(request: Request) -> dict[str, str]:
         return {key: request.headers[key] for key in _FORWARDED_HEADERS if key in request.headers}
 
+    def captured_headers(request: Request) -> dict[str, str]:
+        inference_id = request.headers.get("x-amzn-sagemaker-inference-id")
+        return {"x-amzn-sagemaker-inference-id": inference_id} if inference_id else {}
+
     async def invocations(request: Request) -> Response:
+        start = time.perf_counter()
         try:
             body = await httpio.read_body(request)
         except httpio.RequestError as error:
             return httpio.container_error(error.status, error.message)
-        return await router.forward("POST", "/invocations", forwarded_headers(request), body)
+        headers = forwarded_headers(request)
+        answer = await router.forward("POST", "/invocations", headers, body)
+        router.record(body, {**headers, **captured_headers(request)}, answer, start)
+        return answer
 
     async def runtime_invocations(request: Request) -> Response:
         endpoint = request.path_params["endpoint"]
         if endpoint != name:
             return httpio.unknown_endpoint(endpoint, name)
+        start = time.perf_counter()
         try:
             body = await httpio.read_body(request)
         except httpio.RequestError as error:
             return httpio.runtime_error("ValidationError", error.status, error.message)
-        return await router.forward("POST", f"/endpoints/{name}/invocations", forwarded_headers(request), body)
+        headers = forwarded_headers(request)
+        answer = await router.forward("POST", f"/endpoints/{name}/invocations", headers, body)
+        router.record(body, {**headers, **captured_headers(request)}, answer, start)
+        return answer
 
     async def ping(request: Request) -> Response:
         return await router.forward("GET", "/ping", {}, None)
 
     async def status(request: Request) -> Response:
         await router.forget_drained()
+        capture = router.capture.stats.to_dict() if router.capture else None
         return JSONResponse(
-            {"name": name, "target": router.target, "version": router.version, "inflight": router.inflight}
+            {
+                "name": name,
+                "target": router.target,
+                "version": router.version,
+                "inflight": router.inflight,
+                "capture": capture,
+            }
         )
 
     return Starlette(

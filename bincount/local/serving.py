@@ -29,10 +29,12 @@ import httpx
 from botocore import UNSIGNED
 
 from bincount.batch_results import load_labels
+from bincount.capture import capture_prefix
 from bincount.config import Settings
 from bincount.contracts.naming import check_endpoint_name
 from bincount.contracts.serving import (
     BatchTransformSummary,
+    CaptureConfig,
     DeployError,
     EndpointNotFoundError,
     EndpointRecord,
@@ -102,7 +104,10 @@ class LocalServingBackend:
         return self._router_status(record.url, record.name) is not None
 
     # deploy --------------------------------------------------------------------------------
-    def deploy(self, name: str, model_uri: str, model_ref: str | None = None) -> EndpointRecord:
+    def deploy(
+        self, name: str, model_uri: str, model_ref: str | None = None, capture: CaptureConfig | None = None
+    ) -> EndpointRecord:
+        """Blue/green deploy; ``capture`` None keeps the endpoint's current capture setting (off for a new one)."""
         check_endpoint_name(name)
         workdir = self.runtime_root / name
         workdir.mkdir(parents=True, exist_ok=True)
@@ -125,7 +130,19 @@ class LocalServingBackend:
                     f"model {model_uri} (version {version}) did not pass its checks, "
                     f"so endpoint {name!r} was left as it was: {error}"
                 ) from None
-            state = {"target": host_url, "version": version, "model_uri": model_uri}
+            if capture is None:
+                capture = (
+                    CaptureConfig(**current.details["capture"])
+                    if current and current.details.get("capture")
+                    else CaptureConfig()
+                )
+            state = {
+                "target": host_url,
+                "version": version,
+                "model_uri": model_uri,
+                "model_ref": model_ref,
+                "capture": self._capture_state(name, capture),
+            }
             if current is not None and self.is_serving(current):
                 details = self._switch(current, host_proc.pid, state, workdir)
                 url = current.url
@@ -149,10 +166,25 @@ class LocalServingBackend:
                 previous_version=current.version if current else None,
                 model_ref=model_ref,
                 previous_model_ref=current.model_ref if current else None,
-                details=details,
+                details={
+                    **details,
+                    "capture": capture.to_dict() if capture.enabled else None,
+                    "capture_uri": capture_prefix(self.settings.artifact_root, name) if capture.enabled else None,
+                },
             )
             self.records.write(record)
             return record
+
+    def _capture_state(self, name: str, capture: CaptureConfig) -> dict[str, Any] | None:
+        """What the router needs to capture (None: off)."""
+        if not capture.enabled:
+            return None
+        return {
+            "config": capture.to_dict(),
+            "destination": capture_prefix(self.settings.artifact_root, name),
+            "s3_endpoint_url": self.settings.s3_endpoint_url,
+            "region": self.settings.aws_region,
+        }
 
     def _start_host(self, name: str, model_dir: Path, version: str, workdir: Path) -> tuple[subprocess.Popen, str]:
         args = ["--model-dir", str(model_dir), "--name", name, *self.host_options.cli_args()]

@@ -28,11 +28,18 @@ from typing import Any
 from botocore.exceptions import ClientError
 
 from bincount.batch_results import list_inputs, load_labels, write_tables
+from bincount.capture import capture_prefix
 from bincount.code import INFERENCE_ENTRY_POINT, SM_SCRIPTS_DIR, code_hash
 from bincount.config import Settings
-from bincount.contracts.naming import check_endpoint_name, check_name, job_name, short_hash
+from bincount.contracts.naming import (
+    check_endpoint_name,
+    check_name,
+    job_name,
+    short_hash,
+)
 from bincount.contracts.serving import (
     BatchTransformSummary,
+    CaptureConfig,
     DeployError,
     EndpointNotFoundError,
     EndpointRecord,
@@ -42,7 +49,11 @@ from bincount.contracts.serving import (
 )
 from bincount.endpoints import EndpointRecords, now_iso, smoke_image
 from bincount.models import fetch_model
-from bincount.sagemaker.session import SageMakerBackendBase, SageMakerOptions, require_s3
+from bincount.sagemaker.session import (
+    SageMakerBackendBase,
+    SageMakerOptions,
+    require_s3,
+)
 from bincount.sagemaker.waiting import (
     ENDPOINT,
     TRANSFORM_JOB,
@@ -125,11 +136,31 @@ class SageMakerServingBackend(SageMakerBackendBase):
         model_dir, version = fetch_model(self.storage, require_s3(model_uri, "model URI"), self.cache_dir)
         return read_model_info(model_dir), version
 
-    def ensure_endpoint_config(self, endpoint_name: str, model_name: str) -> str:
+    def data_capture_config(self, capture: CaptureConfig) -> dict[str, Any] | None:
+        """SageMaker's DataCaptureConfig: it writes ``<artifact_root>/data-capture/<endpoint>/<variant>/yyyy/mm/dd/hh/``,
+        the layout the local router writes, in the same format (inputs base64, JSON answers as JSON)."""
+        if not capture.enabled:
+            return None
+        if not self.settings.artifact_root.startswith("s3://"):
+            raise DeployError(
+                f"data capture on SageMaker writes to S3, but the artifact root is {self.settings.artifact_root}: "
+                "set BINCOUNT_ARTIFACT_ROOT=s3://<bucket>/<prefix>, or deploy with sampling_percentage=0"
+            )
+        return {
+            "EnableCapture": True,
+            "InitialSamplingPercentage": capture.sampling_percentage,
+            "DestinationS3Uri": self.settings.artifact_uri("data-capture"),
+            "CaptureOptions": [{"CaptureMode": "Input"}, {"CaptureMode": "Output"}],
+            "CaptureContentTypeHeader": {"JsonContentTypes": ["application/json"], "CsvContentTypes": ["text/csv"]},
+        }
+
+    def ensure_endpoint_config(self, endpoint_name: str, model_name: str, capture: CaptureConfig | None = None) -> str:
         count, instance_type = self.options.deploy_instance_count, self.options.deploy_instance_type
-        name = check_name(
-            f"{endpoint_name[:40]}-{short_hash(model_name, instance_type, str(count))}", "endpoint-config"
+        capture_config = self.data_capture_config(capture or CaptureConfig())
+        key = [model_name, instance_type, str(count)] + (
+            [json.dumps(capture_config, sort_keys=True)] if capture_config else []
         )
+        name = check_name(f"{endpoint_name[:40]}-{short_hash(*key)}", "endpoint-config")
         try:
             self.client.describe_endpoint_config(EndpointConfigName=name)
             return name
@@ -137,7 +168,11 @@ class SageMakerServingBackend(SageMakerBackendBase):
             if not is_not_found(error):
                 raise
         self.session.create_endpoint_config(
-            name=name, model_name=model_name, initial_instance_count=count, instance_type=instance_type
+            name=name,
+            model_name=model_name,
+            initial_instance_count=count,
+            instance_type=instance_type,
+            data_capture_config_dict=capture_config,
         )
         return name
 
@@ -155,8 +190,12 @@ class SageMakerServingBackend(SageMakerBackendBase):
         return record
 
     # deploy --------------------------------------------------------------------------------
-    def deploy(self, name: str, model_uri: str, model_ref: str | None = None) -> EndpointRecord:
+    def deploy(
+        self, name: str, model_uri: str, model_ref: str | None = None, capture: CaptureConfig | None = None
+    ) -> EndpointRecord:
         """Create ``name`` on ``model_uri``, or update it to a new endpoint config; smoke-invoke it.
+
+        ``capture`` None keeps the endpoint's recorded capture setting (off for a new endpoint).
 
         Raises:
             DeployError: the endpoint did not come up in time, came up failed or answered badly.
@@ -167,8 +206,14 @@ class SageMakerServingBackend(SageMakerBackendBase):
         check_endpoint_name(name)
         info, version = self._model(model_uri)
         model_name = self.ensure_model(model_uri, version, self.options.deploy_instance_type)
-        config_name = self.ensure_endpoint_config(name, model_name)
         stored = self.records.read(name)
+        if capture is None:
+            capture = (
+                CaptureConfig(**stored.details["capture"])
+                if stored and stored.details.get("capture")
+                else CaptureConfig()
+            )
+        config_name = self.ensure_endpoint_config(name, model_name, capture)
         current = describe_or_none(self.client, ENDPOINT, name)
         if current is not None and current["EndpointStatus"] not in ENDPOINT.final:
             logger.info("endpoint %s is %s (another deploy?): waiting for it first", name, current["EndpointStatus"])
@@ -253,6 +298,8 @@ class SageMakerServingBackend(SageMakerBackendBase):
                 "model_name": model_name,
                 "instance_type": self.options.deploy_instance_type,
                 "instance_count": self.options.deploy_instance_count,
+                "capture": capture.to_dict() if capture.enabled else None,
+                "capture_uri": capture_prefix(self.settings.artifact_root, name) if capture.enabled else None,
             },
         )
         self.records.write(record)

@@ -1,0 +1,288 @@
+"""Data capture: a local endpoint under concurrent load at 100%, a writer that hangs, rolling, and bad capture files."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import io
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from bincount.capture import (
+    EVENT_VERSION,
+    CaptureWriter,
+    Exchange,
+    capture_prefix,
+    read_capture,
+)
+from bincount.config import Settings
+from bincount.contracts.serving import CaptureConfig, EndpointRecord
+from bincount.demo_data import jpeg_bytes, render_bin_image
+from bincount.local.host import HostOptions
+from bincount.local.serving import LocalServingBackend, runtime_client
+from bincount.models import write_untrained_model_dir
+from bincount.monitoring import DriftThresholds, monitor_window
+from bincount.storage import Storage
+
+NAME = "captured"
+
+
+@pytest.fixture(scope="module")
+def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    return Settings.load(artifact_root=str(tmp_path_factory.mktemp("artifacts")))
+
+
+@pytest.fixture(scope="module")
+def endpoint(
+    settings: Settings, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[LocalServingBackend, EndpointRecord]]:
+    model = write_untrained_model_dir(tmp_path_factory.mktemp("model") / "m", "resnet18", 32, seed=1)
+    backend = LocalServingBackend(settings, host_options=HostOptions(max_batch_size=8, max_wait_ms=5, threads=1))
+    record = backend.deploy(NAME, model.as_uri(), "captured:1", capture=CaptureConfig(sampling_percentage=100))
+    yield backend, record
+    if backend.records.read(NAME) is not None:
+        backend.delete(NAME)
+
+
+def photos(n: int, size: int = 48) -> list[bytes]:
+    rng = np.random.default_rng(0)
+    return [jpeg_bytes(render_bin_image(1 + i % 5, rng, size=size)) for i in range(n)]
+
+
+def test_every_answered_request_has_exactly_one_record_at_100_percent(
+    settings: Settings, endpoint: tuple[LocalServingBackend, EndpointRecord]
+) -> None:
+    backend, record = endpoint
+    assert record.details["capture"]["sampling_percentage"] == 100
+    client = runtime_client(record.url, max_attempts=1)
+    images = photos(10)
+    answered: dict[str, bytes] = {}
+    lock = threading.Lock()
+
+    def send(i: int) -> None:
+        answer = client.invoke_endpoint(
+            EndpointName=NAME, Body=images[i % len(images)], ContentType="image/jpeg", InferenceId=f"id-{i:04d}"
+        )
+        body = answer["Body"].read()
+        with lock:
+            answered[f"id-{i:04d}"] = body
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(send, range(160)))
+    status = backend._router_status(record.url, NAME)
+    assert status is not None and status["capture"]["dropped"] == 0, status
+    backend.delete(NAME)  # SIGTERM: the router writes everything queued before it exits
+
+    read = read_capture(Storage(), capture_prefix(settings.artifact_root, NAME))
+    assert read.problems == []
+    ids = [item["eventMetadata"]["inferenceId"] for item in read.records]
+    assert sorted(ids) == sorted(answered), "exactly one record per answered request"
+    for item in read.records:
+        data = item["captureData"]
+        assert data["endpointInput"]["observedContentType"] == "image/jpeg" and data["endpointInput"]["mode"] == "INPUT"
+        assert base64.b64decode(data["endpointInput"]["data"]) in images
+        assert json.loads(data["endpointOutput"]["data"]) == json.loads(answered[item["eventMetadata"]["inferenceId"]])
+        assert (
+            item["eventMetadata"]["bincount"]["status"] == 200
+            and item["eventMetadata"]["bincount"]["modelVersion"] == "captured:1"
+        )
+        assert item["eventVersion"] == EVENT_VERSION
+    files = list(
+        Path(settings.artifact_root.removeprefix("file://"), "data-capture", NAME, "AllTraffic").rglob("*.jsonl")
+    )
+    assert files and all(len(path.relative_to(files[0].parents[4]).parts) == 5 for path in files), files
+
+
+@pytest.fixture
+def hung_s3() -> Iterator[str]:
+    """An address that accepts connections and never answers: an S3 that hangs."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(64)
+    accepted: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                accepted.append(server.accept()[0])
+            except TimeoutError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    stop.set()
+    thread.join()
+    for connection in accepted:
+        connection.close()
+    server.close()
+
+
+def test_a_hung_writer_fails_no_request_and_drops_are_counted(
+    tmp_path: Path, hung_s3: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """The real router app, forwarding to a real host, capturing into an S3 that never answers."""
+    model = write_untrained_model_dir(tmp_path_factory.mktemp("model2") / "m", "resnet18", 32, seed=2)
+    backend = LocalServingBackend(
+        Settings.load(artifact_root=str(tmp_path / "artifacts")), host_options=HostOptions(threads=1)
+    )
+    record = backend.deploy("plain", model.as_uri())
+    try:
+        config = CaptureConfig(sampling_percentage=100, queue_size=4, max_file_bytes=1)  # every record rolls: an upload
+        state = tmp_path / "router.json"
+        state.write_text(
+            json.dumps(
+                {
+                    "target": record.details["host_url"],
+                    "version": record.version,
+                    "capture": {
+                        "config": config.to_dict(),
+                        "destination": "s3://hung/data-capture/plain/AllTraffic",
+                        "s3_endpoint_url": hung_s3,
+                    },
+                }
+            )
+        )
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(64)
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        front = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "bincount.local.router",
+                "--name",
+                "plain",
+                "--state-file",
+                str(state),
+                "--fd",
+                str(sock.fileno()),
+                "--graceful-timeout",
+                "5",
+            ],
+            pass_fds=[sock.fileno()],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        sock.close()
+        try:
+            client = runtime_client(url, max_attempts=1)
+            image = photos(1)[0]
+            deadline = time.monotonic() + 30
+            while backend._router_status(url, "plain") is None:
+                assert time.monotonic() < deadline and front.poll() is None, "the router did not start"
+                time.sleep(0.1)
+            started = time.perf_counter()
+            for _ in range(30):
+                answer = client.invoke_endpoint(EndpointName="plain", Body=image, ContentType="image/jpeg")
+                assert json.loads(answer["Body"].read())["predictions"][0]["predicted_count"] in (1, 2, 3, 4, 5)
+            elapsed = time.perf_counter() - started
+            status = backend._router_status(url, "plain")["capture"]
+        finally:
+            front.kill()
+            front.wait()
+        assert elapsed < 30, f"requests waited for the writer: {elapsed:.1f} s"
+        assert status["offered"] == 30 and status["dropped"] >= 30 - 4 - 2, status
+    finally:
+        backend.delete("plain")
+
+
+def exchange(at: dt.datetime, body: bytes = b"\xff\xd8abc", inference_id: str | None = None) -> Exchange:
+    answer = b'{"predictions": [{"predicted_count": 2, "probabilities": {"1": 0, "2": 1, "3": 0, "4": 0, "5": 0}}]}'
+    return Exchange(body, "image/jpeg", answer, "application/json", 200, 3.0, at, inference_id, "g:1")
+
+
+def test_files_roll_by_hour_and_size_and_big_images_become_thumbnails(tmp_path: Path) -> None:
+    prefix = (tmp_path / "capture").as_uri()
+    big = jpeg_bytes(render_bin_image(3, np.random.default_rng(1), size=600), quality=95)
+    writer = CaptureWriter(
+        prefix, CaptureConfig(sampling_percentage=100, max_inline_bytes=20_000, max_file_bytes=3000), Storage()
+    )
+    base = dt.datetime(2026, 11, 30, 9, 59, 58, tzinfo=dt.UTC)
+    writer.offer(exchange(base, big, "big"))
+    for second in range(8):
+        writer.offer(exchange(base + dt.timedelta(seconds=second), inference_id=f"s{second}"))
+    writer.close()
+    assert writer.stats.captured == 9 and writer.stats.dropped == 0
+    hours = sorted(path.relative_to(tmp_path / "capture").parts[:4] for path in (tmp_path / "capture").rglob("*.jsonl"))
+    assert {hour[3] for hour in hours} == {"09", "10"}
+    assert len(hours) > 2, "the size bound rolled files too"
+    read = read_capture(Storage(), prefix)
+    assert len(read.records) == 9 and read.problems == []
+    (thumb,) = [r for r in read.records if r["eventMetadata"].get("inferenceId") == "big"]
+    assert thumb["eventMetadata"]["bincount"]["input"] == "thumbnail"
+    image = Image.open(io.BytesIO(base64.b64decode(thumb["captureData"]["endpointInput"]["data"])))
+    assert max(image.size) <= 256 and image.format == "JPEG"
+    later = read_capture(Storage(), prefix, after=read.records[4]["eventMetadata"]["inferenceTime"])
+    assert [r["eventMetadata"]["inferenceId"] for r in later.records] == [
+        r["eventMetadata"]["inferenceId"] for r in read.records[5:]
+    ]
+
+
+def test_bad_capture_files_are_listed_and_skipped(tmp_path: Path) -> None:
+    prefix = (tmp_path / "capture").as_uri()
+    writer = CaptureWriter(prefix, CaptureConfig(sampling_percentage=100), Storage())
+    at = dt.datetime(2026, 11, 30, 10, 0, 0, tzinfo=dt.UTC)
+    for second in range(3):
+        writer.offer(exchange(at + dt.timedelta(seconds=second), inference_id=f"ok{second}"))
+    writer.close()
+    (path,) = (tmp_path / "capture").rglob("*.jsonl")
+    path.write_bytes(path.read_bytes() + b'{"captureData": {"endpointInput"')  # cut short
+    newer = json.loads(path.read_text().splitlines()[0])
+    newer["eventVersion"] = "7"
+    (path.parent / "newer.jsonl").write_text(json.dumps(newer) + "\n")
+    (tmp_path / "capture" / "README.txt").write_text("not capture")
+    read = read_capture(Storage(), prefix)
+    assert [r["eventMetadata"]["inferenceId"] for r in read.records] == ["ok0", "ok1", "ok2"]
+    problems = "\n".join(read.problems)
+    assert "line 4: not a capture record (the last line" in problems
+    assert "eventVersion 7 is newer" in problems
+    assert "README.txt: not a capture file" in problems
+
+
+def test_records_as_sagemaker_writes_them_are_read_and_monitored(tmp_path: Path) -> None:
+    """SageMaker's own capture lines (no bincount metadata, seconds only) go through the same reader and monitor."""
+    image = photos(1)[0]
+    line = {
+        "captureData": {
+            "endpointInput": {
+                "observedContentType": "image/jpeg",
+                "mode": "INPUT",
+                "data": base64.b64encode(image).decode(),
+                "encoding": "BASE64",
+            },
+            "endpointOutput": {
+                "observedContentType": "application/json",
+                "mode": "OUTPUT",
+                "encoding": "JSON",
+                "data": '{"predictions": [{"predicted_count": 4, "probabilities": {"4": 1.0}}]}',
+            },
+        },
+        "eventMetadata": {
+            "eventId": "b7d5d7e2-0000-4000-8000-000000000000",
+            "inferenceId": "00042",
+            "inferenceTime": "2026-11-30T21:04:05Z",
+        },
+        "eventVersion": "0",
+    }
+    folder = tmp_path / "ep" / "AllTraffic" / "2026" / "11" / "30" / "21"
+    folder.mkdir(parents=True)
+    (folder / "04-05-000-abc.jsonl").write_text(json.dumps(line) + "\n")
+    read = read_capture(Storage(), (tmp_path / "ep" / "AllTraffic").as_uri())
+    assert len(read.records) == 1 and read.problems == []
+    report = monitor_window("ep", read.records, None, DriftThresholds(), {"00042": 4})
+    assert report.verdict == "no-baseline" and report.predicted_shares["4"] == 1.0 and report.accuracy == 1.0

@@ -42,9 +42,10 @@ def main(args: argparse.Namespace) -> None:
             "on": backend.deploy("bench-on", model_dir.as_uri(), capture=CaptureConfig(sampling_percentage=100)),
         }
         print(
-            f"{args.arch} at {args.image_size} px, photo {len(photo)} bytes, {args.clients} clients, load {os.getloadavg()[0]:.1f}"
+            f"{args.arch} at {args.image_size} px, photo {len(photo)} bytes, {args.clients} clients, load "
+            f"{os.getloadavg()[0]:.1f}"
         )
-        for label, record in endpoints.items():
+        for record in endpoints.values():
             load(record.url, photo, 2, 2.0, record.name)  # warm up
         results: dict[str, list[dict[str, float]]] = {"off": [], "on": []}
         for round_number in range(args.rounds):
@@ -53,7 +54,8 @@ def main(args: argparse.Namespace) -> None:
                 result = load(record.url, photo, args.clients, args.seconds, record.name)
                 results[label].append(result)
                 print(
-                    f"round {round_number + 1} capture {label:>3}: {result['req_s']:6.1f} req/s  p50 {result['p50_ms']:6.0f} ms  "
+                    f"round {round_number + 1} capture {label:>3}: {result['req_s']:6.1f} req/s  p50 "
+                    f"{result['p50_ms']:6.0f} ms  "
                     f"p99 {result['p99_ms']:6.0f} ms  errors {result['errors']}",
                     flush=True,
                 )

@@ -288,7 +288,8 @@ def read_capture(storage: Storage, prefix_uri: str, after: str | None = None) ->
                 continue
             if version != EVENT_VERSION:
                 result.problems.append(
-                    f"{relative} line {number}: eventVersion {version} is newer than this reader's ({EVENT_VERSION}): skipped"
+                    f"{relative} line {number}: eventVersion {version} is newer than this reader's "
+                    f"({EVENT_VERSION}): skipped"
                 )
                 continue
             if after is None or time > after:

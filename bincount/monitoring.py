@@ -123,7 +123,7 @@ def compute_baseline(storage: Storage, split_uri: str, model_uri: str, sample: i
 
 
 def store_baseline(storage: Storage, baseline_uri: str, split_uri: str, model_uri: str) -> str:
-    """Compute the baseline of a model trained on ``split_uri`` and store it at ``baseline_uri`` (once); return the URI."""
+    """Compute the baseline of a model trained on ``split_uri``, store it at ``baseline_uri`` (once); return the URI."""
     if not storage.exists(baseline_uri):
         storage.write_bytes(baseline_uri, compute_baseline(storage, split_uri, model_uri).to_json())
     return baseline_uri
@@ -259,6 +259,36 @@ def monitor_window(
     if not records:
         report.verdict, report.message = "no-traffic", "no captured requests since the last run: nothing to compare"
         return report
+    ok = _traffic(report, records, thresholds)
+    predictions = {i: p for i, r in enumerate(ok) if (p := _prediction(r)) is not None}
+    counted = Counter(predictions.values())
+    report.predicted_shares = {str(c): counted.get(c, 0) / max(len(predictions), 1) for c in CLASSES}
+    if labels:
+        _live_quality(report, ok, predictions, labels)
+    if baseline is None:
+        report.verdict = "no-baseline"
+        report.message = (
+            f"no baseline stored for model {model_version or '?'} (registered before baselines existed): "
+            "traffic figures only"
+        )
+        return report
+    if len(predictions) < thresholds.min_requests:
+        report.verdict = "no-traffic"
+        report.message = (
+            f"{len(predictions)} answered requests, fewer than min_requests={thresholds.min_requests}: no verdict"
+        )
+        return report
+    _count_drift(report, baseline, counted, thresholds)
+    _feature_drift(report, ok, baseline, thresholds)
+    if report.drifted:
+        report.verdict, report.message = "drift", "drift in " + "; ".join(report.drifted)
+    else:
+        report.message = f"{len(records)} requests, no drift (PSI {report.psi:.3f})"
+    return report
+
+
+def _traffic(report: MonitorReport, records: list[dict[str, Any]], thresholds: DriftThresholds) -> list[dict[str, Any]]:
+    """Window, error rate and latency percentiles into ``report``; returns the records answered without error."""
     report.window_start = records[0]["eventMetadata"]["inferenceTime"]
     report.window_end = records[-1]["eventMetadata"]["inferenceTime"]
     statuses = [int(r["eventMetadata"].get("bincount", {}).get("status", 200)) for r in records]
@@ -272,41 +302,43 @@ def monitor_window(
     ]
     if latencies:
         report.latency_ms = {f"p{q}": float(np.percentile(latencies, q)) for q in (50, 90, 99)}
-    ok = [r for r, status in zip(records, statuses) if status < 400]
-    predictions = {i: p for i, r in enumerate(ok) if (p := _prediction(r)) is not None}
-    counted = Counter(predictions.values())
-    report.predicted_shares = {str(c): counted.get(c, 0) / max(len(predictions), 1) for c in CLASSES}
-    if labels:
-        pairs = [
-            (labels[r["eventMetadata"]["inferenceId"]], predictions[i])
-            for i, r in enumerate(ok)
-            if i in predictions and r["eventMetadata"].get("inferenceId") in labels
-        ]
-        if pairs:
-            truth, predicted = np.array(pairs).T
-            report.labelled = len(pairs)
-            report.accuracy = float((truth == predicted).mean())
-            report.rmse = float(np.sqrt(((truth - predicted) ** 2).mean()))
-    if baseline is None:
-        report.verdict = "no-baseline"
-        report.message = f"no baseline stored for model {model_version or '?'} (registered before baselines existed): traffic figures only"
-        return report
-    if len(predictions) < thresholds.min_requests:
-        report.verdict = "no-traffic"
-        report.message = (
-            f"{len(predictions)} answered requests, fewer than min_requests={thresholds.min_requests}: no verdict"
-        )
-        return report
+    return [r for r, status in zip(records, statuses, strict=True) if status < 400]
+
+
+def _live_quality(
+    report: MonitorReport, ok: list[dict[str, Any]], predictions: dict[int, int], labels: dict[str, int]
+) -> None:
+    """Live accuracy and RMSE over the answered requests whose id has a label."""
+    pairs = [
+        (labels[r["eventMetadata"]["inferenceId"]], predictions[i])
+        for i, r in enumerate(ok)
+        if i in predictions and r["eventMetadata"].get("inferenceId") in labels
+    ]
+    if pairs:
+        truth, predicted = np.array(pairs).T
+        report.labelled = len(pairs)
+        report.accuracy = float((truth == predicted).mean())
+        report.rmse = float(np.sqrt(((truth - predicted) ** 2).mean()))
+
+
+def _count_drift(report: MonitorReport, baseline: Baseline, counted: Counter, thresholds: DriftThresholds) -> None:
+    """PSI and a chi-square test of the predicted counts against the baseline's; both must agree to call drift."""
     report.baseline_shares = baseline.predicted_shares
     reference = np.array([baseline.predicted_shares[str(c)] * baseline.images for c in CLASSES])
     observed = np.array([counted.get(c, 0) for c in CLASSES], dtype=float)
-    smoothed = {str(c): share for c, share in zip(CLASSES, _smoothed_shares(reference))}
-    report.psi = psi(smoothed, dict(zip(report.predicted_shares, _smoothed_shares(observed))))
+    smoothed = {str(c): share for c, share in zip(CLASSES, _smoothed_shares(reference), strict=True)}
+    report.psi = psi(smoothed, dict(zip(report.predicted_shares, _smoothed_shares(observed), strict=True)))
     table = np.vstack([reference, observed])
     table = table[:, table.sum(axis=0) > 0]  # a class neither side predicted says nothing
     report.chi2_p = float(stats.chi2_contingency(table).pvalue) if table.shape[1] > 1 else 1.0
     if report.psi > thresholds.psi and report.chi2_p < thresholds.chi2_alpha:
         report.drifted.append(f"predicted counts (PSI {report.psi:.2f}, chi-square p {report.chi2_p:.1e})")
+
+
+def _feature_drift(
+    report: MonitorReport, ok: list[dict[str, Any]], baseline: Baseline, thresholds: DriftThresholds
+) -> None:
+    """A KS test of each input statistic against the baseline's."""
     live: dict[str, list[float]] = {name: [] for name in FEATURES}
     for record, data in iter_sampled_images(ok):
         if record["eventMetadata"].get("bincount", {}).get("input", "inline") != "inline":
@@ -334,11 +366,6 @@ def monitor_window(
         )
         if drift:
             report.drifted.append(f"{name} (KS {result.statistic:.2f}, p {result.pvalue:.1e})")
-    if report.drifted:
-        report.verdict, report.message = "drift", "drift in " + "; ".join(report.drifted)
-    else:
-        report.message = f"{len(records)} requests, no drift (PSI {report.psi:.3f})"
-    return report
 
 
 def monitoring_uri(artifact_root: str, endpoint: str, *parts: str) -> str:

@@ -57,12 +57,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--bucket", help="S3 bucket for flow results (required with --aws)")
     parser.add_argument("--region", help="AWS region of the bucket (default: the default chain's)")
     parser.add_argument("--automations", action="store_true", help="create the automations (after `prefect deploy`)")
-    parser.add_argument("--notify-url", help="webhook that failure and missed-run notifications POST to (default: none)")
+    parser.add_argument(
+        "--notify-url", help="webhook that failure and missed-run notifications POST to (default: none)"
+    )
     parser.add_argument(
         "--retune-on-drift", action="store_true", help="drift starts a nightly run that tunes again (default: off)"
     )
     parser.add_argument(
-        "--nightly-missed-after-h", type=float, default=26.0, help="notify when no nightly completed within (default: 26)"
+        "--nightly-missed-after-h",
+        type=float,
+        default=26.0,
+        help="notify when no nightly completed within (default: 26)",
     )
     args = parser.parse_args(argv)
     if args.aws and not args.bucket:

@@ -1,8 +1,9 @@
 """Tasks: monitor one endpoint's captured traffic against its model's baseline; publish the verdict and emit it.
 
 Events: ``bincount.monitor.drift-detected`` or ``bincount.monitor.ok`` (and ``bincount.monitor.inconclusive``
-with no traffic or no baseline), plus ``bincount.monitor.error-rate-high`` past ``max_error_rate``, about the endpoint, with the model version as a related resource; the
-payload carries the figures (error rate, PSI, drifted features, live accuracy) automations can filter on.
+with no traffic or no baseline), plus ``bincount.monitor.error-rate-high`` past ``max_error_rate``, about the
+endpoint, with the model version as a related resource; the payload carries the figures (error rate, PSI, drifted
+features, live accuracy) automations can filter on.
 """
 
 from __future__ import annotations

@@ -29,6 +29,12 @@ from tasks.retry import is_transient
 ModelEvent = Literal["registered", "approved", "rejected", "promoted", "archived", "rolled-back"]
 
 
+def run_page() -> str | None:
+    """This flow run's page in the UI; None where no UI address is known (a temporary server)."""
+    url = flow_run.ui_url
+    return url if url and url.startswith("http") else None
+
+
 def registry_artifact_key(group: str) -> str:
     return f"model-registry-{group.lower()}"
 
@@ -97,7 +103,7 @@ def register_model_task(
         hyperparameters=hyperparameters,
         training_job=training_job,
         flow_run_id=str(flow_run.id) if flow_run.id else None,
-        flow_run_url=flow_run.ui_url,
+        flow_run_url=run_page(),
         created_by=f"flow run {flow_run.name}" if flow_run.name else "bincount",
         recipe=recipe,
         baseline_uri=store_baseline(

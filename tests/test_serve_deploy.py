@@ -10,10 +10,14 @@ import pytest
 from prefect import flow
 from prefect.artifacts import Artifact
 
+from bincount.code import code_hash
 from bincount.config import Settings
+from bincount.contracts.registry import DatasetRef, ModelMetrics, ModelVersionSpec
 from bincount.contracts.serving import EndpointNotFoundError, EndpointRecord
+from bincount.factory import get_model_registry
 from bincount.local.serving import LocalServingBackend
 from bincount.models import write_untrained_model_dir
+from bincount.storage import file_digest, local_path
 from tasks.deploy import deploy_model, endpoint_artifact_key
 
 
@@ -21,7 +25,20 @@ from tasks.deploy import deploy_model, endpoint_artifact_key
 def deploy_flow(
     artifact_root: str, endpoint_name: str, model_uri: str, sample_image_uri: str | None = None
 ) -> EndpointRecord:
-    return deploy_model(Settings.load(artifact_root=artifact_root), endpoint_name, model_uri, sample_image_uri)
+    """Register ``model_uri`` as a version of the endpoint's group, then deploy and check it, as the pipeline does."""
+    settings = Settings.load(artifact_root=artifact_root)
+    metrics = ModelMetrics(accuracy=0.5, rmse=1.0, within_one_accuracy=0.8, per_class_accuracy={"1": 0.5})
+    spec = ModelVersionSpec(
+        model_uri=model_uri,
+        model_sha256=file_digest(local_path(model_uri) / "model.pt"),
+        metrics=metrics,
+        dataset=DatasetRef("file:///split.csv", "0" * 64, {"test": 1}),
+        code_hash=code_hash(),
+        hyperparameters={},
+        training_job="test",
+    )
+    version = get_model_registry(settings).register(endpoint_name, spec)
+    return deploy_model(settings, endpoint_name, version, sample_image_uri)
 
 
 @pytest.fixture(scope="module")

@@ -139,6 +139,16 @@ class Router:
             await asyncio.get_running_loop().run_in_executor(None, self.capture.close)
 
 
+def forwarded_headers(request: Request) -> dict[str, str]:
+    return {key: request.headers[key] for key in _FORWARDED_HEADERS if key in request.headers}
+
+
+def captured_headers(request: Request) -> dict[str, str]:
+    """The inference id a client sent (SageMaker's ``InferenceId``): capture keeps it for live accuracy."""
+    inference_id = request.headers.get("x-amzn-sagemaker-inference-id")
+    return {"x-amzn-sagemaker-inference-id": inference_id} if inference_id else {}
+
+
 def create_app(name: str, state_file: Path) -> Starlette:
     router = Router(name, state_file)
 
@@ -148,13 +158,6 @@ def create_app(name: str, state_file: Path) -> Starlette:
         asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, router.reload)
         yield
         await router.close()
-
-    def forwarded_headers(request: Request) -> dict[str, str]:
-        return {key: request.headers[key] for key in _FORWARDED_HEADERS if key in request.headers}
-
-    def captured_headers(request: Request) -> dict[str, str]:
-        inference_id = request.headers.get("x-amzn-sagemaker-inference-id")
-        return {"x-amzn-sagemaker-inference-id": inference_id} if inference_id else {}
 
     async def invocations(request: Request) -> Response:
         start = time.perf_counter()

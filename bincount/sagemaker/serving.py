@@ -80,6 +80,12 @@ def smoke_request(image_size: int) -> bytes:
     return json.dumps({"image": base64.b64encode(smoke_image(image_size)).decode()}).encode()
 
 
+def recorded_capture(record: EndpointRecord | None) -> CaptureConfig:
+    """The capture setting an endpoint was last deployed with (off for a new one)."""
+    recorded = record.details.get("capture") if record else None
+    return CaptureConfig(**recorded) if recorded else CaptureConfig()
+
+
 class SageMakerServingBackend(SageMakerBackendBase):
     """Endpoints and batch transforms on SageMaker, behind :class:`bincount.contracts.serving.ServingBackend`.
 
@@ -137,8 +143,9 @@ class SageMakerServingBackend(SageMakerBackendBase):
         return read_model_info(model_dir), version
 
     def data_capture_config(self, capture: CaptureConfig) -> dict[str, Any] | None:
-        """SageMaker's DataCaptureConfig: it writes ``<artifact_root>/data-capture/<endpoint>/<variant>/yyyy/mm/dd/hh/``,
-        the layout the local router writes, in the same format (inputs base64, JSON answers as JSON)."""
+        """SageMaker's DataCaptureConfig: it writes
+        ``<artifact_root>/data-capture/<endpoint>/<variant>/yyyy/mm/dd/hh/``, the layout the local router writes,
+        in the same format (inputs base64, JSON answers as JSON)."""
         if not capture.enabled:
             return None
         if not self.settings.artifact_root.startswith("s3://"):
@@ -207,12 +214,7 @@ class SageMakerServingBackend(SageMakerBackendBase):
         info, version = self._model(model_uri)
         model_name = self.ensure_model(model_uri, version, self.options.deploy_instance_type)
         stored = self.records.read(name)
-        if capture is None:
-            capture = (
-                CaptureConfig(**stored.details["capture"])
-                if stored and stored.details.get("capture")
-                else CaptureConfig()
-            )
+        capture = capture or recorded_capture(stored)
         config_name = self.ensure_endpoint_config(name, model_name, capture)
         current = describe_or_none(self.client, ENDPOINT, name)
         if current is not None and current["EndpointStatus"] not in ENDPOINT.final:

@@ -1,0 +1,62 @@
+"""The run summary artifact on a real Prefect server: stages, links to subflows and their artifacts, failures."""
+
+from __future__ import annotations
+
+import pytest
+from prefect import flow, get_client, task
+from prefect.artifacts import create_markdown_artifact
+
+from tasks.summary import run_summary, summary_key
+
+
+@task(name="count-items")
+def count_items(n: int) -> int:
+    create_markdown_artifact(key="item-count", markdown=f"{n} items")
+    return n
+
+
+@flow(name="count-subflow")
+def count_subflow(n: int) -> int:
+    return count_items(n)
+
+
+def figures(result: int) -> dict[str, float | int]:
+    return {"items": result, "share": result / 3}
+
+
+SUMMARY = run_summary(figures)
+
+
+@flow(name="summary-demo", on_completion=[SUMMARY], on_failure=[SUMMARY])
+def summary_demo(n: int) -> int:
+    if n < 0:
+        raise ValueError("n must not be negative")
+    return count_subflow(n) + count_items(n)
+
+
+def latest(key: str) -> str:
+    with get_client(sync_client=True) as client:
+        artifact = client.read_latest_artifacts(limit=50)
+    found = [a for a in artifact if a.key == key]
+    assert found, f"no artifact {key}"
+    return str(found[0].data)
+
+
+def test_summary_lists_stages_figures_and_subflow_artifacts_and_failures(prefect_server: None) -> None:
+    state = summary_demo(2, return_state=True)
+    with get_client(sync_client=True) as client:
+        own = client.read_artifacts()
+    summary = [a for a in own if a.key == summary_key("summary-demo") and a.flow_run_id == state.state_details.flow_run_id]
+    assert len(summary) == 1, "one summary, on the top-level run's own page (none on the subflow)"
+    text = str(summary[0].data)
+    assert "| items | 4 |" in text and "| share | 1.33 |" in text, text
+    assert "count-subflow (" in text and "/runs/flow-run/" in text and "[item-count](" in text, text
+    assert "| count-items | Completed |" in text and text.count("[item-count](") == 2, text
+
+    with pytest.raises(ValueError):
+        summary_demo(-1)
+    failed = latest(summary_key("summary-demo"))
+    assert "Failed" in failed and "n must not be negative" in failed, failed
+    with get_client(sync_client=True) as client:
+        history = [a for a in client.read_artifacts() if a.key == summary_key("summary-demo")]
+    assert len(history) == 2, "the stable key keeps every run's summary"

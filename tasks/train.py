@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -52,11 +52,21 @@ def training_slot() -> Iterator[None]:
         yield
 
 
+CHATTER = re.compile(
+    r"^\[[^]]{0,60} (?:INFO|DEBUG) [\w.]+:\d+\]"  # smdebug's own INFO lines
+    r"|^[A-Z]+:?\d{4}[-\d]* [\d:.]+ \d+:\d+ \w+\.cpp:\d+\]"  # kineto (torch.profiler): USDT profiler_start, gpuGetDeviceCount
+    r"|^\[[WI]\d{4} [^]]*\.cpp:\d+\]"  # c10 warnings (CPUAllocator: memory allocated before profiling started)
+    r"|UserWarning: Warning: Profiler clears events|^\s+_warn_once\("
+)
+"""A job's log lines that are its tools' chatter, not its story: logged at DEBUG."""
+
+
 def log_line(logger: logging.LoggerAdapter | logging.Logger):
-    """A sink for a job's log: its lines at INFO, smdebug's chatter at DEBUG."""
+    """A sink for a job's log: its lines at INFO, the tools' chatter (:data:`CHATTER`) at DEBUG, blank lines dropped."""
 
     def sink(line: str) -> None:
-        logger.log(logging.DEBUG if " INFO hook.py" in line or " INFO " in line[:40] else logging.INFO, line)
+        if line.strip():
+            logger.log(logging.DEBUG if CHATTER.search(line) else logging.INFO, line)
 
     return sink
 

@@ -28,6 +28,8 @@ from prefect.client.schemas.sorting import TaskRunSort
 from prefect.logging import get_logger
 from prefect.settings import get_current_settings
 
+from tasks.artifacts import markdown_table
+
 Figures = Callable[[Any], dict[str, Any]]
 """What a flow's result says in a line each: label -> value (numbers are shown with 3 significant digits)."""
 
@@ -36,15 +38,6 @@ logger = get_logger("bincount.summary")
 
 def summary_key(flow_name: str) -> str:
     return f"summary-{flow_name.lower()}"
-
-
-def show(value: Any) -> str:
-    """A figure for people: floats to 3 significant digits, nothing as '-'."""
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.3g}"
-    return str(value)
 
 
 def ui_link(text: str, path: str) -> str:
@@ -115,7 +108,7 @@ def summary_markdown(flow: Flow, flow_run: FlowRun, state: State, figures: dict[
     verdict = state.name if state.is_completed() else f"{state.name}: {state.message or 'no message'}"
     lines = [f"### {flow.name} `{flow_run.name}`: {verdict}", ""]
     if figures:
-        lines += ["| key figure | value |", "|---|---|", *(f"| {label} | {show(value)} |" for label, value in figures.items()), ""]
+        lines += [markdown_table(["key figure", "value"], list(figures.items()))]
     lines += ["| stage | state | duration | artifacts |", "|---|---|---|---|", *stages]
     return "\n".join(lines) + "\n"
 

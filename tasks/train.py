@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from prefect import get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
@@ -22,7 +22,7 @@ from bincount.factory import get_training_backend
 from bincount.models import read_from_archive
 from bincount.plots import training_curves
 from bincount.storage import storage_for
-from tasks.artifacts import publish_plot
+from tasks.artifacts import markdown_table, publish_plot
 from tasks.caching import TRAINING_JOB_CACHE
 from tasks.retry import is_transient
 
@@ -105,10 +105,13 @@ def check_debugger_rules_task(settings: Settings, job: TrainingJob) -> list[Rule
         level = logging.WARNING if result.status in ("fired", "error") else logging.INFO
         logger.log(level, "%s %s: %s", result.rule, result.status, result.evidence)
     fired, errors = (sum(r.status == status for r in results) for status in ("fired", "error"))
-    create_table_artifact(
+    verdicts = {"fired": "⚠️ **FIRED**", "error": "❌ **could not run**", "passed": "✅ passed", "not_evaluated": "not evaluated"}
+    summary = f"{fired} fired" + (f", {errors} could not run" if errors else "")
+    create_markdown_artifact(
         key="debugger-rules",
-        table=[result.to_dict() for result in results],
-        description=f"Debugger rules on {job.name}: {fired} fired" + (f", {errors} could not run" if errors else ""),
+        markdown=f"### Debugger rules on {job.name}: {summary}\n\n"
+        + markdown_table(["rule", "verdict", "evidence"], [[r.rule, verdicts[r.status], r.evidence] for r in results]),
+        description=f"Debugger rules on {job.name}: {summary}",
     )
     return results
 

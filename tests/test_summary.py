@@ -6,6 +6,7 @@ import pytest
 from prefect import flow, get_client, task
 from prefect.artifacts import create_markdown_artifact
 
+from tasks.artifacts import markdown_table
 from tasks.summary import run_summary, summary_key
 
 
@@ -60,3 +61,8 @@ def test_summary_lists_stages_figures_and_subflow_artifacts_and_failures(prefect
     with get_client(sync_client=True) as client:
         history = [a for a in client.read_artifacts() if a.key == summary_key("summary-demo")]
     assert len(history) == 2, "the stable key keeps every run's summary"
+
+
+def test_tables_show_numbers_for_people_and_keep_their_shape() -> None:
+    table = markdown_table(["lr", "failure"], [[0.012345678912345678, "exit 1 | see log\nline two"], [None, 3]])
+    assert table.splitlines()[2] == "| 0.0123 | exit 1 \\| see log line two |" and "| - | 3 |" in table

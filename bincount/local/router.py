@@ -6,7 +6,8 @@ A local endpoint is this router plus one model host process (two during a redepl
 owns the endpoint's URL, so clients never see a host come or go: a deploy starts the new host,
 checks it, rewrites the state file (``{"target": "http://127.0.0.1:<port>", ...}``) and sends the
 router SIGHUP. The router reads the file and sends every later request to the new host, while
-requests already forwarded to the old one finish there. ``GET /router/status`` reports the
+requests already forwarded to the old one finish there. ``GET /ping`` answers with the registered
+model version it serves (``model_version``, e.g. ``bincount:3``) and its weights. ``GET /router/status`` reports the
 target and the requests in flight per host, so the deployer stops the old host only once it
 has none left. Forwarding is the only thing a request costs here: bodies are checked against the
 payload limit and passed through unchanged; answers come back as the host gave them.
@@ -45,6 +46,7 @@ class Router:
         self.state_file = state_file
         self.target: str | None = None
         self.version: str | None = None
+        self.model_ref: str | None = None
         self.inflight: dict[str, int] = {}
         self._clients: dict[str, httpx.AsyncClient] = {}
 
@@ -54,7 +56,7 @@ class Router:
         target = state["target"].rstrip("/")
         if target != self.target:
             logger.info("endpoint %s now forwards to %s (model %s)", self.name, target, state.get("version"))
-        self.target, self.version = target, state.get("version")
+        self.target, self.version, self.model_ref = target, state.get("version"), state.get("model_ref")
         if target not in self._clients:
             # idle connections expire (5 s) long before the host drops them (75 s): no reuse race
             self._clients[target] = httpx.AsyncClient(
@@ -121,7 +123,11 @@ def create_app(name: str, state_file: Path) -> Starlette:
         return await router.forward("POST", f"/endpoints/{name}/invocations", forwarded_headers(request), body)
 
     async def ping(request: Request) -> Response:
-        return await router.forward("GET", "/ping", {}, None)
+        """The host's answer, with what the endpoint serves (SageMaker's contract: 200 and a small body)."""
+        answer = await router.forward("GET", "/ping", {}, None)
+        if answer.status_code != 200:
+            return answer
+        return JSONResponse({**json.loads(answer.body), "model_version": router.model_ref, "weights": router.version})
 
     async def status(request: Request) -> Response:
         await router.forget_drained()

@@ -125,7 +125,7 @@ class LocalServingBackend:
                     f"model {model_uri} (version {version}) did not pass its checks, "
                     f"so endpoint {name!r} was left as it was: {error}"
                 ) from None
-            state = {"target": host_url, "version": version, "model_uri": model_uri}
+            state = {"target": host_url, "version": version, "model_uri": model_uri, "model_ref": model_ref}
             if current is not None and self.is_serving(current):
                 details = self._switch(current, host_proc.pid, state, workdir)
                 url = current.url

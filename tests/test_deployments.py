@@ -113,8 +113,9 @@ def test_deploy_then_the_scheduled_nightly_runs_with_no_parameters(server_env: d
     assert (described.get("concurrency_options") or {}).get("collision_strategy") == "ENQUEUE", "a second one waits"
     assert "SCHEDULED" in flow_run_states(env, "nightly-retrain"), "the scheduler creates the nightly runs"
 
-    pipeline = {**TINY_PIPELINE, "location": {"source_uri": bucket}}
-    run([PREFECT, "deployment", "run", "bincount-pipeline/on-demand", "--params", json.dumps(pipeline)], env)
+    training, location = json.dumps(TINY_PIPELINE["training"]), json.dumps({"source_uri": bucket})
+    run([PREFECT, "deployment", "run", "bincount-pipeline/on-demand", "--param", f"training={training}",
+         "--param", f"location={location}"], env)  # as the README's examples give them
     try:
         run([PREFECT, "worker", "start", "--pool", "bincount-local", "--run-once"], env, timeout=600)
         assert flow_run_states(env, "bincount-pipeline") == ["COMPLETED"]
@@ -131,6 +132,13 @@ def test_deploy_then_the_scheduled_nightly_runs_with_no_parameters(server_env: d
         version = json.loads((artifacts / "registry" / "bincount" / "versions" / "000002.json").read_text())
         assert version["spec"]["recipe"]["location"]["source_uri"] == bucket, "the production version's data source"
         assert version["spec"]["hyperparameters"]["epochs"] == 1, "and its recipe"
+
+        scored = tmp_path / "scored"
+        run([PREFECT, "deployment", "run", "batch-transform/on-demand", "--param",
+             f"input_uri={artifacts / 'datasets' / 'abid' / 'channels' / 'test'}", "--param", f"output_uri={scored}"], env)
+        run([PREFECT, "worker", "start", "--pool", "bincount-local", "--run-once"], env, timeout=600)
+        assert flow_run_states(env, "batch-transform") == ["COMPLETED"] * 2, "the pipeline's and this one"
+        assert (scored / "results.csv").is_file()
     finally:
         subprocess.run([sys.executable, "-m", "flows.cli", "delete-endpoint", "bincount"], env=env, cwd=ROOT, timeout=120)
 

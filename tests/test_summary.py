@@ -66,3 +66,27 @@ def test_summary_lists_stages_figures_and_subflow_artifacts_and_failures(prefect
 def test_tables_show_numbers_for_people_and_keep_their_shape() -> None:
     table = markdown_table(["lr", "failure"], [[0.012345678912345678, "exit 1 | see log\nline two"], [None, 3]])
     assert table.splitlines()[2] == "| 0.0123 | exit 1 \\| see log line two |" and "| - | 3 |" in table
+
+
+@task(name="resolve-host", retries=0)
+def resolve_host() -> None:
+    raise ConnectionError("no-such-host.invalid: Name or service not known")
+
+
+@flow(name="resolve-subflow")
+def resolve_subflow() -> None:
+    resolve_host()
+
+
+@flow(name="resolve-demo")
+def resolve_demo() -> None:
+    resolve_subflow()
+
+
+def test_one_failure_is_logged_with_one_traceback(prefect_server: None, caplog: pytest.LogCaptureFixture) -> None:
+    with pytest.raises(ConnectionError):
+        resolve_demo()
+    failures = [r for r in caplog.records if r.name.startswith("prefect.") and "Name or service not known" in r.getMessage()]
+    with_traceback = [r for r in failures if r.exc_info]
+    assert len(with_traceback) == 1 and with_traceback[0].name == "prefect.task_runs", [r.getMessage() for r in with_traceback]
+    assert sum(r.levelname == "ERROR" for r in failures) >= 3, "each level still says, in one line, that it failed"

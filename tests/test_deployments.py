@@ -139,6 +139,8 @@ def test_deploy_then_the_scheduled_nightly_runs_with_no_parameters(server_env: d
         run([PREFECT, "worker", "start", "--pool", "bincount-local", "--run-once"], env, timeout=600)
         assert flow_run_states(env, "batch-transform") == ["COMPLETED"] * 2, "the pipeline's and this one"
         assert (scored / "results.csv").is_file()
+        for flow_name, figure in (("nightly-retrain", "| decision |"), ("batch-transform", "| scored |")):
+            assert figure in latest_artifact(env, f"summary-{flow_name}")["data"], f"{flow_name}'s run summary"
     finally:
         subprocess.run([sys.executable, "-m", "flows.cli", "delete-endpoint", "bincount"], env=env, cwd=ROOT, timeout=120)
 

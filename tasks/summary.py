@@ -21,6 +21,7 @@ from prefect.client.schemas.filters import (
     ArtifactFilter,
     ArtifactFilterFlowRunId,
     FlowRunFilter,
+    FlowRunFilterId,
     FlowRunFilterParentFlowRunId,
 )
 from prefect.client.schemas.objects import Artifact, FlowRun, State, TaskRun
@@ -79,7 +80,7 @@ def artifact_links(artifacts: list[Artifact]) -> str:
 def stage_rows(client: SyncPrefectClient, flow_run: FlowRun) -> list[str]:
     """One table row per task run and subflow run of ``flow_run``, in the order they started."""
     task_runs: list[TaskRun] = client.read_task_runs(
-        flow_run_filter=FlowRunFilter(id={"any_": [flow_run.id]}), sort=TaskRunSort.EXPECTED_START_TIME_ASC
+        flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id])), sort=TaskRunSort.EXPECTED_START_TIME_ASC
     )
     subflows = {
         child.parent_task_run_id: child
@@ -123,8 +124,7 @@ def run_summary(figures: Figures) -> Callable[[Flow, FlowRun, State], None]:
         result = state.result(raise_on_failure=False) if state.is_completed() else None
         key_figures = figures(result) if result is not None else {}
         with get_client(sync_client=True) as client:
-            run = client.read_flow_run(flow_run.id)  # the hook's copy predates the final state's timing
-            markdown = summary_markdown(flow, run, state, key_figures, stage_rows(client, run))
+            markdown = summary_markdown(flow, flow_run, state, key_figures, stage_rows(client, flow_run))
             client.create_artifact(
                 ArtifactCreate(
                     key=summary_key(flow.name), type="markdown", data=markdown, flow_run_id=flow_run.id,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from uuid import UUID
 
@@ -22,6 +22,7 @@ from prefect.client.schemas.filters import (
     FlowRunFilterParentTaskRunId,
 )
 from prefect.client.schemas.objects import Artifact
+from prefect.events import Event
 from prefect.events.filters import EventFilter, EventNameFilter
 
 from bincount.code import code_hash
@@ -76,14 +77,19 @@ def artifacts_keyed(key: str) -> list[Artifact]:
     return sorted(found, key=lambda artifact: artifact.created, reverse=True)
 
 
-def events_named(name: str, related_to: str | None = None, wait_s: float = 10.0) -> list:
-    """Events ``name`` on the server (they are written asynchronously: wait a little for them)."""
+def events_named(
+    name: str, related_to: str | None = None, wait_s: float = 30.0, where: Callable[[Event], bool] | None = None
+) -> list[Event]:
+    """Events ``name`` (related to ``related_to``, and for which ``where`` holds) on the server; they are
+    written asynchronously: wait for one to arrive (an earlier event of the same name does not end the wait)."""
     deadline = time.monotonic() + wait_s
     while True:
         with get_client(sync_client=True) as client:
             found = client.read_events(EventFilter(event=EventNameFilter(name=[name])), limit=50).events
         if related_to is not None:
             found = [e for e in found if any(r.id == related_to for r in e.related)]
+        if where is not None:
+            found = [e for e in found if where(e)]
         if found or time.monotonic() > deadline:
             return found
         time.sleep(0.5)
@@ -189,7 +195,7 @@ def test_nightly_with_no_parameters_retrains_production_on_leak_free_data(
     else:
         assert challenger.stage == "archived" and serving.model_ref == f"{ENDPOINT}:1"
     kind = "promoted" if decision.promoted else "kept"
-    assert any(e.payload.get("challenger_version") == 2 for e in events_named(f"bincount.model.{kind}"))
+    assert events_named(f"bincount.model.{kind}", where=lambda e: e.payload.get("challenger_version") == 2)
     assert [d.challenger_version for d in registry.decisions(ENDPOINT)] == [None, 2]
 
 

@@ -10,6 +10,7 @@ artifact's history lists every run. Subflow runs get none: their parent's summar
 from __future__ import annotations
 
 import datetime as dt
+import time
 from collections.abc import Callable
 from typing import Any
 from uuid import UUID
@@ -77,11 +78,25 @@ def artifact_links(artifacts: list[Artifact]) -> str:
     return ", ".join(ui_link(a.key, f"artifacts/artifact/{a.id}") for a in artifacts)
 
 
+def settled_task_runs(client: SyncPrefectClient, flow_run_id: UUID, wait_s: float = 5.0) -> list[TaskRun]:
+    """The flow run's task runs once the server has them all: their states arrive as events, recorded a
+    moment after the flow's own final state (the same runs, all final, twice in a row; at most ``wait_s``)."""
+    deadline = time.monotonic() + wait_s
+    seen = None
+    while True:
+        task_runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])), sort=TaskRunSort.EXPECTED_START_TIME_ASC
+        )
+        now = [(run.id, run.state_type) for run in task_runs]
+        if (now == seen and all(run.state and run.state.is_final() for run in task_runs)) or time.monotonic() > deadline:
+            return task_runs
+        seen = now
+        time.sleep(0.5)
+
+
 def stage_rows(client: SyncPrefectClient, flow_run: FlowRun) -> list[str]:
     """One table row per task run and subflow run of ``flow_run``, in the order they started."""
-    task_runs: list[TaskRun] = client.read_task_runs(
-        flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id])), sort=TaskRunSort.EXPECTED_START_TIME_ASC
-    )
+    task_runs = settled_task_runs(client, flow_run.id)
     subflows = {
         child.parent_task_run_id: child
         for child in client.read_flow_runs(

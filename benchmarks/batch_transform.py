@@ -88,7 +88,11 @@ def main(args: argparse.Namespace) -> None:
 
         started = time.perf_counter()
         summary = run_batch_transform(
-            Storage(), model_dir, model_version(model_dir), (scratch / "input").as_uri(), (scratch / "output").as_uri(),
+            Storage(),
+            model_dir,
+            model_version(model_dir),
+            (scratch / "input").as_uri(),
+            (scratch / "output").as_uri(),
             batch_size=args.batch_size,
         )
         wall = time.perf_counter() - started
@@ -124,12 +128,16 @@ def main(args: argparse.Namespace) -> None:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Batch transform images/s vs bare forward and vs per-image endpoint calls.")
+    parser = argparse.ArgumentParser(
+        description="Batch transform images/s vs bare forward and vs per-image endpoint calls."
+    )
     parser.add_argument("--arch", default="resnet50", help="resnet18, resnet34 or resnet50 (default: resnet50)")
     parser.add_argument("--image-size", type=int, default=224, help="model input size (default: 224)")
     parser.add_argument("--images", type=int, default=128, help="images to score (default: 128)")
     parser.add_argument("--batch-size", type=int, default=8, help="images per forward (default: 8)")
-    parser.add_argument("--endpoint-images", type=int, default=64, help="images sent one by one to the endpoint (default: 64)")
+    parser.add_argument(
+        "--endpoint-images", type=int, default=64, help="images sent one by one to the endpoint (default: 64)"
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: cores available)")
     return parser
 

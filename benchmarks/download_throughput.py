@@ -84,7 +84,9 @@ def task_engine(endpoint: str, count: int, concurrency: int) -> dict:
     with tempfile.TemporaryDirectory() as target:
         out = subprocess.run(
             [sys.executable, "-c", CHILD, endpoint, target, str(count), str(concurrency)],
-            check=True, capture_output=True, text=True,
+            check=True,
+            capture_output=True,
+            text=True,
         ).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -109,13 +111,19 @@ def main() -> None:
             serial_s = serial_loop(client, ids, Path(target))
         ours = task_engine(endpoint, args.objects, args.concurrency)
         print(f"serial boto3 download_file loop: {args.objects / serial_s:8.1f} objects/s ({serial_s:.1f} s)")
-        print(f"bincount download_images:        {args.objects / ours['seconds']:8.1f} objects/s ({ours['seconds']:.1f} s, "
-              f"concurrency {args.concurrency}, decode-checked and hashed)")
+        print(
+            f"bincount download_images:        {args.objects / ours['seconds']:8.1f} objects/s ({ours['seconds']:.1f} s, "
+            f"concurrency {args.concurrency}, decode-checked and hashed)"
+        )
         print(f"speed-up: {serial_s / ours['seconds']:.1f}x  (target >= 10x) at {args.latency_ms:g} ms per request")
-        peaks = {n: task_engine(endpoint, n, args.concurrency)["peak_rss_mb"] for n in (args.objects // 4, args.objects // 2)}
+        peaks = {
+            n: task_engine(endpoint, n, args.concurrency)["peak_rss_mb"] for n in (args.objects // 4, args.objects // 2)
+        }
         peaks[args.objects] = ours["peak_rss_mb"]
         print("peak RSS by object count: " + ", ".join(f"{n}: {mb:.0f} MB" for n, mb in sorted(peaks.items())))
-        print(f"peak RSS ratio {max(peaks)} vs {min(peaks)} objects: {peaks[max(peaks)] / peaks[min(peaks)]:.2f}  (flat = 1.0)")
+        print(
+            f"peak RSS ratio {max(peaks)} vs {min(peaks)} objects: {peaks[max(peaks)] / peaks[min(peaks)]:.2f}  (flat = 1.0)"
+        )
     finally:
         server.terminate()
         server.wait()

@@ -45,8 +45,10 @@ def main() -> None:
             warm = time.perf_counter() - started
         finally:
             get_serving_backend(Settings.load(artifact_root=where["artifact_root"])).delete("bench")
-    print(f"pipeline on {args.images} demo photos: cold {cold:.1f} s, warm (cached) {warm:.1f} s, "
-          f"warm/cold {warm / cold:.2f}")
+    print(
+        f"pipeline on {args.images} demo photos: cold {cold:.1f} s, warm (cached) {warm:.1f} s, "
+        f"warm/cold {warm / cold:.2f}"
+    )
 
 
 if __name__ == "__main__":

@@ -15,8 +15,8 @@ import time
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
-from prefect import flow, task  # noqa: E402
-from prefect.cache_policies import NO_CACHE  # noqa: E402
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
 
 
 def step(number: int) -> int:
@@ -51,8 +51,10 @@ def main() -> None:
     plain = timed(plain_flow, args.tasks)
     tasks = timed(task_flow, args.tasks)
     print(f"flow of {args.tasks} plain calls: {plain:.2f} s; flow of {args.tasks} no-op tasks: {tasks:.2f} s")
-    print(f"Prefect overhead per task: {1000 * (tasks - plain) / args.tasks:.1f} ms "
-          f"(ratio {tasks / plain:.1f}x the plain flow's wall time)")
+    print(
+        f"Prefect overhead per task: {1000 * (tasks - plain) / args.tasks:.1f} ms "
+        f"(ratio {tasks / plain:.1f}x the plain flow's wall time)"
+    )
 
 
 if __name__ == "__main__":

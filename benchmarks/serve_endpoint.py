@@ -119,7 +119,9 @@ def load(url: str, photo: bytes, clients: int, seconds: float) -> dict[str, floa
 
 def main(args: argparse.Namespace) -> None:
     threads = args.threads or available_cores()
-    photo = ABID_PHOTO.read_bytes() if ABID_PHOTO.is_file() else jpeg_bytes(render_bin_image(3, np.random.default_rng(0)))
+    photo = (
+        ABID_PHOTO.read_bytes() if ABID_PHOTO.is_file() else jpeg_bytes(render_bin_image(3, np.random.default_rng(0)))
+    )
     with tempfile.TemporaryDirectory() as scratch:
         model_dir = write_untrained_model_dir(Path(scratch) / "model", args.arch, args.image_size)
         print(
@@ -127,8 +129,14 @@ def main(args: argparse.Namespace) -> None:
             f"photo {len(photo)} bytes; load average {os.getloadavg()[0]:.1f}"
         )
         bare = BareForward(model_dir, photo, threads)
-        sweep = {size: bare.measure(size, args.bare_seconds) for size in sorted({1, *args.batch_sizes, args.max_batch_size})}
-        print("bare forward: " + ", ".join(f"batch {b}: {r:.1f} images/s ({c:.0f} CPU ms/image)" for b, (r, c) in sweep.items()), flush=True)
+        sweep = {
+            size: bare.measure(size, args.bare_seconds) for size in sorted({1, *args.batch_sizes, args.max_batch_size})
+        }
+        print(
+            "bare forward: "
+            + ", ".join(f"batch {b}: {r:.1f} images/s ({c:.0f} CPU ms/image)" for b, (r, c) in sweep.items()),
+            flush=True,
+        )
 
         backend = LocalServingBackend(Settings.load(artifact_root=str(Path(scratch) / "artifacts")))
         rows = []
@@ -158,7 +166,9 @@ def main(args: argparse.Namespace) -> None:
         backend.delete(NAME)
         bare.close()
     print(f"load average {os.getloadavg()[0]:.1f} (other processes on these cores skew every figure)")
-    print("\nsummary: throughput vs adjacent bare forward | CPU efficiency (bare CPU per image / endpoint CPU per request)")
+    print(
+        "\nsummary: throughput vs adjacent bare forward | CPU efficiency (bare CPU per image / endpoint CPU per request)"
+    )
     for label, clients, result, adjacent, endpoint_cpu, bare_cpu in rows:
         print(
             f"  {label:>15} {clients:>3} clients: {result['req_s'] / adjacent:6.1%} | {bare_cpu / endpoint_cpu:6.1%} | "
@@ -170,12 +180,20 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Local endpoint req/s and latency vs the bare model forward.")
     parser.add_argument("--arch", default="resnet50", help="resnet18, resnet34 or resnet50 (default: resnet50)")
     parser.add_argument("--image-size", type=int, default=224, help="model input size (default: 224)")
-    parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32], help="concurrent clients (default: 1 8 32)")
+    parser.add_argument(
+        "--clients", type=int, nargs="+", default=[1, 8, 32], help="concurrent clients (default: 1 8 32)"
+    )
     parser.add_argument("--seconds", type=float, default=20.0, help="seconds per load level (default: 20)")
     parser.add_argument("--bare-seconds", type=float, default=8.0, help="seconds per bare batch size (default: 8)")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[4, 8, 16], help="bare batch sizes (default: 4 8 16)")
-    parser.add_argument("--max-batch-size", type=int, default=HostOptions.max_batch_size, help="host batch bound (default: 8)")
-    parser.add_argument("--max-wait-ms", type=float, default=HostOptions.max_wait_ms, help="host batch wait (default: 5)")
+    parser.add_argument(
+        "--batch-sizes", type=int, nargs="+", default=[4, 8, 16], help="bare batch sizes (default: 4 8 16)"
+    )
+    parser.add_argument(
+        "--max-batch-size", type=int, default=HostOptions.max_batch_size, help="host batch bound (default: 8)"
+    )
+    parser.add_argument(
+        "--max-wait-ms", type=float, default=HostOptions.max_wait_ms, help="host batch wait (default: 5)"
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: cores available)")
     parser.add_argument("--direct", action="store_true", help="load the model host directly, skipping the router")
     return parser

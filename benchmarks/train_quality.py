@@ -38,11 +38,11 @@ from sklearn.model_selection import train_test_split
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bincount.config import Settings  # noqa: E402
-from bincount.manifest import parse_manifest  # noqa: E402
-from bincount.storage import storage_for  # noqa: E402
-from bincount.training import TrainingJobSpec, get_training_backend  # noqa: E402
-from bincount.training.evaluation import evaluate_model  # noqa: E402
+from bincount.config import Settings
+from bincount.manifest import parse_manifest
+from bincount.storage import storage_for
+from bincount.training import TrainingJobSpec, get_training_backend
+from bincount.training.evaluation import evaluate_model
 
 RECIPE = {  # fine-tuning an ImageNet start on a few thousand photos
     "image-size": 224,
@@ -61,7 +61,9 @@ def write_channels(data_dir: Path, manifest_name: str, work_dir: Path, seed: int
     """Stratified 80/10/10 channels of symlinks: ``<work_dir>/channels/<split>/<count>/<id>.jpg``."""
     manifest = parse_manifest((data_dir / manifest_name).read_bytes(), manifest_name)
     ids, labels = list(manifest), list(manifest.values())
-    train_ids, rest_ids, _, rest_labels = train_test_split(ids, labels, test_size=0.2, stratify=labels, random_state=seed)
+    train_ids, rest_ids, _, rest_labels = train_test_split(
+        ids, labels, test_size=0.2, stratify=labels, random_state=seed
+    )
     valid_ids, test_ids = train_test_split(rest_ids, test_size=0.5, stratify=rest_labels, random_state=seed)
     channels = {}
     for split, chosen in (("train", train_ids), ("valid", valid_ids), ("test", test_ids)):
@@ -84,11 +86,17 @@ def default_weights() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "data" / "abid", help="(default: ../shared/data/abid)")
+    parser.add_argument(
+        "--data-dir", type=Path, default=ROOT.parent / "shared" / "data" / "abid", help="(default: ../shared/data/abid)"
+    )
     parser.add_argument("--manifest", default="file_list.sample.json", help="(default: file_list.sample.json)")
-    parser.add_argument("--work-dir", type=Path, default=ROOT / ".bincount" / "bench-quality", help="(default: .bincount/bench-quality)")
+    parser.add_argument(
+        "--work-dir", type=Path, default=ROOT / ".bincount" / "bench-quality", help="(default: .bincount/bench-quality)"
+    )
     parser.add_argument("--arch", default="efficientnet_lite0", help="(default: efficientnet_lite0)")
-    parser.add_argument("--weights", default=None, help="none, or a state-dict path (default: Lite0's ImageNet weights)")
+    parser.add_argument(
+        "--weights", default=None, help="none, or a state-dict path (default: Lite0's ImageNet weights)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the split and the training (default: 0)")
     parser.add_argument("train_flags", nargs="*", help="more train.py flags, after --")
     args = parser.parse_args()
@@ -114,7 +122,9 @@ def main() -> None:
     started = time.monotonic()
     job = get_training_backend(settings).train(spec, on_log=lambda line: print(line, flush=True))
     evaluation = evaluate_model(storage_for(settings), job.model_uri, channels["test"].as_uri())
-    print(json.dumps({"hyperparameters": hyperparameters, "valid": job.metrics, "test": evaluation.to_dict()}, indent=1))
+    print(
+        json.dumps({"hyperparameters": hyperparameters, "valid": job.metrics, "test": evaluation.to_dict()}, indent=1)
+    )
     print(
         f"\nTEST ({evaluation.images} images): accuracy {evaluation.accuracy:.4f}, RMSE {evaluation.rmse:.4f}, "
         f"within-one {evaluation.within_one_accuracy:.4f}; per class {evaluation.per_class_accuracy}; "

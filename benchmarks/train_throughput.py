@@ -104,12 +104,14 @@ def main() -> None:
         folder = image_folder(Path(scratch), args.images)
         classes = find_classes(folder)
 
-        seeds_transform = transforms.Compose([
-            transforms.Resize((args.image_size, args.image_size)),
-            transforms.RandomHorizontalFlip(),
-            transforms.ToTensor(),
-            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-        ])
+        seeds_transform = transforms.Compose(
+            [
+                transforms.Resize((args.image_size, args.image_size)),
+                transforms.RandomHorizontalFlip(),
+                transforms.ToTensor(),
+                transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+            ]
+        )
         dataset = torchvision.datasets.ImageFolder(str(folder), transform=seeds_transform)
         loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=0)
         seeds_model = build_model(args.arch, len(classes))
@@ -139,9 +141,12 @@ def main() -> None:
             data = iter([ready] * (len(cache) // args.batch_size))
             return train_one_epoch(ours_forward, criterion, ours_optimizer, data, device, amp, StepTimes())[2]
 
-        print(f"{args.arch} at {args.image_size}px, {len(dataset)} images, batch {args.batch_size}, "
-              f"on {device} ({torch.get_num_threads()} CPU threads), train.py amp {amp}, compile {args.compile}; "
-              f"train.py's cache built in {cache_s:.1f}s", flush=True)
+        print(
+            f"{args.arch} at {args.image_size}px, {len(dataset)} images, batch {args.batch_size}, "
+            f"on {device} ({torch.get_num_threads()} CPU threads), train.py amp {amp}, compile {args.compile}; "
+            f"train.py's cache built in {cache_s:.1f}s",
+            flush=True,
+        )
         seeds_epoch(seeds_model, loader, seeds_optimizer, device)  # warm-up: allocator, oneDNN kernels, compilation
         start = time.perf_counter()
         ours_epoch()
@@ -151,17 +156,24 @@ def main() -> None:
             seeds.append(seeds_epoch(seeds_model, loader, seeds_optimizer, device))
             ours.append(ours_epoch())
             bound.append(bound_epoch())
-            print(f"epoch {epoch}: seeds' way {seeds[-1]:.1f} images/s, train.py {ours[-1]:.1f} images/s, "
-                  f"compute bound {bound[-1]:.1f} images/s", flush=True)
+            print(
+                f"epoch {epoch}: seeds' way {seeds[-1]:.1f} images/s, train.py {ours[-1]:.1f} images/s, "
+                f"compute bound {bound[-1]:.1f} images/s",
+                flush=True,
+            )
 
     seeds_ips, ours_ips, bound_ips = statistics.median(seeds), statistics.median(ours), statistics.median(bound)
     epoch_images = len(dataset)
     with_cache = epoch_images * args.epochs / (epoch_images * args.epochs / ours_ips + cache_s)
     print(f"\nmedian images/s: seeds' way {seeds_ips:.1f}, train.py {ours_ips:.1f}: ratio {ours_ips / seeds_ips:.2f}x")
-    print(f"compute bound {bound_ips:.1f} images/s: ratio {bound_ips / seeds_ips:.2f}x "
-          f"(the most a data path can give); train.py reaches {ours_ips / bound_ips:.0%} of it")
-    print(f"counting the one-time cache over {args.epochs} epochs: train.py {with_cache:.1f} images/s, "
-          f"ratio {with_cache / seeds_ips:.2f}x")
+    print(
+        f"compute bound {bound_ips:.1f} images/s: ratio {bound_ips / seeds_ips:.2f}x "
+        f"(the most a data path can give); train.py reaches {ours_ips / bound_ips:.0%} of it"
+    )
+    print(
+        f"counting the one-time cache over {args.epochs} epochs: train.py {with_cache:.1f} images/s, "
+        f"ratio {with_cache / seeds_ips:.2f}x"
+    )
 
 
 if __name__ == "__main__":

@@ -75,7 +75,9 @@ def list_inputs(storage: Storage, input_uri: str, output_uri: str) -> list[str]:
         BatchTransformError: the prefixes overlap, or the input holds no images.
     """
     if output_uri.startswith(input_uri + "/") or output_uri == input_uri or input_uri.startswith(output_uri + "/"):
-        raise BatchTransformError(f"input {input_uri} and output {output_uri} overlap: give an output prefix outside the input")
+        raise BatchTransformError(
+            f"input {input_uri} and output {output_uri} overlap: give an output prefix outside the input"
+        )
     keys = relative_keys(storage, input_uri, IMAGE_SUFFIXES)
     if not keys:
         raise BatchTransformError(f"no .jpg, .jpeg or .png objects under {input_uri}")

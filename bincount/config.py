@@ -121,16 +121,25 @@ class Location(BaseModel):
     ``Location.of(settings)`` with every value filled in, so they resolve to the very same settings.
     """
 
-    profile: Profile | None = Field(default=None, description="`local` or `aws` (default: BINCOUNT_PROFILE, else local).")
-    artifact_root: str | None = Field(
-        default=None, description="URI for datasets, models and records (default: BINCOUNT_ARTIFACT_ROOT, else ./.bincount)."
+    profile: Profile | None = Field(
+        default=None, description="`local` or `aws` (default: BINCOUNT_PROFILE, else local)."
     )
-    data_dir: str | None = Field(default=None, description="Local download cache (default: BINCOUNT_DATA_DIR, else ./.bincount/raw).")
+    artifact_root: str | None = Field(
+        default=None,
+        description="URI for datasets, models and records (default: BINCOUNT_ARTIFACT_ROOT, else ./.bincount).",
+    )
+    data_dir: str | None = Field(
+        default=None, description="Local download cache (default: BINCOUNT_DATA_DIR, else ./.bincount/raw)."
+    )
     source_uri: str | None = Field(
         default=None, description="Bucket laid out like ABID (default: BINCOUNT_SOURCE_URI, else s3://aft-vbi-pds)."
     )
-    source_anonymous: bool | None = Field(default=None, description="Read the source without credentials (default: true).")
-    s3_endpoint_url: str | None = Field(default=None, description="S3-compatible endpoint: MinIO, LocalStack (default: AWS).")
+    source_anonymous: bool | None = Field(
+        default=None, description="Read the source without credentials (default: true)."
+    )
+    s3_endpoint_url: str | None = Field(
+        default=None, description="S3-compatible endpoint: MinIO, LocalStack (default: AWS)."
+    )
     aws_region: str | None = Field(default=None, description="AWS region (default: the AWS default chain).")
 
     def settings(self) -> Settings:

@@ -49,10 +49,16 @@ def channel_statistics(paths: list[Path], size: int = NORMALIZATION_SIZE) -> tup
     return [round(float(v), 4) for v in mean], [round(float(v), 4) for v in std]
 
 
-def build_data_report(split_table: pd.DataFrame, local_dir: Path, max_normalization_images: int = 2000, seed: int = 0) -> DataReport:
+def build_data_report(
+    split_table: pd.DataFrame, local_dir: Path, max_normalization_images: int = 2000, seed: int = 0
+) -> DataReport:
     """Summarise the split; the normalization uses up to ``max_normalization_images`` training images."""
     counts = split_table.groupby(["split", "label"], observed=True).size()
-    class_counts = {str(split): {int(label): int(n) for label, n in counts[split].items()} for split in counts.index.levels[0] if split in counts}
+    class_counts = {
+        str(split): {int(label): int(n) for label, n in counts[split].items()}
+        for split in counts.index.levels[0]
+        if split in counts
+    }
     sizes: Counter[str] = Counter()
     for image_id in split_table["id"]:
         with Image.open(image_path(local_dir, image_id)) as image:  # reads the header only

@@ -30,7 +30,9 @@ def render_bin_image(count: int, rng: np.random.Generator, size: int = 224) -> I
     draw = ImageDraw.Draw(image)
     for _ in range(int(rng.integers(1, 4))):  # elastic straps across the bin front
         y = int(rng.integers(0, size))
-        draw.line([(0, y), (size, y + int(rng.integers(-size // 8, size // 8)))], fill=(40, 40, 45), width=max(1, size // 40))
+        draw.line(
+            [(0, y), (size, y + int(rng.integers(-size // 8, size // 8)))], fill=(40, 40, 45), width=max(1, size // 40)
+        )
     for _ in range(count):
         width, height = (int(v) for v in rng.integers(size // 7, size // 3, size=2))
         left, top = int(rng.integers(0, size - width)), int(rng.integers(0, size - height))
@@ -81,7 +83,9 @@ def generate_demo_bucket(
         image_rng = child_seeds[index]
         image_id, count = ids[index], int(counts[index])
         storage.write_bytes(image_uri(bucket_uri, image_id), jpeg_bytes(render_bin_image(count, image_rng, size)))
-        storage.write_bytes(metadata_uri(bucket_uri, image_id), json.dumps(_metadata(image_id, count, image_rng)).encode())
+        storage.write_bytes(
+            metadata_uri(bucket_uri, image_id), json.dumps(_metadata(image_id, count, image_rng)).encode()
+        )
 
     with ThreadPoolExecutor(max_workers=concurrency) as pool:
         list(pool.map(write, range(images)))

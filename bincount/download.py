@@ -15,8 +15,8 @@ import io
 import json
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -130,7 +130,9 @@ def verify_existing(local_dir: Path, image_id: str, entry: DownloadedImage | Non
     return DownloadedImage(image_id=image_id, sha256=hashlib.sha256(data).hexdigest(), size=len(data))
 
 
-def _fetch_one(storage: Storage, source_uri: str, local_dir: Path, image_id: str, with_metadata: bool) -> DownloadedImage:
+def _fetch_one(
+    storage: Storage, source_uri: str, local_dir: Path, image_id: str, with_metadata: bool
+) -> DownloadedImage:
     """Fetch metadata then image (so an image on disk always has its metadata); only an image
     that decodes is written, and it appears whole under its name or not at all."""
     if with_metadata:
@@ -141,7 +143,9 @@ def _fetch_one(storage: Storage, source_uri: str, local_dir: Path, image_id: str
     return DownloadedImage(image_id=image_id, sha256=hashlib.sha256(data).hexdigest(), size=len(data))
 
 
-def _bounded_map(pool: ThreadPoolExecutor, function: Callable[[str], DownloadedImage], items: Iterable[str], limit: int) -> Iterator[tuple[str, Future]]:
+def _bounded_map(
+    pool: ThreadPoolExecutor, function: Callable[[str], DownloadedImage], items: Iterable[str], limit: int
+) -> Iterator[tuple[str, Future]]:
     """Like ``pool.map`` but with at most ``limit`` tasks queued, yielding as they finish."""
     pending: dict[Future, str] = {}
     for item in items:

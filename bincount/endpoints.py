@@ -51,7 +51,7 @@ class EndpointRecords:
 
 
 def now_iso() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
 def smoke_image(image_size: int) -> bytes:

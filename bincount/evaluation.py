@@ -39,7 +39,9 @@ class Evaluation:
 def score_counts(true_counts: list[int], predicted_counts: list[int], classes: list[int]) -> Evaluation:
     """The scores of predicted counts against true ones."""
     if not true_counts or len(true_counts) != len(predicted_counts):
-        raise ValueError(f"need as many predictions as labels, at least one ({len(predicted_counts)} vs {len(true_counts)})")
+        raise ValueError(
+            f"need as many predictions as labels, at least one ({len(predicted_counts)} vs {len(true_counts)})"
+        )
     truth, predicted = np.asarray(true_counts), np.asarray(predicted_counts)
     recalls = recall_score(truth, predicted, labels=classes, average=None, zero_division=0.0)
     return Evaluation(

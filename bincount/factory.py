@@ -36,7 +36,9 @@ def get_tuning_backend(settings: Settings) -> TuningBackend:
     return LocalTuningBackend()
 
 
-def get_serving_backend(settings: Settings, run_key: str = "", host_options: HostOptions | None = None) -> ServingBackend:
+def get_serving_backend(
+    settings: Settings, run_key: str = "", host_options: HostOptions | None = None
+) -> ServingBackend:
     """``run_key`` (the flow run) keeps SageMaker's transform job names unique per run; ``host_options``
     tune the local model hosts (batching, threads)."""
     if settings.profile == "aws":
@@ -46,4 +48,6 @@ def get_serving_backend(settings: Settings, run_key: str = "", host_options: Hos
 
 def get_model_registry(settings: Settings) -> StorageModelRegistry:
     """The registry under the artifact root (both profiles); on ``aws`` each version is mirrored to SageMaker."""
-    return StorageModelRegistry.from_settings(settings, mirror=SageMakerModelRegistry(settings) if settings.profile == "aws" else None)
+    return StorageModelRegistry.from_settings(
+        settings, mirror=SageMakerModelRegistry(settings) if settings.profile == "aws" else None
+    )

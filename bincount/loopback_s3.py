@@ -57,7 +57,9 @@ class LoopbackS3:
             status = fault[2]
             code = _ERROR_CODES.get(status, "ServiceUnavailable")
             body = f"<Error><Code>{code}</Code><Message>injected fault</Message></Error>".encode()
-            start_response(f"{status} {code}", [("Content-Type", "application/xml"), ("Content-Length", str(len(body)))])
+            start_response(
+                f"{status} {code}", [("Content-Type", "application/xml"), ("Content-Length", str(len(body)))]
+            )
             return [body]
         return self._backend(environ, start_response)
 

@@ -48,9 +48,13 @@ def parse_manifest(text: str | bytes, name: str = "manifest", classes: Iterable[
     try:
         document = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ManifestError(f"{name} is not valid JSON ({error}); expected {{\"1\": [\"data/metadata/<id>.json\", ...]}}") from None
+        raise ManifestError(
+            f'{name} is not valid JSON ({error}); expected {{"1": ["data/metadata/<id>.json", ...]}}'
+        ) from None
     if not isinstance(document, dict):
-        raise ManifestError(f"{name} must be a JSON object from count to a list of metadata paths, not {type(document).__name__}")
+        raise ManifestError(
+            f"{name} must be a JSON object from count to a list of metadata paths, not {type(document).__name__}"
+        )
     manifest: Manifest = {}
     where: dict[str, str] = {}
     for key, paths in document.items():

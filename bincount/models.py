@@ -91,7 +91,11 @@ def read_from_archive(storage: Storage, archive_uri: str, member: str) -> bytes:
 
 
 def write_untrained_model_dir(
-    model_dir: Path, arch: str = "resnet18", image_size: int = 32, seed: int = 0, classes: tuple[int, ...] = (1, 2, 3, 4, 5)
+    model_dir: Path,
+    arch: str = "resnet18",
+    image_size: int = 32,
+    seed: int = 0,
+    classes: tuple[int, ...] = (1, 2, 3, 4, 5),
 ) -> Path:
     """A randomly initialised model dir in the contract's format (train.py's network and files), for tests,
     benchmarks and smoke checks.

@@ -8,12 +8,12 @@ import math
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-import pandas as pd  # noqa: E402
+import matplotlib.pyplot as plt
+import pandas as pd
+from matplotlib.ticker import MaxNLocator
 
-from bincount.contracts.tuning import TrialResult  # noqa: E402
-from bincount.data_report import DataReport  # noqa: E402
+from bincount.contracts.tuning import TrialResult
+from bincount.data_report import DataReport
 
 
 def _png(figure: plt.Figure) -> bytes:
@@ -34,7 +34,7 @@ def data_report_png(report: DataReport) -> bytes:
     balance.legend(title="split", loc="upper center", ncol=len(table.columns), frameon=False)
     top = list(report.image_sizes.items())[:8]
     if len(top) == 1:
-        (name, count), = top
+        ((name, count),) = top
         sizes.axis("off")
         sizes.text(0.5, 0.5, f"Every image is {name}\n({count} images)", ha="center", va="center", fontsize=14)
     else:

@@ -44,7 +44,9 @@ def sync_channels(
         join_uri(channels_uri, row.split, str(row.label), f"{row.id}.jpg"): (image_path(local_dir, row.id), row.sha256)
         for row in split_table.itertuples()
     }
-    to_copy = [(source, uri) for uri, (source, sha256) in wanted.items() if not _unchanged(existing.get(uri), source, sha256)]
+    to_copy = [
+        (source, uri) for uri, (source, sha256) in wanted.items() if not _unchanged(existing.get(uri), source, sha256)
+    ]
     stale = [uri for uri in existing if uri not in wanted]
     with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="upload") as pool:
         list(pool.map(lambda job: storage.upload_file(*job), to_copy))

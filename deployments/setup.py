@@ -43,7 +43,9 @@ def save_aws_blocks(bucket: str, profile: str | None, region: str | None) -> Non
 
     credentials = AwsCredentials(profile_name=profile, region_name=region)
     credentials.save(AWS_CREDENTIALS_BLOCK, overwrite=True)
-    S3Bucket(bucket_name=bucket, bucket_folder="prefect-results", credentials=credentials).save(RESULTS_BLOCK, overwrite=True)
+    S3Bucket(bucket_name=bucket, bucket_folder="prefect-results", credentials=credentials).save(
+        RESULTS_BLOCK, overwrite=True
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -20,9 +20,14 @@ from tasks.summary import run_summary
 def batch_figures(result: BatchTransformSummary) -> dict[str, str | int | float | None]:
     """The run summary's key figures."""
     return {
-        "model version": result.model_version, "images": result.images, "scored": result.scored,
-        "skipped (done before)": result.skipped, "failed": result.failed, "accuracy": result.accuracy,
-        "images/s": result.images_per_s, "results": result.results_uri,
+        "model version": result.model_version,
+        "images": result.images,
+        "scored": result.scored,
+        "skipped (done before)": result.skipped,
+        "failed": result.failed,
+        "accuracy": result.accuracy,
+        "images/s": result.images_per_s,
+        "results": result.results_uri,
     }
 
 

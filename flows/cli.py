@@ -68,10 +68,21 @@ def health(record: EndpointRecord) -> str:
 
 def list_endpoints(settings: Settings) -> str:
     rows = [
-        [record.name, record.model_ref or "-", record.backend, record.url, record.deployed_at[:19].replace("T", " "), health(record)]
+        [
+            record.name,
+            record.model_ref or "-",
+            record.backend,
+            record.url,
+            record.deployed_at[:19].replace("T", " "),
+            health(record),
+        ]
         for record in endpoint_records(settings)
     ]
-    return format_table(["endpoint", "model version", "backend", "URL", "deployed (UTC)", "health"], rows) if rows else "No endpoints."
+    return (
+        format_table(["endpoint", "model version", "backend", "URL", "deployed (UTC)", "health"], rows)
+        if rows
+        else "No endpoints."
+    )
 
 
 def describe_endpoint(record: EndpointRecord) -> str:
@@ -119,8 +130,14 @@ def list_models(registry: StorageModelRegistry, settings: Settings, group: str |
     endpoints = endpoint_records(settings)
     rows = [
         [
-            str(v.ref), v.stage, v.approval, f"{v.spec.metrics.accuracy:.3f}", f"{v.spec.metrics.rmse:.3f}",
-            f"{v.spec.metrics.within_one_accuracy:.3f}", v.created_at[:19].replace("T", " "), v.spec.training_job,
+            str(v.ref),
+            v.stage,
+            v.approval,
+            f"{v.spec.metrics.accuracy:.3f}",
+            f"{v.spec.metrics.rmse:.3f}",
+            f"{v.spec.metrics.within_one_accuracy:.3f}",
+            v.created_at[:19].replace("T", " "),
+            v.spec.training_job,
             ",".join(record.name for record in serving(v, endpoints)) or "-",
         ]
         for v in registry.list(group)
@@ -211,7 +228,9 @@ def main(argv: list[str] | None = None) -> None:
     data = commands.add_parser("data", help="prepare a dataset from a manifest (default source: the ABID bucket)")
     data.add_argument("--manifest-uri", help="seed-format file_list.json: a path, file:// or s3:// URI")
     data.add_argument("--ids-file", type=Path, help="instead of a manifest: a file of image ids, one per line")
-    data.add_argument("--source-uri", help="bucket laid out like ABID (default: BINCOUNT_SOURCE_URI or s3://aft-vbi-pds)")
+    data.add_argument(
+        "--source-uri", help="bucket laid out like ABID (default: BINCOUNT_SOURCE_URI or s3://aft-vbi-pds)"
+    )
     data.add_argument("--dataset", default="abid", help="dataset name under <artifact_root>/datasets (default: abid)")
     data.add_argument(
         "--max-missing-share", type=float, default=0.01, help="missing/corrupt share tolerated (default: 0.01)"
@@ -226,9 +245,9 @@ def main(argv: list[str] | None = None) -> None:
     endpoints = commands.add_parser("endpoints", help="list endpoints, or describe one: model version, URL, health")
     endpoint_actions = endpoints.add_subparsers(dest="endpoints_command", required=True)
     endpoint_actions.add_parser("list", help="every recorded endpoint: model version, URL, health")
-    endpoint_actions.add_parser("describe", help="one endpoint: model version and URI, URL, health, deploy details").add_argument(
-        "name", help="endpoint name"
-    )
+    endpoint_actions.add_parser(
+        "describe", help="one endpoint: model version and URI, URL, health, deploy details"
+    ).add_argument("name", help="endpoint name")
     add_models_commands(commands)
     args = parser.parse_args(argv)
 
@@ -269,7 +288,9 @@ def main(argv: list[str] | None = None) -> None:
     result = pipeline(DataOptions(), demo_training_options(), location=location, refresh=args.refresh)
     evaluation, endpoint, scored = result.evaluation, result.endpoint, result.batch_transform
     if endpoint is None or scored is None:
-        print(f"Model version {result.model_version} was rejected: nothing deployed (bincount models show {result.model_version})")
+        print(
+            f"Model version {result.model_version} was rejected: nothing deployed (bincount models show {result.model_version})"
+        )
         return
     print(
         f"\nTest accuracy {evaluation.accuracy:.3f}, RMSE {evaluation.rmse:.3f} ({evaluation.images} images)\n"

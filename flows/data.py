@@ -34,7 +34,11 @@ class DataOptions(BaseModel):
     image_ids: list[str] | None = Field(
         default=None, description="Instead of a manifest: ids to label from their metadata's EXPECTED_QUANTITY."
     )
-    dataset: str = Field(default="abid", pattern=r"^[a-z0-9][a-z0-9_-]*$", description="Name of the dataset under <artifact_root>/datasets/.")
+    dataset: str = Field(
+        default="abid",
+        pattern=r"^[a-z0-9][a-z0-9_-]*$",
+        description="Name of the dataset under <artifact_root>/datasets/.",
+    )
     fractions: tuple[float, float, float] = Field(default=(0.8, 0.1, 0.1), description="Train, valid and test shares.")
     seed: int = Field(default=0, description="Seed of the split.")
     max_missing_share: float = Field(

@@ -45,7 +45,9 @@ class NoProductionModelError(LookupError):
 def publish_decision(decision: Decision) -> None:
     verdict = "promoted" if decision.promoted else "kept the serving model"
     serving = "-" if decision.serving_score is None else f"{decision.serving_score:.3g}"
-    challenger = "-" if decision.challenger_version is None else f"{decision.endpoint_name}:{decision.challenger_version}"
+    challenger = (
+        "-" if decision.challenger_version is None else f"{decision.endpoint_name}:{decision.challenger_version}"
+    )
     champion = "-" if decision.serving_version is None else f"{decision.endpoint_name}:{decision.serving_version}"
     create_markdown_artifact(
         key=f"nightly-decision-{decision.endpoint_name.lower()}",
@@ -77,11 +79,13 @@ def production_version(settings: Settings, endpoint_name: str) -> ModelVersion:
 
 def nightly_figures(result: Decision) -> dict[str, str | float | None]:
     """The run summary's key figures."""
+
     def ref(version: int | None) -> str | None:
         return None if version is None else f"{result.endpoint_name}:{version}"
 
     return {
-        "decision": "promoted" if result.promoted else "kept the serving model", "reason": result.reason,
+        "decision": "promoted" if result.promoted else "kept the serving model",
+        "reason": result.reason,
         f"challenger ({ref(result.challenger_version) or 'none'}) test {result.metric}": result.challenger_score,
         f"serving ({ref(result.serving_version) or '-'}) test {result.metric}": result.serving_score,
         "endpoint": result.endpoint_name,
@@ -123,17 +127,27 @@ def nightly_retrain(
     settings = Location(**{**made_with.get("location", {}), **given}).settings()
     data = data or DataOptions(**made_with.get("data", {}))
     training = training or TrainOptions(**made_with.get("training", {}))
-    logger.info("Retraining %s (test accuracy %.4f) from %s", champion.ref, champion.spec.metrics.accuracy, settings.source_uri)
+    logger.info(
+        "Retraining %s (test accuracy %.4f) from %s", champion.ref, champion.spec.metrics.accuracy, settings.source_uri
+    )
 
     prepared = prepare_data(data, Location.of(settings), refresh=True)
     dataset = dataset_ref(storage_for(settings), prepared.split_uri)
     unchanged = dataset.split_sha256 == champion.spec.dataset.split_sha256 and code_hash() == champion.spec.code_hash
     if unchanged and not retune:
         decision = Decision(
-            endpoint_name=endpoint_name, promoted=False, reason="no new data and no new code: nothing retrained",
-            metric="accuracy", challenger_score=champion.spec.metrics.accuracy, serving_score=champion.spec.metrics.accuracy,
-            margin=margin, challenger_model_uri=champion.model_uri, serving_model_uri=champion.model_uri,
-            decided_at=now_iso(), challenger_version=None, serving_version=champion.version,
+            endpoint_name=endpoint_name,
+            promoted=False,
+            reason="no new data and no new code: nothing retrained",
+            metric="accuracy",
+            challenger_score=champion.spec.metrics.accuracy,
+            serving_score=champion.spec.metrics.accuracy,
+            margin=margin,
+            challenger_model_uri=champion.model_uri,
+            serving_model_uri=champion.model_uri,
+            decided_at=now_iso(),
+            challenger_version=None,
+            serving_version=champion.version,
         )
         logger.info("%s: %s", champion.ref, decision.reason)
         get_model_registry(settings).record(decision)
@@ -145,28 +159,48 @@ def nightly_retrain(
     else:
         challenger = retrain_model(prepared.channels, champion.spec.hyperparameters, training, settings, refresh=True)
     candidate = register_model_task(
-        settings, endpoint_name, challenger.model_uri, challenger.evaluation, prepared.split_uri,
-        challenger.hyperparameters, challenger.job_name, recipe(data, training, settings),
+        settings,
+        endpoint_name,
+        challenger.model_uri,
+        challenger.evaluation,
+        prepared.split_uri,
+        challenger.hyperparameters,
+        challenger.job_name,
+        recipe(data, training, settings),
     )
     serving = evaluate_and_publish(settings, champion.model_uri, prepared.channels["test"], role="serving")
     decision = decide(
-        endpoint_name, challenger.evaluation.to_dict(), challenger.model_uri, serving.to_dict(), champion.model_uri,
-        margin, challenger_version=candidate.version, serving_version=champion.version,
+        endpoint_name,
+        challenger.evaluation.to_dict(),
+        challenger.model_uri,
+        serving.to_dict(),
+        champion.model_uri,
+        margin,
+        challenger_version=candidate.version,
+        serving_version=champion.version,
     )
     logger.info("%s: %s", "Promoting" if decision.promoted else "Keeping the serving model", decision.reason)
     if decision.promoted:
         candidate = approve_version(settings, candidate, require_approval, approval_timeout_s, decision.reason)
         if candidate.approval == "Approved":
             get_model_registry(settings).save_best_hyperparameters(
-                endpoint_name, challenger.hyperparameters, challenger.job_name, challenger.evaluation.to_dict(), candidate.version
+                endpoint_name,
+                challenger.hyperparameters,
+                challenger.job_name,
+                challenger.evaluation.to_dict(),
+                candidate.version,
             )
             put_in_production(settings, endpoint_name, candidate, f"nightly: {decision.reason}")
         else:
-            decision = Decision(**{**decision.to_dict(), "promoted": False, "reason": f"{decision.reason}, but rejected: "
-                                   f"{candidate.history[-1].reason}"})
+            decision = Decision(
+                **{
+                    **decision.to_dict(),
+                    "promoted": False,
+                    "reason": f"{decision.reason}, but rejected: {candidate.history[-1].reason}",
+                }
+            )
     else:
         set_stage_task(settings, candidate, "archived", "nightly", decision.reason)
     get_model_registry(settings).record(decision)
     publish_decision(decision)
     return decision
-

@@ -103,12 +103,20 @@ def pipeline(
     prepared = prepare_data(data, Location.of(settings), refresh)
     trained = train_model(prepared.channels, training, settings)
     version = register_model_task(
-        settings, endpoint_name, trained.model_uri, trained.evaluation, prepared.split_uri,
-        trained.hyperparameters, trained.job_name, recipe(data, training, settings),
+        settings,
+        endpoint_name,
+        trained.model_uri,
+        trained.evaluation,
+        prepared.split_uri,
+        trained.hyperparameters,
+        trained.job_name,
+        recipe(data, training, settings),
     )
     accuracy = trained.evaluation.accuracy
     if accuracy < min_accuracy:
-        set_approval_task(settings, version, False, "quality-gate", f"test accuracy {accuracy:.4f} < min_accuracy {min_accuracy:.4f}")
+        set_approval_task(
+            settings, version, False, "quality-gate", f"test accuracy {accuracy:.4f} < min_accuracy {min_accuracy:.4f}"
+        )
         raise QualityGateError(
             f"test accuracy {accuracy:.3f} is below min_accuracy {min_accuracy:.3f}: {version.ref} was rejected and not "
             "deployed. Tune longer, or lower min_accuracy if this bar is too high for the data."
@@ -118,8 +126,12 @@ def pipeline(
     if version.approval != "Approved":
         logger.warning("%s was rejected (%s): nothing deployed", version.ref, version.history[-1].reason)
         return PipelineResult(
-            dataset_split_uri=prepared.split_uri, model_uri=trained.model_uri, model_version=str(version.ref),
-            evaluation=trained.evaluation, endpoint=None, batch_transform=None,
+            dataset_split_uri=prepared.split_uri,
+            model_uri=trained.model_uri,
+            model_version=str(version.ref),
+            evaluation=trained.evaluation,
+            endpoint=None,
+            batch_transform=None,
         )
     get_model_registry(settings).save_best_hyperparameters(
         endpoint_name, trained.hyperparameters, trained.job_name, trained.evaluation.to_dict(), version.version

@@ -43,7 +43,9 @@ def approve_version(
     logger = get_run_logger()
     logger.info(
         "%s waits for approval (%s): resume this flow run in the Prefect UI within %d s to approve or reject it",
-        version.ref, passed, timeout_s,
+        version.ref,
+        passed,
+        timeout_s,
     )
     try:
         answer = pause_flow_run(wait_for_input=ApprovalInput, timeout=timeout_s, poll_interval=APPROVAL_POLL_S)

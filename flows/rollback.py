@@ -23,7 +23,8 @@ from tasks.summary import run_summary
 def rollback_figures(result: EndpointRecord) -> dict[str, str | None]:
     """The run summary's key figures."""
     return {
-        "endpoint": f"{result.name} at {result.url}", "model version": result.model_ref,
+        "endpoint": f"{result.name} at {result.url}",
+        "model version": result.model_ref,
         "replaced version": result.previous_model_ref,
     }
 
@@ -33,7 +34,10 @@ SUMMARY = run_summary(rollback_figures)
 
 @flow(name="rollback-model", on_completion=[SUMMARY], on_failure=[SUMMARY])
 def rollback_model(
-    endpoint_name: str = "bincount", reason: str = "rolled back", actor: str = "bincount", location: Location = Location()
+    endpoint_name: str = "bincount",
+    reason: str = "rolled back",
+    actor: str = "bincount",
+    location: Location = Location(),
 ) -> EndpointRecord:
     """Deploy the endpoint's previous production version again and record the rollback.
 

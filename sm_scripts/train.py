@@ -236,11 +236,26 @@ def run_epoch(
     device, t = runtime.device, training
     lr = t.optimizer.param_groups[0]["lr"]
     train_data = batches(
-        data.train, args.batch_size, device, t.mean, t.std, shuffle=True, augmentation=args.augment,
-        generator=t.generator, min_batch=2,
+        data.train,
+        args.batch_size,
+        device,
+        t.mean,
+        t.std,
+        shuffle=True,
+        augmentation=args.augment,
+        generator=t.generator,
+        min_batch=2,
     )
     train_loss, train_acc, ips = train_one_epoch(
-        t.trained, t.criterion, t.optimizer, train_data, device, runtime.amp, times, t.hook, t.profiler,
+        t.trained,
+        t.criterion,
+        t.optimizer,
+        train_data,
+        device,
+        runtime.amp,
+        times,
+        t.hook,
+        t.profiler,
         args.log_interval,
     )
     eval_data = batches(data.eval, args.eval_batch_size, device, t.mean, t.std, shuffle=False)
@@ -250,8 +265,14 @@ def run_epoch(
     if t.scheduler is not None:
         t.scheduler.step()
     return {
-        "epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "eval_loss": eval_loss,
-        "eval_acc": eval_acc, "eval_rmse": eval_rmse, "lr": lr, "train_ips": ips,
+        "epoch": epoch,
+        "train_loss": train_loss,
+        "train_acc": train_acc,
+        "eval_loss": eval_loss,
+        "eval_acc": eval_acc,
+        "eval_rmse": eval_rmse,
+        "lr": lr,
+        "train_ips": ips,
     }
 
 
@@ -279,7 +300,11 @@ def save_epoch_checkpoint(
 
 
 def fit(
-    args: argparse.Namespace, training: Training, data: Data, runtime: Runtime, progress: Progress,
+    args: argparse.Namespace,
+    training: Training,
+    data: Data,
+    runtime: Runtime,
+    progress: Progress,
     fingerprint: dict[str, Any],
 ) -> StepTimes:
     """Run the epochs after those in ``progress``, one metric line (and checkpoint) each; stop early if told."""
@@ -387,11 +412,14 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
     group.add_argument("--arch", default="resnet50", choices=ARCHS, help="network (default: resnet50)")
     group.add_argument(
-        "--weights", default="none",
+        "--weights",
+        default="none",
         help="imagenet (downloads torchvision's), none, or a state-dict path (default: none)",
     )
     group.add_argument(
-        "--freeze-backbone", type=str2bool, default=False,
+        "--freeze-backbone",
+        type=str2bool,
+        default=False,
         help="train the head only; with --augment none the backbone runs once per image (default: false)",
     )
     group.add_argument("--image-size", type=int, default=224, help="square input size in pixels (default: 224)")
@@ -415,14 +443,17 @@ def add_optimization_flags(parser: argparse.ArgumentParser) -> None:
         "--class-weights", default="none", choices=("none", "balanced"), help="loss weights (default: none)"
     )
     group.add_argument(
-        "--early-stopping-patience", type=int, default=0,
+        "--early-stopping-patience",
+        type=int,
+        default=0,
         help="stop after N epochs without improvement; 0 never (default: 0)",
     )
     group.add_argument(
         "--keep", default="best", choices=("best", "last"), help="which epoch's weights to keep (default: best)"
     )
     group.add_argument(
-        "--train-channels", default="train",
+        "--train-channels",
+        default="train",
         help="channels to fit on, comma-separated, e.g. train,valid (default: train)",
     )
     group.add_argument("--eval-channel", default="valid", help="channel scored every epoch (default: valid)")
@@ -437,11 +468,15 @@ def add_runtime_flags(parser: argparse.ArgumentParser) -> None:
         "--log-interval", type=int, default=50, help="print progress every N steps; 0 never (default: 50)"
     )
     group.add_argument(
-        "--compile", type=str2bool, default=False,
+        "--compile",
+        type=str2bool,
+        default=False,
         help="torch.compile the model; pays off over long runs (default: false)",
     )
     group.add_argument(
-        "--threads", type=int, default=int(os.environ.get("SM_NUM_CPUS", "0")),
+        "--threads",
+        type=int,
+        default=int(os.environ.get("SM_NUM_CPUS", "0")),
         help="CPU threads; 0 means all cores (default: $SM_NUM_CPUS)",
     )
     group = parser.add_argument_group("debugger and profiler")

@@ -26,7 +26,9 @@ def resolve_model_task(settings: Settings, model_uri: str | None, endpoint_name:
     if not endpoint_name:
         raise ValueError("give a model_uri, or the endpoint_name whose model should score the images")
     record = get_serving_backend(settings).describe(endpoint_name)
-    get_run_logger().info("Using the model of endpoint %r: version %s at %s", endpoint_name, record.version, record.model_uri)
+    get_run_logger().info(
+        "Using the model of endpoint %r: version %s at %s", endpoint_name, record.version, record.model_uri
+    )
     return record.model_uri
 
 
@@ -64,7 +66,11 @@ def batch_transform_task(
         logger.warning("Unreadable, not scored: %s: %s", error["key"], error["error"])
     logger.info(
         "Scored %d images (%.1f images/s), %d already done, %d unreadable; results at %s",
-        summary.scored, summary.images_per_s, summary.skipped, summary.failed, summary.results_uri,
+        summary.scored,
+        summary.images_per_s,
+        summary.skipped,
+        summary.failed,
+        summary.results_uri,
     )
     create_markdown_artifact(
         key=SUMMARY_KEY,
@@ -80,5 +86,7 @@ def batch_transform_task(
         description="Batch transform summary",
     )
     if summary.errors:
-        create_table_artifact(key=ERRORS_KEY, table=summary.errors, description="Images the batch transform could not read")
+        create_table_artifact(
+            key=ERRORS_KEY, table=summary.errors, description="Images the batch transform could not read"
+        )
     return summary

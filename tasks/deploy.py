@@ -48,7 +48,9 @@ def publish_endpoint(record: EndpointRecord, note: str = "", status: str = "serv
 
 
 @task(name="deploy-endpoint", cache_policy=NO_CACHE)
-def deploy_endpoint_task(settings: Settings, endpoint_name: str, model_uri: str, model_ref: str | None) -> EndpointRecord:
+def deploy_endpoint_task(
+    settings: Settings, endpoint_name: str, model_uri: str, model_ref: str | None
+) -> EndpointRecord:
     """Start ``endpoint_name`` on ``model_uri`` (registered as ``model_ref``), or move it there blue/green."""
     logger = get_run_logger()
     backend = get_serving_backend(settings)
@@ -63,7 +65,9 @@ def deploy_endpoint_task(settings: Settings, endpoint_name: str, model_uri: str,
         txn.set("previous", previous.to_dict() if previous else None)
     logger.info(
         "Deploying %s (%s) to endpoint %r (%s)",
-        model_ref, model_uri, endpoint_name,
+        model_ref,
+        model_uri,
+        endpoint_name,
         f"replacing {previous.model_ref or previous.version}" if previous else "new endpoint",
     )
     record = backend.deploy(endpoint_name, model_uri, model_ref)
@@ -93,7 +97,9 @@ def stop_endpoint_task(settings: Settings, endpoint_name: str) -> EndpointRecord
     logger = get_run_logger()
     backend = get_serving_backend(settings)
     record = backend.describe(endpoint_name)
-    logger.info("Stopping endpoint %r (serving %s at %s)", endpoint_name, record.model_ref or record.version, record.url)
+    logger.info(
+        "Stopping endpoint %r (serving %s at %s)", endpoint_name, record.model_ref or record.version, record.url
+    )
     backend.delete(endpoint_name)
     publish_endpoint(record, note=f"Stopped at {now_iso()}; `{record.url}` no longer answers.", status="stopped")
     return record

@@ -35,7 +35,9 @@ def download_images_task(
     """Download every image of ``manifest`` into ``settings.data_dir`` (resumable; see bincount.download)."""
     logger = get_run_logger()
     local_dir = Path(settings.data_dir)
-    logger.info("Downloading %d images from %s to %s (%d at a time)", len(manifest), settings.source_uri, local_dir, concurrency)
+    logger.info(
+        "Downloading %d images from %s to %s (%d at a time)", len(manifest), settings.source_uri, local_dir, concurrency
+    )
     progress_artifact = ProgressArtifact("download-progress", f"Images downloaded from {settings.source_uri}")
     with tqdm(total=len(manifest), unit="img", desc="download", disable=None) as bar:
 
@@ -54,8 +56,12 @@ def download_images_task(
         )
     logger.info(
         "Downloaded %d (%.1f MB in %.1f s), %d already present, %d missing, %d corrupt",
-        report.downloaded, report.bytes_downloaded / 1e6, report.seconds,
-        report.already_present, len(report.missing), len(report.corrupt),
+        report.downloaded,
+        report.bytes_downloaded / 1e6,
+        report.seconds,
+        report.already_present,
+        len(report.missing),
+        len(report.corrupt),
     )
     problems = [{"id": image_id, "problem": "missing from the source"} for image_id in report.missing]
     problems += [{"id": image_id, "problem": why} for image_id, why in report.corrupt.items()]

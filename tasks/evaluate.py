@@ -6,9 +6,9 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
 
 from bincount.config import Settings
-from bincount.storage import storage_for
 from bincount.evaluation import Evaluation, evaluate_model
 from bincount.plots import confusion_matrix_plot
+from bincount.storage import storage_for
 from tasks.artifacts import publish_plot
 from tasks.caching import EVALUATION_CACHE
 from tasks.retry import is_transient
@@ -30,12 +30,17 @@ def score_model_task(settings: Settings, model_uri: str, test_channel_uri: str, 
     evaluation = evaluate_model(storage_for(settings), model_uri, test_channel_uri)
     logger.info(
         "Test accuracy %.4f, RMSE %.4f, within one %.4f on %d images",
-        evaluation.accuracy, evaluation.rmse, evaluation.within_one_accuracy, evaluation.images,
+        evaluation.accuracy,
+        evaluation.rmse,
+        evaluation.within_one_accuracy,
+        evaluation.images,
     )
     return evaluation
 
 
-def evaluate_and_publish(settings: Settings, model_uri: str, test_channel_uri: str, role: str = "trained") -> Evaluation:
+def evaluate_and_publish(
+    settings: Settings, model_uri: str, test_channel_uri: str, role: str = "trained"
+) -> Evaluation:
     """Score the model (cached) and publish its confusion matrix as a table and a plot.
 
     Publishing sits outside the cached task so that a run served from cache still shows the matrix.
@@ -48,8 +53,11 @@ def evaluate_and_publish(settings: Settings, model_uri: str, test_channel_uri: s
     create_table_artifact(
         key=f"confusion-matrix{suffix}",
         table=[
-            {"true count": str(true), **{f"predicted {c}": n for c, n in zip(evaluation.classes, row)},
-             "accuracy": round(evaluation.per_class_accuracy[str(true)], 4)}
+            {
+                "true count": str(true),
+                **{f"predicted {c}": n for c, n in zip(evaluation.classes, row)},
+                "accuracy": round(evaluation.per_class_accuracy[str(true)], 4),
+            }
             for true, row in zip(evaluation.classes, evaluation.confusion)
         ],
         description=(

@@ -34,4 +34,3 @@ def load_manifest(settings: Settings, manifest_uri: str | None = None, image_ids
     manifest = read_manifest(storage, uri)
     logger.info("Manifest lists %d images", len(manifest))
     return manifest
-

@@ -31,7 +31,10 @@ def emit_model_event(kind: ModelEvent, version: ModelVersion, payload: dict[str,
     """``bincount.model.<kind>`` about the model group, with the version as a related resource."""
     emit_event(
         event=f"bincount.model.{kind}",
-        resource={"prefect.resource.id": f"bincount.model-group.{version.group}", "prefect.resource.name": version.group},
+        resource={
+            "prefect.resource.id": f"bincount.model-group.{version.group}",
+            "prefect.resource.name": version.group,
+        },
         related=[
             {
                 "prefect.resource.id": f"bincount.model-version.{version.group}.{version.version}",
@@ -99,7 +102,9 @@ def register_model_task(
 
 
 @task(name="set-model-approval", cache_policy=NO_CACHE)
-def set_approval_task(settings: Settings, version: ModelVersion, approved: bool, actor: str, reason: str) -> ModelVersion:
+def set_approval_task(
+    settings: Settings, version: ModelVersion, approved: bool, actor: str, reason: str
+) -> ModelVersion:
     """Approve or reject ``version`` (who and why are kept in its history)."""
     registry = get_model_registry(settings)
     change = registry.approve if approved else registry.reject
@@ -126,7 +131,13 @@ def record_rollback_task(settings: Settings, group: str, actor: str, reason: str
     registry = get_model_registry(settings)
     rolled_from = registry.production(group)
     restored = registry.rollback(group, actor, reason)
-    get_run_logger().info("%s is in production again (was %s): %s", restored.ref, rolled_from.ref if rolled_from else "-", reason)
-    emit_model_event("rolled-back", restored, {"actor": actor, "reason": reason, "rolled_back_from": str(rolled_from.ref) if rolled_from else None})
+    get_run_logger().info(
+        "%s is in production again (was %s): %s", restored.ref, rolled_from.ref if rolled_from else "-", reason
+    )
+    emit_model_event(
+        "rolled-back",
+        restored,
+        {"actor": actor, "reason": reason, "rolled_back_from": str(rolled_from.ref) if rolled_from else None},
+    )
     publish_registry(settings, group)
     return restored

@@ -20,8 +20,12 @@ def report_data_task(settings: Settings, split_table: pd.DataFrame) -> DataRepor
     """Class counts per split, image sizes and the training split's mean/std, shown in the UI."""
     logger = get_run_logger()
     report = build_data_report(split_table, Path(settings.data_dir))
-    logger.info("Training normalization from %d images: mean %s std %s", report.normalization_images, report.mean, report.std)
-    create_table_artifact(key="data-class-counts", table=class_count_rows(report), description="Images per count and split")
+    logger.info(
+        "Training normalization from %d images: mean %s std %s", report.normalization_images, report.mean, report.std
+    )
+    create_table_artifact(
+        key="data-class-counts", table=class_count_rows(report), description="Images per count and split"
+    )
     publish_plot(
         "data-report",
         data_report_png(report),

@@ -11,13 +11,22 @@ from prefect.states import State
 from bincount.storage import TransientStorageError
 
 _TRANSIENT_AWS_CODES = {
-    "Throttling", "ThrottlingException", "TooManyRequestsException", "RequestLimitExceeded",
-    "SlowDown", "ServiceUnavailable", "InternalFailure", "InternalServerError", "RequestTimeout",
+    "Throttling",
+    "ThrottlingException",
+    "TooManyRequestsException",
+    "RequestLimitExceeded",
+    "SlowDown",
+    "ServiceUnavailable",
+    "InternalFailure",
+    "InternalServerError",
+    "RequestTimeout",
 }
 
 
 def is_transient_error(error: BaseException) -> bool:
-    if isinstance(error, TransientStorageError | botocore.exceptions.ConnectionError | botocore.exceptions.ReadTimeoutError):
+    if isinstance(
+        error, TransientStorageError | botocore.exceptions.ConnectionError | botocore.exceptions.ReadTimeoutError
+    ):
         return True
     if isinstance(error, botocore.exceptions.ClientError):
         status = int(error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)

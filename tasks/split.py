@@ -44,6 +44,11 @@ def split_dataset_task(
     kept = 0 if previous is None else int(table["id"].isin(previous["id"]).sum())
     logger.info(
         "Split %d images %s (seed %d) into %s: %d kept their side from the previous split, %d placed anew",
-        len(table), sizes, seed, split_uri, kept, len(table) - kept,
+        len(table),
+        sizes,
+        seed,
+        split_uri,
+        kept,
+        len(table) - kept,
     )
     return table

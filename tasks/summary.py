@@ -85,10 +85,13 @@ def settled_task_runs(client: SyncPrefectClient, flow_run_id: UUID, wait_s: floa
     seen = None
     while True:
         task_runs = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])), sort=TaskRunSort.EXPECTED_START_TIME_ASC
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
+            sort=TaskRunSort.EXPECTED_START_TIME_ASC,
         )
         now = [(run.id, run.state_type) for run in task_runs]
-        if (now == seen and all(run.state and run.state.is_final() for run in task_runs)) or time.monotonic() > deadline:
+        if (
+            now == seen and all(run.state and run.state.is_final() for run in task_runs)
+        ) or time.monotonic() > deadline:
             return task_runs
         seen = now
         time.sleep(0.5)
@@ -112,11 +115,15 @@ def stage_rows(client: SyncPrefectClient, flow_run: FlowRun) -> list[str]:
         child = subflows.get(task_run.id)
         if child is None:
             links = artifact_links(own.get(task_run.id, []))
-            rows.append(f"| {name} | {task_run.state_name} | {duration(task_run.start_time, task_run.end_time)} | {links} |")
+            rows.append(
+                f"| {name} | {task_run.state_name} | {duration(task_run.start_time, task_run.end_time)} | {links} |"
+            )
             continue
         under = artifacts_of(client, [child.id] + [run.id for run in descendants(client, child.id)])
         name = ui_link(f"{name} ({child.name})", f"runs/flow-run/{child.id}")
-        rows.append(f"| {name} | {child.state_name} | {duration(child.start_time, child.end_time)} | {artifact_links(under)} |")
+        rows.append(
+            f"| {name} | {child.state_name} | {duration(child.start_time, child.end_time)} | {artifact_links(under)} |"
+        )
     return rows
 
 
@@ -142,7 +149,10 @@ def run_summary(figures: Figures) -> Callable[[Flow, FlowRun, State], None]:
             markdown = summary_markdown(flow, flow_run, state, key_figures, stage_rows(client, flow_run))
             client.create_artifact(
                 ArtifactCreate(
-                    key=summary_key(flow.name), type="markdown", data=markdown, flow_run_id=flow_run.id,
+                    key=summary_key(flow.name),
+                    type="markdown",
+                    data=markdown,
+                    flow_run_id=flow_run.id,
                     description=f"What {flow.name} run {flow_run.name} did: {state.name}",
                 )
             )

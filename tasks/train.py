@@ -91,7 +91,13 @@ def train_model_task(settings: Settings, spec: TrainingJobSpec) -> TrainingJob:
     return job
 
 
-@task(name="check-debugger-rules", retries=2, retry_delay_seconds=10, retry_condition_fn=is_transient, cache_policy=NO_CACHE)
+@task(
+    name="check-debugger-rules",
+    retries=2,
+    retry_delay_seconds=10,
+    retry_condition_fn=is_transient,
+    cache_policy=NO_CACHE,
+)
 def check_debugger_rules_task(settings: Settings, job: TrainingJob) -> list[RuleResult]:
     """The debugger rules' verdicts on a job; a table artifact ``debugger-rules``.
 
@@ -105,7 +111,12 @@ def check_debugger_rules_task(settings: Settings, job: TrainingJob) -> list[Rule
         level = logging.WARNING if result.status in ("fired", "error") else logging.INFO
         logger.log(level, "%s %s: %s", result.rule, result.status, result.evidence)
     fired, errors = (sum(r.status == status for r in results) for status in ("fired", "error"))
-    verdicts = {"fired": "⚠️ **FIRED**", "error": "❌ **could not run**", "passed": "✅ passed", "not_evaluated": "not evaluated"}
+    verdicts = {
+        "fired": "⚠️ **FIRED**",
+        "error": "❌ **could not run**",
+        "passed": "✅ passed",
+        "not_evaluated": "not evaluated",
+    }
     summary = f"{fired} fired" + (f", {errors} could not run" if errors else "")
     create_markdown_artifact(
         key="debugger-rules",
@@ -116,7 +127,9 @@ def check_debugger_rules_task(settings: Settings, job: TrainingJob) -> list[Rule
     return results
 
 
-@task(name="summarize-profile", retries=2, retry_delay_seconds=10, retry_condition_fn=is_transient, cache_policy=NO_CACHE)
+@task(
+    name="summarize-profile", retries=2, retry_delay_seconds=10, retry_condition_fn=is_transient, cache_policy=NO_CACHE
+)
 def summarize_profile_task(settings: Settings, job: TrainingJob) -> dict:
     """Read a job's profiler summary; a markdown artifact ``profiler-summary``."""
     logger = get_run_logger()
@@ -127,7 +140,8 @@ def summarize_profile_task(settings: Settings, job: TrainingJob) -> dict:
     step = summary["step_time_ms"]
     memory = summary["peak_memory_mb"]
     rows = "\n".join(
-        f"| `{op['name']}` | {op['calls']} | {op['self_time_ms']:.1f} | {100 * op['share']:.1f}% |" for op in summary["top_operators"]
+        f"| `{op['name']}` | {op['calls']} | {op['self_time_ms']:.1f} | {100 * op['share']:.1f}% |"
+        for op in summary["top_operators"]
     )
     cuda = f", CUDA allocated {memory['cuda_allocated']:.0f} MB" if memory.get("cuda_allocated") else ""
     create_markdown_artifact(

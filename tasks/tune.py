@@ -16,14 +16,18 @@ from tasks.caching import TRAINING_JOB_CACHE
 from tasks.train import log_line, training_slot
 
 
-@task(name="train-trial", task_run_name="train-trial-{trial.number}", cache_policy=TRAINING_JOB_CACHE, persist_result=True)
+@task(
+    name="train-trial", task_run_name="train-trial-{trial.number}", cache_policy=TRAINING_JOB_CACHE, persist_result=True
+)
 def train_trial_task(settings: Settings, trial: TrialSpec) -> TrainingJob:
     """Run one trial's job; it stops early when its objective falls below the median of earlier trials.
 
     Not retried: a trial that fails is recorded as failed and the search goes on without it.
     """
     logger = get_run_logger()
-    logger.info("Trial %d: %s (prune below %s)", trial.number, trial.hyperparameters, trial.prune_below or "nothing yet")
+    logger.info(
+        "Trial %d: %s (prune below %s)", trial.number, trial.hyperparameters, trial.prune_below or "nothing yet"
+    )
     with training_slot():
         job = get_training_backend(settings).train(trial.job, on_log=log_line(logger), should_stop=trial.should_stop)
     logger.info("Trial %d %s: %s", trial.number, job.status, job.metrics.get(trial.objective_metric))
@@ -37,8 +41,15 @@ def report_tuning_task(result: TuningResult, objective_metric: str) -> None:
     logger.info("Reporting %d trials of %s", len(result.trials), result.name)
     names = sorted({name for trial in result.trials for name in trial.hyperparameters})
     rows = [
-        [rank, trial.number, trial.status, trial.objective, *(trial.hyperparameters.get(n) for n in names), trial.job_name,
-         trial.failure_reason]
+        [
+            rank,
+            trial.number,
+            trial.status,
+            trial.objective,
+            *(trial.hyperparameters.get(n) for n in names),
+            trial.job_name,
+            trial.failure_reason,
+        ]
         for rank, trial in enumerate(result.trials, start=1)
     ]
     create_markdown_artifact(
@@ -47,4 +58,9 @@ def report_tuning_task(result: TuningResult, objective_metric: str) -> None:
         + markdown_table(["rank", "trial", "status", objective_metric, *names, "job", "failure"], rows),
         description=f"Tuning trials ranked by {objective_metric}",
     )
-    publish_plot("tuning-trials", tuning_trials(result.trials, objective_metric), "Tuning trials", f"Objective: {objective_metric}")
+    publish_plot(
+        "tuning-trials",
+        tuning_trials(result.trials, objective_metric),
+        "Tuning trials",
+        f"Objective: {objective_metric}",
+    )

@@ -15,10 +15,12 @@ os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 
-from bincount.demo_data import write_demo_channels  # noqa: E402
-from bincount.loopback_s3 import LoopbackS3  # noqa: E402
+from bincount.demo_data import write_demo_channels
+from bincount.loopback_s3 import LoopbackS3
 
-ABID_DIR = Path(os.environ.get("BINCOUNT_ABID_SAMPLE", Path(__file__).resolve().parents[1].parent / "shared" / "data" / "abid"))
+ABID_DIR = Path(
+    os.environ.get("BINCOUNT_ABID_SAMPLE", Path(__file__).resolve().parents[1].parent / "shared" / "data" / "abid")
+)
 
 
 @pytest.fixture(scope="session")
@@ -46,7 +48,9 @@ def s3_client(s3_server: LoopbackS3):
 def abid_dir() -> Path:
     """The real ABID sample; tests that need it skip when it is absent."""
     if not (ABID_DIR / "file_list.sample.json").is_file():
-        pytest.skip(f"the real ABID sample is not at {ABID_DIR} (set BINCOUNT_ABID_SAMPLE to its folder; see README: Tests)")
+        pytest.skip(
+            f"the real ABID sample is not at {ABID_DIR} (set BINCOUNT_ABID_SAMPLE to its folder; see README: Tests)"
+        )
     return ABID_DIR
 
 
@@ -69,12 +73,16 @@ def abid_bucket(abid_dir: Path, s3_server: LoopbackS3) -> dict[str, int]:
     sample = parse_manifest((abid_dir / "file_list.sample.json").read_text())
     manifest: dict[str, int] = {}
     for count in sorted(set(sample.values())):
-        manifest.update(list((image_id, label) for image_id, label in sample.items() if label == count)[:ABID_PER_CLASS])
+        manifest.update(
+            list((image_id, label) for image_id, label in sample.items() if label == count)[:ABID_PER_CLASS]
+        )
     client = boto3.client("s3", endpoint_url=s3_server.endpoint_url)
     client.create_bucket(Bucket=ABID_BUCKET)
     for image_id in manifest:
         for folder, suffix in (("bin-images", "jpg"), ("metadata", "json")):
             path = abid_dir / "bucket" / folder / f"{image_id}.{suffix}"
-            client.upload_file(str(path), ABID_BUCKET, f"{folder}/{image_id}.{suffix}", ExtraArgs={"ACL": "public-read"})
+            client.upload_file(
+                str(path), ABID_BUCKET, f"{folder}/{image_id}.{suffix}", ExtraArgs={"ACL": "public-read"}
+            )
     client.put_object(Bucket=ABID_BUCKET, Key="file_list.json", Body=dump_manifest(manifest), ACL="public-read")
     return manifest

@@ -61,7 +61,9 @@ def test_no_import_cycle_inside_the_project() -> None:
 
 def test_layers_and_independent_backends_hold() -> None:
     """import-linter's contracts in pyproject.toml: flows > tasks > factory > (local | sagemaker) > core > contracts."""
-    run = subprocess.run([str(Path(sys.executable).with_name("lint-imports"))], cwd=ROOT, capture_output=True, text=True)
+    run = subprocess.run(
+        [str(Path(sys.executable).with_name("lint-imports"))], cwd=ROOT, capture_output=True, text=True
+    )
     assert run.returncode == 0, run.stdout + run.stderr
 
 
@@ -72,7 +74,8 @@ def test_flows_and_tasks_never_branch_on_the_profile() -> None:
         for path in sorted((ROOT / folder).glob("*.py")):
             for node in ast.walk(ast.parse(path.read_text(), str(path))):
                 if isinstance(node, ast.Compare) and any(
-                    isinstance(part, ast.Attribute) and part.attr == "profile" for part in [node.left, *node.comparators]
+                    isinstance(part, ast.Attribute) and part.attr == "profile"
+                    for part in [node.left, *node.comparators]
                 ):
                     offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}")
     assert offenders == []

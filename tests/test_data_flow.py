@@ -31,9 +31,13 @@ def env(monkeypatch, s3_server, tmp_path: Path) -> Path:
     return tmp_path
 
 
-def test_real_images_from_s3_to_channels_then_served_from_cache(prefect_server, env: Path, abid_bucket: dict[str, int]) -> None:
+def test_real_images_from_s3_to_channels_then_served_from_cache(
+    prefect_server, env: Path, abid_bucket: dict[str, int]
+) -> None:
     artifacts = env / "artifacts"
-    state = prepare_data(location=Location(source_uri="s3://abid-sample", artifact_root=str(artifacts)), return_state=True)
+    state = prepare_data(
+        location=Location(source_uri="s3://abid-sample", artifact_root=str(artifacts)), return_state=True
+    )
     result = state.result()
     table = read_split(Storage(), result.split_uri)
     assert len(table) == len(abid_bucket) == result.images
@@ -47,16 +51,22 @@ def test_real_images_from_s3_to_channels_then_served_from_cache(prefect_server, 
         assert file_digest(channel_file) == row.sha256
     assert all(0.0 < value < 1.0 for value in (*result.mean, *result.std))
 
-    rerun = prepare_data(location=Location(source_uri="s3://abid-sample", artifact_root=str(artifacts)), return_state=True)
+    rerun = prepare_data(
+        location=Location(source_uri="s3://abid-sample", artifact_root=str(artifacts)), return_state=True
+    )
     states = task_states(rerun.state_details.flow_run_id)
     assert {states[name] for name in ("download-images", "split-dataset", "report-data")} == {"Cached"}
     assert rerun.result() == result
 
-    refreshed = prepare_data(location=Location(source_uri="s3://abid-sample", artifact_root=str(artifacts)), refresh=True, return_state=True)
+    refreshed = prepare_data(
+        location=Location(source_uri="s3://abid-sample", artifact_root=str(artifacts)), refresh=True, return_state=True
+    )
     assert task_states(refreshed.state_details.flow_run_id)["download-images"] == "Completed"
 
 
-def test_demo_data_round_trips_through_s3_and_the_flow(prefect_server, env: Path, s3_server, s3_client, monkeypatch) -> None:
+def test_demo_data_round_trips_through_s3_and_the_flow(
+    prefect_server, env: Path, s3_server, s3_client, monkeypatch
+) -> None:
     monkeypatch.setenv("BINCOUNT_SOURCE_ANONYMOUS", "false")  # a private bucket, unlike the public ABID one
     s3_client.create_bucket(Bucket="demo-roundtrip")
     storage = Storage(s3_endpoint_url=s3_server.endpoint_url)
@@ -67,7 +77,9 @@ def test_demo_data_round_trips_through_s3_and_the_flow(prefect_server, env: Path
     )
     assert result.channels["train"] == "s3://demo-roundtrip/artifacts/datasets/demo/channels/train"
     table = read_split(storage, result.split_uri)
-    listed = {info.uri.rsplit("/", 3)[-3:][0] for info in storage.list("s3://demo-roundtrip/artifacts/datasets/demo/channels")}
+    listed = {
+        info.uri.rsplit("/", 3)[-3:][0] for info in storage.list("s3://demo-roundtrip/artifacts/datasets/demo/channels")
+    }
     assert listed == set(SPLITS)
     assert sum(1 for _ in storage.list(result.channels["test"])) == (table["split"] == "test").sum()
 
@@ -82,7 +94,9 @@ def test_demo_generator_is_deterministic_by_seed(tmp_path: Path) -> None:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
 
 
-def test_sync_copies_only_what_changed_and_removes_what_moved(s3_server, s3_client, abid_bucket, tmp_path: Path) -> None:
+def test_sync_copies_only_what_changed_and_removes_what_moved(
+    s3_server, s3_client, abid_bucket, tmp_path: Path
+) -> None:
     from bincount.download import download_images
 
     storage = Storage(s3_endpoint_url=s3_server.endpoint_url)

@@ -46,7 +46,9 @@ def server_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, s
     }
     server = subprocess.Popen(
         [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         deadline = time.monotonic() + 120
@@ -83,7 +85,11 @@ def decisions(artifact_root: Path, group: str) -> list[dict]:
 
 TINY_PIPELINE = {  # endpoint and model group: the default, "bincount"
     "training": {
-        "arch": "resnet18", "image_size": 32, "max_jobs": 1, "debugger": False, "profiler": False,
+        "arch": "resnet18",
+        "image_size": 32,
+        "max_jobs": 1,
+        "debugger": False,
+        "profiler": False,
         "search_space": [
             {"type": "categorical", "name": "lr", "values": [0.01]},
             {"type": "categorical", "name": "batch-size", "values": [32]},
@@ -102,8 +108,14 @@ def test_deploy_then_the_scheduled_nightly_runs_with_no_parameters(server_env: d
 
     run([sys.executable, "-m", "deployments.setup"], env)
     deployed = run([PREFECT, "--no-prompt", "deploy", "--all"], env)
-    expected = ["bincount-pipeline/on-demand", "bincount-pipeline/demo", "nightly-retrain/nightly",
-                "batch-transform/on-demand", "prepare-data/on-demand", "rollback-model/on-demand"]
+    expected = [
+        "bincount-pipeline/on-demand",
+        "bincount-pipeline/demo",
+        "nightly-retrain/nightly",
+        "batch-transform/on-demand",
+        "prepare-data/on-demand",
+        "rollback-model/on-demand",
+    ]
     assert all(name in deployed for name in expected), deployed
     nightly = run([PREFECT, "deployment", "inspect", "nightly-retrain/nightly"], env)
     assert "0 2 * * *" in nightly and "Europe/Berlin" in nightly
@@ -114,8 +126,19 @@ def test_deploy_then_the_scheduled_nightly_runs_with_no_parameters(server_env: d
     assert "SCHEDULED" in flow_run_states(env, "nightly-retrain"), "the scheduler creates the nightly runs"
 
     training, location = json.dumps(TINY_PIPELINE["training"]), json.dumps({"source_uri": bucket})
-    run([PREFECT, "deployment", "run", "bincount-pipeline/on-demand", "--param", f"training={training}",
-         "--param", f"location={location}"], env)  # as the README's examples give them
+    run(
+        [
+            PREFECT,
+            "deployment",
+            "run",
+            "bincount-pipeline/on-demand",
+            "--param",
+            f"training={training}",
+            "--param",
+            f"location={location}",
+        ],
+        env,
+    )  # as the README's examples give them
     try:
         run([PREFECT, "worker", "start", "--pool", "bincount-local", "--run-once"], env, timeout=600)
         assert flow_run_states(env, "bincount-pipeline") == ["COMPLETED"]
@@ -134,22 +157,37 @@ def test_deploy_then_the_scheduled_nightly_runs_with_no_parameters(server_env: d
         assert version["spec"]["hyperparameters"]["epochs"] == 1, "and its recipe"
 
         scored = tmp_path / "scored"
-        run([PREFECT, "deployment", "run", "batch-transform/on-demand", "--param",
-             f"input_uri={artifacts / 'datasets' / 'abid' / 'channels' / 'test'}", "--param", f"output_uri={scored}"], env)
+        run(
+            [
+                PREFECT,
+                "deployment",
+                "run",
+                "batch-transform/on-demand",
+                "--param",
+                f"input_uri={artifacts / 'datasets' / 'abid' / 'channels' / 'test'}",
+                "--param",
+                f"output_uri={scored}",
+            ],
+            env,
+        )
         run([PREFECT, "worker", "start", "--pool", "bincount-local", "--run-once"], env, timeout=600)
         assert flow_run_states(env, "batch-transform") == ["COMPLETED"] * 2, "the pipeline's and this one"
         assert (scored / "results.csv").is_file()
         for flow_name, figure in (("nightly-retrain", "| decision |"), ("batch-transform", "| scored |")):
             assert figure in latest_artifact(env, f"summary-{flow_name}")["data"], f"{flow_name}'s run summary"
     finally:
-        subprocess.run([sys.executable, "-m", "flows.cli", "delete-endpoint", "bincount"], env=env, cwd=ROOT, timeout=120)
+        subprocess.run(
+            [sys.executable, "-m", "flows.cli", "delete-endpoint", "bincount"], env=env, cwd=ROOT, timeout=120
+        )
 
 
 def latest_artifact(env: dict[str, str], key: str) -> dict:
     query = {"artifacts": {"key": {"any_": [key]}}, "sort": "CREATED_DESC", "limit": 1}
     found = httpx.post(f"{env['PREFECT_API_URL']}/artifacts/filter", json=query, timeout=10).json()
     if not found:
-        pytest.skip(f"no artifact {key!r}: this test reads the runs of test_deploy_then_the_scheduled_nightly_runs_with_no_parameters")
+        pytest.skip(
+            f"no artifact {key!r}: this test reads the runs of test_deploy_then_the_scheduled_nightly_runs_with_no_parameters"
+        )
     return found[0]
 
 
@@ -159,9 +197,19 @@ def rendered(url: str, expression: str, timeout_s: float = 120) -> dict:
     assert CHROMIUM is not None
     with tempfile.TemporaryDirectory(prefix="chromium-") as profile:
         browser = subprocess.Popen(
-            [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-             f"--user-data-dir={profile}", "--window-size=1280,900", "--remote-debugging-port=0", url],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                CHROMIUM,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                f"--user-data-dir={profile}",
+                "--window-size=1280,900",
+                "--remote-debugging-port=0",
+                url,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         try:
             deadline = time.monotonic() + timeout_s
@@ -169,11 +217,20 @@ def rendered(url: str, expression: str, timeout_s: float = 120) -> dict:
             while not (port_file.is_file() and port_file.read_text().strip()) and time.monotonic() < deadline:
                 time.sleep(0.2)
             port = int(port_file.read_text().split()[0])
-            (page,) = [t for t in httpx.get(f"http://127.0.0.1:{port}/json/list", timeout=10).json() if t["type"] == "page"]
+            (page,) = [
+                t for t in httpx.get(f"http://127.0.0.1:{port}/json/list", timeout=10).json() if t["type"] == "page"
+            ]
             with connect(page["webSocketDebuggerUrl"], max_size=None) as devtools:
                 for number in range(1, 10_000):
-                    devtools.send(json.dumps({"id": number, "method": "Runtime.evaluate",
-                                              "params": {"expression": expression, "returnByValue": True}}))
+                    devtools.send(
+                        json.dumps(
+                            {
+                                "id": number,
+                                "method": "Runtime.evaluate",
+                                "params": {"expression": expression, "returnByValue": True},
+                            }
+                        )
+                    )
                     reply = json.loads(devtools.recv())
                     while reply.get("id") != number:  # no events are enabled: only answers come
                         reply = json.loads(devtools.recv())
@@ -199,7 +256,9 @@ PAGE = """(() => {{
 def test_the_pipeline_run_reads_in_a_real_browser(server_env: dict[str, str]) -> None:
     """The summary and a plot of the deployed pipeline's run, as a user sees them in the Prefect UI."""
     if CHROMIUM is None:
-        pytest.skip("Debian's chromium is not installed (apt-get install -y chromium; .ci/run installs it where apt works)")
+        pytest.skip(
+            "Debian's chromium is not installed (apt-get install -y chromium; .ci/run installs it where apt works)"
+        )
     ui = server_env["PREFECT_API_URL"].removesuffix("/api")
     summary = latest_artifact(server_env, "summary-bincount-pipeline")
     page = rendered(f"{ui}/artifacts/artifact/{summary['id']}", PAGE.format(mark="test accuracy", plots=0))

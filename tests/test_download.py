@@ -16,7 +16,9 @@ from bincount.storage import Storage, file_digest
 BUCKET = "s3://abid-sample"
 
 
-def test_downloads_every_image_and_its_metadata_verified(s3_server, abid_bucket: dict[str, int], tmp_path: Path) -> None:
+def test_downloads_every_image_and_its_metadata_verified(
+    s3_server, abid_bucket: dict[str, int], tmp_path: Path
+) -> None:
     storage = Storage(s3_endpoint_url=s3_server.endpoint_url, anonymous=True)
     report, downloaded = download_images(abid_bucket, BUCKET, tmp_path, storage, concurrency=16)
     assert (report.downloaded, report.already_present, report.missing, report.corrupt) == (len(abid_bucket), 0, [], {})
@@ -36,7 +38,9 @@ def faulty_bucket(s3_server, abid_dir: Path, abid_bucket: dict[str, int]) -> tup
     client.create_bucket(Bucket="abid-faults")
     good = list(abid_bucket)[:10]
     for image_id in good:
-        client.upload_file(str(abid_dir / "bucket" / "bin-images" / f"{image_id}.jpg"), "abid-faults", f"bin-images/{image_id}.jpg")
+        client.upload_file(
+            str(abid_dir / "bucket" / "bin-images" / f"{image_id}.jpg"), "abid-faults", f"bin-images/{image_id}.jpg"
+        )
     whole = (abid_dir / "bucket" / "bin-images" / f"{good[0]}.jpg").read_bytes()
     client.put_object(Bucket="abid-faults", Key="bin-images/corrupt.jpg", Body=b"\x00\x01 not a jpeg" * 100)
     client.put_object(Bucket="abid-faults", Key="bin-images/truncated.jpg", Body=whole[: len(whole) // 2])
@@ -47,14 +51,18 @@ def faulty_bucket(s3_server, abid_dir: Path, abid_bucket: dict[str, int]) -> tup
 def test_corrupt_truncated_and_missing_are_reported_and_leave_nothing(s3_server, faulty_bucket, tmp_path: Path) -> None:
     source, manifest = faulty_bucket
     storage = Storage(s3_endpoint_url=s3_server.endpoint_url)
-    report, downloaded = download_images(manifest, source, tmp_path, storage, max_missing_share=0.25, with_metadata=False)
+    report, downloaded = download_images(
+        manifest, source, tmp_path, storage, max_missing_share=0.25, with_metadata=False
+    )
     assert report.missing == ["missing"]
     assert set(report.corrupt) == {"corrupt", "truncated"}
     assert "does not decode" in report.corrupt["truncated"]
     assert len(downloaded) == 10
     assert sorted(p.name for p in (tmp_path / "bin-images").iterdir()) == sorted(f"{i}.jpg" for i in downloaded)
 
-    with pytest.raises(DownloadError, match=r"1 missing and 2 corrupt of 13 images .*raise max_missing_share") as failure:
+    with pytest.raises(
+        DownloadError, match=r"1 missing and 2 corrupt of 13 images .*raise max_missing_share"
+    ) as failure:
         download_images(manifest, source, tmp_path / "strict", storage, max_missing_share=0.1, with_metadata=False)
     assert "truncated" in str(failure.value) and "missing" in str(failure.value)
 
@@ -64,7 +72,9 @@ def test_transient_503s_are_retried(s3_server, abid_bucket: dict[str, int], tmp_
     for image_id in list(manifest)[:3]:
         s3_server.fail_next(f"bin-images/{image_id}.jpg", times=2)
     before = s3_server.requests
-    report, _ = download_images(manifest, BUCKET, tmp_path, Storage(s3_endpoint_url=s3_server.endpoint_url), concurrency=3)
+    report, _ = download_images(
+        manifest, BUCKET, tmp_path, Storage(s3_endpoint_url=s3_server.endpoint_url), concurrency=3
+    )
     assert report.downloaded == 6 and not report.missing and not report.corrupt
     assert s3_server.requests - before == 6 * 2 + 3 * 2  # image + metadata each, plus two retries for three images
 
@@ -81,7 +91,9 @@ download_images(manifest, "s3://abid-sample", Path(sys.argv[2]), storage, concur
 """
 
 
-def test_a_killed_download_resumes_without_refetching_or_partial_files(s3_server, abid_bucket: dict[str, int], tmp_path: Path) -> None:
+def test_a_killed_download_resumes_without_refetching_or_partial_files(
+    s3_server, abid_bucket: dict[str, int], tmp_path: Path
+) -> None:
     s3_server.latency_s = 0.02
     try:
         child = subprocess.Popen([sys.executable, "-c", KILLABLE_DOWNLOAD, s3_server.endpoint_url, str(tmp_path)])

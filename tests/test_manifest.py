@@ -25,7 +25,10 @@ def test_seed_format_round_trips() -> None:
         ('{"6": ["data/metadata/00001.json"]}', "class key '6' is not one of"),
         ('{"1": "data/metadata/00001.json"}', r"manifest\['1'\] must be a list"),
         ('{"2": ["data/metadata/00001.json", "images/00002.jpg"]}', r"manifest\['2'\]\[1\] = 'images/00002.jpg'"),
-        ('{"1": ["data/metadata/00001.json"], "4": ["data/metadata/00001.json"]}', r"id 00001 is listed twice \(also at manifest\['1'\]\[0\]\)"),
+        (
+            '{"1": ["data/metadata/00001.json"], "4": ["data/metadata/00001.json"]}',
+            r"id 00001 is listed twice \(also at manifest\['1'\]\[0\]\)",
+        ),
         ("{}", "lists no images"),
     ],
 )

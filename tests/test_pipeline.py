@@ -96,7 +96,9 @@ def events_named(
 
 
 @pytest.fixture(scope="module")
-def deployed(prefect_server: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[dict[str, str], PipelineResult]]:
+def deployed(
+    prefect_server: None, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[dict[str, str], PipelineResult]]:
     """The pipeline run once on a demo bucket: its endpoint serves the first registered version."""
     root = tmp_path_factory.mktemp("pipeline")
     bucket = (root / "bucket").as_uri()
@@ -121,7 +123,9 @@ def test_pipeline_end_to_end_registers_deploys_then_is_served_from_cache(
     assert endpoint.model_uri == result.model_uri and endpoint.model_ref == result.model_version == f"{ENDPOINT}:1"
     runtime = boto3.client("sagemaker-runtime", endpoint_url=endpoint.url, region_name="us-east-1")
     photo = jpeg_bytes(render_bin_image(3, np.random.default_rng(0), 64))
-    answer = json.loads(runtime.invoke_endpoint(EndpointName=ENDPOINT, Body=photo, ContentType="image/jpeg")["Body"].read())
+    answer = json.loads(
+        runtime.invoke_endpoint(EndpointName=ENDPOINT, Body=photo, ContentType="image/jpeg")["Body"].read()
+    )
     assert answer["predictions"][0]["predicted_count"] in (1, 2, 3, 4, 5)
 
     scored = result.batch_transform
@@ -137,16 +141,29 @@ def test_pipeline_end_to_end_registers_deploys_then_is_served_from_cache(
     assert lineage.dataset.counts == read_split(Storage(), result.dataset_split_uri)["split"].value_counts().to_dict()
     assert lineage.code_hash == code_hash() and lineage.metrics.accuracy == pytest.approx(result.evaluation.accuracy)
     assert lineage.hyperparameters["arch"] == "resnet18" and lineage.hyperparameters["train-channels"] == "train,valid"
-    assert lineage.recipe["location"]["source_uri"] == where["source_uri"] and lineage.recipe["training"]["image_size"] == 32
+    assert (
+        lineage.recipe["location"]["source_uri"] == where["source_uri"]
+        and lineage.recipe["training"]["image_size"] == 32
+    )
     assert lineage.flow_run_id and lineage.flow_run_url
     best = registry.best_hyperparameters(ENDPOINT)
     assert best is not None and best.version == 1
     related = f"bincount.model-version.{ENDPOINT}.1"
     assert events_named("bincount.model.registered", related) and events_named("bincount.model.promoted", related)
 
-    (summary,) = [a for a in artifacts_keyed(summary_key("bincount-pipeline")) if str(a.flow_run_id) == lineage.flow_run_id]
-    for figure in (f"| model version | {ENDPOINT}:1 |", f"| test accuracy | {result.evaluation.accuracy:.3g} |", endpoint.url,
-                   "| test RMSE |", "prepare-data (", "train-model (", "batch-transform (", "| register-model | Completed |"):
+    (summary,) = [
+        a for a in artifacts_keyed(summary_key("bincount-pipeline")) if str(a.flow_run_id) == lineage.flow_run_id
+    ]
+    for figure in (
+        f"| model version | {ENDPOINT}:1 |",
+        f"| test accuracy | {result.evaluation.accuracy:.3g} |",
+        endpoint.url,
+        "| test RMSE |",
+        "prepare-data (",
+        "train-model (",
+        "batch-transform (",
+        "| register-model | Completed |",
+    ):
         assert figure in summary.data, (figure, summary.data)
     for key in ("data-report", "training-curves", "debugger-rules", "tuning-leaderboard", "confusion-matrix-plot"):
         assert f"[{key}](" in summary.data, f"the summary links {key}"
@@ -160,7 +177,9 @@ def test_pipeline_end_to_end_registers_deploys_then_is_served_from_cache(
         assert states[expensive] == {"Cached"}, (expensive, states[expensive])
     assert rerun.result().model_version == result.model_version, "the same model is the same version"
     assert len(registry.list(ENDPOINT)) == 1
-    summaries = [a for a in artifacts_keyed(summary_key("bincount-pipeline")) if f"| model version | {ENDPOINT}:1 |" in a.data]
+    summaries = [
+        a for a in artifacts_keyed(summary_key("bincount-pipeline")) if f"| model version | {ENDPOINT}:1 |" in a.data
+    ]
     assert len(summaries) == 2, "one summary per run under one key"
 
 
@@ -214,8 +233,13 @@ def test_endpoints_are_described_pinged_and_stopped_with_a_stopped_artifact(
     assert ENDPOINT in listed and f"Healthy, serving {serving.model_ref}" in listed and serving.url in listed, listed
     cli(["endpoints", "describe", ENDPOINT])
     described = capsys.readouterr().out
-    for line in (f"model version    {serving.model_ref} (resnet18, 32 px", f"model URI        {serving.model_uri}",
-                 f"URL              {serving.url}", f"deployed         {serving.deployed_at}", "router port"):
+    for line in (
+        f"model version    {serving.model_ref} (resnet18, 32 px",
+        f"model URI        {serving.model_uri}",
+        f"URL              {serving.url}",
+        f"deployed         {serving.deployed_at}",
+        "router port",
+    ):
         assert line in described, (line, described)
 
     cli(["delete-endpoint", ENDPOINT])

@@ -25,7 +25,12 @@ from botocore.exceptions import ClientError
 from botocore.validate import validate_parameters
 
 from bincount.config import Settings
+from bincount.contracts.naming import job_name
+from bincount.contracts.serving import DeployError, EndpointNotFoundError
+from bincount.contracts.training import DEBUGGER_RULES, TrainingJob, TrainingJobFailed, TrainingJobSpec
+from bincount.contracts.tuning import SEEDS_SEARCH_SPACE, TuningSpec
 from bincount.demo_data import jpeg_bytes, render_bin_image
+from bincount.factory import get_serving_backend, get_training_backend, get_tuning_backend
 from bincount.loopback_s3 import LoopbackS3
 from bincount.sagemaker.serving import SageMakerServingBackend
 from bincount.sagemaker.session import SageMakerOptions
@@ -41,11 +46,6 @@ from bincount.sagemaker.waiting import (
     SageMakerWaitTimeout,
     wait_for,
 )
-from bincount.contracts.naming import job_name
-from bincount.contracts.serving import DeployError, EndpointNotFoundError
-from bincount.contracts.training import DEBUGGER_RULES, TrainingJob, TrainingJobFailed, TrainingJobSpec
-from bincount.contracts.tuning import SEEDS_SEARCH_SPACE, TuningSpec
-from bincount.factory import get_serving_backend, get_training_backend, get_tuning_backend
 from sm_scripts.metric_format import METRIC_DEFINITIONS, OBJECTIVE_METRIC
 
 ACCOUNT, REGION = "123456789012", "us-east-1"
@@ -79,7 +79,10 @@ class MotoSageMaker:
         self.endpoint_delays: list[int] = []
         self.changing: dict[str, list[Any]] = {}  # endpoint -> [describes left, config it moves to]
         create, describe = SageMakerModelBackend.create_training_job, SageMakerModelBackend.describe_training_job
-        create_endpoint, describe_endpoint = SageMakerModelBackend.create_endpoint, SageMakerModelBackend.describe_endpoint
+        create_endpoint, describe_endpoint = (
+            SageMakerModelBackend.create_endpoint,
+            SageMakerModelBackend.describe_endpoint,
+        )
         owner = self
 
         def create_training_job(backend: Any, training_job_name: str, **kwargs: Any) -> Any:
@@ -121,7 +124,7 @@ class MotoSageMaker:
 
             endpoint = response.sagemaker_backend.endpoints[response._get_param("EndpointName")]
             if endpoint.endpoint_status in ("Creating", "Updating"):  # as SageMaker refuses it
-                raise ValidationError(message=f"Cannot update in-progress endpoint \"{endpoint.arn}\".")
+                raise ValidationError(message=f'Cannot update in-progress endpoint "{endpoint.arn}".')
             config = response._get_param("EndpointConfigName")
             if owner.fail_updates:  # SageMaker keeps the old config serving and says why
                 endpoint.failure_reason = owner.fail_updates
@@ -144,7 +147,9 @@ class MotoSageMaker:
             return EmptyResult()
 
         def list_training_jobs_for_hyper_parameter_tuning_job(response: Any) -> Any:  # nor this
-            return ActionResult({"TrainingJobSummaries": owner.trials.get(response._get_param("HyperParameterTuningJobName"), [])})
+            return ActionResult(
+                {"TrainingJobSummaries": owner.trials.get(response._get_param("HyperParameterTuningJobName"), [])}
+            )
 
         monkeypatch.setattr(SageMakerModelBackend, "create_training_job", create_training_job)
         monkeypatch.setattr(SageMakerModelBackend, "describe_training_job", describe_training_job)
@@ -169,7 +174,10 @@ def bucket(s3_server: LoopbackS3) -> str:
 @pytest.fixture
 def settings(s3_server: LoopbackS3, bucket: str) -> Settings:
     return Settings.load(
-        profile="aws", artifact_root=f"s3://{bucket}/bincount", s3_endpoint_url=s3_server.endpoint_url, aws_region=REGION
+        profile="aws",
+        artifact_root=f"s3://{bucket}/bincount",
+        s3_endpoint_url=s3_server.endpoint_url,
+        aws_region=REGION,
     )
 
 
@@ -226,7 +234,9 @@ def decoded(hyperparameters: dict[str, str]) -> dict[str, Any]:
 
 
 def spec(settings: Settings, name: str, **kwargs: Any) -> TrainingJobSpec:
-    channels = {split: settings.artifact_uri("datasets", "demo", "channels", split) for split in ("train", "valid", "test")}
+    channels = {
+        split: settings.artifact_uri("datasets", "demo", "channels", split) for split in ("train", "valid", "test")
+    }
     return TrainingJobSpec(
         name=name,
         hyperparameters={"lr": 0.05, "batch-size": 64, "epochs": 3, "arch": "resnet50"},
@@ -242,11 +252,17 @@ def test_credentials_from_a_prefect_aws_block(settings: Settings) -> None:
 
     from bincount.sagemaker.session import boto_session, credential_options
 
-    block = AwsCredentials(aws_access_key_id="AKIDEXAMPLE", aws_secret_access_key="wJalrXUtnFEMI/K7MDENG", aws_session_token="token")
+    block = AwsCredentials(
+        aws_access_key_id="AKIDEXAMPLE", aws_secret_access_key="wJalrXUtnFEMI/K7MDENG", aws_session_token="token"
+    )
     options = SageMakerOptions.load(**credential_options(block), endpoint_url="http://127.0.0.1:1")
     session = boto_session(settings, options)
     credentials = session.get_credentials().get_frozen_credentials()
-    assert (credentials.access_key, credentials.secret_key, credentials.token) == ("AKIDEXAMPLE", "wJalrXUtnFEMI/K7MDENG", "token")
+    assert (credentials.access_key, credentials.secret_key, credentials.token) == (
+        "AKIDEXAMPLE",
+        "wJalrXUtnFEMI/K7MDENG",
+        "token",
+    )
     assert session.client("sagemaker").meta.endpoint_url == "http://127.0.0.1:1"
     assert session.client("s3").meta.endpoint_url == settings.s3_endpoint_url
     assert "wJalr" not in repr(options)  # secrets stay out of logs and Prefect parameters
@@ -256,22 +272,32 @@ def test_credentials_from_a_prefect_aws_block(settings: Settings) -> None:
 def test_training_job_request_with_debugger_rules_profiler_and_spot(
     settings: Settings, options: SageMakerOptions, moto_sagemaker: MotoSageMaker
 ) -> None:
-    backend = SageMakerTrainingBackend(settings, options.model_copy(update={"use_spot": True, "train_instance_count": 2}))
+    backend = SageMakerTrainingBackend(
+        settings, options.model_copy(update={"use_spot": True, "train_instance_count": 2})
+    )
     captured = Captured(backend.session.sagemaker_client)
     name = job_name("retrain", uuid.uuid4().hex)
     job = backend.train(spec(settings, name, debugger=True, profiler=True))
 
     (request,) = captured("CreateTrainingJob")
     assert decoded(request["HyperParameters"]) == {
-        "lr": 0.05, "batch-size": 64, "epochs": 3, "arch": "resnet50", "debugger": True, "profile": True,
+        "lr": 0.05,
+        "batch-size": 64,
+        "epochs": 3,
+        "arch": "resnet50",
+        "debugger": True,
+        "profile": True,
         "checkpoint-dir": "/opt/ml/checkpoints",  # spot: train.py resumes from what SageMaker syncs to CheckpointConfig
-        "sagemaker_program": "train.py", "sagemaker_container_log_level": 20, "sagemaker_job_name": name,
+        "sagemaker_program": "train.py",
+        "sagemaker_container_log_level": 20,
+        "sagemaker_job_name": name,
         "sagemaker_region": REGION,
         "sagemaker_submit_directory": f"{settings.artifact_uri('jobs')}/{name}/source/sourcedir.tar.gz",
     }
     assert request["AlgorithmSpecification"]["MetricDefinitions"] == METRIC_DEFINITIONS
     assert {c["ChannelName"]: c["DataSource"]["S3DataSource"]["S3Uri"] for c in request["InputDataConfig"]} == {
-        split: settings.artifact_uri("datasets", "demo", "channels", split) + "/" for split in ("train", "valid", "test")
+        split: settings.artifact_uri("datasets", "demo", "channels", split) + "/"
+        for split in ("train", "valid", "test")
     }
     assert request["ResourceConfig"] == {"InstanceType": "ml.g5.xlarge", "InstanceCount": 2, "VolumeSizeInGB": 30}
     assert request["StoppingCondition"] == {"MaxRuntimeInSeconds": 4 * 3600, "MaxWaitTimeInSeconds": 8 * 3600}
@@ -282,7 +308,10 @@ def test_training_job_request_with_debugger_rules_profiler_and_spot(
     assert request["DebugHookConfig"]["S3OutputPath"] == settings.artifact_uri("jobs")
     rules = {r["RuleConfigurationName"]: r["RuleParameters"] for r in request["DebugRuleConfigurations"]}
     assert set(rules) == RULE_NAMES
-    assert rules["Overtraining"] == {"rule_to_invoke": "Overtraining", **{key: str(value) for key, value in DEBUGGER_RULES["overtraining"].items()}}
+    assert rules["Overtraining"] == {
+        "rule_to_invoke": "Overtraining",
+        **{key: str(value) for key, value in DEBUGGER_RULES["overtraining"].items()},
+    }
     assert request["ProfilerConfig"]["ProfilingIntervalInMilliseconds"] == 500
     assert "ProfilingParameters" not in request["ProfilerConfig"]  # system monitoring only
     assert not request["ProfilerConfig"].get("DisableProfiler")
@@ -304,11 +333,15 @@ def test_plain_training_job_has_no_debugger_and_no_profiler(
     captured = Captured(backend.session.sagemaker_client)
     name = job_name("train", uuid.uuid4().hex)
     # What SageMaker reports after a job: the metric definitions' final values and the billable time.
-    moto_sagemaker.scripts[name] = [{
-        "final_metric_data_list": [{"MetricName": "eval:accuracy", "Value": 0.42, "Timestamp": "2026-01-01T00:00:00Z"},
-                                   {"MetricName": "epoch", "Value": 3.0, "Timestamp": "2026-01-01T00:00:00Z"}],
-        "training_time_in_seconds": 321,
-    }]
+    moto_sagemaker.scripts[name] = [
+        {
+            "final_metric_data_list": [
+                {"MetricName": "eval:accuracy", "Value": 0.42, "Timestamp": "2026-01-01T00:00:00Z"},
+                {"MetricName": "epoch", "Value": 3.0, "Timestamp": "2026-01-01T00:00:00Z"},
+            ],
+            "training_time_in_seconds": 321,
+        }
+    ]
     job = backend.train(spec(settings, name))
     assert (job.status, job.metrics, job.duration_s) == ("Completed", {"eval:accuracy": 0.42, "epoch": 3.0}, 321.0)
     (request,) = captured("CreateTrainingJob")
@@ -345,27 +378,52 @@ def test_tuning_job_request_and_best_hyperparameters_read_back(
         arn = original(backend_, **kwargs)
         job = backend_.hyper_parameter_tuning_jobs[kwargs["hyper_parameter_tuning_job_name"]]
         job.best_training_job = {
-            "TrainingJobName": best_trial, "TrainingJobArn": f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:training-job/{best_trial}",
-            "CreationTime": job.creation_time, "TrainingJobStatus": "Completed",
+            "TrainingJobName": best_trial,
+            "TrainingJobArn": f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:training-job/{best_trial}",
+            "CreationTime": job.creation_time,
+            "TrainingJobStatus": "Completed",
             "TunedHyperParameters": {"lr": "0.0421", "batch-size": '"128"', "epochs": "7"},
             "FinalHyperParameterTuningJobObjectiveMetric": {"MetricName": OBJECTIVE_METRIC, "Value": 0.61},
         }
         spec_best = spec(settings, best_trial)
         state.create_training_job(
-            training_job_name=best_trial, hyper_parameters={}, algorithm_specification={}, role_arn=ROLE,
-            input_data_config=[], output_data_config={"S3OutputPath": spec_best.output_uri}, resource_config={},
-            vpc_config={}, stopping_condition={}, tags=[], enable_network_isolation=False,
-            enable_inter_container_traffic_encryption=False, enable_managed_spot_training=False, checkpoint_config={},
-            debug_hook_config={}, debug_rule_configurations=[], tensor_board_output_config={}, experiment_config={},
+            training_job_name=best_trial,
+            hyper_parameters={},
+            algorithm_specification={},
+            role_arn=ROLE,
+            input_data_config=[],
+            output_data_config={"S3OutputPath": spec_best.output_uri},
+            resource_config={},
+            vpc_config={},
+            stopping_condition={},
+            tags=[],
+            enable_network_isolation=False,
+            enable_inter_container_traffic_encryption=False,
+            enable_managed_spot_training=False,
+            checkpoint_config={},
+            debug_hook_config={},
+            debug_rule_configurations=[],
+            tensor_board_output_config={},
+            experiment_config={},
         )
         return arn
 
     moto_sagemaker.trials[name] = [
-        {"TrainingJobName": best_trial, "TrainingJobArn": "arn", "CreationTime": "2026-01-01T00:00:00Z",
-         "TrainingJobStatus": "Completed", "TunedHyperParameters": {"lr": "0.0421", "batch-size": '"128"', "epochs": "7"},
-         "FinalHyperParameterTuningJobObjectiveMetric": {"MetricName": OBJECTIVE_METRIC, "Value": 0.61}},
-        {"TrainingJobName": f"{name}-001-aaaa0000", "TrainingJobArn": "arn", "CreationTime": "2026-01-01T00:00:00Z",
-         "TrainingJobStatus": "Stopped", "TunedHyperParameters": {"lr": "0.09", "batch-size": '"32"', "epochs": "2"}},
+        {
+            "TrainingJobName": best_trial,
+            "TrainingJobArn": "arn",
+            "CreationTime": "2026-01-01T00:00:00Z",
+            "TrainingJobStatus": "Completed",
+            "TunedHyperParameters": {"lr": "0.0421", "batch-size": '"128"', "epochs": "7"},
+            "FinalHyperParameterTuningJobObjectiveMetric": {"MetricName": OBJECTIVE_METRIC, "Value": 0.61},
+        },
+        {
+            "TrainingJobName": f"{name}-001-aaaa0000",
+            "TrainingJobArn": "arn",
+            "CreationTime": "2026-01-01T00:00:00Z",
+            "TrainingJobStatus": "Stopped",
+            "TunedHyperParameters": {"lr": "0.09", "batch-size": '"32"', "epochs": "2"},
+        },
     ]
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(type(state), "create_hyper_parameter_tuning_job", create)
@@ -381,7 +439,9 @@ def test_tuning_job_request_and_best_hyperparameters_read_back(
     assert ranges["ContinuousParameterRanges"] == [
         {"Name": "lr", "MinValue": "0.01", "MaxValue": "0.1", "ScalingType": "Logarithmic"}
     ]
-    assert [(r["Name"], r["MinValue"], r["MaxValue"]) for r in ranges["IntegerParameterRanges"]] == [("epochs", "1", "10")]
+    assert [(r["Name"], r["MinValue"], r["MaxValue"]) for r in ranges["IntegerParameterRanges"]] == [
+        ("epochs", "1", "10")
+    ]
     assert [(r["Name"], [json.loads(v) for v in r["Values"]]) for r in ranges["CategoricalParameterRanges"]] == [
         ("batch-size", ["32", "64", "128"])
     ]
@@ -394,10 +454,19 @@ def test_tuning_job_request_and_best_hyperparameters_read_back(
     assert [c["ChannelName"] for c in definition["InputDataConfig"]] == ["train", "valid", "test"]
 
     assert result.best_training_job == best_trial
-    assert result.best_hyperparameters == {"arch": "resnet50", "weights": "none", "lr": 0.0421, "batch-size": 128, "epochs": 7}
+    assert result.best_hyperparameters == {
+        "arch": "resnet50",
+        "weights": "none",
+        "lr": 0.0421,
+        "batch-size": 128,
+        "epochs": 7,
+    }
     assert result.best_objective == pytest.approx(0.61)
     assert result.best_model_uri == f"{settings.artifact_uri('jobs')}/{best_trial}/output/model.tar.gz"
-    assert [(t.status, t.hyperparameters["batch-size"]) for t in result.trials] == [("Completed", 128), ("Stopped", 32)]  # best first
+    assert [(t.status, t.hyperparameters["batch-size"]) for t in result.trials] == [
+        ("Completed", 128),
+        ("Stopped", 32),
+    ]  # best first
 
     # A retried tune task follows the tuning job instead of starting a second one.
     backend.tune(tuning)
@@ -419,8 +488,13 @@ def test_tuning_job_without_a_completed_trial_fails_with_its_reason(
 
     monkeypatch.setattr(type(state), "create_hyper_parameter_tuning_job", create)
     tuning = TuningSpec(
-        name=job_name("tune", uuid.uuid4().hex, kind="tuning"), space=SEEDS_SEARCH_SPACE, static_hyperparameters={},
-        channels=spec(settings, "x").channels, output_uri=settings.artifact_uri("tuning"), max_jobs=2, max_parallel_jobs=1,
+        name=job_name("tune", uuid.uuid4().hex, kind="tuning"),
+        space=SEEDS_SEARCH_SPACE,
+        static_hyperparameters={},
+        channels=spec(settings, "x").channels,
+        output_uri=settings.artifact_uri("tuning"),
+        max_jobs=2,
+        max_parallel_jobs=1,
         objective_metric=OBJECTIVE_METRIC,
     )
     with pytest.raises(SageMakerJobFailed, match="channel valid holds no images"):
@@ -430,8 +504,15 @@ def test_tuning_job_without_a_completed_trial_fails_with_its_reason(
 # --- model, endpoint, transform ---------------------------------------------------------------
 def model_archive(seed: int, image_size: int = 64) -> bytes:
     """A model.tar.gz as train.py packs it (the weights only need to be distinct bytes here)."""
-    info = {"arch": "resnet18", "classes": [1, 2, 3, 4, 5], "image_size": image_size,
-            "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "hyperparameters": {}, "metrics": {}}
+    info = {
+        "arch": "resnet18",
+        "classes": [1, 2, 3, 4, 5],
+        "image_size": image_size,
+        "mean": [0.485, 0.456, 0.406],
+        "std": [0.229, 0.224, 0.225],
+        "hyperparameters": {},
+        "metrics": {},
+    }
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
         for name, data in (("model.pt", f"weights {seed}".encode()), ("model_info.json", json.dumps(info).encode())):
@@ -484,7 +565,11 @@ def test_deploy_update_roll_back_retry_and_delete(
     assert model["ExecutionRoleArn"] == ROLE
     (config,) = captured("CreateEndpointConfig")
     (variant,) = config["ProductionVariants"]
-    assert (variant["ModelName"], variant["InstanceType"], variant["InitialInstanceCount"]) == (model["ModelName"], "ml.m5.large", 1)
+    assert (variant["ModelName"], variant["InstanceType"], variant["InitialInstanceCount"]) == (
+        model["ModelName"],
+        "ml.m5.large",
+        1,
+    )
     (create,) = captured("CreateEndpoint")
     assert create == {"EndpointName": name, "EndpointConfigName": config["EndpointConfigName"], "Tags": []}
     assert first.backend == "sagemaker" and first.details["endpoint_config"] == config["EndpointConfigName"]
@@ -492,7 +577,7 @@ def test_deploy_update_roll_back_retry_and_delete(
 
     # The repacked model holds inference.py under code/, where the SageMaker PyTorch container looks.
     s3 = backend.session.boto_session.client("s3")
-    bucket, key = container["ModelDataUrl"][len("s3://"):].split("/", 1)
+    bucket, key = container["ModelDataUrl"][len("s3://") :].split("/", 1)
     with tarfile.open(fileobj=io.BytesIO(s3.get_object(Bucket=bucket, Key=key)["Body"].read())) as tar:
         assert {"model.pt", "model_info.json", "code/inference.py"} <= set(tar.getnames())
 
@@ -534,7 +619,9 @@ def test_deploy_update_roll_back_retry_and_delete(
     assert backend.describe(name).version == second.version
 
     # A retried deploy of what already serves finds its model and config: nothing new is created.
-    before = {op: len(captured(op)) for op in ("CreateModel", "CreateEndpointConfig", "CreateEndpoint", "UpdateEndpoint")}
+    before = {
+        op: len(captured(op)) for op in ("CreateModel", "CreateEndpointConfig", "CreateEndpoint", "UpdateEndpoint")
+    }
     queue_answers(prediction(3))
     again = backend.deploy(name, models[2])
     assert {op: len(captured(op)) for op in before} == before
@@ -542,10 +629,13 @@ def test_deploy_update_roll_back_retry_and_delete(
 
     # An update still running after the rollback's own wait: the error says what to run by hand.
     moto_sagemaker.endpoint_delays = [5]
-    with pytest.raises(DeployError, match=(
-        f"Rolling back to config {second.details['endpoint_config']} failed too .*still Updating.*"
-        f"aws sagemaker update-endpoint --endpoint-name {name} --endpoint-config-name {second.details['endpoint_config']}"
-    )):
+    with pytest.raises(
+        DeployError,
+        match=(
+            f"Rolling back to config {second.details['endpoint_config']} failed too .*still Updating.*"
+            f"aws sagemaker update-endpoint --endpoint-name {name} --endpoint-config-name {second.details['endpoint_config']}"
+        ),
+    ):
         impatient.deploy(name, models[3])
     # The next deploy waits for the running update to finish before it updates the endpoint.
     queue_answers(prediction(3))
@@ -571,17 +661,26 @@ def test_a_new_endpoint_that_fails_is_left_with_how_to_delete_it(
     impatient = SageMakerServingBackend(
         sagemaker_env, backend.options.model_copy(update={"endpoint_timeout_s": 1e-6}), session=backend.session
     )
-    for environment, value in {"BINCOUNT_PROFILE": "aws", "BINCOUNT_ARTIFACT_ROOT": sagemaker_env.artifact_root,
-                               "BINCOUNT_S3_ENDPOINT_URL": sagemaker_env.s3_endpoint_url, "BINCOUNT_AWS_REGION": REGION}.items():
+    for environment, value in {
+        "BINCOUNT_PROFILE": "aws",
+        "BINCOUNT_ARTIFACT_ROOT": sagemaker_env.artifact_root,
+        "BINCOUNT_S3_ENDPOINT_URL": sagemaker_env.s3_endpoint_url,
+        "BINCOUNT_AWS_REGION": REGION,
+    }.items():
         monkeypatch.setenv(environment, str(value))
-    for deployer, setup, state in ((backend, lambda: queue_answers("{}"), "InService"),  # answers badly
-                                   (impatient, lambda: moto_sagemaker.endpoint_delays.append(3), "Creating")):  # too slow
+    for deployer, setup, state in (
+        (backend, lambda: queue_answers("{}"), "InService"),  # answers badly
+        (impatient, lambda: moto_sagemaker.endpoint_delays.append(3), "Creating"),
+    ):  # too slow
         name = f"bincount-test-{uuid.uuid4().hex[:8]}"
         setup()
-        with pytest.raises(DeployError, match=(
-            f"(?s)failed on endpoint '{name}'.*new and never served; it is left as it is \\({state}\\).*"
-            f"delete it with `BINCOUNT_PROFILE=aws bincount delete-endpoint {name}`"
-        )):
+        with pytest.raises(
+            DeployError,
+            match=(
+                f"(?s)failed on endpoint '{name}'.*new and never served; it is left as it is \\({state}\\).*"
+                f"delete it with `BINCOUNT_PROFILE=aws bincount delete-endpoint {name}`"
+            ),
+        ):
             deployer.deploy(name, models[1])
         assert name in sagemaker_state().endpoints
         main(["delete-endpoint", name])  # what the message says to run
@@ -589,7 +688,10 @@ def test_a_new_endpoint_that_fails_is_left_with_how_to_delete_it(
 
 
 def test_batch_transform_request_and_joined_table(
-    settings: Settings, options: SageMakerOptions, models: dict[int, str], monkeypatch: pytest.MonkeyPatch,
+    settings: Settings,
+    options: SageMakerOptions,
+    models: dict[int, str],
+    monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     import numpy as np
@@ -601,7 +703,11 @@ def test_batch_transform_request_and_joined_table(
     prefix = f"bincount/transform/{uuid.uuid4().hex}"
     images = {f"{count}/img{count}{i}.jpg": count for count in (1, 2, 3) for i in range(2)}
     for key in images:
-        s3.put_object(Bucket=BUCKET, Key=f"{prefix}/in/{key}", Body=jpeg_bytes(render_bin_image(1, np.random.default_rng(0), size=32)))
+        s3.put_object(
+            Bucket=BUCKET,
+            Key=f"{prefix}/in/{key}",
+            Body=jpeg_bytes(render_bin_image(1, np.random.default_rng(0), size=32)),
+        )
 
     # moto completes a transform job without running a container: write the .out files the
     # container would (each image's JSON answer), predicting 2 for every image.
@@ -617,7 +723,10 @@ def test_batch_transform_request_and_joined_table(
     monkeypatch.setattr(type(state), "create_transform_job", create_transform_job)
 
     # What the transform container logs (a stream per instance, and one for the data plane).
-    container_lines = {"i-0abc1234": ["Warming up the model", "Model loaded"], "i-0abc1234/data-log": ["6 requests, 0 errors"]}
+    container_lines = {
+        "i-0abc1234": ["Warming up the model", "Model loaded"],
+        "i-0abc1234/data-log": ["6 requests, 0 errors"],
+    }
 
     def container_logs(**_: Any) -> None:
         job = captured("CreateTransformJob")[-1]["TransformJobName"]
@@ -628,18 +737,30 @@ def test_batch_transform_request_and_joined_table(
     progress: list[tuple[int, int]] = []
     with caplog.at_level(logging.INFO, logger="bincount.sagemaker.serving"):
         summary = backend.batch_transform(
-            models[1], f"s3://{BUCKET}/{prefix}/in", f"s3://{BUCKET}/{prefix}/out", progress=lambda d, t: progress.append((d, t))
+            models[1],
+            f"s3://{BUCKET}/{prefix}/in",
+            f"s3://{BUCKET}/{prefix}/out",
+            progress=lambda d, t: progress.append((d, t)),
         )
     streamed = [r.getMessage() for r in caplog.records if r.getMessage().startswith("[i-0abc1234")]
     assert streamed == [f"[{host}] {line}" for host, lines in container_lines.items() for line in lines]
     (request,) = captured("CreateTransformJob")
     assert request["TransformInput"] == {
         "DataSource": {"S3DataSource": {"S3DataType": "S3Prefix", "S3Uri": f"s3://{BUCKET}/{prefix}/in/"}},
-        "ContentType": "application/x-image", "SplitType": "None",
+        "ContentType": "application/x-image",
+        "SplitType": "None",
     }
-    assert request["TransformOutput"] == {"S3OutputPath": f"s3://{BUCKET}/{prefix}/out/", "Accept": "application/json", "AssembleWith": "None"}
+    assert request["TransformOutput"] == {
+        "S3OutputPath": f"s3://{BUCKET}/{prefix}/out/",
+        "Accept": "application/json",
+        "AssembleWith": "None",
+    }
     assert request["TransformResources"] == {"InstanceType": "ml.m5.xlarge", "InstanceCount": 1}
-    assert (request["BatchStrategy"], request["MaxPayloadInMB"], request["MaxConcurrentTransforms"]) == ("SingleRecord", 6, 4)
+    assert (request["BatchStrategy"], request["MaxPayloadInMB"], request["MaxConcurrentTransforms"]) == (
+        "SingleRecord",
+        6,
+        4,
+    )
     assert request["TransformJobName"].startswith("bincount-transform-")
 
     assert (summary.images, summary.scored, summary.failed) == (6, 6, 0)
@@ -648,7 +769,18 @@ def test_batch_transform_request_and_joined_table(
     import pandas as pd
 
     table = pd.read_csv(io.BytesIO(s3.get_object(Bucket=BUCKET, Key=f"{prefix}/out/results.csv")["Body"].read()))
-    assert list(table.columns) == ["id", "key", "predicted_count", "prob_1", "prob_2", "prob_3", "prob_4", "prob_5", "label", "correct"]
+    assert list(table.columns) == [
+        "id",
+        "key",
+        "predicted_count",
+        "prob_1",
+        "prob_2",
+        "prob_3",
+        "prob_4",
+        "prob_5",
+        "label",
+        "correct",
+    ]
     assert sorted(table["key"]) == sorted(images) and set(table["predicted_count"]) == {2}
     assert dict(zip(table["key"], table["label"])) == images
 
@@ -658,7 +790,9 @@ def test_batch_transform_request_and_joined_table(
 
 
 # --- waiting: transitions, backoff, timeout, interrupt -----------------------------------------
-def start_running_job(backend: SageMakerTrainingBackend, settings: Settings, moto_sagemaker: MotoSageMaker, states: list[dict]) -> str:
+def start_running_job(
+    backend: SageMakerTrainingBackend, settings: Settings, moto_sagemaker: MotoSageMaker, states: list[dict]
+) -> str:
     name = job_name("train", uuid.uuid4().hex)
     backend.estimator(spec(settings, name)).fit(backend.channels(spec(settings, name)), job_name=name, wait=False)
     moto_sagemaker.scripts[name] = states
@@ -668,21 +802,38 @@ def start_running_job(backend: SageMakerTrainingBackend, settings: Settings, mot
 RUNNING = [
     {"training_job_status": "InProgress", "secondary_status": "Starting", "secondary_status_transitions": []},
     {"training_job_status": "InProgress", "secondary_status": "Starting"},
-    {"training_job_status": "InProgress", "secondary_status": "Downloading",
-     "secondary_status_transitions": [{"Status": "Starting", "StartTime": "2026-01-01T00:00:00Z", "StatusMessage": "Preparing the instances"},
-                                      {"Status": "Downloading", "StartTime": "2026-01-01T00:01:00Z", "StatusMessage": "Downloading input data"}]},
+    {
+        "training_job_status": "InProgress",
+        "secondary_status": "Downloading",
+        "secondary_status_transitions": [
+            {"Status": "Starting", "StartTime": "2026-01-01T00:00:00Z", "StatusMessage": "Preparing the instances"},
+            {"Status": "Downloading", "StartTime": "2026-01-01T00:01:00Z", "StatusMessage": "Downloading input data"},
+        ],
+    },
     {"training_job_status": "InProgress", "secondary_status": "Training"},
 ]
 
 
-def test_wait_logs_transitions_and_backs_off(settings: Settings, options: SageMakerOptions, moto_sagemaker: MotoSageMaker) -> None:
+def test_wait_logs_transitions_and_backs_off(
+    settings: Settings, options: SageMakerOptions, moto_sagemaker: MotoSageMaker
+) -> None:
     backend = SageMakerTrainingBackend(settings, options)
-    name = start_running_job(backend, settings, moto_sagemaker, [*RUNNING, {"training_job_status": "Completed", "secondary_status": "Completed"}])
+    name = start_running_job(
+        backend,
+        settings,
+        moto_sagemaker,
+        [*RUNNING, {"training_job_status": "Completed", "secondary_status": "Completed"}],
+    )
     events: list[str] = []
     sleeps: list[float] = []
     description = wait_for(
-        backend.session.sagemaker_client, TRAINING_JOB, name, on_event=events.append, timeout_s=60,
-        backoff=Backoff(1.0, 2.0, 1.5), sleep=sleeps.append,
+        backend.session.sagemaker_client,
+        TRAINING_JOB,
+        name,
+        on_event=events.append,
+        timeout_s=60,
+        backoff=Backoff(1.0, 2.0, 1.5),
+        sleep=sleeps.append,
     )
     assert description["TrainingJobStatus"] == "Completed"
     assert sleeps == [1.0, 1.5, 2.0, 2.0]
@@ -696,7 +847,9 @@ def test_wait_logs_transitions_and_backs_off(settings: Settings, options: SageMa
     ]
 
 
-def test_timeout_and_interrupt_stop_the_job(settings: Settings, options: SageMakerOptions, moto_sagemaker: MotoSageMaker) -> None:
+def test_timeout_and_interrupt_stop_the_job(
+    settings: Settings, options: SageMakerOptions, moto_sagemaker: MotoSageMaker
+) -> None:
     backend = SageMakerTrainingBackend(settings, options.model_copy(update={"job_timeout_s": 0.05}))
     name = job_name("train", uuid.uuid4().hex)
     moto_sagemaker.scripts[name] = [dict(RUNNING[0]) for _ in range(1000)]
@@ -745,7 +898,8 @@ def put_log_lines(logs: Any, group: str, stream: str, lines: list[str]) -> None:
         logs.create_log_stream(logGroupName=group, logStreamName=stream)
     start = int(time.time() * 1000)
     logs.put_log_events(
-        logGroupName=group, logStreamName=stream,
+        logGroupName=group,
+        logStreamName=stream,
         logEvents=[{"timestamp": start + i, "message": line} for i, line in enumerate(lines)],
     )
 
@@ -755,18 +909,26 @@ def test_failed_job_raises_with_its_reason_and_log_tail(
 ) -> None:
     backend = SageMakerTrainingBackend(settings, options)
     name = job_name("train", uuid.uuid4().hex)
-    put_log_lines(backend.logs_client, TRAINING_LOG_GROUP, f"{name}/algo-1-1700000000", [
-        "epoch: 1 train_loss: 1.6", "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"
-    ])
+    put_log_lines(
+        backend.logs_client,
+        TRAINING_LOG_GROUP,
+        f"{name}/algo-1-1700000000",
+        ["epoch: 1 train_loss: 1.6", "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"],
+    )
     moto_sagemaker.fail_next["reason"] = "AlgorithmError: ExecuteUserScriptError: CUDA out of memory"
     with pytest.raises(TrainingJobFailed, match="(?s)ExecuteUserScriptError.*Tried to allocate 2.00 GiB") as failure:
         backend.train(spec(settings, name))
     assert failure.value.job.status == "Failed"
-    assert failure.value.job.log_tail[-2:] == ["epoch: 1 train_loss: 1.6", "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"]
+    assert failure.value.job.log_tail[-2:] == [
+        "epoch: 1 train_loss: 1.6",
+        "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB",
+    ]
 
 
 # --- CloudWatch log lines while a job runs -----------------------------------------------------
-def test_log_follower_passes_each_event_once_and_waits_for_group_and_streams(settings: Settings, options: SageMakerOptions) -> None:
+def test_log_follower_passes_each_event_once_and_waits_for_group_and_streams(
+    settings: Settings, options: SageMakerOptions
+) -> None:
     logs = SageMakerTrainingBackend(settings, options).logs_client
     group, job = f"/aws/sagemaker/TrainingJobs-{uuid.uuid4().hex}", job_name("train", uuid.uuid4().hex)
     lines: list[str] = []
@@ -792,7 +954,12 @@ def test_log_follower_reports_a_missing_permission_once(settings: Settings, opti
 
     def refuse(**_: Any) -> None:  # what CloudWatch answers a caller without logs:DescribeLogStreams
         raise ClientError(
-            {"Error": {"Code": "AccessDeniedException", "Message": "not authorized to perform: logs:DescribeLogStreams"}},
+            {
+                "Error": {
+                    "Code": "AccessDeniedException",
+                    "Message": "not authorized to perform: logs:DescribeLogStreams",
+                }
+            },
             "DescribeLogStreams",
         )
 
@@ -804,7 +971,10 @@ def test_log_follower_reports_a_missing_permission_once(settings: Settings, opti
     finally:
         logs.meta.events.unregister("before-call.logs.DescribeLogStreams", refuse)
     (line,) = reported
-    assert "not authorized to perform: logs:DescribeLogStreams" in line and "grant logs:DescribeLogStreams and logs:GetLogEvents" in line
+    assert (
+        "not authorized to perform: logs:DescribeLogStreams" in line
+        and "grant logs:DescribeLogStreams and logs:GetLogEvents" in line
+    )
 
 
 def test_training_logs_stream_to_the_task_log_while_the_job_runs(
@@ -813,7 +983,9 @@ def test_training_logs_stream_to_the_task_log_while_the_job_runs(
     backend = SageMakerTrainingBackend(settings, options)
     completed = {"training_job_status": "Completed", "secondary_status": "Completed"}
     # The first describe is the one that finds the job exists; the wait sees the rest.
-    name = start_running_job(backend, settings, moto_sagemaker, [RUNNING[0], RUNNING[0], RUNNING[2], RUNNING[3], RUNNING[3], completed])
+    name = start_running_job(
+        backend, settings, moto_sagemaker, [RUNNING[0], RUNNING[0], RUNNING[2], RUNNING[3], RUNNING[3], completed]
+    )
     batches = {  # what the container has logged by the time the job shows each secondary status
         "InProgress (Downloading)": ["Downloading input data", "channel train: 40 images"],
         "InProgress (Training)": ["epoch: 1 train_loss: 1.6 eval_acc: 0.3", "epoch: 2 train_loss: 1.2 eval_acc: 0.4"],
@@ -837,18 +1009,27 @@ def test_training_logs_stream_to_the_task_log_while_the_job_runs(
 def rule_statuses(job: str, states: dict[str, tuple[str, str | None]]) -> list[dict[str, Any]]:
     """DescribeTrainingJob's DebugRuleEvaluationStatuses (moto reports none: its jobs run no rules)."""
     return [
-        {"RuleConfigurationName": rule, "RuleEvaluationStatus": state,
-         "RuleEvaluationJobArn": f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:processing-job/{job[:30]}-{rule.lower()[:12]}",
-         **({"StatusDetails": details} if details else {})}
+        {
+            "RuleConfigurationName": rule,
+            "RuleEvaluationStatus": state,
+            "RuleEvaluationJobArn": f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:processing-job/{job[:30]}-{rule.lower()[:12]}",
+            **({"StatusDetails": details} if details else {}),
+        }
         for rule, (state, details) in sorted(states.items())
     ]
 
 
-IN_PROGRESS: dict[str, tuple[str, str | None]] = {rule: ("InProgress", None) for rule in RULE_NAMES}
+IN_PROGRESS: dict[str, tuple[str, str | None]] = dict.fromkeys(RULE_NAMES, ("InProgress", None))
 VERDICTS: dict[str, tuple[str, str | None]] = {
-    **{rule: ("NoIssuesFound", None) for rule in RULE_NAMES},
-    "Overfit": ("IssuesFound", "RuleEvaluationConditionMet: Evaluation of the rule Overfit at step 120 resulted in the condition being met"),
-    "PoorWeightInitialization": ("Error", "InternalServerError: the rule's processing job failed: no tensors in collection weights"),
+    **dict.fromkeys(RULE_NAMES, ("NoIssuesFound", None)),
+    "Overfit": (
+        "IssuesFound",
+        "RuleEvaluationConditionMet: Evaluation of the rule Overfit at step 120 resulted in the condition being met",
+    ),
+    "PoorWeightInitialization": (
+        "Error",
+        "InternalServerError: the rule's processing job failed: no tensors in collection weights",
+    ),
 }
 
 
@@ -860,21 +1041,32 @@ def test_rule_results_wait_for_every_rule_and_report_errors_as_errors(
     job = backend.train(spec(settings, name, debugger=True))
     partly = {**IN_PROGRESS, "LossNotDecreasing": VERDICTS["LossNotDecreasing"]}
     moto_sagemaker.scripts[name] = [
-        {"debug_rule_evaluation_statuses": rule_statuses(name, states)} for states in (IN_PROGRESS, IN_PROGRESS, partly, VERDICTS)
+        {"debug_rule_evaluation_statuses": rule_statuses(name, states)}
+        for states in (IN_PROGRESS, IN_PROGRESS, partly, VERDICTS)
     ]
     events: list[str] = []
     sleeps: list[float] = []
     results = backend.rule_results(job, events.append, sleep=sleeps.append)
     assert sleeps == [0.01, 0.015, 0.0225]  # polled with backoff until no rule was InProgress
     assert [(r.rule, r.status) for r in results] == [
-        ("loss_not_decreasing", "passed"), ("overfit", "fired"), ("overtraining", "passed"),
-        ("poor_weight_initialization", "error"), ("vanishing_gradient", "passed"),
+        ("loss_not_decreasing", "passed"),
+        ("overfit", "fired"),
+        ("overtraining", "passed"),
+        ("poor_weight_initialization", "error"),
+        ("vanishing_gradient", "passed"),
     ]
-    assert results[1].evidence.startswith("RuleEvaluationConditionMet") and "processing job failed" in results[3].evidence
-    assert results[3].processing_job_arn == f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:processing-job/{name[:30]}-poorweightin"
+    assert (
+        results[1].evidence.startswith("RuleEvaluationConditionMet") and "processing job failed" in results[3].evidence
+    )
+    assert (
+        results[3].processing_job_arn == f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:processing-job/{name[:30]}-poorweightin"
+    )
     # Each rule's status is logged when it changes, not at every poll.
     assert len(events) == 5 + 1 + 4 and events.count(f"debugger rule LossNotDecreasing of {name} is InProgress") == 1
-    assert f"debugger rule PoorWeightInitialization of {name} is Error: {VERDICTS['PoorWeightInitialization'][1]}" in events
+    assert (
+        f"debugger rule PoorWeightInitialization of {name} is Error: {VERDICTS['PoorWeightInitialization'][1]}"
+        in events
+    )
 
 
 def test_rules_still_running_at_the_timeout_are_not_evaluated(
@@ -889,7 +1081,9 @@ def test_rules_still_running_at_the_timeout_are_not_evaluated(
     ]
     now = [0.0]
     events: list[str] = []
-    results = backend.rule_results(job, events.append, sleep=lambda s: now.__setitem__(0, now[0] + s), clock=lambda: now[0])
+    results = backend.rule_results(
+        job, events.append, sleep=lambda s: now.__setitem__(0, now[0] + s), clock=lambda: now[0]
+    )
     assert now[0] == pytest.approx(0.2)
     overtraining = next(r for r in results if r.rule == "overtraining")
     assert (overtraining.status, overtraining.evidence) == ("not_evaluated", "still InProgress after 0 s")
@@ -916,13 +1110,18 @@ def test_debugger_rules_task_publishes_sagemakers_verdicts(
 
     rows = check_rules(sagemaker_env, job)
     assert {row["rule"]: row["status"] for row in rows} == {
-        "loss_not_decreasing": "passed", "overfit": "fired", "overtraining": "passed",
-        "poor_weight_initialization": "error", "vanishing_gradient": "passed",
+        "loss_not_decreasing": "passed",
+        "overfit": "fired",
+        "overtraining": "passed",
+        "poor_weight_initialization": "error",
+        "vanishing_gradient": "passed",
     }
     artifact = Artifact.get("debugger-rules")
     assert artifact is not None and artifact.description == f"Debugger rules on {name}: 1 fired, 1 could not run"
     table = json.loads(artifact.data)
-    assert table == rows and all(row["processing_job_arn"].endswith(name[:30] + "-" + row["rule"].replace("_", "")[:12]) for row in table)
+    assert table == rows and all(
+        row["processing_job_arn"].endswith(name[:30] + "-" + row["rule"].replace("_", "")[:12]) for row in table
+    )
 
 
 # --- through Prefect -------------------------------------------------------------------------

@@ -11,9 +11,9 @@ import pandas as pd
 import pytest
 
 from bincount.config import Location, Settings
-from bincount.manifest import parse_manifest
 from bincount.contracts.serving import BatchTransformError
 from bincount.local.serving import LocalServingBackend
+from bincount.manifest import parse_manifest
 from bincount.models import pack_folder, write_untrained_model_dir
 from bincount.storage import Storage
 from flows.batch_transform import batch_transform
@@ -49,7 +49,10 @@ def test_batch_transform_scores_every_good_image_reports_the_bad_and_resumes(
     output = tmp_path / "out"
     artifacts = tmp_path / "artifacts"
     summary = batch_transform(
-        input_uri=channel.as_uri(), output_uri=str(output), model_uri=model_uri, batch_size=8,
+        input_uri=channel.as_uri(),
+        output_uri=str(output),
+        model_uri=model_uri,
+        batch_size=8,
         location=Location(artifact_root=str(artifacts)),
     )
     good = 5 * PER_CLASS
@@ -71,7 +74,10 @@ def test_batch_transform_scores_every_good_image_reports_the_bad_and_resumes(
 
     written = {path: path.stat().st_mtime_ns for path in output.rglob("*.out")}
     again = batch_transform(
-        input_uri=channel.as_uri(), output_uri=str(output), model_uri=model_uri, batch_size=8,
+        input_uri=channel.as_uri(),
+        output_uri=str(output),
+        model_uri=model_uri,
+        batch_size=8,
         location=Location(artifact_root=str(artifacts)),
     )
     assert (again.scored, again.skipped, again.failed) == (0, good, 1)
@@ -98,13 +104,17 @@ def test_overlapping_prefixes_are_refused(channel: Path, model_uri: str, tmp_pat
         backend.batch_transform(model_uri, channel.as_uri(), (channel / "out").as_uri())
 
 
-def test_batch_transform_between_s3_prefixes(channel: Path, model_uri: str, s3_server, s3_client, tmp_path: Path) -> None:
+def test_batch_transform_between_s3_prefixes(
+    channel: Path, model_uri: str, s3_server, s3_client, tmp_path: Path
+) -> None:
     s3_client.create_bucket(Bucket="serve-batch")
     photos = sorted(channel.glob("[12]/*.jpg"))
     for path in photos:
         s3_client.upload_file(str(path), "serve-batch", f"in/{path.parent.name}/{path.name}")
     settings = Settings.load(artifact_root=str(tmp_path / "artifacts"), s3_endpoint_url=s3_server.endpoint_url)
-    summary = LocalServingBackend(settings).batch_transform(model_uri, "s3://serve-batch/in", "s3://serve-batch/out", batch_size=4)
+    summary = LocalServingBackend(settings).batch_transform(
+        model_uri, "s3://serve-batch/in", "s3://serve-batch/out", batch_size=4
+    )
     assert (summary.scored, summary.failed) == (len(photos), 0)
     keys = {item["Key"] for item in s3_client.list_objects_v2(Bucket="serve-batch", Prefix="out/")["Contents"]}
     assert keys == {f"out/{p.parent.name}/{p.name}.out" for p in photos} | {"out/results.csv"}

@@ -18,7 +18,9 @@ from tasks.deploy import deploy_model, endpoint_artifact_key
 
 
 @flow(name="deploy-for-test")
-def deploy_flow(artifact_root: str, endpoint_name: str, model_uri: str, sample_image_uri: str | None = None) -> EndpointRecord:
+def deploy_flow(
+    artifact_root: str, endpoint_name: str, model_uri: str, sample_image_uri: str | None = None
+) -> EndpointRecord:
     return deploy_model(Settings.load(artifact_root=artifact_root), endpoint_name, model_uri, sample_image_uri)
 
 
@@ -60,7 +62,9 @@ def test_a_failed_check_rolls_the_endpoint_back_to_the_previous_model(
         backend.describe("rollback-ep")
 
 
-def test_a_new_endpoint_that_fails_its_check_is_removed(prefect_server: None, artifact_root: str, tmp_path: Path) -> None:
+def test_a_new_endpoint_that_fails_its_check_is_removed(
+    prefect_server: None, artifact_root: str, tmp_path: Path
+) -> None:
     model = write_untrained_model_dir(tmp_path / "model", "resnet18", 32, seed=7).as_uri()
     corrupt = tmp_path / "corrupt.png"
     corrupt.write_bytes(b"\x89PNG\r\n\x1a\n broken")

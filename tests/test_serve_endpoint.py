@@ -104,10 +104,16 @@ def test_bad_requests_get_clear_4xx_and_the_server_still_answers(endpoint: Endpo
 
     # the container route answers the model's own status (through the router, and on the host itself)
     for url in (endpoint.url, endpoint.details["host_url"]):
-        for body, content_type, status in [(too_big, "image/jpeg", 413), (b"", "image/png", 400), (photo, "text/csv", 415)]:
+        for body, content_type, status in [
+            (too_big, "image/jpeg", 413),
+            (b"", "image/png", 400),
+            (photo, "text/csv", 415),
+        ]:
             answer = httpx.post(f"{url}/invocations", content=body, headers={"Content-Type": content_type}, timeout=30)
             assert answer.status_code == status and answer.json()["error"], answer.text
-        wrong_accept = httpx.post(f"{url}/invocations", content=photo, headers={"Content-Type": "image/jpeg", "Accept": "image/gif"})
+        wrong_accept = httpx.post(
+            f"{url}/invocations", content=photo, headers={"Content-Type": "image/jpeg", "Accept": "image/gif"}
+        )
         assert wrong_accept.status_code == 406
 
     answer = client.invoke_endpoint(EndpointName=NAME, Body=photo, ContentType="image/jpeg")
@@ -126,7 +132,10 @@ def test_redeploy_under_concurrent_load_fails_no_request(
     errors: list[str] = []
 
     def which_model(probabilities: list[float]) -> str:
-        distance = {name: max(abs(a - b) for a, b in zip(probabilities, ref)) for name, ref in (("blue", blue), ("green", green))}
+        distance = {
+            name: max(abs(a - b) for a, b in zip(probabilities, ref))
+            for name, ref in (("blue", blue), ("green", green))
+        }
         best = min(distance, key=distance.get)
         return best if distance[best] < 1e-3 else f"unknown {probabilities}"
 
@@ -180,9 +189,22 @@ def test_sigterm_drains_the_request_in_flight_then_exits(models: dict[str, Path]
     sock.listen(16)
     port = sock.getsockname()[1]
     host = subprocess.Popen(
-        [sys.executable, "-m", "bincount.local.host", "--model-dir", str(models["green"]), "--name", NAME,
-         "--fd", str(sock.fileno()), "--threads", "1"],
-        pass_fds=[sock.fileno()], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        [
+            sys.executable,
+            "-m",
+            "bincount.local.host",
+            "--model-dir",
+            str(models["green"]),
+            "--name",
+            NAME,
+            "--fd",
+            str(sock.fileno()),
+            "--threads",
+            "1",
+        ],
+        pass_fds=[sock.fileno()],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
     )
     sock.close()
     try:

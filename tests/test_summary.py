@@ -47,7 +47,9 @@ def test_summary_lists_stages_figures_and_subflow_artifacts_and_failures(prefect
     state = summary_demo(2, return_state=True)
     with get_client(sync_client=True) as client:
         own = client.read_artifacts()
-    summary = [a for a in own if a.key == summary_key("summary-demo") and a.flow_run_id == state.state_details.flow_run_id]
+    summary = [
+        a for a in own if a.key == summary_key("summary-demo") and a.flow_run_id == state.state_details.flow_run_id
+    ]
     assert len(summary) == 1, "one summary, on the top-level run's own page (none on the subflow)"
     text = str(summary[0].data)
     assert "| items | 4 |" in text and "| share | 1.33 |" in text, text
@@ -86,7 +88,11 @@ def resolve_demo() -> None:
 def test_one_failure_is_logged_with_one_traceback(prefect_server: None, caplog: pytest.LogCaptureFixture) -> None:
     with pytest.raises(ConnectionError):
         resolve_demo()
-    failures = [r for r in caplog.records if r.name.startswith("prefect.") and "Name or service not known" in r.getMessage()]
+    failures = [
+        r for r in caplog.records if r.name.startswith("prefect.") and "Name or service not known" in r.getMessage()
+    ]
     with_traceback = [r for r in failures if r.exc_info]
-    assert len(with_traceback) == 1 and with_traceback[0].name == "prefect.task_runs", [r.getMessage() for r in with_traceback]
+    assert len(with_traceback) == 1 and with_traceback[0].name == "prefect.task_runs", [
+        r.getMessage() for r in with_traceback
+    ]
     assert sum(r.levelname == "ERROR" for r in failures) >= 3, "each level still says, in one line, that it failed"

@@ -15,12 +15,12 @@ import pytest
 import torch
 
 from bincount.config import Settings
-from bincount.loopback_s3 import LoopbackS3
-from bincount.storage import storage_for
 from bincount.contracts.training import TrainingJobFailed, TrainingJobSpec
 from bincount.factory import get_training_backend
 from bincount.local.debugger import check_job_rules
+from bincount.loopback_s3 import LoopbackS3
 from bincount.models import read_from_archive
+from bincount.storage import storage_for
 
 TINY = {"arch": "resnet18", "image-size": 32, "batch-size": 16, "optimizer": "adamw", "debugger-save-interval": 100}
 
@@ -35,7 +35,9 @@ def test_s3_channels_and_artifacts_with_healthy_debugger_run(
     s3_client.create_bucket(Bucket="train-backend")
     for split in ("train", "valid"):
         for path in demo_channels[split].rglob("*.jpg"):
-            s3_client.upload_file(str(path), "train-backend", f"channels/{split}/{path.relative_to(demo_channels[split])}")
+            s3_client.upload_file(
+                str(path), "train-backend", f"channels/{split}/{path.relative_to(demo_channels[split])}"
+            )
     settings = Settings.load(artifact_root="s3://train-backend/art", s3_endpoint_url=s3_server.endpoint_url)
     spec = TrainingJobSpec(
         name="bincount-train-healthy",
@@ -104,10 +106,11 @@ def test_should_stop_ends_the_job_early(tmp_path: Path, demo_channels: dict[str,
         channels=uris({k: demo_channels[k] for k in ("train", "valid")}),
         output_uri=settings.artifact_uri("jobs"),
     )
-    job = get_training_backend(settings).train(spec, on_log=lambda line: None, should_stop=lambda history: len(history) >= 1)
+    job = get_training_backend(settings).train(
+        spec, on_log=lambda line: None, should_stop=lambda history: len(history) >= 1
+    )
     assert job.status == "Stopped"
     assert len(job.metric_history) == 1 and job.model_uri is None
-
 
 
 def is_running(pid: int) -> bool:
@@ -161,7 +164,9 @@ spec = TrainingJobSpec("bincount-train-orphan", {{**{TINY!r}, "epochs": 50}},
                        settings.artifact_uri("jobs"))
 get_training_backend(settings).train(spec, on_log=lambda line: print(line, flush=True))
 """
-    parent = subprocess.Popen([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, text=True)
+    parent = subprocess.Popen(
+        [sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, text=True
+    )
     child = None
     for line in parent.stdout:
         if match := re.match(r"train\.py pid (\d+):", line):

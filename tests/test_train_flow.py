@@ -13,13 +13,18 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, TaskRunFilter, TaskRunFilterName
 
 from bincount.config import Settings
-from bincount.storage import Storage, storage_for
 from bincount.models import read_from_archive
+from bincount.storage import Storage, storage_for
 from flows.train import TrainOptions, train_model
 
 ARTIFACT_KEYS = {
-    "tuning-leaderboard", "tuning-trials", "training-curves", "debugger-rules",
-    "profiler-summary", "confusion-matrix", "confusion-matrix-plot",
+    "tuning-leaderboard",
+    "tuning-trials",
+    "training-curves",
+    "debugger-rules",
+    "profiler-summary",
+    "confusion-matrix",
+    "confusion-matrix-plot",
 }
 
 
@@ -68,7 +73,11 @@ def test_train_model_flow(prefect_server: None, demo_channels: dict[str, Path], 
     assert 0 <= evaluation.accuracy <= evaluation.within_one_accuracy <= 1
     assert set(evaluation.per_class_accuracy) == {"1", "2", "3", "4", "5"}
     assert {rule.rule for rule in result.debugger_rules} == {
-        "loss_not_decreasing", "overfit", "overtraining", "vanishing_gradient", "poor_weight_initialization",
+        "loss_not_decreasing",
+        "overfit",
+        "overtraining",
+        "vanishing_gradient",
+        "poor_weight_initialization",
     }
     assert all(rule.status in ("passed", "fired", "not_evaluated") and rule.evidence for rule in result.debugger_rules)
     assert result.profile["steps"] >= 2 and result.profile["top_operators"]
@@ -79,7 +88,11 @@ def test_train_model_flow(prefect_server: None, demo_channels: dict[str, Path], 
     assert state["fc.weight"].shape == (5, 512)
     info = json.loads(read_from_archive(storage, result.model_uri, "model_info.json"))
     assert info["hyperparameters"]["keep"] == "last"
-    traces = [n for n in tarfile_names(storage, result.model_uri.replace("model.tar.gz", "output.tar.gz")) if n.endswith(".pt.trace.json")]
+    traces = [
+        n
+        for n in tarfile_names(storage, result.model_uri.replace("model.tar.gz", "output.tar.gz"))
+        if n.endswith(".pt.trace.json")
+    ]
     assert traces, "the TensorBoard trace is missing from output.tar.gz"
 
     artifacts = asyncio.run(latest_artifacts(ARTIFACT_KEYS))

@@ -27,8 +27,17 @@ TINY = ["--arch", "resnet18", "--image-size", "32", "--batch-size", "16", "--opt
 # Every kind of state a resume must carry: SGD momentum, a cosine schedule, augmentation and dropout
 # draws. One thread: two threads on a busy 2-core machine make each epoch many times slower.
 RESUMABLE = {
-    "arch": "efficientnet_lite0", "image-size": 16, "batch-size": 8, "optimizer": "sgd", "lr": 0.01,
-    "lr-scheduler": "cosine", "augment": "standard", "keep": "last", "epochs": 3, "seed": 7, "threads": 1,
+    "arch": "efficientnet_lite0",
+    "image-size": 16,
+    "batch-size": 8,
+    "optimizer": "sgd",
+    "lr": 0.01,
+    "lr-scheduler": "cosine",
+    "augment": "standard",
+    "keep": "last",
+    "epochs": 3,
+    "seed": 7,
+    "threads": 1,
 }
 RESUMABLE_FLAGS = [str(part) for name, value in RESUMABLE.items() for part in (f"--{name}", value)]
 

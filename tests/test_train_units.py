@@ -48,7 +48,10 @@ def test_space_from_dicts_names_a_bad_entry() -> None:
 def job(number: int, accuracies: list[float], status: str = "Completed") -> TrainingJob:
     history = [{"epoch": e, OBJECTIVE_METRIC: a} for e, a in enumerate(accuracies, start=1)]
     return TrainingJob(
-        name=job_name("trial", "run", number), status=status, hyperparameters={}, metric_history=history,
+        name=job_name("trial", "run", number),
+        status=status,
+        hyperparameters={},
+        metric_history=history,
         metrics={"epoch": len(history), OBJECTIVE_METRIC: max(accuracies)},
     )
 
@@ -82,7 +85,9 @@ def test_all_failed_trials_explain_themselves() -> None:
 
 
 def test_a_trial_stops_below_the_median_bar() -> None:
-    job_spec = TrainingJobSpec(name=job_name("trial", "run", 0), hyperparameters={}, channels={}, output_uri="file:///x")
+    job_spec = TrainingJobSpec(
+        name=job_name("trial", "run", 0), hyperparameters={}, channels={}, output_uri="file:///x"
+    )
     stop = TrialSpec(0, {}, job_spec, OBJECTIVE_METRIC, prune_below={2: 0.4}).should_stop
     assert not stop([{"epoch": 1, OBJECTIVE_METRIC: 0.0}])  # no bar at epoch 1
     assert stop([{"epoch": 1, OBJECTIVE_METRIC: 0.5}, {"epoch": 2, OBJECTIVE_METRIC: 0.3}])
@@ -111,7 +116,13 @@ def phases(*epochs: tuple[list[float], list[float]]) -> list[tuple[str, list[flo
 
 
 def test_loss_rules_on_known_curves() -> None:
-    falling = phases(([2.0, 1.9, 1.8], [1.9]), ([1.5, 1.4, 1.3], [1.6]), ([1.0, 0.9, 0.8], [1.7]), ([0.5, 0.4, 0.3], [1.8]), ([0.2, 0.1, 0.1], [2.0]))
+    falling = phases(
+        ([2.0, 1.9, 1.8], [1.9]),
+        ([1.5, 1.4, 1.3], [1.6]),
+        ([1.0, 0.9, 0.8], [1.7]),
+        ([0.5, 0.4, 0.3], [1.8]),
+        ([0.2, 0.1, 0.1], [2.0]),
+    )
     flat, nan = phases(([1.6, 1.6, 1.6], [1.6]), ([1.6, 1.61, 1.6], [1.6])), phases(([1.6, math.nan], [1.6]))
     assert loss_not_decreasing(falling, **DEBUGGER_RULES["loss_not_decreasing"]).status == "passed"
     assert loss_not_decreasing(flat, **DEBUGGER_RULES["loss_not_decreasing"]).status == "fired"
@@ -120,7 +131,9 @@ def test_loss_rules_on_known_curves() -> None:
     assert overfit(phases(([1.0], [1.05]), ([0.9], [0.95])), **DEBUGGER_RULES["overfit"]).status == "passed"
     spike = phases(([1.7, 1.5], [35.0]), ([1.3, 1.2], [1.25]), ([1.1, 1.0], [1.08]), ([0.9, 0.9], [0.95]))
     healthy = overfit(spike, **DEBUGGER_RULES["overfit"])
-    assert healthy.status == "passed" and "1 warm-up" in healthy.evidence, "a first-epoch spike is warm-up, not overfitting"
+    assert healthy.status == "passed" and "1 warm-up" in healthy.evidence, (
+        "a first-epoch spike is warm-up, not overfitting"
+    )
     assert overfit(spike, **DEBUGGER_RULES["overfit"], warmup_epochs=0).status == "fired"
     assert overfit(phases(([1.7], [35.0]), ([1.0], [1.5])), **DEBUGGER_RULES["overfit"]).status == "fired"
     diverged = overfit(phases(([6e21], [math.nan]), ([math.nan], [math.nan])), **DEBUGGER_RULES["overfit"])
@@ -135,7 +148,9 @@ def test_loss_rules_on_known_curves() -> None:
 def test_job_names_are_stable_per_run_and_distinct_across_runs() -> None:
     run, other = "0b7e1f0c-run-a", "6f1d2c9e-run-b"
     name = job_name("trial", run, 3)
-    assert re.fullmatch(r"bincount-trial-[0-9a-f]{10}", name) and name == job_name("trial", run, 3)  # a retry finds its job
+    assert re.fullmatch(r"bincount-trial-[0-9a-f]{10}", name) and name == job_name(
+        "trial", run, 3
+    )  # a retry finds its job
     assert name != job_name("trial", other, 3)  # another flow run never shares it
     assert len({name, job_name("trial", run, 4), job_name("final", run), job_name("tune", run)}) == 4
     assert job_name("transform", run, "s3://b/in-a") != job_name("transform", run, "s3://b/in-b")
@@ -146,7 +161,9 @@ def test_job_names_follow_sagemaker_rules() -> None:
     assert len(long) == 32 and long.startswith("bincount-hyper") and long[-11:] == "-" + job_name("x", "run")[-10:]
     assert len(job_name("x" * 100, "run")) == 63
     assert job_name("a_b  c", "run").startswith("bincount-a-b-c-")
-    assert all(re.fullmatch(r"[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}", job_name(s, "run")) for s in ("t", "-x-", "a--b", "Ü ber"))
+    assert all(
+        re.fullmatch(r"[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}", job_name(s, "run")) for s in ("t", "-x-", "a--b", "Ü ber")
+    )
     with pytest.raises(ValueError, match="give a stage"):
         job_name("__", "run")
 
@@ -157,16 +174,27 @@ def test_local_tuning_backend_runs_rounds_through_the_given_runner() -> None:
     from bincount.local.tuning import LocalTuningBackend
 
     spec = TuningSpec(
-        name=job_name("tune", "run", kind="tuning"), space=SEEDS_SEARCH_SPACE, static_hyperparameters={"arch": "resnet18"},
-        channels={"train": "file:///t", "valid": "file:///v"}, output_uri="file:///jobs", max_jobs=5,
-        max_parallel_jobs=2, objective_metric=OBJECTIVE_METRIC,
+        name=job_name("tune", "run", kind="tuning"),
+        space=SEEDS_SEARCH_SPACE,
+        static_hyperparameters={"arch": "resnet18"},
+        channels={"train": "file:///t", "valid": "file:///v"},
+        output_uri="file:///jobs",
+        max_jobs=5,
+        max_parallel_jobs=2,
+        objective_metric=OBJECTIVE_METRIC,
     )
     rounds: list[list[int]] = []
 
     def run_trials(trials: list[TrialSpec]) -> list[TrainingJob | BaseException]:
         rounds.append([trial.number for trial in trials])
-        assert all(trial.job.hyperparameters["arch"] == "resnet18" and trial.job.name.startswith("bincount-trial-") for trial in trials)
-        return [RuntimeError("boom") if trial.number == 1 else job(trial.number, [trial.hyperparameters["lr"]]) for trial in trials]
+        assert all(
+            trial.job.hyperparameters["arch"] == "resnet18" and trial.job.name.startswith("bincount-trial-")
+            for trial in trials
+        )
+        return [
+            RuntimeError("boom") if trial.number == 1 else job(trial.number, [trial.hyperparameters["lr"]])
+            for trial in trials
+        ]
 
     result = LocalTuningBackend().tune(spec, run_trials)
     assert rounds == [[0, 1], [2, 3], [4]]

@@ -29,6 +29,7 @@ from bincount.local.batcher import available_cores, prepare_model_thread
 from bincount.storage import Storage, StorageError, TransientStorageError, join_uri
 from sm_scripts import inference
 
+
 @dataclass
 class _Loaded:
     key: str
@@ -80,7 +81,9 @@ def run_batch_transform(
         progress(finished, len(keys))
     with (
         ThreadPoolExecutor(max_workers=workers, thread_name_prefix="batch-io") as pool,
-        ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-forward", initializer=prepare_model_thread) as model_thread,
+        ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="model-forward", initializer=prepare_model_thread
+        ) as model_thread,
     ):
         model = model_thread.submit(inference.model_fn, str(model_dir)).result()
         started = time.perf_counter()

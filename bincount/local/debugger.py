@@ -75,7 +75,9 @@ def loss_not_decreasing(phases: list[tuple[str, list[float]]], num_steps: int, d
         return RuleResult("loss_not_decreasing", "not_evaluated", f"{len(losses)} training loss values saved; need 2")
     bad = [i for i, v in enumerate(losses) if not math.isfinite(v)]
     if bad:
-        return RuleResult("loss_not_decreasing", "fired", f"training loss is not finite from step {bad[0]} ({losses[bad[0]]})")
+        return RuleResult(
+            "loss_not_decreasing", "fired", f"training loss is not finite from step {bad[0]} ({losses[bad[0]]})"
+        )
     window = max(1, min(num_steps, len(losses) // 2))
     first, last = float(np.mean(losses[:window])), float(np.mean(losses[-window:]))
     drop = 100 * (first - last) / abs(first) if first else 0.0
@@ -91,7 +93,9 @@ def overfit(
         return RuleResult("overfit", "not_evaluated", "no evaluation losses saved")
     broken = [epoch for epoch, pair in enumerate(pairs, start=1) if not all(map(math.isfinite, pair))]
     if broken:
-        return RuleResult("overfit", "not_evaluated", f"losses not finite from epoch {broken[0]} (see loss_not_decreasing)")
+        return RuleResult(
+            "overfit", "not_evaluated", f"losses not finite from epoch {broken[0]} (see loss_not_decreasing)"
+        )
     checked = pairs[warmup_epochs:]
     if not checked:
         return RuleResult("overfit", "not_evaluated", f"{len(pairs)} epochs evaluated, all warm-up ({warmup_epochs})")
@@ -101,13 +105,15 @@ def overfit(
         run = run + 1 if ratio > ratio_threshold else 0
         if run >= patience:
             return RuleResult(
-                "overfit", "fired",
+                "overfit",
+                "fired",
                 f"epoch {epoch}: eval loss {evaluation:.3g} vs train loss {train:.3g} "
                 f"(gap {100 * ratio:.0f}% > {100 * ratio_threshold:.0f}% for {run} epochs)",
             )
     last_train, last_eval = pairs[-1]
     return RuleResult(
-        "overfit", "passed",
+        "overfit",
+        "passed",
         f"eval/train loss gap within {100 * ratio_threshold:.0f}% after {warmup_epochs} warm-up epoch(s) "
         f"(last eval loss {last_eval:.3g} vs train loss {last_train:.3g})",
     )
@@ -116,7 +122,9 @@ def overfit(
 def overtraining(phases: list[tuple[str, list[float]]], patience_validation: int, delta: float) -> RuleResult:
     pairs = _epoch_losses(phases)
     if len(pairs) <= patience_validation:
-        return RuleResult("overtraining", "not_evaluated", f"{len(pairs)} epochs evaluated; need more than {patience_validation}")
+        return RuleResult(
+            "overtraining", "not_evaluated", f"{len(pairs)} epochs evaluated; need more than {patience_validation}"
+        )
     evals = [e for _, e in pairs]
     best_epoch = int(np.argmin(evals))
     since = len(pairs) - 1 - best_epoch
@@ -141,7 +149,9 @@ def vanishing_gradient(trial: Any, threshold: float) -> RuleResult:
             value = float(np.abs(np.asarray(tensor.value(step))).mean())
             if value < smallest[0]:
                 smallest = (value, name, step)
-    evidence = f"smallest mean |gradient| {smallest[0]:.3g} ({smallest[1]}, step {smallest[2]}) over {len(names)} tensors"
+    evidence = (
+        f"smallest mean |gradient| {smallest[0]:.3g} ({smallest[1]}, step {smallest[2]}) over {len(names)} tensors"
+    )
     return RuleResult("vanishing_gradient", "fired" if smallest[0] < threshold else "passed", evidence)
 
 
@@ -158,7 +168,9 @@ def poor_weight_initialization(trial: Any, threshold: float, distribution_range:
             continue
         spread = float(value.max() - value.min())
         if spread < distribution_range:
-            return RuleResult("poor_weight_initialization", "fired", f"{name} spans only {spread:.3g} (< {distribution_range})")
+            return RuleResult(
+                "poor_weight_initialization", "fired", f"{name} spans only {spread:.3g} (< {distribution_range})"
+            )
         fan_in, fan_out = value.size / value.shape[0], value.size / value.shape[1]
         gains[name] = float(value.var() * max(fan_in, fan_out))
     if len(gains) < 2:

@@ -73,7 +73,13 @@ def create_app(model_dir: Path, name: str, options: HostOptions) -> Starlette:
         state.update(model=model, batcher=batcher)
         logger.info(
             "serving %s (%s, %d px) as %r: batches of up to %d, wait %.1f ms, %d torch threads",
-            model_dir, model.info["arch"], model.image_size, name, options.max_batch_size, options.max_wait_ms, threads,
+            model_dir,
+            model.info["arch"],
+            model.image_size,
+            name,
+            options.max_batch_size,
+            options.max_wait_ms,
+            threads,
         )
         yield
         batcher.stop()  # uvicorn has answered every request by now
@@ -92,7 +98,9 @@ def create_app(model_dir: Path, name: str, options: HostOptions) -> Starlette:
                 accept = inference.choose_accept(request.headers.get("accept"))
                 body = await httpio.read_body(request)
                 if not body:
-                    raise httpio.RequestError(400, "the body is empty: send a JPEG or PNG image, or JSON with base64 images")
+                    raise httpio.RequestError(
+                        400, "the body is empty: send a JPEG or PNG image, or JSON with base64 images"
+                    )
                 pixels = await anyio.to_thread.run_sync(
                     decode, body, request.headers.get("content-type", ""), limiter=decode_limiter
                 )
@@ -132,7 +140,9 @@ def create_app(model_dir: Path, name: str, options: HostOptions) -> Starlette:
 
     async def ping(request: Request) -> Response:
         model: inference.CountModel = state["model"]  # type: ignore[assignment]
-        return Response(json.dumps({"status": "Healthy", "name": name, "arch": model.info["arch"]}), media_type="application/json")
+        return Response(
+            json.dumps({"status": "Healthy", "name": name, "arch": model.info["arch"]}), media_type="application/json"
+        )
 
     return Starlette(
         routes=[
@@ -147,14 +157,25 @@ def create_app(model_dir: Path, name: str, options: HostOptions) -> Starlette:
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Serve one bin-count model with SageMaker's container routes.")
     parser.add_argument("--model-dir", type=Path, required=True, help="folder with model.pt and model_info.json")
-    parser.add_argument("--name", default="local", help="endpoint name for /endpoints/<name>/invocations (default: local)")
+    parser.add_argument(
+        "--name", default="local", help="endpoint name for /endpoints/<name>/invocations (default: local)"
+    )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, loopback only)")
     parser.add_argument("--port", type=int, default=8080, help="port to bind (default: 8080)")
     parser.add_argument("--fd", type=int, default=None, help="serve on this inherited listening socket instead")
-    parser.add_argument("--max-batch-size", type=int, default=HostOptions.max_batch_size, help="images per forward (default: 8)")
-    parser.add_argument("--max-wait-ms", type=float, default=HostOptions.max_wait_ms, help="longest wait to fill a batch (default: 5)")
+    parser.add_argument(
+        "--max-batch-size", type=int, default=HostOptions.max_batch_size, help="images per forward (default: 8)"
+    )
+    parser.add_argument(
+        "--max-wait-ms", type=float, default=HostOptions.max_wait_ms, help="longest wait to fill a batch (default: 5)"
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: cores available)")
-    parser.add_argument("--graceful-timeout", type=float, default=HostOptions.graceful_timeout_s, help="seconds to drain on SIGTERM (default: 30)")
+    parser.add_argument(
+        "--graceful-timeout",
+        type=float,
+        default=HostOptions.graceful_timeout_s,
+        help="seconds to drain on SIGTERM (default: 30)",
+    )
     parser.add_argument("--access-log", action="store_true", help="log every request (default: off)")
     return parser
 
@@ -163,7 +184,9 @@ def main(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     options = HostOptions(args.max_batch_size, args.max_wait_ms, args.threads, args.graceful_timeout)
     app = create_app(args.model_dir, args.name, options)
-    httpio.serve(app, httpio.bound_socket(args.host, args.port, args.fd), options.graceful_timeout_s, 512, args.access_log)
+    httpio.serve(
+        app, httpio.bound_socket(args.host, args.port, args.fd), options.graceful_timeout_s, 512, args.access_log
+    )
 
 
 if __name__ == "__main__":

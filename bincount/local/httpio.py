@@ -99,7 +99,9 @@ def bound_socket(host: str, port: int, fd: int | None) -> socket.socket:
     return socket.socket(fileno=fd) if fd is not None else listening_socket(host, port)
 
 
-def serve(app: Starlette, sock: socket.socket, graceful_timeout_s: float, limit_concurrency: int, access_log: bool = False) -> None:
+def serve(
+    app: Starlette, sock: socket.socket, graceful_timeout_s: float, limit_concurrency: int, access_log: bool = False
+) -> None:
     """Run ``app`` on an already bound socket until SIGTERM or SIGINT, then drain and return."""
     config = uvicorn.Config(
         app,

@@ -131,7 +131,9 @@ def create_app(name: str, state_file: Path) -> Starlette:
 
     async def status(request: Request) -> Response:
         await router.forget_drained()
-        return JSONResponse({"name": name, "target": router.target, "version": router.version, "inflight": router.inflight})
+        return JSONResponse(
+            {"name": name, "target": router.target, "version": router.version, "inflight": router.inflight}
+        )
 
     return Starlette(
         routes=[
@@ -145,13 +147,19 @@ def create_app(name: str, state_file: Path) -> Starlette:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Stable front address of a local endpoint; forwards to its model host.")
+    parser = argparse.ArgumentParser(
+        description="Stable front address of a local endpoint; forwards to its model host."
+    )
     parser.add_argument("--name", required=True, help="endpoint name (for /endpoints/<name>/invocations)")
-    parser.add_argument("--state-file", type=Path, required=True, help='JSON {"target": URL, "version": ...}; re-read on SIGHUP')
+    parser.add_argument(
+        "--state-file", type=Path, required=True, help='JSON {"target": URL, "version": ...}; re-read on SIGHUP'
+    )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, loopback only)")
     parser.add_argument("--port", type=int, default=8080, help="port to bind (default: 8080)")
     parser.add_argument("--fd", type=int, default=None, help="serve on this inherited listening socket instead")
-    parser.add_argument("--graceful-timeout", type=float, default=30.0, help="seconds to drain on SIGTERM (default: 30)")
+    parser.add_argument(
+        "--graceful-timeout", type=float, default=30.0, help="seconds to drain on SIGTERM (default: 30)"
+    )
     return parser
 
 

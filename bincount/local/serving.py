@@ -30,6 +30,7 @@ import botocore.config
 import httpx
 from botocore import UNSIGNED
 
+from bincount.batch_results import load_labels
 from bincount.config import Settings
 from bincount.contracts.naming import check_endpoint_name
 from bincount.contracts.serving import (
@@ -42,7 +43,6 @@ from bincount.contracts.serving import (
     check_answer,
 )
 from bincount.endpoints import EndpointRecords, now_iso, smoke_image
-from bincount.batch_results import load_labels
 from bincount.local.batch import run_batch_transform
 from bincount.local.host import HostOptions
 from bincount.local.httpio import listening_socket
@@ -118,7 +118,9 @@ class LocalServingBackend:
             host_proc, host_url = self._start_host(name, model_dir, version, workdir)
             try:
                 self._wait_until_ready(host_proc, host_url, workdir / f"host-{host_proc.pid}.log")
-                check_answer(self._post(host_url, smoke_image(int(info["image_size"]))), [int(c) for c in info["classes"]])
+                check_answer(
+                    self._post(host_url, smoke_image(int(info["image_size"]))), [int(c) for c in info["classes"]]
+                )
             except ServingError as error:
                 self._stop(host_proc.pid)
                 raise DeployError(
@@ -163,10 +165,14 @@ class LocalServingBackend:
         state_file = workdir / "router.json"
         _write_json(state_file, state)
         try:
-            proc, port = self._spawn("bincount.local.router", ["--name", name, "--state-file", str(state_file)], port, workdir, "router")
+            proc, port = self._spawn(
+                "bincount.local.router", ["--name", name, "--state-file", str(state_file)], port, workdir, "router"
+            )
         except OSError as error:
             self._stop(host_pid)
-            raise DeployError(f"cannot bind the router of {name!r} to port {port} ({error}): free it or delete the endpoint") from None
+            raise DeployError(
+                f"cannot bind the router of {name!r} to port {port} ({error}): free it or delete the endpoint"
+            ) from None
         url = f"http://{self.bind_host}:{port}"
         deadline = time.monotonic() + 30
         while (status := self._router_status(url, name)) is None or status["target"] != state["target"]:
@@ -175,7 +181,13 @@ class LocalServingBackend:
                 self._stop(host_pid)
                 raise DeployError(f"the router of {name!r} did not start: see {workdir / f'router-{proc.pid}.log'}")
             time.sleep(0.1)
-        return {"router_pid": proc.pid, "router_port": port, "host_pid": host_pid, "host_url": state["target"], "workdir": str(workdir)}
+        return {
+            "router_pid": proc.pid,
+            "router_port": port,
+            "host_pid": host_pid,
+            "host_url": state["target"],
+            "workdir": str(workdir),
+        }
 
     def _switch(self, current: EndpointRecord, host_pid: int, state: dict, workdir: Path) -> dict[str, Any]:
         """Point the running router at the new host, then retire the old host once it is idle."""
@@ -188,7 +200,9 @@ class LocalServingBackend:
             if time.monotonic() > deadline:
                 _write_json(state_file, old_state)
                 self._stop(host_pid)
-                raise DeployError(f"the router of {current.name!r} did not switch to the new model; the old one still serves")
+                raise DeployError(
+                    f"the router of {current.name!r} did not switch to the new model; the old one still serves"
+                )
             time.sleep(0.05)
         old_url = current.details["host_url"]
         deadline = time.monotonic() + self.host_options.graceful_timeout_s
@@ -205,7 +219,10 @@ class LocalServingBackend:
         sock = listening_socket(self.bind_host, port)
         try:
             port = sock.getsockname()[1]
-            env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))}
+            env = {
+                **os.environ,
+                "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")])),
+            }
             log_path = workdir / f"{kind}-pending.log"
             with log_path.open("ab") as log:
                 proc = subprocess.Popen(
@@ -233,12 +250,16 @@ class LocalServingBackend:
                 if httpx.get(f"{url}/ping", timeout=2.0).status_code == 200:
                     return
             if time.monotonic() > deadline:
-                raise ServingError(f"the model host did not pass /ping within {self.start_timeout_s:.0f} s:\n{_tail(log)}")
+                raise ServingError(
+                    f"the model host did not pass /ping within {self.start_timeout_s:.0f} s:\n{_tail(log)}"
+                )
             time.sleep(0.2)
 
     def _post(self, url: str, body: bytes) -> bytes:
         try:
-            answer = httpx.post(f"{url}/invocations", content=body, headers={"Content-Type": "image/jpeg"}, timeout=60.0)
+            answer = httpx.post(
+                f"{url}/invocations", content=body, headers={"Content-Type": "image/jpeg"}, timeout=60.0
+            )
         except httpx.TransportError as error:
             raise ServingError(f"the smoke invocation got no answer ({error})") from None
         if answer.status_code != 200:
@@ -303,7 +324,14 @@ class LocalServingBackend:
         model_dir, version = fetch_model(self.storage, model_uri, self.runtime_root / "models")
         labels = load_labels(self.storage, labels_uri) if labels_uri else None
         return run_batch_transform(
-            self.storage, model_dir, version, input_uri, output_uri, batch_size=batch_size, labels=labels, progress=progress
+            self.storage,
+            model_dir,
+            version,
+            input_uri,
+            output_uri,
+            batch_size=batch_size,
+            labels=labels,
+            progress=progress,
         )
 
 

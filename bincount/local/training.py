@@ -124,14 +124,18 @@ class LocalTrainingBackend:
         with tempfile.TemporaryDirectory(prefix=f"{spec.name}-") as scratch:
             job_dir = Path(scratch)
             channels = {
-                name: self.storage.local_folder(uri, job_dir / "input" / "data" / name) for name, uri in spec.channels.items()
+                name: self.storage.local_folder(uri, job_dir / "input" / "data" / name)
+                for name, uri in spec.channels.items()
             }
             hyperparameters = spec.script_hyperparameters()
             for folder in ("model", "output/data", "input/config"):
                 (job_dir / folder).mkdir(parents=True, exist_ok=True)
             checkpoint_uri = join_uri(spec.output_uri, spec.name, "checkpoints")
             checkpoints = self.storage.local_folder(checkpoint_uri, job_dir / "checkpoints")
-            flags = {**hyperparameters, "checkpoint-dir": str(checkpoints)}  # a place, not a hyperparameter of the record
+            flags = {
+                **hyperparameters,
+                "checkpoint-dir": str(checkpoints),
+            }  # a place, not a hyperparameter of the record
             environment = sagemaker_environment(job_dir, channels, flags, spec.local_cpus)
             env = {**os.environ, **environment, "PYTHONUNBUFFERED": "1"}
             command = [self.python, TRAIN_ENTRY_POINT, *hyperparameter_flags(flags)]
@@ -150,7 +154,9 @@ class LocalTrainingBackend:
                 failure = job_dir / "output" / "failure"
                 last = next((line for line in reversed(job.log_tail) if line.strip()), "no output")
                 job.status = "Failed"
-                job.failure_reason = failure.read_text().strip() if failure.is_file() else f"exit code {returncode}: {last}"
+                job.failure_reason = (
+                    failure.read_text().strip() if failure.is_file() else f"exit code {returncode}: {last}"
+                )
                 raise TrainingJobFailed(job)
             self._upload_results(spec, job_dir, job)
             self._delete_checkpoints(checkpoint_uri)

@@ -31,7 +31,6 @@ from bincount.contracts.tuning import (
     TuningResult,
     TuningSpec,
 )
-
 from sm_scripts.metric_format import OBJECTIVE_METRIC
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -133,7 +132,9 @@ class LocalTuner:
         sign = -1 if self.direction == "maximize" else 1
 
         def key(result: TrialResult) -> tuple:
-            objective = result.objective if result.objective is not None and not math.isnan(result.objective) else math.inf
+            objective = (
+                result.objective if result.objective is not None and not math.isnan(result.objective) else math.inf
+            )
             return rank[result.status], sign * objective if objective != math.inf else math.inf, result.number
 
         return sorted(self.results, key=key)
@@ -174,7 +175,9 @@ class LocalTuningBackend:
         """
         sink = on_event or logger.info
         direction: Literal["maximize", "minimize"] = "maximize" if spec.objective_type == "Maximize" else "minimize"
-        tuner = LocalTuner(spec.space, spec.max_jobs, spec.max_parallel_jobs, spec.objective_metric, direction, spec.seed)
+        tuner = LocalTuner(
+            spec.space, spec.max_jobs, spec.max_parallel_jobs, spec.objective_metric, direction, spec.seed
+        )
         while not tuner.finished:
             trials = [self._trial(spec, suggestion) for suggestion in tuner.ask()]
             for trial, outcome in zip(trials, run_trials(trials), strict=True):

@@ -19,14 +19,11 @@ prefix, as the local one does, and its results are read back into the same joine
 from __future__ import annotations
 
 import base64
-
-
 import json
 import logging
 import tempfile
 from pathlib import Path
 from typing import Any
-
 
 from botocore.exceptions import ClientError
 
@@ -130,7 +127,9 @@ class SageMakerServingBackend(SageMakerBackendBase):
 
     def ensure_endpoint_config(self, endpoint_name: str, model_name: str) -> str:
         count, instance_type = self.options.deploy_instance_count, self.options.deploy_instance_type
-        name = check_name(f"{endpoint_name[:40]}-{short_hash(model_name, instance_type, str(count))}", "endpoint-config")
+        name = check_name(
+            f"{endpoint_name[:40]}-{short_hash(model_name, instance_type, str(count))}", "endpoint-config"
+        )
         try:
             self.client.describe_endpoint_config(EndpointConfigName=name)
             return name
@@ -181,7 +180,9 @@ class SageMakerServingBackend(SageMakerBackendBase):
             logger.info("endpoint %s already uses config %s (a retried deploy): waiting for it", name, config_name)
             if stored is not None:
                 recorded = stored.details.get("endpoint_config")
-                previous_config = recorded if recorded != config_name else stored.details.get("previous_endpoint_config")
+                previous_config = (
+                    recorded if recorded != config_name else stored.details.get("previous_endpoint_config")
+                )
         elif current["EndpointStatus"] == "Failed":
             raise DeployError(
                 f"endpoint {name!r} is Failed ({current.get('FailureReason')}), and SageMaker allows nothing but deleting a "
@@ -205,8 +206,14 @@ class SageMakerServingBackend(SageMakerBackendBase):
             if previous_config is None:
                 raise DeployError(self._left_new_endpoint(name, failed)) from None
             self._roll_back(name, previous_config, failed)
-            version_back = None if stored is None else (
-                stored.version if stored.details.get("endpoint_config") == previous_config else stored.previous_version
+            version_back = (
+                None
+                if stored is None
+                else (
+                    stored.version
+                    if stored.details.get("endpoint_config") == previous_config
+                    else stored.previous_version
+                )
             )
             serves = f" (model version {version_back})" if version_back else ""
             raise DeployError(
@@ -216,7 +223,9 @@ class SageMakerServingBackend(SageMakerBackendBase):
         previous: tuple[str | None, str | None] = (None, None)
         if stored is not None:  # a retried deploy of the same weights keeps what they replaced
             replaced = stored.version != version
-            previous = (stored.model_uri, stored.version) if replaced else (stored.previous_model_uri, stored.previous_version)
+            previous = (
+                (stored.model_uri, stored.version) if replaced else (stored.previous_model_uri, stored.previous_version)
+            )
         record = EndpointRecord(
             name=name,
             url=f"{self.session.sagemaker_runtime_client.meta.endpoint_url}/endpoints/{name}/invocations",
@@ -230,7 +239,9 @@ class SageMakerServingBackend(SageMakerBackendBase):
             previous_model_uri=previous[0],
             previous_version=previous[1],
             model_ref=model_ref,
-            previous_model_ref=None if stored is None else (stored.model_ref if stored.version != version else stored.previous_model_ref),
+            previous_model_ref=None
+            if stored is None
+            else (stored.model_ref if stored.version != version else stored.previous_model_ref),
             details={
                 "endpoint_arn": description.get("EndpointArn"),
                 "endpoint_config": config_name,
@@ -247,7 +258,12 @@ class SageMakerServingBackend(SageMakerBackendBase):
     def _wait(self, name: str) -> dict[str, Any]:
         """Wait for ``name`` to reach a final status (``endpoint_timeout_s`` at most)."""
         return wait_for(
-            self.client, ENDPOINT, name, on_event=logger.info, timeout_s=self.options.endpoint_timeout_s, backoff=self.backoff()
+            self.client,
+            ENDPOINT,
+            name,
+            on_event=logger.info,
+            timeout_s=self.options.endpoint_timeout_s,
+            backoff=self.backoff(),
         )
 
     def _left_new_endpoint(self, name: str, failed: str) -> str:
@@ -255,7 +271,9 @@ class SageMakerServingBackend(SageMakerBackendBase):
         a look at what went wrong, and the message says how to delete it."""
         current = describe_or_none(self.client, ENDPOINT, name)
         status = current["EndpointStatus"] if current else "gone"
-        logger.warning("endpoint %s is new and failed: leaving it (%s) for a look; it bills while it has instances", name, status)
+        logger.warning(
+            "endpoint %s is new and failed: leaving it (%s) for a look; it bills while it has instances", name, status
+        )
         return (
             f"{failed}. The endpoint is new and never served; it is left as it is ({status}) so its log "
             f"(CloudWatch group /aws/sagemaker/Endpoints/{name}) can be read, and it bills while it has instances: "
@@ -279,17 +297,25 @@ class SageMakerServingBackend(SageMakerBackendBase):
         try:
             current = self._wait(name)
             if current["EndpointConfigName"] == previous_config and current["EndpointStatus"] == "InService":
-                logger.warning("endpoint %s is back on config %s (SageMaker rolled the update back)", name, previous_config)
+                logger.warning(
+                    "endpoint %s is back on config %s (SageMaker rolled the update back)", name, previous_config
+                )
                 return
             if current["EndpointStatus"] != "InService":
-                raise ServingError(f"it is {current['EndpointStatus']}: {current.get('FailureReason') or 'no FailureReason given'}")
+                raise ServingError(
+                    f"it is {current['EndpointStatus']}: {current.get('FailureReason') or 'no FailureReason given'}"
+                )
             logger.warning("rolling endpoint %s back to config %s", name, previous_config)
             self.client.update_endpoint(EndpointName=name, EndpointConfigName=previous_config)
             rolled = self._wait(name)
             if rolled["EndpointStatus"] != "InService" or rolled["EndpointConfigName"] != previous_config:
-                raise ServingError(f"it is {rolled['EndpointStatus']}: {rolled.get('FailureReason') or 'no FailureReason given'}")
+                raise ServingError(
+                    f"it is {rolled['EndpointStatus']}: {rolled.get('FailureReason') or 'no FailureReason given'}"
+                )
         except (ServingError, ClientError, SageMakerWaitTimeout) as error:
-            raise DeployError(f"{failed}. Rolling back to config {previous_config} failed too ({error}): {by_hand}") from None
+            raise DeployError(
+                f"{failed}. Rolling back to config {previous_config} failed too ({error}): {by_hand}"
+            ) from None
         logger.warning("endpoint %s serves config %s again", name, previous_config)
 
     # invoke, delete ------------------------------------------------------------------------
@@ -368,19 +394,34 @@ class SageMakerServingBackend(SageMakerBackendBase):
                 max_payload=options.max_payload_mb,
                 sagemaker_session=self.session,
             ).transform(
-                data=prefix, data_type="S3Prefix", content_type=IMAGE, split_type="None", job_name=transform_job, wait=False, logs=False
+                data=prefix,
+                data_type="S3Prefix",
+                content_type=IMAGE,
+                split_type="None",
+                job_name=transform_job,
+                wait=False,
+                logs=False,
             )
         logs = LogFollower(self.logs_client, TRANSFORM_LOG_GROUP, transform_job, logger.info)
         description = wait_for(
-            self.client, TRANSFORM_JOB, transform_job, on_event=logger.info, timeout_s=options.job_timeout_s,
-            backoff=self.backoff(), logs=logs,
+            self.client,
+            TRANSFORM_JOB,
+            transform_job,
+            on_event=logger.info,
+            timeout_s=options.job_timeout_s,
+            backoff=self.backoff(),
+            logs=logs,
         )
         if description["TransformJobStatus"] != "Completed":
-            raise SageMakerJobFailed("transform job", transform_job, description["TransformJobStatus"], description.get("FailureReason"))
+            raise SageMakerJobFailed(
+                "transform job", transform_job, description["TransformJobStatus"], description.get("FailureReason")
+            )
         if progress:
             progress(len(keys), len(keys))
         # a failed image fails the whole SageMaker job: a completed one has no errors to list
-        results_uri, _, accuracy = write_tables(self.storage, output_uri, keys, labels, [int(c) for c in info["classes"]], [])
+        results_uri, _, accuracy = write_tables(
+            self.storage, output_uri, keys, labels, [int(c) for c in info["classes"]], []
+        )
         seconds = (description["TransformEndTime"] - description["TransformStartTime"]).total_seconds()
         return BatchTransformSummary(
             input_uri=input_uri,

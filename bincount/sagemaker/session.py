@@ -47,7 +47,9 @@ class SageMakerOptions(BaseSettings):
         description="s3:// prefix for code, models and transform jobs; default: <artifact_root>/sagemaker "
         "when the artifact root is on S3.",
     )
-    endpoint_url: str | None = Field(default=None, description="SageMaker API endpoint (a test server); unset means AWS.")
+    endpoint_url: str | None = Field(
+        default=None, description="SageMaker API endpoint (a test server); unset means AWS."
+    )
     runtime_endpoint_url: str | None = Field(
         default=None, description="SageMaker runtime endpoint (invocations); unset means AWS."
     )
@@ -68,7 +70,9 @@ class SageMakerOptions(BaseSettings):
 
     tune_max_jobs: int = Field(default=20, ge=1, description="Training jobs a tuning job runs in all.")
     tune_max_parallel_jobs: int = Field(default=2, ge=1, description="Training jobs a tuning job runs at once.")
-    tune_early_stopping: Literal["Auto", "Off"] = Field(default="Auto", description="SageMaker's early stopping of trials.")
+    tune_early_stopping: Literal["Auto", "Off"] = Field(
+        default="Auto", description="SageMaker's early stopping of trials."
+    )
 
     debugger_save_interval: int = Field(default=100, ge=1, description="Save weights and gradients every N steps.")
     system_monitor_interval_ms: Literal[100, 200, 500, 1000, 5000, 60000] = Field(
@@ -90,8 +94,12 @@ class SageMakerOptions(BaseSettings):
 
     poll_initial_s: float = Field(default=5.0, gt=0, description="First wait between status polls.")
     poll_max_s: float = Field(default=60.0, gt=0, description="Longest wait between status polls.")
-    job_timeout_s: float = Field(default=24 * 3600, gt=0, description="Stop waiting for (and stop) a job after this long.")
-    endpoint_timeout_s: float = Field(default=3600, gt=0, description="Give up waiting for an endpoint after this long.")
+    job_timeout_s: float = Field(
+        default=24 * 3600, gt=0, description="Stop waiting for (and stop) a job after this long."
+    )
+    endpoint_timeout_s: float = Field(
+        default=3600, gt=0, description="Give up waiting for an endpoint after this long."
+    )
     rules_timeout_s: float = Field(default=1800, gt=0, description="Wait this long for debugger rules after training.")
 
     aws_access_key_id: str | None = Field(default=None, description="Unset: the default AWS credential chain.")
@@ -111,7 +119,9 @@ class SageMakerOptions(BaseSettings):
             return cls(**{key: value for key, value in overrides.items() if value is not None})
         except ValidationError as error:
             problems = "; ".join(f"{'.'.join(map(str, p['loc']))}: {p['msg']}" for p in error.errors())
-            raise SettingsError(f"invalid SageMaker options ({problems}): fix the BINCOUNT_SAGEMAKER_* variable") from None
+            raise SettingsError(
+                f"invalid SageMaker options ({problems}): fix the BINCOUNT_SAGEMAKER_* variable"
+            ) from None
 
     def require_role(self) -> str:
         if not self.role_arn:
@@ -123,7 +133,9 @@ class SageMakerOptions(BaseSettings):
 
     def base_uri(self, settings: Settings) -> str:
         """The s3:// prefix for code, repacked models and transform jobs."""
-        uri = self.output_uri or (settings.artifact_uri("sagemaker") if settings.artifact_root.startswith("s3://") else None)
+        uri = self.output_uri or (
+            settings.artifact_uri("sagemaker") if settings.artifact_root.startswith("s3://") else None
+        )
         if not uri or not uri.startswith("s3://"):
             raise SettingsError(
                 "SageMaker reads and writes S3 only: set BINCOUNT_ARTIFACT_ROOT=s3://<bucket>/bincount "
@@ -179,7 +191,9 @@ def boto_session(settings: Settings, options: SageMakerOptions) -> boto3.session
     session = EndpointSession(
         endpoints,
         aws_access_key_id=options.aws_access_key_id,
-        aws_secret_access_key=options.aws_secret_access_key.get_secret_value() if options.aws_secret_access_key else None,
+        aws_secret_access_key=options.aws_secret_access_key.get_secret_value()
+        if options.aws_secret_access_key
+        else None,
         aws_session_token=options.aws_session_token.get_secret_value() if options.aws_session_token else None,
         profile_name=options.profile_name,
         region_name=settings.aws_region,
@@ -198,7 +212,9 @@ def sagemaker_session(settings: Settings, options: SageMakerOptions) -> Any:
     config = load_sagemaker_config()
     if options.telemetry_opt_out:
         config.setdefault("SchemaVersion", "1.0")
-        config.setdefault("SageMaker", {}).setdefault("PythonSDK", {}).setdefault("Modules", {})["TelemetryOptOut"] = True
+        config.setdefault("SageMaker", {}).setdefault("PythonSDK", {}).setdefault("Modules", {})["TelemetryOptOut"] = (
+            True
+        )
     bucket = options.base_uri(settings)[len("s3://") :].split("/", 1)[0]
     return sagemaker.Session(
         boto_session=boto,

@@ -71,7 +71,10 @@ def built_in_rules(collections: list[Any]) -> list[Any]:
         parameters = {key: str(value) for key, value in thresholds.items()}
         base = getattr(rule_configs, name)()
         wanted = [
-            ours.get(item["CollectionName"], CollectionConfig(item["CollectionName"], parameters=item.get("CollectionParameters")))
+            ours.get(
+                item["CollectionName"],
+                CollectionConfig(item["CollectionName"], parameters=item.get("CollectionParameters")),
+            )
             for item in base.get("CollectionConfigurations", [])
         ]
         rules.append(Rule.sagemaker(base, rule_parameters=parameters, collections_to_save=wanted))
@@ -171,22 +174,33 @@ class SageMakerTrainingBackend(SageMakerBackendBase):
         if describe_or_none(client, TRAINING_JOB, spec.name) is not None:
             sink(f"training job {spec.name} exists (an earlier attempt started it): following it")
         else:
-            sink(f"starting training job {spec.name} on {self.options.train_instance_count} x {self.options.train_instance_type}")
+            sink(
+                f"starting training job {spec.name} on {self.options.train_instance_count} x {self.options.train_instance_type}"
+            )
             try:
                 self.estimator(spec).fit(self.channels(spec), job_name=spec.name, wait=False)
             except ClientError as error:
-                if error.response.get("Error", {}).get("Code") not in ("ResourceInUse", "ValidationException") or describe_or_none(
-                    client, TRAINING_JOB, spec.name
-                ) is None:
+                if (
+                    error.response.get("Error", {}).get("Code") not in ("ResourceInUse", "ValidationException")
+                    or describe_or_none(client, TRAINING_JOB, spec.name) is None
+                ):
                     raise
                 sink(f"training job {spec.name} was created by a concurrent attempt: following it")
         logs = LogFollower(self.logs_client, TRAINING_LOG_GROUP, spec.name, sink)
         description = wait_for(
-            client, TRAINING_JOB, spec.name, on_event=sink, timeout_s=self.options.job_timeout_s, backoff=self.backoff(), logs=logs
+            client,
+            TRAINING_JOB,
+            spec.name,
+            on_event=sink,
+            timeout_s=self.options.job_timeout_s,
+            backoff=self.backoff(),
+            logs=logs,
         )
         job = job_record(description, hyperparameters)
         if job.status == "Failed":
-            job.log_tail = list(logs.tail) or [f"(no CloudWatch log lines for {spec.name}: {logs.problem or 'none were logged'})"]
+            job.log_tail = list(logs.tail) or [
+                f"(no CloudWatch log lines for {spec.name}: {logs.problem or 'none were logged'})"
+            ]
             raise TrainingJobFailed(job)
         sink(f"training job {spec.name} {job.status.lower()} in {job.duration_s:.0f} s: {job.metrics}")
         return job
@@ -243,7 +257,10 @@ def rule_verdict(status: dict[str, Any], timeout_s: float) -> RuleResult:
     if state in RULE_VERDICTS:
         verdict, evidence = RULE_VERDICTS[state], details or state
     elif state in RULES_RUNNING:
-        verdict, evidence = "not_evaluated", f"still {state} after {timeout_s:.0f} s" + (f": {details}" if details else "")
+        verdict, evidence = (
+            "not_evaluated",
+            f"still {state} after {timeout_s:.0f} s" + (f": {details}" if details else ""),
+        )
     else:  # Stopped: the rule was stopped before it reached a verdict
         verdict, evidence = "not_evaluated", f"{state}" + (f": {details}" if details else "")
     return RuleResult(

@@ -91,7 +91,9 @@ class SageMakerTuningBackend(SageMakerBackendBase):
             early_stopping_type=spec.early_stopping,
         ), trainer.channels(template)
 
-    def tune(self, spec: TuningSpec, run_trials: TrialRunner | None = None, on_event: LogSink | None = None) -> TuningResult:
+    def tune(
+        self, spec: TuningSpec, run_trials: TrialRunner | None = None, on_event: LogSink | None = None
+    ) -> TuningResult:
         """Start ``spec.name`` (or follow it, if a previous attempt started it) and read back the best trial.
 
         ``run_trials`` is not called: SageMaker runs the trials.
@@ -120,7 +122,9 @@ class SageMakerTuningBackend(SageMakerBackendBase):
         best = description.get("BestTrainingJob")
         if description["HyperParameterTuningJobStatus"] == "Failed" or not best:
             raise SageMakerJobFailed(
-                "tuning job", spec.name, description["HyperParameterTuningJobStatus"],
+                "tuning job",
+                spec.name,
+                description["HyperParameterTuningJobStatus"],
                 description.get("FailureReason") or "no training job completed",
             )
         best_job = client.describe_training_job(TrainingJobName=best["TrainingJobName"])
@@ -138,8 +142,10 @@ class SageMakerTuningBackend(SageMakerBackendBase):
             trials=ranked(self.trials(spec), spec.objective_type),
             counters=dict(description.get("TrainingJobStatusCounters", {})),
         )
-        sink(f"tuning job {spec.name}: best trial {result.best_training_job} ({spec.objective_metric} "
-             f"{result.best_objective}) with {result.best_hyperparameters}")
+        sink(
+            f"tuning job {spec.name}: best trial {result.best_training_job} ({spec.objective_metric} "
+            f"{result.best_objective}) with {result.best_hyperparameters}"
+        )
         return result
 
     def trials(self, spec: TuningSpec) -> list[TrialResult]:

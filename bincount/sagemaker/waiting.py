@@ -49,19 +49,34 @@ class JobKind:
 
 
 TRAINING_JOB = JobKind(
-    "training job", "describe_training_job", "TrainingJobName", "TrainingJobStatus",
-    frozenset({"Completed", "Failed", "Stopped"}), "stop_training_job",
+    "training job",
+    "describe_training_job",
+    "TrainingJobName",
+    "TrainingJobStatus",
+    frozenset({"Completed", "Failed", "Stopped"}),
+    "stop_training_job",
 )
 TUNING_JOB = JobKind(
-    "tuning job", "describe_hyper_parameter_tuning_job", "HyperParameterTuningJobName",
-    "HyperParameterTuningJobStatus", frozenset({"Completed", "Failed", "Stopped"}), "stop_hyper_parameter_tuning_job",
+    "tuning job",
+    "describe_hyper_parameter_tuning_job",
+    "HyperParameterTuningJobName",
+    "HyperParameterTuningJobStatus",
+    frozenset({"Completed", "Failed", "Stopped"}),
+    "stop_hyper_parameter_tuning_job",
 )
 TRANSFORM_JOB = JobKind(
-    "transform job", "describe_transform_job", "TransformJobName", "TransformJobStatus",
-    frozenset({"Completed", "Failed", "Stopped"}), "stop_transform_job",
+    "transform job",
+    "describe_transform_job",
+    "TransformJobName",
+    "TransformJobStatus",
+    frozenset({"Completed", "Failed", "Stopped"}),
+    "stop_transform_job",
 )
 ENDPOINT = JobKind(
-    "endpoint", "describe_endpoint", "EndpointName", "EndpointStatus",
+    "endpoint",
+    "describe_endpoint",
+    "EndpointName",
+    "EndpointStatus",
     frozenset({"InService", "Failed", "OutOfService", "UpdateRollbackFailed"}),
 )
 
@@ -104,7 +119,9 @@ class LogFollower:
         ``LogFollower(session.boto_session.client("logs"), TRAINING_LOG_GROUP, name, logger.info)``
     """
 
-    def __init__(self, logs_client: Any, log_group: str, job_name: str, sink: LogSink, tail_lines: int = LOG_TAIL_LINES) -> None:
+    def __init__(
+        self, logs_client: Any, log_group: str, job_name: str, sink: LogSink, tail_lines: int = LOG_TAIL_LINES
+    ) -> None:
         self.logs, self.group, self.job_name, self.sink = logs_client, log_group, job_name, sink
         self.tokens: dict[str, str | None] = {}  # stream name -> nextForwardToken (None: read from its head)
         self.tail: deque[str] = deque(maxlen=tail_lines)  # the last lines passed on (a failure's traceback)

@@ -13,7 +13,7 @@ import numpy as np
 
 from bincount.config import Settings
 from bincount.contracts.naming import check_endpoint_name
-from bincount.contracts.serving import EndpointRecord
+from bincount.contracts.serving import CaptureConfig, EndpointRecord
 from bincount.demo_data import jpeg_bytes, render_bin_image
 from bincount.storage import ObjectNotFoundError, Storage
 
@@ -57,3 +57,9 @@ def now_iso() -> str:
 def smoke_image(image_size: int) -> bytes:
     """A synthetic bin photo (two items) at the model's size, to check a new model end to end."""
     return jpeg_bytes(render_bin_image(2, np.random.default_rng(0), size=max(image_size, 32)))
+
+
+def recorded_capture(record: EndpointRecord | None) -> CaptureConfig:
+    """The capture setting an endpoint was last deployed with (off for a new one)."""
+    recorded = record.details.get("capture") if record else None
+    return CaptureConfig(**recorded) if recorded else CaptureConfig()

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import io
+import math
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import pandas as pd
+from matplotlib.ticker import MaxNLocator
 
 from bincount.contracts.tuning import TrialResult
 from bincount.data_report import DataReport
@@ -23,28 +25,43 @@ def _png(figure: plt.Figure) -> bytes:
 
 
 def data_report_png(report: DataReport) -> bytes:
-    """Class balance per split beside the most common image sizes."""
+    """Class balance per split beside the most common image sizes (a sentence when there is one size)."""
     figure, (balance, sizes) = plt.subplots(1, 2, figsize=(11, 4))
     table = pd.DataFrame(report.class_counts).fillna(0).sort_index()
     table.plot.bar(ax=balance, rot=0)
     balance.set(title="Images per count and split", xlabel="items in bin", ylabel="images")
+    balance.set_ylim(top=table.to_numpy().max() * 1.25)  # headroom, so the legend hides no bar
+    balance.legend(title="split", loc="upper center", ncol=len(table.columns), frameon=False)
     top = list(report.image_sizes.items())[:8]
-    sizes.barh([name for name, _ in top][::-1], [n for _, n in top][::-1], color="tab:gray")
-    sizes.set(title="Most common image sizes", xlabel="images")
+    if len(top) == 1:
+        ((name, count),) = top
+        sizes.axis("off")
+        sizes.text(0.5, 0.5, f"Every image is {name}\n({count} images)", ha="center", va="center", fontsize=14)
+    else:
+        sizes.barh([name for name, _ in top][::-1], [n for _, n in top][::-1], color="tab:gray")
+        sizes.set(title="Most common image sizes", xlabel="images")
     return _png(figure)
 
 
 def training_curves(history: list[dict[str, float]], title: str) -> bytes:
-    """Loss and accuracy per epoch, training and evaluation, from a job's metric history."""
+    """Loss and accuracy per epoch, training and evaluation, from a job's metric history.
+
+    The loss axis turns logarithmic when the losses span more than 10x (an untrained first epoch's
+    evaluation loss of 35 would otherwise flatten every later epoch)."""
     figure, (loss_axes, acc_axes) = plt.subplots(1, 2, figsize=(10, 4))
     epochs = [row["epoch"] for row in history]
-    for axes, metric, label in ((loss_axes, "loss", "loss"), (acc_axes, "accuracy", "accuracy")):
+    for axes, metric in ((loss_axes, "loss"), (acc_axes, "accuracy")):
         for split in ("train", "eval"):
             axes.plot(epochs, [row.get(f"{split}:{metric}", float("nan")) for row in history], marker="o", label=split)
         axes.set_xlabel("epoch")
-        axes.set_ylabel(label)
+        axes.set_ylabel(metric)
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.legend()
         axes.grid(alpha=0.3)
+    losses = [v for row in history for k, v in row.items() if k.endswith(":loss") and math.isfinite(v) and v > 0]
+    if losses and max(losses) > 10 * min(losses):
+        loss_axes.set_yscale("log")
+        loss_axes.set_ylabel("loss (log scale)")
     figure.suptitle(title)
     return _png(figure)
 
@@ -59,6 +76,7 @@ def tuning_trials(results: list[TrialResult], objective_metric: str) -> bytes:
         by_number.scatter([r.number for r in chosen], values, c=colour, label=status)
         by_lr.scatter([r.hyperparameters.get("lr", 0.0) for r in chosen], values, c=colour, label=status)
     by_number.set_xlabel("trial")
+    by_number.xaxis.set_major_locator(MaxNLocator(integer=True))
     by_lr.set_xlabel("learning rate")
     by_lr.set_xscale("log")
     for axes in (by_number, by_lr):

@@ -15,9 +15,27 @@ from prefect import flow
 from bincount.config import Location, to_uri
 from bincount.contracts.serving import BatchTransformSummary
 from tasks.batch_transform import batch_transform_task, resolve_model_task
+from tasks.summary import run_summary
 
 
-@flow(name="batch-transform")
+def batch_figures(result: BatchTransformSummary) -> dict[str, str | int | float | None]:
+    """The run summary's key figures."""
+    return {
+        "model version": result.model_version,
+        "images": result.images,
+        "scored": result.scored,
+        "skipped (done before)": result.skipped,
+        "failed": result.failed,
+        "accuracy": result.accuracy,
+        "images/s": result.images_per_s,
+        "results": result.results_uri,
+    }
+
+
+SUMMARY = run_summary(batch_figures)
+
+
+@flow(name="batch-transform", on_completion=[SUMMARY], on_failure=[SUMMARY])
 def batch_transform(
     input_uri: str,
     output_uri: str,

@@ -1,5 +1,6 @@
 """The `bincount` command: run the pipeline on the offline demo data, prepare a real dataset,
-make demo data, stop an endpoint, or look after registered models (`bincount models ...`)."""
+make demo data, look at or stop endpoints (`bincount endpoints ...`), or look after registered models
+(`bincount models ...`)."""
 
 from __future__ import annotations
 
@@ -9,15 +10,18 @@ import os
 import sys
 from pathlib import Path
 
+import httpx
+
 from bincount.config import Location, Settings, to_uri
 from bincount.contracts.registry import ModelVersion, RegistryError
-from bincount.contracts.serving import EndpointRecord
+from bincount.contracts.serving import EndpointNotFoundError, EndpointRecord
 from bincount.demo_data import generate_demo_bucket
 from bincount.endpoints import EndpointRecords
-from bincount.factory import get_model_registry, get_serving_backend
+from bincount.factory import get_model_registry
 from bincount.registry import StorageModelRegistry
 from bincount.storage import join_uri, storage_for
 from flows.data import DataOptions, prepare_data
+from flows.endpoints import delete_endpoint
 from flows.pipeline import pipeline
 from flows.rollback import rollback_model
 from flows.train import TrainOptions
@@ -47,6 +51,60 @@ def demo_training_options() -> TrainOptions:
             {"type": "integer", "name": "epochs", "low": 4, "high": 8},
         ],
     )
+
+
+# --- bincount endpoints -----------------------------------------------------------------------
+def health(record: EndpointRecord) -> str:
+    """What the endpoint's ``/ping`` says right now (a local endpoint's router answers it)."""
+    try:
+        answer = httpx.get(f"{record.url.rstrip('/')}/ping", timeout=3.0)
+    except httpx.HTTPError as error:
+        return f"not answering ({type(error).__name__})"
+    if answer.status_code != 200:
+        return f"not healthy (HTTP {answer.status_code})"
+    body = answer.json()
+    return f"{body.get('status', 'Healthy')}, serving {body.get('model_version') or body.get('weights') or '?'}"
+
+
+def list_endpoints(settings: Settings) -> str:
+    rows = [
+        [
+            record.name,
+            record.model_ref or "-",
+            record.backend,
+            record.url,
+            record.deployed_at[:19].replace("T", " "),
+            health(record),
+        ]
+        for record in endpoint_records(settings)
+    ]
+    return (
+        format_table(["endpoint", "model version", "backend", "URL", "deployed (UTC)", "health"], rows)
+        if rows
+        else "No endpoints."
+    )
+
+
+def describe_endpoint(record: EndpointRecord) -> str:
+    lines = [
+        f"endpoint         {record.name} ({record.backend})",
+        f"URL              {record.url}",
+        f"health           {health(record)}",
+        f"model version    {record.model_ref or '-'} ({record.arch}, {record.image_size} px, weights {record.version})",
+        f"model URI        {record.model_uri}",
+        f"deployed         {record.deployed_at}",
+        f"replaced         {record.previous_model_ref or record.previous_version or '-'}",
+    ]
+    return "\n".join(lines + [f"{key.replace('_', ' '):16} {value}" for key, value in sorted(record.details.items())])
+
+
+def endpoints_command(args: argparse.Namespace, settings: Settings) -> str:
+    if args.endpoints_command == "list":
+        return list_endpoints(settings)
+    record = EndpointRecords(settings, storage_for(settings)).read(args.name)
+    if record is None:
+        raise EndpointNotFoundError(f"no endpoint named {args.name!r} is recorded (bincount endpoints list shows them)")
+    return describe_endpoint(record)
 
 
 # --- bincount models ---------------------------------------------------------------------------
@@ -184,6 +242,12 @@ def main(argv: list[str] | None = None) -> None:
     make.add_argument("uri", help="file:// or s3:// URI, or a folder")
     make.add_argument("--images", type=int, default=600, help="demo photos to generate (default: 600)")
     make.add_argument("--seed", type=int, default=0, help="seed of the demo data (default: 0)")
+    endpoints = commands.add_parser("endpoints", help="list endpoints, or describe one: model version, URL, health")
+    endpoint_actions = endpoints.add_subparsers(dest="endpoints_command", required=True)
+    endpoint_actions.add_parser("list", help="every recorded endpoint: model version, URL, health")
+    endpoint_actions.add_parser(
+        "describe", help="one endpoint: model version and URI, URL, health, deploy details"
+    ).add_argument("name", help="endpoint name")
     add_models_commands(commands)
     args = parser.parse_args(argv)
 
@@ -199,9 +263,16 @@ def main(argv: list[str] | None = None) -> None:
             print(f"bincount models {args.models_command}: {error}", file=sys.stderr)
             raise SystemExit(2) from None
         return
+    if args.command == "endpoints":
+        try:
+            print(endpoints_command(args, settings))
+        except EndpointNotFoundError as error:
+            print(f"bincount endpoints {args.endpoints_command}: {error}", file=sys.stderr)
+            raise SystemExit(2) from None
+        return
     if args.command == "delete-endpoint":
-        get_serving_backend(settings).delete(args.name)
-        print(f"Endpoint {args.name!r} stopped")
+        stopped = delete_endpoint(args.name)
+        print(f"Endpoint {args.name!r} stopped (it served {stopped.model_ref or stopped.version})")
         return
     if args.command == "data":
         options = DataOptions(
@@ -218,12 +289,14 @@ def main(argv: list[str] | None = None) -> None:
     evaluation, endpoint, scored = result.evaluation, result.endpoint, result.batch_transform
     if endpoint is None or scored is None:
         print(
-            f"Model version {result.model_version} was rejected: nothing deployed (bincount models show {result.model_version})"
+            f"Model version {result.model_version} was rejected: nothing deployed (bincount models show "
+            f"{result.model_version})"
         )
         return
     print(
         f"\nTest accuracy {evaluation.accuracy:.3f}, RMSE {evaluation.rmse:.3f} ({evaluation.images} images)\n"
-        f"Model version {result.model_version}: {result.model_uri} (its lineage: bincount models show {result.model_version})\n"
+        f"Model version {result.model_version}: {result.model_uri} (its lineage: bincount models show "
+        f"{result.model_version})\n"
         f"Endpoint {endpoint.name!r} serves it at {endpoint.url}:\n"
         f"  boto3.client('sagemaker-runtime', endpoint_url='{endpoint.url}', region_name='us-east-1',\n"
         f"               aws_access_key_id='local', aws_secret_access_key='local')  # any credentials do locally\n"

@@ -22,6 +22,7 @@ from tasks.download import download_images_task
 from tasks.manifest import load_manifest
 from tasks.report import report_data_task
 from tasks.split import split_dataset_task
+from tasks.summary import run_summary
 from tasks.upload import upload_channels_task
 from tasks.validate import validate_data_task
 
@@ -65,7 +66,15 @@ class PreparedData(BaseModel):
     std: list[float]
 
 
-@flow(name="prepare-data")
+def data_figures(result: PreparedData) -> dict[str, str | int]:
+    """The run summary's key figures."""
+    return {"dataset": result.dataset, "images": result.images, "split": result.split_uri}
+
+
+SUMMARY = run_summary(data_figures)
+
+
+@flow(name="prepare-data", on_completion=[SUMMARY], on_failure=[SUMMARY])
 def prepare_data(
     options: DataOptions = DataOptions(), location: Location = Location(), refresh: bool = False
 ) -> PreparedData:

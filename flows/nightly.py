@@ -35,6 +35,7 @@ from flows.promotion import approve_version, put_in_production
 from flows.train import TrainOptions, retrain_model, train_model
 from tasks.evaluate import evaluate_and_publish
 from tasks.registry import register_model_task, set_stage_task
+from tasks.summary import run_summary
 
 
 class NoProductionModelError(LookupError):
@@ -71,12 +72,31 @@ def production_version(settings: Settings, endpoint_name: str) -> ModelVersion:
     if champion is None:
         raise NoProductionModelError(
             f"model group {endpoint_name!r} has no production version to retrain: run the pipeline first "
-            "(`prefect deployment run 'bincount-pipeline/demo'`, or `bincount demo`), or give endpoint_name of a group that has one"
+            "(`prefect deployment run 'bincount-pipeline/demo'`, or `bincount demo`), or give endpoint_name of a "
+            "group that has one"
         )
     return champion
 
 
-@flow(name="nightly-retrain")
+def nightly_figures(result: Decision) -> dict[str, str | float | None]:
+    """The run summary's key figures."""
+
+    def ref(version: int | None) -> str | None:
+        return None if version is None else f"{result.endpoint_name}:{version}"
+
+    return {
+        "decision": "promoted" if result.promoted else "kept the serving model",
+        "reason": result.reason,
+        f"challenger ({ref(result.challenger_version) or 'none'}) test {result.metric}": result.challenger_score,
+        f"serving ({ref(result.serving_version) or '-'}) test {result.metric}": result.serving_score,
+        "endpoint": result.endpoint_name,
+    }
+
+
+SUMMARY = run_summary(nightly_figures)
+
+
+@flow(name="nightly-retrain", on_completion=[SUMMARY], on_failure=[SUMMARY])
 def nightly_retrain(
     endpoint_name: str = "bincount",
     data: DataOptions | None = None,

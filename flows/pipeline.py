@@ -31,6 +31,7 @@ from flows.data import DataOptions, prepare_data
 from flows.promotion import approve_version, put_in_production
 from flows.train import TrainOptions, train_model
 from tasks.registry import register_model_task, set_approval_task
+from tasks.summary import run_summary
 
 
 class QualityGateError(RuntimeError):
@@ -55,7 +56,23 @@ def recipe(data: DataOptions, training: TrainOptions, settings: Settings) -> dic
     }
 
 
-@flow(name="bincount-pipeline")
+def pipeline_figures(result: PipelineResult) -> dict[str, Any]:
+    """The run summary's key figures."""
+    endpoint, scored = result.endpoint, result.batch_transform
+    return {
+        "test images": result.evaluation.images,
+        "test accuracy": result.evaluation.accuracy,
+        "test RMSE": result.evaluation.rmse,
+        "model version": result.model_version,
+        "endpoint": f"{endpoint.name} at {endpoint.url}" if endpoint else "not deployed (rejected)",
+        "batch transform": f"{scored.scored} scored, {scored.failed} failed -> {scored.output_uri}" if scored else "-",
+    }
+
+
+SUMMARY = run_summary(pipeline_figures)
+
+
+@flow(name="bincount-pipeline", on_completion=[SUMMARY], on_failure=[SUMMARY])
 def pipeline(
     data: DataOptions = DataOptions(),
     training: TrainOptions = TrainOptions(),
@@ -104,7 +121,8 @@ def pipeline(
             settings, version, False, "quality-gate", f"test accuracy {accuracy:.4f} < min_accuracy {min_accuracy:.4f}"
         )
         raise QualityGateError(
-            f"test accuracy {accuracy:.3f} is below min_accuracy {min_accuracy:.3f}: {version.ref} was rejected and not "
+            f"test accuracy {accuracy:.3f} is below min_accuracy {min_accuracy:.3f}: {version.ref} was rejected and "
+            "not "
             "deployed. Tune longer, or lower min_accuracy if this bar is too high for the data."
         )
     passed = f"test accuracy {accuracy:.4f} >= min_accuracy {min_accuracy:.4f}"

@@ -17,9 +17,22 @@ from bincount.contracts.serving import EndpointRecord
 from bincount.factory import get_model_registry
 from tasks.deploy import deploy_model
 from tasks.registry import record_rollback_task
+from tasks.summary import run_summary
 
 
-@flow(name="rollback-model")
+def rollback_figures(result: EndpointRecord) -> dict[str, str | None]:
+    """The run summary's key figures."""
+    return {
+        "endpoint": f"{result.name} at {result.url}",
+        "model version": result.model_ref,
+        "replaced version": result.previous_model_ref,
+    }
+
+
+SUMMARY = run_summary(rollback_figures)
+
+
+@flow(name="rollback-model", on_completion=[SUMMARY], on_failure=[SUMMARY])
 def rollback_model(
     endpoint_name: str = "bincount",
     reason: str = "rolled back",

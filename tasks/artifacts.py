@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import time
+from collections.abc import Sequence
+from typing import Any
 
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 
@@ -16,6 +18,22 @@ def publish_plot(key: str, png: bytes, title: str, description: str = "") -> Non
         markdown=f"### {title}\n\n{description}\n\n![{title}](data:image/png;base64,{encoded})\n",
         description=title,
     )
+
+
+def show(value: Any) -> str:
+    """A value for people: floats to 3 significant digits, nothing as '-', no character that breaks a table."""
+    if value is None:
+        return "-"
+    text = f"{value:.3g}" if isinstance(value, float) else str(value)
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A markdown table of ``rows`` (cells through :func:`show`): the UI wraps its cells, where a table artifact
+    clips them."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(show(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
 
 
 class ProgressArtifact:

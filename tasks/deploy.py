@@ -17,7 +17,7 @@ from prefect.transactions import Transaction, get_transaction, transaction
 from bincount.config import Settings
 from bincount.contracts.registry import ModelVersion
 from bincount.contracts.serving import CaptureConfig, EndpointNotFoundError, EndpointRecord, check_answer
-from bincount.endpoints import smoke_image
+from bincount.endpoints import now_iso, smoke_image
 from bincount.factory import get_serving_backend
 from bincount.storage import storage_for
 
@@ -27,8 +27,11 @@ def endpoint_artifact_key(endpoint_name: str) -> str:
     return f"endpoint-{endpoint_name.lower()}"
 
 
-def publish_endpoint(record: EndpointRecord, note: str = "", monitor: str = "not monitored since this deploy") -> None:
-    """The endpoint's artifact; ``monitor``: the last monitor verdict (the monitor flow republishes it)."""
+def publish_endpoint(
+    record: EndpointRecord, note: str = "", status: str = "serving", monitor: str = "not monitored since this deploy"
+) -> None:
+    """The endpoint's artifact (stable key per endpoint): what it serves, where, whether it still does, its data
+    capture, and ``monitor``: the last monitor verdict (the monitor flow republishes it)."""
     capture = record.details.get("capture")
     capturing = (
         f"{capture['sampling_percentage']}% of requests to `{record.details.get('capture_uri')}`" if capture else "off"
@@ -36,7 +39,7 @@ def publish_endpoint(record: EndpointRecord, note: str = "", monitor: str = "not
     create_markdown_artifact(
         key=endpoint_artifact_key(record.name),
         markdown=(
-            f"### Endpoint `{record.name}`\n\n"
+            f"### Endpoint `{record.name}`: {status}\n\n"
             "| | |\n|---|---|\n"
             f"| URL | `{record.url}` |\n"
             f"| model version | `{record.model_ref or '-'}` ({record.arch}, weights `{record.version}`) |\n"
@@ -49,7 +52,7 @@ def publish_endpoint(record: EndpointRecord, note: str = "", monitor: str = "not
             f"Invoke: `boto3.client('sagemaker-runtime', endpoint_url='{record.url}')"
             f".invoke_endpoint(EndpointName='{record.name}', Body=jpeg, ContentType='image/jpeg')`\n\n{note}"
         ),
-        description=f"Endpoint {record.name}: model {record.model_ref or record.version}",
+        description=f"Endpoint {record.name}: {status}, model {record.model_ref or record.version}",
     )
 
 
@@ -99,6 +102,20 @@ def restore_previous_endpoint(txn: Transaction) -> None:
     record = backend.deploy(name, previous["model_uri"], previous.get("model_ref"))
     replaced = previous.get("model_ref") or previous["version"]
     publish_endpoint(record, note=f"Rolled back: the deploy that replaced version {replaced} failed its checks.")
+
+
+@task(name="stop-endpoint", cache_policy=NO_CACHE)
+def stop_endpoint_task(settings: Settings, endpoint_name: str) -> EndpointRecord:
+    """Stop ``endpoint_name`` and forget its record; its artifact then says "stopped". Returns the last record."""
+    logger = get_run_logger()
+    backend = get_serving_backend(settings)
+    record = backend.describe(endpoint_name)
+    logger.info(
+        "Stopping endpoint %r (serving %s at %s)", endpoint_name, record.model_ref or record.version, record.url
+    )
+    backend.delete(endpoint_name)
+    publish_endpoint(record, note=f"Stopped at {now_iso()}; `{record.url}` no longer answers.", status="stopped")
+    return record
 
 
 @task(name="check-endpoint", cache_policy=NO_CACHE)

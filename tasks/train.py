@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 
 from prefect import get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
@@ -21,7 +22,7 @@ from bincount.factory import get_training_backend
 from bincount.models import read_from_archive
 from bincount.plots import training_curves
 from bincount.storage import storage_for
-from tasks.artifacts import publish_plot
+from tasks.artifacts import markdown_table, publish_plot
 from tasks.caching import TRAINING_JOB_CACHE
 from tasks.retry import is_transient
 
@@ -49,11 +50,22 @@ def training_slot() -> Iterator[None]:
         yield
 
 
+CHATTER = re.compile(
+    r"^\[[^]]{0,60} (?:INFO|DEBUG) [\w.]+:\d+\]"  # smdebug's own INFO lines
+    r"|^[A-Z]+:?\d{4}[-\d]* [\d:.]+ \d+:\d+ "
+    r"\w+\.cpp:\d+\]"  # kineto (torch.profiler): USDT profiler_start, gpuGetDeviceCount
+    r"|^\[[WI]\d{4} [^]]*\.cpp:\d+\]"  # c10 warnings (CPUAllocator: memory allocated before profiling started)
+    r"|UserWarning: Warning: Profiler clears events|^\s+_warn_once\("
+)
+"""A job's log lines that are its tools' chatter, not its story: logged at DEBUG."""
+
+
 def log_line(logger: logging.LoggerAdapter | logging.Logger):
-    """A sink for a job's log: its lines at INFO, smdebug's chatter at DEBUG."""
+    """A sink for a job's log: its lines at INFO, the tools' chatter (:data:`CHATTER`) at DEBUG, blank lines dropped."""
 
     def sink(line: str) -> None:
-        logger.log(logging.DEBUG if " INFO hook.py" in line or " INFO " in line[:40] else logging.INFO, line)
+        if line.strip():
+            logger.log(logging.DEBUG if CHATTER.search(line) else logging.INFO, line)
 
     return sink
 
@@ -98,10 +110,18 @@ def check_debugger_rules_task(settings: Settings, job: TrainingJob) -> list[Rule
         level = logging.WARNING if result.status in ("fired", "error") else logging.INFO
         logger.log(level, "%s %s: %s", result.rule, result.status, result.evidence)
     fired, errors = (sum(r.status == status for r in results) for status in ("fired", "error"))
-    create_table_artifact(
+    verdicts = {
+        "fired": "⚠️ **FIRED**",
+        "error": "❌ **could not run**",
+        "passed": "✅ passed",
+        "not_evaluated": "not evaluated",
+    }
+    summary = f"{fired} fired" + (f", {errors} could not run" if errors else "")
+    create_markdown_artifact(
         key="debugger-rules",
-        table=[result.to_dict() for result in results],
-        description=f"Debugger rules on {job.name}: {fired} fired" + (f", {errors} could not run" if errors else ""),
+        markdown=f"### Debugger rules on {job.name}: {summary}\n\n"
+        + markdown_table(["rule", "verdict", "evidence"], [[r.rule, verdicts[r.status], r.evidence] for r in results]),
+        description=f"Debugger rules on {job.name}: {summary}",
     )
     return results
 
@@ -127,7 +147,8 @@ def summarize_profile_task(settings: Settings, job: TrainingJob) -> dict:
         key="profiler-summary",
         markdown=(
             f"### Profile of {job.name} ({summary['device']})\n\n"
-            f"- step time: mean {step['mean']:.1f} ms, p50 {step['p50']:.1f} ms, p90 {step['p90']:.1f} ms over {summary['steps']} steps\n"
+            f"- step time: mean {step['mean']:.1f} ms, p50 {step['p50']:.1f} ms, p90 {step['p90']:.1f} ms over "
+            f"{summary['steps']} steps\n"
             f"- waiting for data: {100 * summary['data_wait_share']:.1f}% of step time\n"
             f"- peak memory: process RSS {memory['process_rss']:.0f} MB{cuda}\n"
             f"- TensorBoard trace: `profiler/` inside {job.output_uri} (`tensorboard --logdir profiler`)\n\n"

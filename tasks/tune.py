@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from prefect import get_run_logger, task
-from prefect.artifacts import create_table_artifact
+from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from bincount.config import Settings
@@ -11,7 +11,7 @@ from bincount.contracts.training import TrainingJob
 from bincount.contracts.tuning import TrialSpec, TuningResult
 from bincount.factory import get_training_backend
 from bincount.plots import tuning_trials
-from tasks.artifacts import publish_plot
+from tasks.artifacts import markdown_table, publish_plot
 from tasks.caching import TRAINING_JOB_CACHE
 from tasks.train import log_line, training_slot
 
@@ -39,20 +39,24 @@ def report_tuning_task(result: TuningResult, objective_metric: str) -> None:
     """The leaderboard (table artifact ``tuning-leaderboard``) and a plot of the trials (``tuning-trials``)."""
     logger = get_run_logger()
     logger.info("Reporting %d trials of %s", len(result.trials), result.name)
+    names = sorted({name for trial in result.trials for name in trial.hyperparameters})
     rows = [
-        {
-            "rank": rank,
-            "trial": trial.number,
-            "status": trial.status,
-            objective_metric: None if trial.objective is None else round(trial.objective, 4),
-            **trial.hyperparameters,
-            "job": trial.job_name,
-            "failure": trial.failure_reason,
-        }
+        [
+            rank,
+            trial.number,
+            trial.status,
+            trial.objective,
+            *(trial.hyperparameters.get(n) for n in names),
+            trial.job_name,
+            trial.failure_reason,
+        ]
         for rank, trial in enumerate(result.trials, start=1)
     ]
-    create_table_artifact(
-        key="tuning-leaderboard", table=rows, description=f"Tuning trials ranked by {objective_metric}"
+    create_markdown_artifact(
+        key="tuning-leaderboard",
+        markdown=f"### Tuning trials of {result.name}, best first\n\n"
+        + markdown_table(["rank", "trial", "status", objective_metric, *names, "job", "failure"], rows),
+        description=f"Tuning trials ranked by {objective_metric}",
     )
     publish_plot(
         "tuning-trials",

@@ -1,19 +1,26 @@
-"""prefect.yaml round trip: a Prefect server on loopback, `prefect deploy`, a process worker, a run."""
+"""prefect.yaml round trip: a Prefect server on loopback, `prefect deploy`, a process worker, a run; then
+that run's pages in the Prefect UI, opened in a real browser (Debian's chromium, headless)."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import httpx
+import pytest
+from websockets.sync.client import connect
 
 from bincount.demo_data import generate_demo_bucket
 from bincount.storage import Storage
 
 ROOT = Path(__file__).resolve().parents[1]
 PREFECT = str(Path(sys.executable).with_name("prefect"))
+CHROMIUM = shutil.which("chromium")
 
 
 def run(command: list[str], env: dict[str, str], timeout: float = 300) -> str:
@@ -75,8 +82,20 @@ def test_deploy_then_the_scheduled_nightly_runs_with_no_parameters(server_env: d
     assert (described.get("concurrency_options") or {}).get("collision_strategy") == "ENQUEUE", "a second one waits"
     assert "SCHEDULED" in flow_run_states(env, "nightly-retrain"), "the scheduler creates the nightly runs"
 
-    pipeline = {**TINY_PIPELINE, "location": {"source_uri": bucket}}
-    run([PREFECT, "deployment", "run", "bincount-pipeline/on-demand", "--params", json.dumps(pipeline)], env)
+    training, location = json.dumps(TINY_PIPELINE["training"]), json.dumps({"source_uri": bucket})
+    run(
+        [
+            PREFECT,
+            "deployment",
+            "run",
+            "bincount-pipeline/on-demand",
+            "--param",
+            f"training={training}",
+            "--param",
+            f"location={location}",
+        ],
+        env,
+    )  # as the README's examples give them
     try:
         run([PREFECT, "worker", "start", "--pool", "bincount-local", "--run-once"], env, timeout=600)
         assert flow_run_states(env, "bincount-pipeline") == ["COMPLETED"]
@@ -93,7 +112,120 @@ def test_deploy_then_the_scheduled_nightly_runs_with_no_parameters(server_env: d
         version = json.loads((artifacts / "registry" / "bincount" / "versions" / "000002.json").read_text())
         assert version["spec"]["recipe"]["location"]["source_uri"] == bucket, "the production version's data source"
         assert version["spec"]["hyperparameters"]["epochs"] == 1, "and its recipe"
+
+        scored = tmp_path / "scored"
+        run(
+            [
+                PREFECT,
+                "deployment",
+                "run",
+                "batch-transform/on-demand",
+                "--param",
+                f"input_uri={artifacts / 'datasets' / 'abid' / 'channels' / 'test'}",
+                "--param",
+                f"output_uri={scored}",
+            ],
+            env,
+        )
+        run([PREFECT, "worker", "start", "--pool", "bincount-local", "--run-once"], env, timeout=600)
+        assert flow_run_states(env, "batch-transform") == ["COMPLETED"] * 2, "the pipeline's and this one"
+        assert (scored / "results.csv").is_file()
+        for flow_name, figure in (("nightly-retrain", "| decision |"), ("batch-transform", "| scored |")):
+            assert figure in latest_artifact(env, f"summary-{flow_name}")["data"], f"{flow_name}'s run summary"
     finally:
         subprocess.run(
             [sys.executable, "-m", "flows.cli", "delete-endpoint", "bincount"], env=env, cwd=ROOT, timeout=120
         )
+
+
+def latest_artifact(env: dict[str, str], key: str) -> dict:
+    query = {"artifacts": {"key": {"any_": [key]}}, "sort": "CREATED_DESC", "limit": 1}
+    found = httpx.post(f"{env['PREFECT_API_URL']}/artifacts/filter", json=query, timeout=10).json()
+    if not found:
+        pytest.skip(
+            f"no artifact {key!r}: this test reads the runs of "
+            "test_deploy_then_the_scheduled_nightly_runs_with_no_parameters"
+        )
+    return found[0]
+
+
+def rendered(url: str, expression: str, timeout_s: float = 120) -> dict:
+    """Open ``url`` in headless Chromium (DESIGN.md's flags) and evaluate the JavaScript ``expression``
+    over the DevTools protocol until it returns a non-empty JSON string; return that, parsed."""
+    assert CHROMIUM is not None
+    with tempfile.TemporaryDirectory(prefix="chromium-") as profile:
+        browser = subprocess.Popen(
+            [
+                CHROMIUM,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                f"--user-data-dir={profile}",
+                "--window-size=1280,900",
+                "--remote-debugging-port=0",
+                url,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            deadline = time.monotonic() + timeout_s
+            port_file = Path(profile) / "DevToolsActivePort"
+            while not (port_file.is_file() and port_file.read_text().strip()) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            port = int(port_file.read_text().split()[0])
+            (page,) = [
+                t for t in httpx.get(f"http://127.0.0.1:{port}/json/list", timeout=10).json() if t["type"] == "page"
+            ]
+            with connect(page["webSocketDebuggerUrl"], max_size=None) as devtools:
+                for number in range(1, 10_000):
+                    devtools.send(
+                        json.dumps(
+                            {
+                                "id": number,
+                                "method": "Runtime.evaluate",
+                                "params": {"expression": expression, "returnByValue": True},
+                            }
+                        )
+                    )
+                    reply = json.loads(devtools.recv())
+                    while reply.get("id") != number:  # no events are enabled: only answers come
+                        reply = json.loads(devtools.recv())
+                    value = reply.get("result", {}).get("result", {}).get("value")
+                    if value or time.monotonic() > deadline:
+                        break
+                    time.sleep(1)
+        finally:
+            browser.terminate()
+            browser.wait(timeout=30)
+    assert value, f"{url} did not show what was expected within {timeout_s} s"
+    return json.loads(value)
+
+
+PAGE = """(() => {{
+  const text = document.body ? document.body.innerText : "";
+  const plots = [...document.images].filter(image => image.src.startsWith("data:image/png"));
+  const ready = text.includes({mark!r}) && plots.length >= {plots} && plots.every(image => image.complete);
+  return ready ? JSON.stringify({{text, widths: plots.map(image => image.naturalWidth)}}) : "";
+}})()"""
+
+
+def test_the_pipeline_run_reads_in_a_real_browser(server_env: dict[str, str]) -> None:
+    """The summary and a plot of the deployed pipeline's run, as a user sees them in the Prefect UI."""
+    if CHROMIUM is None:
+        pytest.skip(
+            "Debian's chromium is not installed (apt-get install -y chromium; .ci/run installs it where apt works)"
+        )
+    ui = server_env["PREFECT_API_URL"].removesuffix("/api")
+    summary = latest_artifact(server_env, "summary-bincount-pipeline")
+    page = rendered(f"{ui}/artifacts/artifact/{summary['id']}", PAGE.format(mark="test accuracy", plots=0))
+    for figure in ("bincount:1", "test RMSE", "http://127.0.0.1:", "prepare-data", "training-curves", "Completed"):
+        assert figure in page["text"], (figure, page["text"][:3000])
+
+    plot = latest_artifact(server_env, "training-curves")
+    page = rendered(f"{ui}/artifacts/artifact/{plot['id']}", PAGE.format(mark="Training curves", plots=1))
+    assert page["widths"] and all(width > 0 for width in page["widths"]), page["widths"]
+
+    stopped = latest_artifact(server_env, "endpoint-bincount")
+    assert "`bincount`: stopped" in stopped["data"], "bincount delete-endpoint left the endpoint's artifact saying so"

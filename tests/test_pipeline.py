@@ -5,19 +5,24 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from uuid import UUID
 
 import boto3
+import httpx
 import numpy as np
 import pytest
 from prefect import get_client
 from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterKey,
     FlowRunFilter,
     FlowRunFilterId,
     FlowRunFilterParentTaskRunId,
 )
+from prefect.client.schemas.objects import Artifact
+from prefect.events import Event
 from prefect.events.filters import EventFilter, EventNameFilter
 
 from bincount.code import code_hash
@@ -27,10 +32,12 @@ from bincount.demo_data import generate_demo_bucket, jpeg_bytes, render_bin_imag
 from bincount.factory import get_model_registry, get_serving_backend
 from bincount.split import read_split
 from bincount.storage import Storage, local_path
+from flows.cli import main as cli
 from flows.data import DataOptions
 from flows.nightly import NoProductionModelError, nightly_retrain
 from flows.pipeline import PipelineResult, pipeline
 from flows.train import TrainOptions
+from tasks.summary import summary_key
 
 ENDPOINT = "pipeline-test"
 TINY = TrainOptions(
@@ -63,14 +70,26 @@ def all_task_states(flow_run_id: UUID) -> dict[str, set[str]]:
     return states
 
 
-def events_named(name: str, related_to: str | None = None, wait_s: float = 10.0) -> list:
-    """Events ``name`` on the server (they are written asynchronously: wait a little for them)."""
+def artifacts_keyed(key: str) -> list[Artifact]:
+    """Every version of the artifact ``key``, newest first."""
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+    return sorted(found, key=lambda artifact: artifact.created, reverse=True)
+
+
+def events_named(
+    name: str, related_to: str | None = None, wait_s: float = 30.0, where: Callable[[Event], bool] | None = None
+) -> list[Event]:
+    """Events ``name`` (related to ``related_to``, and for which ``where`` holds) on the server; they are
+    written asynchronously: wait for one to arrive (an earlier event of the same name does not end the wait)."""
     deadline = time.monotonic() + wait_s
     while True:
         with get_client(sync_client=True) as client:
             found = client.read_events(EventFilter(event=EventNameFilter(name=[name])), limit=50).events
         if related_to is not None:
             found = [e for e in found if any(r.id == related_to for r in e.related)]
+        if where is not None:
+            found = [e for e in found if where(e)]
         if found or time.monotonic() > deadline:
             return found
         time.sleep(0.5)
@@ -132,12 +151,36 @@ def test_pipeline_end_to_end_registers_deploys_then_is_served_from_cache(
     related = f"bincount.model-version.{ENDPOINT}.1"
     assert events_named("bincount.model.registered", related) and events_named("bincount.model.promoted", related)
 
+    (summary,) = [
+        a for a in artifacts_keyed(summary_key("bincount-pipeline")) if str(a.flow_run_id) == lineage.flow_run_id
+    ]
+    for figure in (
+        f"| model version | {ENDPOINT}:1 |",
+        f"| test accuracy | {result.evaluation.accuracy:.3g} |",
+        endpoint.url,
+        "| test RMSE |",
+        "prepare-data (",
+        "train-model (",
+        "batch-transform (",
+        "| register-model | Completed |",
+    ):
+        assert figure in summary.data, (figure, summary.data)
+    for key in ("data-report", "training-curves", "debugger-rules", "tuning-leaderboard", "confusion-matrix-plot"):
+        assert f"[{key}](" in summary.data, f"the summary links {key}"
+    rules = artifacts_keyed("debugger-rules")[0]
+    fired = int(rules.description.rsplit(": ", 1)[1].split()[0])
+    assert "| overfit |" in rules.data and rules.data.count("**FIRED**") == fired, (rules.description, rules.data)
+
     rerun = pipeline(DataOptions(), TINY, endpoint_name=ENDPOINT, location=Location(**where), return_state=True)
     states = all_task_states(rerun.state_details.flow_run_id)
     for expensive in ("download-images", "split-dataset", "report-data", "train-trial", "run-training-job"):
         assert states[expensive] == {"Cached"}, (expensive, states[expensive])
     assert rerun.result().model_version == result.model_version, "the same model is the same version"
     assert len(registry.list(ENDPOINT)) == 1
+    summaries = [
+        a for a in artifacts_keyed(summary_key("bincount-pipeline")) if f"| model version | {ENDPOINT}:1 |" in a.data
+    ]
+    assert len(summaries) == 2, "one summary per run under one key"
 
 
 def test_nightly_with_no_parameters_retrains_production_on_leak_free_data(
@@ -171,8 +214,41 @@ def test_nightly_with_no_parameters_retrains_production_on_leak_free_data(
     else:
         assert challenger.stage == "archived" and serving.model_ref == f"{ENDPOINT}:1"
     kind = "promoted" if decision.promoted else "kept"
-    assert any(e.payload.get("challenger_version") == 2 for e in events_named(f"bincount.model.{kind}"))
+    assert events_named(f"bincount.model.{kind}", where=lambda e: e.payload.get("challenger_version") == 2)
     assert [d.challenger_version for d in registry.decisions(ENDPOINT)] == [None, 2]
+
+
+def test_endpoints_are_described_pinged_and_stopped_with_a_stopped_artifact(
+    deployed: tuple[dict[str, str], PipelineResult], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    where, _ = deployed
+    monkeypatch.setenv("BINCOUNT_ARTIFACT_ROOT", where["artifact_root"])
+    serving = get_serving_backend(Settings.load()).describe(ENDPOINT)
+    ping = httpx.get(f"{serving.url}/ping", timeout=10)
+    assert ping.status_code == 200 and ping.json()["model_version"] == serving.model_ref, ping.text
+    assert ping.json()["status"] == "Healthy" and len(ping.content) < 300, "SageMaker's contract: 200, a small body"
+
+    cli(["endpoints", "list"])
+    listed = capsys.readouterr().out
+    assert ENDPOINT in listed and f"Healthy, serving {serving.model_ref}" in listed and serving.url in listed, listed
+    cli(["endpoints", "describe", ENDPOINT])
+    described = capsys.readouterr().out
+    for line in (
+        f"model version    {serving.model_ref} (resnet18, 32 px",
+        f"model URI        {serving.model_uri}",
+        f"URL              {serving.url}",
+        f"deployed         {serving.deployed_at}",
+        "router port",
+    ):
+        assert line in described, (line, described)
+
+    cli(["delete-endpoint", ENDPOINT])
+    assert f"Endpoint {ENDPOINT!r} stopped (it served {serving.model_ref})" in capsys.readouterr().out
+    latest = artifacts_keyed(f"endpoint-{ENDPOINT}")[0]
+    assert f"Endpoint `{ENDPOINT}`: stopped" in latest.data and serving.url in latest.data, latest.data
+    with pytest.raises(SystemExit):
+        cli(["endpoints", "describe", ENDPOINT])
+    assert "no endpoint named" in capsys.readouterr().err
 
 
 def test_nightly_without_a_production_model_fails_at_once(prefect_server: None, tmp_path: Path) -> None:

@@ -79,6 +79,7 @@ def test_absurd_learning_rate_fires_loss_not_decreasing(tmp_path: Path, demo_cha
     job = get_training_backend(settings).train(spec, on_log=lambda line: None)
     rules = {rule.rule: rule for rule in check_job_rules(storage_for(settings), job.debug_output_uri)}
     assert rules["loss_not_decreasing"].status == "fired", rules["loss_not_decreasing"].evidence
+    assert rules["overfit"].status == "not_evaluated" and "not finite" in rules["overfit"].evidence
 
 
 def test_failed_job_raises_with_reason_and_log_tail(tmp_path: Path, demo_channels: dict[str, Path]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 import shutil
@@ -20,6 +21,7 @@ from bincount.models import pack_folder, write_untrained_model_dir
 from bincount.sagemaker.tuning import sagemaker_ranges
 from bincount.storage import Storage
 from sm_scripts.metric_format import METRIC_DEFINITIONS, OBJECTIVE_METRIC
+from tasks.train import log_line
 
 
 def test_seeds_space_for_optuna_and_sagemaker() -> None:
@@ -130,6 +132,15 @@ def test_loss_rules_on_known_curves() -> None:
     assert loss_not_decreasing(nan, **DEBUGGER_RULES["loss_not_decreasing"]).status == "fired"
     assert overfit(falling, **DEBUGGER_RULES["overfit"]).status == "fired"
     assert overfit(phases(([1.0], [1.05]), ([0.9], [0.95])), **DEBUGGER_RULES["overfit"]).status == "passed"
+    spike = phases(([1.7, 1.5], [35.0]), ([1.3, 1.2], [1.25]), ([1.1, 1.0], [1.08]), ([0.9, 0.9], [0.95]))
+    healthy = overfit(spike, **DEBUGGER_RULES["overfit"])
+    assert healthy.status == "passed" and "1 warm-up" in healthy.evidence, (
+        "a first-epoch spike is warm-up, not overfitting"
+    )
+    assert overfit(spike, **DEBUGGER_RULES["overfit"], warmup_epochs=0).status == "fired"
+    assert overfit(phases(([1.7], [35.0]), ([1.0], [1.5])), **DEBUGGER_RULES["overfit"]).status == "fired"
+    diverged = overfit(phases(([6e21], [math.nan]), ([math.nan], [math.nan])), **DEBUGGER_RULES["overfit"])
+    assert diverged.status == "not_evaluated" and "not finite" in diverged.evidence, "NaN never passes"
     fired = overtraining(falling, **DEBUGGER_RULES["overtraining"])
     assert fired.status == "fired" and "best at epoch 2" in fired.evidence
     improving = phases(*[([1.0 - e / 10], [1.1 - e / 10]) for e in range(5)])
@@ -250,3 +261,25 @@ def test_the_gradient_and_initialization_rules_fire_on_a_network_that_cannot_lea
     assert rules["vanishing_gradient"].status == "fired", rules["vanishing_gradient"].evidence
     assert rules["poor_weight_initialization"].status == "fired", rules["poor_weight_initialization"].evidence
     assert "spans only 0" in rules["poor_weight_initialization"].evidence
+
+
+def test_tool_chatter_goes_to_debug_and_blank_lines_are_dropped() -> None:
+    logged: list[tuple[int, str]] = []
+
+    class Recorder(logging.Logger):
+        def log(self, level: int, msg: object, *args: object, **kwargs: object) -> None:
+            logged.append((level, str(msg)))
+
+    sink = log_line(Recorder("job"))
+    for line in (
+        "USDT:2026-11-30 20:01:47 1460:1460 SyncActivityProfilerHandler.cpp:39] profiler_start",
+        "ERROR:2026-11-30 20:01:47 1460:1460 DeviceProperties.cpp:56] gpuGetDeviceCount failed with code 35",
+        "[W1130 20:01:47.795917393 CPUAllocator.cpp:245] Memory block of unknown size was allocated before the "
+        "profiling started",
+        "[2026-11-30 19:58:00.740 vm:29867 INFO utils.py:28] RULE_JOB_STOP_SIGNAL_FILENAME: None",
+        "",
+        "epoch: 1 train_loss: 1.9765 train_acc: 0.2500 eval_loss: 1.6016 eval_acc: 0.2000",
+        "ERROR: weights file /tmp/missing.pt does not exist",
+    ):
+        sink(line)
+    assert [level for level, _ in logged] == [logging.DEBUG] * 4 + [logging.INFO] * 2

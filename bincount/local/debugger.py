@@ -2,16 +2,17 @@
 
 Each rule reads the tensors a job saved (``smdebug.trials``) and reports ``passed`` or ``fired``
 with its evidence, with the thresholds SageMaker's rules get too
-(:data:`bincount.contracts.training.DEBUGGER_RULES`). Training and evaluation losses are grouped into phases (one run of consecutive
-steps in the same mode, i.e. one epoch's training or evaluation), the way the built-in rules
-compare TRAIN and EVAL losses.
+(:data:`bincount.contracts.training.DEBUGGER_RULES`). Training and evaluation losses are grouped into
+phases (one run of consecutive steps in the same mode, i.e. one epoch's training or evaluation), the way
+the built-in rules compare TRAIN and EVAL losses.
 
 | rule                       | fires when                                                                  |
 |----------------------------|-----------------------------------------------------------------------------|
 | loss_not_decreasing        | a loss is not finite, or the mean training loss over the last ``num_steps`` |
 |                            | steps is not ``diff_percent`` % below that of the first ``num_steps``       |
 | overfit                    | (eval - train) / train loss exceeds ``ratio_threshold`` for ``patience``    |
-|                            | epochs in a row                                                             |
+|                            | epochs in a row, after the first :data:`WARMUP_EPOCHS` (not evaluated when  |
+|                            | a loss is not finite: loss_not_decreasing reports that)                     |
 | overtraining               | the eval loss has not improved by ``delta`` for ``patience_validation``     |
 |                            | epochs while the training loss kept falling                                 |
 | vanishing_gradient         | a gradient's mean absolute value falls below ``threshold``                  |
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -34,6 +36,12 @@ import numpy as np
 
 from bincount.contracts.training import DEBUGGER_RULES, RuleResult
 from bincount.storage import Storage
+
+WARMUP_EPOCHS = 1
+"""Epochs the overfit check leaves out: an untrained network's first evaluation (batch-norm statistics
+still settling) can be many times its training loss on a healthy run, so a rule that counted it would
+fire on every run and teach users to ignore it. SageMaker's own rule is configured in steps (its
+``start_step``), and is left at its default."""
 
 
 def _phases(trial: Any) -> list[tuple[str, list[float]]]:
@@ -74,30 +82,44 @@ def loss_not_decreasing(phases: list[tuple[str, list[float]]], num_steps: int, d
     window = max(1, min(num_steps, len(losses) // 2))
     first, last = float(np.mean(losses[:window])), float(np.mean(losses[-window:]))
     drop = 100 * (first - last) / abs(first) if first else 0.0
-    evidence = f"mean training loss of the first {window} steps {first:.4g}, of the last {window} {last:.4g} ({drop:+.1f}% drop)"
+    evidence = (
+        f"mean training loss of the first {window} steps {first:.4g}, of the last {window} {last:.4g} "
+        f"({drop:+.1f}% drop)"
+    )
     return RuleResult("loss_not_decreasing", "fired" if drop < diff_percent else "passed", evidence)
 
 
-def overfit(phases: list[tuple[str, list[float]]], ratio_threshold: float, patience: int) -> RuleResult:
+def overfit(
+    phases: list[tuple[str, list[float]]], ratio_threshold: float, patience: int, warmup_epochs: int = WARMUP_EPOCHS
+) -> RuleResult:
     pairs = _epoch_losses(phases)
     if not pairs:
         return RuleResult("overfit", "not_evaluated", "no evaluation losses saved")
+    broken = [epoch for epoch, pair in enumerate(pairs, start=1) if not all(map(math.isfinite, pair))]
+    if broken:
+        return RuleResult(
+            "overfit", "not_evaluated", f"losses not finite from epoch {broken[0]} (see loss_not_decreasing)"
+        )
+    checked = pairs[warmup_epochs:]
+    if not checked:
+        return RuleResult("overfit", "not_evaluated", f"{len(pairs)} epochs evaluated, all warm-up ({warmup_epochs})")
     run = 0
-    for epoch, (train, evaluation) in enumerate(pairs, start=1):
+    for epoch, (train, evaluation) in enumerate(checked, start=warmup_epochs + 1):
         ratio = (evaluation - train) / abs(train) if train else math.inf
         run = run + 1 if ratio > ratio_threshold else 0
         if run >= patience:
             return RuleResult(
                 "overfit",
                 "fired",
-                f"epoch {epoch}: eval loss {evaluation:.4g} vs train loss {train:.4g} "
+                f"epoch {epoch}: eval loss {evaluation:.3g} vs train loss {train:.3g} "
                 f"(gap {100 * ratio:.0f}% > {100 * ratio_threshold:.0f}% for {run} epochs)",
             )
     last_train, last_eval = pairs[-1]
     return RuleResult(
         "overfit",
         "passed",
-        f"eval/train loss gap stayed within {100 * ratio_threshold:.0f}% (last {last_eval:.4g} vs {last_train:.4g})",
+        f"eval/train loss gap within {100 * ratio_threshold:.0f}% after {warmup_epochs} warm-up epoch(s) "
+        f"(last eval loss {last_eval:.3g} vs train loss {last_train:.3g})",
     )
 
 
@@ -166,6 +188,7 @@ def poor_weight_initialization(trial: Any, threshold: float, distribution_range:
 
 def check_rules(debug_dir: Path) -> list[RuleResult]:
     """Every rule on the smdebug output in ``debug_dir``."""
+    os.environ.setdefault("SMDEBUG_LOG_LEVEL", "warning")  # else its INFO lines go to stdout, past every logger
     from smdebug.trials import create_trial
 
     trial = create_trial(str(debug_dir))

@@ -6,7 +6,8 @@ A local endpoint is this router plus one model host process (two during a redepl
 owns the endpoint's URL, so clients never see a host come or go: a deploy starts the new host,
 checks it, rewrites the state file (``{"target": "http://127.0.0.1:<port>", ...}``) and sends the
 router SIGHUP. The router reads the file and sends every later request to the new host, while
-requests already forwarded to the old one finish there. ``GET /router/status`` reports the
+requests already forwarded to the old one finish there. ``GET /ping`` answers with the registered
+model version it serves (``model_version``, e.g. ``bincount:3``) and its weights. ``GET /router/status`` reports the
 target and the requests in flight per host, so the deployer stops the old host only once it
 has none left. Forwarding is the only thing a request costs here: bodies are checked against the
 payload limit and passed through unchanged; answers come back as the host gave them.
@@ -185,7 +186,11 @@ def create_app(name: str, state_file: Path) -> Starlette:
         return answer
 
     async def ping(request: Request) -> Response:
-        return await router.forward("GET", "/ping", {}, None)
+        """The host's answer, with what the endpoint serves (SageMaker's contract: 200 and a small body)."""
+        answer = await router.forward("GET", "/ping", {}, None)
+        if answer.status_code != 200:
+            return answer
+        return JSONResponse({**json.loads(answer.body), "model_version": router.model_ref, "weights": router.version})
 
     async def status(request: Request) -> Response:
         await router.forget_drained()

@@ -42,7 +42,7 @@ from bincount.contracts.serving import (
     ServingError,
     check_answer,
 )
-from bincount.endpoints import EndpointRecords, now_iso, smoke_image
+from bincount.endpoints import EndpointRecords, now_iso, recorded_capture, smoke_image
 from bincount.local.batch import run_batch_transform
 from bincount.local.host import HostOptions
 from bincount.local.httpio import listening_socket
@@ -130,12 +130,7 @@ class LocalServingBackend:
                     f"model {model_uri} (version {version}) did not pass its checks, "
                     f"so endpoint {name!r} was left as it was: {error}"
                 ) from None
-            if capture is None:
-                capture = (
-                    CaptureConfig(**current.details["capture"])
-                    if current and current.details.get("capture")
-                    else CaptureConfig()
-                )
+            capture = capture or recorded_capture(current)
             state = {
                 "target": host_url,
                 "version": version,

@@ -47,7 +47,7 @@ from bincount.contracts.serving import (
     ServingError,
     check_answer,
 )
-from bincount.endpoints import EndpointRecords, now_iso, smoke_image
+from bincount.endpoints import EndpointRecords, now_iso, recorded_capture, smoke_image
 from bincount.models import fetch_model
 from bincount.sagemaker.session import (
     SageMakerBackendBase,
@@ -78,12 +78,6 @@ def smoke_request(image_size: int) -> bytes:
     """A synthetic bin photo as inference.py's JSON request (base64): a text body that any
     SageMaker-compatible runtime carries intact (moto's test server, for one, rejects binary bodies)."""
     return json.dumps({"image": base64.b64encode(smoke_image(image_size)).decode()}).encode()
-
-
-def recorded_capture(record: EndpointRecord | None) -> CaptureConfig:
-    """The capture setting an endpoint was last deployed with (off for a new one)."""
-    recorded = record.details.get("capture") if record else None
-    return CaptureConfig(**recorded) if recorded else CaptureConfig()
 
 
 class SageMakerServingBackend(SageMakerBackendBase):

@@ -53,104 +53,117 @@ class HostOptions:
         return [*args, "--graceful-timeout", str(self.graceful_timeout_s)]
 
 
-def create_app(model_dir: Path, name: str, options: HostOptions) -> Starlette:
-    """The host's ASGI app; the model loads at startup, before the first request is accepted."""
-    threads = options.threads or available_cores()
-    decode_limiter = anyio.CapacityLimiter(max(1, threads))
-    state: dict[str, object] = {}
+class ModelHost:
+    """One model behind SageMaker's container routes: requests decoded on a thread pool, forwards micro-batched."""
+
+    def __init__(self, model_dir: Path, name: str, options: HostOptions) -> None:
+        self.model_dir, self.name, self.options = model_dir, name, options
+        self.threads = options.threads or available_cores()
+        self.decode_limiter = anyio.CapacityLimiter(max(1, self.threads))
+        self.model: inference.CountModel | None = None
+        self.batcher: MicroBatcher | None = None
 
     @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        torch.set_num_threads(threads)
-        model = inference.model_fn(str(model_dir))
-        batcher = MicroBatcher(
+    async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        """Load the model before the first request is accepted; stop the batcher once every request is answered."""
+        torch.set_num_threads(self.threads)
+        model = self.model = inference.model_fn(str(self.model_dir))
+        self.batcher = MicroBatcher(
             lambda pixels: inference.forward(pixels, model),
-            max_batch_size=options.max_batch_size,
-            max_wait_s=options.max_wait_ms / 1000.0,
-            threads=threads,
+            max_batch_size=self.options.max_batch_size,
+            max_wait_s=self.options.max_wait_ms / 1000.0,
+            threads=self.threads,
         )
-        batcher.start()
-        state.update(model=model, batcher=batcher)
+        self.batcher.start()
         logger.info(
             "serving %s (%s, %d px) as %r: batches of up to %d, wait %.1f ms, %d torch threads",
-            model_dir,
+            self.model_dir,
             model.info["arch"],
             model.image_size,
-            name,
-            options.max_batch_size,
-            options.max_wait_ms,
-            threads,
+            self.name,
+            self.options.max_batch_size,
+            self.options.max_wait_ms,
+            self.threads,
         )
         yield
-        batcher.stop()  # uvicorn has answered every request by now
-        logger.info("stopped after %d batches, %d images", batcher.batches, batcher.images)
+        self.batcher.stop()  # uvicorn has answered every request by now
+        logger.info("stopped after %d batches, %d images", self.batcher.batches, self.batcher.images)
 
-    def decode(body: bytes, content_type: str) -> torch.Tensor:
-        return inference.preprocess(inference.input_fn(body, content_type), state["model"])
+    def decode(self, body: bytes, content_type: str) -> torch.Tensor:
+        return inference.preprocess(inference.input_fn(body, content_type), self.model)
 
-    async def predict(request: Request) -> Response:
+    async def predict(self, request: Request) -> Response:
         """Answer one invocation; raises RequestError for anything the client must fix."""
-        batcher: MicroBatcher = state["batcher"]  # type: ignore[assignment]
-        batcher.expect()
+        assert self.batcher is not None  # set up in lifespan, before any request
+        self.batcher.expect()
         submitted = False
         try:
-            try:
-                accept = inference.choose_accept(request.headers.get("accept"))
-                body = await httpio.read_body(request)
-                if not body:
-                    raise httpio.RequestError(
-                        400, "the body is empty: send a JPEG or PNG image, or JSON with base64 images"
-                    )
-                pixels = await anyio.to_thread.run_sync(
-                    decode, body, request.headers.get("content-type", ""), limiter=decode_limiter
-                )
-            except inference.InputError as error:
-                raise httpio.RequestError(error.status_code, str(error)) from None
+            accept, pixels = await self._read(request)
             submitted = True
-            predictions = await batcher.submit(pixels)
+            predictions = await self.batcher.submit(pixels)
         finally:
             if not submitted:
-                batcher.unexpect()
+                self.batcher.unexpect()
         answer, content_type = inference.output_fn(predictions, accept)
         return Response(answer, headers={"content-type": content_type})  # as output_fn says, no charset added
 
-    async def invocations(request: Request) -> Response:
+    async def _read(self, request: Request) -> tuple[str, torch.Tensor]:
+        """The answer's media type and the request's decoded pixels; a RequestError for bad input."""
         try:
-            return await predict(request)
+            accept = inference.choose_accept(request.headers.get("accept"))
+            body = await httpio.read_body(request)
+            if not body:
+                raise httpio.RequestError(
+                    400, "the body is empty: send a JPEG or PNG image, or JSON with base64 images"
+                )
+            pixels = await anyio.to_thread.run_sync(
+                self.decode, body, request.headers.get("content-type", ""), limiter=self.decode_limiter
+            )
+        except inference.InputError as error:
+            raise httpio.RequestError(error.status_code, str(error)) from None
+        return accept, pixels
+
+    async def invocations(self, request: Request) -> Response:
+        try:
+            return await self.predict(request)
         except httpio.RequestError as error:
             return httpio.container_error(error.status, error.message)
         except Exception as error:  # a fault of the model, not of the request: 500, and serve on
             logger.exception("invocation failed")
             return httpio.container_error(500, f"the model failed on this request: {type(error).__name__}: {error}")
 
-    async def runtime_invocations(request: Request) -> Response:
-        if request.path_params["endpoint"] != name:
-            return httpio.unknown_endpoint(request.path_params["endpoint"], name)
+    async def runtime_invocations(self, request: Request) -> Response:
+        if request.path_params["endpoint"] != self.name:
+            return httpio.unknown_endpoint(request.path_params["endpoint"], self.name)
         try:
-            response = await predict(request)
+            response = await self.predict(request)
         except httpio.RequestError as error:
             if error.status == 413:
                 return httpio.runtime_error("ValidationError", 413, error.message)
-            return httpio.model_error(name, error.status, error.message)
+            return httpio.model_error(self.name, error.status, error.message)
         except Exception as error:  # a fault of the model, not of the request: 500, and serve on
             logger.exception("invocation failed")
-            return httpio.model_error(name, 500, f"the model failed on this request: {type(error).__name__}: {error}")
+            message = f"the model failed on this request: {type(error).__name__}: {error}"
+            return httpio.model_error(self.name, 500, message)
         response.headers["x-Amzn-Invoked-Production-Variant"] = "AllTraffic"
         return response
 
-    async def ping(request: Request) -> Response:
-        model: inference.CountModel = state["model"]  # type: ignore[assignment]
-        return Response(
-            json.dumps({"status": "Healthy", "name": name, "arch": model.info["arch"]}), media_type="application/json"
-        )
+    async def ping(self, request: Request) -> Response:
+        assert self.model is not None
+        body = {"status": "Healthy", "name": self.name, "arch": self.model.info["arch"]}
+        return Response(json.dumps(body), media_type="application/json")
 
+
+def create_app(model_dir: Path, name: str, options: HostOptions) -> Starlette:
+    """The host's ASGI app; the model loads at startup, before the first request is accepted."""
+    host = ModelHost(model_dir, name, options)
     return Starlette(
         routes=[
-            Route("/ping", ping, methods=["GET"]),
-            Route("/invocations", invocations, methods=["POST"]),
-            Route("/endpoints/{endpoint}/invocations", runtime_invocations, methods=["POST"]),
+            Route("/ping", host.ping, methods=["GET"]),
+            Route("/invocations", host.invocations, methods=["POST"]),
+            Route("/endpoints/{endpoint}/invocations", host.runtime_invocations, methods=["POST"]),
         ],
-        lifespan=lifespan,
+        lifespan=host.lifespan,
     )
 
 

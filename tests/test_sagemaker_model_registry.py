@@ -10,7 +10,6 @@ the first did not finish.
 from __future__ import annotations
 
 import io
-import json
 import tarfile
 import uuid
 from typing import Any
@@ -18,7 +17,7 @@ from typing import Any
 import boto3
 import pytest
 from botocore.exceptions import ClientError
-from sagemaker_moto import Captured
+from sagemaker_moto import REGION, ROLE, Captured, model_archive
 
 from bincount.config import Settings
 from bincount.contracts.registry import (
@@ -32,20 +31,6 @@ from bincount.registry import StorageModelRegistry, object_sha256
 from bincount.sagemaker.model_registry import SageMakerModelRegistry, metadata_value
 from bincount.sagemaker.session import SageMakerOptions
 from bincount.storage import Storage
-
-REGION = "us-east-1"
-ROLE = "arn:aws:iam::123456789012:role/bincount-sagemaker"
-
-
-def model_archive(seed: int) -> bytes:
-    info = {"arch": "resnet18", "classes": [1, 2, 3, 4, 5], "image_size": 64, "mean": [0.5] * 3, "std": [0.25] * 3}
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
-        for name, data in (("model.pt", f"weights {seed}".encode()), ("model_info.json", json.dumps(info).encode())):
-            member = tarfile.TarInfo(name)
-            member.size = len(data)
-            tar.addfile(member, io.BytesIO(data))
-    return buffer.getvalue()
 
 
 @pytest.fixture

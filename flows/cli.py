@@ -23,6 +23,7 @@ from bincount.storage import join_uri, storage_for
 from flows.data import DataOptions, prepare_data
 from flows.endpoints import delete_endpoint
 from flows.pipeline import pipeline
+from flows.review import review_model
 from flows.rollback import rollback_model
 from flows.train import TrainOptions
 
@@ -191,9 +192,8 @@ def models_command(args: argparse.Namespace, settings: Settings) -> str:
     if args.models_command == "rollback":
         endpoint = rollback_model(args.endpoint, args.reason, args.actor, Location.of(settings))
         return f"Endpoint {args.endpoint!r} serves {endpoint.model_ref} again ({endpoint.model_uri})"
-    target = registry.resolve(args.version)
-    change = registry.approve if args.models_command == "approve" else registry.reject
-    version = change(target.group, target.version, args.actor, args.reason)
+    approve = args.models_command == "approve"
+    version = review_model(args.version, approve, args.reason, args.actor, Location.of(settings))
     return f"{version.ref} is {version.approval} (stage {version.stage})"
 
 

@@ -13,6 +13,9 @@ from pathlib import Path
 import boto3
 import numpy as np
 import pytest
+from prefect import get_client
+from prefect.artifacts import Artifact
+from prefect.events.filters import EventFilter, EventNameFilter
 
 from bincount.config import Settings
 from bincount.contracts.registry import (
@@ -257,6 +260,14 @@ def test_objects_of_a_newer_format_are_refused_and_left_alone(registry: StorageM
 
 
 # --- the `bincount models` command ------------------------------------------------------------------
+def approval_events(name: str) -> list:
+    """Events ``name`` about version 1 of the group on the test server."""
+    related = f"bincount.model-version.{GROUP}.1"
+    with get_client(sync_client=True) as client:
+        found = client.read_events(EventFilter(event=EventNameFilter(name=[name])), limit=50).events
+    return [event for event in found if any(resource.id == related for resource in event.related)]
+
+
 def test_models_command_lists_shows_approves_and_refuses_clearly(
     prefect_server: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -300,6 +311,12 @@ def test_models_command_lists_shows_approves_and_refuses_clearly(
     ):
         assert expected in shown
     assert shown.splitlines()[-1].split()[1:] == ["alice", "approval", "Approved", "looks", "right"]
+    artifact = Artifact.get(f"model-registry-{GROUP}")
+    assert artifact is not None and "Approved" in str(artifact.data), "the UI's registry table follows the CLI"
+    deadline = time.monotonic() + 15
+    while not (approved := approval_events("bincount.model.approved")) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert any(event.payload["actor"] == "alice" for event in approved)
 
     main(["models", "reject", "bincount:2", "--reason", "miscounts 5s"])
     capsys.readouterr()

@@ -272,7 +272,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.command == "delete-endpoint":
         stopped = delete_endpoint(args.name)
-        print(f"Endpoint {args.name!r} stopped (it served {stopped.model_ref or stopped.version})")
+        served = f" (it served {stopped.model_ref or stopped.version})" if stopped else ""
+        print(f"Endpoint {args.name!r} stopped{served}")
         return
     if args.command == "data":
         options = DataOptions(

@@ -18,7 +18,7 @@ from tasks.summary import run_summary
 
 
 def stop_figures(result: EndpointRecord) -> dict[str, str | None]:
-    """The run summary's key figures."""
+    """The run summary's key figures (a run that stopped an unrecorded endpoint has none)."""
     return {"endpoint": result.name, "stopped": result.url, "model version it served": result.model_ref}
 
 
@@ -26,8 +26,8 @@ SUMMARY = run_summary(stop_figures)
 
 
 @flow(name="delete-endpoint", on_completion=[SUMMARY], on_failure=[SUMMARY])
-def delete_endpoint(endpoint_name: str, location: Location = Location()) -> EndpointRecord:
-    """Stop an endpoint and forget its record; returns the record it had.
+def delete_endpoint(endpoint_name: str, location: Location = Location()) -> EndpointRecord | None:
+    """Stop an endpoint and forget its record; returns the record it had (None if it had none).
 
     Args:
         endpoint_name: the endpoint to stop.

@@ -105,16 +105,20 @@ def restore_previous_endpoint(txn: Transaction) -> None:
 
 
 @task(name="stop-endpoint", cache_policy=NO_CACHE)
-def stop_endpoint_task(settings: Settings, endpoint_name: str) -> EndpointRecord:
-    """Stop ``endpoint_name`` and forget its record; its artifact then says "stopped". Returns the last record."""
+def stop_endpoint_task(settings: Settings, endpoint_name: str) -> EndpointRecord | None:
+    """Stop ``endpoint_name`` and forget its record; its artifact then says "stopped". Returns the last record
+    (None for an endpoint that exists but was never recorded: a SageMaker endpoint whose first deploy failed)."""
     logger = get_run_logger()
     backend = get_serving_backend(settings)
-    record = backend.describe(endpoint_name)
-    logger.info(
-        "Stopping endpoint %r (serving %s at %s)", endpoint_name, record.model_ref or record.version, record.url
-    )
-    backend.delete(endpoint_name)
-    publish_endpoint(record, note=f"Stopped at {now_iso()}; `{record.url}` no longer answers.", status="stopped")
+    try:
+        record: EndpointRecord | None = backend.describe(endpoint_name)
+    except EndpointNotFoundError:
+        record = None
+    served = f"serving {record.model_ref or record.version} at {record.url}" if record else "never recorded"
+    logger.info("Stopping endpoint %r (%s)", endpoint_name, served)
+    backend.delete(endpoint_name)  # raises EndpointNotFoundError when there is nothing to stop at all
+    if record is not None:
+        publish_endpoint(record, note=f"Stopped at {now_iso()}; `{record.url}` no longer answers.", status="stopped")
     return record
 
 

@@ -117,10 +117,14 @@ def check_debugger_rules_task(settings: Settings, job: TrainingJob) -> list[Rule
         "not_evaluated": "not evaluated",
     }
     summary = f"{fired} fired" + (f", {errors} could not run" if errors else "")
+    headers = ["rule", "verdict", "evidence"]
+    rows = [[r.rule, verdicts[r.status], r.evidence] for r in results]
+    if any(r.processing_job_arn for r in results):  # SageMaker's rules ran as processing jobs: say which
+        headers.append("processing job")
+        rows = [[*row, r.processing_job_arn or "-"] for row, r in zip(rows, results, strict=True)]
     create_markdown_artifact(
         key="debugger-rules",
-        markdown=f"### Debugger rules on {job.name}: {summary}\n\n"
-        + markdown_table(["rule", "verdict", "evidence"], [[r.rule, verdicts[r.status], r.evidence] for r in results]),
+        markdown=f"### Debugger rules on {job.name}: {summary}\n\n" + markdown_table(headers, rows),
         description=f"Debugger rules on {job.name}: {summary}",
     )
     return results

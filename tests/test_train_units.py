@@ -131,14 +131,18 @@ def test_loss_rules_on_known_curves() -> None:
     assert loss_not_decreasing(flat, **DEBUGGER_RULES["loss_not_decreasing"]).status == "fired"
     assert loss_not_decreasing(nan, **DEBUGGER_RULES["loss_not_decreasing"]).status == "fired"
     assert overfit(falling, **DEBUGGER_RULES["overfit"]).status == "fired"
-    assert overfit(phases(([1.0], [1.05]), ([0.9], [0.95])), **DEBUGGER_RULES["overfit"]).status == "passed"
+    close = phases(([1.0], [1.05]), ([0.9], [0.95]), ([0.8], [0.9]))
+    assert overfit(close, **DEBUGGER_RULES["overfit"]).status == "passed"
     spike = phases(([1.7, 1.5], [35.0]), ([1.3, 1.2], [1.25]), ([1.1, 1.0], [1.08]), ([0.9, 0.9], [0.95]))
     healthy = overfit(spike, **DEBUGGER_RULES["overfit"])
-    assert healthy.status == "passed" and "1 warm-up" in healthy.evidence, (
+    assert healthy.status == "passed" and "2 warm-up" in healthy.evidence, (
         "a first-epoch spike is warm-up, not overfitting"
     )
     assert overfit(spike, **DEBUGGER_RULES["overfit"], warmup_epochs=0).status == "fired"
-    assert overfit(phases(([1.7], [35.0]), ([1.0], [1.5])), **DEBUGGER_RULES["overfit"]).status == "fired"
+    demo = phases(([1.79], [15.9]), ([1.53], [2.80]), ([1.22], [1.73]), ([1.14], [1.26]), ([0.76], [0.99]))
+    assert overfit(demo, **DEBUGGER_RULES["overfit"]).status == "passed", "the demo's own curve: healthy"
+    gap = phases(([1.7], [35.0]), ([1.2], [1.3]), ([1.0], [1.8]))
+    assert overfit(gap, **DEBUGGER_RULES["overfit"]).status == "fired", "a real gap after warm-up"
     diverged = overfit(phases(([6e21], [math.nan]), ([math.nan], [math.nan])), **DEBUGGER_RULES["overfit"])
     assert diverged.status == "not_evaluated" and "not finite" in diverged.evidence, "NaN never passes"
     fired = overtraining(falling, **DEBUGGER_RULES["overtraining"])

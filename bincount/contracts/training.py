@@ -25,7 +25,8 @@ LOG_TAIL_LINES = 60
 DEBUGGER_RULES: dict[str, dict[str, float]] = {
     # rule -> thresholds, the same for the local checks and SageMaker's built-in rules
     "loss_not_decreasing": {"num_steps": 10, "diff_percent": 0.1},
-    "overfit": {"ratio_threshold": 0.1, "patience": 1},
+    # eval loss 50% above train loss: a small data set's ordinary generalization gap (10-30% on the demo) passes
+    "overfit": {"ratio_threshold": 0.5, "patience": 1},
     "overtraining": {"patience_validation": 3, "delta": 0.01},
     "vanishing_gradient": {"threshold": 1e-7},
     "poor_weight_initialization": {"threshold": 10.0, "distribution_range": 0.001},

@@ -37,7 +37,7 @@ import numpy as np
 from bincount.contracts.training import DEBUGGER_RULES, RuleResult
 from bincount.storage import Storage
 
-WARMUP_EPOCHS = 1
+WARMUP_EPOCHS = 2
 """Epochs the overfit check leaves out: an untrained network's first evaluation (batch-norm statistics
 still settling) can be many times its training loss on a healthy run, so a rule that counted it would
 fire on every run and teach users to ignore it. SageMaker's own rule is configured in steps (its

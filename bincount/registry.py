@@ -22,14 +22,9 @@ import dataclasses
 import datetime as dt
 import hashlib
 import json
-import os
 import re
-import tempfile
 import uuid
-from pathlib import Path
 from typing import Any
-
-import botocore.exceptions
 
 from bincount.config import Settings
 from bincount.contracts.registry import (
@@ -62,10 +57,7 @@ from bincount.split import SPLITS, read_split
 from bincount.storage import (
     ObjectNotFoundError,
     Storage,
-    StorageError,
     join_uri,
-    local_path,
-    split_s3_uri,
     storage_for,
 )
 
@@ -146,45 +138,9 @@ class _Objects:
         self.storage = storage
 
     def create(self, uri: str, document: dict[str, Any]) -> bool:
-        """Write ``document`` at ``uri`` only if nothing is there; False when something is.
-
-        A reader sees the whole object or none: on ``file://`` a finished temporary file is hard-linked
-        to the name (``link`` fails if the name exists); on S3 ``PutObject`` carries ``If-None-Match: *``.
-        """
+        """Write ``document`` at ``uri`` only if nothing is there; False when something is."""
         data = json.dumps({"format": FORMAT_VERSION, **document}, indent=1).encode()
-        if uri.startswith("file://"):
-            path = local_path(uri)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}.", dir=path.parent)
-            try:
-                with os.fdopen(fd, "wb") as handle:
-                    handle.write(data)
-                    handle.flush()
-                    os.fsync(handle.fileno())
-                os.link(tmp, path)
-                return True
-            except FileExistsError:
-                return False
-            finally:
-                Path(tmp).unlink(missing_ok=True)
-        bucket, key = split_s3_uri(uri)
-        try:
-            self.storage.s3.put_object(
-                Bucket=bucket, Key=key, Body=data, IfNoneMatch="*", ContentType="application/json"
-            )
-            return True
-        except botocore.exceptions.ClientError as error:
-            # 412: the key exists. 409: another conditional write of the key is in flight; one of the two wins.
-            if error.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict"):
-                return False
-            if error.response.get("Error", {}).get("Code") == "NotImplemented":
-                raise StorageError(
-                    f"{uri}: this S3 endpoint refuses conditional writes (If-None-Match), which the registry needs "
-                    "to number versions safely: use AWS S3, MinIO or a recent LocalStack"
-                ) from error
-            raise StorageError(f"{uri}: S3 answered {error.response.get('Error', {}).get('Code')}: {error}") from error
-        except botocore.exceptions.BotoCoreError as error:
-            raise StorageError(f"{uri}: {type(error).__name__}: {error}") from error
+        return self.storage.create_new(uri, data)
 
     def read(self, uri: str) -> dict[str, Any]:
         try:

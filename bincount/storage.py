@@ -197,6 +197,37 @@ class Storage:
         except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as error:
             _raise_for_client_error(error, uri)
 
+    def create_new(self, uri: str, data: bytes) -> bool:
+        """Write ``data`` at ``uri`` only if nothing is there; False when something is.
+
+        A reader sees the whole object or none. Locally a finished temporary file is hard-linked to the
+        name (the link fails if the name exists); on S3 ``PutObject`` carries ``If-None-Match: *``.
+        """
+        if uri.startswith("file://"):
+            try:
+                with _atomic_file(local_path(uri), exclusive=True) as target:
+                    target.write(data)
+            except FileExistsError:
+                return False
+            return True
+        bucket, key = split_s3_uri(uri)
+        try:
+            self.s3.put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+        except botocore.exceptions.ClientError as error:
+            code = error.response.get("Error", {}).get("Code")
+            # 412: the key exists. 409: another conditional write of the key is in flight; one of the two wins.
+            if code in ("PreconditionFailed", "ConditionalRequestConflict"):
+                return False
+            if code == "NotImplemented":
+                raise StorageError(
+                    f"{uri}: this S3 endpoint refuses conditional writes (If-None-Match): use AWS S3, MinIO or a "
+                    "recent LocalStack"
+                ) from error
+            _raise_for_client_error(error, uri)
+        except botocore.exceptions.BotoCoreError as error:
+            _raise_for_client_error(error, uri)
+        return True
+
     def upload_file(self, path: Path, uri: str) -> None:
         if uri.startswith("file://"):
             destination = local_path(uri)
@@ -302,8 +333,11 @@ class Storage:
 
 
 @contextmanager
-def _atomic_file(path: Path) -> Iterator[IO[bytes]]:
-    """A temporary file beside ``path``, renamed onto ``path`` on success and removed on failure."""
+def _atomic_file(path: Path, exclusive: bool = False) -> Iterator[IO[bytes]]:
+    """A temporary file beside ``path``, renamed onto ``path`` on success and removed on failure.
+
+    ``exclusive``: hard-linked to ``path`` instead, so it raises FileExistsError if ``path`` exists.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}.", dir=path.parent)
     try:
@@ -311,7 +345,10 @@ def _atomic_file(path: Path) -> Iterator[IO[bytes]]:
             yield target
             target.flush()
             os.fsync(target.fileno())  # the data is on disk before the name points at it
-        os.replace(tmp, path)
+        if exclusive:
+            os.link(tmp, path)
+        else:
+            os.replace(tmp, path)
         directory = os.open(path.parent, os.O_RDONLY)
         try:
             os.fsync(directory)  # and so is the rename

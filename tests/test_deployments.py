@@ -3,8 +3,11 @@ that run's pages in the Prefect UI, opened in a real browser (Debian's chromium,
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -153,7 +156,9 @@ def rendered(url: str, expression: str, timeout_s: float = 120) -> dict:
     """Open ``url`` in headless Chromium (DESIGN.md's flags) and evaluate the JavaScript ``expression``
     over the DevTools protocol until it returns a non-empty JSON string; return that, parsed."""
     assert CHROMIUM is not None
-    with tempfile.TemporaryDirectory(prefix="chromium-") as profile:
+    # Chromium's helpers (crashpad, zygote) can still write to the profile after the browser exits:
+    # the whole process group is stopped, and a file they leave behind is not a failure.
+    with tempfile.TemporaryDirectory(prefix="chromium-", ignore_cleanup_errors=True) as profile:
         browser = subprocess.Popen(
             [
                 CHROMIUM,
@@ -168,6 +173,7 @@ def rendered(url: str, expression: str, timeout_s: float = 120) -> dict:
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            start_new_session=True,
         )
         try:
             deadline = time.monotonic() + timeout_s
@@ -197,8 +203,12 @@ def rendered(url: str, expression: str, timeout_s: float = 120) -> dict:
                         break
                     time.sleep(1)
         finally:
-            browser.terminate()
-            browser.wait(timeout=30)
+            os.killpg(browser.pid, signal.SIGTERM)
+            try:
+                browser.wait(timeout=30)
+            finally:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(browser.pid, signal.SIGKILL)
     assert value, f"{url} did not show what was expected within {timeout_s} s"
     return json.loads(value)
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import tarfile
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -25,6 +27,29 @@ def sagemaker_state() -> Any:
     return sagemaker_backends[ACCOUNT][REGION]
 
 
+def cloudwatch_state() -> Any:
+    from moto.cloudwatch.models import cloudwatch_backends
+
+    return cloudwatch_backends[ACCOUNT][REGION]
+
+
+def percentile(self: Any, stat: str) -> Any:
+    """moto's statistics with CloudWatch's percentiles (``p99``: nearest rank over the period's values)."""
+    if stat.startswith("p") and stat[1:].replace(".", "", 1).isdigit():
+        values = sorted(self.metric_single_values_list)
+        return values[max(0, math.ceil(float(stat[1:]) / 100 * len(values)) - 1)] if values else None
+    return MOTO_STATISTIC(self, stat)
+
+
+def _moto_statistic() -> Any:
+    from moto.cloudwatch.models import Statistics
+
+    return Statistics.get_statistics_for_type
+
+
+MOTO_STATISTIC = _moto_statistic()
+
+
 class MotoSageMaker:
     """Extends moto's SageMaker API for one test: scripted job statuses, failures, and the calls moto lacks."""
 
@@ -41,14 +66,24 @@ class MotoSageMaker:
         # How many describes each next CreateEndpoint / UpdateEndpoint stays Creating / Updating (moto's are at once).
         self.endpoint_delays: list[int] = []
         self.changing: dict[str, list[Any]] = {}  # endpoint -> [describes left, config it moves to]
+        self.shadows: dict[str, list[dict[str, Any]]] = {}  # endpoint config -> its ShadowProductionVariants
+        self.deployments: dict[str, dict[str, Any]] = {}  # endpoint -> its LastDeploymentConfig
+        # What the bake of a guarded update does to its alarms (called with their names, as the new model's
+        # metrics would): an alarm left in ALARM makes SageMaker roll the update back.
+        self.bake: Callable[[list[str]], None] | None = None
         self.moto = {name: getattr(SageMakerModelBackend, name) for name in self.BACKEND_CALLS}
+        self.moto_responses = {name: getattr(SageMakerResponse, name) for name in self.WRAPPED_RESPONSES}
         for name in self.BACKEND_CALLS:  # moto's backend calls, wrapped (the backend comes first, as self)
             monkeypatch.setattr(SageMakerModelBackend, name, self._handler(getattr(self, name)))
-        for name in self.RESPONSE_CALLS:  # the calls moto lacks, answered
+        for name in self.RESPONSE_CALLS + self.WRAPPED_RESPONSES:  # the calls moto lacks or drops fields of
             monkeypatch.setattr(SageMakerResponse, name, self._handler(getattr(self, name)), raising=False)
+        from moto.cloudwatch.models import Statistics
+
+        monkeypatch.setattr(Statistics, "get_statistics_for_type", percentile)
 
     BACKEND_CALLS = ("create_training_job", "describe_training_job", "create_endpoint", "describe_endpoint")
     RESPONSE_CALLS = ("update_endpoint", "stop_training_job", "list_training_jobs_for_hyper_parameter_tuning_job")
+    WRAPPED_RESPONSES = ("create_endpoint_config", "describe_endpoint_config")  # moto drops ShadowProductionVariants
 
     @staticmethod
     def _handler(method: Any) -> Any:
@@ -86,7 +121,36 @@ class MotoSageMaker:
                 endpoint = backend.endpoints[endpoint_name]
                 endpoint.endpoint_status, endpoint.endpoint_config_name = "InService", change[1]
                 del self.changing[endpoint_name]
-        return self.moto["describe_endpoint"](backend, endpoint_name)
+        answer = self.moto["describe_endpoint"](backend, endpoint_name)
+        shadows = self.shadows.get(answer["EndpointConfigName"])
+        if shadows:
+            answer["ShadowProductionVariants"] = [
+                {"VariantName": v["VariantName"], "CurrentWeight": v["InitialVariantWeight"]} for v in shadows
+            ]
+        if endpoint_name in self.deployments:
+            answer["LastDeploymentConfig"] = self.deployments[endpoint_name]
+        return answer
+
+    def create_endpoint_config(self, response: Any) -> Any:
+        from moto.sagemaker.exceptions import ValidationError
+
+        shadows = response._get_param("ShadowProductionVariants") or []
+        for variant in shadows:  # as moto checks the production variants' models
+            if variant["ModelName"] not in response.sagemaker_backend._models:
+                raise ValidationError(message=f"Could not find model '{variant['ModelName']}'.")
+        result = self.moto_responses["create_endpoint_config"](response)
+        if shadows:
+            self.shadows[response._get_param("EndpointConfigName")] = shadows
+        return result
+
+    def describe_endpoint_config(self, response: Any) -> Any:
+        from moto.core.responses import ActionResult
+
+        name = response._get_param("EndpointConfigName")
+        answer = dict(response.sagemaker_backend.describe_endpoint_config(name))
+        if name in self.shadows:
+            answer["ShadowProductionVariants"] = self.shadows[name]
+        return ActionResult(answer)
 
     def update_endpoint(self, response: Any) -> Any:  # moto 5.2 has no UpdateEndpoint
         from moto.core.responses import ActionResult
@@ -96,6 +160,14 @@ class MotoSageMaker:
         if endpoint.endpoint_status in ("Creating", "Updating"):  # as SageMaker refuses it
             raise ValidationError(message=f'Cannot update in-progress endpoint "{endpoint.arn}".')
         config = response._get_param("EndpointConfigName")
+        deployment = response._get_param("DeploymentConfig")
+        if deployment:
+            self.deployments[endpoint.endpoint_name] = deployment
+            alarms = [alarm["AlarmName"] for alarm in deployment.get("AutoRollbackConfiguration", {}).get("Alarms", [])]
+            if self.bake:
+                self.bake(alarms)
+            if any(cloudwatch_state().alarms[name].state_value == "ALARM" for name in alarms):
+                config = endpoint.endpoint_config_name  # rolled back: the old fleet keeps all traffic
         if self.fail_updates:  # SageMaker keeps the old config serving and says why
             endpoint.failure_reason = self.fail_updates
         elif self.endpoint_delays:  # the old config serves until the new fleet is up
@@ -127,12 +199,13 @@ class MotoSageMaker:
 
 
 class Captured:
-    """Every SageMaker request the SDK sends through a client, as botocore is about to serialize it."""
+    """Every request sent through a client (SageMaker's, CloudWatch's, ...), as botocore is about to serialize it."""
 
     def __init__(self, client: Any) -> None:
         self.client = client
         self.requests: list[tuple[str, dict[str, Any]]] = []
-        client.meta.events.register("provide-client-params.sagemaker.*", self._record)
+        service = client.meta.service_model.service_id.hyphenize()  # sagemaker, cloudwatch, application-auto-scaling
+        client.meta.events.register(f"provide-client-params.{service}.*", self._record)
 
     def _record(self, params: dict[str, Any], model: Any, **_: Any) -> None:
         self.requests.append((model.name, json.loads(json.dumps(params, default=str))))
@@ -164,11 +237,11 @@ def spec(settings: Settings, name: str, **kwargs: Any) -> TrainingJobSpec:
     )
 
 
-def model_archive(seed: int, image_size: int = 64) -> bytes:
+def model_archive(seed: int, image_size: int = 64, classes: tuple[int, ...] = (1, 2, 3, 4, 5)) -> bytes:
     """A model.tar.gz as train.py packs it (the weights only need to be distinct bytes here)."""
     info = {
         "arch": "resnet18",
-        "classes": [1, 2, 3, 4, 5],
+        "classes": list(classes),
         "image_size": image_size,
         "mean": [0.485, 0.456, 0.406],
         "std": [0.229, 0.224, 0.225],

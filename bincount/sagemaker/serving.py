@@ -19,9 +19,12 @@ prefix, as the local one does, and its results are read back into the same joine
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import json
 import logging
 import tempfile
+from dataclasses import replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -44,12 +47,24 @@ from bincount.contracts.serving import (
     EndpointNotFoundError,
     EndpointRecord,
     ProgressFn,
+    RolloutStrategy,
+    ScalingConfig,
     ServingError,
     check_answer,
 )
 from bincount.endpoints import EndpointRecords, now_iso, recorded_capture, smoke_image
 from bincount.models import fetch_model
+from bincount.sagemaker.guardrails import (
+    SHADOW_VARIANT,
+    VARIANT,
+    Guardrails,
+    bake_total_s,
+    check_strategy,
+    deployment_config,
+    shadow_verdict,
+)
 from bincount.sagemaker.session import (
+    RETRIES,
     SageMakerBackendBase,
     SageMakerOptions,
     require_s3,
@@ -72,6 +87,17 @@ logger = logging.getLogger(__name__)
 
 JSON = "application/json"
 IMAGE = "application/x-image"
+
+
+def recorded_scaling(record: EndpointRecord | None) -> ScalingConfig | None:
+    """The scaling an endpoint was last deployed with (None: never given, a fixed ``deploy_instance_count``)."""
+    recorded = record.details.get("scaling") if record else None
+    return ScalingConfig(**recorded) if recorded else None
+
+
+def rollout(kind: str, verdict: str, reason: str, **facts: Any) -> dict[str, Any]:
+    """``details["rollout"]``: the last strategy's verdict (completed, rolled-back, shadowing, promoted, stopped)."""
+    return {"kind": kind, "verdict": verdict, "reason": reason, "at": now_iso(), **facts}
 
 
 def smoke_request(image_size: int) -> bytes:
@@ -155,11 +181,22 @@ class SageMakerServingBackend(SageMakerBackendBase):
             "CaptureContentTypeHeader": {"JsonContentTypes": ["application/json"], "CsvContentTypes": ["text/csv"]},
         }
 
-    def ensure_endpoint_config(self, endpoint_name: str, model_name: str, capture: CaptureConfig | None = None) -> str:
-        count, instance_type = self.options.deploy_instance_count, self.options.deploy_instance_type
+    def ensure_endpoint_config(
+        self,
+        endpoint_name: str,
+        model_name: str,
+        capture: CaptureConfig | None = None,
+        count: int | None = None,
+        shadow: tuple[str, int] | None = None,
+    ) -> str:
+        """The endpoint config serving ``model_name`` on ``count`` instances (default: the options'), with the
+        ``(model name, percent)`` ``shadow`` copying that share of requests beside it; created if absent."""
+        count, instance_type = count or self.options.deploy_instance_count, self.options.deploy_instance_type
         capture_config = self.data_capture_config(capture or CaptureConfig())
-        key = [model_name, instance_type, str(count)] + (
-            [json.dumps(capture_config, sort_keys=True)] if capture_config else []
+        key = (
+            [model_name, instance_type, str(count)]
+            + ([json.dumps(capture_config, sort_keys=True)] if capture_config else [])
+            + ([shadow[0], str(shadow[1])] if shadow else [])
         )
         name = check_name(f"{endpoint_name[:40]}-{short_hash(*key)}", "endpoint-config")
         try:
@@ -168,17 +205,41 @@ class SageMakerServingBackend(SageMakerBackendBase):
         except ClientError as error:
             if not is_not_found(error):
                 raise
-        self.session.create_endpoint_config(
-            name=name,
-            model_name=model_name,
-            initial_instance_count=count,
-            instance_type=instance_type,
-            data_capture_config_dict=capture_config,
-        )
+
+        def variant(variant_name: str, model: str, weight: float) -> dict[str, Any]:
+            return {
+                "VariantName": variant_name,
+                "ModelName": model,
+                "InitialInstanceCount": count,
+                "InstanceType": instance_type,
+                "InitialVariantWeight": weight,
+            }
+
+        request: dict[str, Any] = {
+            "EndpointConfigName": name,
+            "ProductionVariants": [variant(VARIANT, model_name, 1.0)],
+        }
+        if shadow:  # the shadow's weight over the production variant's is the share of requests copied to it
+            request["ShadowProductionVariants"] = [variant(SHADOW_VARIANT, shadow[0], shadow[1] / 100)]
+        if capture_config:
+            request["DataCaptureConfig"] = capture_config
+        self.client.create_endpoint_config(**request)
         return name
+
+    @cached_property
+    def guardrails(self) -> Guardrails:
+        """CloudWatch alarms and metrics, and Application Auto Scaling, on the session's boto3 session."""
+        boto = self.session.boto_session
+        return Guardrails(
+            boto.client("cloudwatch", config=RETRIES), boto.client("application-autoscaling", config=RETRIES)
+        )
+
+    def _instance_count(self, scaling: ScalingConfig | None) -> int:
+        return scaling.min_replicas if scaling else self.options.deploy_instance_count
 
     # records -------------------------------------------------------------------------------
     def describe(self, name: str) -> EndpointRecord:
+        """The record; while a shadow runs, ``details["shadow"]["report"]`` is read fresh from CloudWatch."""
         check_endpoint_name(name)
         record = self.records.read(name)
         if describe_or_none(self.client, ENDPOINT, name) is None:
@@ -188,33 +249,74 @@ class SageMakerServingBackend(SageMakerBackendBase):
                 f"endpoint {name!r} exists on SageMaker but has no record at {self.records.uri(name)}: deploy it "
                 "with bincount"
             )
+        if record.details.get("shadow"):
+            record.details["shadow"]["report"] = self.shadow_report(record)
         return record
+
+    def shadow_report(self, record: EndpointRecord) -> dict[str, Any]:
+        """Both variants' CloudWatch metrics since the shadow started, and whether to promote the shadow.
+
+        Agreement is not measured on SageMaker: it needs both variants' answers to the same requests.
+        """
+        shadow = record.details["shadow"]
+        start, end = dt.datetime.fromisoformat(shadow["started_at"]), dt.datetime.now(dt.UTC)
+        try:
+            production = self.guardrails.variant_metrics(record.name, VARIANT, start, end)
+            candidate = self.guardrails.variant_metrics(record.name, SHADOW_VARIANT, start, end)
+        except ClientError as error:
+            return {"verdict": "unknown", "reasons": [f"CloudWatch did not answer: {error}"]}
+        verdict, reasons = shadow_verdict(production, candidate, RolloutStrategy(**shadow["strategy"]))
+        return {
+            "since": shadow["started_at"],
+            "production": {"version": record.version, **production},
+            "shadow": {"version": shadow["version"], **candidate},
+            "agreement": None,
+            "verdict": verdict,
+            "reasons": reasons,
+        }
 
     # deploy --------------------------------------------------------------------------------
     def deploy(
-        self, name: str, model_uri: str, model_ref: str | None = None, capture: CaptureConfig | None = None
+        self,
+        name: str,
+        model_uri: str,
+        model_ref: str | None = None,
+        capture: CaptureConfig | None = None,
+        strategy: RolloutStrategy | None = None,
+        scaling: ScalingConfig | None = None,
     ) -> EndpointRecord:
         """Create ``name`` on ``model_uri``, or update it to a new endpoint config; smoke-invoke it.
 
-        ``capture`` None keeps the endpoint's recorded capture setting (off for a new endpoint).
+        ``capture`` and ``scaling`` None keep the endpoint's recorded settings (for a new endpoint: capture off,
+        ``deploy_instance_count`` instances). ``strategy`` None is a plain UpdateEndpoint (SageMaker's
+        blue/green, all at once); all-at-once, canary and linear add a DeploymentConfig whose bakes the
+        project's alarms watch (module :mod:`bincount.sagemaker.guardrails`): a rollback SageMaker makes
+        when one fires is returned, with ``details["rollout"]["verdict"] == "rolled-back"`` and the record of the
+        model that still serves. A shadow adds the model as the endpoint's shadow variant.
 
         Raises:
-            DeployError: the endpoint did not come up in time, came up failed or answered badly.
+            DeployError: the strategy is outside SageMaker's limits, or a shadow's classes differ (nothing was
+                changed); or the endpoint did not come up in time, came up failed or answered badly.
                 An updated endpoint has been rolled back to its previous config (the message says
                 so, or, if even that failed, what to run); a new one is left as it is, and the
                 message says how to delete it.
         """
         check_endpoint_name(name)
+        if strategy is not None:
+            check_strategy(strategy)
         info, version = self._model(model_uri)
-        model_name = self.ensure_model(model_uri, version, self.options.deploy_instance_type)
         stored = self.records.read(name)
         capture = capture or recorded_capture(stored)
-        config_name = self.ensure_endpoint_config(name, model_name, capture)
+        scaling = scaling or recorded_scaling(stored)
         current = describe_or_none(self.client, ENDPOINT, name)
-        if current is not None and current["EndpointStatus"] not in ENDPOINT.final:
-            logger.info("endpoint %s is %s (another deploy?): waiting for it first", name, current["EndpointStatus"])
-            current = self._wait(name)
+        if strategy is not None and strategy.kind == "shadow" and current is not None:
+            return self._start_shadow(name, model_uri, model_ref, info, version, stored, current, capture, strategy)
+        model_name = self.ensure_model(model_uri, version, self.options.deploy_instance_type)
+        count = self._instance_count(scaling)
+        config_name = self.ensure_endpoint_config(name, model_name, capture, count)
+        current = self._settled(name, current)
         previous_config: str | None = None
+        guard: dict[str, Any] | None = None
         if current is None:
             logger.info("creating endpoint %s with config %s", name, config_name)
             self.session.create_endpoint(endpoint_name=name, config_name=config_name, wait=False)
@@ -225,52 +327,26 @@ class SageMakerServingBackend(SageMakerBackendBase):
                 previous_config = (
                     recorded if recorded != config_name else stored.details.get("previous_endpoint_config")
                 )
-        elif current["EndpointStatus"] == "Failed":
-            raise DeployError(
-                f"endpoint {name!r} is Failed ({current.get('FailureReason')}), and SageMaker allows nothing but "
-                "deleting a "
-                f"failed endpoint: delete it with `BINCOUNT_PROFILE=aws bincount delete-endpoint {name}`, then "
-                "deploy again"
-            )
         else:
             previous_config = current["EndpointConfigName"]
-            logger.info("updating endpoint %s from config %s to %s", name, previous_config, config_name)
-            self.session.update_endpoint(name, config_name, wait=False)
+            guard = self._update(name, previous_config, config_name, stored, strategy)
         try:
-            description = self._wait(name)
-            if description["EndpointStatus"] != "InService" or description["EndpointConfigName"] != config_name:
-                raise ServingError(
-                    f"it is {description['EndpointStatus']} on config {description['EndpointConfigName']}: "
-                    f"{description.get('FailureReason') or 'no FailureReason given'}"
-                )
-            size, classes = int(info["image_size"]), [int(c) for c in info["classes"]]
-            check_answer(self.invoke(name, smoke_request(size), JSON), classes)
+            description = self._wait(name, bake_total_s(strategy) if guard and strategy else 0)
+            if guard is not None and (description["EndpointStatus"], description["EndpointConfigName"]) == (
+                "InService",
+                previous_config,
+            ):
+                return self._rolled_back(name, stored, strategy, guard, description)  # type: ignore[arg-type]
+            self._check_serving(name, description, config_name, int(info["image_size"]), info["classes"])
         except (ServingError, ClientError, SageMakerWaitTimeout) as error:
-            failed = f"model {model_uri} (version {version}) failed on endpoint {name!r}: {error}"
-            if previous_config is None:
-                raise DeployError(self._left_new_endpoint(name, failed)) from None
-            self._roll_back(name, previous_config, failed)
-            version_back = (
-                None
-                if stored is None
-                else (
-                    stored.version
-                    if stored.details.get("endpoint_config") == previous_config
-                    else stored.previous_version
-                )
-            )
-            serves = f" (model version {version_back})" if version_back else ""
-            raise DeployError(
-                f"{failed}. Rolled back: endpoint {name!r} serves its previous config {previous_config}{serves} again. "
-                f"Look at the endpoint's log (CloudWatch group /aws/sagemaker/Endpoints/{name}), fix the model, then "
-                "deploy again."
-            ) from None
+            raise self._failed(name, f"model {model_uri} (version {version})", error, previous_config, stored) from None
         previous: tuple[str | None, str | None] = (None, None)
         if stored is not None:  # a retried deploy of the same weights keeps what they replaced
             replaced = stored.version != version
             previous = (
                 (stored.model_uri, stored.version) if replaced else (stored.previous_model_uri, stored.previous_version)
             )
+        kind = "new endpoint" if previous_config is None else (strategy.kind if strategy else "all-at-once")
         record = EndpointRecord(
             name=name,
             url=f"{self.session.sagemaker_runtime_client.meta.endpoint_url}/endpoints/{name}/invocations",
@@ -293,23 +369,261 @@ class SageMakerServingBackend(SageMakerBackendBase):
                 "previous_endpoint_config": previous_config,
                 "model_name": model_name,
                 "instance_type": self.options.deploy_instance_type,
-                "instance_count": self.options.deploy_instance_count,
+                "instance_count": count,
+                "scaling": scaling.to_dict() if scaling else None,
                 "capture": capture.to_dict() if capture.enabled else None,
                 "capture_uri": capture_prefix(self.settings.artifact_root, name) if capture.enabled else None,
+                "variants": [{"name": VARIANT, "model_version": version, "weight": 100}],
+                "alarms": guard["alarms"] if guard else (stored.details.get("alarms") if stored else None),
+                "rollout": rollout(
+                    kind,
+                    "completed",
+                    "no alarm fired during the bakes" if guard else "the new model answered its smoke request",
+                    deployment_config=guard["deployment_config"] if guard else None,
+                    baseline=guard["baseline"] if guard else None,
+                ),
             },
         )
         self.records.write(record)
+        if scaling is not None:
+            self.guardrails.apply_scaling(name, scaling)
         logger.info("endpoint %s serves model %s (version %s)", name, model_uri, version)
         return record
 
-    def _wait(self, name: str) -> dict[str, Any]:
-        """Wait for ``name`` to reach a final status (``endpoint_timeout_s`` at most)."""
+    def _update(
+        self,
+        name: str,
+        previous_config: str,
+        config_name: str,
+        stored: EndpointRecord | None,
+        strategy: RolloutStrategy | None,
+    ) -> dict[str, Any] | None:
+        """UpdateEndpoint to ``config_name``; guarded by the endpoint's alarms for a traffic-shifting ``strategy``
+        (returned: the alarms, their baseline, the DeploymentConfig and when it started)."""
+        request: dict[str, Any] = {"EndpointName": name, "EndpointConfigName": config_name}
+        recorded = recorded_scaling(stored)
+        if recorded is not None and recorded.autoscaling:
+            request["RetainAllVariantProperties"] = True  # keep the instances autoscaling has added
+        guard = None
+        if strategy is not None and strategy.kind != "shadow":
+            alarms, baseline = self.guardrails.ensure_alarms(name, strategy)
+            request["DeploymentConfig"] = deployment_config(strategy, alarms)
+            guard = {
+                "alarms": alarms,
+                "baseline": baseline,
+                "deployment_config": request["DeploymentConfig"],
+                "since": dt.datetime.now(dt.UTC),
+            }
+        logger.info("updating endpoint %s from config %s to %s (%s)", name, previous_config, config_name, strategy)
+        self.client.update_endpoint(**request)
+        return guard
+
+    def _settled(self, name: str, current: dict[str, Any] | None) -> dict[str, Any] | None:
+        """``current`` once no other change of the endpoint is running; raises DeployError for a Failed one."""
+        if current is not None and current["EndpointStatus"] not in ENDPOINT.final:
+            logger.info("endpoint %s is %s (another deploy?): waiting for it first", name, current["EndpointStatus"])
+            current = self._wait(name)
+        if current is not None and current["EndpointStatus"] == "Failed":
+            raise DeployError(
+                f"endpoint {name!r} is Failed ({current.get('FailureReason')}), and SageMaker allows nothing but "
+                "deleting a "
+                f"failed endpoint: delete it with `BINCOUNT_PROFILE=aws bincount delete-endpoint {name}`, then "
+                "deploy again"
+            )
+        return current
+
+    def _check_serving(
+        self, name: str, description: dict[str, Any], config_name: str, image_size: int, classes: list[Any]
+    ) -> None:
+        """Raises ServingError unless ``name`` is InService on ``config_name`` and answers a smoke request."""
+        if description["EndpointStatus"] != "InService" or description["EndpointConfigName"] != config_name:
+            raise ServingError(
+                f"it is {description['EndpointStatus']} on config {description['EndpointConfigName']}: "
+                f"{description.get('FailureReason') or 'no FailureReason given'}"
+            )
+        check_answer(self.invoke(name, smoke_request(image_size), JSON), [int(c) for c in classes])
+
+    def _failed(
+        self, name: str, what: str, error: Exception, previous_config: str | None, stored: EndpointRecord | None
+    ) -> DeployError:
+        """The error of a change of ``name`` that failed, after rolling an update back to ``previous_config``."""
+        failed = f"{what} failed on endpoint {name!r}: {error}"
+        if previous_config is None:
+            return DeployError(self._left_new_endpoint(name, failed))
+        self._roll_back(name, previous_config, failed)
+        version_back = (
+            None
+            if stored is None
+            else (
+                stored.version if stored.details.get("endpoint_config") == previous_config else stored.previous_version
+            )
+        )
+        serves = f" (model version {version_back})" if version_back else ""
+        return DeployError(
+            f"{failed}. Rolled back: endpoint {name!r} serves its previous config {previous_config}{serves} again. "
+            f"Look at the endpoint's log (CloudWatch group /aws/sagemaker/Endpoints/{name}), fix the model, then "
+            "deploy again."
+        )
+
+    def _rolled_back(
+        self,
+        name: str,
+        stored: EndpointRecord | None,
+        strategy: RolloutStrategy,
+        guard: dict[str, Any],
+        description: dict[str, Any],
+    ) -> EndpointRecord:
+        """SageMaker rolled a guarded update back: the record of the model that still serves, with the verdict."""
+        fired = self.guardrails.fired(guard["alarms"], guard["since"])
+        reason = "; ".join(
+            [f"alarm {alarm}" for alarm in fired]
+            + ([f"SageMaker: {description['FailureReason']}"] if description.get("FailureReason") else [])
+        )
+        reason = reason or "SageMaker rolled the update back and gave no reason"
+        logger.warning("the %s update of endpoint %s rolled back: %s", strategy.kind, name, reason)
+        if stored is None:
+            raise DeployError(
+                f"the {strategy.kind} update of endpoint {name!r} rolled back ({reason}), and the endpoint has no "
+                f"record at {self.records.uri(name)}: deploy its model with bincount to record it"
+            )
+        details = {
+            **stored.details,
+            "alarms": guard["alarms"],
+            "rollout": rollout(
+                strategy.kind, "rolled-back", reason, baseline=guard["baseline"], strategy=strategy.to_dict()
+            ),
+        }
+        record = replace(stored, details=details)
+        self.records.write(record)
+        return record
+
+    # shadow --------------------------------------------------------------------------------
+    def _start_shadow(
+        self,
+        name: str,
+        model_uri: str,
+        model_ref: str | None,
+        info: dict[str, Any],
+        version: str,
+        stored: EndpointRecord | None,
+        current: dict[str, Any],
+        capture: CaptureConfig,
+        strategy: RolloutStrategy,
+    ) -> EndpointRecord:
+        """Put ``model_uri`` beside the serving model as the shadow variant of ``name``."""
+        if stored is None:
+            raise DeployError(
+                f"endpoint {name!r} exists on SageMaker but has no record at {self.records.uri(name)}: deploy a model "
+                "to it with bincount first, then its shadow"
+            )
+        classes = [int(c) for c in info["classes"]]
+        if classes != stored.classes:
+            raise DeployError(
+                f"the shadow model {model_uri} counts {classes}, but endpoint {name!r} serves a model counting "
+                f"{stored.classes}: their answers cannot be compared. Nothing was changed; shadow a model trained on "
+                "the same classes, or deploy this one with another strategy"
+            )
+        current = self._settled(name, current)
+        assert current is not None
+        shadow_model = self.ensure_model(model_uri, version, self.options.deploy_instance_type)
+        scaling = recorded_scaling(stored)
+        config_name = self.ensure_endpoint_config(
+            name,
+            stored.details["model_name"],
+            capture,
+            self._instance_count(scaling),
+            shadow=(shadow_model, strategy.traffic_percent),
+        )
+        previous_config = current["EndpointConfigName"]
+        if previous_config == config_name:  # a retried shadow deploy: only wait
+            previous_config = stored.details.get("previous_endpoint_config")
+        else:
+            logger.info("endpoint %s: shadow variant with model %s on config %s", name, model_uri, config_name)
+            self._update(name, previous_config, config_name, stored, None)
+        try:
+            description = self._wait(name)
+            self._check_serving(name, description, config_name, stored.image_size, stored.classes)
+        except (ServingError, ClientError, SageMakerWaitTimeout) as error:
+            raise self._failed(
+                name, f"shadow model {model_uri} (version {version})", error, previous_config, stored
+            ) from None
+        shadow = {
+            "model_uri": model_uri,
+            "version": version,
+            "model_ref": model_ref,
+            "model_name": shadow_model,
+            "variant": SHADOW_VARIANT,
+            "sampling_percent": strategy.traffic_percent,
+            "strategy": strategy.to_dict(),
+            "started_at": now_iso(),
+        }
+        details = {
+            **stored.details,
+            "endpoint_config": config_name,
+            "previous_endpoint_config": previous_config,
+            "capture": capture.to_dict() if capture.enabled else None,
+            "capture_uri": capture_prefix(self.settings.artifact_root, name) if capture.enabled else None,
+            "shadow": shadow,
+            "variants": [
+                {"name": VARIANT, "model_version": stored.version, "weight": 100},
+                {
+                    "name": SHADOW_VARIANT,
+                    "model_version": version,
+                    "weight": 0,
+                    "copied_percent": strategy.traffic_percent,
+                },
+            ],
+            "rollout": rollout(
+                "shadow",
+                "shadowing",
+                f"{strategy.traffic_percent}% of requests are copied to model version {version}; users' answers still "
+                f"come from version {stored.version}",
+            ),
+        }
+        record = replace(stored, details=details)
+        self.records.write(record)
+        return record
+
+    def _shadowed(self, name: str) -> tuple[EndpointRecord, dict[str, Any]]:
+        check_endpoint_name(name)
+        record = self.records.read(name)
+        if record is None or not record.details.get("shadow"):
+            raise ServingError(
+                f"endpoint {name!r} has no shadow: deploy a model to it with strategy kind 'shadow' first"
+            )
+        return record, record.details["shadow"]
+
+    def promote_shadow(self, name: str) -> EndpointRecord:
+        """The shadow's model becomes the one that answers (a plain update from the shadow config; a failure
+        rolls back to the shadow config, where the current model still answers)."""
+        stored, shadow = self._shadowed(name)
+        report = self.shadow_report(stored)
+        record = self.deploy(name, shadow["model_uri"], shadow["model_ref"])
+        record.details["rollout"] = rollout(
+            "shadow", "promoted", f"the shadow model version {shadow['version']} answers now", report=report
+        )
+        self.records.write(record)
+        return record
+
+    def stop_shadow(self, name: str) -> EndpointRecord:
+        """Drop the shadow variant: the current model's own config again."""
+        stored, shadow = self._shadowed(name)
+        report = self.shadow_report(stored)
+        record = self.deploy(name, stored.model_uri, stored.model_ref)
+        record.details["rollout"] = rollout(
+            "shadow", "stopped", f"the shadow of model version {shadow['version']} was stopped", report=report
+        )
+        self.records.write(record)
+        return record
+
+    def _wait(self, name: str, bakes_s: float = 0) -> dict[str, Any]:
+        """Wait for ``name`` to reach a final status (``endpoint_timeout_s`` at most, plus a guarded update's bakes)."""
         return wait_for(
             self.client,
             ENDPOINT,
             name,
             on_event=logger.info,
-            timeout_s=self.options.endpoint_timeout_s,
+            timeout_s=self.options.endpoint_timeout_s + bakes_s,
             backoff=self.backoff(),
         )
 
@@ -373,12 +687,18 @@ class SageMakerServingBackend(SageMakerBackendBase):
         return answer["Body"].read()
 
     def delete(self, name: str) -> None:
-        """Delete the endpoint and its config (models stay: they cost nothing); a retried delete finishes the job."""
+        """Delete the endpoint, its config, its autoscaling and its alarms (models stay: they cost nothing); a
+        retried delete finishes the job."""
         check_endpoint_name(name)
         record = self.records.read(name)
         current = describe_or_none(self.client, ENDPOINT, name)
         if current is None and record is None:
             raise EndpointNotFoundError(f"SageMaker has no endpoint named {name!r} and none is recorded")
+        scaling = recorded_scaling(record)
+        if scaling is not None and scaling.autoscaling:
+            self.guardrails.apply_scaling(name, ScalingConfig())  # a fixed count: deregistered
+        if record is not None and record.details.get("alarms"):
+            self.guardrails.delete_alarms(name)
         if current is not None:
             logger.info("deleting endpoint %s", name)
             self.client.delete_endpoint(EndpointName=name)

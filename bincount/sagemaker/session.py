@@ -55,6 +55,12 @@ class SageMakerOptions(BaseSettings):
     logs_endpoint_url: str | None = Field(
         default=None, description="CloudWatch Logs endpoint (a test server); unset means AWS."
     )
+    cloudwatch_endpoint_url: str | None = Field(
+        default=None, description="CloudWatch (metrics, alarms) endpoint (a test server); unset means AWS."
+    )
+    autoscaling_endpoint_url: str | None = Field(
+        default=None, description="Application Auto Scaling endpoint (a test server); unset means AWS."
+    )
     framework_version: str = Field(default="2.6.0", description="PyTorch version of the SageMaker containers.")
     py_version: str = Field(default="py312", description="Python version of the SageMaker containers.")
 
@@ -169,6 +175,10 @@ def boto_session(settings: Settings, options: SageMakerOptions) -> boto3.session
         endpoints["sagemaker"] = options.endpoint_url
     if options.logs_endpoint_url:
         endpoints["logs"] = options.logs_endpoint_url
+    if options.cloudwatch_endpoint_url:
+        endpoints["cloudwatch"] = options.cloudwatch_endpoint_url
+    if options.autoscaling_endpoint_url:
+        endpoints["application-autoscaling"] = options.autoscaling_endpoint_url
     if options.runtime_endpoint_url:
         endpoints["sagemaker-runtime"] = endpoints["runtime.sagemaker"] = options.runtime_endpoint_url
     session = EndpointSession(

@@ -1,0 +1,271 @@
+"""Guarded updates (canary, linear, all-at-once with alarm auto-rollback), shadow variants and autoscaling on
+SageMaker, against moto's SageMaker, CloudWatch and Application Auto Scaling APIs on loopback.
+
+Every request is validated by botocore against the real service models. moto keeps the alarms, metrics,
+scalable targets and policies for real, and the tests read them back. What moto lacks is modelled in
+``sagemaker_moto.MotoSageMaker`` and said there: UpdateEndpoint and its DeploymentConfig (an alarm left in
+ALARM by the bake rolls the update back, as SageMaker does), ShadowProductionVariants, and percentiles.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from typing import Any
+
+import boto3
+import pytest
+from sagemaker_moto import (
+    BUCKET,
+    REGION,
+    Captured,
+    MotoSageMaker,
+    cloudwatch_state,
+    model_archive,
+    prediction,
+    queue_answers,
+    sagemaker_state,
+)
+
+from bincount.config import Settings
+from bincount.contracts.serving import DeployError, RolloutStrategy, ScalingConfig, ServingError
+from bincount.sagemaker.serving import SageMakerServingBackend
+from bincount.sagemaker.session import SageMakerOptions
+
+TARGET = "sagemaker:variant:DesiredInstanceCount"
+
+
+@pytest.fixture
+def backend(settings: Settings, options: SageMakerOptions) -> SageMakerServingBackend:
+    guarded = options.model_copy(
+        update={"cloudwatch_endpoint_url": options.endpoint_url, "autoscaling_endpoint_url": options.endpoint_url}
+    )
+    return SageMakerServingBackend(settings, guarded)
+
+
+def traffic(
+    backend: SageMakerServingBackend, endpoint: str, variant: str, latencies_ms: list[float], errors: int
+) -> None:
+    """The metrics SageMaker publishes for requests a variant answered (as real traffic would leave them)."""
+    dimensions = [{"Name": "EndpointName", "Value": endpoint}, {"Name": "VariantName", "Value": variant}]
+    now = dt.datetime.now(dt.UTC)
+    data = [
+        {"MetricName": "Invocations", "Dimensions": dimensions, "Value": len(latencies_ms), "Timestamp": now},
+        {"MetricName": "Invocation5XXErrors", "Dimensions": dimensions, "Value": errors, "Timestamp": now},
+    ] + [
+        {
+            "MetricName": "ModelLatency",
+            "Dimensions": dimensions,
+            "Value": ms * 1000,
+            "Timestamp": now,
+            "Unit": "Microseconds",
+        }
+        for ms in latencies_ms
+    ]
+    backend.guardrails.cloudwatch.put_metric_data(Namespace="AWS/SageMaker", MetricData=data)
+
+
+def scaling_state(backend: SageMakerServingBackend, name: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    resource = f"endpoint/{name}/variant/AllTraffic"
+    client = backend.guardrails.autoscaling
+    targets = client.describe_scalable_targets(ServiceNamespace="sagemaker", ResourceIds=[resource])["ScalableTargets"]
+    policies = client.describe_scaling_policies(ServiceNamespace="sagemaker", ResourceId=resource)["ScalingPolicies"]
+    return targets, policies
+
+
+def test_canary_rolls_back_on_its_alarm_then_completes_and_linear_and_scaling_follow(
+    backend: SageMakerServingBackend, models: dict[int, str], moto_sagemaker: MotoSageMaker
+) -> None:
+    sagemaker, cloudwatch = Captured(backend.client), Captured(backend.guardrails.cloudwatch)
+    autoscaling = Captured(backend.guardrails.autoscaling)
+    name = f"bincount-guard-{uuid.uuid4().hex[:8]}"
+
+    # A new endpoint starts on the model whatever the strategy (nothing to compare), on min_replicas instances,
+    # with target tracking between min and max.
+    scaling = ScalingConfig(min_replicas=2, max_replicas=4, target_invocations_per_minute=300, scale_in_cooldown_s=90)
+    queue_answers(prediction(2))
+    first = backend.deploy(name, models[1], "g:1", strategy=RolloutStrategy("canary"), scaling=scaling)
+    assert sagemaker("UpdateEndpoint") == [] and len(sagemaker("CreateEndpoint")) == 1
+    (config,) = sagemaker("CreateEndpointConfig")
+    assert config["ProductionVariants"][0]["InitialInstanceCount"] == 2
+    assert first.details["rollout"]["verdict"] == "completed" and first.details["instance_count"] == 2
+    (target,), (policy,) = scaling_state(backend, name)
+    assert (target["MinCapacity"], target["MaxCapacity"], target["ScalableDimension"]) == (2, 4, TARGET)
+    assert policy["PolicyType"] == "TargetTrackingScaling"
+    assert policy["TargetTrackingScalingPolicyConfiguration"] == {
+        "TargetValue": 300.0,
+        "PredefinedMetricSpecification": {"PredefinedMetricType": "SageMakerVariantInvocationsPerInstance"},
+        "ScaleOutCooldown": 30,
+        "ScaleInCooldown": 90,
+    }
+    autoscaling("RegisterScalableTarget"), autoscaling("PutScalingPolicy")  # validated against the service model
+
+    # The current model's last hour sets the alarms' thresholds: 1 error in 100, p99 200 ms.
+    traffic(backend, name, "AllTraffic", [100.0] * 98 + [200.0] * 2, errors=1)
+    canary = RolloutStrategy("canary", traffic_percent=10, bake_seconds=300, max_latency_ratio=1.5)
+    errors_alarm, latency_alarm = f"{name}-bincount-5xx", f"{name}-bincount-latency"
+    # The canary's bake trips the latency alarm (as a model twice as slow would): SageMaker rolls back by itself.
+    moto_sagemaker.bake = lambda alarms: cloudwatch_state().set_alarm_state(
+        latency_alarm, "Threshold Crossed: 1 datapoint [410000.0] > 300000.0", "{}", "ALARM"
+    )
+    rolled = backend.deploy(name, models[2], "g:2", strategy=canary)
+    (update,) = sagemaker("UpdateEndpoint")  # validated: the DeploymentConfig is what SageMaker takes
+    assert update["DeploymentConfig"] == {
+        "BlueGreenUpdatePolicy": {
+            "TrafficRoutingConfiguration": {
+                "Type": "CANARY",
+                "WaitIntervalInSeconds": 300,
+                "CanarySize": {"Type": "CAPACITY_PERCENT", "Value": 10},
+            },
+            "TerminationWaitInSeconds": 0,
+            "MaximumExecutionTimeoutInSeconds": 2400,
+        },
+        "AutoRollbackConfiguration": {"Alarms": [{"AlarmName": errors_alarm}, {"AlarmName": latency_alarm}]},
+    }
+    assert update["RetainAllVariantProperties"] is True  # autoscaling's instances are kept
+    assert (
+        rolled.details["rollout"]["verdict"] == "rolled-back" and latency_alarm in rolled.details["rollout"]["reason"]
+    )
+    assert (rolled.version, rolled.model_ref) == (first.version, "g:1")
+    assert sagemaker_state().endpoints[name].endpoint_config_name == first.details["endpoint_config"]
+    assert backend.describe(name).details["rollout"]["verdict"] == "rolled-back"
+
+    # The alarms CloudWatch holds: the variant's dimensions, thresholds from the baseline and the strategy.
+    cloudwatch("PutMetricAlarm"), cloudwatch("GetMetricData")
+    alarms = {
+        a["AlarmName"]: a
+        for a in backend.guardrails.cloudwatch.describe_alarms(AlarmNames=[errors_alarm, latency_alarm])["MetricAlarms"]
+    }
+    latency = alarms[latency_alarm]
+    variant = [{"Name": "EndpointName", "Value": name}, {"Name": "VariantName", "Value": "AllTraffic"}]
+    assert (latency["Namespace"], latency["MetricName"], latency["ExtendedStatistic"]) == (
+        "AWS/SageMaker",
+        "ModelLatency",
+        "p99",
+    )
+    assert latency["Dimensions"] == variant and latency["Threshold"] == pytest.approx(200_000 * 1.5)
+    errors = alarms[errors_alarm]
+    assert errors["Threshold"] == pytest.approx(0.01 + 0.01)  # the current 1% plus max_error_rate_increase
+    metrics = {m["Id"]: m for m in errors["Metrics"]}
+    assert metrics["error_rate"]["Expression"] == "IF(invocations >= 20, errors / invocations, 0)"
+    assert metrics["errors"]["MetricStat"]["Metric"] == {
+        "Namespace": "AWS/SageMaker",
+        "MetricName": "Invocation5XXErrors",
+        "Dimensions": variant,
+    }
+
+    # A good canary: no alarm fires, all traffic moves; the alarms are rewritten (their state back to OK).
+    moto_sagemaker.bake = None
+    queue_answers(prediction(3))
+    second = backend.deploy(name, models[2], "g:2", strategy=canary)
+    assert second.details["rollout"]["verdict"] == "completed" and second.previous_version == first.version
+    assert sagemaker_state().endpoints[name].endpoint_config_name == second.details["endpoint_config"]
+    assert (
+        backend.client.describe_endpoint(EndpointName=name)["LastDeploymentConfig"]
+        == second.details["rollout"]["deployment_config"]
+    )
+
+    # Linear steps; a fixed count (min == max) deregisters autoscaling.
+    queue_answers(prediction(3))
+    third = backend.deploy(
+        name,
+        models[3],
+        "g:3",
+        strategy=RolloutStrategy("linear", traffic_percent=25, bake_seconds=60),
+        scaling=ScalingConfig(),
+    )
+    routing = sagemaker("UpdateEndpoint")[-1]["DeploymentConfig"]["BlueGreenUpdatePolicy"][
+        "TrafficRoutingConfiguration"
+    ]
+    assert routing == {
+        "Type": "LINEAR",
+        "WaitIntervalInSeconds": 60,
+        "LinearStepSize": {"Type": "CAPACITY_PERCENT", "Value": 25},
+    }
+    assert third.details["rollout"]["verdict"] == "completed" and scaling_state(backend, name) == ([], [])
+    autoscaling("DeleteScalingPolicy"), autoscaling("DeregisterScalableTarget")
+
+    # Outside SageMaker's limits: a clear error before anything is asked of any API that changes something.
+    sent = len(sagemaker.requests) + len(cloudwatch.requests) + len(autoscaling.requests)
+    for strategy, message in (
+        (RolloutStrategy("canary", traffic_percent=60), "canary is at most 50%"),
+        (RolloutStrategy("linear", traffic_percent=5), "linear step is 10-50%"),
+        (RolloutStrategy("linear", traffic_percent=10, bake_seconds=3600), "past SageMaker's 28800 s limit"),
+    ):
+        with pytest.raises(DeployError, match=f"{message}.*keeps serving its current model"):
+            backend.deploy(name, models[1], strategy=strategy)
+    assert len(sagemaker.requests) + len(cloudwatch.requests) + len(autoscaling.requests) == sent
+
+    backend.delete(name)
+    assert backend.guardrails.cloudwatch.describe_alarms(AlarmNames=[errors_alarm, latency_alarm])["MetricAlarms"] == []
+
+
+def test_shadow_runs_beside_the_model_reports_and_is_promoted_or_stopped(
+    backend: SageMakerServingBackend, models: dict[int, str], moto_sagemaker: MotoSageMaker
+) -> None:
+    sagemaker = Captured(backend.client)
+    name = f"bincount-shadow-{uuid.uuid4().hex[:8]}"
+    queue_answers(prediction(2))
+    first = backend.deploy(name, models[1], "g:1")
+
+    # A model counting other classes cannot shadow this one: refused before anything changes.
+    s3 = boto3.client("s3", endpoint_url=backend.settings.s3_endpoint_url, region_name=REGION)
+    key = f"bincount/models/{uuid.uuid4().hex}/model.tar.gz"
+    s3.put_object(Bucket=BUCKET, Key=key, Body=model_archive(9, classes=(0, 1, 2)))
+    before = len(sagemaker.requests)
+    with pytest.raises(DeployError, match=r"counts \[0, 1, 2\].*counting \[1, 2, 3, 4, 5\].*Nothing was changed"):
+        backend.deploy(name, f"s3://{BUCKET}/{key}", strategy=RolloutStrategy("shadow", traffic_percent=25))
+    assert [op for op, _ in sagemaker.requests[before:]] == ["DescribeEndpoint"]
+
+    queue_answers(prediction(2))
+    shadowed = backend.deploy(
+        name, models[2], "g:2", strategy=RolloutStrategy("shadow", traffic_percent=25, min_requests=10)
+    )
+    config = sagemaker("CreateEndpointConfig")[-1]  # validated against the service model
+    (production,), (shadow,) = config["ProductionVariants"], config["ShadowProductionVariants"]
+    assert (production["VariantName"], production["ModelName"], production["InitialVariantWeight"]) == (
+        "AllTraffic",
+        first.details["model_name"],
+        1.0,
+    )
+    assert (shadow["VariantName"], shadow["InitialVariantWeight"]) == ("Shadow", 0.25)
+    assert shadow["ModelName"] == shadowed.details["shadow"]["model_name"] != first.details["model_name"]
+    described = backend.client.describe_endpoint(EndpointName=name)
+    assert described["EndpointConfigName"] == shadowed.details["endpoint_config"]
+    assert described["ShadowProductionVariants"][0]["VariantName"] == "Shadow"
+    # Users' answers still come from the current model: the record names it, the shadow beside it.
+    assert (shadowed.version, shadowed.details["rollout"]["verdict"]) == (first.version, "shadowing")
+    assert [v["name"] for v in shadowed.details["variants"]] == ["AllTraffic", "Shadow"]
+
+    # The report reads both variants' CloudWatch metrics: too little traffic on the shadow, then a slow shadow.
+    assert backend.describe(name).details["shadow"]["report"]["verdict"] == "insufficient-data"
+    traffic(backend, name, "AllTraffic", [100.0] * 40, errors=0)
+    traffic(backend, name, "Shadow", [300.0] * 10, errors=0)
+    report = backend.describe(name).details["shadow"]["report"]
+    assert (report["production"]["invocations"], report["shadow"]["invocations"]) == (40, 10)
+    assert report["verdict"] == "keep" and "p99 latency 3.00x" in report["reasons"][0]
+
+    promoted = backend.promote_shadow(name)
+    assert (promoted.version, promoted.previous_version, promoted.model_ref) == (
+        shadowed.details["shadow"]["version"],
+        first.version,
+        "g:2",
+    )
+    assert (
+        promoted.details["rollout"]["verdict"] == "promoted"
+        and promoted.details["rollout"]["report"]["verdict"] == "keep"
+    )
+    now_serving = backend.client.describe_endpoint_config(EndpointConfigName=promoted.details["endpoint_config"])
+    assert now_serving["ProductionVariants"][0]["ModelName"] == shadow["ModelName"]
+    assert "ShadowProductionVariants" not in now_serving and "shadow" not in promoted.details
+    with pytest.raises(ServingError, match="has no shadow: deploy a model to it with strategy kind 'shadow'"):
+        backend.promote_shadow(name)
+
+    queue_answers(prediction(2))
+    backend.deploy(name, models[3], "g:3", strategy=RolloutStrategy("shadow", traffic_percent=100))
+    assert sagemaker("CreateEndpointConfig")[-1]["ShadowProductionVariants"][0]["InitialVariantWeight"] == 1.0
+    queue_answers(prediction(2))
+    stopped = backend.stop_shadow(name)
+    assert (stopped.version, stopped.details["rollout"]["verdict"]) == (promoted.version, "stopped")
+    assert sagemaker_state().endpoints[name].endpoint_config_name == promoted.details["endpoint_config"]
+    backend.delete(name)

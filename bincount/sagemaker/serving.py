@@ -11,6 +11,10 @@ settings), so a retried deploy finds what the first attempt created and only wai
 that fails is rolled back to the previous config (SageMaker keeps the old fleet when the new one
 does not start; this also covers a timeout and a bad answer); a new endpoint that fails never
 served, so it is left for a look and the error says how to delete it.
+A deploy with a strategy guards the update (``bincount/sagemaker/guardrails.py``: traffic shifted all
+at once, as a canary or in linear steps, rolled back by SageMaker itself when the project's alarms
+fire), or puts the new model beside the current one as a shadow variant; ``scaling`` registers
+Application Auto Scaling target tracking for the production variant.
 Records (model URI, version, configs) live at ``{artifact_root}/endpoints/<name>.json``, as the
 local backend keeps them. A batch transform writes ``<key>.out`` per image under the output
 prefix, as the local one does, and its results are read back into the same joined table.
@@ -93,6 +97,16 @@ def recorded_scaling(record: EndpointRecord | None) -> ScalingConfig | None:
     """The scaling an endpoint was last deployed with (None: never given, a fixed ``deploy_instance_count``)."""
     recorded = record.details.get("scaling") if record else None
     return ScalingConfig(**recorded) if recorded else None
+
+
+def replaced_model(stored: EndpointRecord | None, version: str) -> tuple[str | None, str | None, str | None]:
+    """The (model URI, version, ref) a deploy of ``version`` replaces; a retried deploy of the same weights keeps
+    what they replaced."""
+    if stored is None:
+        return None, None, None
+    if stored.version != version:
+        return stored.model_uri, stored.version, stored.model_ref
+    return stored.previous_model_uri, stored.previous_version, stored.previous_model_ref
 
 
 def rollout(kind: str, verdict: str, reason: str, **facts: Any) -> dict[str, Any]:
@@ -310,7 +324,9 @@ class SageMakerServingBackend(SageMakerBackendBase):
         scaling = scaling or recorded_scaling(stored)
         current = describe_or_none(self.client, ENDPOINT, name)
         if strategy is not None and strategy.kind == "shadow" and current is not None:
-            return self._start_shadow(name, model_uri, model_ref, info, version, stored, current, capture, strategy)
+            return self._start_shadow(
+                name, model_uri, model_ref, info, version, stored, current, capture, strategy, scaling
+            )
         model_name = self.ensure_model(model_uri, version, self.options.deploy_instance_type)
         count = self._instance_count(scaling)
         config_name = self.ensure_endpoint_config(name, model_name, capture, count)
@@ -330,22 +346,19 @@ class SageMakerServingBackend(SageMakerBackendBase):
         else:
             previous_config = current["EndpointConfigName"]
             guard = self._update(name, previous_config, config_name, stored, strategy)
+        rolled_back: dict[str, Any] | None = None
         try:
-            description = self._wait(name, bake_total_s(strategy) if guard and strategy else 0)
-            if guard is not None and (description["EndpointStatus"], description["EndpointConfigName"]) == (
-                "InService",
-                previous_config,
-            ):
-                return self._rolled_back(name, stored, strategy, guard, description)  # type: ignore[arg-type]
-            self._check_serving(name, description, config_name, int(info["image_size"]), info["classes"])
+            description = self._wait(name, bake_total_s(guard["strategy"]) if guard else 0)
+            # SageMaker rolled a guarded update back by itself: the old config serves, InService
+            state = (description["EndpointStatus"], description["EndpointConfigName"])
+            rolled_back = guard if state == ("InService", previous_config) else None
+            if rolled_back is None:
+                self._check_serving(name, description, config_name, int(info["image_size"]), info["classes"])
         except (ServingError, ClientError, SageMakerWaitTimeout) as error:
             raise self._failed(name, f"model {model_uri} (version {version})", error, previous_config, stored) from None
-        previous: tuple[str | None, str | None] = (None, None)
-        if stored is not None:  # a retried deploy of the same weights keeps what they replaced
-            replaced = stored.version != version
-            previous = (
-                (stored.model_uri, stored.version) if replaced else (stored.previous_model_uri, stored.previous_version)
-            )
+        if rolled_back is not None:
+            return self._rolled_back(name, stored, rolled_back, description)
+        previous = replaced_model(stored, version)
         kind = "new endpoint" if previous_config is None else (strategy.kind if strategy else "all-at-once")
         record = EndpointRecord(
             name=name,
@@ -360,9 +373,7 @@ class SageMakerServingBackend(SageMakerBackendBase):
             previous_model_uri=previous[0],
             previous_version=previous[1],
             model_ref=model_ref,
-            previous_model_ref=None
-            if stored is None
-            else (stored.model_ref if stored.version != version else stored.previous_model_ref),
+            previous_model_ref=previous[2],
             details={
                 "endpoint_arn": description.get("EndpointArn"),
                 "endpoint_config": config_name,
@@ -399,7 +410,7 @@ class SageMakerServingBackend(SageMakerBackendBase):
         strategy: RolloutStrategy | None,
     ) -> dict[str, Any] | None:
         """UpdateEndpoint to ``config_name``; guarded by the endpoint's alarms for a traffic-shifting ``strategy``
-        (returned: the alarms, their baseline, the DeploymentConfig and when it started)."""
+        (returned: the strategy, the alarms, their baseline, the DeploymentConfig and when it started)."""
         request: dict[str, Any] = {"EndpointName": name, "EndpointConfigName": config_name}
         recorded = recorded_scaling(stored)
         if recorded is not None and recorded.autoscaling:
@@ -409,6 +420,7 @@ class SageMakerServingBackend(SageMakerBackendBase):
             alarms, baseline = self.guardrails.ensure_alarms(name, strategy)
             request["DeploymentConfig"] = deployment_config(strategy, alarms)
             guard = {
+                "strategy": strategy,
                 "alarms": alarms,
                 "baseline": baseline,
                 "deployment_config": request["DeploymentConfig"],
@@ -469,11 +481,11 @@ class SageMakerServingBackend(SageMakerBackendBase):
         self,
         name: str,
         stored: EndpointRecord | None,
-        strategy: RolloutStrategy,
         guard: dict[str, Any],
         description: dict[str, Any],
     ) -> EndpointRecord:
         """SageMaker rolled a guarded update back: the record of the model that still serves, with the verdict."""
+        strategy: RolloutStrategy = guard["strategy"]
         fired = self.guardrails.fired(guard["alarms"], guard["since"])
         reason = "; ".join(
             [f"alarm {alarm}" for alarm in fired]
@@ -509,6 +521,7 @@ class SageMakerServingBackend(SageMakerBackendBase):
         current: dict[str, Any],
         capture: CaptureConfig,
         strategy: RolloutStrategy,
+        scaling: ScalingConfig | None,
     ) -> EndpointRecord:
         """Put ``model_uri`` beside the serving model as the shadow variant of ``name``."""
         if stored is None:
@@ -526,7 +539,6 @@ class SageMakerServingBackend(SageMakerBackendBase):
         current = self._settled(name, current)
         assert current is not None
         shadow_model = self.ensure_model(model_uri, version, self.options.deploy_instance_type)
-        scaling = recorded_scaling(stored)
         config_name = self.ensure_endpoint_config(
             name,
             stored.details["model_name"],
@@ -579,9 +591,13 @@ class SageMakerServingBackend(SageMakerBackendBase):
                 f"{strategy.traffic_percent}% of requests are copied to model version {version}; users' answers still "
                 f"come from version {stored.version}",
             ),
+            "instance_count": self._instance_count(scaling),
+            "scaling": scaling.to_dict() if scaling else None,
         }
         record = replace(stored, details=details)
         self.records.write(record)
+        if scaling is not None:
+            self.guardrails.apply_scaling(name, scaling)
         return record
 
     def _shadowed(self, name: str) -> tuple[EndpointRecord, dict[str, Any]]:

@@ -269,3 +269,37 @@ def test_shadow_runs_beside_the_model_reports_and_is_promoted_or_stopped(
     assert (stopped.version, stopped.details["rollout"]["verdict"]) == (promoted.version, "stopped")
     assert sagemaker_state().endpoints[name].endpoint_config_name == promoted.details["endpoint_config"]
     backend.delete(name)
+
+
+def test_all_at_once_without_traffic_has_no_latency_baseline_and_drops_a_stale_latency_alarm(
+    backend: SageMakerServingBackend, models: dict[int, str], moto_sagemaker: MotoSageMaker
+) -> None:
+    sagemaker = Captured(backend.client)
+    name = f"bincount-quiet-{uuid.uuid4().hex[:8]}"
+    queue_answers(prediction(2))
+    backend.deploy(name, models[1])
+    stale = f"{name}-bincount-latency"  # an earlier deploy's latency alarm, from a busier hour
+    backend.guardrails.cloudwatch.put_metric_alarm(
+        AlarmName=stale,
+        Namespace="AWS/SageMaker",
+        MetricName="ModelLatency",
+        ExtendedStatistic="p99",
+        Period=60,
+        EvaluationPeriods=1,
+        Threshold=1.0,
+        ComparisonOperator="GreaterThanThreshold",
+    )
+    queue_answers(prediction(3))
+    record = backend.deploy(name, models[2], strategy=RolloutStrategy("all-at-once", bake_seconds=120))
+    deployment = sagemaker("UpdateEndpoint")[-1]["DeploymentConfig"]
+    assert deployment["BlueGreenUpdatePolicy"]["TrafficRoutingConfiguration"] == {
+        "Type": "ALL_AT_ONCE",
+        "WaitIntervalInSeconds": 120,
+    }
+    assert deployment["AutoRollbackConfiguration"] == {"Alarms": [{"AlarmName": f"{name}-bincount-5xx"}]}
+    assert backend.guardrails.cloudwatch.describe_alarms(AlarmNames=[stale])["MetricAlarms"] == []
+    assert (
+        record.details["rollout"]["verdict"] == "completed"
+        and record.details["rollout"]["baseline"]["invocations"] == 0
+    )
+    backend.delete(name)

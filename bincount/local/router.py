@@ -315,19 +315,29 @@ class Router:
     async def forward(
         self, variant: Variant | None, method: str, path: str, headers: dict[str, str], body: bytes | None
     ) -> Response:
-        replica = variant.pick() if variant is not None else None
-        if variant is None or replica is None:
-            return httpio.container_error(503, f"endpoint {self.name} has no model host ready; try again shortly")
-        replica.inflight += 1  # counted before any await: a switch cannot slip in between
+        """Send the request to the variant's least busy replica. One that refuses the connection (it died: nothing
+        was sent) is taken out of rotation until it answers /ping again, and the next replica gets the request."""
         start = time.perf_counter()
-        try:
-            answer = await replica.client.request(method, path, headers=headers, content=body)
-        except httpx.TransportError as error:
-            logger.error("replica %s of %s did not answer %s: %s", replica.url, variant.id, path, error)
-            variant.stats.add(502, time.perf_counter() - start)
-            return httpio.container_error(502, f"the model host of endpoint {self.name} did not answer ({error})")
-        finally:
-            replica.inflight -= 1
+        while True:
+            replica = variant.pick() if variant is not None else None
+            if variant is None or replica is None:
+                return _error(path, 503, f"endpoint {self.name} has no model host ready; try again shortly")
+            replica.inflight += 1  # counted before any await: a switch cannot slip in between
+            try:
+                answer = await replica.client.request(method, path, headers=headers, content=body)
+                break
+            except httpx.ConnectError as error:
+                logger.error(
+                    "replica %s of %s refused a connection (%s): trying another", replica.url, variant.id, error
+                )
+                replica.ready = False
+            except httpx.TransportError as error:
+                logger.error("replica %s of %s did not answer %s: %s", replica.url, variant.id, path, error)
+                replica.ready = False
+                variant.stats.add(502, time.perf_counter() - start)
+                return _error(path, 502, f"the model host of endpoint {self.name} did not answer ({error})")
+            finally:
+                replica.inflight -= 1
         if method == "POST":
             variant.stats.add(answer.status_code, time.perf_counter() - start)
         returned = {key: answer.headers[key] for key in _RETURNED_HEADERS if key in answer.headers}
@@ -404,6 +414,13 @@ class Router:
                 await replica.client.aclose()
         if self.capture is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.capture.close)
+
+
+def _error(path: str, status: int, message: str) -> Response:
+    """An error of the endpoint itself, shaped as the route's clients expect (runtime or container)."""
+    if path.startswith("/endpoints/"):
+        return httpio.runtime_error("ServiceUnavailable" if status == 503 else "InternalFailure", status, message)
+    return httpio.container_error(status, message)
 
 
 def _wait_or_kill(proc: subprocess.Popen, timeout_s: float = 40.0) -> None:

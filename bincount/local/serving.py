@@ -452,13 +452,11 @@ class LocalServingBackend:
         current = variants.get(status.get("current"), {})
         replicas = current.get("replicas", [])
         weights = {status.get("current"): 100}
-        if status.get("candidate"):
-            share = status["percent"]
-            weights = (
-                {status["current"]: 100, status["candidate"]: f"shadow copy of {share}%"}
-                if status["mode"] == "shadow"
-                else {status["current"]: 100 - share, status["candidate"]: share}
-            )
+        shadow = None
+        if status.get("candidate") and status["mode"] == "shadow":
+            shadow = status["candidate"]
+        elif status.get("candidate"):
+            weights = {status["current"]: 100 - status["percent"], status["candidate"]: status["percent"]}
         return dataclasses.replace(
             record,
             details={
@@ -473,6 +471,7 @@ class LocalServingBackend:
                         "model_ref": variant["model_ref"],
                         "version": variant["version"],
                         "weight": weights.get(variant_id, 0),
+                        "shadow_percent": status["percent"] if variant_id == shadow else None,
                         "replicas": len(variant["replicas"]),
                     }
                     for variant_id, variant in variants.items()

@@ -151,7 +151,9 @@ def test_a_shadow_answers_nobody_and_its_agreement_is_reported_then_it_is_promot
     start = backend.deploy("shadowed", models["blue"].as_uri(), "bincount:1")
     with pytest.raises(DeployError, match=r"counts \[1, 2, 3\].*could not be compared"):
         backend.deploy("shadowed", models["three"].as_uri(), strategy=RolloutStrategy(kind="shadow"))
-    strategy = RolloutStrategy(kind="shadow", traffic_percent=100, bake_seconds=1, min_requests=10)
+    strategy = RolloutStrategy(
+        kind="shadow", traffic_percent=100, bake_seconds=1, min_requests=10, max_latency_ratio=100
+    )
     record = backend.deploy("shadowed", models["green"].as_uri(), "bincount:2", strategy=strategy)
     assert record.model_ref == "bincount:1" and record.details["rollout"]["verdict"] == "shadowing"
     weights = [(variant["weight"], variant["shadow_percent"]) for variant in record.details["variants"]]

@@ -18,7 +18,7 @@ import botocore.exceptions
 import pytest
 
 from bincount.config import Settings
-from bincount.contracts.serving import DeployError, RolloutStrategy, ScalingConfig
+from bincount.contracts.serving import DeployError, RolloutStrategy, ScalingConfig, ServingError
 from bincount.endpoints import smoke_image
 from bincount.local.host import HostOptions
 from bincount.local.serving import LocalServingBackend, runtime_client
@@ -30,12 +30,12 @@ IMAGE = smoke_image(64)
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """blue and green: tiny and fast; slow: a real resnet50 at 160 px, many times slower; three: counts 1-3 only."""
+    """blue and green: tiny and fast; slow: the same network at 192 px, ~36 times the work; three: counts 1-3."""
     root = tmp_path_factory.mktemp("models")
     return {
         "blue": write_untrained_model_dir(root / "blue", "resnet18", 32, seed=1),
         "green": write_untrained_model_dir(root / "green", "resnet18", 32, seed=2),
-        "slow": write_untrained_model_dir(root / "slow", "resnet50", 160, seed=3),
+        "slow": write_untrained_model_dir(root / "slow", "resnet18", 192, seed=3),
         "three": write_untrained_model_dir(root / "three", "resnet18", 32, seed=4, classes=(1, 2, 3)),
     }
 
@@ -101,14 +101,28 @@ class Load:
         return {name for at, name in self.answers if at > after}
 
 
+@pytest.fixture(scope="module")
+def endpoint(backend: LocalServingBackend, models: dict[str, Path]) -> str:
+    """One endpoint the rollout tests move between models (each starts from whatever the one before left)."""
+    backend.deploy("rollout", models["blue"].as_uri(), "bincount:1")
+    return "rollout"
+
+
+def serving(backend: LocalServingBackend, name: str, models: dict[str, Path]) -> tuple[str, str]:
+    """The test model the endpoint serves now, and the other fast one."""
+    current = next(key for key in ("blue", "green") if backend.describe(name).model_uri == models[key].as_uri())
+    return current, "green" if current == "blue" else "blue"
+
+
 def test_a_slow_canary_rolls_back_by_itself_and_the_current_model_fails_no_request(
-    backend: LocalServingBackend, models: dict[str, Path], fingerprints: dict[str, list[float]]
+    backend: LocalServingBackend, endpoint: str, models: dict[str, Path], fingerprints: dict[str, list[float]]
 ) -> None:
-    start = backend.deploy("canary", models["blue"].as_uri(), "bincount:1")
+    start = backend.describe(endpoint)
+    current, _ = serving(backend, endpoint, models)
     strategy = RolloutStrategy(kind="canary", traffic_percent=30, bake_seconds=20, min_requests=8)
-    with Load(start.url, "canary", fingerprints) as load:
+    with Load(start.url, endpoint, fingerprints) as load:
         time.sleep(0.5)
-        record = backend.deploy("canary", models["slow"].as_uri(), "bincount:2", strategy=strategy)
+        record = backend.deploy(endpoint, models["slow"].as_uri(), "bincount:9", strategy=strategy)
         ended = time.monotonic()
         time.sleep(1.0)
     rollout = record.details["rollout"]
@@ -116,23 +130,24 @@ def test_a_slow_canary_rolls_back_by_itself_and_the_current_model_fails_no_reque
     assert [step["action"] for step in rollout["steps"]] == ["bake", "rolled-back"]
     assert rollout["steps"][0]["metrics"]["current"]["errors"] == 0
     assert load.errors == []
-    assert load.served() == {"blue", "slow"}  # the canary did take its share
-    assert load.served(after=ended) == {"blue"}
-    assert record.version == start.version and backend.describe("canary").model_ref == "bincount:1"
-    status = backend._router_status(record.url, "canary")
+    assert load.served() == {current, "slow"}  # the canary did take its share
+    assert load.served(after=ended) == {current}
+    assert record.version == start.version and backend.describe(endpoint).model_ref == start.model_ref
+    status = backend._router_status(record.url, endpoint)
     assert status["candidate"] is None and list(status["variants"]) == [status["current"]]
 
 
 def test_a_good_linear_rollout_moves_all_traffic_without_a_failed_request(
-    backend: LocalServingBackend, models: dict[str, Path], fingerprints: dict[str, list[float]]
+    backend: LocalServingBackend, endpoint: str, models: dict[str, Path], fingerprints: dict[str, list[float]]
 ) -> None:
-    start = backend.deploy("linear", models["blue"].as_uri(), "bincount:1")
+    start = backend.describe(endpoint)
+    current, other = serving(backend, endpoint, models)
     strategy = RolloutStrategy(
         kind="linear", traffic_percent=50, bake_seconds=1.0, min_requests=5, max_latency_ratio=20.0
     )
-    with Load(start.url, "linear", fingerprints) as load:
+    with Load(start.url, endpoint, fingerprints) as load:
         time.sleep(0.5)
-        record = backend.deploy("linear", models["green"].as_uri(), "bincount:2", strategy=strategy)
+        record = backend.deploy(endpoint, models[other].as_uri(), f"bincount:{other}", strategy=strategy)
         ended = time.monotonic()
         time.sleep(1.0)
     rollout = record.details["rollout"]
@@ -140,55 +155,57 @@ def test_a_good_linear_rollout_moves_all_traffic_without_a_failed_request(
     assert [(step["action"], step["percent"]) for step in rollout["steps"]] == [("bake", 50), ("promoted", 100)]
     assert rollout["steps"][0]["metrics"]["candidate"]["requests"] >= 5
     assert load.errors == []
-    assert load.served(after=ended) == {"green"} and "blue" in load.served()
-    assert record.model_ref == "bincount:2" and record.previous_model_ref == "bincount:1"
+    assert load.served(after=ended) == {other} and current in load.served()
+    assert record.model_ref == f"bincount:{other}" and record.previous_model_ref == start.model_ref
     assert [variant["weight"] for variant in record.details["variants"]] == [100]
 
 
 def test_a_shadow_answers_nobody_and_its_agreement_is_reported_then_it_is_promoted(
-    backend: LocalServingBackend, models: dict[str, Path], fingerprints: dict[str, list[float]]
+    backend: LocalServingBackend, endpoint: str, models: dict[str, Path], fingerprints: dict[str, list[float]]
 ) -> None:
-    start = backend.deploy("shadowed", models["blue"].as_uri(), "bincount:1")
+    start = backend.describe(endpoint)
+    current, other = serving(backend, endpoint, models)
     with pytest.raises(DeployError, match=r"counts \[1, 2, 3\].*could not be compared"):
-        backend.deploy("shadowed", models["three"].as_uri(), strategy=RolloutStrategy(kind="shadow"))
+        backend.deploy(endpoint, models["three"].as_uri(), strategy=RolloutStrategy(kind="shadow"))
     strategy = RolloutStrategy(
         kind="shadow", traffic_percent=100, bake_seconds=1, min_requests=10, max_latency_ratio=100
     )
-    record = backend.deploy("shadowed", models["green"].as_uri(), "bincount:2", strategy=strategy)
-    assert record.model_ref == "bincount:1" and record.details["rollout"]["verdict"] == "shadowing"
+    record = backend.deploy(endpoint, models[other].as_uri(), f"bincount:{other}", strategy=strategy)
+    assert record.model_ref == start.model_ref and record.details["rollout"]["verdict"] == "shadowing"
     weights = [(variant["weight"], variant["shadow_percent"]) for variant in record.details["variants"]]
     assert weights == [(100, None), (0, 100)]
     with pytest.raises(DeployError, match="has a shadow running"):
-        backend.deploy("shadowed", models["slow"].as_uri())
-    with Load(start.url, "shadowed", fingerprints) as load:
+        backend.deploy(endpoint, models["slow"].as_uri())
+    with Load(start.url, endpoint, fingerprints) as load:
         time.sleep(3.0)
-    assert load.errors == [] and load.served() == {"blue"}  # users only ever got the current model's answers
+    assert load.errors == [] and load.served() == {current}  # users only ever got the current model's answers
     time.sleep(0.5)  # the last copies finish in the background
-    report = backend.shadow_report("shadowed")
+    report = backend.shadow_report(endpoint)
     assert report["compared"] == len(load.answers) and report["requests"]["shadow"] == len(load.answers)
     # the same image every time: the two untrained models either always agree or never
-    blue, green = (max(range(5), key=fingerprints[name].__getitem__) for name in ("blue", "green"))
-    assert report["agreement"] == (1.0 if blue == green else 0.0)
+    ours, theirs = (max(range(5), key=fingerprints[name].__getitem__) for name in (current, other))
+    assert report["agreement"] == (1.0 if ours == theirs else 0.0)
     assert report["promote"] is True, report
 
-    promoted = backend.promote_shadow("shadowed")
-    assert promoted.model_ref == "bincount:2" and promoted.previous_model_ref == "bincount:1"
+    promoted = backend.promote_shadow(endpoint)
+    assert promoted.model_ref == f"bincount:{other}" and promoted.previous_model_ref == start.model_ref
     assert promoted.details["rollout"]["verdict"] == "promoted" and "shadow" not in promoted.details
-    with Load(start.url, "shadowed", fingerprints, clients=1) as load:
-        time.sleep(0.5)
-    assert load.served() == {"green"}
-    with pytest.raises(Exception, match="no shadow running"):
-        backend.stop_shadow("shadowed")
+    for _ in range(3):
+        answer = json.loads(backend.invoke(endpoint, IMAGE, "image/jpeg"))
+        assert load.which(list(answer["predictions"][0]["probabilities"].values())) == other
+    with pytest.raises(ServingError, match="no shadow running"):
+        backend.stop_shadow(endpoint)
 
 
 def test_a_stopped_shadow_leaves_the_current_model_alone(
-    backend: LocalServingBackend, models: dict[str, Path], fingerprints: dict[str, list[float]]
+    backend: LocalServingBackend, endpoint: str, models: dict[str, Path]
 ) -> None:
-    start = backend.deploy("stopped", models["blue"].as_uri(), "bincount:1")
-    backend.deploy("stopped", models["green"].as_uri(), strategy=RolloutStrategy(kind="shadow", traffic_percent=50))
-    record = backend.stop_shadow("stopped")
-    assert record.model_ref == "bincount:1" and record.details["rollout"]["verdict"] == "stopped"
-    status = backend._router_status(start.url, "stopped")
+    start = backend.describe(endpoint)
+    _, other = serving(backend, endpoint, models)
+    backend.deploy(endpoint, models[other].as_uri(), strategy=RolloutStrategy(kind="shadow", traffic_percent=50))
+    record = backend.stop_shadow(endpoint)
+    assert record.model_ref == start.model_ref and record.details["rollout"]["verdict"] == "stopped"
+    status = backend._router_status(start.url, endpoint)
     assert status["candidate"] is None and len(status["variants"]) == 1
 
 
@@ -197,10 +214,8 @@ def test_a_killed_replica_fails_only_its_requests_in_flight_and_is_restarted(
 ) -> None:
     record = backend.deploy("replicas", models["blue"].as_uri(), scaling=ScalingConfig(min_replicas=2, max_replicas=2))
     assert record.details["replicas"] == 2
-    before = backend._router_status(record.url, "replicas")["variants"][
-        backend._router_status(record.url, "replicas")["current"]
-    ]
-    victim = before["replicas"][0]["pid"]
+    status = backend._router_status(record.url, "replicas")
+    victim = status["variants"][status["current"]]["replicas"][0]["pid"]
     with Load(record.url, "replicas", fingerprints, clients=6) as load:
         time.sleep(1.0)
         os.kill(victim, signal.SIGKILL)

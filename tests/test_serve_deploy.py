@@ -12,7 +12,7 @@ from prefect import flow
 from prefect.artifacts import Artifact
 
 from bincount.code import code_hash
-from bincount.config import Location, Settings
+from bincount.config import Settings
 from bincount.contracts.registry import DatasetRef, ModelMetrics, ModelVersionSpec
 from bincount.contracts.serving import EndpointNotFoundError, EndpointRecord, RolloutStrategy
 from bincount.endpoints import smoke_image
@@ -20,7 +20,7 @@ from bincount.factory import get_model_registry
 from bincount.local.serving import LocalServingBackend
 from bincount.models import write_untrained_model_dir
 from bincount.storage import file_digest, local_path
-from flows.endpoints import promote_shadow
+from flows.cli import main as cli
 from tasks.deploy import deploy_model, endpoint_artifact_key
 
 
@@ -99,7 +99,11 @@ def test_a_new_endpoint_that_fails_its_check_is_removed(
 
 
 def test_a_shadow_deployed_by_a_flow_is_reported_then_promoted_with_events_and_artifact(
-    prefect_server: None, artifact_root: str, tmp_path: Path
+    prefect_server: None,
+    artifact_root: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     from test_pipeline import events_named
 
@@ -120,7 +124,10 @@ def test_a_shadow_deployed_by_a_flow_is_reported_then_promoted_with_events_and_a
     candidate = registry.resolve(shadowing.details["shadow"]["model_ref"])
     registry.approve(candidate.group, candidate.version, "tester", "approved while it shadows")
 
-    promoted = promote_shadow("shadow-ep", Location(artifact_root=artifact_root))
+    monkeypatch.setenv("BINCOUNT_ARTIFACT_ROOT", artifact_root)
+    cli(["endpoints", "promote-shadow", "shadow-ep"])  # runs the promote-shadow flow
+    assert "serves shadow-ep:2; the shadow's report: 6 answers compared" in capsys.readouterr().out
+    promoted = backend.describe("shadow-ep")
     assert promoted.model_uri == second and backend.describe("shadow-ep").model_uri == second
     report = promoted.details["rollout"]["report"]
     assert report["compared"] == 5 + 1 and report["promote"] is True, report  # and check-endpoint's request
@@ -130,3 +137,7 @@ def test_a_shadow_deployed_by_a_flow_is_reported_then_promoted_with_events_and_a
     for name in ("shadowing", "shadow-report", "promoted", "step"):
         assert events_named(f"bincount.endpoint.rollout.{name}", where=lambda e: e.resource.id == resource), name
     assert registry.resolve(promoted.model_ref).stage == "production"
+
+    with pytest.raises(SystemExit):
+        cli(["endpoints", "stop-shadow", "shadow-ep"])
+    assert "bincount endpoints stop-shadow: endpoint 'shadow-ep' has no shadow running" in capsys.readouterr().err

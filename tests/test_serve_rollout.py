@@ -137,6 +137,46 @@ def test_a_slow_canary_rolls_back_by_itself_and_the_current_model_fails_no_reque
     assert status["candidate"] is None and list(status["variants"]) == [status["current"]]
 
 
+def test_a_canary_whose_host_fails_its_requests_rolls_back_on_its_error_rate(
+    backend: LocalServingBackend, endpoint: str, models: dict[str, Path], fingerprints: dict[str, list[float]]
+) -> None:
+    """The new model's host dies with requests in flight (they fail: 502); the current model's share loses none."""
+    start = backend.describe(endpoint)
+    current, _ = serving(backend, endpoint, models)
+    strategy = RolloutStrategy(
+        kind="canary", traffic_percent=50, bake_seconds=30, min_requests=5, max_latency_ratio=1000.0
+    )
+    killed: list[int] = []
+
+    def kill_the_canary_while_busy() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not killed:
+            status = backend._router_status(start.url, endpoint) or {}
+            candidate = status.get("variants", {}).get(status.get("candidate"), {})
+            busy = [replica for replica in candidate.get("replicas", []) if replica["ready"] and replica["inflight"]]
+            if busy and status["percent"] > 0:
+                os.kill(busy[0]["pid"], signal.SIGKILL)
+                killed.append(busy[0]["pid"])
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_the_canary_while_busy)
+    with Load(start.url, endpoint, fingerprints, clients=6) as load:
+        killer.start()
+        record = backend.deploy(endpoint, models["slow"].as_uri(), "bincount:9", strategy=strategy)
+        ended = time.monotonic()
+        killer.join()
+        time.sleep(1.0)
+    rollout = record.details["rollout"]
+    assert killed and rollout["verdict"] == "rolled-back" and "error rate" in rollout["reason"], rollout
+    metrics = rollout["steps"][0]["metrics"]
+    assert metrics["current"]["errors"] == 0 and metrics["candidate"]["errors"] >= 1, metrics
+    assert load.errors and all("did not answer" in error for _, error in load.errors), load.errors
+    assert len(load.errors) == metrics["candidate"]["errors"]  # every failed request was the canary's
+    assert all(at < ended for at, _ in load.errors)
+    assert load.served(after=ended) == {current}
+    assert backend.describe(endpoint).version == start.version
+
+
 def test_a_good_linear_rollout_moves_all_traffic_without_a_failed_request(
     backend: LocalServingBackend, endpoint: str, models: dict[str, Path], fingerprints: dict[str, list[float]]
 ) -> None:

@@ -343,9 +343,10 @@ class Router:
         returned = {key: answer.headers[key] for key in _RETURNED_HEADERS if key in answer.headers}
         return Response(answer.content, status_code=answer.status_code, headers=returned)
 
-    async def invoke(self, path: str, headers: dict[str, str], body: bytes) -> Response:
+    async def invoke(self, path: str, headers: dict[str, str], body: bytes) -> tuple[Response, Variant | None]:
         """One invocation: answered by the chosen variant; a shadow gets its copy once the answer is ready."""
-        answer = await self.forward(self.choose(), "POST", path, headers, body)
+        variant = self.choose()
+        answer = await self.forward(variant, "POST", path, headers, body)
         shadow = self.variants.get(self.candidate) if self.candidate and self.mode == "shadow" else None
         if shadow is not None and random.random() * 100 < self.percent:
             if sum(replica.inflight for replica in shadow.replicas) >= MAX_SHADOW_IN_FLIGHT:
@@ -354,7 +355,7 @@ class Router:
                 task = asyncio.create_task(self._shadow(shadow, path, headers, body, answer))
                 self._shadow_tasks.add(task)
                 task.add_done_callback(self._shadow_tasks.discard)
-        return answer
+        return answer, variant
 
     async def _shadow(self, shadow: Variant, path: str, headers: dict[str, str], body: bytes, answer: Response) -> None:
         copy = await self.forward(shadow, "POST", path, {**headers, "accept": "application/json"}, body)
@@ -364,13 +365,14 @@ class Router:
             shadow.stats.compared += 1
             shadow.stats.agreed += mine == theirs
 
-    def record(self, body: bytes, headers: dict[str, str], answer: Response, start: float) -> None:
+    def record(
+        self, body: bytes, headers: dict[str, str], answer: Response, variant: Variant | None, start: float
+    ) -> None:
         """Offer one answered invocation to the capture writer (a dict copy and a queue put: nothing waits)."""
         writer = self.capture
         if writer is None or not writer.sampled():
             return
-        current = self.variants.get(self.current) if self.current else None
-        spec = current.spec if current is not None else {}
+        spec = variant.spec if variant is not None else {}
         writer.offer(
             Exchange(
                 body=body,
@@ -476,8 +478,8 @@ def create_app(name: str, state_file: Path) -> Starlette:
         except httpio.RequestError as error:
             return httpio.container_error(error.status, error.message)
         headers = forwarded_headers(request)
-        answer = await router.invoke("/invocations", headers, body)
-        router.record(body, {**headers, **captured_headers(request)}, answer, start)
+        answer, variant = await router.invoke("/invocations", headers, body)
+        router.record(body, {**headers, **captured_headers(request)}, answer, variant, start)
         return answer
 
     async def runtime_invocations(request: Request) -> Response:
@@ -490,8 +492,8 @@ def create_app(name: str, state_file: Path) -> Starlette:
         except httpio.RequestError as error:
             return httpio.runtime_error("ValidationError", error.status, error.message)
         headers = forwarded_headers(request)
-        answer = await router.invoke(f"/endpoints/{name}/invocations", headers, body)
-        router.record(body, {**headers, **captured_headers(request)}, answer, start)
+        answer, variant = await router.invoke(f"/endpoints/{name}/invocations", headers, body)
+        router.record(body, {**headers, **captured_headers(request)}, answer, variant, start)
         return answer
 
     async def ping(request: Request) -> Response:

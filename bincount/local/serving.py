@@ -17,6 +17,7 @@ version, processes, the last rollout) live at ``{artifact_root}/endpoints/<name>
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -164,13 +165,18 @@ class LocalServingBackend:
                     "reason": "no model was serving: the endpoint starts on this one",
                     "steps": [_step("started", 100)],
                 }
-                state = json.loads((workdir / "router.json").read_text())
             else:
                 assert current is not None
                 state = json.loads((workdir / "router.json").read_text())
                 state.update(scaling=scaling.to_dict(), capture=self._capture_state(name, capture))
                 self._add_candidate(current, state, variant_id, spec, workdir, smoke, classes)
-                rollout = self._roll_out(current, state, strategy)
+                try:
+                    rollout = self._roll_out(current, state, strategy)
+                except BaseException:  # interrupted or failed mid-rollout: the current model takes all traffic again
+                    if state.get("candidate") == variant_id:
+                        with contextlib.suppress(Exception):
+                            self._drop_candidate(current, state)
+                    raise
                 details = {key: current.details[key] for key in ("router_pid", "router_port", "workdir")}
             if rollout["verdict"] == "rolled-back":
                 record = current

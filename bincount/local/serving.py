@@ -139,6 +139,8 @@ class LocalServingBackend:
             except EndpointNotFoundError:
                 current = None
             status = self._router_status(current.url, name) if current is not None else None
+            if status is not None and "variants" not in status:  # a router from before variants: restarted below
+                status = None
             if status is not None and status.get("candidate"):
                 raise DeployError(
                     f"endpoint {name!r} has a shadow running ({status['variants'][status['candidate']]['version']}): "
@@ -238,8 +240,9 @@ class LocalServingBackend:
         classes: list[int],
     ) -> dict[str, Any]:
         """Start the router (it starts the hosts) on a new endpoint, or on one recorded but down (at its port)."""
-        if current is not None:  # recorded but down (e.g. after a reboot): bring it back at its URL
+        if current is not None:  # recorded but down (e.g. after a reboot), or older: bring it back at its URL
             self._stop(current.details.get("router_pid"))
+            self._stop(current.details.get("host_pid"))  # a host that a router from before variants did not own
         port = current.details["router_port"] if current is not None else 0
         state = {
             "bind_host": self.bind_host,

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from typing import Any
 
 import numpy as np
 
 from bincount.config import Settings
 from bincount.contracts.naming import check_endpoint_name
-from bincount.contracts.serving import CaptureConfig, EndpointRecord
+from bincount.contracts.serving import CaptureConfig, EndpointRecord, RolloutStrategy, ScalingConfig
 from bincount.demo_data import jpeg_bytes, render_bin_image
 from bincount.storage import ObjectNotFoundError, Storage
 
@@ -63,3 +64,43 @@ def recorded_capture(record: EndpointRecord | None) -> CaptureConfig:
     """The capture setting an endpoint was last deployed with (off for a new one)."""
     recorded = record.details.get("capture") if record else None
     return CaptureConfig(**recorded) if recorded else CaptureConfig()
+
+
+def recorded_scaling(record: EndpointRecord | None) -> ScalingConfig:
+    """The scaling an endpoint was last deployed with (one replica for a new one)."""
+    recorded = record.details.get("scaling") if record else None
+    return ScalingConfig(**recorded) if recorded else ScalingConfig()
+
+
+def shadow_verdict(current: dict[str, Any], shadow: dict[str, Any], strategy: RolloutStrategy) -> dict[str, Any]:
+    """Whether to promote a shadow, from both variants' ``requests``, ``errors`` and ``p99_ms`` and the shadow's
+    ``compared``/``agreed`` counts: the same thresholds as a canary step. Agreement is reported, not judged:
+    a better model disagrees exactly where the current one is wrong."""
+    compared, agreed = shadow.get("compared", 0), shadow.get("agreed", 0)
+    report: dict[str, Any] = {
+        "requests": {"current": current["requests"], "shadow": shadow["requests"]},
+        "errors": {"current": current["errors"], "shadow": shadow["errors"]},
+        "p99_ms": {"current": current["p99_ms"], "shadow": shadow["p99_ms"]},
+        "compared": compared,
+        "agreement": agreed / compared if compared else None,
+        "skipped": shadow.get("skipped", 0),
+    }
+    error_increase = (shadow["errors"] / shadow["requests"] if shadow["requests"] else 0.0) - (
+        current["errors"] / current["requests"] if current["requests"] else 0.0
+    )
+    if shadow["requests"] < strategy.min_requests:
+        needed = strategy.min_requests
+        promote, reason = False, f"only {shadow['requests']} requests reached the shadow ({needed} needed)"
+    elif error_increase > strategy.max_error_rate_increase:
+        promote, reason = False, f"its error rate is {error_increase:+.1%} against the current model's"
+    elif current["p99_ms"] and shadow["p99_ms"] > strategy.max_latency_ratio * current["p99_ms"]:
+        promote, reason = (
+            False,
+            (
+                f"its p99 latency {shadow['p99_ms']:.0f} ms is over x{strategy.max_latency_ratio} "
+                f"the current {current['p99_ms']:.0f} ms"
+            ),
+        )
+    else:
+        promote, reason = True, "errors and latency within the thresholds"
+    return {**report, "promote": promote, "reason": reason}

@@ -14,14 +14,14 @@ import httpx
 
 from bincount.config import Location, Settings, to_uri
 from bincount.contracts.registry import ModelVersion, RegistryError
-from bincount.contracts.serving import EndpointNotFoundError, EndpointRecord
+from bincount.contracts.serving import EndpointNotFoundError, EndpointRecord, ServingError
 from bincount.demo_data import generate_demo_bucket
 from bincount.endpoints import EndpointRecords
 from bincount.factory import get_model_registry
 from bincount.registry import StorageModelRegistry
 from bincount.storage import join_uri, storage_for
 from flows.data import DataOptions, prepare_data
-from flows.endpoints import delete_endpoint
+from flows.endpoints import delete_endpoint, promote_shadow, stop_shadow
 from flows.pipeline import pipeline
 from flows.review import review_model
 from flows.rollback import rollback_model
@@ -102,6 +102,15 @@ def describe_endpoint(record: EndpointRecord) -> str:
 def endpoints_command(args: argparse.Namespace, settings: Settings) -> str:
     if args.endpoints_command == "list":
         return list_endpoints(settings)
+    if args.endpoints_command in ("promote-shadow", "stop-shadow"):
+        end = promote_shadow if args.endpoints_command == "promote-shadow" else stop_shadow
+        record = end(args.name)
+        report = record.details["rollout"]["report"]
+        return (
+            f"Endpoint {record.name!r} serves {record.model_ref or record.version}; the shadow's report: "
+            f"{report['compared']} answers compared, agreement {report['agreement']}, "
+            f"{'promote' if report['promote'] else 'do not promote'} ({report['reason']})"
+        )
     record = EndpointRecords(settings, storage_for(settings)).read(args.name)
     if record is None:
         raise EndpointNotFoundError(f"no endpoint named {args.name!r} is recorded (bincount endpoints list shows them)")
@@ -248,6 +257,12 @@ def main(argv: list[str] | None = None) -> None:
     endpoint_actions.add_parser(
         "describe", help="one endpoint: model version and URI, URL, health, deploy details"
     ).add_argument("name", help="endpoint name")
+    endpoint_actions.add_parser(
+        "promote-shadow", help="make an endpoint's shadow model the one that answers (and production)"
+    ).add_argument("name", help="endpoint name")
+    endpoint_actions.add_parser("stop-shadow", help="stop an endpoint's shadow; its model keeps serving").add_argument(
+        "name", help="endpoint name"
+    )
     add_models_commands(commands)
     args = parser.parse_args(argv)
 
@@ -266,7 +281,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "endpoints":
         try:
             print(endpoints_command(args, settings))
-        except EndpointNotFoundError as error:
+        except ServingError as error:
             print(f"bincount endpoints {args.endpoints_command}: {error}", file=sys.stderr)
             raise SystemExit(2) from None
         return

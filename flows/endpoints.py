@@ -1,9 +1,12 @@
-"""Flow: stop an endpoint.
+"""Flows: stop an endpoint; promote or stop its shadow.
 
     stop-endpoint (delete the endpoint, forget its record) ─► endpoint artifact says "stopped"
+    end-shadow (promote: the shadow answers from now on, and its version becomes production; or stop it)
+        ─► endpoint artifact with the shadow's report; bincount.endpoint.rollout.* events
 
-What `bincount delete-endpoint NAME` runs (a flow, so the ``endpoint-<name>`` artifact, which a
-Prefect API must write, records the stop in the same history as the deploys).
+What `bincount delete-endpoint NAME` and `bincount endpoints promote-shadow|stop-shadow NAME` run (flows,
+so the ``endpoint-<name>`` artifact, which a Prefect API must write, records them in the same history as
+the deploys).
 """
 
 from __future__ import annotations
@@ -13,7 +16,9 @@ from prefect import flow
 from bincount.config import Location
 from bincount.contracts.naming import check_endpoint_name
 from bincount.contracts.serving import EndpointRecord
-from tasks.deploy import stop_endpoint_task
+from bincount.factory import get_model_registry
+from tasks.deploy import end_shadow_task, stop_endpoint_task
+from tasks.registry import set_stage_task
 from tasks.summary import run_summary
 
 
@@ -35,3 +40,32 @@ def delete_endpoint(endpoint_name: str, location: Location = Location()) -> Endp
     """
     check_endpoint_name(endpoint_name)
     return stop_endpoint_task(location.settings(), endpoint_name)
+
+
+@flow(name="promote-shadow")
+def promote_shadow(endpoint_name: str, location: Location = Location()) -> EndpointRecord:
+    """Make the shadow model of an endpoint the one that answers, and its registered version production.
+
+    Args:
+        endpoint_name: the endpoint whose shadow is promoted.
+        location: where endpoint records and the registry live (default: the BINCOUNT_* variables).
+    """
+    check_endpoint_name(endpoint_name)
+    settings = location.settings()
+    record = end_shadow_task(settings, endpoint_name, promote=True)
+    if record.model_ref:
+        version = get_model_registry(settings).resolve(record.model_ref)
+        set_stage_task(settings, version, "production", "bincount", "shadow promoted")
+    return record
+
+
+@flow(name="stop-shadow")
+def stop_shadow(endpoint_name: str, location: Location = Location()) -> EndpointRecord:
+    """Stop the shadow of an endpoint; the current model keeps serving.
+
+    Args:
+        endpoint_name: the endpoint whose shadow stops.
+        location: where endpoint records live (default: the BINCOUNT_* variables).
+    """
+    check_endpoint_name(endpoint_name)
+    return end_shadow_task(location.settings(), endpoint_name, promote=False)

@@ -26,6 +26,7 @@ from bincount.code import code_hash
 from bincount.config import Location, Settings
 from bincount.contracts.naming import check_endpoint_name
 from bincount.contracts.registry import Decision, ModelVersion
+from bincount.contracts.serving import RolloutStrategy
 from bincount.factory import get_model_registry
 from bincount.registry import dataset_ref, decide, now_iso
 from bincount.storage import storage_for
@@ -106,6 +107,7 @@ def nightly_retrain(
     require_approval: bool = False,
     approval_timeout_s: int = 24 * 3600,
     location: Location = Location(),
+    deploy_strategy: RolloutStrategy | None = None,
 ) -> Decision:
     """Refresh the data, retrain what is in production, and deploy the new model only if it is better.
 
@@ -119,6 +121,8 @@ def nightly_retrain(
         approval_timeout_s: with require_approval, reject the challenger when nobody answers within this.
         location: profile, artifact root, source bucket, S3 endpoint and region (default: the source the
             production version came from, then the BINCOUNT_* variables; what is given here wins).
+        deploy_strategy: how traffic moves to a promoted challenger (default all at once; a canary rolls back by
+            itself when the challenger serves worse than the champion).
     """
     logger = get_run_logger()
     check_endpoint_name(endpoint_name)
@@ -191,7 +195,9 @@ def nightly_retrain(
                 challenger.evaluation.to_dict(),
                 candidate.version,
             )
-            put_in_production(settings, endpoint_name, candidate, f"nightly: {decision.reason}")
+            put_in_production(
+                settings, endpoint_name, candidate, f"nightly: {decision.reason}", strategy=deploy_strategy
+            )
         else:
             decision = Decision(
                 **{

@@ -22,7 +22,7 @@ from pydantic import BaseModel, Field
 
 from bincount.config import Location, Settings
 from bincount.contracts.naming import check_endpoint_name
-from bincount.contracts.serving import BatchTransformSummary, EndpointRecord
+from bincount.contracts.serving import BatchTransformSummary, EndpointRecord, RolloutStrategy, ScalingConfig
 from bincount.evaluation import Evaluation
 from bincount.factory import get_model_registry
 from bincount.storage import join_uri
@@ -83,6 +83,8 @@ def pipeline(
     location: Location = Location(),
     refresh: bool = False,
     data_capture_percentage: Annotated[int | None, Field(ge=0, le=100)] = None,
+    deploy_strategy: RolloutStrategy | None = None,
+    scaling: ScalingConfig | None = None,
 ) -> PipelineResult:
     """Download, split, upload, tune, retrain, evaluate, register, deploy and batch-transform.
 
@@ -98,6 +100,10 @@ def pipeline(
         refresh: run every stage again instead of using cached results.
         data_capture_percentage: share of the endpoint's requests captured for monitoring, 0-100 (0: off;
             default: keep the endpoint's setting, off for a new endpoint).
+        deploy_strategy: how traffic moves to the new model: all-at-once (default), canary or linear (rolled back
+            by itself when worse than the serving model), or shadow (promoted later by
+            `bincount endpoints promote-shadow`).
+        scaling: the endpoint's replicas and autoscaling bounds (default: keep the endpoint's, one for a new one).
     """
     logger = get_run_logger()
     check_endpoint_name(endpoint_name)  # before hours of training, not at deploy time
@@ -142,7 +148,13 @@ def pipeline(
     )
     logger.info("%s passed the gate (%s): deploying to %r", version.ref, passed, endpoint_name)
     endpoint = put_in_production(
-        settings, endpoint_name, version, f"deployed by the pipeline: {passed}", data_capture_percentage
+        settings,
+        endpoint_name,
+        version,
+        f"deployed by the pipeline: {passed}",
+        data_capture_percentage,
+        deploy_strategy,
+        scaling,
     )
     scored = batch_transform(
         input_uri=prepared.channels["test"],

@@ -18,7 +18,7 @@ from pydantic import Field
 
 from bincount.config import Settings
 from bincount.contracts.registry import ModelVersion
-from bincount.contracts.serving import EndpointRecord
+from bincount.contracts.serving import EndpointRecord, RolloutStrategy, ScalingConfig
 from tasks.deploy import deploy_model
 from tasks.registry import set_approval_task, set_stage_task
 
@@ -55,10 +55,23 @@ def approve_version(
 
 
 def put_in_production(
-    settings: Settings, endpoint_name: str, version: ModelVersion, reason: str, capture_percentage: int | None = None
+    settings: Settings,
+    endpoint_name: str,
+    version: ModelVersion,
+    reason: str,
+    capture_percentage: int | None = None,
+    strategy: RolloutStrategy | None = None,
+    scaling: ScalingConfig | None = None,
 ) -> EndpointRecord:
-    """Deploy an approved version (blue/green, checked, rolled back on failure), then mark it production.
-    ``capture_percentage`` None keeps the endpoint's data capture setting."""
-    endpoint = deploy_model(settings, endpoint_name, version, capture_percentage=capture_percentage)
+    """Deploy an approved version (as ``strategy`` says, default blue/green; checked, rolled back on failure), then
+    mark it production. A shadow only becomes production when it is promoted (``bincount endpoints
+    promote-shadow``). ``capture_percentage`` and ``scaling`` None keep the endpoint's settings."""
+    logger = get_run_logger()
+    endpoint = deploy_model(
+        settings, endpoint_name, version, capture_percentage=capture_percentage, strategy=strategy, scaling=scaling
+    )
+    if (endpoint.details.get("rollout") or {}).get("verdict") == "shadowing":
+        logger.info("%s shadows the serving model: it becomes production when the shadow is promoted", version.ref)
+        return endpoint
     set_stage_task(settings, version, "production", "bincount", reason)
     return endpoint

@@ -1,22 +1,38 @@
 """Tasks: deploy a model to a named endpoint and check it; never cached.
 
 Call :func:`deploy_model` from a flow: it runs deploy-endpoint then check-endpoint inside one
-Prefect ``transaction()``. The backend's own blue/green deploy already keeps the old model serving
-when the new one fails to start; the transaction covers what comes after the switch: if the check
-(or anything else in the transaction) fails, deploy-endpoint's rollback hook puts the previous
-model back on the endpoint, or deletes an endpoint that did not exist before.
+Prefect ``transaction()``. The backend's own deploy already keeps the old model serving when the
+new one fails to start, and a canary that does worse than the current model is rolled back by the
+backend itself (deploy-endpoint then fails, saying why); the transaction covers what comes after the
+switch: if the check (or anything else in the transaction) fails, deploy-endpoint's rollback hook
+puts the previous model back on the endpoint, or deletes an endpoint that did not exist before.
+
+Every rollout step and verdict is a Prefect event about the endpoint (``bincount.endpoint.rollout.step``,
+``.completed``, ``.rolled-back``, ``.shadowing``, ``.shadow-report``, ``.promoted``, ``.stopped``) and shows on
+the endpoint's artifact with its variants, traffic weights and replicas.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.events import emit_event
 from prefect.transactions import Transaction, get_transaction, transaction
 
 from bincount.config import Settings
 from bincount.contracts.registry import ModelVersion
-from bincount.contracts.serving import CaptureConfig, EndpointNotFoundError, EndpointRecord, check_answer
+from bincount.contracts.serving import (
+    CaptureConfig,
+    DeployError,
+    EndpointNotFoundError,
+    EndpointRecord,
+    RolloutStrategy,
+    ScalingConfig,
+    check_answer,
+)
 from bincount.endpoints import now_iso, smoke_image
 from bincount.factory import get_serving_backend
 from bincount.storage import storage_for
@@ -31,11 +47,19 @@ def publish_endpoint(
     record: EndpointRecord, note: str = "", status: str = "serving", monitor: str = "not monitored since this deploy"
 ) -> None:
     """The endpoint's artifact (stable key per endpoint): what it serves, where, whether it still does, its data
-    capture, and ``monitor``: the last monitor verdict (the monitor flow republishes it)."""
+    capture, variants, traffic weights and replicas, the last rollout's verdict and steps, and ``monitor``: the last
+    monitor verdict (the monitor flow republishes it)."""
     capture = record.details.get("capture")
     capturing = (
         f"{capture['sampling_percentage']}% of requests to `{record.details.get('capture_uri')}`" if capture else "off"
     )
+    scaling = record.details.get("scaling")
+    replicas = record.details.get("replicas", "-")
+    if scaling and scaling["max_replicas"] > scaling["min_replicas"]:
+        replicas = (
+            f"{replicas} (autoscaling {scaling['min_replicas']}-{scaling['max_replicas']} at "
+            f"{scaling['target_in_flight']} in flight per replica)"
+        )
     create_markdown_artifact(
         key=endpoint_artifact_key(record.name),
         markdown=(
@@ -47,8 +71,10 @@ def publish_endpoint(
             f"| previous version | `{record.previous_model_ref or record.previous_version or '-'}` |\n"
             f"| backend | {record.backend} |\n"
             f"| deployed at | {record.deployed_at} |\n"
+            f"| replicas | {replicas} |\n"
             f"| data capture | {capturing} |\n"
             f"| last monitor verdict | {monitor} |\n\n"
+            f"{variants_markdown(record)}{rollout_markdown(record.details.get('rollout'))}"
             f"Invoke: `boto3.client('sagemaker-runtime', endpoint_url='{record.url}')"
             f".invoke_endpoint(EndpointName='{record.name}', Body=jpeg, ContentType='image/jpeg')`\n\n{note}"
         ),
@@ -56,13 +82,81 @@ def publish_endpoint(
     )
 
 
+def variants_markdown(record: EndpointRecord) -> str:
+    """The variants the endpoint runs, their share of requests and replicas (empty when not recorded)."""
+    variants = record.details.get("variants")
+    if not variants:
+        return ""
+    rows = ""
+    for variant in variants:
+        traffic = f"{variant['weight']}%"
+        if variant.get("shadow_percent"):
+            traffic += f" (shadow: a copy of {variant['shadow_percent']}%)"
+        rows += f"| `{variant['id']}` | `{variant.get('model_ref') or '-'}` | {traffic} | {variant['replicas']} |\n"
+    return f"#### Variants\n\n| variant | model version | traffic | replicas |\n|---|---|---|---|\n{rows}\n"
+
+
+def rollout_markdown(rollout: dict[str, Any] | None) -> str:
+    """The last rollout: strategy, verdict and reason, and its steps with their metrics."""
+    if not rollout:
+        return ""
+    strategy = rollout["strategy"]
+    shape = strategy["kind"]
+    if shape != "all-at-once":
+        shape += f" {strategy['traffic_percent']}%, bake {strategy['bake_seconds']} s"
+    rows = "".join(
+        f"| {step['at']} | {step['action']} | {step['percent']}% | {step.get('verdict', '')} "
+        f"| {step.get('reason', '')} | {_step_metrics(step.get('metrics'))} |\n"
+        for step in rollout.get("steps", [])
+    )
+    return (
+        f"#### Last rollout: {shape}: **{rollout['verdict']}**\n\n{rollout['reason']}\n\n"
+        f"| at | step | new model's share | verdict | reason | metrics |\n|---|---|---|---|---|---|\n{rows}\n"
+    )
+
+
+def _step_metrics(metrics: dict[str, Any] | None) -> str:
+    if not metrics or "current" not in metrics:
+        return ""
+    parts = []
+    for role in ("current", "candidate", "shadow"):
+        if isinstance(metrics.get(role), dict) and "requests" in metrics[role]:
+            m = metrics[role]
+            p99 = f"{m['p99_ms']:.0f} ms" if m.get("p99_ms") is not None else "-"
+            parts.append(f"{role}: {m['requests']} req, {m['errors']} err, p99 {p99}")
+    return "; ".join(parts)
+
+
+def emit_rollout_events(record: EndpointRecord, steps_from: int = 0) -> None:
+    """``bincount.endpoint.rollout.step`` for each step of the record's last rollout from ``steps_from``, then
+    ``bincount.endpoint.rollout.<verdict>`` (and ``.shadow-report`` when it carries one)."""
+    rollout = record.details.get("rollout")
+    if not rollout:
+        return
+    resource = {"prefect.resource.id": f"bincount.endpoint.{record.name}", "prefect.resource.name": record.name}
+    for step in rollout.get("steps", [])[steps_from:]:
+        emit_event(event="bincount.endpoint.rollout.step", resource=resource, payload=step)
+    if "report" in rollout:
+        emit_event(event="bincount.endpoint.rollout.shadow-report", resource=resource, payload=rollout["report"])
+    payload = {"verdict": rollout["verdict"], "reason": rollout["reason"], "model_version": record.model_ref}
+    emit_event(event=f"bincount.endpoint.rollout.{rollout['verdict']}", resource=resource, payload=payload)
+
+
 @task(name="deploy-endpoint", cache_policy=NO_CACHE)
 def deploy_endpoint_task(
-    settings: Settings, endpoint_name: str, model_uri: str, model_ref: str | None, capture_percentage: int | None = None
+    settings: Settings,
+    endpoint_name: str,
+    model_uri: str,
+    model_ref: str | None,
+    capture_percentage: int | None = None,
+    strategy: RolloutStrategy | None = None,
+    scaling: ScalingConfig | None = None,
 ) -> EndpointRecord:
-    """Start ``endpoint_name`` on ``model_uri`` (registered as ``model_ref``), or move it there blue/green.
+    """Start ``endpoint_name`` on ``model_uri`` (registered as ``model_ref``), or move it there as ``strategy`` says
+    (None: all at once, blue/green). Raises :class:`DeployError` when a canary was rolled back.
 
-    ``capture_percentage``: requests captured (0 off); None keeps the endpoint's setting.
+    ``capture_percentage``: requests captured (0 off); None keeps the endpoint's setting. ``scaling`` None keeps
+    the endpoint's replicas (one for a new endpoint).
     """
     logger = get_run_logger()
     backend = get_serving_backend(settings)
@@ -83,8 +177,25 @@ def deploy_endpoint_task(
         f"replacing {previous.model_ref or previous.version}" if previous else "new endpoint",
     )
     capture = None if capture_percentage is None else CaptureConfig(sampling_percentage=capture_percentage)
-    record = backend.deploy(endpoint_name, model_uri, model_ref, capture)
-    logger.info("Endpoint %r serves version %s at %s", record.name, record.version, record.url)
+    record = backend.deploy(endpoint_name, model_uri, model_ref, capture, strategy, scaling)
+    emit_rollout_events(record)
+    rollout = record.details.get("rollout") or {}
+    if rollout.get("verdict") == "rolled-back":
+        publish_endpoint(record, note=f"The rollout of {model_ref or model_uri} was rolled back: {rollout['reason']}")
+        raise DeployError(
+            f"the {rollout['strategy']['kind']} of {model_ref or model_uri} on endpoint {endpoint_name!r} was rolled "
+            f"back by itself: {rollout['reason']}; {record.model_ref or record.version} still serves every request"
+        )
+    if rollout.get("verdict") == "shadowing":
+        logger.info(
+            "%s shadows %s on endpoint %r; `bincount endpoints promote-shadow %s` (or stop-shadow) ends it",
+            model_ref or model_uri,
+            record.model_ref or record.version,
+            record.name,
+            record.name,
+        )
+    else:
+        logger.info("Endpoint %r serves version %s at %s", record.name, record.version, record.url)
     publish_endpoint(record)
     return record
 
@@ -98,6 +209,8 @@ def restore_previous_endpoint(txn: Transaction) -> None:
     backend = get_serving_backend(settings)
     if previous is None:
         backend.delete(name)
+        return
+    if backend.describe(name).model_uri == previous["model_uri"]:  # a canary already rolled back: it still serves
         return
     record = backend.deploy(name, previous["model_uri"], previous.get("model_ref"))
     replaced = previous.get("model_ref") or previous["version"]
@@ -144,10 +257,35 @@ def deploy_model(
     version: ModelVersion,
     sample_image_uri: str | None = None,
     capture_percentage: int | None = None,
+    strategy: RolloutStrategy | None = None,
+    scaling: ScalingConfig | None = None,
 ) -> EndpointRecord:
     """Deploy a registered version and check it in one transaction (call from a flow): a failed check rolls
     the deploy back."""
     with transaction():
-        record = deploy_endpoint_task(settings, endpoint_name, version.model_uri, str(version.ref), capture_percentage)
+        record = deploy_endpoint_task(
+            settings, endpoint_name, version.model_uri, str(version.ref), capture_percentage, strategy, scaling
+        )
         check_endpoint_task(settings, endpoint_name, sample_image_uri)
+    return record
+
+
+@task(name="end-shadow", cache_policy=NO_CACHE)
+def end_shadow_task(settings: Settings, endpoint_name: str, promote: bool) -> EndpointRecord:
+    """Promote the shadow of ``endpoint_name`` (it answers from now on) or stop it; its report goes on the artifact
+    and in the events."""
+    logger = get_run_logger()
+    backend = get_serving_backend(settings)
+    steps_before = len((backend.describe(endpoint_name).details.get("rollout") or {}).get("steps", []))
+    record = backend.promote_shadow(endpoint_name) if promote else backend.stop_shadow(endpoint_name)
+    emit_rollout_events(record, steps_before)
+    report = record.details.get("rollout", {}).get("report", {})
+    logger.info(
+        "Shadow on %r %s (agreement %s, its report advised %s)",
+        endpoint_name,
+        "promoted" if promote else "stopped",
+        report.get("agreement"),
+        "promoting" if report.get("promote") else "not promoting",
+    )
+    publish_endpoint(record)
     return record

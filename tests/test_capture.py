@@ -6,6 +6,8 @@ import base64
 import datetime as dt
 import io
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -134,71 +136,70 @@ def hung_s3() -> Iterator[str]:
 def test_a_hung_writer_fails_no_request_and_drops_are_counted(
     tmp_path: Path, hung_s3: str, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    """The real router app, forwarding to a real host, capturing into an S3 that never answers."""
+    """The real router app, forwarding to its real host, capturing into an S3 that never answers."""
     model = write_untrained_model_dir(tmp_path_factory.mktemp("model2") / "m", "resnet18", 32, seed=2)
-    backend = LocalServingBackend(
-        Settings.load(artifact_root=str(tmp_path / "artifacts")), host_options=HostOptions(threads=1)
+    backend = LocalServingBackend(Settings.load(artifact_root=str(tmp_path / "artifacts")))
+    config = CaptureConfig(sampling_percentage=100, queue_size=4, max_file_bytes=1)  # every record rolls: an upload
+    state = tmp_path / "router.json"
+    state.write_text(
+        json.dumps(
+            {
+                "variants": {"m": {"model_dir": str(model), "version": "m"}},
+                "current": "m",
+                "host_args": HostOptions(threads=1).cli_args(),
+                "capture": {
+                    "config": config.to_dict(),
+                    "destination": "s3://hung/data-capture/plain/AllTraffic",
+                    "s3_endpoint_url": hung_s3,
+                },
+            }
+        )
     )
-    record = backend.deploy("plain", model.as_uri())
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(64)
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    front = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "bincount.local.router",
+            "--name",
+            "plain",
+            "--state-file",
+            str(state),
+            "--fd",
+            str(sock.fileno()),
+            "--graceful-timeout",
+            "5",
+        ],
+        pass_fds=[sock.fileno()],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    sock.close()
+    hosts: list[int] = []
     try:
-        config = CaptureConfig(sampling_percentage=100, queue_size=4, max_file_bytes=1)  # every record rolls: an upload
-        state = tmp_path / "router.json"
-        state.write_text(
-            json.dumps(
-                {
-                    "target": record.details["host_url"],
-                    "version": record.version,
-                    "capture": {
-                        "config": config.to_dict(),
-                        "destination": "s3://hung/data-capture/plain/AllTraffic",
-                        "s3_endpoint_url": hung_s3,
-                    },
-                }
-            )
-        )
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        sock.listen(64)
-        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        front = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "bincount.local.router",
-                "--name",
-                "plain",
-                "--state-file",
-                str(state),
-                "--fd",
-                str(sock.fileno()),
-                "--graceful-timeout",
-                "5",
-            ],
-            pass_fds=[sock.fileno()],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        sock.close()
-        try:
-            client = runtime_client(url, max_attempts=1)
-            image = photos(1)[0]
-            deadline = time.monotonic() + 30
-            while backend._router_status(url, "plain") is None:
-                assert time.monotonic() < deadline and front.poll() is None, "the router did not start"
-                time.sleep(0.1)
-            started = time.perf_counter()
-            for _ in range(30):
-                answer = client.invoke_endpoint(EndpointName="plain", Body=image, ContentType="image/jpeg")
-                assert json.loads(answer["Body"].read())["predictions"][0]["predicted_count"] in (1, 2, 3, 4, 5)
-            elapsed = time.perf_counter() - started
-            status = backend._router_status(url, "plain")["capture"]
-        finally:
-            front.kill()
-            front.wait()
-        assert elapsed < 30, f"requests waited for the writer: {elapsed:.1f} s"
-        assert status["offered"] == 30 and status["dropped"] >= 30 - 4 - 2, status
+        client = runtime_client(url, max_attempts=1)
+        image = photos(1)[0]
+        deadline = time.monotonic() + 60
+        while (ready := backend._router_status(url, "plain")) is None or ready["target"] is None:
+            assert time.monotonic() < deadline and front.poll() is None, "the router did not start its host"
+            time.sleep(0.1)
+        hosts = [replica["pid"] for replica in ready["variants"]["m"]["replicas"]]
+        started = time.perf_counter()
+        for _ in range(30):
+            answer = client.invoke_endpoint(EndpointName="plain", Body=image, ContentType="image/jpeg")
+            assert json.loads(answer["Body"].read())["predictions"][0]["predicted_count"] in (1, 2, 3, 4, 5)
+        elapsed = time.perf_counter() - started
+        status = backend._router_status(url, "plain")["capture"]
     finally:
-        backend.delete("plain")
+        front.kill()  # not SIGTERM: its writer would wait for the hung S3 on the way out
+        front.wait()
+        for pid in hosts:
+            os.kill(pid, signal.SIGKILL)
+    assert elapsed < 30, f"requests waited for the writer: {elapsed:.1f} s"
+    assert status["offered"] == 30 and status["dropped"] >= 30 - 4 - 2, status
 
 
 def exchange(at: dt.datetime, body: bytes = b"\xff\xd8abc", inference_id: str | None = None) -> Exchange:

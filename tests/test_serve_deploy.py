@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,17 +14,23 @@ from prefect.artifacts import Artifact
 from bincount.code import code_hash
 from bincount.config import Settings
 from bincount.contracts.registry import DatasetRef, ModelMetrics, ModelVersionSpec
-from bincount.contracts.serving import EndpointNotFoundError, EndpointRecord
+from bincount.contracts.serving import EndpointNotFoundError, EndpointRecord, RolloutStrategy
+from bincount.endpoints import smoke_image
 from bincount.factory import get_model_registry
 from bincount.local.serving import LocalServingBackend
 from bincount.models import write_untrained_model_dir
 from bincount.storage import file_digest, local_path
+from flows.cli import main as cli
 from tasks.deploy import deploy_model, endpoint_artifact_key
 
 
 @flow(name="deploy-for-test")
 def deploy_flow(
-    artifact_root: str, endpoint_name: str, model_uri: str, sample_image_uri: str | None = None
+    artifact_root: str,
+    endpoint_name: str,
+    model_uri: str,
+    sample_image_uri: str | None = None,
+    strategy: RolloutStrategy | None = None,
 ) -> EndpointRecord:
     """Register ``model_uri`` as a version of the endpoint's group, then deploy and check it, as the pipeline does."""
     settings = Settings.load(artifact_root=artifact_root)
@@ -38,7 +45,7 @@ def deploy_flow(
         training_job="test",
     )
     version = get_model_registry(settings).register(endpoint_name, spec)
-    return deploy_model(settings, endpoint_name, version, sample_image_uri)
+    return deploy_model(settings, endpoint_name, version, sample_image_uri, strategy=strategy)
 
 
 @pytest.fixture(scope="module")
@@ -89,3 +96,48 @@ def test_a_new_endpoint_that_fails_its_check_is_removed(
         deploy_flow(artifact_root, "fresh-ep", model, corrupt.as_uri())
     with pytest.raises(EndpointNotFoundError):
         LocalServingBackend(Settings.load(artifact_root=artifact_root)).describe("fresh-ep")
+
+
+def test_a_shadow_deployed_by_a_flow_is_reported_then_promoted_with_events_and_artifact(
+    prefect_server: None,
+    artifact_root: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from test_pipeline import events_named
+
+    first = write_untrained_model_dir(tmp_path / "first", "resnet18", 32, seed=8).as_uri()
+    second = write_untrained_model_dir(tmp_path / "second", "resnet18", 32, seed=9).as_uri()
+    deploy_flow(artifact_root, "shadow-ep", first)
+    shadow = RolloutStrategy(kind="shadow", traffic_percent=100, bake_seconds=1, min_requests=3, max_latency_ratio=100)
+    shadowing = deploy_flow(artifact_root, "shadow-ep", second, strategy=shadow)
+    assert shadowing.model_uri == first and shadowing.details["rollout"]["verdict"] == "shadowing"
+    artifact = Artifact.get(endpoint_artifact_key("shadow-ep"))
+    assert artifact is not None and "shadow: a copy of 100%" in artifact.data and "**shadowing**" in artifact.data
+    backend = LocalServingBackend(Settings.load(artifact_root=artifact_root))
+    for _ in range(5):
+        backend.invoke("shadow-ep", smoke_image(32), "image/jpeg")
+    time.sleep(0.5)  # the copies are answered in the background
+
+    registry = get_model_registry(Settings.load(artifact_root=artifact_root))
+    candidate = registry.resolve(shadowing.details["shadow"]["model_ref"])
+    registry.approve(candidate.group, candidate.version, "tester", "approved while it shadows")
+
+    monkeypatch.setenv("BINCOUNT_ARTIFACT_ROOT", artifact_root)
+    cli(["endpoints", "promote-shadow", "shadow-ep"])  # runs the promote-shadow flow
+    assert "serves shadow-ep:2; the shadow's report: 6 answers compared" in capsys.readouterr().out
+    promoted = backend.describe("shadow-ep")
+    assert promoted.model_uri == second and backend.describe("shadow-ep").model_uri == second
+    report = promoted.details["rollout"]["report"]
+    assert report["compared"] == 5 + 1 and report["promote"] is True, report  # and check-endpoint's request
+    artifact = Artifact.get(endpoint_artifact_key("shadow-ep"))
+    assert artifact is not None and "**promoted**" in artifact.data and promoted.model_ref in artifact.data
+    resource = "bincount.endpoint.shadow-ep"
+    for name in ("shadowing", "shadow-report", "promoted", "step"):
+        assert events_named(f"bincount.endpoint.rollout.{name}", where=lambda e: e.resource.id == resource), name
+    assert registry.resolve(promoted.model_ref).stage == "production"
+
+    with pytest.raises(SystemExit):
+        cli(["endpoints", "stop-shadow", "shadow-ep"])
+    assert "bincount endpoints stop-shadow: endpoint 'shadow-ep' has no shadow running" in capsys.readouterr().err

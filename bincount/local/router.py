@@ -1,35 +1,49 @@
-"""The endpoint's front door: a stable address that forwards to whichever model host is live.
+"""The endpoint's front door: a stable address in front of the endpoint's model hosts, which it runs itself.
 
     python -m bincount.local.router --name NAME --state-file FILE [--port P | --fd N]
 
-A local endpoint is this router plus one model host process (two during a redeploy). The router
-owns the endpoint's URL, so clients never see a host come or go: a deploy starts the new host,
-checks it, rewrites the state file (``{"target": "http://127.0.0.1:<port>", ...}``) and sends the
-router SIGHUP. The router reads the file and sends every later request to the new host, while
-requests already forwarded to the old one finish there. ``GET /ping`` answers with the registered
-model version it serves (``model_version``, e.g. ``bincount:3``) and its weights. ``GET /router/status`` reports the
-target and the requests in flight per host, so the deployer stops the old host only once it
-has none left. Forwarding is the only thing a request costs here: bodies are checked against the
-payload limit and passed through unchanged; answers come back as the host gave them.
+A local endpoint is this router plus its model host processes (replicas). The state file
+(re-read on SIGHUP) names the variants (a model each: ``variants``), the one that answers
+(``current``) and at most one ``candidate`` that takes ``percent`` of requests (``mode``
+``canary``) or gets a copy of them in the background (``mode`` ``shadow``: users' answers stay the
+current model's; agreement of the counts, latency and errors of both are counted). A variant that
+leaves the state file stops taking requests, finishes those in flight, and its hosts stop.
+
+Replicas: each variant runs replica hosts (the current one's count at the time, else
+``scaling.min_replicas``); a request goes to the replica with the fewest requests in flight. A
+replica that exits is restarted (only its requests in flight fail, with 502). With
+``scaling.max_replicas`` above the minimum, the current variant gains a replica when the in-flight
+requests per replica stay above ``scaling.target_in_flight`` for ``scale_out_cooldown_s``, and loses
+one when its load would fit in one fewer for ``scale_in_cooldown_s``.
+
+``GET /router/status`` reports per variant its replicas (URL, pid, in flight, ready), restarts and,
+since the routing last changed, requests, 5xx/connection errors and p99 latency (the backend's canary
+judges on these), plus the shadow's agreement. ``GET /ping`` answers with the registered model version
+it serves (``model_version``) and its weights.
 
 Data capture (the state file's ``capture``: a :class:`~bincount.contracts.serving.CaptureConfig` and a
-destination) happens here, at the front door: a sampled invocation's body, answer, status and latency
-go to a :class:`~bincount.capture.CaptureWriter` queue after the answer is ready; SIGTERM drains
-the queue into the files. ``/router/status`` reports the writer's counts.
+destination) happens here: a sampled invocation's body, answer, status and latency go to a
+:class:`~bincount.capture.CaptureWriter` queue after the answer is ready; SIGTERM drains the queue
+into the files, after the hosts have answered every request in flight and stopped.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
+import dataclasses
 import datetime as dt
 import json
 import logging
+import random
 import signal
+import subprocess
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 from starlette.applications import Starlette
@@ -38,46 +52,146 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from bincount.capture import CaptureWriter, Exchange
-from bincount.contracts.serving import CaptureConfig
+from bincount.contracts.serving import CaptureConfig, ScalingConfig
 from bincount.local import httpio
+from bincount.local.processes import log_file, spawn, tail
 from bincount.storage import Storage
 
 logger = logging.getLogger("bincount.local.router")
 
 _FORWARDED_HEADERS = ("content-type", "accept", "x-amzn-sagemaker-custom-attributes")
 _RETURNED_HEADERS = ("content-type", "x-amzn-errortype", "x-amzn-invoked-production-variant")
+LATENCY_WINDOW = 2000  # latencies kept per variant for its p99
+SUPERVISE_S = 0.2  # how often replicas are checked and load is sampled
+MAX_SHADOW_IN_FLIGHT = 64  # copies past this are skipped (and counted), so a slow shadow cannot pile up
+MAX_FAILED_STARTS = 3  # a replica that exits before it is ready this often in a row is not started again
+
+
+@dataclasses.dataclass
+class Replica:
+    proc: subprocess.Popen
+    url: str
+    client: httpx.AsyncClient
+    inflight: int = 0
+    ready: bool = False
+    retiring: bool = False  # takes no new requests; stopped once it has none in flight
+    stopping: bool = False  # SIGTERM sent (once: a second one would cut its drain short)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"url": self.url, "pid": self.proc.pid, "inflight": self.inflight, "ready": self.ready}
+
+
+@dataclasses.dataclass
+class Stats:
+    """One variant's traffic since the routing last changed."""
+
+    requests: int = 0
+    errors: int = 0  # 5xx answers and hosts that did not answer
+    latencies: collections.deque = dataclasses.field(default_factory=lambda: collections.deque(maxlen=LATENCY_WINDOW))
+    compared: int = 0  # shadow copies whose count was compared with the current model's
+    agreed: int = 0
+    skipped: int = 0  # shadow copies not sent (too many in flight)
+
+    def add(self, status: int, seconds: float) -> None:
+        self.requests += 1
+        self.errors += status >= 500
+        self.latencies.append(1000 * seconds)
+
+    def to_dict(self) -> dict[str, Any]:
+        ordered = sorted(self.latencies)
+        p99 = ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))] if ordered else None
+        return {
+            "requests": self.requests,
+            "errors": self.errors,
+            "error_rate": self.errors / self.requests if self.requests else 0.0,
+            "p99_ms": p99,
+            "compared": self.compared,
+            "agreed": self.agreed,
+            "skipped": self.skipped,
+        }
+
+
+class Variant:
+    """One model and its replica hosts."""
+
+    def __init__(self, variant_id: str, spec: dict[str, Any]) -> None:
+        self.id, self.spec = variant_id, spec
+        self.replicas: list[Replica] = []
+        self.stats = Stats()
+        self.restarts = 0
+        self.failed_starts = 0
+        self.ever_ready = False
+        self.failed: str | None = None  # why its hosts cannot start (the host's log)
+        self.retiring = False
+
+    def active(self) -> list[Replica]:
+        return [replica for replica in self.replicas if not replica.retiring]
+
+    def pick(self) -> Replica | None:
+        """The ready replica with the fewest requests in flight."""
+        ready = [replica for replica in self.replicas if replica.ready and not replica.retiring]
+        return min(ready, key=lambda replica: replica.inflight) if ready else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": self.spec.get("version"),
+            "model_ref": self.spec.get("model_ref"),
+            "model_uri": self.spec.get("model_uri"),
+            "replicas": [replica.to_dict() for replica in self.active()],
+            "ready": sum(replica.ready for replica in self.active()),
+            "restarts": self.restarts,
+            "failed": self.failed,
+            **self.stats.to_dict(),
+        }
 
 
 class Router:
-    """Forwarding state: the current target and one connection pool per host still in use."""
+    """Routing state: the variants, their replicas and the split between them (one event loop: no locks)."""
 
     def __init__(self, name: str, state_file: Path) -> None:
         self.name = name
         self.state_file = state_file
-        self.target: str | None = None
-        self.version: str | None = None
-        self.model_ref: str | None = None
-        self.inflight: dict[str, int] = {}
-        self._clients: dict[str, httpx.AsyncClient] = {}
+        self.variants: dict[str, Variant] = {}
+        self.current: str | None = None
+        self.candidate: str | None = None
+        self.mode = "canary"
+        self.percent = 0
+        self.scaling = ScalingConfig()
+        self.scaling_events: list[dict[str, Any]] = []
+        self._load: float = 0.0  # in flight per replica of the current variant, smoothed
+        self._above_since: float | None = None
+        self._below_since: float | None = None
+        self._state: dict[str, Any] = {}
+        self._shadow_tasks: set[asyncio.Task] = set()
         self.capture: CaptureWriter | None = None
         self._capture_key: str | None = None
 
+    # state ---------------------------------------------------------------------------------
     def reload(self) -> None:
-        """Point at the target named in the state file (switching is atomic: one event loop)."""
+        """Apply the state file: start new variants' hosts, retire those that left, set the split."""
         state = json.loads(self.state_file.read_text())
-        target = state["target"].rstrip("/")
-        if target != self.target:
-            logger.info("endpoint %s now forwards to %s (model %s)", self.name, target, state.get("version"))
-        self.target, self.version, self.model_ref = target, state.get("version"), state.get("model_ref")
+        self._state = state
+        self.scaling = ScalingConfig(**state["scaling"]) if state.get("scaling") else ScalingConfig()
+        routing = (state["current"], state.get("candidate"), state.get("mode", "canary"), state.get("percent", 0))
+        if routing != (self.current, self.candidate, self.mode, self.percent):
+            logger.info("endpoint %s: current %s, candidate %s (%s %s%%)", self.name, *routing)
+            for variant in self.variants.values():
+                variant.stats = Stats()
+        for variant_id, spec in state["variants"].items():
+            if variant_id not in self.variants:
+                variant = self.variants[variant_id] = Variant(variant_id, spec)
+                running = self.variants.get(self.current) if self.current else None
+                count = len(running.active()) if running is not None else self.scaling.min_replicas
+                for _ in range(max(1, count)):
+                    self._start_replica(variant)
+        for variant in self.variants.values():
+            if variant.id not in state["variants"] and not variant.retiring:
+                logger.info("endpoint %s: retiring %s (%s)", self.name, variant.id, variant.spec.get("version"))
+                variant.retiring = True
+                for replica in variant.replicas:
+                    replica.retiring = True
+        self.current, self.candidate, self.mode, self.percent = routing
         self._configure_capture(state.get("capture"))
-        if target not in self._clients:
-            # idle connections expire (5 s) long before the host drops them (75 s): no reuse race
-            self._clients[target] = httpx.AsyncClient(
-                base_url=target,
-                timeout=httpx.Timeout(120.0, connect=5.0),
-                limits=httpx.Limits(max_connections=256, max_keepalive_connections=64, keepalive_expiry=5.0),
-            )
-            self.inflight[target] = 0
 
     def _configure_capture(self, capture: dict | None) -> None:
         """Start, change or stop the capture writer as the state file says (a changed one drains in the background)."""
@@ -93,11 +207,172 @@ class Router:
         if old is not None:
             asyncio.get_running_loop().run_in_executor(None, old.close)
 
-    def record(self, body: bytes, headers: dict[str, str], answer: Response, start: float) -> None:
+    # replicas ------------------------------------------------------------------------------
+    def _start_replica(self, variant: Variant) -> None:
+        state = self._state
+        args = ["--model-dir", variant.spec["model_dir"], "--name", self.name, *state.get("host_args", [])]
+        bind_host = state.get("bind_host", "127.0.0.1")
+        proc, port = spawn("bincount.local.host", args, bind_host, 0, self._workdir(), "host", new_session=False)
+        url = f"http://{bind_host}:{port}"
+        # idle connections expire (5 s) long before the host drops them (75 s): no reuse race
+        client = httpx.AsyncClient(
+            base_url=url,
+            timeout=httpx.Timeout(120.0, connect=5.0),
+            limits=httpx.Limits(max_connections=256, max_keepalive_connections=64, keepalive_expiry=5.0),
+        )
+        variant.replicas.append(Replica(proc, url, client))
+        logger.info("endpoint %s: started replica %s (pid %d) of %s", self.name, url, proc.pid, variant.id)
+
+    def _workdir(self) -> Path:
+        return Path(self._state.get("workdir", self.state_file.parent))
+
+    async def supervise(self) -> None:
+        """Forever: mark replicas ready, restart those that died, stop drained ones, scale the current variant."""
+        while True:
+            await asyncio.sleep(SUPERVISE_S)
+            try:
+                await self._supervise_once()
+            except Exception:  # the loop must outlive any one fault, or nothing restarts again
+                logger.exception("supervising the replicas failed")
+
+    async def _supervise_once(self) -> None:
+        for variant in list(self.variants.values()):
+            for replica in list(variant.replicas):
+                await self._supervise_replica(variant, replica)
+            if variant.retiring and not variant.replicas:
+                del self.variants[variant.id]
+        self._autoscale()
+
+    async def _supervise_replica(self, variant: Variant, replica: Replica) -> None:
+        if replica.proc.poll() is None:
+            if replica.retiring and replica.inflight == 0 and not replica.stopping:
+                replica.stopping = True
+                replica.proc.terminate()  # it drains (nothing is in flight) and exits
+            elif not replica.ready:
+                with contextlib.suppress(httpx.TransportError):
+                    replica.ready = (await replica.client.get("/ping", timeout=1.0)).status_code == 200
+                    if replica.ready:
+                        variant.failed_starts, variant.ever_ready = 0, True
+            return
+        variant.replicas.remove(replica)
+        await replica.client.aclose()
+        code = replica.proc.returncode
+        if replica.retiring:
+            return
+        if not replica.ready:
+            variant.failed_starts += 1
+            if variant.failed_starts >= MAX_FAILED_STARTS or not variant.ever_ready:
+                log = tail(log_file(self._workdir(), "host", replica.proc.pid))
+                variant.failed = f"the model host exited with code {code} while starting:\n{log}"
+                logger.error("endpoint %s: %s: %s", self.name, variant.id, variant.failed)
+                return
+        pid = replica.proc.pid
+        logger.error("endpoint %s: replica %s (pid %d) exited (%s): restarting", self.name, replica.url, pid, code)
+        variant.restarts += 1
+        self._start_replica(variant)
+
+    def _autoscale(self) -> None:
+        variant = self.variants.get(self.current) if self.current else None
+        scaling = self.scaling
+        if variant is None or not scaling.autoscaling:
+            return
+        active = variant.active()
+        load = sum(replica.inflight for replica in active) / max(1, len(active))
+        self._load = 0.7 * self._load + 0.3 * load
+        now = time.monotonic()
+        above = self._load > scaling.target_in_flight and len(active) < scaling.max_replicas
+        fits_in_fewer = len(active) > 1 and self._load * len(active) / (len(active) - 1) < scaling.target_in_flight / 2
+        below = fits_in_fewer and len(active) > scaling.min_replicas
+        self._above_since = (self._above_since or now) if above else None
+        self._below_since = (self._below_since or now) if below else None
+        if self._above_since is not None and now - self._above_since >= scaling.scale_out_cooldown_s:
+            self._start_replica(variant)
+            self._scaled(variant, "out", load)
+        elif self._below_since is not None and now - self._below_since >= scaling.scale_in_cooldown_s:
+            min(active, key=lambda replica: replica.inflight).retiring = True
+            self._scaled(variant, "in", load)
+
+    def _scaled(self, variant: Variant, direction: str, load: float) -> None:
+        self._above_since = self._below_since = None
+        replicas = len(variant.active())
+        event = {"at": _now(), "scaled": direction, "replicas": replicas, "in_flight_per_replica": round(load, 2)}
+        self.scaling_events = [*self.scaling_events[-19:], event]
+        logger.info("endpoint %s: scaled %s to %d replicas", self.name, direction, replicas)
+
+    # requests ------------------------------------------------------------------------------
+    def choose(self) -> Variant | None:
+        """The variant that answers this request: the candidate for its share of a canary, else the current one."""
+        candidate = self.variants.get(self.candidate) if self.candidate else None
+        if (
+            candidate is not None
+            and self.mode == "canary"
+            and random.random() * 100 < self.percent
+            and candidate.pick() is not None
+        ):
+            return candidate
+        return self.variants.get(self.current) if self.current else None
+
+    async def forward(
+        self, variant: Variant | None, method: str, path: str, headers: dict[str, str], body: bytes | None
+    ) -> Response:
+        """Send the request to the variant's least busy replica. One that refuses the connection (it died: nothing
+        was sent) is taken out of rotation until it answers /ping again, and the next replica gets the request."""
+        start = time.perf_counter()
+        while True:
+            replica = variant.pick() if variant is not None else None
+            if variant is None or replica is None:
+                return _error(path, 503, f"endpoint {self.name} has no model host ready; try again shortly")
+            replica.inflight += 1  # counted before any await: a switch cannot slip in between
+            try:
+                answer = await replica.client.request(method, path, headers=headers, content=body)
+                break
+            except httpx.ConnectError as error:
+                logger.error(
+                    "replica %s of %s refused a connection (%s): trying another", replica.url, variant.id, error
+                )
+                replica.ready = False
+            except httpx.TransportError as error:
+                logger.error("replica %s of %s did not answer %s: %s", replica.url, variant.id, path, error)
+                replica.ready = False
+                variant.stats.add(502, time.perf_counter() - start)
+                return _error(path, 502, f"the model host of endpoint {self.name} did not answer ({error})")
+            finally:
+                replica.inflight -= 1
+        if method == "POST":
+            variant.stats.add(answer.status_code, time.perf_counter() - start)
+        returned = {key: answer.headers[key] for key in _RETURNED_HEADERS if key in answer.headers}
+        return Response(answer.content, status_code=answer.status_code, headers=returned)
+
+    async def invoke(self, path: str, headers: dict[str, str], body: bytes) -> tuple[Response, Variant | None]:
+        """One invocation: answered by the chosen variant; a shadow gets its copy once the answer is ready."""
+        variant = self.choose()
+        answer = await self.forward(variant, "POST", path, headers, body)
+        shadow = self.variants.get(self.candidate) if self.candidate and self.mode == "shadow" else None
+        if shadow is not None and random.random() * 100 < self.percent:
+            if sum(replica.inflight for replica in shadow.replicas) >= MAX_SHADOW_IN_FLIGHT:
+                shadow.stats.skipped += 1
+            else:
+                task = asyncio.create_task(self._shadow(shadow, path, headers, body, answer))
+                self._shadow_tasks.add(task)
+                task.add_done_callback(self._shadow_tasks.discard)
+        return answer, variant
+
+    async def _shadow(self, shadow: Variant, path: str, headers: dict[str, str], body: bytes, answer: Response) -> None:
+        copy = await self.forward(shadow, "POST", path, {**headers, "accept": "application/json"}, body)
+        mine = _counts(answer)
+        theirs = _counts(copy)
+        if mine is not None and theirs is not None:
+            shadow.stats.compared += 1
+            shadow.stats.agreed += mine == theirs
+
+    def record(
+        self, body: bytes, headers: dict[str, str], answer: Response, variant: Variant | None, start: float
+    ) -> None:
         """Offer one answered invocation to the capture writer (a dict copy and a queue put: nothing waits)."""
         writer = self.capture
         if writer is None or not writer.sampled():
             return
+        spec = variant.spec if variant is not None else {}
         writer.offer(
             Exchange(
                 body=body,
@@ -108,36 +383,70 @@ class Router:
                 latency_ms=1000 * (time.perf_counter() - start),
                 at=dt.datetime.now(dt.UTC),
                 inference_id=headers.get("x-amzn-sagemaker-inference-id"),
-                model_version=self.model_ref or self.version,
+                model_version=spec.get("model_ref") or spec.get("version"),
             )
         )
 
-    async def forget_drained(self) -> None:
-        """Close the pools of old hosts with nothing in flight."""
-        for url in [url for url, count in self.inflight.items() if url != self.target and count == 0]:
-            await self._clients.pop(url).aclose()
-            del self.inflight[url]
-
-    async def forward(self, method: str, path: str, headers: dict[str, str], body: bytes | None) -> Response:
-        if self.target is None:
-            return httpio.container_error(503, f"endpoint {self.name} has no model host yet")
-        target = self.target
-        self.inflight[target] += 1  # counted before any await: a switch cannot slip in between
-        try:
-            answer = await self._clients[target].request(method, path, headers=headers, content=body)
-        except httpx.TransportError as error:
-            logger.error("host %s did not answer %s: %s", target, path, error)
-            return httpio.container_error(502, f"the model host of endpoint {self.name} did not answer ({error})")
-        finally:
-            self.inflight[target] -= 1
-        returned = {key: answer.headers[key] for key in _RETURNED_HEADERS if key in answer.headers}
-        return Response(answer.content, status_code=answer.status_code, headers=returned)
+    def status(self) -> dict[str, Any]:
+        current = self.variants.get(self.current) if self.current else None
+        first = current.pick() if current is not None else None
+        return {
+            "name": self.name,
+            "current": self.current,
+            "candidate": self.candidate,
+            "mode": self.mode,
+            "percent": self.percent,
+            "target": first.url if first is not None else None,
+            "version": current.spec.get("version") if current is not None else None,
+            "variants": {variant_id: variant.to_dict() for variant_id, variant in self.variants.items()},
+            "scaling": self.scaling.to_dict(),
+            "scaling_events": self.scaling_events,
+            "capture": self.capture.stats.to_dict() if self.capture else None,
+        }
 
     async def close(self) -> None:
-        for client in self._clients.values():
-            await client.aclose()
+        """Stop every host (each drains what it has), then the capture writer."""
+        for variant in self.variants.values():
+            for replica in variant.replicas:
+                if replica.proc.poll() is None and not replica.stopping:
+                    replica.proc.terminate()
+        for variant in self.variants.values():
+            for replica in variant.replicas:
+                await asyncio.get_running_loop().run_in_executor(None, _wait_or_kill, replica.proc)
+                await replica.client.aclose()
         if self.capture is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.capture.close)
+
+
+def _error(path: str, status: int, message: str) -> Response:
+    """An error of the endpoint itself, shaped as the route's clients expect (runtime or container)."""
+    if path.startswith("/endpoints/"):
+        return httpio.runtime_error("ServiceUnavailable" if status == 503 else "InternalFailure", status, message)
+    return httpio.container_error(status, message)
+
+
+def _wait_or_kill(proc: subprocess.Popen, timeout_s: float = 40.0) -> None:
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _counts(answer: Response) -> list[int] | None:
+    """The counts in an answer (JSON or CSV), None for an error or an answer that is not a prediction."""
+    if answer.status_code != 200:
+        return None
+    try:
+        if answer.headers.get("content-type", "").startswith("text/csv"):
+            return [int(line.split(",")[0]) for line in bytes(answer.body).decode().splitlines() if line]
+        return [int(item["predicted_count"]) for item in json.loads(answer.body)["predictions"]]
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
 
 
 def forwarded_headers(request: Request) -> dict[str, str]:
@@ -157,7 +466,9 @@ def create_app(name: str, state_file: Path) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         router.reload()
         asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, router.reload)
+        supervisor = asyncio.create_task(router.supervise())
         yield
+        supervisor.cancel()
         await router.close()
 
     async def invocations(request: Request) -> Response:
@@ -167,8 +478,8 @@ def create_app(name: str, state_file: Path) -> Starlette:
         except httpio.RequestError as error:
             return httpio.container_error(error.status, error.message)
         headers = forwarded_headers(request)
-        answer = await router.forward("POST", "/invocations", headers, body)
-        router.record(body, {**headers, **captured_headers(request)}, answer, start)
+        answer, variant = await router.invoke("/invocations", headers, body)
+        router.record(body, {**headers, **captured_headers(request)}, answer, variant, start)
         return answer
 
     async def runtime_invocations(request: Request) -> Response:
@@ -181,29 +492,21 @@ def create_app(name: str, state_file: Path) -> Starlette:
         except httpio.RequestError as error:
             return httpio.runtime_error("ValidationError", error.status, error.message)
         headers = forwarded_headers(request)
-        answer = await router.forward("POST", f"/endpoints/{name}/invocations", headers, body)
-        router.record(body, {**headers, **captured_headers(request)}, answer, start)
+        answer, variant = await router.invoke(f"/endpoints/{name}/invocations", headers, body)
+        router.record(body, {**headers, **captured_headers(request)}, answer, variant, start)
         return answer
 
     async def ping(request: Request) -> Response:
         """The host's answer, with what the endpoint serves (SageMaker's contract: 200 and a small body)."""
-        answer = await router.forward("GET", "/ping", {}, None)
-        if answer.status_code != 200:
+        current = router.variants.get(router.current) if router.current else None
+        answer = await router.forward(current, "GET", "/ping", {}, None)
+        if answer.status_code != 200 or current is None:
             return answer
-        return JSONResponse({**json.loads(answer.body), "model_version": router.model_ref, "weights": router.version})
+        served = {"model_version": current.spec.get("model_ref"), "weights": current.spec["version"]}
+        return JSONResponse({**json.loads(answer.body), **served})
 
     async def status(request: Request) -> Response:
-        await router.forget_drained()
-        capture = router.capture.stats.to_dict() if router.capture else None
-        return JSONResponse(
-            {
-                "name": name,
-                "target": router.target,
-                "version": router.version,
-                "inflight": router.inflight,
-                "capture": capture,
-            }
-        )
+        return JSONResponse(router.status())
 
     return Starlette(
         routes=[
@@ -217,12 +520,10 @@ def create_app(name: str, state_file: Path) -> Starlette:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="Stable front address of a local endpoint; forwards to its model host."
-    )
+    parser = argparse.ArgumentParser(description="Stable front address of a local endpoint; runs its model hosts.")
     parser.add_argument("--name", required=True, help="endpoint name (for /endpoints/<name>/invocations)")
     parser.add_argument(
-        "--state-file", type=Path, required=True, help='JSON {"target": URL, "version": ...}; re-read on SIGHUP'
+        "--state-file", type=Path, required=True, help="JSON: variants, current, candidate, split; re-read on SIGHUP"
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, loopback only)")
     parser.add_argument("--port", type=int, default=8080, help="port to bind (default: 8080)")

@@ -2,24 +2,29 @@
 
 Per endpoint::
 
-    client ──► router (stable port: the endpoint URL) ──► model host (a port of its own)
+    client ──► router (stable port: the endpoint URL) ──► model hosts (replicas, a port each)
 
-A deploy is blue/green: it starts a new host, waits for ``/ping``, sends it one smoke invocation,
-then repoints the router (SIGHUP), waits until the old host has no request in flight and stops it
-(SIGTERM: it drains). A new model that fails any step is stopped and the old one keeps serving.
-Both processes are detached, so an endpoint outlives the flow run that deployed it. Records
-(name, URL, model URI, version, processes) live at ``{artifact_root}/endpoints/<name>.json``.
+The router runs the hosts (see ``bincount/local/router.py``): the backend writes its state file and
+sends SIGHUP. A deploy adds the new model as a candidate variant with no traffic, waits until its
+hosts answer ``/ping`` and one smoke invocation each, then moves traffic as the strategy says:
+all at once (blue/green), a canary share baked for a while then all (or linear steps), with an
+automatic rollback as soon as the new model's error rate or p99 latency is worse than the current
+one's past the thresholds; or a shadow that gets a copy of requests until it is promoted or
+stopped. A new model that fails any step is stopped and the old one keeps serving. The router is
+detached, so an endpoint outlives the flow run that deployed it. Records (name, URL, model URI,
+version, processes, the last rollout) live at ``{artifact_root}/endpoints/<name>.json``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import signal
 import subprocess
-import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -39,18 +44,25 @@ from bincount.contracts.serving import (
     EndpointNotFoundError,
     EndpointRecord,
     ProgressFn,
+    RolloutStrategy,
+    ScalingConfig,
     ServingError,
     check_answer,
 )
-from bincount.endpoints import EndpointRecords, now_iso, recorded_capture, smoke_image
+from bincount.endpoints import (
+    EndpointRecords,
+    now_iso,
+    recorded_capture,
+    recorded_scaling,
+    shadow_verdict,
+    smoke_image,
+)
 from bincount.local.batch import run_batch_transform
 from bincount.local.host import HostOptions
-from bincount.local.httpio import listening_socket
+from bincount.local.processes import is_ours, log_file, spawn, tail
 from bincount.models import fetch_model
 from bincount.storage import Storage, atomic_write_bytes, file_lock, local_path, storage_for
 from sm_scripts.model_dir import read_model_info
-
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
 def runtime_client(endpoint_url: str, max_attempts: int = 3):
@@ -67,7 +79,7 @@ def runtime_client(endpoint_url: str, max_attempts: int = 3):
 
 
 class LocalServingBackend:
-    """Endpoints as local processes (router + model host); batch transform in this process."""
+    """Endpoints as local processes (a router and its model hosts); batch transform in this process."""
 
     def __init__(
         self,
@@ -105,10 +117,20 @@ class LocalServingBackend:
 
     # deploy --------------------------------------------------------------------------------
     def deploy(
-        self, name: str, model_uri: str, model_ref: str | None = None, capture: CaptureConfig | None = None
+        self,
+        name: str,
+        model_uri: str,
+        model_ref: str | None = None,
+        capture: CaptureConfig | None = None,
+        strategy: RolloutStrategy | None = None,
+        scaling: ScalingConfig | None = None,
     ) -> EndpointRecord:
-        """Blue/green deploy; ``capture`` None keeps the endpoint's current capture setting (off for a new one)."""
+        """Start ``name`` or move it to a new model as ``strategy`` says (None: all at once, blue/green).
+
+        ``capture`` and ``scaling`` None keep the endpoint's settings (off and one replica for a new one).
+        """
         check_endpoint_name(name)
+        strategy = strategy or RolloutStrategy()
         workdir = self.runtime_root / name
         workdir.mkdir(parents=True, exist_ok=True)
         with file_lock(workdir / ".deploy.lock"):  # one deploy or delete of an endpoint at a time
@@ -116,55 +138,79 @@ class LocalServingBackend:
                 current = self.describe(name)
             except EndpointNotFoundError:
                 current = None
+            status = self._router_status(current.url, name) if current is not None else None
+            if status is not None and "variants" not in status:  # a router from before variants: restarted below
+                status = None
+            if status is not None and status.get("candidate"):
+                raise DeployError(
+                    f"endpoint {name!r} has a shadow running ({status['variants'][status['candidate']]['version']}): "
+                    f"promote it or stop it first (`bincount endpoints promote-shadow {name}` or `stop-shadow`)"
+                )
             model_dir, version = fetch_model(self.storage, model_uri, self.runtime_root / "models")
             info = read_model_info(model_dir)
-            host_proc, host_url = self._start_host(name, model_dir, version, workdir)
-            try:
-                self._wait_until_ready(host_proc, host_url, workdir / f"host-{host_proc.pid}.log")
-                check_answer(
-                    self._post(host_url, smoke_image(int(info["image_size"]))), [int(c) for c in info["classes"]]
-                )
-            except ServingError as error:
-                self._stop(host_proc.pid)
+            classes = [int(count) for count in info["classes"]]
+            if strategy.kind == "shadow" and current is not None and status is not None and classes != current.classes:
                 raise DeployError(
-                    f"model {model_uri} (version {version}) did not pass its checks, "
-                    f"so endpoint {name!r} was left as it was: {error}"
-                ) from None
+                    f"model {model_uri} counts {classes} and endpoint {name!r} counts {current.classes}: a shadow's "
+                    "answers could not be compared; deploy it with another strategy"
+                )
+            scaling = scaling or recorded_scaling(current)
             capture = capture or recorded_capture(current)
-            state = {
-                "target": host_url,
-                "version": version,
-                "model_uri": model_uri,
-                "model_ref": model_ref,
-                "capture": self._capture_state(name, capture),
-            }
-            if current is not None and self.is_serving(current):
-                details = self._switch(current, host_proc.pid, state, workdir)
-                url = current.url
+            variant_id = f"{version}-{uuid.uuid4().hex[:6]}"
+            spec = {"model_dir": str(model_dir), "version": version, "model_uri": model_uri, "model_ref": model_ref}
+            smoke = smoke_image(int(info["image_size"]))
+            if status is None:
+                details = self._start(name, current, variant_id, spec, scaling, capture, workdir, smoke, classes)
+                rollout = {
+                    "strategy": strategy.to_dict(),
+                    "verdict": "started",
+                    "reason": "no model was serving: the endpoint starts on this one",
+                    "steps": [_step("started", 100)],
+                }
             else:
-                if current is not None:  # recorded but down (e.g. after a reboot): bring it back at its URL
-                    self._stop(current.details.get("host_pid"))
-                port = current.details["router_port"] if current is not None else 0
-                details = self._start_router(name, port, state, workdir, host_proc.pid)
-                url = f"http://{self.bind_host}:{details['router_port']}"
-            record = EndpointRecord(
-                name=name,
-                url=url,
-                model_uri=model_uri,
-                version=version,
-                arch=str(info["arch"]),
-                image_size=int(info["image_size"]),
-                classes=[int(count) for count in info["classes"]],
-                backend="local",
-                deployed_at=now_iso(),
-                previous_model_uri=current.model_uri if current else None,
-                previous_version=current.version if current else None,
-                model_ref=model_ref,
-                previous_model_ref=current.model_ref if current else None,
-                details={
-                    **details,
+                assert current is not None
+                state = json.loads((workdir / "router.json").read_text())
+                state.update(scaling=scaling.to_dict(), capture=self._capture_state(name, capture))
+                self._add_candidate(current, state, variant_id, spec, workdir, smoke, classes)
+                try:
+                    rollout = self._roll_out(current, state, strategy)
+                except BaseException:  # interrupted or failed mid-rollout: the current model takes all traffic again
+                    if state.get("candidate") == variant_id:
+                        with contextlib.suppress(Exception):
+                            self._drop_candidate(current, state)
+                    raise
+                details = {key: current.details[key] for key in ("router_pid", "router_port", "workdir")}
+            if rollout["verdict"] == "rolled-back":
+                record = current
+                assert record is not None
+            else:
+                record = EndpointRecord(
+                    name=name,
+                    url=f"http://{self.bind_host}:{details['router_port']}",
+                    model_uri=model_uri,
+                    version=version,
+                    arch=str(info["arch"]),
+                    image_size=int(info["image_size"]),
+                    classes=classes,
+                    backend="local",
+                    deployed_at=now_iso(),
+                    previous_model_uri=current.model_uri if current else None,
+                    previous_version=current.version if current else None,
+                    model_ref=model_ref,
+                    previous_model_ref=current.model_ref if current else None,
+                    details=details,
+                )
+                if strategy.kind == "shadow" and status is not None:  # the current model still answers
+                    assert current is not None
+                    shadow = {**spec, "id": variant_id}
+                    record = dataclasses.replace(current, details={**current.details, "shadow": shadow})
+            record = self._with_status(
+                record,
+                {
                     "capture": capture.to_dict() if capture.enabled else None,
                     "capture_uri": capture_prefix(self.settings.artifact_root, name) if capture.enabled else None,
+                    "scaling": scaling.to_dict(),
+                    "rollout": rollout,
                 },
             )
             self.records.write(record)
@@ -181,112 +227,322 @@ class LocalServingBackend:
             "region": self.settings.aws_region,
         }
 
-    def _start_host(self, name: str, model_dir: Path, version: str, workdir: Path) -> tuple[subprocess.Popen, str]:
-        args = ["--model-dir", str(model_dir), "--name", name, *self.host_options.cli_args()]
-        proc, port = self._spawn("bincount.local.host", args, 0, workdir, "host")
-        return proc, f"http://{self.bind_host}:{port}"
-
-    def _start_router(self, name: str, port: int, state: dict, workdir: Path, host_pid: int) -> dict[str, Any]:
+    def _start(
+        self,
+        name: str,
+        current: EndpointRecord | None,
+        variant_id: str,
+        spec: dict[str, Any],
+        scaling: ScalingConfig,
+        capture: CaptureConfig,
+        workdir: Path,
+        smoke: bytes,
+        classes: list[int],
+    ) -> dict[str, Any]:
+        """Start the router (it starts the hosts) on a new endpoint, or on one recorded but down (at its port)."""
+        if current is not None:  # recorded but down (e.g. after a reboot), or older: bring it back at its URL
+            self._stop(current.details.get("router_pid"))
+            self._stop(current.details.get("host_pid"))  # a host that a router from before variants did not own
+        port = current.details["router_port"] if current is not None else 0
+        state = {
+            "bind_host": self.bind_host,
+            "workdir": str(workdir),
+            "host_args": self.host_options.cli_args(),
+            "variants": {variant_id: spec},
+            "current": variant_id,
+            "candidate": None,
+            "scaling": scaling.to_dict(),
+            "capture": self._capture_state(name, capture),
+        }
         state_file = workdir / "router.json"
         _write_json(state_file, state)
         try:
-            proc, port = self._spawn(
-                "bincount.local.router", ["--name", name, "--state-file", str(state_file)], port, workdir, "router"
+            proc, port = spawn(
+                "bincount.local.router",
+                ["--name", name, "--state-file", str(state_file)],
+                self.bind_host,
+                port,
+                workdir,
+                "router",
+                new_session=True,  # not killed with the flow run that started it
             )
         except OSError as error:
-            self._stop(host_pid)
             raise DeployError(
                 f"cannot bind the router of {name!r} to port {port} ({error}): free it or delete the endpoint"
             ) from None
+        self._children[proc.pid] = proc
         url = f"http://{self.bind_host}:{port}"
-        deadline = time.monotonic() + 30
-        while (status := self._router_status(url, name)) is None or status["target"] != state["target"]:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                self._stop(proc.pid)
-                self._stop(host_pid)
-                raise DeployError(f"the router of {name!r} did not start: see {workdir / f'router-{proc.pid}.log'}")
-            time.sleep(0.1)
-        return {
-            "router_pid": proc.pid,
-            "router_port": port,
-            "host_pid": host_pid,
-            "host_url": state["target"],
-            "workdir": str(workdir),
-        }
+        try:
+            self._wait_for_variant(url, name, variant_id, proc, workdir)
+            self._smoke(url, name, variant_id, smoke, classes)
+        except ServingError as error:
+            self._stop(proc.pid)
+            raise DeployError(
+                f"model {spec['model_uri']} (version {spec['version']}) did not pass its checks, "
+                f"so endpoint {name!r} was not started: {error}"
+            ) from None
+        return {"router_pid": proc.pid, "router_port": port, "workdir": str(workdir)}
 
-    def _switch(self, current: EndpointRecord, host_pid: int, state: dict, workdir: Path) -> dict[str, Any]:
-        """Point the running router at the new host, then retire the old host once it is idle."""
+    def _add_candidate(
+        self,
+        current: EndpointRecord,
+        state: dict[str, Any],
+        variant_id: str,
+        spec: dict[str, Any],
+        workdir: Path,
+        smoke: bytes,
+        classes: list[int],
+    ) -> None:
+        """Start the new model's hosts beside the current ones (no traffic yet) and smoke-check them; on any
+        failure they are stopped and the endpoint is as it was."""
         router_pid = current.details["router_pid"]
-        if not _is_ours(router_pid, "bincount.local.router"):  # a reused pid: SIGHUP would end a stranger
-            self._stop(host_pid)
+        if not is_ours(router_pid, "bincount.local.router"):  # a reused pid: SIGHUP would end a stranger
             raise DeployError(
                 f"pid {router_pid}, recorded as the router of {current.name!r}, is not that router now: "
                 f"the old model still serves; run `bincount delete-endpoint {current.name}` and deploy again"
             )
-        state_file = workdir / "router.json"
-        old_state = json.loads(state_file.read_text())
-        _write_json(state_file, state)
-        os.kill(router_pid, signal.SIGHUP)
-        deadline = time.monotonic() + 10
-        while (status := self._router_status(current.url, current.name)) is None or status["target"] != state["target"]:
-            if time.monotonic() > deadline:
-                _write_json(state_file, old_state)
-                self._stop(host_pid)
-                raise DeployError(
-                    f"the router of {current.name!r} did not switch to the new model; the old one still serves"
-                )
-            time.sleep(0.05)
-        old_url = current.details["host_url"]
-        deadline = time.monotonic() + self.host_options.graceful_timeout_s
-        while (status := self._router_status(current.url, current.name)) and status["inflight"].get(old_url, 0) > 0:
-            if time.monotonic() > deadline:
-                break  # the old host drains what is left on SIGTERM, within its own graceful timeout
-            time.sleep(0.05)
-        self._stop(current.details["host_pid"])
-        return {**current.details, "host_pid": host_pid, "host_url": state["target"]}
-
-    # processes -----------------------------------------------------------------------------
-    def _spawn(self, module: str, args: list[str], port: int, workdir: Path, kind: str) -> tuple[subprocess.Popen, int]:
-        """Start ``python -m module`` detached, serving on a socket bound here (so its port is known now)."""
-        sock = listening_socket(self.bind_host, port)
+        before = json.loads(json.dumps(state))
+        state["variants"][variant_id] = spec
+        state.update(candidate=variant_id, mode="canary", percent=0)
+        self._apply(current, state)
         try:
-            port = sock.getsockname()[1]
-            env = {
-                **os.environ,
-                "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")])),
-            }
-            log_path = workdir / f"{kind}-pending.log"
-            with log_path.open("ab") as log:
-                proc = subprocess.Popen(
-                    [sys.executable, "-m", module, *args, "--fd", str(sock.fileno()), "--host", self.bind_host],
-                    pass_fds=[sock.fileno()],
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,  # not killed with the flow run that started it
-                    env=env,
-                    cwd=PROJECT_ROOT,
-                )
-            log_path.rename(workdir / f"{kind}-{proc.pid}.log")
-        finally:
-            sock.close()
-        self._children[proc.pid] = proc
-        return proc, port
+            self._wait_for_variant(current.url, current.name, variant_id, None, workdir)
+            self._smoke(current.url, current.name, variant_id, smoke, classes)
+        except ServingError as error:
+            state.clear()
+            state.update(before)
+            self._apply(current, state)
+            raise DeployError(
+                f"model {spec['model_uri']} (version {spec['version']}) did not pass its checks, "
+                f"so endpoint {current.name!r} was left as it was: {error}"
+            ) from None
 
-    def _wait_until_ready(self, proc: subprocess.Popen, url: str, log: Path) -> None:
+    def _roll_out(self, current: EndpointRecord, state: dict[str, Any], strategy: RolloutStrategy) -> dict[str, Any]:
+        """Move traffic to the candidate as the strategy says; returns the rollout report (verdict, reason, steps)."""
+        rollout: dict[str, Any] = {"strategy": strategy.to_dict(), "steps": []}
+        if strategy.kind == "shadow":
+            state.update(mode="shadow", percent=strategy.traffic_percent)
+            self._apply(current, state)
+            rollout["steps"].append(_step("shadow", strategy.traffic_percent))
+            return {**rollout, "verdict": "shadowing", "reason": "the shadow gets a copy of requests"}
+        if strategy.kind == "canary":
+            shares = [strategy.traffic_percent]
+        elif strategy.kind == "linear":
+            shares = list(range(strategy.traffic_percent, 100, strategy.traffic_percent))
+        else:
+            shares = []
+        for percent in shares:
+            state.update(mode="canary", percent=percent)
+            self._apply(current, state)
+            verdict, reason, metrics = self._bake(current, state["current"], state["candidate"], strategy)
+            rollout["steps"].append(_step("bake", percent, verdict=verdict, reason=reason, metrics=metrics))
+            if verdict == "fail":
+                self._drop_candidate(current, state)
+                rollout["steps"].append(_step("rolled-back", 0, reason=reason))
+                return {**rollout, "verdict": "rolled-back", "reason": reason}
+        self._promote(current, state)
+        rollout["steps"].append(_step("promoted", 100))
+        reason = "every bake step passed" if shares else "the new model passed its smoke check"
+        return {**rollout, "verdict": "completed", "reason": reason}
+
+    def _bake(
+        self, current: EndpointRecord, current_id: str, candidate_id: str, strategy: RolloutStrategy
+    ) -> tuple[str, str, dict[str, Any]]:
+        """Watch one canary step: ("fail", why, metrics) as soon as the candidate is worse past the thresholds,
+        ("pass", ..., metrics) once it baked ``bake_seconds`` over at least ``min_requests`` requests."""
+        started = time.monotonic()
+        give_up = started + max(3 * strategy.bake_seconds, strategy.bake_seconds + 30)
+        while True:
+            time.sleep(min(0.25, strategy.bake_seconds / 4))
+            status = self._router_status(current.url, current.name)
+            if status is None:
+                return "fail", "the router stopped answering during the bake", {}
+            old, new = status["variants"][current_id], status["variants"][candidate_id]
+            metrics = {"current": _metrics(old), "candidate": _metrics(new), "seconds": time.monotonic() - started}
+            # errors judge as soon as they exceed what min_requests clean requests could still absorb
+            judged = max(new["requests"], strategy.min_requests)
+            increase = new["errors"] / judged - old["error_rate"]
+            if increase > strategy.max_error_rate_increase:
+                return (
+                    "fail",
+                    f"error rate {new['errors']}/{new['requests']} on the new model against "
+                    f"{old['error_rate']:.1%} on the current one (at most +{strategy.max_error_rate_increase:.1%})",
+                    metrics,
+                )
+            if new["failed"]:
+                return "fail", f"the new model's hosts failed: {new['failed']}", metrics
+            enough = new["requests"] >= strategy.min_requests and old["requests"] >= strategy.min_requests
+            if enough and old["p99_ms"] and new["p99_ms"] > strategy.max_latency_ratio * old["p99_ms"]:
+                return (
+                    "fail",
+                    f"p99 latency {new['p99_ms']:.0f} ms on the new model against {old['p99_ms']:.0f} ms "
+                    f"(at most x{strategy.max_latency_ratio})",
+                    metrics,
+                )
+            if enough and time.monotonic() - started >= strategy.bake_seconds:
+                passed = f"{new['requests']} requests in {metrics['seconds']:.0f} s within the thresholds"
+                return "pass", passed, metrics
+            if time.monotonic() > give_up:
+                return (
+                    "fail",
+                    f"only {new['requests']} requests reached the new model in {metrics['seconds']:.0f} s "
+                    f"(a step needs {strategy.min_requests}): too little traffic to judge it",
+                    metrics,
+                )
+
+    def _promote(self, current: EndpointRecord, state: dict[str, Any]) -> None:
+        """Make the candidate the current model; the old one's hosts finish what they have, then stop."""
+        old = state["current"]
+        state.update(current=state["candidate"], candidate=None, percent=0)
+        del state["variants"][old]
+        self._apply(current, state)
+        self._wait_retired(current, old)
+
+    def _drop_candidate(self, current: EndpointRecord, state: dict[str, Any]) -> None:
+        """Send no more traffic to the candidate; its hosts finish what they have, then stop."""
+        candidate = state["candidate"]
+        state.update(candidate=None, percent=0)
+        del state["variants"][candidate]
+        self._apply(current, state)
+        self._wait_retired(current, candidate)
+
+    def _wait_retired(self, current: EndpointRecord, variant_id: str) -> None:
+        deadline = time.monotonic() + self.host_options.graceful_timeout_s + 10
+        while (status := self._router_status(current.url, current.name)) and variant_id in status["variants"]:
+            if time.monotonic() > deadline:
+                return  # its hosts drain on their own SIGTERM, within their graceful timeout
+            time.sleep(0.05)
+
+    def _apply(self, current: EndpointRecord, state: dict[str, Any]) -> None:
+        """Write the router's state file and make it re-read it (SIGHUP); returns once it routes as written."""
+        _write_json(Path(current.details["workdir"]) / "router.json", state)
+        os.kill(current.details["router_pid"], signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        routing = (state["current"], state.get("candidate"), state.get("percent", 0))
+        while (status := self._router_status(current.url, current.name)) is None or (
+            status["current"],
+            status["candidate"],
+            status["percent"],
+        ) != routing:
+            if time.monotonic() > deadline:
+                raise DeployError(f"the router of {current.name!r} did not take its new state within 10 s")
+            time.sleep(0.05)
+
+    def _wait_for_variant(
+        self, url: str, name: str, variant_id: str, proc: subprocess.Popen | None, workdir: Path
+    ) -> None:
+        """Until every replica of the variant answers /ping; ServingError if one cannot start."""
         deadline = time.monotonic() + self.start_timeout_s
         while True:
-            if proc.poll() is not None:
-                raise ServingError(f"the model host exited with code {proc.returncode} while starting:\n{_tail(log)}")
-            with contextlib.suppress(httpx.TransportError):  # still loading the model: try again
-                if httpx.get(f"{url}/ping", timeout=2.0).status_code == 200:
-                    return
-            if time.monotonic() > deadline:
+            status = self._router_status(url, name)
+            variant = (status or {}).get("variants", {}).get(variant_id)
+            if variant is not None and variant["failed"]:
+                raise ServingError(variant["failed"])
+            if variant is not None and variant["replicas"] and variant["ready"] == len(variant["replicas"]):
+                return
+            if proc is not None and proc.poll() is not None:
                 raise ServingError(
-                    f"the model host did not pass /ping within {self.start_timeout_s:.0f} s:\n{_tail(log)}"
+                    f"the router exited with code {proc.returncode}:\n{tail(log_file(workdir, 'router', proc.pid))}"
                 )
-            time.sleep(0.2)
+            if time.monotonic() > deadline:
+                raise ServingError(f"the model hosts did not pass /ping within {self.start_timeout_s:.0f} s")
+            time.sleep(0.1)
 
+    def _smoke(self, url: str, name: str, variant_id: str, smoke: bytes, classes: list[int]) -> None:
+        """One invocation on each replica of the variant, straight to the host."""
+        status = self._router_status(url, name)
+        for replica in status["variants"][variant_id]["replicas"] if status else []:
+            check_answer(self._post(replica["url"], smoke), classes)
+
+    def _with_status(self, record: EndpointRecord, details: dict[str, Any]) -> EndpointRecord:
+        """The record with what the router now runs: variants, weights, replicas."""
+        status = self._router_status(record.url, record.name) or {}
+        variants = status.get("variants", {})
+        current = variants.get(status.get("current"), {})
+        replicas = current.get("replicas", [])
+        weights = {status.get("current"): 100}
+        shadow = None
+        if status.get("candidate") and status["mode"] == "shadow":
+            shadow = status["candidate"]
+        elif status.get("candidate"):
+            weights = {status["current"]: 100 - status["percent"], status["candidate"]: status["percent"]}
+        return dataclasses.replace(
+            record,
+            details={
+                **record.details,
+                **details,
+                "host_url": replicas[0]["url"] if replicas else None,
+                "host_pid": replicas[0]["pid"] if replicas else None,
+                "replicas": len(replicas),
+                "variants": [
+                    {
+                        "id": variant_id,
+                        "model_ref": variant["model_ref"],
+                        "version": variant["version"],
+                        "weight": weights.get(variant_id, 0),
+                        "shadow_percent": status["percent"] if variant_id == shadow else None,
+                        "replicas": len(variant["replicas"]),
+                    }
+                    for variant_id, variant in variants.items()
+                ],
+            },
+        )
+
+    # shadow --------------------------------------------------------------------------------
+    def shadow_report(self, name: str) -> dict[str, Any]:
+        """Agreement, latency and errors of the shadow against the current model, and whether to promote it."""
+        record = self.describe(name)
+        status = self._router_status(record.url, name)
+        if status is None or not status.get("candidate") or status.get("mode") != "shadow":
+            raise ServingError(f"endpoint {name!r} has no shadow running")
+        strategy = RolloutStrategy(**record.details["rollout"]["strategy"])
+        return shadow_verdict(status["variants"][status["current"]], status["variants"][status["candidate"]], strategy)
+
+    def promote_shadow(self, name: str) -> EndpointRecord:
+        return self._end_shadow(name, promote=True)
+
+    def stop_shadow(self, name: str) -> EndpointRecord:
+        return self._end_shadow(name, promote=False)
+
+    def _end_shadow(self, name: str, promote: bool) -> EndpointRecord:
+        with file_lock(self.runtime_root / name / ".deploy.lock"):
+            report = self.shadow_report(name)
+            current = self.describe(name)
+            state = json.loads((Path(current.details["workdir"]) / "router.json").read_text())
+            shadow = state["variants"][state["candidate"]]
+            rollout = dict(current.details["rollout"])
+            if promote:
+                self._promote(current, state)
+                info = read_model_info(Path(shadow["model_dir"]))
+                record = dataclasses.replace(
+                    current,
+                    model_uri=shadow["model_uri"],
+                    version=shadow["version"],
+                    arch=str(info["arch"]),
+                    image_size=int(info["image_size"]),
+                    classes=[int(count) for count in info["classes"]],
+                    deployed_at=now_iso(),
+                    previous_model_uri=current.model_uri,
+                    previous_version=current.version,
+                    model_ref=shadow["model_ref"],
+                    previous_model_ref=current.model_ref,
+                )
+            else:
+                self._drop_candidate(current, state)
+                record = current
+            verdict = "promoted" if promote else "stopped"
+            rollout.update(
+                verdict=verdict,
+                reason=f"shadow {verdict} by request ({report['reason']})",
+                report=report,
+                steps=[*rollout.get("steps", []), _step(verdict, 100 if promote else 0, metrics=report)],
+            )
+            details = {key: value for key, value in record.details.items() if key != "shadow"}
+            record = self._with_status(dataclasses.replace(record, details=details), {"rollout": rollout})
+            self.records.write(record)
+            return record
+
+    # processes -----------------------------------------------------------------------------
     def _post(self, url: str, body: bytes) -> bytes:
         try:
             answer = httpx.post(
@@ -310,7 +566,7 @@ class LocalServingBackend:
 
     def _stop(self, pid: int | None, timeout_s: float | None = None) -> None:
         """SIGTERM a process this backend started (it drains), SIGKILL it if it outstays ``timeout_s``."""
-        if pid is None or not _is_ours(pid):
+        if pid is None or not is_ours(pid):
             return
         timeout_s = timeout_s if timeout_s is not None else self.host_options.graceful_timeout_s + 5
         os.kill(pid, signal.SIGTERM)
@@ -325,7 +581,7 @@ class LocalServingBackend:
     def _running(self, pid: int) -> bool:
         if pid in self._children:
             return self._children[pid].poll() is None
-        return _is_ours(pid)
+        return is_ours(pid)
 
     # invoke, delete ------------------------------------------------------------------------
     def invoke(self, name: str, body: bytes, content_type: str, accept: str = "application/json") -> bytes:
@@ -338,8 +594,7 @@ class LocalServingBackend:
     def delete(self, name: str) -> None:
         record = self.describe(name)
         with file_lock(self.runtime_root / name / ".deploy.lock"):
-            self._stop(record.details.get("router_pid"))
-            self._stop(record.details.get("host_pid"))
+            self._stop(record.details.get("router_pid"))  # it stops its hosts once they drain
             self.records.delete(name)
 
     # batch transform -----------------------------------------------------------------------
@@ -369,22 +624,14 @@ class LocalServingBackend:
         )
 
 
-def _is_ours(pid: int, module: str = "bincount.local.") -> bool:
-    """Whether ``pid`` is a live (not zombie) process running ``module``: guards against reused pids."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z" and module.encode() in cmdline
-
-
 def _write_json(path: Path, data: dict) -> None:
     atomic_write_bytes(path, json.dumps(data).encode())
 
 
-def _tail(path: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except FileNotFoundError:
-        return f"(no log at {path})"
+def _step(action: str, percent: int, **fields: Any) -> dict[str, Any]:
+    """One entry of a rollout report: what happened, when, and the new model's share of traffic after it."""
+    return {"at": now_iso(), "action": action, "percent": percent, **fields}
+
+
+def _metrics(variant: dict[str, Any]) -> dict[str, Any]:
+    return {key: variant[key] for key in ("requests", "errors", "error_rate", "p99_ms")}

@@ -1,0 +1,316 @@
+"""Rollouts of a local endpoint under load from boto3 clients: canary, linear, shadow, replicas, autoscaling.
+
+Which model answered is read from the answer itself: each test model gives the test image its own
+probabilities (computed here in-process from the same model dir).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import botocore.exceptions
+import pytest
+
+from bincount.config import Settings
+from bincount.contracts.serving import DeployError, RolloutStrategy, ScalingConfig, ServingError
+from bincount.endpoints import smoke_image
+from bincount.local.host import HostOptions
+from bincount.local.serving import LocalServingBackend, runtime_client
+from bincount.models import write_untrained_model_dir
+from sm_scripts import inference
+
+IMAGE = smoke_image(64)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """blue and green: tiny and fast; slow: the same network at 192 px, ~36 times the work; three: counts 1-3."""
+    root = tmp_path_factory.mktemp("models")
+    return {
+        "blue": write_untrained_model_dir(root / "blue", "resnet18", 32, seed=1),
+        "green": write_untrained_model_dir(root / "green", "resnet18", 32, seed=2),
+        "slow": write_untrained_model_dir(root / "slow", "resnet18", 192, seed=3),
+        "three": write_untrained_model_dir(root / "three", "resnet18", 32, seed=4, classes=(1, 2, 3)),
+    }
+
+
+@pytest.fixture(scope="module")
+def fingerprints(models: dict[str, Path]) -> dict[str, list[float]]:
+    """Each model's probabilities for the test image."""
+    prints = {}
+    for name in ("blue", "green", "slow"):
+        model = inference.model_fn(str(models[name]))
+        prediction = inference.predict_fn(inference.input_fn(IMAGE, "image/jpeg"), model)[0]
+        prints[name] = list(prediction["probabilities"].values())
+    return prints
+
+
+@pytest.fixture(scope="module")
+def backend(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServingBackend]:
+    settings = Settings.load(artifact_root=str(tmp_path_factory.mktemp("artifacts")))
+    serving = LocalServingBackend(settings, host_options=HostOptions(max_batch_size=8, max_wait_ms=5, threads=1))
+    yield serving
+    for record_file in (Path(settings.artifact_root.removeprefix("file://")) / "endpoints").glob("*.json"):
+        serving.delete(record_file.stem)
+
+
+class Load:
+    """Client threads invoking the endpoint with boto3 (no retries) until stopped; every answer is kept."""
+
+    def __init__(self, url: str, name: str, fingerprints: dict[str, list[float]], clients: int = 4) -> None:
+        self.url, self.name, self.fingerprints = url, name, fingerprints
+        self.answers: list[tuple[float, str]] = []  # (when, model name)
+        self.errors: list[tuple[float, str]] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run) for _ in range(clients)]
+
+    def __enter__(self) -> Load:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join()
+
+    def _run(self) -> None:
+        client = runtime_client(self.url, max_attempts=1)
+        while not self._stop.is_set():
+            try:
+                answer = client.invoke_endpoint(EndpointName=self.name, Body=IMAGE, ContentType="image/jpeg")
+            except botocore.exceptions.ClientError as error:
+                self.errors.append((time.monotonic(), str(error)))
+                continue
+            probabilities = list(json.loads(answer["Body"].read())["predictions"][0]["probabilities"].values())
+            self.answers.append((time.monotonic(), self.which(probabilities)))
+
+    def which(self, probabilities: list[float]) -> str:
+        for name, expected in self.fingerprints.items():
+            if max(abs(a - b) for a, b in zip(probabilities, expected, strict=True)) < 2e-3:
+                return name
+        return "unknown"
+
+    def served(self, after: float = 0.0) -> set[str]:
+        return {name for at, name in self.answers if at > after}
+
+
+@pytest.fixture(scope="module")
+def endpoint(backend: LocalServingBackend, models: dict[str, Path]) -> str:
+    """One endpoint the rollout tests move between models (each starts from whatever the one before left)."""
+    backend.deploy("rollout", models["blue"].as_uri(), "bincount:1")
+    return "rollout"
+
+
+def serving(backend: LocalServingBackend, name: str, models: dict[str, Path]) -> tuple[str, str]:
+    """The test model the endpoint serves now, and the other fast one."""
+    current = next(key for key in ("blue", "green") if backend.describe(name).model_uri == models[key].as_uri())
+    return current, "green" if current == "blue" else "blue"
+
+
+def test_a_slow_canary_rolls_back_by_itself_and_the_current_model_fails_no_request(
+    backend: LocalServingBackend, endpoint: str, models: dict[str, Path], fingerprints: dict[str, list[float]]
+) -> None:
+    start = backend.describe(endpoint)
+    current, _ = serving(backend, endpoint, models)
+    strategy = RolloutStrategy(kind="canary", traffic_percent=30, bake_seconds=20, min_requests=8)
+    with Load(start.url, endpoint, fingerprints) as load:
+        time.sleep(0.5)
+        record = backend.deploy(endpoint, models["slow"].as_uri(), "bincount:9", strategy=strategy)
+        ended = time.monotonic()
+        time.sleep(1.0)
+    rollout = record.details["rollout"]
+    assert rollout["verdict"] == "rolled-back" and "p99 latency" in rollout["reason"], rollout
+    assert [step["action"] for step in rollout["steps"]] == ["bake", "rolled-back"]
+    assert rollout["steps"][0]["metrics"]["current"]["errors"] == 0
+    assert load.errors == []
+    assert load.served() == {current, "slow"}  # the canary did take its share
+    assert load.served(after=ended) == {current}
+    assert record.version == start.version and backend.describe(endpoint).model_ref == start.model_ref
+    status = backend._router_status(record.url, endpoint)
+    assert status["candidate"] is None and list(status["variants"]) == [status["current"]]
+
+
+def test_a_canary_whose_host_fails_its_requests_rolls_back_on_its_error_rate(
+    backend: LocalServingBackend, endpoint: str, models: dict[str, Path], fingerprints: dict[str, list[float]]
+) -> None:
+    """The new model's host dies with requests in flight (they fail: 502); the current model's share loses none."""
+    start = backend.describe(endpoint)
+    current, _ = serving(backend, endpoint, models)
+    strategy = RolloutStrategy(
+        kind="canary", traffic_percent=50, bake_seconds=30, min_requests=5, max_latency_ratio=1000.0
+    )
+    killed: list[int] = []
+
+    def kill_the_canary_while_busy() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not killed:
+            status = backend._router_status(start.url, endpoint) or {}
+            candidate = status.get("variants", {}).get(status.get("candidate"), {})
+            busy = [replica for replica in candidate.get("replicas", []) if replica["ready"] and replica["inflight"]]
+            if busy and status["percent"] > 0:
+                os.kill(busy[0]["pid"], signal.SIGKILL)
+                killed.append(busy[0]["pid"])
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_the_canary_while_busy)
+    with Load(start.url, endpoint, fingerprints, clients=6) as load:
+        killer.start()
+        record = backend.deploy(endpoint, models["slow"].as_uri(), "bincount:9", strategy=strategy)
+        ended = time.monotonic()
+        killer.join()
+        time.sleep(1.0)
+    rollout = record.details["rollout"]
+    assert killed and rollout["verdict"] == "rolled-back" and "error rate" in rollout["reason"], rollout
+    metrics = rollout["steps"][0]["metrics"]
+    assert metrics["current"]["errors"] == 0 and metrics["candidate"]["errors"] >= 1, metrics
+    assert load.errors and all("did not answer" in error for _, error in load.errors), load.errors
+    assert len(load.errors) == metrics["candidate"]["errors"]  # every failed request was the canary's
+    assert all(at < ended for at, _ in load.errors)
+    assert load.served(after=ended) == {current}
+    assert backend.describe(endpoint).version == start.version
+
+
+def test_a_good_linear_rollout_moves_all_traffic_without_a_failed_request(
+    backend: LocalServingBackend, endpoint: str, models: dict[str, Path], fingerprints: dict[str, list[float]]
+) -> None:
+    start = backend.describe(endpoint)
+    current, other = serving(backend, endpoint, models)
+    strategy = RolloutStrategy(
+        kind="linear", traffic_percent=50, bake_seconds=1.0, min_requests=5, max_latency_ratio=20.0
+    )
+    with Load(start.url, endpoint, fingerprints) as load:
+        time.sleep(0.5)
+        record = backend.deploy(endpoint, models[other].as_uri(), f"bincount:{other}", strategy=strategy)
+        ended = time.monotonic()
+        time.sleep(1.0)
+    rollout = record.details["rollout"]
+    assert rollout["verdict"] == "completed", rollout
+    assert [(step["action"], step["percent"]) for step in rollout["steps"]] == [("bake", 50), ("promoted", 100)]
+    assert rollout["steps"][0]["metrics"]["candidate"]["requests"] >= 5
+    assert load.errors == []
+    assert load.served(after=ended) == {other} and current in load.served()
+    assert record.model_ref == f"bincount:{other}" and record.previous_model_ref == start.model_ref
+    assert [variant["weight"] for variant in record.details["variants"]] == [100]
+
+
+def test_a_shadow_answers_nobody_and_its_agreement_is_reported_then_it_is_promoted(
+    backend: LocalServingBackend, endpoint: str, models: dict[str, Path], fingerprints: dict[str, list[float]]
+) -> None:
+    start = backend.describe(endpoint)
+    current, other = serving(backend, endpoint, models)
+    with pytest.raises(DeployError, match=r"counts \[1, 2, 3\].*could not be compared"):
+        backend.deploy(endpoint, models["three"].as_uri(), strategy=RolloutStrategy(kind="shadow"))
+    strategy = RolloutStrategy(
+        kind="shadow", traffic_percent=100, bake_seconds=1, min_requests=10, max_latency_ratio=100
+    )
+    record = backend.deploy(endpoint, models[other].as_uri(), f"bincount:{other}", strategy=strategy)
+    assert record.model_ref == start.model_ref and record.details["rollout"]["verdict"] == "shadowing"
+    weights = [(variant["weight"], variant["shadow_percent"]) for variant in record.details["variants"]]
+    assert weights == [(100, None), (0, 100)]
+    with pytest.raises(DeployError, match="has a shadow running"):
+        backend.deploy(endpoint, models["slow"].as_uri())
+    with Load(start.url, endpoint, fingerprints) as load:
+        time.sleep(3.0)
+    assert load.errors == [] and load.served() == {current}  # users only ever got the current model's answers
+    time.sleep(0.5)  # the last copies finish in the background
+    report = backend.shadow_report(endpoint)
+    assert report["compared"] == len(load.answers) and report["requests"]["shadow"] == len(load.answers)
+    # the same image every time: the two untrained models either always agree or never
+    ours, theirs = (max(range(5), key=fingerprints[name].__getitem__) for name in (current, other))
+    assert report["agreement"] == (1.0 if ours == theirs else 0.0)
+    assert report["promote"] is True, report
+
+    promoted = backend.promote_shadow(endpoint)
+    assert promoted.model_ref == f"bincount:{other}" and promoted.previous_model_ref == start.model_ref
+    assert promoted.details["rollout"]["verdict"] == "promoted" and "shadow" not in promoted.details
+    for _ in range(3):
+        answer = json.loads(backend.invoke(endpoint, IMAGE, "image/jpeg"))
+        assert load.which(list(answer["predictions"][0]["probabilities"].values())) == other
+    with pytest.raises(ServingError, match="no shadow running"):
+        backend.stop_shadow(endpoint)
+
+
+def test_a_stopped_shadow_leaves_the_current_model_alone(
+    backend: LocalServingBackend, endpoint: str, models: dict[str, Path]
+) -> None:
+    start = backend.describe(endpoint)
+    _, other = serving(backend, endpoint, models)
+    backend.deploy(endpoint, models[other].as_uri(), strategy=RolloutStrategy(kind="shadow", traffic_percent=50))
+    record = backend.stop_shadow(endpoint)
+    assert record.model_ref == start.model_ref and record.details["rollout"]["verdict"] == "stopped"
+    status = backend._router_status(start.url, endpoint)
+    assert status["candidate"] is None and len(status["variants"]) == 1
+
+
+def test_a_killed_replica_fails_only_its_requests_in_flight_and_is_restarted(
+    backend: LocalServingBackend, models: dict[str, Path], fingerprints: dict[str, list[float]]
+) -> None:
+    record = backend.deploy("replicas", models["blue"].as_uri(), scaling=ScalingConfig(min_replicas=2, max_replicas=2))
+    assert record.details["replicas"] == 2
+    status = backend._router_status(record.url, "replicas")
+    victim = status["variants"][status["current"]]["replicas"][0]["pid"]
+    with Load(record.url, "replicas", fingerprints, clients=6) as load:
+        time.sleep(1.0)
+        os.kill(victim, signal.SIGKILL)
+        killed = time.monotonic()
+        deadline = time.monotonic() + 60
+        while True:
+            status = backend._router_status(record.url, "replicas")
+            variant = status["variants"][status["current"]]
+            if variant["restarts"] == 1 and variant["ready"] == 2:
+                break
+            assert time.monotonic() < deadline, variant
+            time.sleep(0.2)
+        recovered = time.monotonic()
+        time.sleep(1.0)
+    assert all("did not answer" in error for _, error in load.errors), load.errors
+    assert len(load.errors) <= 6, load.errors  # at most the requests that were in flight on the victim
+    assert all(killed - 0.5 <= at <= killed + 1.0 for at, _ in load.errors), (killed, load.errors)
+    assert sum(at > recovered for at, _ in load.answers) > 10
+    assert victim not in [replica["pid"] for replica in variant["replicas"]]
+
+
+def test_autoscaling_adds_a_replica_under_load_and_removes_it_when_idle(
+    backend: LocalServingBackend, models: dict[str, Path], fingerprints: dict[str, list[float]]
+) -> None:
+    scaling = ScalingConfig(
+        min_replicas=1, max_replicas=2, target_in_flight=1.0, scale_out_cooldown_s=0.5, scale_in_cooldown_s=1.0
+    )
+    record = backend.deploy("scaled", models["blue"].as_uri(), scaling=scaling)
+
+    def replicas() -> tuple[int, list[dict]]:
+        status = backend._router_status(record.url, "scaled")
+        return len(status["variants"][status["current"]]["replicas"]), status["scaling_events"]
+
+    with Load(record.url, "scaled", fingerprints, clients=8) as load:
+        deadline = time.monotonic() + 30
+        while replicas()[0] < 2:
+            assert time.monotonic() < deadline, "no scale-out under sustained load"
+            time.sleep(0.2)
+    assert load.errors == []
+    deadline = time.monotonic() + 30
+    while replicas()[0] > 1:
+        assert time.monotonic() < deadline, "no scale-in when idle"
+        time.sleep(0.2)
+    events = replicas()[1]
+    assert [(event["scaled"], event["replicas"]) for event in events] == [("out", 2), ("in", 1)]
+
+
+def test_bad_strategies_and_scaling_are_refused_before_anything_changes() -> None:
+    for bad, says in (
+        ({"kind": "canary", "traffic_percent": 0}, "traffic_percent 0 must be between 1 and 99"),
+        ({"kind": "linear", "traffic_percent": 100}, "traffic_percent 100 must be between 1 and 99"),
+        ({"kind": "canary", "bake_seconds": 0}, "a bake of zero checks nothing"),
+        ({"kind": "blue-green"}, "is not one of all-at-once, canary, linear, shadow"),
+    ):
+        with pytest.raises(ValueError, match=says):
+            RolloutStrategy(**bad)
+    with pytest.raises(ValueError, match="min_replicas 3 is above max_replicas 2"):
+        ScalingConfig(min_replicas=3, max_replicas=2)

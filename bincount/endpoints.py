@@ -93,7 +93,7 @@ def shadow_verdict(current: dict[str, Any], shadow: dict[str, Any], strategy: Ro
         promote, reason = False, f"only {shadow['requests']} requests reached the shadow ({needed} needed)"
     elif error_increase > strategy.max_error_rate_increase:
         promote, reason = False, f"its error rate is {error_increase:+.1%} against the current model's"
-    elif current["p99_ms"] and shadow["p99_ms"] > strategy.max_latency_ratio * current["p99_ms"]:
+    elif current["p99_ms"] and shadow["p99_ms"] and shadow["p99_ms"] > strategy.max_latency_ratio * current["p99_ms"]:
         promote, reason = (
             False,
             (

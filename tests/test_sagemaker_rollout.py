@@ -88,7 +88,7 @@ def test_canary_rolls_back_on_its_alarm_then_completes_and_linear_and_scaling_fo
     assert sagemaker("UpdateEndpoint") == [] and len(sagemaker("CreateEndpoint")) == 1
     (config,) = sagemaker("CreateEndpointConfig")
     assert config["ProductionVariants"][0]["InitialInstanceCount"] == 2
-    assert first.details["rollout"]["verdict"] == "completed" and first.details["instance_count"] == 2
+    assert first.details["rollout"]["verdict"] == "started" and first.details["instance_count"] == 2
     (target,), (policy,) = scaling_state(backend, name)
     assert (target["MinCapacity"], target["MaxCapacity"], target["ScalableDimension"]) == (2, 4, TARGET)
     assert policy["PolicyType"] == "TargetTrackingScaling"
@@ -238,12 +238,13 @@ def test_shadow_runs_beside_the_model_reports_and_is_promoted_or_stopped(
     assert [v["name"] for v in shadowed.details["variants"]] == ["AllTraffic", "Shadow"]
 
     # The report reads both variants' CloudWatch metrics: too little traffic on the shadow, then a slow shadow.
-    assert backend.describe(name).details["shadow"]["report"]["verdict"] == "insufficient-data"
+    early = backend.describe(name).details["shadow"]["report"]
+    assert not early["promote"] and "requests reached the shadow" in early["reason"]
     traffic(backend, name, "AllTraffic", [100.0] * 40, errors=0)
     traffic(backend, name, "Shadow", [300.0] * 10, errors=0)
     report = backend.describe(name).details["shadow"]["report"]
-    assert (report["production"]["invocations"], report["shadow"]["invocations"]) == (40, 10)
-    assert report["verdict"] == "keep" and "p99 latency 3.00x" in report["reasons"][0]
+    assert report["requests"] == {"current": 40, "shadow": 10}
+    assert not report["promote"] and "p99 latency 300 ms is over x1.5 the current 100 ms" in report["reason"]
 
     promoted = backend.promote_shadow(name)
     assert (promoted.version, promoted.previous_version, promoted.model_ref) == (
@@ -251,10 +252,7 @@ def test_shadow_runs_beside_the_model_reports_and_is_promoted_or_stopped(
         first.version,
         "g:2",
     )
-    assert (
-        promoted.details["rollout"]["verdict"] == "promoted"
-        and promoted.details["rollout"]["report"]["verdict"] == "keep"
-    )
+    assert promoted.details["rollout"]["verdict"] == "promoted" and not promoted.details["rollout"]["report"]["promote"]
     now_serving = backend.client.describe_endpoint_config(EndpointConfigName=promoted.details["endpoint_config"])
     assert now_serving["ProductionVariants"][0]["ModelName"] == shadow["ModelName"]
     assert "ShadowProductionVariants" not in now_serving and "shadow" not in promoted.details
@@ -299,7 +297,6 @@ def test_all_at_once_without_traffic_has_no_latency_baseline_and_drops_a_stale_l
     assert deployment["AutoRollbackConfiguration"] == {"Alarms": [{"AlarmName": f"{name}-bincount-5xx"}]}
     assert backend.guardrails.cloudwatch.describe_alarms(AlarmNames=[stale])["MetricAlarms"] == []
     assert (
-        record.details["rollout"]["verdict"] == "completed"
-        and record.details["rollout"]["baseline"]["invocations"] == 0
+        record.details["rollout"]["verdict"] == "completed" and record.details["rollout"]["baseline"]["requests"] == 0
     )
     backend.delete(name)

@@ -142,10 +142,9 @@ class Guardrails:
         errors = int(sum(values.get("errors", [])))
         latencies = values.get("latency", [])
         return {
-            "invocations": invocations,
-            "errors_5xx": errors,
-            "error_rate": errors / invocations if invocations else None,
-            "p99_latency_ms": round(max(latencies) / 1000, 3) if latencies else None,  # ModelLatency is in µs
+            "requests": invocations,
+            "errors": errors,  # 5xx
+            "p99_ms": round(max(latencies) / 1000, 3) if latencies else None,  # ModelLatency is in µs
         }
 
     # alarms --------------------------------------------------------------------------------
@@ -154,13 +153,14 @@ class Guardrails:
         now = dt.datetime.now(dt.UTC)
         baseline = self.variant_metrics(endpoint, VARIANT, now - dt.timedelta(seconds=BASELINE_S), now)
         errors_name, latency_name = alarm_names(endpoint)
-        error_threshold = (baseline["error_rate"] or 0.0) + strategy.max_error_rate_increase
+        current_rate = baseline["errors"] / baseline["requests"] if baseline["requests"] else 0.0
+        error_threshold = current_rate + strategy.max_error_rate_increase
         metric = {"Namespace": NAMESPACE, "Dimensions": dimensions(endpoint)}
         self.cloudwatch.put_metric_alarm(
             AlarmName=errors_name,
             AlarmDescription=(
                 f"bincount guardrail of {endpoint}: 5xx error rate above {error_threshold:.4f} (the current model's "
-                f"{baseline['error_rate'] or 0.0:.4f} + {strategy.max_error_rate_increase}) in a minute of at least "
+                f"{current_rate:.4f} + {strategy.max_error_rate_increase}) in a minute of at least "
                 f"{strategy.min_requests} invocations; SageMaker rolls a guarded update back when it fires"
             ),
             Metrics=[
@@ -195,10 +195,10 @@ class Guardrails:
             TreatMissingData="notBreaching",
         )
         names = [errors_name]
-        if baseline["p99_latency_ms"] is None:
+        if baseline["p99_ms"] is None:
             self.cloudwatch.delete_alarms(AlarmNames=[latency_name])  # a stale threshold must not linger
         else:
-            threshold_us = baseline["p99_latency_ms"] * 1000 * strategy.max_latency_ratio
+            threshold_us = baseline["p99_ms"] * 1000 * strategy.max_latency_ratio
             self.cloudwatch.put_metric_alarm(
                 AlarmName=latency_name,
                 AlarmDescription=(
@@ -266,24 +266,3 @@ class Guardrails:
             if error.response.get("Error", {}).get("Code") != "ObjectNotFoundException":
                 raise
         self.autoscaling.deregister_scalable_target(**target)
-
-
-def shadow_verdict(
-    production: dict[str, Any], shadow: dict[str, Any], strategy: RolloutStrategy
-) -> tuple[str, list[str]]:
-    """``promote``, ``keep`` (the shadow is worse past a threshold) or ``insufficient-data``, with the reasons."""
-    if shadow["invocations"] < strategy.min_requests:
-        return "insufficient-data", [
-            f"the shadow answered {shadow['invocations']} requests, fewer than min_requests={strategy.min_requests}"
-        ]
-    reasons = []
-    increase = (shadow["error_rate"] or 0.0) - (production["error_rate"] or 0.0)
-    if increase > strategy.max_error_rate_increase:
-        reasons.append(f"5xx error rate {increase:+.4f} over production's (allowed {strategy.max_error_rate_increase})")
-    if shadow["p99_latency_ms"] and production["p99_latency_ms"]:
-        ratio = shadow["p99_latency_ms"] / production["p99_latency_ms"]
-        if ratio > strategy.max_latency_ratio:
-            reasons.append(f"p99 latency {ratio:.2f}x production's (allowed {strategy.max_latency_ratio}x)")
-    if reasons:
-        return "keep", reasons
-    return "promote", ["error rate and p99 latency within the strategy's thresholds"]

@@ -56,7 +56,7 @@ from bincount.contracts.serving import (
     ServingError,
     check_answer,
 )
-from bincount.endpoints import EndpointRecords, now_iso, recorded_capture, smoke_image
+from bincount.endpoints import EndpointRecords, now_iso, recorded_capture, shadow_verdict, smoke_image
 from bincount.models import fetch_model
 from bincount.sagemaker.guardrails import (
     SHADOW_VARIANT,
@@ -65,7 +65,6 @@ from bincount.sagemaker.guardrails import (
     bake_total_s,
     check_strategy,
     deployment_config,
-    shadow_verdict,
 )
 from bincount.sagemaker.session import (
     RETRIES,
@@ -109,9 +108,10 @@ def replaced_model(stored: EndpointRecord | None, version: str) -> tuple[str | N
     return stored.previous_model_uri, stored.previous_version, stored.previous_model_ref
 
 
-def rollout(kind: str, verdict: str, reason: str, **facts: Any) -> dict[str, Any]:
-    """``details["rollout"]``: the last strategy's verdict (completed, rolled-back, shadowing, promoted, stopped)."""
-    return {"kind": kind, "verdict": verdict, "reason": reason, "at": now_iso(), **facts}
+def rollout(strategy: RolloutStrategy, verdict: str, reason: str, **facts: Any) -> dict[str, Any]:
+    """``details["rollout"]``, as the local backend writes it: the last strategy and its verdict (started,
+    completed, rolled-back, shadowing, promoted, stopped)."""
+    return {"strategy": strategy.to_dict(), "verdict": verdict, "reason": reason, "at": now_iso(), **facts}
 
 
 def smoke_request(image_size: int) -> bytes:
@@ -268,7 +268,8 @@ class SageMakerServingBackend(SageMakerBackendBase):
         return record
 
     def shadow_report(self, record: EndpointRecord) -> dict[str, Any]:
-        """Both variants' CloudWatch metrics since the shadow started, and whether to promote the shadow.
+        """Both variants' CloudWatch metrics since the shadow started, and whether to promote the shadow (the
+        local backend's report and rule: :func:`bincount.endpoints.shadow_verdict`).
 
         Agreement is not measured on SageMaker: it needs both variants' answers to the same requests.
         """
@@ -278,15 +279,12 @@ class SageMakerServingBackend(SageMakerBackendBase):
             production = self.guardrails.variant_metrics(record.name, VARIANT, start, end)
             candidate = self.guardrails.variant_metrics(record.name, SHADOW_VARIANT, start, end)
         except ClientError as error:
-            return {"verdict": "unknown", "reasons": [f"CloudWatch did not answer: {error}"]}
-        verdict, reasons = shadow_verdict(production, candidate, RolloutStrategy(**shadow["strategy"]))
+            return {"compared": 0, "agreement": None, "promote": False, "reason": f"CloudWatch did not answer: {error}"}
+        report = shadow_verdict(production, candidate, RolloutStrategy(**shadow["strategy"]))
         return {
             "since": shadow["started_at"],
-            "production": {"version": record.version, **production},
-            "shadow": {"version": shadow["version"], **candidate},
-            "agreement": None,
-            "verdict": verdict,
-            "reasons": reasons,
+            "versions": {"current": record.version, "shadow": shadow["version"]},
+            **report,
         }
 
     # deploy --------------------------------------------------------------------------------
@@ -359,7 +357,6 @@ class SageMakerServingBackend(SageMakerBackendBase):
         if rolled_back is not None:
             return self._rolled_back(name, stored, rolled_back, description)
         previous = replaced_model(stored, version)
-        kind = "new endpoint" if previous_config is None else (strategy.kind if strategy else "all-at-once")
         record = EndpointRecord(
             name=name,
             url=f"{self.session.sagemaker_runtime_client.meta.endpoint_url}/endpoints/{name}/invocations",
@@ -387,9 +384,13 @@ class SageMakerServingBackend(SageMakerBackendBase):
                 "variants": [{"name": VARIANT, "model_version": version, "weight": 100}],
                 "alarms": guard["alarms"] if guard else (stored.details.get("alarms") if stored else None),
                 "rollout": rollout(
-                    kind,
-                    "completed",
-                    "no alarm fired during the bakes" if guard else "the new model answered its smoke request",
+                    strategy or RolloutStrategy(),
+                    "started" if previous_config is None else "completed",
+                    "no model was serving: the endpoint starts on this one"
+                    if previous_config is None
+                    else "no alarm fired during the bakes"
+                    if guard
+                    else "the new model answered its smoke request",
                     deployment_config=guard["deployment_config"] if guard else None,
                     baseline=guard["baseline"] if guard else None,
                 ),
@@ -501,9 +502,7 @@ class SageMakerServingBackend(SageMakerBackendBase):
         details = {
             **stored.details,
             "alarms": guard["alarms"],
-            "rollout": rollout(
-                strategy.kind, "rolled-back", reason, baseline=guard["baseline"], strategy=strategy.to_dict()
-            ),
+            "rollout": rollout(strategy, "rolled-back", reason, baseline=guard["baseline"]),
         }
         record = replace(stored, details=details)
         self.records.write(record)
@@ -586,7 +585,7 @@ class SageMakerServingBackend(SageMakerBackendBase):
                 },
             ],
             "rollout": rollout(
-                "shadow",
+                strategy,
                 "shadowing",
                 f"{strategy.traffic_percent}% of requests are copied to model version {version}; users' answers still "
                 f"come from version {stored.version}",
@@ -616,7 +615,10 @@ class SageMakerServingBackend(SageMakerBackendBase):
         report = self.shadow_report(stored)
         record = self.deploy(name, shadow["model_uri"], shadow["model_ref"])
         record.details["rollout"] = rollout(
-            "shadow", "promoted", f"the shadow model version {shadow['version']} answers now", report=report
+            RolloutStrategy(**stored.details["rollout"]["strategy"]),
+            "promoted",
+            f"the shadow model version {shadow['version']} answers now",
+            report=report,
         )
         self.records.write(record)
         return record
@@ -627,7 +629,10 @@ class SageMakerServingBackend(SageMakerBackendBase):
         report = self.shadow_report(stored)
         record = self.deploy(name, stored.model_uri, stored.model_ref)
         record.details["rollout"] = rollout(
-            "shadow", "stopped", f"the shadow of model version {shadow['version']} was stopped", report=report
+            RolloutStrategy(**stored.details["rollout"]["strategy"]),
+            "stopped",
+            f"the shadow of model version {shadow['version']} was stopped",
+            report=report,
         )
         self.records.write(record)
         return record

@@ -8,7 +8,9 @@ bytes: the same model is fetched once, a changed one under the same URI is fetch
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import shutil
 import tarfile
 import tempfile
@@ -17,6 +19,7 @@ from pathlib import Path
 from bincount.storage import Storage, file_digest, join_uri
 from sm_scripts.model_dir import INFO_FILE, MODEL_FILE, model_info, write_model_dir
 from sm_scripts.networks import build_model
+from sm_scripts.optimized import OPTIMIZED_FILES
 
 MODEL_FILES = (MODEL_FILE, INFO_FILE)
 
@@ -34,8 +37,7 @@ def _check_model_dir(path: Path, uri: str) -> None:
 def fetch_model(storage: Storage, model_uri: str, cache_dir: Path) -> tuple[Path, str]:
     """Make the model at ``model_uri`` a local folder; return ``(folder, version)``.
 
-    ``version`` is the first 12 hex digits of the SHA-256 of ``model.pt``: it names the weights,
-    whatever URI they came from.
+    ``version`` (:func:`model_version`) names the weights, whatever URI they came from.
 
     Raises:
         ModelDirError: the URI holds no model.pt and model_info.json, or the archive is unsafe.
@@ -54,6 +56,9 @@ def fetch_model(storage: Storage, model_uri: str, cache_dir: Path) -> tuple[Path
         else:
             for name in MODEL_FILES:
                 storage.download_file(join_uri(model_uri, name), staging / name)
+            if "optimized" in json.loads((staging / INFO_FILE).read_text()):
+                for name in OPTIMIZED_FILES:
+                    storage.download_file(join_uri(model_uri, name), staging / name)
         _check_model_dir(staging, model_uri)
         version = model_version(staging)
         target = cache_dir / version
@@ -64,8 +69,14 @@ def fetch_model(storage: Storage, model_uri: str, cache_dir: Path) -> tuple[Path
 
 
 def model_version(model_dir: Path) -> str:
-    """First 12 hex digits of the SHA-256 of ``model.pt``."""
-    return file_digest(model_dir / "model.pt")[:12]
+    """First 12 hex digits of the SHA-256 of ``model.pt``, or, for a model with an optimized form, of the
+    digests of ``model.pt`` and that form's files: the optimized archive is another version than the
+    eager one it was made from, and is fetched into its own folder."""
+    digests = [file_digest(model_dir / MODEL_FILE)]
+    digests += [file_digest(model_dir / name) for name in OPTIMIZED_FILES if (model_dir / name).is_file()]
+    if len(digests) == 1:
+        return digests[0][:12]
+    return hashlib.sha256(" ".join(digests).encode()).hexdigest()[:12]
 
 
 def pack_folder(folder: Path, archive: Path) -> Path:

@@ -3,6 +3,7 @@
     production version's lineage ─► prepare-data (refreshed) ─► unchanged data and code? ─► record "nothing retrained"
     (data, recipe, hyperparameters)                                     │ no
                                          retrain the recipe (never from cache; tune first with retune=True)
+                                         ─► optimize (int8 if it passes parity, else eager)
                                          ─► register challenger ─► evaluate champion on the same test side ─► decide
                                                                                                                 │
                           promoted: approve (at once, or a person) ─► deploy ─► production          kept: archived
@@ -35,6 +36,7 @@ from flows.pipeline import recipe
 from flows.promotion import approve_version, put_in_production
 from flows.train import TrainOptions, retrain_model, train_model
 from tasks.evaluate import evaluate_and_publish
+from tasks.optimize import optimize_and_publish
 from tasks.registry import register_model_task, set_stage_task
 from tasks.summary import run_summary
 
@@ -108,6 +110,7 @@ def nightly_retrain(
     approval_timeout_s: int = 24 * 3600,
     location: Location = Location(),
     deploy_strategy: RolloutStrategy | None = None,
+    optimize: bool = True,
 ) -> Decision:
     """Refresh the data, retrain what is in production, and deploy the new model only if it is better.
 
@@ -123,6 +126,8 @@ def nightly_retrain(
             production version came from, then the BINCOUNT_* variables; what is given here wins).
         deploy_strategy: how traffic moves to a promoted challenger (default all at once; a canary rolls back by
             itself when the challenger serves worse than the champion).
+        optimize: register (and deploy, if promoted) the challenger's int8 OpenVINO form when it passes parity
+            on the test side; the eager model otherwise (False: always eager).
     """
     logger = get_run_logger()
     check_endpoint_name(endpoint_name)
@@ -163,6 +168,9 @@ def nightly_retrain(
         challenger = train_model(prepared.channels, training, settings)
     else:
         challenger = retrain_model(prepared.channels, champion.spec.hyperparameters, training, settings, refresh=True)
+    if optimize:
+        optimized_uri = optimize_and_publish(settings, challenger.model_uri, prepared.channels, challenger.job_name)
+        challenger = challenger.model_copy(update={"model_uri": optimized_uri})
     candidate = register_model_task(
         settings,
         endpoint_name,

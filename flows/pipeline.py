@@ -1,9 +1,14 @@
 """Flow: the whole pipeline, from a manifest to a serving endpoint and scored images.
 
-    prepare-data ─► train-model ─► register-model ─► quality gate ─► approve ─► deploy ─► production ─► batch-transform
-    (download,      (tune ─►        (a version of    (test accuracy  (at once,  (blue/   (the version   (the test
-     split, upload,  retrain ─►      the endpoint's   >= min_         or a       green,   it replaced    channel,
-     report)         evaluate)       model group)     accuracy)       person)    checked) is archived)   new model)
+    prepare-data ─► train-model ─► optimize-model ─► register-model ─► quality gate ─► approve ─► deploy ─►
+    (download,      (tune ─►        (int8 if it      (a version of    (test accuracy  (at once,  (blue/
+     split, upload,  retrain ─►      passes parity,   the endpoint's   >= min_         or a       green,
+     report)         evaluate)       else eager)      model group)     accuracy)       person)    checked)
+
+    ─► production ─► batch-transform
+       (the version   (the test channel,
+        it replaced    with the model
+        is archived)   just deployed)
 
 Stages run on the backend the profile picks (``local`` here, ``aws`` for SageMaker jobs). Each
 stage caches on its inputs (see each flow), so an unchanged re-run is served from cache up to the
@@ -30,6 +35,7 @@ from flows.batch_transform import batch_transform
 from flows.data import DataOptions, prepare_data
 from flows.promotion import approve_version, put_in_production
 from flows.train import TrainOptions, train_model
+from tasks.optimize import optimize_and_publish
 from tasks.registry import register_model_task, set_approval_task
 from tasks.summary import run_summary
 
@@ -85,8 +91,9 @@ def pipeline(
     data_capture_percentage: Annotated[int | None, Field(ge=0, le=100)] = None,
     deploy_strategy: RolloutStrategy | None = None,
     scaling: ScalingConfig | None = None,
+    optimize: bool = True,
 ) -> PipelineResult:
-    """Download, split, upload, tune, retrain, evaluate, register, deploy and batch-transform.
+    """Download, split, upload, tune, retrain, evaluate, optimize, register, deploy and batch-transform.
 
     Args:
         data: what to download and how to split it.
@@ -104,6 +111,8 @@ def pipeline(
             by itself when worse than the serving model), or shadow (promoted later by
             `bincount endpoints promote-shadow`).
         scaling: the endpoint's replicas and autoscaling bounds (default: keep the endpoint's, one for a new one).
+        optimize: quantize the model to int8 (OpenVINO) for CPU serving and register and deploy that when
+            it passes parity on the test side; it keeps the eager model otherwise (False: always eager).
     """
     logger = get_run_logger()
     check_endpoint_name(endpoint_name)  # before hours of training, not at deploy time
@@ -111,6 +120,9 @@ def pipeline(
 
     prepared = prepare_data(data, Location.of(settings), refresh)
     trained = train_model(prepared.channels, training, settings)
+    if optimize:
+        optimized_uri = optimize_and_publish(settings, trained.model_uri, prepared.channels, trained.job_name)
+        trained = trained.model_copy(update={"model_uri": optimized_uri})
     version = register_model_task(
         settings,
         endpoint_name,

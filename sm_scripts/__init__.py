@@ -9,6 +9,7 @@ Entry points: ``train.py`` (training, script mode) and ``inference.py`` (the ser
     checkpoints     the per-epoch checkpoint: fingerprint, atomic save, exact resume
     monitoring      the optional smdebug hook and torch.profiler, and the profiler summary
     model_dir       ``model.pt`` + ``model_info.json``: written by training, read by serving and evaluation
+    optimized       the optional OpenVINO int8 form beside ``model.pt``: loaded for serving, or why not
     metric_format   the one metric line format and the regexes tuners read it with
     errors          ``TrainingError``
     _package        lets the entry points run as loose files (``python train.py``) and still import these

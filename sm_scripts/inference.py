@@ -24,7 +24,11 @@ Answers (``Accept``):
 
 The model directory holds ``model.pt`` (a state dict, loaded with ``weights_only=True``) and
 ``model_info.json`` (arch, classes, image_size, mean, std); ``networks.build_model`` builds the
-network: one definition of every arch train.py trains. Request bodies are only ever decoded
+network: one definition of every arch train.py trains. Where ``model_info.json`` names an
+optimized form (``"optimized"``: an OpenVINO int8 IR that passed parity, see
+:mod:`sm_scripts.optimized`) and it loads here, it runs the forward instead of the eager network;
+otherwise the eager network serves and the reason is logged and kept in ``CountModel.serving``.
+Both paths take the same normalized batch. Request bodies are only ever decoded
 as images or JSON: nothing from a request is unpickled. Bad input raises :class:`InputError`
 (its ``status_code`` is the HTTP answer) with a message that says what was expected.
 
@@ -42,13 +46,15 @@ if not __package__:  # a loose file, as SageMaker's serving container imports it
 import base64
 import binascii
 import json
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
 from sm_scripts.model_dir import load_network, read_model_info
+from sm_scripts.optimized import LogitsFn, OptimizedModelUnavailable, load_optimized
 from sm_scripts.preprocessing import ImageError, TooManyPixelsError, channel_values, decode_image, normalize, resize
 
 IMAGE_CONTENT_TYPES = ("image/jpeg", "image/png", "application/x-image")
@@ -58,6 +64,8 @@ SUPPORTED_CONTENT_TYPES = (*IMAGE_CONTENT_TYPES, JSON_CONTENT_TYPE)
 SUPPORTED_ACCEPTS = (JSON_CONTENT_TYPE, CSV_CONTENT_TYPE)
 MAX_IMAGES_PER_REQUEST = 64
 MAX_REQUEST_PIXELS = 32_000_000  # decoded, all images of a request together: ~96 MB of RGB, ~100 ABID photos
+
+logger = logging.getLogger("sm_scripts.inference")
 
 
 class InputError(ValueError):
@@ -91,16 +99,44 @@ class CountModel:
     std: torch.Tensor  # [1, 3, 1, 1] float32, on device
     device: torch.device
     info: dict[str, Any]
+    optimized: LogitsFn | None = None  # the optimized form's forward, when it serves
+    serving: dict[str, str] = field(default_factory=dict)  # {"path": "eager" | "openvino-int8", "reason": why}
+
+
+def _load_optimized(
+    model_dir: str, info: dict[str, Any], device: torch.device
+) -> tuple[LogitsFn | None, dict[str, str]]:
+    """The optimized forward and the serving record; (None, why) where the eager network must serve."""
+    entry = info.get("optimized")
+    if entry is None:
+        return None, {"path": "eager", "reason": "the model has no optimized form"}
+    if device.type != "cpu":
+        return None, {"path": "eager", "reason": f"the optimized form runs on CPU; this host has {device.type}"}
+    try:
+        run = load_optimized(model_dir, info, torch.get_num_threads())
+    except OptimizedModelUnavailable as error:
+        return None, {"path": "eager", "reason": f"the optimized form cannot serve here: {error}"}
+    path = f"{entry['runtime']}-{entry['precision']}"
+    parity = entry.get("parity", {})
+    return run, {"path": path, "reason": f"it passed parity (top-1 agreement {parity.get('top1_agreement')})"}
 
 
 def model_fn(model_dir: str) -> CountModel:
-    """Build the network named in ``model_info.json`` and load ``model.pt`` into it."""
+    """Build the network named in ``model_info.json``, load ``model.pt`` into it, and the optimized form if any.
+
+    The optimized form runs with as many threads as torch has on the calling thread (a host sets
+    them first). The eager network is loaded either way: it is the one reference the optimized
+    form is checked against, and what serves when that form cannot.
+    """
     info = read_model_info(model_dir)
     # Denormal floats can make CPU convolutions many times slower; flushing them changes no count.
     # The flag is per thread (and copied by threads it starts): this sets it for the serving thread.
     torch.set_flush_denormal(True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     network = load_network(model_dir, info).to(device, memory_format=torch.channels_last)  # as trained
+    optimized, serving = _load_optimized(model_dir, info, device)
+    fell_back = optimized is None and "optimized" in info
+    logger.log(logging.WARNING if fell_back else logging.INFO, "serving %s: %s", serving["path"], serving["reason"])
     return CountModel(
         network=network,
         classes=[int(count) for count in info["classes"]],
@@ -109,6 +145,8 @@ def model_fn(model_dir: str) -> CountModel:
         std=channel_values(info["std"], device),
         device=device,
         info=info,
+        optimized=optimized,
+        serving=serving,
     )
 
 
@@ -197,11 +235,19 @@ def model_input(pixels: torch.Tensor, model: CountModel) -> torch.Tensor:
     return normalize(pixels.to(model.device, non_blocking=True), model.mean, model.std)
 
 
+def logits(pixels: torch.Tensor, model: CountModel) -> torch.Tensor:
+    """uint8 pixels [N, 3, S, S] -> the logits [N, classes] of the path that serves (optimized or eager)."""
+    with torch.inference_mode():
+        batch = model_input(pixels, model)
+        if model.optimized is not None:
+            return torch.from_numpy(model.optimized(batch.contiguous().numpy()))
+        return model.network(batch).float()
+
+
 def forward(pixels: torch.Tensor, model: CountModel) -> list[dict[str, Any]]:
     """uint8 pixels [N, 3, S, S] (from :func:`preprocess`) -> one ``{"predicted_count", "probabilities"}``
     dict per image."""
-    with torch.inference_mode():
-        probabilities = torch.softmax(model.network(model_input(pixels, model)).float(), dim=1).cpu().numpy()
+    probabilities = torch.softmax(logits(pixels, model), dim=1).cpu().numpy()
     return [
         {
             "predicted_count": model.classes[int(row.argmax())],

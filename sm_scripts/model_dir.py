@@ -1,7 +1,8 @@
 """The model directory (docs/CONTRACTS.md): train.py writes it, inference.py and evaluation read it.
 
 model.pt          the state dict only: torch.load(path, weights_only=True) loads it
-model_info.json   arch, classes, image_size, mean, std, hyperparameters, metrics
+model_info.json   arch, classes, image_size, mean, std, hyperparameters, metrics; and ``optimized`` where the
+                  optimize stage added an int8 form (:mod:`sm_scripts.optimized`, docs/CONTRACTS.md)
 """
 
 from __future__ import annotations

@@ -58,3 +58,12 @@ def evaluation_key(context: TaskRunContext, parameters: dict[str, Any]) -> str |
 
 TRAINING_JOB_CACHE = CacheKeyFnPolicy(cache_key_fn=training_job_key) + TASK_SOURCE
 EVALUATION_CACHE = CacheKeyFnPolicy(cache_key_fn=evaluation_key) + TASK_SOURCE
+
+
+def optimization_key(context: TaskRunContext, parameters: dict[str, Any]) -> str | None:
+    """The model, where the optimized one goes, and what the calibration and test channels hold."""
+    settings, channels = parameters["settings"], (parameters["train_channel_uri"], parameters["test_channel_uri"])
+    return hash_objects(parameters["model_uri"], parameters["output_uri"], channels, listing(settings, *channels))
+
+
+OPTIMIZATION_CACHE = CacheKeyFnPolicy(cache_key_fn=optimization_key) + TASK_SOURCE

@@ -127,6 +127,12 @@ def test_pipeline_end_to_end_registers_deploys_then_is_served_from_cache(
         runtime.invoke_endpoint(EndpointName=ENDPOINT, Body=photo, ContentType="image/jpeg")["Body"].read()
     )
     assert answer["predictions"][0]["predicted_count"] in (1, 2, 3, 4, 5)
+    optimization = artifacts_keyed("model-optimization")[0]  # the optimize stage says which model it kept, and why
+    optimized = optimization.description.startswith("optimized: passed parity")
+    assert optimized or optimization.description.startswith("eager: parity failed"), optimization.description
+    assert ("/optimized-models/" in result.model_uri) == optimized, (result.model_uri, optimization.description)
+    serving = httpx.get(f"{endpoint.url}/ping", timeout=10).json()["serving"]
+    assert serving == ("openvino-int8" if optimized else "eager"), (serving, optimization.description)
 
     scored = result.batch_transform
     assert scored is not None
@@ -173,7 +179,14 @@ def test_pipeline_end_to_end_registers_deploys_then_is_served_from_cache(
 
     rerun = pipeline(DataOptions(), TINY, endpoint_name=ENDPOINT, location=Location(**where), return_state=True)
     states = all_task_states(rerun.state_details.flow_run_id)
-    for expensive in ("download-images", "split-dataset", "report-data", "train-trial", "run-training-job"):
+    for expensive in (
+        "download-images",
+        "split-dataset",
+        "report-data",
+        "train-trial",
+        "run-training-job",
+        "optimize-model",
+    ):
         assert states[expensive] == {"Cached"}, (expensive, states[expensive])
     assert rerun.result().model_version == result.model_version, "the same model is the same version"
     assert len(registry.list(ENDPOINT)) == 1

@@ -2,7 +2,8 @@
 
     python -m bincount.local.host --model-dir DIR --name NAME [--port 8080 | --fd N]
 
-Routes: ``GET /ping`` (200 once the model is loaded), ``POST /invocations`` and the runtime route
+Routes: ``GET /ping`` (200 once the model is loaded; its ``serving`` says which path serves, optimized
+or eager; the log says why), ``POST /invocations`` and the runtime route
 ``POST /endpoints/<name>/invocations`` (so boto3's ``sagemaker-runtime`` client works with
 ``endpoint_url=``). Handlers come from ``sm_scripts/inference.py``: requests are decoded on a
 small thread pool, then :class:`~bincount.local.batcher.MicroBatcher` runs one forward at a
@@ -76,10 +77,11 @@ class ModelHost:
         )
         self.batcher.start()
         logger.info(
-            "serving %s (%s, %d px) as %r: batches of up to %d, wait %.1f ms, %d torch threads",
+            "serving %s (%s, %d px, %s) as %r: batches of up to %d, wait %.1f ms, %d threads",
             self.model_dir,
             model.info["arch"],
             model.image_size,
+            model.serving["path"],
             self.name,
             self.options.max_batch_size,
             self.options.max_wait_ms,
@@ -150,7 +152,8 @@ class ModelHost:
 
     async def ping(self, request: Request) -> Response:
         assert self.model is not None
-        body = {"status": "Healthy", "name": self.name, "arch": self.model.info["arch"]}
+        model = self.model
+        body = {"status": "Healthy", "name": self.name, "arch": model.info["arch"], "serving": model.serving["path"]}
         return Response(json.dumps(body), media_type="application/json")
 
 

@@ -1,0 +1,172 @@
+"""Optimize a trained model for CPU serving: OpenVINO IR, quantized to int8, checked for parity.
+
+    model.tar.gz ─► convert (openvino.convert_model) ─► quantize (NNCF, calibrated on training images)
+                 ─► parity on the test side (accuracy within max_accuracy_drop of eager, top-1 agreement)
+                 ─► passed: a NEW model.tar.gz = model.pt + optimized.xml/.bin + model_info.json["optimized"]
+                    failed: the eager model stays; the reason is returned (and logged, and published by the task)
+
+The trained archive is never rewritten: the registry and lineage may already name it. Serving
+reads the optimized form through :mod:`sm_scripts.optimized`, the same loader the parity check
+uses here, so what passed parity is what serves.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from bincount.models import fetch_model, pack_folder
+from bincount.storage import Storage
+from sm_scripts.data import ImageCache, batches, channel_files, load_channel
+from sm_scripts.model_dir import INFO_FILE, load_network, read_model_info
+from sm_scripts.optimized import (
+    GRAPH_FILE,
+    OptimizedModelUnavailable,
+    load_optimized,
+    optimized_entry,
+)
+from sm_scripts.preprocessing import channel_values, load_image
+
+PRECISION = "int8"
+CALIBRATION_IMAGES = 300  # NNCF's default subset size; more gave no better agreement here
+MAX_ACCURACY_DROP = 0.005  # 0.5 points of test accuracy
+PARITY_BATCH = 32
+
+
+@dataclass
+class Optimization:
+    """What the optimize stage did: ``model_uri`` is the model to register and deploy (optimized or the eager one)."""
+
+    model_uri: str
+    optimized: bool
+    reason: str
+    images: int = 0
+    eager_accuracy: float | None = None
+    optimized_accuracy: float | None = None
+    top1_agreement: float | None = None
+    calibration_images: int = 0
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def calibration_batches(channel: Path, info: dict[str, Any], count: int, batch_size: int = 8) -> list[np.ndarray]:
+    """Up to ``count`` training images, spread evenly over the channel's files (so over every class),
+    normalized as serving normalizes them."""
+    files, _ = channel_files(channel, [str(c) for c in info["classes"]])
+    chosen = [files[int(i)] for i in np.linspace(0, len(files) - 1, min(count, len(files)))]
+    pixels = torch.stack([load_image(path.read_bytes(), int(info["image_size"])) for path in chosen])
+    mean, std = channel_values(info["mean"]), channel_values(info["std"])
+    cache = ImageCache(pixels, torch.zeros(len(pixels), dtype=torch.long), [str(p) for p in chosen])
+    return [x.contiguous().numpy() for x, _ in batches(cache, batch_size, torch.device("cpu"), mean, std, False)]
+
+
+def export_int8(network: torch.nn.Module, info: dict[str, Any], calibration: list[np.ndarray], folder: Path) -> None:
+    """Convert ``network`` to OpenVINO, quantize it to int8 on ``calibration`` and save it as ``folder/optimized.*``."""
+    import nncf  # the export tools: installed with the project, not in the serving container
+    import openvino
+
+    size = int(info["image_size"])
+    example = torch.zeros(1, 3, size, size)
+    converted = openvino.convert_model(network, example_input=example, input=[(-1, 3, size, size)])
+    quantized = nncf.quantize(converted, nncf.Dataset(calibration), subset_size=len(calibration))  # batches
+    openvino.save_model(quantized, str(folder / GRAPH_FILE), compress_to_fp16=False)
+
+
+def predictions(run: Any, cache: ImageCache, info: dict[str, Any]) -> np.ndarray:
+    """Class indexes ``run`` (normalized batch -> logits) predicts for every image of ``cache``."""
+    mean, std = channel_values(info["mean"]), channel_values(info["std"])
+    out = [run(x) for x, _ in batches(cache, PARITY_BATCH, torch.device("cpu"), mean, std, shuffle=False)]
+    return np.concatenate(out).argmax(1)
+
+
+def optimize_model(
+    storage: Storage,
+    model_uri: str,
+    train_channel_uri: str,
+    test_channel_uri: str,
+    output_uri: str,
+    calibration_images: int = CALIBRATION_IMAGES,
+    max_accuracy_drop: float = MAX_ACCURACY_DROP,
+) -> Optimization:
+    """Quantize the model at ``model_uri``; write the optimized archive to ``output_uri`` if it passes parity.
+
+    An export that fails (the converter or NNCF missing or refusing the network) or a model that
+    drifts more than ``max_accuracy_drop`` from eager on the test side leaves ``model_uri`` as the
+    model to use, with the reason; nothing is written then.
+    """
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="optimize-") as scratch:
+        fetched, _ = fetch_model(storage, model_uri, Path(scratch) / "models")
+        folder = Path(scratch) / "optimized"
+        shutil.copytree(fetched, folder)
+        info = read_model_info(folder)
+        if "optimized" in info:
+            return Optimization(model_uri, True, "the model already holds an optimized form")
+        network = load_network(folder, info).to(memory_format=torch.channels_last)
+        train = storage.local_folder(train_channel_uri, Path(scratch) / "train")
+        calibration = calibration_batches(train, info, calibration_images)
+        calibrated = sum(len(b) for b in calibration)
+        try:
+            export_int8(network, info, calibration, folder)
+        except Exception as error:  # any failure of the third-party converter or quantizer keeps the eager model
+            reason = f"export failed: {type(error).__name__}: {error}"
+            return Optimization(model_uri, False, reason, seconds=_since(start))
+        test = storage.local_folder(test_channel_uri, Path(scratch) / "test")
+        cache = load_channel(test, [str(c) for c in info["classes"]], int(info["image_size"]), torch.get_num_threads())
+        with torch.inference_mode():
+            eager = predictions(lambda x: network(x).numpy(), cache, info)
+        try:
+            run = load_optimized(folder, {**info, "optimized": optimized_entry(PRECISION, {})}, torch.get_num_threads())
+        except OptimizedModelUnavailable as error:
+            return Optimization(model_uri, False, f"the exported model does not load: {error}", seconds=_since(start))
+        optimized = predictions(lambda x: run(x.contiguous().numpy()), cache, info)
+        passed, parity, reason = check_parity(cache.labels.numpy(), eager, optimized, max_accuracy_drop)
+        measured = {key: parity[key] for key in ("images", "eager_accuracy", "optimized_accuracy", "top1_agreement")}
+        if not passed:
+            seconds = _since(start)
+            return Optimization(model_uri, False, reason, **measured, calibration_images=calibrated, seconds=seconds)
+        info["optimized"] = optimized_entry(PRECISION, {**parity, "calibration_images": calibrated})
+        (folder / INFO_FILE).write_text(json.dumps(info, indent=2))
+        archive = pack_folder(folder, Path(scratch) / "model.tar.gz")
+        storage.upload_file(archive, output_uri)
+    return Optimization(output_uri, True, reason, **measured, calibration_images=calibrated, seconds=_since(start))
+
+
+def check_parity(
+    truth: np.ndarray, eager: np.ndarray, optimized: np.ndarray, max_accuracy_drop: float = MAX_ACCURACY_DROP
+) -> tuple[bool, dict[str, Any], str]:
+    """Whether the optimized model's accuracy is within ``max_accuracy_drop`` of eager's on the same images.
+
+    Returns ``(passed, parity, reason)``: ``parity`` holds both accuracies and the top-1 agreement
+    (the share of images both give the same count), as ``model_info.json`` records them.
+    """
+    parity = {
+        "images": len(truth),
+        "eager_accuracy": float(np.mean(eager == truth)),
+        "optimized_accuracy": float(np.mean(optimized == truth)),
+        "top1_agreement": float(np.mean(eager == optimized)),
+        "max_accuracy_drop": max_accuracy_drop,
+    }
+    drop = parity["eager_accuracy"] - parity["optimized_accuracy"]
+    figures = (
+        f"int8 test accuracy {parity['optimized_accuracy']:.4f}, eager {parity['eager_accuracy']:.4f}, top-1 "
+        f"agreement {parity['top1_agreement']:.4f} on {len(truth)} images"
+    )
+    if drop > max_accuracy_drop + 1e-9:  # 0.9 - 0.895 is 0.005000000000000004 in floats
+        allowed = f"{100 * max_accuracy_drop:.2f}"
+        return False, parity, f"parity failed: {figures}: {100 * drop:.2f} points below eager (at most {allowed})"
+    return True, parity, f"passed parity: {figures}"
+
+
+def _since(start: float) -> float:
+    return round(time.perf_counter() - start, 1)

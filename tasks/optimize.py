@@ -1,0 +1,65 @@
+"""Task: quantize a trained model for CPU serving and check its parity; the outcome is published on every run."""
+
+from __future__ import annotations
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+
+from bincount.config import Settings
+from bincount.optimize import Optimization, optimize_model
+from bincount.storage import storage_for
+from tasks.artifacts import markdown_table
+from tasks.caching import OPTIMIZATION_CACHE
+from tasks.retry import is_transient
+
+OPTIMIZATION_KEY = "model-optimization"
+
+
+@task(
+    name="optimize-model",
+    retries=2,
+    retry_delay_seconds=[10, 60],
+    retry_condition_fn=is_transient,
+    cache_policy=OPTIMIZATION_CACHE,  # the same model and channels give the same optimized archive
+    persist_result=True,
+)
+def optimize_model_task(
+    settings: Settings, model_uri: str, train_channel_uri: str, test_channel_uri: str, output_uri: str
+) -> Optimization:
+    """OpenVINO int8 of ``model_uri`` written to ``output_uri`` if it passes parity; else ``model_uri`` stays."""
+    logger = get_run_logger()
+    logger.info("Optimizing %s: int8, calibrated on %s, parity on %s", model_uri, train_channel_uri, test_channel_uri)
+    result = optimize_model(storage_for(settings), model_uri, train_channel_uri, test_channel_uri, output_uri)
+    if result.optimized:
+        logger.info("Serving the optimized model %s: %s", result.model_uri, result.reason)
+    else:
+        logger.warning("Serving the eager model %s: %s", result.model_uri, result.reason)
+    return result
+
+
+def optimize_and_publish(settings: Settings, model_uri: str, channels: dict[str, str], job_name: str) -> str:
+    """Optimize the model (cached) and publish what happened; returns the model URI to register and deploy.
+
+    The optimized archive is a new one (``optimized-models/<job>/model.tar.gz``): the trained
+    archive is never rewritten. Publishing sits outside the cached task so that a run served from
+    cache still shows the outcome.
+    """
+    output_uri = settings.artifact_uri("optimized-models", job_name, "model.tar.gz")
+    result = optimize_model_task(settings, model_uri, channels["train"], channels["test"], output_uri)
+    rows = [
+        ("serves", "optimized (OpenVINO int8)" if result.optimized else "eager (PyTorch)"),
+        ("why", result.reason),
+        ("model", result.model_uri),
+        ("test images", result.images),
+        ("eager accuracy", result.eager_accuracy),
+        ("int8 accuracy", result.optimized_accuracy),
+        ("top-1 agreement", result.top1_agreement),
+        ("calibration images", result.calibration_images),
+        ("seconds", result.seconds),
+    ]
+    create_markdown_artifact(
+        key=OPTIMIZATION_KEY,
+        markdown=f"### Model optimization\n\n{markdown_table(['', ''], rows)}",
+        description=f"{'optimized' if result.optimized else 'eager'}: {result.reason}",
+    )
+    return result.model_uri

@@ -1,0 +1,193 @@
+"""The optimized model: export + int8 + parity, the new archive, serving it, and every fallback to eager."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+import shutil
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from bincount.config import Settings
+from bincount.demo_data import jpeg_bytes, render_bin_image
+from bincount.local.host import HostOptions
+from bincount.local.serving import LocalServingBackend, runtime_client
+from bincount.models import fetch_model, pack_folder, write_untrained_model_dir
+from bincount.optimize import Optimization, check_parity, optimize_model
+from bincount.storage import Storage
+from sm_scripts import inference
+from sm_scripts.model_dir import INFO_FILE
+from sm_scripts.optimized import MIN_RUNTIME_VERSION, OPTIMIZED_FILES, WEIGHTS_FILE, runtime_version
+
+SM_SCRIPTS = Path(inference.__file__).resolve().parent
+NAME = "optimized"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny ResNet-18 (32 px) packed as train.py's model.tar.gz."""
+    root = tmp_path_factory.mktemp("trained")
+    return pack_folder(write_untrained_model_dir(root / "model", "resnet18", 32, seed=4), root / "model.tar.gz")
+
+
+@pytest.fixture(scope="module")
+def optimized(
+    trained: Path, demo_channels: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Optimization, bytes]:
+    """The optimize stage run once with a bar every model passes; returns its result and the trained archive's
+    bytes before it ran."""
+    before = trained.read_bytes()
+    output = tmp_path_factory.mktemp("optimized") / "model.tar.gz"
+    result = optimize_model(
+        Storage(),
+        trained.as_uri(),
+        demo_channels["train"].as_uri(),
+        demo_channels["test"].as_uri(),
+        output.as_uri(),
+        max_accuracy_drop=1.0,
+    )
+    return result, before
+
+
+@pytest.fixture(scope="module")
+def optimized_dir(optimized: tuple[Optimization, bytes], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    model_dir, _ = fetch_model(Storage(), optimized[0].model_uri, tmp_path_factory.mktemp("fetched"))
+    return model_dir
+
+
+def test_parity_check_passes_within_the_bar_and_fails_past_it() -> None:
+    truth = np.array([0, 1, 2, 3, 4] * 40)  # 200 images: one image is 0.5 points
+    eager = truth.copy()
+    eager[:20] = (eager[:20] + 1) % 5  # eager: 90% accurate
+    one_more_wrong = eager.copy()
+    one_more_wrong[100] = (one_more_wrong[100] + 1) % 5
+    passed, parity, reason = check_parity(truth, eager, one_more_wrong)
+    assert passed and parity["eager_accuracy"] == 0.9 and parity["optimized_accuracy"] == 0.895, reason
+    assert parity["top1_agreement"] == 0.995 and "agreement 0.9950" in reason
+
+    two_more_wrong = one_more_wrong.copy()
+    two_more_wrong[101] = (two_more_wrong[101] + 1) % 5
+    passed, parity, reason = check_parity(truth, eager, two_more_wrong)
+    assert not passed and parity["optimized_accuracy"] == 0.89
+    assert reason.startswith("parity failed") and "1.00 points below eager (at most 0.50)" in reason
+
+
+def test_a_model_that_passes_parity_gets_a_new_archive_and_the_trained_one_is_untouched(
+    optimized: tuple[Optimization, bytes], trained: Path, optimized_dir: Path
+) -> None:
+    result, before = optimized
+    assert result.optimized and result.model_uri != trained.as_uri() and result.reason.startswith("passed parity")
+    assert trained.read_bytes() == before, "the trained archive (maybe registered already) is never rewritten"
+    with tarfile.open(fileobj=io.BytesIO(Path(result.model_uri.removeprefix("file://")).read_bytes())) as archive:
+        assert sorted(archive.getnames()) == sorted(["model.pt", INFO_FILE, *OPTIMIZED_FILES])
+    entry = json.loads((optimized_dir / INFO_FILE).read_text())["optimized"]
+    assert entry["runtime"] == "openvino" and entry["precision"] == "int8" and entry["files"] == list(OPTIMIZED_FILES)
+    assert entry["parity"]["images"] == result.images == 40 and 0.0 <= entry["parity"]["top1_agreement"] <= 1.0
+    assert entry["parity"]["calibration_images"] == result.calibration_images == 40
+    _, trained_version = fetch_model(Storage(), trained.as_uri(), optimized_dir.parent)
+    assert optimized_dir.name != trained_version, "the optimized archive is its own version, fetched apart"
+
+
+def test_a_model_that_fails_parity_keeps_the_eager_one_and_writes_nothing(
+    trained: Path, demo_channels: dict[str, Path], tmp_path: Path
+) -> None:
+    output = tmp_path / "model.tar.gz"
+    result = optimize_model(
+        Storage(),
+        trained.as_uri(),
+        demo_channels["train"].as_uri(),
+        demo_channels["test"].as_uri(),
+        output.as_uri(),
+        max_accuracy_drop=-1.0,  # the int8 model would have to beat eager by 100 points
+    )
+    assert not result.optimized and result.model_uri == trained.as_uri()
+    assert result.reason.startswith("parity failed") and result.top1_agreement is not None
+    assert not output.exists()
+
+
+def test_the_optimized_form_serves_the_same_counts_as_eager_through_the_same_preprocessing(
+    optimized_dir: Path, trained: Path, tmp_path: Path
+) -> None:
+    model = inference.model_fn(str(optimized_dir))
+    assert model.serving["path"] == "openvino-int8" and model.optimized is not None
+    eager_dir, _ = fetch_model(Storage(), trained.as_uri(), tmp_path)
+    eager = inference.model_fn(str(eager_dir))
+    assert eager.serving == {"path": "eager", "reason": "the model has no optimized form"}
+    images = [jpeg_bytes(render_bin_image(count, np.random.default_rng(count), 64)) for count in (1, 3, 5)]
+    body = json.dumps({"images": [base64.b64encode(image).decode() for image in images]})
+    served = inference.predict_fn(inference.input_fn(body, "application/json"), model)
+    reference = inference.predict_fn(inference.input_fn(body, "application/json"), eager)
+    assert len(served) == 3 and all(sum(p["probabilities"].values()) == pytest.approx(1, abs=1e-4) for p in served)
+    for int8, fp32 in zip(served, reference, strict=True):
+        assert max(abs(int8["probabilities"][k] - fp32["probabilities"][k]) for k in fp32["probabilities"]) < 0.1
+
+
+def broken_copy(optimized_dir: Path, tmp_path: Path, info_change: dict | None = None) -> Path:
+    folder = tmp_path / "model"
+    shutil.copytree(optimized_dir, folder)
+    if info_change:
+        info = json.loads((folder / INFO_FILE).read_text())
+        info["optimized"].update(info_change)
+        (folder / INFO_FILE).write_text(json.dumps(info))
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("change", "says"),
+    [
+        ({"runtime": "tensorrt"}, "names the runtime 'tensorrt'; this inference.py serves 'openvino' only"),
+        ({"min_runtime_version": "9999.1"}, r"openvino \d+\.\d+ is older than the 9999.1 this model needs"),
+        (None, "openvino cannot run optimized.xml"),  # a truncated optimized.bin
+    ],
+)
+def test_an_optimized_form_that_cannot_serve_here_falls_back_to_eager_and_says_why(
+    optimized_dir: Path, tmp_path: Path, change: dict | None, says: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    folder = broken_copy(optimized_dir, tmp_path, change)
+    if change is None:
+        weights = folder / WEIGHTS_FILE
+        weights.write_bytes(weights.read_bytes()[:1000])
+    with caplog.at_level("INFO", logger="sm_scripts.inference"):
+        model = inference.model_fn(str(folder))
+    assert model.serving["path"] == "eager" and model.optimized is None
+    assert re.search(says, model.serving["reason"]), model.serving["reason"]
+    assert any(r.levelname == "WARNING" and re.search(says, r.getMessage()) for r in caplog.records), caplog.text
+    image = jpeg_bytes(render_bin_image(2, np.random.default_rng(0), 64))
+    (prediction,) = inference.predict_fn(inference.input_fn(image, "image/jpeg"), model)
+    assert prediction["predicted_count"] in (1, 2, 3, 4, 5), "eager serves"
+
+
+def test_the_container_requirements_list_the_runtime_at_the_version_the_loader_needs() -> None:
+    lines = [line.strip() for line in (SM_SCRIPTS / "requirements.txt").read_text().splitlines()]
+    (spec,) = [line for line in lines if re.match(r"openvino\b", line)]
+    bound = re.fullmatch(r"openvino>=(\d+)\.(\d+)", spec)
+    assert bound, f"{spec!r}: give openvino a lower bound"
+    assert tuple(map(int, bound.groups())) >= MIN_RUNTIME_VERSION
+    installed = runtime_version()
+    assert installed is not None and installed >= MIN_RUNTIME_VERSION, "the project's own lock installs it too"
+
+
+@pytest.fixture(scope="module")
+def endpoint_url(optimized: tuple[Optimization, bytes], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    settings = Settings.load(artifact_root=str(tmp_path_factory.mktemp("artifacts")))
+    backend = LocalServingBackend(settings, host_options=HostOptions(max_batch_size=4, max_wait_ms=5, threads=1))
+    record = backend.deploy(NAME, optimized[0].model_uri)
+    yield record.url
+    backend.delete(NAME)
+
+
+def test_the_local_endpoint_serves_the_optimized_model_and_ping_says_so(endpoint_url: str) -> None:
+    ping = httpx.get(f"{endpoint_url}/ping", timeout=10)
+    assert ping.status_code == 200 and ping.json()["serving"] == "openvino-int8", ping.text
+    client = runtime_client(endpoint_url, max_attempts=1)
+    image = jpeg_bytes(render_bin_image(4, np.random.default_rng(1), 64))
+    answer = client.invoke_endpoint(EndpointName=NAME, Body=image, ContentType="image/jpeg")
+    (prediction,) = json.loads(answer["Body"].read())["predictions"]
+    assert prediction["predicted_count"] in (1, 2, 3, 4, 5)

@@ -63,7 +63,7 @@ from sm_scripts.loop import Progress, backbone_features, evaluate, seed_everythi
 from sm_scripts.metric_format import format_epoch_line
 from sm_scripts.model_dir import model_info, write_model_dir
 from sm_scripts.monitoring import StepTimes, make_debugger_hook, profiler_summary, start_profiler
-from sm_scripts.networks import ARCHS, NORMALIZATION, build_model, head_name, prepare_model
+from sm_scripts.networks import ARCHS, HEADS, NORMALIZATION, build_model, head_name, prepare_model
 from sm_scripts.preprocessing import channel_values
 
 CHANNELS = ("train", "valid", "test")
@@ -211,7 +211,7 @@ def build_training(
     args: argparse.Namespace, data: Data, runtime: Runtime, checkpoint: dict[str, Any] | None
 ) -> Training:
     """The model (a checkpoint's weights when resuming), loss, optimizer, schedule, data generator, instruments."""
-    model = build_model(args.arch, len(data.classes), args.weights, args.freeze_backbone)
+    model = build_model(args.arch, len(data.classes), args.weights, args.freeze_backbone, args.head)
     trained = prepare_model(model, runtime.device, args.compile)
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
@@ -389,7 +389,7 @@ def write_outputs(
     (output_dir / "history.json").write_text(json.dumps(progress.history, indent=2))
     hyperparameters = {k.replace("_", "-"): v for k, v in vars(args).items() if not k.endswith("_dir")}  # flag spelling
     classes = [int(c) if c.isdigit() else c for c in data.classes]
-    info = model_info(args.arch, classes, args.image_size, hyperparameters, metrics)
+    info = model_info(args.arch, classes, args.image_size, hyperparameters, metrics, args.head)
     write_model_dir(Path(args.model_dir), progress.best["state"], info)
     print(f"model written to {args.model_dir}", flush=True)
     # Last metric line: the kept epoch's, so a tuner reading final values scores the kept model.
@@ -491,6 +491,13 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
         help="train the head only; with --augment none the backbone runs once per image (default: false)",
     )
     group.add_argument("--image-size", type=int, default=224, help="square input size in pixels (default: 224)")
+    group.add_argument(
+        "--head",
+        default="linear",
+        choices=HEADS,
+        help="linear, or ordinal: cumulative logits for the ordered counts, still one log-probability per class "
+        "(default: linear)",
+    )
 
 
 def add_optimization_flags(parser: argparse.ArgumentParser) -> None:

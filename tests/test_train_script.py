@@ -17,6 +17,7 @@ import torchvision
 
 from bincount.config import Settings
 from bincount.contracts.training import TrainingJob, TrainingJobSpec
+from bincount.evaluation import evaluate_model
 from bincount.local.training import LocalTrainingBackend
 from bincount.loopback_s3 import LoopbackS3
 from bincount.storage import storage_for
@@ -24,6 +25,8 @@ from sm_scripts.data import augment, square_symmetries
 from sm_scripts.distributed import Cluster, eval_order, local_batch_size, shard_order
 from sm_scripts.errors import TrainingError
 from sm_scripts.metric_format import EPOCH_FIELDS, METRIC_DEFINITIONS, METRIC_NAMES, format_epoch_line, parse_metrics
+from sm_scripts.model_dir import load_network, read_model_info
+from sm_scripts.networks import OrdinalHead
 
 SM_SCRIPTS = Path(__file__).resolve().parents[1] / "sm_scripts"
 TINY = ["--arch", "resnet18", "--image-size", "32", "--batch-size", "16", "--optimizer", "adamw", "--lr", "0.001"]
@@ -407,3 +410,31 @@ def test_shards_cover_the_channel_and_split_the_batch() -> None:
     assert local_batch_size(64, clusters[0]) == 32
     with pytest.raises(TrainingError, match="--batch-size 7 does not split evenly over 2 processes"):
         local_batch_size(7, clusters[0])
+
+
+# --- the ordinal head ------------------------------------------------------------------------
+def test_ordinal_head_gives_ordered_probabilities_that_sum_to_one() -> None:
+    head = OrdinalHead(8, 5)
+    with torch.no_grad():
+        head.gaps.copy_(torch.tensor([-9.0, 3.0, 0.0]))  # any parameters: the thresholds stay ordered
+        log_probabilities = head(torch.randn(64, 8) * 10)
+    assert log_probabilities.shape == (64, 5)
+    assert torch.allclose(log_probabilities.exp().sum(1), torch.ones(64), atol=1e-4)
+    assert bool((head.thresholds().diff() < 0).all())
+    # Cross-entropy on the output is the ordinal likelihood: log_softmax leaves log-probabilities as they are.
+    assert torch.allclose(log_probabilities.log_softmax(1), log_probabilities, atol=1e-4)
+
+
+def test_ordinal_model_dir_serves_and_scores_as_a_classifier(tmp_path: Path, demo_channels: dict[str, Path]) -> None:
+    result = run_train(tmp_path, demo_channels, *TINY, "--epochs", "1", "--head", "ordinal")
+    assert result.returncode == 0, result.stdout + result.stderr
+    info = read_model_info(tmp_path / "model")
+    assert info["head"] == "ordinal"
+    network = load_network(tmp_path / "model", info)  # what inference.py and evaluation load
+    assert isinstance(network.fc, OrdinalHead)
+    evaluation = evaluate_model(
+        storage_for(Settings.load()), (tmp_path / "model").as_uri(), demo_channels["test"].as_uri()
+    )
+    assert evaluation.images == 40 and 0.0 <= evaluation.accuracy <= 1.0
+    result = run_train(tmp_path / "bad", demo_channels, *TINY, "--epochs", "1", "--head", "cumulative")
+    assert result.returncode == 2 and "invalid choice: 'cumulative'" in result.stderr

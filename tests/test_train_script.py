@@ -347,11 +347,23 @@ def data_parallel(tmp_path_factory: pytest.TempPathFactory, demo_channels: dict[
         hyperparameters=RESUMABLE,
         channels={name: demo_channels[name].as_uri() for name in ("train", "valid")},
         output_uri=settings.artifact_uri("jobs"),
+        debugger=True,  # rank 0's smdebug hook and profiler
+        profiler=True,
         local_processes=2,
     )
     lines: list[str] = []
-    job = LocalTrainingBackend(settings).train(spec, on_log=lines.append)
-    return {"tmp": tmp, "stdout": stdout, "interrupted": interrupted, "resumed": resumed, "job": job, "lines": lines}
+    backend = LocalTrainingBackend(settings)
+    job = backend.train(spec, on_log=lines.append)
+    rules = backend.rule_results(job)
+    return {
+        "tmp": tmp,
+        "stdout": stdout,
+        "interrupted": interrupted,
+        "resumed": resumed,
+        "job": job,
+        "lines": lines,
+        "rules": rules,
+    }
 
 
 def test_two_processes_write_once_and_repeat_their_numbers(data_parallel: dict[str, object]) -> None:
@@ -363,8 +375,12 @@ def test_two_processes_write_once_and_repeat_their_numbers(data_parallel: dict[s
     info = json.loads((tmp / "reference" / "model" / "model_info.json").read_text())
     assert info["metrics"]["epochs_run"] == 3
     history = json.loads((tmp / "reference" / "output" / "data" / "history.json").read_text())
-    # The local backend starts the same two processes with torchrun: the same seed gives the same numbers.
+    # The local backend starts the same two processes with torchrun: the same seed gives the same numbers
+    # (its debugger hook and profiler, on rank 0, watch without changing them).
     assert isinstance(job, TrainingJob) and job.status == "Completed"
+    rules = data_parallel["rules"]
+    assert isinstance(rules, list) and {rule.status for rule in rules} <= {"passed", "fired", "not_evaluated"}
+    assert any(rule.status != "not_evaluated" for rule in rules)  # rank 0's tensors were written and read
     assert any("--nproc_per_node=2" in line for line in lines[:1])
     assert [(row["epoch"], row["eval:accuracy"], row["eval:loss"]) for row in job.metric_history] == [
         (row["epoch"], round(row["eval_acc"], 4), round(row["eval_loss"], 4)) for row in history

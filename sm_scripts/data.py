@@ -126,14 +126,17 @@ def batches(
     augmentation: str = "none",
     generator: torch.Generator | None = None,
     min_batch: int = 1,
+    order: torch.Tensor | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Normalized float batches (channels_last) from the uint8 cache, shuffled with ``generator``.
+    """Normalized float batches (channels_last) from the uint8 cache, shuffled with ``generator``, or
+    taken in ``order`` (the indexes of a data-parallel process's shard) when given.
 
     A last batch smaller than ``min_batch`` is left out (batch norm cannot train on one image).
     """
-    order = torch.randperm(len(cache), generator=generator) if shuffle else torch.arange(len(cache))
-    for start in range(0, len(cache), batch_size):
-        if len(cache) - start < min_batch:
+    if order is None:
+        order = torch.randperm(len(cache), generator=generator) if shuffle else torch.arange(len(cache))
+    for start in range(0, len(order), batch_size):
+        if len(order) - start < min_batch:
             break
         index = order[start : start + batch_size].to(cache.images.device)
         if cache.images.dim() == 2:  # cached backbone features: nothing to augment or normalize

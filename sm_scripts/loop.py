@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from sm_scripts.data import ImageCache, batches
+from sm_scripts.distributed import SINGLE, Cluster, sum_over_processes
 from sm_scripts.monitoring import StepTimes, set_hook_mode
 from sm_scripts.networks import head_name
 
@@ -76,8 +77,10 @@ def train_one_epoch(
     hook: Any = None,
     profiler: torch.profiler.profile | None = None,
     log_interval: int = 0,
+    cluster: Cluster = SINGLE,
 ) -> tuple[float, float, float]:
-    """One pass over the training data; returns (mean loss, accuracy, images per second)."""
+    """One pass over the training data; returns (mean loss, accuracy, images per second), over every
+    process's batches in a data-parallel run."""
     model.train()
     set_hook_mode(hook, "TRAIN")
     total_loss, correct, seen = 0.0, 0, 0
@@ -103,6 +106,7 @@ def train_one_epoch(
         if profiler is not None:
             profiler.step()
     elapsed = time.perf_counter() - start
+    total_loss, correct, seen = sum_over_processes([total_loss, correct, seen], device, cluster)
     return total_loss / max(seen, 1), correct / max(seen, 1), seen / max(elapsed, 1e-9)
 
 
@@ -115,8 +119,9 @@ def evaluate(
     amp: bool,
     class_values: torch.Tensor,
     hook: Any = None,
+    cluster: Cluster = SINGLE,
 ) -> tuple[float, float, float]:
-    """Mean loss, accuracy and RMSE of the predicted count."""
+    """Mean loss, accuracy and RMSE of the predicted count (over every process's part in a data-parallel run)."""
     model.eval()
     set_hook_mode(hook, "EVAL")
     total_loss, correct, squared, seen = 0.0, 0, 0.0, 0
@@ -129,6 +134,7 @@ def evaluate(
         correct += (predicted == labels).sum().item()
         squared += ((class_values[predicted] - class_values[labels]) ** 2).sum().item()
         seen += labels.shape[0]
+    total_loss, correct, squared, seen = sum_over_processes([total_loss, correct, squared, seen], device, cluster)
     return total_loss / seen, correct / seen, math.sqrt(squared / seen)
 
 

@@ -1,8 +1,8 @@
 """The model directory (docs/CONTRACTS.md): train.py writes it, inference.py and evaluation read it.
 
 model.pt          the state dict only: torch.load(path, weights_only=True) loads it
-model_info.json   arch, classes, image_size, mean, std, hyperparameters, metrics; and ``optimized`` where the
-                  optimize stage added an int8 form (:mod:`sm_scripts.optimized`, docs/CONTRACTS.md)
+model_info.json   arch, classes, image_size, mean, std, head, hyperparameters, metrics; and ``optimized`` where
+                  the optimize stage added an int8 form (:mod:`sm_scripts.optimized`, docs/CONTRACTS.md)
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sm_scripts.networks import ARCHS, NORMALIZATION, build_model
+from sm_scripts.networks import ARCHS, HEADS, NORMALIZATION, build_model
 
 MODEL_FILE = "model.pt"
 INFO_FILE = "model_info.json"
@@ -27,6 +27,7 @@ def model_info(
     image_size: int,
     hyperparameters: dict[str, Any] | None = None,
     metrics: dict[str, Any] | None = None,
+    head: str = "linear",
 ) -> dict[str, Any]:
     """``model_info.json``'s content; the normalization is the arch's (:data:`NORMALIZATION`)."""
     mean, std = NORMALIZATION[arch]
@@ -36,6 +37,7 @@ def model_info(
         "image_size": image_size,
         "mean": list(mean),
         "std": list(std),
+        "head": head,
         "hyperparameters": hyperparameters or {},
         "metrics": metrics or {},
     }
@@ -66,12 +68,14 @@ def read_model_info(model_dir: Path | str) -> dict[str, Any]:
         raise ValueError(f"{path} lacks {missing}; it needs {', '.join(REQUIRED_INFO)}")
     if info["arch"] not in ARCHS:
         raise ValueError(f"{path}: arch {info['arch']!r} is not one of {list(ARCHS)}, the archs train.py trains")
+    if info.get("head", "linear") not in HEADS:
+        raise ValueError(f"{path}: head {info['head']!r} is not one of {list(HEADS)}, the heads train.py trains")
     return info
 
 
 def load_network(model_dir: Path | str, info: dict[str, Any]) -> nn.Module:
     """The network ``info`` names, in eval mode, with ``model.pt``'s weights (loaded ``weights_only``: no
     code is unpickled)."""
-    network = build_model(info["arch"], len(info["classes"]))
+    network = build_model(info["arch"], len(info["classes"]), head=info.get("head", "linear"))  # older: linear
     network.load_state_dict(torch.load(Path(model_dir) / MODEL_FILE, map_location="cpu", weights_only=True))
     return network.eval()

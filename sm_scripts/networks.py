@@ -1,4 +1,5 @@
-"""The networks train.py trains and inference.py serves: torchvision's ResNets and EfficientNet-Lite0.
+"""The networks train.py trains and inference.py serves: torchvision's ResNets and EfficientNet-Lite0,
+with a plain linear head or an ordinal one (:class:`OrdinalHead`).
 
 One definition of each arch: :func:`build_model` makes every one of them, for training (ImageNet
 weights, a state-dict file or none) and for serving (none, then ``model.pt`` loaded into it).
@@ -16,6 +17,7 @@ from torch import nn
 from sm_scripts.errors import TrainingError
 
 ARCHS = ("resnet18", "resnet34", "resnet50", "efficientnet_lite0")
+HEADS = ("linear", "ordinal")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 NORMALIZATION = {  # (mean, std) the arch's ImageNet weights were trained with
@@ -90,6 +92,33 @@ class EfficientNetLite0(nn.Module):
         return self._fc(self._dropout(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)))
 
 
+class OrdinalHead(nn.Module):
+    """A cumulative-logit head for ordered classes (counts): one score ``w . x`` per image and K-1
+    thresholds kept in decreasing order, ``P(y > k) = sigmoid(w . x + b_k)`` (CORAL's shared-weight
+    form, a proportional-odds model). Its output is each class's log-probability, ``log P(y = k)``
+    (neighbouring ``P(y > k)`` subtracted), so cross-entropy on it is the ordinal model's likelihood,
+    and serving, evaluation and export read it like any classifier's logits (argmax, softmax)."""
+
+    def __init__(self, in_features: int, num_classes: int) -> None:
+        super().__init__()
+        if num_classes < 2:
+            raise TrainingError(f"an ordinal head needs at least 2 ordered classes, not {num_classes}")
+        self.in_features, self.out_features = in_features, num_classes
+        self.weight = nn.Parameter(torch.empty(1, in_features).uniform_(-(in_features**-0.5), in_features**-0.5))
+        self.first = nn.Parameter(torch.tensor([(num_classes - 2) / 2]))  # thresholds start 1 apart, centred
+        self.gaps = nn.Parameter(torch.full((num_classes - 2,), 0.5413))  # softplus(0.5413) = 1
+
+    def thresholds(self) -> torch.Tensor:
+        """b_0 > b_1 > ... > b_{K-2}: the first, then each gap (softplus: always positive) taken off."""
+        return torch.cat([self.first, self.first - torch.cumsum(nn.functional.softplus(self.gaps), 0)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        score = nn.functional.linear(x, self.weight).float()
+        above = torch.sigmoid(score + self.thresholds())  # (N, K-1): P(y > k), decreasing in k
+        cumulative = torch.cat([torch.ones_like(score), above, torch.zeros_like(score)], 1)
+        return (cumulative[:, :-1] - cumulative[:, 1:]).clamp_min(1e-7).log()
+
+
 def head_name(arch: str) -> str:
     """The attribute holding the arch's classification head."""
     return "_fc" if arch == "efficientnet_lite0" else "fc"
@@ -126,14 +155,19 @@ def load_weights(model: nn.Module, arch: str, weights: str) -> None:
     print(f"loaded weights from {path}" + (f" except {skipped} (shapes differ)" if skipped else ""), flush=True)
 
 
-def build_model(arch: str, num_classes: int, weights: str = "none", freeze_backbone: bool = False) -> nn.Module:
-    """A ResNet or EfficientNet-Lite0 with a ``num_classes`` head; weights ``imagenet``, ``none`` or a state-dict path.
+def build_model(
+    arch: str, num_classes: int, weights: str = "none", freeze_backbone: bool = False, head: str = "linear"
+) -> nn.Module:
+    """A ResNet or EfficientNet-Lite0 with a ``num_classes`` head (``linear``, or ``ordinal``: an
+    :class:`OrdinalHead`); weights ``imagenet``, ``none`` or a state-dict path.
 
     Raises:
-        TrainingError: an unknown arch, or weights that cannot be had or do not fit.
+        TrainingError: an unknown arch or head, or weights that cannot be had or do not fit.
     """
     if arch not in ARCHS:
         raise TrainingError(f"unknown --arch {arch!r}: choose one of {', '.join(ARCHS)}")
+    if head not in HEADS:
+        raise TrainingError(f"unknown --head {head!r}: choose one of {', '.join(HEADS)}")
     if weights == "imagenet":
         model = imagenet_model(arch)
     elif arch == "efficientnet_lite0":
@@ -142,9 +176,11 @@ def build_model(arch: str, num_classes: int, weights: str = "none", freeze_backb
         model = torchvision.models.get_model(arch, weights=None)
     if weights not in ("imagenet", "none"):
         load_weights(model, arch, weights)
-    head = getattr(model, head_name(arch))
-    if head.out_features != num_classes:
-        setattr(model, head_name(arch), nn.Linear(head.in_features, num_classes))
+    start = getattr(model, head_name(arch))
+    if head == "ordinal":
+        setattr(model, head_name(arch), OrdinalHead(start.in_features, num_classes))
+    elif start.out_features != num_classes:
+        setattr(model, head_name(arch), nn.Linear(start.in_features, num_classes))
     if freeze_backbone:
         for name, parameter in model.named_parameters():
             parameter.requires_grad = name.startswith(head_name(arch) + ".")

@@ -45,12 +45,25 @@ from sm_scripts.checkpoints import (
     save_checkpoint,
 )
 from sm_scripts.data import ImageCache, batches, find_classes, load_channel
+from sm_scripts.distributed import (
+    Cluster,
+    average_buffers,
+    eval_order,
+    from_main,
+    gather_to_main,
+    join_cluster,
+    leave_cluster,
+    local_batch_size,
+    shard_order,
+    unwrap,
+    wrap,
+)
 from sm_scripts.errors import TrainingError
 from sm_scripts.loop import Progress, backbone_features, evaluate, seed_everything, train_one_epoch
 from sm_scripts.metric_format import format_epoch_line
 from sm_scripts.model_dir import model_info, write_model_dir
 from sm_scripts.monitoring import StepTimes, make_debugger_hook, profiler_summary, start_profiler
-from sm_scripts.networks import ARCHS, NORMALIZATION, build_model, head_name, prepare_model
+from sm_scripts.networks import ARCHS, HEADS, NORMALIZATION, build_model, head_name, prepare_model
 from sm_scripts.preprocessing import channel_values
 
 CHANNELS = ("train", "valid", "test")
@@ -58,11 +71,13 @@ CHANNELS = ("train", "valid", "test")
 
 @dataclass
 class Runtime:
-    """Where the run computes: the device, mixed precision on or off, CPU threads."""
+    """Where the run computes: the device, mixed precision on or off, CPU threads, and this process's
+    place among data-parallel processes (``sm_scripts/distributed.py``)."""
 
     device: torch.device
     amp: bool
     threads: int
+    cluster: Cluster
 
 
 @dataclass
@@ -112,17 +127,23 @@ def check_flags(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
 
 
 def setup_runtime(args: argparse.Namespace) -> Runtime:
-    """Pick the device and thread count, and say what the run will use."""
+    """Join the data-parallel processes (if torchrun started several), pick the device and thread count
+    (the host's threads shared by its processes), and say what the run will use."""
     use_cuda = args.num_gpus > 0 and torch.cuda.is_available()
-    device = torch.device("cuda" if use_cuda else "cpu")
-    threads = args.threads or os.cpu_count() or 1
+    cluster = join_cluster(use_cuda)
+    device = torch.device("cpu")
+    if use_cuda:
+        device = torch.device("cuda", cluster.local_rank) if cluster.distributed else torch.device("cuda")
+    threads = max(1, (args.threads or os.cpu_count() or 1) // cluster.local_world)
     torch.set_num_threads(threads)
     amp = use_cuda and args.amp and torch.cuda.is_bf16_supported()  # bfloat16: no loss scaling needed
+    place = f", process {cluster.rank} of {cluster.world} (data-parallel)" if cluster.distributed else ""
     print(
-        f"train.py pid {os.getpid()}: device {device}, {threads} CPU threads, mixed precision {'on' if amp else 'off'}",
+        f"train.py pid {os.getpid()}: device {device}, {threads} CPU threads, mixed precision {'on' if amp else 'off'}"
+        + place,
         flush=True,
     )
-    return Runtime(device, amp, threads)
+    return Runtime(device, amp, threads, cluster)
 
 
 def load_data(args: argparse.Namespace, train_names: list[str], folders: dict[str, str], runtime: Runtime) -> Data:
@@ -190,7 +211,7 @@ def build_training(
     args: argparse.Namespace, data: Data, runtime: Runtime, checkpoint: dict[str, Any] | None
 ) -> Training:
     """The model (a checkpoint's weights when resuming), loss, optimizer, schedule, data generator, instruments."""
-    model = build_model(args.arch, len(data.classes), args.weights, args.freeze_backbone)
+    model = build_model(args.arch, len(data.classes), args.weights, args.freeze_backbone, args.head)
     trained = prepare_model(model, runtime.device, args.compile)
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
@@ -200,25 +221,34 @@ def build_training(
         trained = cache_backbone_features(args, model, data, runtime.device, mean, std)
     criterion = make_criterion(args, data, runtime.device)
     optimizer, scheduler = make_optimizer(args, model)
+    main = runtime.cluster.main
     hook = None
-    if args.debugger:
+    if args.debugger and main:  # one set of debugger tensors: rank 0's
         hook = make_debugger_hook(trained, criterion, args.debugger_dir, args.debugger_save_interval)
-    generator = torch.Generator().manual_seed(args.seed)
+    if runtime.cluster.distributed:
+        trained = wrap(trained, runtime.device)
+    # Each process draws its own augmentations; rank 0 (a single process) draws those of --seed.
+    generator = torch.Generator().manual_seed(args.seed + runtime.cluster.rank)
     output_dir = Path(args.output_data_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     cuda = runtime.device.type == "cuda"
-    profiler = start_profiler(output_dir / "profiler", args.profile_steps, cuda) if args.profile else None
+    profiler = start_profiler(output_dir / "profiler", args.profile_steps, cuda) if args.profile and main else None
     return Training(model, trained, criterion, optimizer, scheduler, generator, mean, std, hook, profiler)
 
 
-def resume(args: argparse.Namespace, training: Training, checkpoint: dict[str, Any] | None) -> Progress:
+def resume(
+    args: argparse.Namespace, training: Training, checkpoint: dict[str, Any] | None, cluster: Cluster
+) -> Progress:
     """The epochs a checkpoint holds (optimizer, schedule and random states restored, their lines printed again)."""
     if checkpoint is None:
         return Progress()
     training.optimizer.load_state_dict(checkpoint["optimizer"])
     if training.scheduler is not None:
         training.scheduler.load_state_dict(checkpoint["scheduler"])
-    restore_rng_states(checkpoint["rng"], training.generator)
+    # A data-parallel checkpoint holds one set of random states per process.
+    restore_rng_states(
+        checkpoint["rng"][cluster.rank] if cluster.distributed else checkpoint["rng"], training.generator
+    )
     print(
         f"resumed from checkpoint {Path(args.checkpoint_dir) / CHECKPOINT_FILE} after epoch "
         f"{checkpoint['epoch']} of {args.epochs}; the epochs so far:",
@@ -233,11 +263,11 @@ def run_epoch(
     args: argparse.Namespace, epoch: int, training: Training, data: Data, runtime: Runtime, times: StepTimes
 ) -> dict[str, float]:
     """Train one epoch, score the eval channel, step the schedule; return the epoch's metrics."""
-    device, t = runtime.device, training
+    device, t, cluster = runtime.device, training, runtime.cluster
     lr = t.optimizer.param_groups[0]["lr"]
     train_data = batches(
         data.train,
-        args.batch_size,
+        local_batch_size(args.batch_size, cluster),
         device,
         t.mean,
         t.std,
@@ -245,6 +275,7 @@ def run_epoch(
         augmentation=args.augment,
         generator=t.generator,
         min_batch=2,
+        order=shard_order(len(data.train), epoch, args.seed, cluster) if cluster.distributed else None,
     )
     train_loss, train_acc, ips = train_one_epoch(
         t.trained,
@@ -257,10 +288,13 @@ def run_epoch(
         t.hook,
         t.profiler,
         args.log_interval,
+        cluster,
     )
-    eval_data = batches(data.eval, args.eval_batch_size, device, t.mean, t.std, shuffle=False)
+    average_buffers(t.model, cluster)  # every process now holds the same weights
+    order = eval_order(len(data.eval), cluster) if cluster.distributed else None
+    eval_data = batches(data.eval, args.eval_batch_size, device, t.mean, t.std, shuffle=False, order=order)
     eval_loss, eval_acc, eval_rmse = evaluate(
-        t.trained, t.criterion, eval_data, device, runtime.amp, data.class_values, t.hook
+        unwrap(t.trained), t.criterion, eval_data, device, runtime.amp, data.class_values, t.hook, cluster
     )
     if t.scheduler is not None:
         t.scheduler.step()
@@ -277,7 +311,7 @@ def run_epoch(
 
 
 def save_epoch_checkpoint(
-    args: argparse.Namespace, epoch: int, training: Training, progress: Progress, fingerprint: dict[str, Any]
+    args: argparse.Namespace, epoch: int, training: Training, progress: Progress, fingerprint: dict[str, Any], rng: Any
 ) -> Path:
     """Everything the next epoch reads, in ``--checkpoint-dir`` (docs/CONTRACTS.md: Checkpoints)."""
     state = training.model.state_dict()
@@ -294,7 +328,7 @@ def save_epoch_checkpoint(
             "best": {**best, "state": state} if best["epoch"] == epoch else best,
             "stale": progress.stale,
             "history": progress.history,
-            "rng": rng_states(training.generator),
+            "rng": rng,
         },
     )
 
@@ -317,7 +351,13 @@ def fit(
         values = run_epoch(args, epoch, training, data, runtime, times)
         progress.record(values, training.model, args.keep)
         # Saved before the epoch line: whoever acts on that line (a tuner stopping the job) finds it saved.
-        path = save_epoch_checkpoint(args, epoch, training, progress, fingerprint) if args.checkpoint_dir else None
+        path = None
+        if args.checkpoint_dir:
+            cluster = runtime.cluster
+            states = rng_states(training.generator)
+            rng = gather_to_main(states, cluster) if cluster.distributed else states
+            if cluster.main:
+                path = save_epoch_checkpoint(args, epoch, training, progress, fingerprint, rng)
         print(format_epoch_line(values), flush=True)
         if path is not None:
             print(f"checkpoint: epoch {epoch} saved to {path}", flush=True)
@@ -331,10 +371,13 @@ def fit(
 def write_outputs(
     args: argparse.Namespace, training: Training, data: Data, runtime: Runtime, progress: Progress, times: StepTimes
 ) -> dict[str, Any]:
-    """History and profiler summary into the output dir, the kept weights into the model dir; return its metrics."""
+    """History and profiler summary into the output dir, the kept weights into the model dir (rank 0 alone
+    in a data-parallel run); return its metrics."""
     output_dir = Path(args.output_data_dir)
     metrics = {k: v for k, v in progress.best.items() if k != "state"}
     metrics["epochs_run"] = len(progress.history)
+    if not runtime.cluster.main:
+        return metrics
     if args.profile:
         summary = profiler_summary(training.profiler, times, runtime.device)
         (output_dir / "profiler_summary.json").write_text(json.dumps(summary, indent=2))
@@ -346,7 +389,7 @@ def write_outputs(
     (output_dir / "history.json").write_text(json.dumps(progress.history, indent=2))
     hyperparameters = {k.replace("_", "-"): v for k, v in vars(args).items() if not k.endswith("_dir")}  # flag spelling
     classes = [int(c) if c.isdigit() else c for c in data.classes]
-    info = model_info(args.arch, classes, args.image_size, hyperparameters, metrics)
+    info = model_info(args.arch, classes, args.image_size, hyperparameters, metrics, args.head)
     write_model_dir(Path(args.model_dir), progress.best["state"], info)
     print(f"model written to {args.model_dir}", flush=True)
     # Last metric line: the kept epoch's, so a tuner reading final values scores the kept model.
@@ -372,15 +415,40 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     (its own, by the fingerprint of its hyperparameters) goes on after the epoch it holds.
     """
     seed_everything(args.seed, args.deterministic)
-    fingerprint = run_fingerprint(args)
-    checkpoint = load_checkpoint(args.checkpoint_dir, fingerprint)  # before the slow start: a refusal comes at once
-    train_names, folders = check_flags(args)
     runtime = setup_runtime(args)
-    data = load_data(args, train_names, folders, runtime)
-    training = build_training(args, data, runtime, checkpoint)
-    progress = resume(args, training, checkpoint)
-    times = fit(args, training, data, runtime, progress, fingerprint)
-    return write_outputs(args, training, data, runtime, progress, times)
+    try:
+        fingerprint = run_fingerprint(args)
+        if runtime.cluster.distributed:  # its checkpoint holds one set of random states per process
+            fingerprint["processes"] = runtime.cluster.world
+        checkpoint = load_shared_checkpoint(args, fingerprint, runtime.cluster)  # before the slow start
+        train_names, folders = check_flags(args)
+        data = load_data(args, train_names, folders, runtime)
+        training = build_training(args, data, runtime, checkpoint)
+        progress = resume(args, training, checkpoint, runtime.cluster)
+        times = fit(args, training, data, runtime, progress, fingerprint)
+        return write_outputs(args, training, data, runtime, progress, times)
+    finally:
+        leave_cluster(runtime.cluster)
+
+
+def load_shared_checkpoint(
+    args: argparse.Namespace, fingerprint: dict[str, Any], cluster: Cluster
+) -> dict[str, Any] | None:
+    """Rank 0's checkpoint (see :func:`load_checkpoint`) on every process, or its refusal raised on every process
+    (a host without the file, or one that refuses alone, would otherwise leave the others waiting)."""
+    if not cluster.distributed:
+        return load_checkpoint(args.checkpoint_dir, fingerprint)
+    found: dict[str, Any] | None = None
+    refusal = ""
+    if cluster.main:
+        try:
+            found = load_checkpoint(args.checkpoint_dir, fingerprint)
+        except TrainingError as error:
+            refusal = str(error)
+    found, refusal = from_main((found, refusal), cluster)
+    if refusal:
+        raise TrainingError(refusal)
+    return found
 
 
 def run(args: argparse.Namespace) -> int:
@@ -423,12 +491,25 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
         help="train the head only; with --augment none the backbone runs once per image (default: false)",
     )
     group.add_argument("--image-size", type=int, default=224, help="square input size in pixels (default: 224)")
+    group.add_argument(
+        "--head",
+        default="linear",
+        choices=HEADS,
+        help="linear, or ordinal: cumulative logits for the ordered counts, still one log-probability per class "
+        "(default: linear)",
+    )
 
 
 def add_optimization_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("optimization")
     group.add_argument("--epochs", type=int, default=5, help="epochs (default: 5)")
-    group.add_argument("--batch-size", type=int, default=64, help="training batch size (default: 64)")
+    group.add_argument(
+        "--batch-size",
+        type=int,
+        default=64,
+        help="training batch size; with several data-parallel processes the global one, split "
+        "between them (default: 64)",
+    )
     group.add_argument("--eval-batch-size", type=int, default=128, help="evaluation batch size (default: 128)")
     group.add_argument("--lr", type=float, default=0.01, help="learning rate (default: 0.01)")
     group.add_argument("--optimizer", default="sgd", choices=("sgd", "adamw"), help="optimizer (default: sgd)")

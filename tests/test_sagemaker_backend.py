@@ -103,6 +103,9 @@ def test_training_job_request_with_debugger_rules_profiler_and_spot(
         "debugger": True,
         "profile": True,
         "checkpoint-dir": "/opt/ml/checkpoints",  # spot: train.py resumes from what SageMaker syncs to CheckpointConfig
+        # Two GPU instances: data-parallel under SageMaker's torchrun launcher (one train.py process per GPU).
+        "sagemaker_torch_distributed_enabled": True,
+        "sagemaker_instance_type": "ml.g5.xlarge",
         "sagemaker_program": "train.py",
         "sagemaker_container_log_level": 20,
         "sagemaker_job_name": name,
@@ -164,6 +167,31 @@ def test_plain_training_job_has_no_debugger_and_no_profiler(
     assert request["ProfilerConfig"] == {"DisableProfiler": True}
     assert "EnableManagedSpotTraining" not in request
     assert "debugger" not in request["HyperParameters"] and "profile" not in request["HyperParameters"]
+    assert "sagemaker_torch_distributed_enabled" not in request["HyperParameters"]  # one GPU: one process
+
+
+@pytest.mark.parametrize(
+    ("instance_type", "count", "devices"),
+    [("ml.g5.xlarge", 1, 1), ("ml.g5.12xlarge", 1, 4), ("ml.p4d.24xlarge", 2, 16), ("ml.c5.xlarge", 1, 1)],
+)
+def test_data_parallel_jobs_count_every_gpu(
+    settings: Settings, options: SageMakerOptions, instance_type: str, count: int, devices: int
+) -> None:
+    backend = SageMakerTrainingBackend(
+        settings, options.model_copy(update={"train_instance_type": instance_type, "train_instance_count": count})
+    )
+    assert backend.devices_per_job() == devices
+    estimator = backend.estimator(spec(settings, job_name("train", uuid.uuid4().hex)))
+    enabled = estimator.hyperparameters().get("sagemaker_torch_distributed_enabled")  # JSON-encoded by the SDK
+    assert enabled == ("true" if devices > 1 else None)
+
+
+def test_several_cpu_instances_are_refused_before_any_job(settings: Settings, options: SageMakerOptions) -> None:
+    backend = SageMakerTrainingBackend(
+        settings, options.model_copy(update={"train_instance_type": "ml.c5.4xlarge", "train_instance_count": 2})
+    )
+    with pytest.raises(ValueError, match=r"ml.c5.4xlarge, which has no GPU.*Use one instance, or a GPU type"):
+        backend.estimator(spec(settings, job_name("train", uuid.uuid4().hex)))
 
 
 def test_tuning_job_request_and_best_hyperparameters_read_back(

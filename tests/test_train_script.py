@@ -10,17 +10,23 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 import torchvision
 
 from bincount.config import Settings
-from bincount.contracts.training import TrainingJobSpec
+from bincount.contracts.training import TrainingJob, TrainingJobSpec
+from bincount.evaluation import evaluate_model
 from bincount.local.training import LocalTrainingBackend
 from bincount.loopback_s3 import LoopbackS3
 from bincount.storage import storage_for
 from sm_scripts.data import augment, square_symmetries
+from sm_scripts.distributed import Cluster, eval_order, local_batch_size, shard_order
+from sm_scripts.errors import TrainingError
 from sm_scripts.metric_format import EPOCH_FIELDS, METRIC_DEFINITIONS, METRIC_NAMES, format_epoch_line, parse_metrics
+from sm_scripts.model_dir import load_network, read_model_info
+from sm_scripts.networks import OrdinalHead
 
 SM_SCRIPTS = Path(__file__).resolve().parents[1] / "sm_scripts"
 TINY = ["--arch", "resnet18", "--image-size", "32", "--batch-size", "16", "--optimizer", "adamw", "--lr", "0.001"]
@@ -276,3 +282,175 @@ def test_local_backend_retry_resumes_from_the_jobs_checkpoints(
     assert [row["epoch"] for row in job.metric_history] == [1, 2, 3]
     assert "checkpoint-dir" not in job.hyperparameters
     assert list(storage.list(checkpoints)) == []  # a completed job's checkpoints are gone
+
+
+# --- data-parallel training (torchrun, gloo on this CPU) ---------------------------------------
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py"]
+
+
+def start_torchrun(tmp: Path, channels: dict[str, Path], *flags: str) -> subprocess.Popen:
+    """Two train.py processes under torchrun."""
+    return subprocess.Popen(
+        [*TORCHRUN, *flags],
+        cwd=SM_SCRIPTS,
+        env=sagemaker_env(tmp, channels),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def kill_all(process: subprocess.Popen) -> None:
+    """SIGKILL torchrun and its workers (each in a session of its own) at once, as a lost host."""
+    launcher = psutil.Process(process.pid)
+    for each in [*launcher.children(recursive=True), launcher]:
+        each.kill()
+
+
+def run_torchrun(tmp: Path, channels: dict[str, Path], *flags: str) -> str:
+    process = start_torchrun(tmp, channels, *flags)
+    stdout, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, stdout
+    return stdout
+
+
+def without_timing(history: list[dict[str, float]]) -> list[dict[str, float]]:
+    return [{k: v for k, v in row.items() if k != "train_ips"} for row in history]
+
+
+@pytest.fixture(scope="module")
+def data_parallel(tmp_path_factory: pytest.TempPathFactory, demo_channels: dict[str, Path]) -> dict[str, object]:
+    """A two-process run; the same run killed (every process, as a lost host) after its first checkpoint
+    and started again; and the same run as a job of the local backend."""
+    tmp = tmp_path_factory.mktemp("data-parallel")
+    stdout = run_torchrun(tmp / "reference", demo_channels, *RESUMABLE_FLAGS)
+
+    flags = [*RESUMABLE_FLAGS, "--checkpoint-dir", str(tmp / "checkpoints")]
+    process = start_torchrun(tmp / "run", demo_channels, *flags)
+    try:
+        assert process.stdout is not None
+        for line in process.stdout:
+            if line.startswith("checkpoint: epoch 1 saved"):
+                kill_all(process)
+                break
+    finally:
+        if process.poll() is None:
+            kill_all(process)
+        process.wait(timeout=60)
+    assert process.returncode == -9, "the run ended before it could be killed"
+    interrupted = torch.load(tmp / "checkpoints" / "checkpoint.pt", weights_only=True)
+    resumed = run_torchrun(tmp / "run", demo_channels, *flags)
+
+    settings = Settings.load(artifact_root=(tmp / "artifacts").as_uri())
+    spec = TrainingJobSpec(
+        name="bincount-train-data-parallel",
+        hyperparameters=RESUMABLE,
+        channels={name: demo_channels[name].as_uri() for name in ("train", "valid")},
+        output_uri=settings.artifact_uri("jobs"),
+        debugger=True,  # rank 0's smdebug hook and profiler
+        profiler=True,
+        local_processes=2,
+    )
+    lines: list[str] = []
+    backend = LocalTrainingBackend(settings)
+    job = backend.train(spec, on_log=lines.append)
+    rules = backend.rule_results(job)
+    return {
+        "tmp": tmp,
+        "stdout": stdout,
+        "interrupted": interrupted,
+        "resumed": resumed,
+        "job": job,
+        "lines": lines,
+        "rules": rules,
+    }
+
+
+def test_two_processes_write_once_and_repeat_their_numbers(data_parallel: dict[str, object]) -> None:
+    tmp, stdout, job, lines = (data_parallel[key] for key in ("tmp", "stdout", "job", "lines"))
+    assert isinstance(tmp, Path) and isinstance(stdout, str) and isinstance(lines, list)
+    assert "process 0 of 2 (data-parallel)" in stdout
+    # Rank 0 alone prints metric lines and writes the model dir.
+    assert [parse_metrics(line)["epoch"] for line in stdout.splitlines() if line.startswith("epoch:")] == [1, 2, 3]
+    info = json.loads((tmp / "reference" / "model" / "model_info.json").read_text())
+    assert info["metrics"]["epochs_run"] == 3
+    history = json.loads((tmp / "reference" / "output" / "data" / "history.json").read_text())
+    # The local backend starts the same two processes with torchrun: the same seed gives the same numbers
+    # (its debugger hook and profiler, on rank 0, watch without changing them).
+    assert isinstance(job, TrainingJob) and job.status == "Completed"
+    rules = data_parallel["rules"]
+    assert isinstance(rules, list) and {rule.status for rule in rules} <= {"passed", "fired", "not_evaluated"}
+    assert any(rule.status != "not_evaluated" for rule in rules)  # rank 0's tensors were written and read
+    assert any("--nproc_per_node=2" in line for line in lines[:1])
+    assert [(row["epoch"], row["eval:accuracy"], row["eval:loss"]) for row in job.metric_history] == [
+        (row["epoch"], round(row["eval_acc"], 4), round(row["eval_loss"], 4)) for row in history
+    ]
+
+
+def test_killed_two_process_run_resumes_and_ends_as_an_uninterrupted_one(data_parallel: dict[str, object]) -> None:
+    tmp, interrupted, resumed = data_parallel["tmp"], data_parallel["interrupted"], data_parallel["resumed"]
+    assert isinstance(tmp, Path) and isinstance(interrupted, dict) and isinstance(resumed, str)
+    assert interrupted["epoch"] == 1
+    assert interrupted["fingerprint"]["processes"] == 2
+    assert len(interrupted["rng"]) == 2  # each process's random states: its own augmentation draws
+    assert "after epoch 1 of 3" in resumed
+    expected = json.loads((tmp / "reference" / "output" / "data" / "history.json").read_text())
+    history = json.loads((tmp / "run" / "output" / "data" / "history.json").read_text())
+    assert without_timing(history) == without_timing(expected)  # bit for bit
+    reference = torch.load(tmp / "reference" / "model" / "model.pt", weights_only=True)
+    weights = torch.load(tmp / "run" / "model" / "model.pt", weights_only=True)
+    assert reference.keys() == weights.keys()
+    assert all(torch.equal(reference[name], weights[name]) for name in reference)
+
+
+def test_two_process_checkpoint_is_refused_by_one_process(
+    tmp_path: Path, data_parallel: dict[str, object], demo_channels: dict[str, Path]
+) -> None:
+    tmp = data_parallel["tmp"]
+    assert isinstance(tmp, Path)
+    shutil.copytree(tmp / "checkpoints", tmp_path / "checkpoints")
+    result = run_train(
+        tmp_path / "job", demo_channels, *RESUMABLE_FLAGS, "--checkpoint-dir", str(tmp_path / "checkpoints")
+    )
+    assert result.returncode == 2
+    assert "--processes 2 there, (unset) now" in (tmp_path / "job" / "output" / "failure").read_text()
+
+
+def test_shards_cover_the_channel_and_split_the_batch() -> None:
+    clusters = [Cluster(rank, 2, rank, 2) for rank in range(2)]
+    first = [shard_order(11, 1, 7, cluster) for cluster in clusters]
+    assert [len(shard) for shard in first] == [6, 6]  # padded: both processes run as many steps
+    assert set(torch.cat(first).tolist()) == set(range(11))
+    assert not torch.equal(torch.cat(first), torch.cat([shard_order(11, 2, 7, cluster) for cluster in clusters]))
+    assert sorted(torch.cat([eval_order(11, cluster) for cluster in clusters]).tolist()) == list(range(11))
+    assert local_batch_size(64, clusters[0]) == 32
+    with pytest.raises(TrainingError, match="--batch-size 7 does not split evenly over 2 processes"):
+        local_batch_size(7, clusters[0])
+
+
+# --- the ordinal head ------------------------------------------------------------------------
+def test_ordinal_head_gives_ordered_probabilities_that_sum_to_one() -> None:
+    head = OrdinalHead(8, 5)
+    with torch.no_grad():
+        head.gaps.copy_(torch.tensor([-9.0, 3.0, 0.0]))  # any parameters: the thresholds stay ordered
+        log_probabilities = head(torch.randn(64, 8) * 10)
+    assert log_probabilities.shape == (64, 5)
+    assert torch.allclose(log_probabilities.exp().sum(1), torch.ones(64), atol=1e-4)
+    assert bool((head.thresholds().diff() < 0).all())
+    # Cross-entropy on the output is the ordinal likelihood: log_softmax leaves log-probabilities as they are.
+    assert torch.allclose(log_probabilities.log_softmax(1), log_probabilities, atol=1e-4)
+
+
+def test_ordinal_model_dir_serves_and_scores_as_a_classifier(tmp_path: Path, demo_channels: dict[str, Path]) -> None:
+    result = run_train(tmp_path, demo_channels, *TINY, "--epochs", "1", "--head", "ordinal")
+    assert result.returncode == 0, result.stdout + result.stderr
+    info = read_model_info(tmp_path / "model")
+    assert info["head"] == "ordinal"
+    network = load_network(tmp_path / "model", info)  # what inference.py and evaluation load
+    assert isinstance(network.fc, OrdinalHead)
+    evaluation = evaluate_model(
+        storage_for(Settings.load()), (tmp_path / "model").as_uri(), demo_channels["test"].as_uri()
+    )
+    assert evaluation.images == 40 and 0.0 <= evaluation.accuracy <= 1.0
+    result = run_train(tmp_path / "bad", demo_channels, *TINY, "--epochs", "1", "--head", "cumulative")
+    assert result.returncode == 2 and "invalid choice: 'cumulative'" in result.stderr

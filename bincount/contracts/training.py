@@ -40,7 +40,9 @@ class TrainingJobSpec:
     """A training job to run: ``channels`` maps ``train``/``valid``/``test`` to channel URIs.
 
     ``local_cpus`` is the local backend's share of this machine's cores for the job (when jobs run
-    side by side); SageMaker gives each job its own instance and ignores it.
+    side by side), and ``local_processes`` how many data-parallel processes it starts for the job
+    (``torchrun --nproc_per_node``); SageMaker gives each job its own instances, one process per GPU,
+    and ignores both.
     """
 
     name: str
@@ -50,9 +52,12 @@ class TrainingJobSpec:
     debugger: bool = False
     profiler: bool = False
     local_cpus: int | None = None
+    local_processes: int = 1
 
     def __post_init__(self) -> None:
         check_name(self.name, "training")
+        if self.local_processes < 1:
+            raise ValueError(f"local_processes is {self.local_processes}: a job runs at least one process")
 
     def script_hyperparameters(self) -> dict[str, Any]:
         """What train.py gets as flags: the hyperparameters plus its ``--debugger`` / ``--profile`` switches."""

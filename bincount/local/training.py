@@ -6,6 +6,9 @@ as ``--name value`` flags. Its log streams line by line to ``on_log``; metric li
 the same regexes as SageMaker's metric definitions. The results are packed and put under the
 job's output URI as SageMaker would (see :mod:`bincount.contracts.training`).
 
+Data-parallel jobs (``spec.local_processes > 1``) run under ``torchrun --standalone --nproc_per_node N``;
+the processes share the job's cores, and rank 0 alone prints metric lines and writes the model.
+
 Checkpoints: train.py gets ``--checkpoint-dir``, a folder kept under the job's output URI
 (``{output_uri}/{name}/checkpoints``, like SageMaker's ``checkpoint_s3_uri``), so another attempt
 at the same job (a Prefect retry after a crash or a cancel) resumes after its last finished epoch.
@@ -138,7 +141,10 @@ class LocalTrainingBackend:
             }  # a place, not a hyperparameter of the record
             environment = sagemaker_environment(job_dir, channels, flags, spec.local_cpus)
             env = {**os.environ, **environment, "PYTHONUNBUFFERED": "1"}
-            command = [self.python, TRAIN_ENTRY_POINT, *hyperparameter_flags(flags)]
+            launcher = [self.python]
+            if spec.local_processes > 1:  # data-parallel: torchrun starts the processes and their rendezvous
+                launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={spec.local_processes}"]
+            command = [*launcher, TRAIN_ENTRY_POINT, *hyperparameter_flags(flags)]
             sink(f"starting {spec.name}: {' '.join(command[1:])}")
             if not checkpoint_uri.startswith("file://"):
                 sink = self._uploading_checkpoints(sink, checkpoints, checkpoint_uri)

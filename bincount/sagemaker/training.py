@@ -125,6 +125,9 @@ class SageMakerTrainingBackend(SageMakerBackendBase):
             )
         else:
             extra["disable_profiler"] = True
+        if self.devices_per_job() > 1:
+            # Data-parallel: torchrun on every instance, one train.py process per GPU (see sm_scripts/distributed.py).
+            extra["distribution"] = {"torch_distributed": {"enabled": True}}
         if options.use_spot:
             extra.update(
                 use_spot_instances=True,
@@ -150,6 +153,30 @@ class SageMakerTrainingBackend(SageMakerBackendBase):
             sagemaker_session=self.session,
             **extra,
         )
+
+    def devices_per_job(self) -> int:
+        """The GPUs of a training job in all: instances x GPUs each (ml.p* and ml.g* types have GPUs; how many,
+        the SDK's table says, one where it does not list the type).
+
+        Raises:
+            ValueError: several instances of a type without GPUs: SageMaker's torchrun launcher needs GPUs,
+                and without it the instances would each train alone.
+        """
+        from sagemaker import instance_types_gpu_info
+
+        options = self.options
+        family = options.train_instance_type.removeprefix("ml.").split(".")[0]
+        gpus = 0
+        if family.startswith(("p", "g")):
+            table = instance_types_gpu_info.retrieve(self.session.boto_region_name)
+            gpus = table.get(options.train_instance_type, {}).get("Count", 1)
+        if gpus == 0 and options.train_instance_count > 1:
+            raise ValueError(
+                f"train_instance_count {options.train_instance_count} of {options.train_instance_type}, which has "
+                "no GPU: data-parallel training on SageMaker (torch_distributed) runs on GPU instances. Use one "
+                "instance, or a GPU type such as ml.g5.12xlarge."
+            )
+        return options.train_instance_count * max(gpus, 1)
 
     def channels(self, spec: TrainingJobSpec) -> dict[str, str]:
         """Channel name -> S3 prefix (with a trailing slash, so ``train`` never matches ``train2/``)."""

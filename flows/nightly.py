@@ -27,7 +27,7 @@ from bincount.code import code_hash
 from bincount.config import Location, Settings
 from bincount.contracts.naming import check_endpoint_name
 from bincount.contracts.registry import Decision, ModelVersion
-from bincount.contracts.serving import RolloutStrategy
+from bincount.contracts.serving import RolloutStrategy, ScalingConfig
 from bincount.factory import get_model_registry
 from bincount.registry import dataset_ref, decide, now_iso
 from bincount.storage import storage_for
@@ -110,6 +110,7 @@ def nightly_retrain(
     approval_timeout_s: int = 24 * 3600,
     location: Location = Location(),
     deploy_strategy: RolloutStrategy | None = None,
+    scaling: ScalingConfig | None = None,
     optimize: bool = True,
 ) -> Decision:
     """Refresh the data, retrain what is in production, and deploy the new model only if it is better.
@@ -126,6 +127,8 @@ def nightly_retrain(
             production version came from, then the BINCOUNT_* variables; what is given here wins).
         deploy_strategy: how traffic moves to a promoted challenger (default all at once; a canary rolls back by
             itself when the challenger serves worse than the champion).
+        scaling: the endpoint's replicas and autoscaling bounds for a promoted challenger (default: keep the
+            endpoint's).
         optimize: register (and deploy, if promoted) the challenger's int8 OpenVINO form when it passes parity
             on the test side; the eager model otherwise (False: always eager).
     """
@@ -204,7 +207,12 @@ def nightly_retrain(
                 candidate.version,
             )
             put_in_production(
-                settings, endpoint_name, candidate, f"nightly: {decision.reason}", strategy=deploy_strategy
+                settings,
+                endpoint_name,
+                candidate,
+                f"nightly: {decision.reason}",
+                strategy=deploy_strategy,
+                scaling=scaling,
             )
         else:
             decision = Decision(

@@ -88,6 +88,10 @@ class PayloadTooLargeError(InputError):
     status_code = 413
 
 
+class NonFiniteScoresError(RuntimeError):
+    """The model produced NaN or infinite scores: a fault of the model (a 500), not of the request."""
+
+
 @dataclass
 class CountModel:
     """The network and the preprocessing it was trained with."""
@@ -277,8 +281,30 @@ def choose_accept(accept: str | None) -> str:
     raise UnsupportedAcceptError(f"Accept {accept!r} is not supported: use one of {list(SUPPORTED_ACCEPTS)}")
 
 
+def check_finite(prediction: list[dict[str, Any]]) -> None:
+    """Raise :class:`NonFiniteScoresError` where any image's probabilities are NaN or infinite.
+
+    A model whose logits overflow on some inputs gives NaN probabilities there (and an argmax that means
+    nothing): such an answer must fail, not go out as a count. Checked per request, so a request batched
+    with a failing one still gets its answer.
+    """
+    bad = [
+        index for index, item in enumerate(prediction) if not np.isfinite(list(item["probabilities"].values())).all()
+    ]
+    if bad:
+        which = "this image" if len(prediction) == 1 else f"image(s) {bad} of this request"
+        raise NonFiniteScoresError(
+            f"the model produced non-finite scores (NaN or infinity) for {which}: the model is at fault, not the "
+            "request (its numbers overflow on this input); serve the previous model and check or retrain this one"
+        )
+
+
 def output_fn(prediction: list[dict[str, Any]], accept: str | None) -> tuple[str, str]:
-    """Serialise predictions as JSON (default) or CSV; returns ``(body, content type)``."""
+    """Serialise predictions as JSON (default) or CSV; returns ``(body, content type)``.
+
+    Raises :class:`NonFiniteScoresError` rather than answer NaN or infinite scores.
+    """
+    check_finite(prediction)
     content_type = choose_accept(accept)
     if content_type == CSV_CONTENT_TYPE:
         lines = [

@@ -147,6 +147,24 @@ def test_unsupported_accept_is_406() -> None:
     assert caught.value.status_code == 406
 
 
+def test_non_finite_scores_are_refused_as_the_models_fault(tmp_path: Path, model_dir: Path) -> None:
+    """A head whose logits overflow (a huge finite weight) gives NaN probabilities: refused, never answered."""
+    state = torch.load(model_dir / "model.pt", weights_only=True)
+    state["fc.weight"][0] = torch.finfo(torch.float32).max  # finite, but any positive activations overflow
+    info = json.loads((model_dir / "model_info.json").read_text())
+    overflowing = inference.model_fn(str(write_model_dir(tmp_path, state, info)))
+    good = inference.model_fn(str(model_dir))
+    images = inference.input_fn(image_bytes("JPEG"), "image/jpeg")
+    says = r"non-finite scores \(NaN or infinity\) for {}: the model is at fault, not the request"
+    for accept in ("application/json", "text/csv"):
+        with pytest.raises(inference.NonFiniteScoresError, match=says.format("this image")):
+            inference.output_fn(inference.predict_fn(images, overflowing), accept)
+    with pytest.raises(inference.NonFiniteScoresError, match=says.format(r"image\(s\) \[1\] of this request")):
+        inference.output_fn(inference.predict_fn(images, good) + inference.predict_fn(images, overflowing), None)
+    assert not isinstance(inference.NonFiniteScoresError(), inference.InputError)  # a 500, not a 4xx
+    json.loads(inference.output_fn(inference.predict_fn(images, good), None)[0])  # the good model still answers
+
+
 def test_model_pt_is_loaded_without_unpickling_code(tmp_path: Path, model_dir: Path) -> None:
     """A model.pt holding an arbitrary object (code on load) is refused by weights_only loading."""
     (tmp_path / "model_info.json").write_text((model_dir / "model_info.json").read_text())

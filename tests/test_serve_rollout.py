@@ -1,31 +1,40 @@
 """Rollouts of a local endpoint under load from boto3 clients: canary, linear, shadow, replicas, autoscaling.
 
-Which model answered is read from the answer itself: each test model gives the test image its own
+Which model answered is read from the answer itself: each test model gives each test image its own
 probabilities (computed here in-process from the same model dir).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import botocore.exceptions
+import numpy as np
 import pytest
+import torch
+from prefect.artifacts import Artifact
+from test_serve_deploy import deploy_flow
 
 from bincount.config import Settings
 from bincount.contracts.serving import DeployError, RolloutStrategy, ScalingConfig, ServingError
+from bincount.demo_data import jpeg_bytes, render_bin_image
 from bincount.endpoints import smoke_image
 from bincount.local.host import HostOptions
 from bincount.local.serving import LocalServingBackend, runtime_client
 from bincount.models import write_untrained_model_dir
 from sm_scripts import inference
+from sm_scripts.model_dir import write_model_dir
+from tasks.deploy import endpoint_artifact_key
 
 IMAGE = smoke_image(64)
+PHOTOS = [jpeg_bytes(render_bin_image(1 + i % 5, np.random.default_rng(100 + i), size=64)) for i in range(16)]
 
 
 @pytest.fixture(scope="module")
@@ -40,14 +49,59 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     }
 
 
+def overflowing_model_dir(base: Path, model_dir: Path, smoke: bytes) -> tuple[Path, set[bytes]]:
+    """``base`` with one huge finite weight in its head, and the photos of PHOTOS it fails on.
+
+    The weight is float32's largest over ``t``, on one feature in class 1's row: that logit overflows to
+    inf (and softmax gives NaN) exactly where the feature's activation passes ``t``. The feature and ``t``
+    are picked from the activations of PHOTOS: 20-50% of them pass, the widest gap lies around ``t`` (no
+    rounding moves a photo across it), and the smoke image stays below, so the model passes its deploy check.
+    """
+    model = inference.model_fn(str(base))
+    features: list[torch.Tensor] = []
+    hook = model.network.fc.register_forward_hook(lambda module, inputs, output: features.append(inputs[0]))
+    for photo in (*PHOTOS, smoke):
+        inference.predict_fn(inference.input_fn(photo, "image/jpeg"), model)
+    hook.remove()
+    activations = torch.cat(features).T.tolist()  # [feature][photo..., smoke], >= 0 after the ReLU
+    gap, feature, threshold = 0.0, 0, 0.0
+    for index, (*column, on_smoke) in enumerate(activations):
+        ranked = sorted(column)
+        for below, above in itertools.pairwise(ranked):
+            share = sum(value > below for value in column) / len(column)
+            if 0.2 <= share <= 0.5 and below >= 1.0 and on_smoke < below and above / below > gap:
+                gap, feature, threshold = above / below, index, (below * above) ** 0.5
+    assert gap > 1.5, f"no feature parts the photos clearly (widest gap x{gap:.2f})"
+    state = torch.load(base / "model.pt", weights_only=True)
+    state["fc.weight"][0, feature] = torch.finfo(torch.float32).max / threshold  # finite: threshold >= 1
+    write_model_dir(model_dir, state, json.loads((base / "model_info.json").read_text()))
+    return model_dir, {photo for photo, value in zip(PHOTOS, activations[feature], strict=False) if value > threshold}
+
+
 @pytest.fixture(scope="module")
-def fingerprints(models: dict[str, Path]) -> dict[str, list[float]]:
-    """Each model's probabilities for the test image."""
-    prints = {}
-    for name in ("blue", "green", "slow"):
-        model = inference.model_fn(str(models[name]))
-        prediction = inference.predict_fn(inference.input_fn(IMAGE, "image/jpeg"), model)[0]
-        prints[name] = list(prediction["probabilities"].values())
+def overflowing(models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, set[bytes]]:
+    """A fast model that answers most photos and fails (non-finite scores) on 20-50% of them."""
+    root = tmp_path_factory.mktemp("overflowing")
+    base = write_untrained_model_dir(root / "base", "resnet18", 32, seed=5)
+    return overflowing_model_dir(base, root / "overflows", smoke_image(32))
+
+
+@pytest.fixture(scope="module")
+def fingerprints(models: dict[str, Path], overflowing: tuple[Path, set[bytes]]) -> dict[str, dict[bytes, list[float]]]:
+    """Each model's probabilities for each test image it answers."""
+    prints: dict[str, dict[bytes, list[float]]] = {}
+    for name, model_dir in (
+        *((name, models[name]) for name in ("blue", "green", "slow")),
+        ("overflows", overflowing[0]),
+    ):
+        model = inference.model_fn(str(model_dir))
+        prints[name] = {}
+        for image in (IMAGE, *PHOTOS):
+            probabilities = list(
+                inference.predict_fn(inference.input_fn(image, "image/jpeg"), model)[0]["probabilities"].values()
+            )
+            if np.isfinite(probabilities).all():
+                prints[name][image] = probabilities
     return prints
 
 
@@ -61,12 +115,21 @@ def backend(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServingBa
 
 
 class Load:
-    """Client threads invoking the endpoint with boto3 (no retries) until stopped; every answer is kept."""
+    """Client threads invoking the endpoint with boto3 (no retries) until stopped, each going round ``images``;
+    every answer is kept."""
 
-    def __init__(self, url: str, name: str, fingerprints: dict[str, list[float]], clients: int = 4) -> None:
-        self.url, self.name, self.fingerprints = url, name, fingerprints
+    def __init__(
+        self,
+        url: str,
+        name: str,
+        fingerprints: dict[str, dict[bytes, list[float]]],
+        clients: int = 4,
+        images: Sequence[bytes] = (IMAGE,),
+    ) -> None:
+        self.url, self.name, self.fingerprints, self.images = url, name, fingerprints, images
         self.answers: list[tuple[float, str]] = []  # (when, model name)
         self.errors: list[tuple[float, str]] = []
+        self.failed_images: list[bytes] = []
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._run) for _ in range(clients)]
 
@@ -82,18 +145,22 @@ class Load:
 
     def _run(self) -> None:
         client = runtime_client(self.url, max_attempts=1)
-        while not self._stop.is_set():
+        for image in itertools.cycle(self.images):
+            if self._stop.is_set():
+                return
             try:
-                answer = client.invoke_endpoint(EndpointName=self.name, Body=IMAGE, ContentType="image/jpeg")
+                answer = client.invoke_endpoint(EndpointName=self.name, Body=image, ContentType="image/jpeg")
             except botocore.exceptions.ClientError as error:
                 self.errors.append((time.monotonic(), str(error)))
+                self.failed_images.append(image)
                 continue
             probabilities = list(json.loads(answer["Body"].read())["predictions"][0]["probabilities"].values())
-            self.answers.append((time.monotonic(), self.which(probabilities)))
+            self.answers.append((time.monotonic(), self.which(probabilities, image)))
 
-    def which(self, probabilities: list[float]) -> str:
-        for name, expected in self.fingerprints.items():
-            if max(abs(a - b) for a, b in zip(probabilities, expected, strict=True)) < 2e-3:
+    def which(self, probabilities: list[float], image: bytes = IMAGE) -> str:
+        for name, prints in self.fingerprints.items():
+            expected = prints.get(image)
+            if expected and max(abs(a - b) for a, b in zip(probabilities, expected, strict=True)) < 2e-3:
                 return name
         return "unknown"
 
@@ -177,6 +244,47 @@ def test_a_canary_whose_host_fails_its_requests_rolls_back_on_its_error_rate(
     assert backend.describe(endpoint).version == start.version
 
 
+def test_a_canary_that_fails_on_a_share_of_photos_rolls_back_by_itself_through_the_deploy_flow(
+    prefect_server: None,
+    backend: LocalServingBackend,
+    endpoint: str,
+    models: dict[str, Path],
+    overflowing: tuple[Path, set[bytes]],
+    fingerprints: dict[str, dict[bytes, list[float]]],
+) -> None:
+    """The new model's scores overflow on some photos: those requests fail with a 500 that blames the model, the
+    canary rolls back on its error rate, deploy_endpoint_task says why, and the current model's share loses none."""
+    model_dir, fails_on = overflowing
+    start = backend.describe(endpoint)
+    current, _ = serving(backend, endpoint, models)
+    strategy = RolloutStrategy(
+        kind="canary", traffic_percent=30, bake_seconds=30, min_requests=10, max_latency_ratio=1000.0
+    )
+    artifact_root = backend.settings.artifact_root
+    with Load(start.url, endpoint, fingerprints, images=PHOTOS) as load:
+        time.sleep(0.5)
+        rolled_back = rf"the canary of {endpoint}:\d+ on endpoint '{endpoint}' was rolled back by itself: error rate"
+        with pytest.raises(DeployError, match=rolled_back):
+            deploy_flow(artifact_root, endpoint, model_dir.as_uri(), strategy=strategy)
+        ended = time.monotonic()
+        time.sleep(0.5)
+    record = backend.describe(endpoint)
+    rollout = record.details["rollout"]
+    assert rollout["verdict"] == "rolled-back" and "error rate" in rollout["reason"], rollout
+    metrics = rollout["steps"][0]["metrics"]
+    assert metrics["current"]["errors"] == 0 and metrics["candidate"]["errors"] >= 1, metrics
+    # every failed request was the canary's: only its scores overflow, and only on the photos it fails on
+    says = "the model failed on this request: NonFiniteScoresError: the model produced non-finite scores"
+    assert load.errors and all(says in error and "not the request" in error for _, error in load.errors)
+    assert set(load.failed_images) <= fails_on and all(at < ended for at, _ in load.errors)
+    assert len(load.errors) >= metrics["candidate"]["errors"]
+    assert load.served() == {current, "overflows"}  # the canary answered the photos it can
+    assert load.served(after=ended) == {current}
+    assert record.version == start.version and record.model_uri == start.model_uri
+    artifact = Artifact.get(endpoint_artifact_key(endpoint))
+    assert artifact is not None and "rolled back" in artifact.data and "error rate" in artifact.data, artifact
+
+
 def test_a_good_linear_rollout_moves_all_traffic_without_a_failed_request(
     backend: LocalServingBackend, endpoint: str, models: dict[str, Path], fingerprints: dict[str, list[float]]
 ) -> None:
@@ -223,7 +331,7 @@ def test_a_shadow_answers_nobody_and_its_agreement_is_reported_then_it_is_promot
     report = backend.shadow_report(endpoint)
     assert report["compared"] == len(load.answers) and report["requests"]["shadow"] == len(load.answers)
     # the same image every time: the two untrained models either always agree or never
-    ours, theirs = (max(range(5), key=fingerprints[name].__getitem__) for name in (current, other))
+    ours, theirs = (max(range(5), key=fingerprints[name][IMAGE].__getitem__) for name in (current, other))
     assert report["agreement"] == (1.0 if ours == theirs else 0.0)
     assert report["promote"] is True, report
 

@@ -86,7 +86,7 @@ class Stats:
     """One variant's traffic since the routing last changed."""
 
     requests: int = 0
-    errors: int = 0  # 5xx answers and hosts that did not answer
+    errors: int = 0  # 5xx answers (a model's own inside a runtime ModelError too) and hosts that did not answer
     latencies: collections.deque = dataclasses.field(default_factory=lambda: collections.deque(maxlen=LATENCY_WINDOW))
     compared: int = 0  # shadow copies whose count was compared with the current model's
     agreed: int = 0
@@ -339,7 +339,7 @@ class Router:
             finally:
                 replica.inflight -= 1
         if method == "POST":
-            variant.stats.add(answer.status_code, time.perf_counter() - start)
+            variant.stats.add(_model_status(answer), time.perf_counter() - start)
         returned = {key: answer.headers[key] for key in _RETURNED_HEADERS if key in answer.headers}
         return Response(answer.content, status_code=answer.status_code, headers=returned)
 
@@ -416,6 +416,15 @@ class Router:
                 await replica.client.aclose()
         if self.capture is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.capture.close)
+
+
+def _model_status(answer: httpx.Response) -> int:
+    """The status a variant is judged by: on the runtime route a model's own failure comes wrapped in a
+    ``ModelError`` (424) that carries the container's status; its 500 is the model's error, not the caller's."""
+    if answer.status_code == 424 and answer.headers.get("x-amzn-errortype") == "ModelError":
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            return int(json.loads(answer.content)["OriginalStatusCode"])
+    return answer.status_code
 
 
 def _error(path: str, status: int, message: str) -> Response:

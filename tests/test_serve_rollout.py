@@ -34,6 +34,7 @@ from sm_scripts.model_dir import write_model_dir
 from tasks.deploy import endpoint_artifact_key
 
 IMAGE = smoke_image(64)
+Prints = dict[str, dict[bytes, list[float]]]  # model name -> image -> its probabilities (where finite)
 PHOTOS = [jpeg_bytes(render_bin_image(1 + i % 5, np.random.default_rng(100 + i), size=64)) for i in range(16)]
 
 
@@ -87,21 +88,22 @@ def overflowing(models: dict[str, Path], tmp_path_factory: pytest.TempPathFactor
 
 
 @pytest.fixture(scope="module")
-def fingerprints(models: dict[str, Path], overflowing: tuple[Path, set[bytes]]) -> dict[str, dict[bytes, list[float]]]:
-    """Each model's probabilities for each test image it answers."""
-    prints: dict[str, dict[bytes, list[float]]] = {}
-    for name, model_dir in (
-        *((name, models[name]) for name in ("blue", "green", "slow")),
-        ("overflows", overflowing[0]),
+def fingerprints(models: dict[str, Path], overflowing: tuple[Path, set[bytes]]) -> Prints:
+    """Each model's probabilities for each test image it answers (the slow one only ever gets IMAGE)."""
+    prints: Prints = {}
+    for name, model_dir, images in (
+        ("blue", models["blue"], (IMAGE, *PHOTOS)),
+        ("green", models["green"], (IMAGE, *PHOTOS)),
+        ("slow", models["slow"], (IMAGE,)),
+        ("overflows", overflowing[0], PHOTOS),
     ):
         model = inference.model_fn(str(model_dir))
-        prints[name] = {}
-        for image in (IMAGE, *PHOTOS):
-            probabilities = list(
-                inference.predict_fn(inference.input_fn(image, "image/jpeg"), model)[0]["probabilities"].values()
-            )
-            if np.isfinite(probabilities).all():
-                prints[name][image] = probabilities
+        predictions = (inference.predict_fn(inference.input_fn(image, "image/jpeg"), model)[0] for image in images)
+        answers = {
+            image: list(prediction["probabilities"].values())
+            for image, prediction in zip(images, predictions, strict=True)
+        }
+        prints[name] = {image: answer for image, answer in answers.items() if np.isfinite(answer).all()}
     return prints
 
 
@@ -122,7 +124,7 @@ class Load:
         self,
         url: str,
         name: str,
-        fingerprints: dict[str, dict[bytes, list[float]]],
+        fingerprints: Prints,
         clients: int = 4,
         images: Sequence[bytes] = (IMAGE,),
     ) -> None:
@@ -164,6 +166,13 @@ class Load:
                 return name
         return "unknown"
 
+    def wait_for(self, count: int, after: float = 0.0, timeout_s: float = 60.0) -> None:
+        """Return once ``count`` answers came after ``after`` (a ``time.monotonic()``)."""
+        deadline = time.monotonic() + timeout_s
+        while sum(at > after for at, _ in self.answers) < count:
+            assert time.monotonic() < deadline, f"fewer than {count} answers in {timeout_s} s"
+            time.sleep(0.05)
+
     def served(self, after: float = 0.0) -> set[str]:
         return {name for at, name in self.answers if at > after}
 
@@ -182,16 +191,16 @@ def serving(backend: LocalServingBackend, name: str, models: dict[str, Path]) ->
 
 
 def test_a_slow_canary_rolls_back_by_itself_and_the_current_model_fails_no_request(
-    backend: LocalServingBackend, endpoint: str, models: dict[str, Path], fingerprints: dict[str, list[float]]
+    backend: LocalServingBackend, endpoint: str, models: dict[str, Path], fingerprints: Prints
 ) -> None:
     start = backend.describe(endpoint)
     current, _ = serving(backend, endpoint, models)
     strategy = RolloutStrategy(kind="canary", traffic_percent=30, bake_seconds=20, min_requests=8)
     with Load(start.url, endpoint, fingerprints) as load:
-        time.sleep(0.5)
+        load.wait_for(3)
         record = backend.deploy(endpoint, models["slow"].as_uri(), "bincount:9", strategy=strategy)
         ended = time.monotonic()
-        time.sleep(1.0)
+        load.wait_for(5, after=ended)
     rollout = record.details["rollout"]
     assert rollout["verdict"] == "rolled-back" and "p99 latency" in rollout["reason"], rollout
     assert [step["action"] for step in rollout["steps"]] == ["bake", "rolled-back"]
@@ -205,7 +214,7 @@ def test_a_slow_canary_rolls_back_by_itself_and_the_current_model_fails_no_reque
 
 
 def test_a_canary_whose_host_fails_its_requests_rolls_back_on_its_error_rate(
-    backend: LocalServingBackend, endpoint: str, models: dict[str, Path], fingerprints: dict[str, list[float]]
+    backend: LocalServingBackend, endpoint: str, models: dict[str, Path], fingerprints: Prints
 ) -> None:
     """The new model's host dies with requests in flight (they fail: 502); the current model's share loses none."""
     start = backend.describe(endpoint)
@@ -232,7 +241,7 @@ def test_a_canary_whose_host_fails_its_requests_rolls_back_on_its_error_rate(
         record = backend.deploy(endpoint, models["slow"].as_uri(), "bincount:9", strategy=strategy)
         ended = time.monotonic()
         killer.join()
-        time.sleep(1.0)
+        load.wait_for(5, after=ended)
     rollout = record.details["rollout"]
     assert killed and rollout["verdict"] == "rolled-back" and "error rate" in rollout["reason"], rollout
     metrics = rollout["steps"][0]["metrics"]
@@ -250,7 +259,7 @@ def test_a_canary_that_fails_on_a_share_of_photos_rolls_back_by_itself_through_t
     endpoint: str,
     models: dict[str, Path],
     overflowing: tuple[Path, set[bytes]],
-    fingerprints: dict[str, dict[bytes, list[float]]],
+    fingerprints: Prints,
 ) -> None:
     """The new model's scores overflow on some photos: those requests fail with a 500 that blames the model, the
     canary rolls back on its error rate, deploy_endpoint_task says why, and the current model's share loses none."""
@@ -262,12 +271,12 @@ def test_a_canary_that_fails_on_a_share_of_photos_rolls_back_by_itself_through_t
     )
     artifact_root = backend.settings.artifact_root
     with Load(start.url, endpoint, fingerprints, images=PHOTOS) as load:
-        time.sleep(0.5)
+        load.wait_for(3)
         rolled_back = rf"the canary of {endpoint}:\d+ on endpoint '{endpoint}' was rolled back by itself: error rate"
         with pytest.raises(DeployError, match=rolled_back):
             deploy_flow(artifact_root, endpoint, model_dir.as_uri(), strategy=strategy)
         ended = time.monotonic()
-        time.sleep(0.5)
+        load.wait_for(5, after=ended)
     record = backend.describe(endpoint)
     rollout = record.details["rollout"]
     assert rollout["verdict"] == "rolled-back" and "error rate" in rollout["reason"], rollout
@@ -286,7 +295,7 @@ def test_a_canary_that_fails_on_a_share_of_photos_rolls_back_by_itself_through_t
 
 
 def test_a_good_linear_rollout_moves_all_traffic_without_a_failed_request(
-    backend: LocalServingBackend, endpoint: str, models: dict[str, Path], fingerprints: dict[str, list[float]]
+    backend: LocalServingBackend, endpoint: str, models: dict[str, Path], fingerprints: Prints
 ) -> None:
     start = backend.describe(endpoint)
     current, other = serving(backend, endpoint, models)
@@ -294,10 +303,10 @@ def test_a_good_linear_rollout_moves_all_traffic_without_a_failed_request(
         kind="linear", traffic_percent=50, bake_seconds=1.0, min_requests=5, max_latency_ratio=20.0
     )
     with Load(start.url, endpoint, fingerprints) as load:
-        time.sleep(0.5)
+        load.wait_for(3)
         record = backend.deploy(endpoint, models[other].as_uri(), f"bincount:{other}", strategy=strategy)
         ended = time.monotonic()
-        time.sleep(1.0)
+        load.wait_for(5, after=ended)
     rollout = record.details["rollout"]
     assert rollout["verdict"] == "completed", rollout
     assert [(step["action"], step["percent"]) for step in rollout["steps"]] == [("bake", 50), ("promoted", 100)]
@@ -309,7 +318,7 @@ def test_a_good_linear_rollout_moves_all_traffic_without_a_failed_request(
 
 
 def test_a_shadow_answers_nobody_and_its_agreement_is_reported_then_it_is_promoted(
-    backend: LocalServingBackend, endpoint: str, models: dict[str, Path], fingerprints: dict[str, list[float]]
+    backend: LocalServingBackend, endpoint: str, models: dict[str, Path], fingerprints: Prints
 ) -> None:
     start = backend.describe(endpoint)
     current, other = serving(backend, endpoint, models)
@@ -325,10 +334,12 @@ def test_a_shadow_answers_nobody_and_its_agreement_is_reported_then_it_is_promot
     with pytest.raises(DeployError, match="has a shadow running"):
         backend.deploy(endpoint, models["slow"].as_uri())
     with Load(start.url, endpoint, fingerprints) as load:
-        time.sleep(3.0)
+        load.wait_for(2 * strategy.min_requests)
     assert load.errors == [] and load.served() == {current}  # users only ever got the current model's answers
-    time.sleep(0.5)  # the last copies finish in the background
-    report = backend.shadow_report(endpoint)
+    deadline = time.monotonic() + 30  # the last copies finish in the background
+    while (report := backend.shadow_report(endpoint))["compared"] < len(load.answers):
+        assert time.monotonic() < deadline, report
+        time.sleep(0.05)
     assert report["compared"] == len(load.answers) and report["requests"]["shadow"] == len(load.answers)
     # the same image every time: the two untrained models either always agree or never
     ours, theirs = (max(range(5), key=fingerprints[name][IMAGE].__getitem__) for name in (current, other))
@@ -358,14 +369,14 @@ def test_a_stopped_shadow_leaves_the_current_model_alone(
 
 
 def test_a_killed_replica_fails_only_its_requests_in_flight_and_is_restarted(
-    backend: LocalServingBackend, models: dict[str, Path], fingerprints: dict[str, list[float]]
+    backend: LocalServingBackend, models: dict[str, Path], fingerprints: Prints
 ) -> None:
     record = backend.deploy("replicas", models["blue"].as_uri(), scaling=ScalingConfig(min_replicas=2, max_replicas=2))
     assert record.details["replicas"] == 2
     status = backend._router_status(record.url, "replicas")
     victim = status["variants"][status["current"]]["replicas"][0]["pid"]
     with Load(record.url, "replicas", fingerprints, clients=6) as load:
-        time.sleep(1.0)
+        load.wait_for(6)
         os.kill(victim, signal.SIGKILL)
         killed = time.monotonic()
         deadline = time.monotonic() + 60
@@ -377,7 +388,7 @@ def test_a_killed_replica_fails_only_its_requests_in_flight_and_is_restarted(
             assert time.monotonic() < deadline, variant
             time.sleep(0.2)
         recovered = time.monotonic()
-        time.sleep(1.0)
+        load.wait_for(11, after=recovered)
     assert all("did not answer" in error for _, error in load.errors), load.errors
     assert len(load.errors) <= 6, load.errors  # at most the requests that were in flight on the victim
     assert all(killed - 0.5 <= at <= killed + 1.0 for at, _ in load.errors), (killed, load.errors)
@@ -386,7 +397,7 @@ def test_a_killed_replica_fails_only_its_requests_in_flight_and_is_restarted(
 
 
 def test_autoscaling_adds_a_replica_under_load_and_removes_it_when_idle(
-    backend: LocalServingBackend, models: dict[str, Path], fingerprints: dict[str, list[float]]
+    backend: LocalServingBackend, models: dict[str, Path], fingerprints: Prints
 ) -> None:
     scaling = ScalingConfig(
         min_replicas=1, max_replicas=2, target_in_flight=1.0, scale_out_cooldown_s=0.5, scale_in_cooldown_s=1.0

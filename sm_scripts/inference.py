@@ -30,7 +30,8 @@ optimized form (``"optimized"``: an OpenVINO int8 IR that passed parity, see
 otherwise the eager network serves and the reason is logged and kept in ``CountModel.serving``.
 Both paths take the same normalized batch. Request bodies are only ever decoded
 as images or JSON: nothing from a request is unpickled. Bad input raises :class:`InputError`
-(its ``status_code`` is the HTTP answer) with a message that says what was expected.
+(its ``status_code`` is the HTTP answer) with a message that says what was expected; scores that come
+out NaN or infinite raise :class:`NonFiniteScoresError` in ``output_fn`` (a 500: the model's fault).
 
 Self-contained on purpose: SageMaker ships only this folder (the folder on ``sys.path``), so it
 imports nothing from the project.

@@ -49,6 +49,7 @@ def optimized(
         Storage(),
         trained.as_uri(),
         demo_channels["train"].as_uri(),
+        demo_channels["valid"].as_uri(),
         demo_channels["test"].as_uri(),
         output.as_uri(),
         max_accuracy_drop=1.0,
@@ -91,18 +92,25 @@ def test_a_model_that_passes_parity_gets_a_new_archive_and_the_trained_one_is_un
     assert entry["runtime"] == "openvino" and entry["precision"] == "int8" and entry["files"] == list(OPTIMIZED_FILES)
     assert entry["parity"]["images"] == result.images == 40 and 0.0 <= entry["parity"]["top1_agreement"] <= 1.0
     assert entry["parity"]["calibration_images"] == result.calibration_images == 40
+    assert entry["parity"]["validation_images"] == result.validation_images == 40
+    assert entry["parity"]["int8_layers"] == result.int8_layers > 0 and entry["parity"]["fp32_layers"] == 0, (
+        "within the bar on the valid side, accuracy control reverts nothing"
+    )
     _, trained_version = fetch_model(Storage(), trained.as_uri(), optimized_dir.parent)
     assert optimized_dir.name != trained_version, "the optimized archive is its own version, fetched apart"
 
 
-def test_a_model_that_fails_parity_keeps_the_eager_one_and_writes_nothing(
-    trained: Path, demo_channels: dict[str, Path], tmp_path: Path
+def test_accuracy_control_reverts_layers_and_parity_on_the_test_side_still_decides(
+    optimized: tuple[Optimization, bytes], trained: Path, demo_channels: dict[str, Path], tmp_path: Path
 ) -> None:
+    """A bar no model meets: accuracy control reverts layers to fp32 on the valid side, then parity fails
+    on the test side and the eager model stays."""
     output = tmp_path / "model.tar.gz"
     result = optimize_model(
         Storage(),
         trained.as_uri(),
         demo_channels["train"].as_uri(),
+        demo_channels["valid"].as_uri(),
         demo_channels["test"].as_uri(),
         output.as_uri(),
         max_accuracy_drop=-1.0,  # the int8 model would have to beat eager by 100 points
@@ -110,6 +118,8 @@ def test_a_model_that_fails_parity_keeps_the_eager_one_and_writes_nothing(
     assert not result.optimized and result.model_uri == trained.as_uri()
     assert result.reason.startswith("parity failed") and result.top1_agreement is not None
     assert not output.exists()
+    assert result.fp32_layers > 0, "accuracy control reverted layers to fp32 to chase the bar"
+    assert result.int8_layers + result.fp32_layers == optimized[0].int8_layers, "the same network's layers"
 
 
 def test_the_optimized_form_serves_the_same_counts_as_eager_through_the_same_preprocessing(

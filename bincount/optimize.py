@@ -129,13 +129,19 @@ def export_int8(
 
 
 def layer_precisions(model: Any) -> dict[str, int]:
-    """How many convolutions and matrix products of an OpenVINO model run in int8 (their input comes
-    through a FakeQuantize) and how many stayed fp32."""
+    """How many convolutions and matrix products of an OpenVINO model have int8 weights (NNCF stores a
+    quantized layer's weights as an int8 constant, converted and scaled) and how many stayed fp32."""
     counts = {"int8_layers": 0, "fp32_layers": 0}
     for op in model.get_ordered_ops():
         if op.get_type_name() in {"Convolution", "GroupConvolution", "MatMul"}:
-            source = op.input_value(0).get_node().get_type_name()
-            counts["int8_layers" if source == "FakeQuantize" else "fp32_layers"] += 1
+            node = op.input_value(1).get_node()
+            while node.get_type_name() in {"Multiply", "Subtract", "Convert"}:
+                node = node.input_value(0).get_node()
+            int8 = node.get_type_name() == "Constant" and node.get_output_element_type(0).get_type_name() in {
+                "i8",
+                "u8",
+            }
+            counts["int8_layers" if int8 else "fp32_layers"] += 1
     return counts
 
 

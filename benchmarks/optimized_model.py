@@ -7,7 +7,8 @@ One run, side by side, on the real ABID sample (``../shared/data/abid``, split 8
    accuracy-controlled on the valid side, scored against eager on the test side (accuracy of each,
    the delta, top-1 agreement, how many layers stayed fp32);
 2. the bare forward of each path at batch 1, 8 and 16, and of the optimized one at 1 and 2 threads
-   (the thread count the host gives it);
+   (the thread count the host gives it); when the stage's model has fp32 layers, also of plain int8
+   (the stage under a bar that reverts nothing), to show what those layers cost;
 3. a local endpoint (router + host, as deployed) for each, at 1, 8 and 32 closed-loop clients on a
    real photo: requests/s, p50, p99, errors; then the optimized endpoint's micro-batch bound swept
    at 8 clients;
@@ -121,8 +122,8 @@ def parity(
 def forward_sweep(
     eager_dir: Path, optimized_dir: Path, plain_dir: Path | None, photo: bytes, threads: int, seconds: float
 ) -> None:
-    """The bare forward of both paths at batch 1, 8, 16 (and of plain int8, every layer quantized, when
-    accuracy control kept layers fp32); the int8 one at 1 thread too."""
+    """The bare forward of both paths at batch 1, 8, 16 (and of plain int8, nothing reverted to fp32,
+    when the stage's model has fp32 layers); the int8 one at 1 thread too."""
     probe = inference.model_fn(str(eager_dir))
     pixels = inference.preprocess(inference.input_fn(photo, "image/jpeg"), probe).repeat(16, 1, 1, 1)
     print("\nbare forward, images/s:")
@@ -132,7 +133,7 @@ def forward_sweep(
         row = f"  batch {batch:>2}: eager {eager:6.1f}, int8 {fast:6.1f} ({fast / eager:.2f}x)"
         if plain_dir is not None:
             plain = bare_forward(plain_dir, pixels, batch, threads, seconds)
-            row += f", plain int8 (no layer fp32) {plain:6.1f} ({plain / eager:.2f}x)"
+            row += f", plain int8 (nothing reverted) {plain:6.1f} ({plain / eager:.2f}x)"
         print(row, flush=True)
     if threads > 1:
         for batch in (1, 8):
@@ -220,7 +221,7 @@ def main(args: argparse.Namespace) -> None:
         if args.parity_only:
             return
         optimized_uri, plain_dir = stage.model_uri, None
-        if stage.fp32_layers:  # a bar no model misses: every layer int8, to show what the fp32 ones cost
+        if stage.fp32_layers:  # under a bar no model misses accuracy control reverts nothing: plain int8
             plain = parity(storage, eager_uri, channels, scratch / "plain.tar.gz", args.calibration_images, 1.0)
             plain_dir, _ = fetch_model(storage, plain.model_uri, scratch / "models")
         eager_dir, _ = fetch_model(storage, eager_uri, scratch / "models")

@@ -59,7 +59,7 @@ class Optimization:
     calibration_images: int = 0
     validation_images: int = 0
     int8_layers: int = 0
-    fp32_layers: int = 0  # reverted by accuracy control
+    fp32_layers: int = 0  # reverted by accuracy control, or ones NNCF does not quantize
     seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:

@@ -43,6 +43,8 @@ PRECISION = "int8"
 CALIBRATION_IMAGES = 300  # NNCF's default subset size; more gave no better agreement here
 MAX_ACCURACY_DROP = 0.005  # 0.5 points of test accuracy
 PARITY_BATCH = 32
+LAYER_TYPES = {"Convolution", "GroupConvolution", "MatMul"}  # what layers count as int8 or fp32
+INT8_TYPES = {"i8", "u8"}  # element types of NNCF's quantized weight constants
 
 
 @dataclass
@@ -133,14 +135,11 @@ def layer_precisions(model: Any) -> dict[str, int]:
     quantized layer's weights as an int8 constant, converted and scaled) and how many stayed fp32."""
     counts = {"int8_layers": 0, "fp32_layers": 0}
     for op in model.get_ordered_ops():
-        if op.get_type_name() in {"Convolution", "GroupConvolution", "MatMul"}:
+        if op.get_type_name() in LAYER_TYPES:
             node = op.input_value(1).get_node()
             while node.get_type_name() in {"Multiply", "Subtract", "Convert"}:
                 node = node.input_value(0).get_node()
-            int8 = node.get_type_name() == "Constant" and node.get_output_element_type(0).get_type_name() in {
-                "i8",
-                "u8",
-            }
+            int8 = node.get_type_name() == "Constant" and node.get_output_element_type(0).get_type_name() in INT8_TYPES
             counts["int8_layers" if int8 else "fp32_layers"] += 1
     return counts
 

@@ -1,12 +1,14 @@
 """The optimized model (OpenVINO int8) against the eager one: parity, forward, endpoint and batch transform.
 
 One run, side by side, on the real ABID sample (``../shared/data/abid``, split 80/10/10 as
-``train_quality.py`` splits it):
+``train_quality.py --seeds 0`` splits it, so a model it trained is judged on its own test side):
 
 1. the optimize stage itself (``bincount.optimize.optimize_model``): calibrated on training images,
-   scored against eager on the test side (accuracy of each, the delta, top-1 agreement);
+   accuracy-controlled on the valid side, scored against eager on the test side (accuracy of each,
+   the delta, top-1 agreement, how many layers stayed fp32);
 2. the bare forward of each path at batch 1, 8 and 16, and of the optimized one at 1 and 2 threads
-   (the thread count the host gives it);
+   (the thread count the host gives it); when the stage's model has fp32 layers, also of plain int8
+   (the stage under a bar that reverts nothing), to show what those layers cost;
 3. a local endpoint (router + host, as deployed) for each, at 1, 8 and 32 closed-loop clients on a
    real photo: requests/s, p50, p99, errors; then the optimized endpoint's micro-batch bound swept
    at 8 clients;
@@ -19,6 +21,7 @@ parity.
 
     .venv/bin/python benchmarks/optimized_model.py --seconds 15
     .venv/bin/python benchmarks/optimized_model.py --parity-only --model-uri file:///.../model.tar.gz
+    .venv/bin/python benchmarks/optimized_model.py --forward-only --model-uri file:///.../model.tar.gz
 """
 
 from __future__ import annotations
@@ -37,14 +40,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.serve_endpoint import load
-from benchmarks.train_quality import write_channels
+from benchmarks.train_quality import seed_splits, write_channels
 from bincount.config import Settings
 from bincount.local.batch import run_batch_transform
 from bincount.local.batcher import available_cores, prepare_model_thread
 from bincount.local.host import HostOptions
 from bincount.local.serving import LocalServingBackend
+from bincount.manifest import parse_manifest
 from bincount.models import fetch_model, model_version, pack_folder, write_untrained_model_dir
-from bincount.optimize import optimize_model
+from bincount.optimize import MAX_ACCURACY_DROP, Optimization, optimize_model
 from bincount.storage import Storage
 from sm_scripts import inference
 
@@ -82,34 +86,55 @@ def endpoint_rows(
     return rows
 
 
-def parity(storage: Storage, eager_uri: str, channels: dict[str, Path], output: Path, calibration: int) -> str:
-    """Run the optimize stage; print its parity figures; return the optimized model's URI."""
+def parity(
+    storage: Storage,
+    eager_uri: str,
+    channels: dict[str, Path],
+    output: Path,
+    calibration: int,
+    max_accuracy_drop: float = MAX_ACCURACY_DROP,
+) -> Optimization:
+    """Run the optimize stage; print its parity figures; return what it did (exits if it kept eager)."""
     result = optimize_model(
         storage,
         eager_uri,
         channels["train"].as_uri(),
+        channels["valid"].as_uri(),
         channels["test"].as_uri(),
         output.as_uri(),
         calibration_images=calibration,
+        max_accuracy_drop=max_accuracy_drop,
     )
-    print(f"optimize stage ({result.seconds:.0f} s, {result.calibration_images} calibration images): {result.reason}")
+    print(
+        f"optimize stage, bar {100 * max_accuracy_drop:.1f} points ({result.seconds:.0f} s, "
+        f"{result.calibration_images} calibration images, accuracy control on "
+        f"{result.validation_images} valid images: {result.int8_layers} layers int8, {result.fp32_layers} fp32): "
+        f"{result.reason}"
+    )
     if not result.optimized:
         raise SystemExit("the optimized model did not pass parity: nothing to compare")
     assert result.eager_accuracy is not None and result.optimized_accuracy is not None
     delta = 100 * (result.optimized_accuracy - result.eager_accuracy)
     print(f"accuracy delta on the real test side: {delta:+.2f} points ({result.images} images)", flush=True)
-    return result.model_uri
+    return result
 
 
-def forward_sweep(eager_dir: Path, optimized_dir: Path, photo: bytes, threads: int, seconds: float) -> None:
-    """The bare forward of both paths at batch 1, 8, 16; the int8 one at 1 thread too."""
+def forward_sweep(
+    eager_dir: Path, optimized_dir: Path, plain_dir: Path | None, photo: bytes, threads: int, seconds: float
+) -> None:
+    """The bare forward of both paths at batch 1, 8, 16 (and of plain int8, nothing reverted to fp32,
+    when the stage's model has fp32 layers); the int8 one at 1 thread too."""
     probe = inference.model_fn(str(eager_dir))
     pixels = inference.preprocess(inference.input_fn(photo, "image/jpeg"), probe).repeat(16, 1, 1, 1)
     print("\nbare forward, images/s:")
     for batch in (1, 8, 16):
         eager = bare_forward(eager_dir, pixels, batch, threads, seconds)
         fast = bare_forward(optimized_dir, pixels, batch, threads, seconds)
-        print(f"  batch {batch:>2}: eager {eager:6.1f}, int8 {fast:6.1f} ({fast / eager:.2f}x)", flush=True)
+        row = f"  batch {batch:>2}: eager {eager:6.1f}, int8 {fast:6.1f} ({fast / eager:.2f}x)"
+        if plain_dir is not None:
+            plain = bare_forward(plain_dir, pixels, batch, threads, seconds)
+            row += f", plain int8 (nothing reverted) {plain:6.1f} ({plain / eager:.2f}x)"
+        print(row, flush=True)
     if threads > 1:
         for batch in (1, 8):
             one = bare_forward(optimized_dir, pixels, batch, 1, seconds)
@@ -177,7 +202,9 @@ def main(args: argparse.Namespace) -> None:
     storage, photo = Storage(), PHOTO.read_bytes()
     with tempfile.TemporaryDirectory() as scratch_dir:
         scratch = Path(scratch_dir)
-        channels = write_channels(ABID, "file_list.sample.json", scratch, seed=0)
+        manifest = parse_manifest((ABID / "file_list.sample.json").read_bytes(), "file_list.sample.json")
+        ((_, _, split),) = seed_splits(list(manifest), list(manifest.values()), [0])
+        channels = write_channels(ABID, manifest, split, scratch)
         untrained = f"untrained {args.arch} at {args.image_size} px"
         eager_uri = (
             args.model_uri
@@ -190,12 +217,18 @@ def main(args: argparse.Namespace) -> None:
             f"load average {os.getloadavg()[0]:.1f}",
             flush=True,
         )
-        optimized_uri = parity(storage, eager_uri, channels, scratch / "optimized.tar.gz", args.calibration_images)
+        stage = parity(storage, eager_uri, channels, scratch / "optimized.tar.gz", args.calibration_images)
         if args.parity_only:
             return
+        optimized_uri, plain_dir = stage.model_uri, None
+        if stage.fp32_layers:  # under a bar no model misses accuracy control reverts nothing: plain int8
+            plain = parity(storage, eager_uri, channels, scratch / "plain.tar.gz", args.calibration_images, 1.0)
+            plain_dir, _ = fetch_model(storage, plain.model_uri, scratch / "models")
         eager_dir, _ = fetch_model(storage, eager_uri, scratch / "models")
         optimized_dir, _ = fetch_model(storage, optimized_uri, scratch / "models")
-        forward_sweep(eager_dir, optimized_dir, photo, threads, args.bare_seconds)
+        forward_sweep(eager_dir, optimized_dir, plain_dir, photo, threads, args.bare_seconds)
+        if args.forward_only:
+            return
         serving_sweep(scratch, eager_uri, optimized_uri, photo, threads, args)
         models = {"eager": eager_dir, "int8": optimized_dir}
         batch_transform_rates(scratch, models, channels["test"], args.images, args.batch_size)
@@ -220,6 +253,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=16, help="batch transform batch size (default: 16)")
     parser.add_argument("--threads", type=int, default=None, help="model threads (default: cores available)")
     parser.add_argument("--parity-only", action="store_true", help="stop after the optimize stage's parity figures")
+    parser.add_argument("--forward-only", action="store_true", help="stop after the bare forward sweep")
     return parser
 
 

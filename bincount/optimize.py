@@ -1,13 +1,16 @@
 """Optimize a trained model for CPU serving: OpenVINO IR, quantized to int8, checked for parity.
 
-    model.tar.gz ─► convert (openvino.convert_model) ─► quantize (NNCF, calibrated on training images)
+    model.tar.gz ─► convert (openvino.convert_model) ─► quantize (NNCF, calibrated on training images,
+                    with accuracy control on the validation side: the most sensitive layers go back to
+                    fp32 until int8's valid accuracy is within max_accuracy_drop of fp32's)
                  ─► parity on the test side (accuracy within max_accuracy_drop of eager, top-1 agreement)
                  ─► passed: a NEW model.tar.gz = model.pt + optimized.xml/.bin + model_info.json["optimized"]
                     failed: the eager model stays; the reason is returned (and logged, and published by the task)
 
 The trained archive is never rewritten: the registry and lineage may already name it. Serving
 reads the optimized form through :mod:`sm_scripts.optimized`, the same loader the parity check
-uses here, so what passed parity is what serves.
+uses here, so what passed parity is what serves. Accuracy control tunes on the validation channel
+only: the test side, which judges parity, is never seen before the check.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import json
 import shutil
 import tempfile
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +43,8 @@ PRECISION = "int8"
 CALIBRATION_IMAGES = 300  # NNCF's default subset size; more gave no better agreement here
 MAX_ACCURACY_DROP = 0.005  # 0.5 points of test accuracy
 PARITY_BATCH = 32
+LAYER_TYPES = {"Convolution", "GroupConvolution", "MatMul"}  # what layers count as int8 or fp32
+INT8_TYPES = {"i8", "u8"}  # element types of NNCF's quantized weight constants
 
 
 @dataclass
@@ -53,6 +59,9 @@ class Optimization:
     optimized_accuracy: float | None = None
     top1_agreement: float | None = None
     calibration_images: int = 0
+    validation_images: int = 0
+    int8_layers: int = 0
+    fp32_layers: int = 0  # reverted by accuracy control, or ones NNCF does not quantize
     seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
@@ -70,16 +79,69 @@ def calibration_batches(channel: Path, info: dict[str, Any], count: int, batch_s
     return [x.contiguous().numpy() for x, _ in batches(cache, batch_size, torch.device("cpu"), mean, std, False)]
 
 
-def export_int8(network: torch.nn.Module, info: dict[str, Any], calibration: list[np.ndarray], folder: Path) -> None:
-    """Convert ``network`` to OpenVINO, quantize it to int8 on ``calibration`` and save it as ``folder/optimized.*``."""
+def validation_items(cache: ImageCache, info: dict[str, Any]) -> list[tuple[np.ndarray, int]]:
+    """The validation channel as NNCF's accuracy control reads it: one (normalized image [1, 3, S, S], label)
+    per item, so that it can score every image on its own when it ranks layers."""
+    mean, std = channel_values(info["mean"]), channel_values(info["std"])
+    items = []
+    for x, y in batches(cache, PARITY_BATCH, torch.device("cpu"), mean, std, shuffle=False):
+        items += [(image[None].contiguous().numpy(), int(label)) for image, label in zip(x, y, strict=True)]
+    return items
+
+
+def accuracy(compiled: Any, items: Iterable[tuple[np.ndarray, int]]) -> tuple[float, list[float]]:
+    """NNCF's validation function: top-1 accuracy of an OpenVINO compiled model, and each item's hit (1 or 0)."""
+    hits = [float(np.argmax(compiled(image)[0]) == label) for image, label in items]
+    return float(np.mean(hits)), hits
+
+
+def export_int8(
+    network: torch.nn.Module,
+    info: dict[str, Any],
+    calibration: list[np.ndarray],
+    validation: list[tuple[np.ndarray, int]],
+    max_accuracy_drop: float,
+    folder: Path,
+) -> dict[str, int]:
+    """Convert ``network`` to OpenVINO, quantize it to int8 on ``calibration`` with accuracy control on
+    ``validation`` and save it as ``folder/optimized.*``; returns how many layers are int8 and fp32.
+
+    ``nncf.quantize_with_accuracy_control`` quantizes as ``nncf.quantize`` does; when int8 then
+    scores more than ``max_accuracy_drop`` below fp32 on ``validation`` it ranks the quantized layers
+    by what each costs there and reverts the worst to fp32, one at a time, until the drop is within
+    bounds (or nothing is left to revert; parity on the test side decides after it either way).
+    """
     import nncf  # the export tools: installed with the project, not in the serving container
     import openvino
 
     size = int(info["image_size"])
     example = torch.zeros(1, 3, size, size)
     converted = openvino.convert_model(network, example_input=example, input=[(-1, 3, size, size)])
-    quantized = nncf.quantize(converted, nncf.Dataset(calibration), subset_size=len(calibration))  # batches
+    quantized = nncf.quantize_with_accuracy_control(
+        converted,
+        nncf.Dataset(calibration),  # batches
+        nncf.Dataset(validation, lambda item: item[0]),
+        accuracy,
+        max_drop=max_accuracy_drop,
+        drop_type=nncf.DropType.ABSOLUTE,
+        subset_size=len(calibration),
+    )
     openvino.save_model(quantized, str(folder / GRAPH_FILE), compress_to_fp16=False)
+    return layer_precisions(quantized)
+
+
+def layer_precisions(model: Any) -> dict[str, int]:
+    """How many convolutions and matrix products of an OpenVINO model have int8 weights (NNCF stores a
+    quantized layer's weights as an int8 constant, converted and scaled) and how many stayed fp32."""
+    counts = {"int8_layers": 0, "fp32_layers": 0}
+    for op in model.get_ordered_ops():
+        if op.get_type_name() in LAYER_TYPES:
+            node = op.input_value(1).get_node()
+            while node.get_type_name() in {"Multiply", "Subtract", "Convert"}:
+                node = node.input_value(0).get_node()
+            int8 = node.get_type_name() == "Constant" and node.get_output_element_type(0).get_type_name() in INT8_TYPES
+            counts["int8_layers" if int8 else "fp32_layers"] += 1
+    return counts
 
 
 def predictions(run: Any, cache: ImageCache, info: dict[str, Any]) -> np.ndarray:
@@ -93,12 +155,14 @@ def optimize_model(
     storage: Storage,
     model_uri: str,
     train_channel_uri: str,
+    valid_channel_uri: str,
     test_channel_uri: str,
     output_uri: str,
     calibration_images: int = CALIBRATION_IMAGES,
     max_accuracy_drop: float = MAX_ACCURACY_DROP,
 ) -> Optimization:
-    """Quantize the model at ``model_uri``; write the optimized archive to ``output_uri`` if it passes parity.
+    """Quantize the model at ``model_uri`` (calibrated on the train channel, accuracy-controlled on the
+    valid one); write the optimized archive to ``output_uri`` if it passes parity on the test channel.
 
     An export that fails (the converter or NNCF missing or refusing the network) or a model that
     drifts more than ``max_accuracy_drop`` from eager on the test side leaves ``model_uri`` as the
@@ -116,30 +180,32 @@ def optimize_model(
         train = storage.local_folder(train_channel_uri, Path(scratch) / "train")
         calibration = calibration_batches(train, info, calibration_images)
         calibrated = sum(len(b) for b in calibration)
+        classes, size, threads = [str(c) for c in info["classes"]], int(info["image_size"]), torch.get_num_threads()
+        valid = load_channel(storage.local_folder(valid_channel_uri, Path(scratch) / "valid"), classes, size, threads)
         try:
-            export_int8(network, info, calibration, folder)
+            layers = export_int8(network, info, calibration, validation_items(valid, info), max_accuracy_drop, folder)
         except Exception as error:  # any failure of the third-party converter or quantizer keeps the eager model
             reason = f"export failed: {type(error).__name__}: {error}"
             return Optimization(model_uri, False, reason, seconds=_since(start))
         test = storage.local_folder(test_channel_uri, Path(scratch) / "test")
-        cache = load_channel(test, [str(c) for c in info["classes"]], int(info["image_size"]), torch.get_num_threads())
+        cache = load_channel(test, classes, size, threads)
         with torch.inference_mode():
             eager = predictions(lambda x: network(x).numpy(), cache, info)
         try:
-            run = load_optimized(folder, {**info, "optimized": optimized_entry(PRECISION, {})}, torch.get_num_threads())
+            run = load_optimized(folder, {**info, "optimized": optimized_entry(PRECISION, {})}, threads)
         except OptimizedModelUnavailable as error:
             return Optimization(model_uri, False, f"the exported model does not load: {error}", seconds=_since(start))
         optimized = predictions(lambda x: run(x.contiguous().numpy()), cache, info)
         passed, parity, reason = check_parity(cache.labels.numpy(), eager, optimized, max_accuracy_drop)
         measured = {key: parity[key] for key in ("images", "eager_accuracy", "optimized_accuracy", "top1_agreement")}
+        quantized = {"calibration_images": calibrated, "validation_images": len(valid.labels), **layers}
         if not passed:
-            seconds = _since(start)
-            return Optimization(model_uri, False, reason, **measured, calibration_images=calibrated, seconds=seconds)
-        info["optimized"] = optimized_entry(PRECISION, {**parity, "calibration_images": calibrated})
+            return Optimization(model_uri, False, reason, **measured, **quantized, seconds=_since(start))
+        info["optimized"] = optimized_entry(PRECISION, {**parity, **quantized})
         (folder / INFO_FILE).write_text(json.dumps(info, indent=2))
         archive = pack_folder(folder, Path(scratch) / "model.tar.gz")
         storage.upload_file(archive, output_uri)
-    return Optimization(output_uri, True, reason, **measured, calibration_images=calibrated, seconds=_since(start))
+    return Optimization(output_uri, True, reason, **measured, **quantized, seconds=_since(start))
 
 
 def check_parity(

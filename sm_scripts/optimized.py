@@ -1,4 +1,5 @@
-"""The optimized form of a model: an OpenVINO IR (int8, quantized after training) beside ``model.pt``.
+"""The optimized form of a model: an OpenVINO IR (int8, quantized after training; accuracy control may
+leave a few layers fp32) beside ``model.pt``.
 
 The optimize stage (``bincount/optimize.py``) writes it and records it in ``model_info.json``
 under ``"optimized"`` (docs/CONTRACTS.md); :func:`load_optimized` compiles it for serving. It

@@ -61,8 +61,9 @@ EVALUATION_CACHE = CacheKeyFnPolicy(cache_key_fn=evaluation_key) + TASK_SOURCE
 
 
 def optimization_key(context: TaskRunContext, parameters: dict[str, Any]) -> str | None:
-    """The model, where the optimized one goes, and what the calibration and test channels hold."""
-    settings, channels = parameters["settings"], (parameters["train_channel_uri"], parameters["test_channel_uri"])
+    """The model, where the optimized one goes, and what the calibration, validation and test channels hold."""
+    settings = parameters["settings"]
+    channels = tuple(parameters[f"{name}_channel_uri"] for name in ("train", "valid", "test"))
     return hash_objects(parameters["model_uri"], parameters["output_uri"], channels, listing(settings, *channels))
 
 

@@ -24,12 +24,24 @@ OPTIMIZATION_KEY = "model-optimization"
     persist_result=True,
 )
 def optimize_model_task(
-    settings: Settings, model_uri: str, train_channel_uri: str, test_channel_uri: str, output_uri: str
+    settings: Settings,
+    model_uri: str,
+    train_channel_uri: str,
+    valid_channel_uri: str,
+    test_channel_uri: str,
+    output_uri: str,
 ) -> Optimization:
     """OpenVINO int8 of ``model_uri`` written to ``output_uri`` if it passes parity; else ``model_uri`` stays."""
     logger = get_run_logger()
-    logger.info("Optimizing %s: int8, calibrated on %s, parity on %s", model_uri, train_channel_uri, test_channel_uri)
-    result = optimize_model(storage_for(settings), model_uri, train_channel_uri, test_channel_uri, output_uri)
+    logger.info(
+        "Optimizing %s: int8, calibrated on %s, accuracy-controlled on %s, parity on %s",
+        model_uri,
+        train_channel_uri,
+        valid_channel_uri,
+        test_channel_uri,
+    )
+    storage = storage_for(settings)
+    result = optimize_model(storage, model_uri, train_channel_uri, valid_channel_uri, test_channel_uri, output_uri)
     if result.optimized:
         logger.info("Serving the optimized model %s: %s", result.model_uri, result.reason)
     else:
@@ -45,7 +57,9 @@ def optimize_and_publish(settings: Settings, model_uri: str, channels: dict[str,
     cache still shows the outcome.
     """
     output_uri = settings.artifact_uri("optimized-models", job_name, "model.tar.gz")
-    result = optimize_model_task(settings, model_uri, channels["train"], channels["test"], output_uri)
+    result = optimize_model_task(
+        settings, model_uri, channels["train"], channels["valid"], channels["test"], output_uri
+    )
     rows = [
         ("serves", "optimized (OpenVINO int8)" if result.optimized else "eager (PyTorch)"),
         ("why", result.reason),
@@ -55,6 +69,8 @@ def optimize_and_publish(settings: Settings, model_uri: str, channels: dict[str,
         ("int8 accuracy", result.optimized_accuracy),
         ("top-1 agreement", result.top1_agreement),
         ("calibration images", result.calibration_images),
+        ("validation images (accuracy control)", result.validation_images),
+        ("layers int8 / fp32", f"{result.int8_layers} / {result.fp32_layers}"),
         ("seconds", result.seconds),
     ]
     create_markdown_artifact(

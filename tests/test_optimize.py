@@ -14,16 +14,18 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import torch
 
 from bincount.config import Settings
 from bincount.demo_data import jpeg_bytes, render_bin_image
 from bincount.local.host import HostOptions
 from bincount.local.serving import LocalServingBackend, runtime_client
-from bincount.models import fetch_model, pack_folder, write_untrained_model_dir
-from bincount.optimize import Optimization, check_parity, optimize_model
+from bincount.models import fetch_model, pack_folder, read_from_archive, write_untrained_model_dir
+from bincount.optimize import Optimization, check_parity, optimize_model, predictions
 from bincount.storage import Storage
 from sm_scripts import inference
-from sm_scripts.model_dir import INFO_FILE
+from sm_scripts.data import load_channel
+from sm_scripts.model_dir import INFO_FILE, load_network, read_model_info
 from sm_scripts.optimized import MIN_RUNTIME_VERSION, OPTIMIZED_FILES, WEIGHTS_FILE, runtime_version
 
 SM_SCRIPTS = Path(inference.__file__).resolve().parent
@@ -49,6 +51,7 @@ def optimized(
         Storage(),
         trained.as_uri(),
         demo_channels["train"].as_uri(),
+        demo_channels["valid"].as_uri(),
         demo_channels["test"].as_uri(),
         output.as_uri(),
         max_accuracy_drop=1.0,
@@ -91,6 +94,10 @@ def test_a_model_that_passes_parity_gets_a_new_archive_and_the_trained_one_is_un
     assert entry["runtime"] == "openvino" and entry["precision"] == "int8" and entry["files"] == list(OPTIMIZED_FILES)
     assert entry["parity"]["images"] == result.images == 40 and 0.0 <= entry["parity"]["top1_agreement"] <= 1.0
     assert entry["parity"]["calibration_images"] == result.calibration_images == 40
+    assert entry["parity"]["validation_images"] == result.validation_images == 40
+    assert entry["parity"]["int8_layers"] == result.int8_layers > 0 and entry["parity"]["fp32_layers"] == 0, (
+        "within the bar on the valid side, accuracy control reverts nothing"
+    )
     _, trained_version = fetch_model(Storage(), trained.as_uri(), optimized_dir.parent)
     assert optimized_dir.name != trained_version, "the optimized archive is its own version, fetched apart"
 
@@ -103,6 +110,7 @@ def test_a_model_that_fails_parity_keeps_the_eager_one_and_writes_nothing(
         Storage(),
         trained.as_uri(),
         demo_channels["train"].as_uri(),
+        demo_channels["valid"].as_uri(),
         demo_channels["test"].as_uri(),
         output.as_uri(),
         max_accuracy_drop=-1.0,  # the int8 model would have to beat eager by 100 points
@@ -110,6 +118,42 @@ def test_a_model_that_fails_parity_keeps_the_eager_one_and_writes_nothing(
     assert not result.optimized and result.model_uri == trained.as_uri()
     assert result.reason.startswith("parity failed") and result.top1_agreement is not None
     assert not output.exists()
+
+
+def test_accuracy_control_reverts_the_layers_int8_gets_wrong_on_valid_and_the_test_side_still_decides(
+    optimized: tuple[Optimization, bytes], trained: Path, demo_channels: dict[str, Path], tmp_path: Path
+) -> None:
+    """A valid channel labelled with the fp32 network's own answers: fp32 scores 100% there and every
+    answer int8 flips is a lost point, so accuracy control must revert layers to fp32; parity is then
+    judged on the test side as ever."""
+    model_dir, _ = fetch_model(Storage(), trained.as_uri(), tmp_path / "fetched")
+    info = read_model_info(model_dir)
+    valid = load_channel(demo_channels["valid"], [str(c) for c in info["classes"]], int(info["image_size"]), 1)
+    with torch.inference_mode():
+        network = load_network(model_dir, info)
+        answers = predictions(lambda x: network(x).numpy(), valid, info)
+    for file, answer in zip(valid.files, answers, strict=True):
+        target = tmp_path / "valid" / str(info["classes"][answer]) / Path(file).name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(file, target)
+    output = tmp_path / "model.tar.gz"
+    result = optimize_model(
+        Storage(),
+        trained.as_uri(),
+        demo_channels["train"].as_uri(),
+        (tmp_path / "valid").as_uri(),
+        demo_channels["test"].as_uri(),
+        output.as_uri(),
+    )
+    plain = optimized[0]  # the same network under a bar that reverts nothing
+    assert plain.fp32_layers == 0 and result.fp32_layers > 0, "accuracy control reverted layers to fp32"
+    assert result.int8_layers + result.fp32_layers == plain.int8_layers, "the same network's layers, counted"
+    assert result.int8_layers > 0, "one flipped image in 40 is worth reverting a few layers, not all"
+    assert result.reason.startswith("passed parity" if result.optimized else "parity failed"), result.reason
+    assert output.exists() == result.optimized
+    if result.optimized:
+        entry = json.loads(read_from_archive(Storage(), output.as_uri(), INFO_FILE))["optimized"]
+        assert entry["precision"] == "int8" and entry["parity"]["fp32_layers"] == result.fp32_layers
 
 
 def test_the_optimized_form_serves_the_same_counts_as_eager_through_the_same_preprocessing(

@@ -328,8 +328,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--configs",
         type=parse_config,
         nargs="+",
-        default=[parse_config(c) for c in ("1:1:5", "1:4:10", "1:8:10", "1:8:20", "2:4:10", "2:8:10")],
-        help="TorchServe WORKERS:BATCH:DELAY_MS to try at 8 clients (default: 1:1:5 1:4:10 1:8:10 1:8:20 "
+        default=[parse_config(c) for c in ("1:1:5", "1:4:10", "1:8:5", "1:8:10", "1:8:20", "2:4:10", "2:8:10")],
+        help="TorchServe WORKERS:BATCH:DELAY_MS to try at 8 clients (default: 1:1:5 1:4:10 1:8:5 1:8:10 1:8:20 "
         "2:4:10 2:8:10)",
     )
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32], help="closed-loop clients (1 8 32)")

@@ -20,7 +20,7 @@ TorchServe runs from its own virtual environment (``--torchserve-venv``, default
 
 and Java 17 on the PATH. Then
 
-    nice -n 10 .venv/bin/python benchmarks/torchserve_baseline.py --seconds 15 --rounds 2
+    nice -n 10 .venv/bin/python benchmarks/torchserve_baseline.py --seconds 12 --rounds 2
 """
 
 from __future__ import annotations

@@ -214,7 +214,9 @@ def warm_up(url: str, path: str, photo: bytes) -> None:
     load(url, photo, 8, 4.0, path=path)
 
 
-def torchserve_sweep(server: TorchServe, photo: bytes, configs: list[tuple[int, int, int]], seconds: float) -> tuple:
+def torchserve_sweep(
+    server: TorchServe, photo: bytes, configs: list[tuple[int, int, int]], seconds: float
+) -> tuple[int, int, int]:
     """Each configuration at 8 clients; registers and returns the best by requests/s."""
     print(f"\n{TORCHSERVE} configurations at 8 clients:", flush=True)
     rates = {}
@@ -230,7 +232,9 @@ def torchserve_sweep(server: TorchServe, photo: bytes, configs: list[tuple[int, 
     return best
 
 
-def rounds(targets: dict[str, tuple[str, str]], photo: bytes, args: argparse.Namespace) -> dict:
+def rounds(
+    targets: dict[str, tuple[str, str]], photo: bytes, args: argparse.Namespace
+) -> dict[tuple[str, int], list[dict[str, float]]]:
     """``args.rounds`` rounds of every client count on every server, the order rotating; each row's rounds."""
     rows: dict[tuple[str, int], list[dict[str, float]]] = {}
     labels = list(targets)
@@ -255,7 +259,9 @@ def median_row(measured: list[dict[str, float]]) -> dict[str, float]:
     }
 
 
-def summary(rows: dict, clients: list[int], best: tuple[int, int, int], rounds_run: int) -> None:
+def summary(
+    rows: dict[tuple[str, int], list[dict[str, float]]], clients: list[int], best: tuple[int, int, int], rounds_run: int
+) -> None:
     print(f"\nmedians over {rounds_run} rounds; {TORCHSERVE} = {config_label(best)}:")
     for count in clients:
         base = median_row(rows[(TORCHSERVE, count)])

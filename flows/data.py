@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from bincount.config import Location
 from bincount.download import Ledger
 from bincount.split import SPLITS
-from bincount.storage import join_uri
+from bincount.storage import join_uri, storage_for
 from bincount.validation import ValidationThresholds
 from tasks.download import download_images_task
 from tasks.manifest import load_manifest
@@ -95,10 +95,17 @@ def prepare_data(
     _, downloaded = download_images_task.with_options(refresh_cache=refresh or mirror_gone)(
         settings, manifest, options.concurrency, options.max_missing_share
     )
-    split_table = split_dataset_task.with_options(refresh_cache=refresh)(
+    # A cached split or validation is only good while the file it wrote is there (a wiped artifact root):
+    # the split is written again (seeded, so the same table), the validation taken again.
+    storage = storage_for(settings)
+    split_gone = not storage.exists(split_uri)
+    validation_gone = not storage.exists(join_uri(dataset_uri, "validation.json"))
+    split_table = split_dataset_task.with_options(refresh_cache=refresh or split_gone)(
         settings, manifest, downloaded, split_uri, options.fractions, options.seed
     )
-    validate_data_task.with_options(refresh_cache=refresh)(settings, split_table, dataset_uri, options.validation)
+    validate_data_task.with_options(refresh_cache=refresh or split_gone or validation_gone)(
+        settings, split_table, dataset_uri, options.validation
+    )
     upload_channels_task(settings, split_table, channels_uri)
     report = report_data_task.with_options(refresh_cache=refresh)(settings, split_table)
 

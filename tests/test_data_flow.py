@@ -72,6 +72,19 @@ def test_real_images_from_s3_to_channels_then_served_from_cache(
     assert {states[name] for name in ("download-images", "split-dataset", "report-data")} == {"Cached"}
     assert rerun.result() == result
 
+    # A wiped dataset folder with Prefect's cache still there: the split and validation are written again.
+    split_file = local_path(result.split_uri)
+    validation_file = split_file.with_name("validation.json")
+    split_file.unlink()
+    validation_file.unlink()
+    rewritten = prepare_data(
+        location=Location(source_uri="s3://abid-sample", artifact_root=str(artifacts)), return_state=True
+    )
+    states = task_states(rewritten.state_details.flow_run_id)
+    assert (states["split-dataset"], states["validate-data"]) == ("Completed", "Completed")
+    assert split_file.is_file() and validation_file.is_file()
+    assert read_split(Storage(), result.split_uri).equals(table), "seeded: the same split again"
+
     refreshed = prepare_data(
         location=Location(source_uri="s3://abid-sample", artifact_root=str(artifacts)), refresh=True, return_state=True
     )

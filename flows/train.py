@@ -28,6 +28,7 @@ from bincount.contracts.training import RuleResult, TrainingJob, TrainingJobSpec
 from bincount.contracts.tuning import SEEDS_SEARCH_SPACE, TrialSpec, TuningResult, TuningSpec, space_from_dicts
 from bincount.evaluation import Evaluation
 from bincount.factory import get_tuning_backend
+from bincount.storage import storage_for
 from sm_scripts.metric_format import OBJECTIVE_METRIC, OBJECTIVE_TYPE
 from tasks.evaluate import evaluate_and_publish
 from tasks.train import check_debugger_rules_task, summarize_profile_task, train_model_task
@@ -164,19 +165,21 @@ def retrain_model(
         "eval-channel": "test",
         "keep": "last",
     }
-    job = train_model_task.with_options(refresh_cache=refresh)(
-        settings,
-        TrainingJobSpec(
-            name=job_name("final", run_key()),
-            hyperparameters=final_hyperparameters,
-            channels=channels,
-            output_uri=settings.artifact_uri("training-jobs"),
-            debugger=options.debugger,
-            profiler=options.profiler,
-            local_processes=options.processes,
-        ),
+    spec = TrainingJobSpec(
+        name=job_name("final", run_key()),
+        hyperparameters=final_hyperparameters,
+        channels=channels,
+        output_uri=settings.artifact_uri("training-jobs"),
+        debugger=options.debugger,
+        profiler=options.profiler,
+        local_processes=options.processes,
     )
+    job = train_model_task.with_options(refresh_cache=refresh)(settings, spec)
     assert job.model_uri is not None  # a completed job always has its model
+    if not storage_for(settings).exists(job.model_uri):  # served from cache, but its model was deleted since
+        get_run_logger().warning("The cached training job's model %s is gone: training again", job.model_uri)
+        job = train_model_task.with_options(refresh_cache=True)(settings, spec)
+        assert job.model_uri is not None
     rules = check_debugger_rules_task(settings, job) if options.debugger else []
     profile = summarize_profile_task(settings, job) if options.profiler else None
     evaluation = evaluate_and_publish(settings, job.model_uri, channels["test"])

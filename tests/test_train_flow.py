@@ -123,6 +123,13 @@ def test_train_model_flow(prefect_server: None, demo_channels: dict[str, Path], 
     assert set(trials) == {"train-trial-0", "train-trial-1", "train-trial-2"}
     assert sorted(trials.values()) == ["Completed", "Completed", "Failed"]
 
+    # The cached job's model deleted (a wiped artifact folder, Prefect's cache still there): trained again.
+    storage.delete(result.model_uri)
+    again = train_model(channels, options, settings, return_state=True)
+    assert storage.exists(again.result().model_uri)
+    jobs = task_states(again.state_details.flow_run_id, "run-training-job%")
+    assert sorted(jobs.values()) == ["Cached", "Completed"], "served from cache, found gone, trained again"
+
 
 def tarfile_names(storage: Storage, uri: str) -> list[str]:
     with tarfile.open(fileobj=io.BytesIO(storage.read_bytes(uri)), mode="r:gz") as archive:

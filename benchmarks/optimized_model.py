@@ -85,6 +85,14 @@ def endpoint_rows(
     return rows
 
 
+def eager_model_uri(args: argparse.Namespace, scratch: Path) -> str:
+    """``--model-uri``, or an untrained ``--arch`` at ``--image-size`` packed under ``scratch``."""
+    if args.model_uri:
+        return args.model_uri
+    folder = write_untrained_model_dir(scratch / "eager", args.arch, args.image_size)
+    return pack_folder(folder, scratch / "eager.tar.gz").as_uri()
+
+
 def parity(
     storage: Storage,
     eager_uri: str,
@@ -203,12 +211,7 @@ def main(args: argparse.Namespace) -> None:
         scratch = Path(scratch_dir)
         channels = sample_channels(ABID, "file_list.sample.json", scratch)
         untrained = f"untrained {args.arch} at {args.image_size} px"
-        eager_uri = (
-            args.model_uri
-            or pack_folder(
-                write_untrained_model_dir(scratch / "eager", args.arch, args.image_size), scratch / "eager.tar.gz"
-            ).as_uri()
-        )
+        eager_uri = eager_model_uri(args, scratch)
         print(
             f"{args.model_uri or untrained}; {threads} threads, {available_cores()} cores; "
             f"load average {os.getloadavg()[0]:.1f}",

@@ -45,14 +45,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.optimized_model import ABID, PHOTO, parity, show_row
+from benchmarks.optimized_model import ABID, PHOTO, eager_model_uri, parity, show_row
 from benchmarks.serve_endpoint import load
 from benchmarks.train_quality import sample_channels
 from bincount.config import Settings
 from bincount.local.batcher import available_cores
 from bincount.local.host import HostOptions
 from bincount.local.serving import LocalServingBackend
-from bincount.models import fetch_model, pack_folder, write_untrained_model_dir
+from bincount.models import fetch_model
 from bincount.storage import Storage
 
 MODEL = "bincount"
@@ -273,18 +273,13 @@ def main(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as scratch_dir:
         scratch = Path(scratch_dir)
         channels = sample_channels(ABID, MANIFEST, scratch, args.test_images)
-        eager_uri = (
-            args.model_uri
-            or pack_folder(
-                write_untrained_model_dir(scratch / "eager", args.arch, args.image_size), scratch / "eager.tar.gz"
-            ).as_uri()
-        )
+        eager_uri = eager_model_uri(args, scratch)
         print(
             f"{args.model_uri or f'untrained {args.arch} at {args.image_size} px'}; photo {PHOTO.name}; "
             f"{threads} threads, {cores} cores; load average {os.getloadavg()[0]:.1f}",
             flush=True,
         )
-        int8_uri = parity(storage, eager_uri, channels, scratch / "optimized.tar.gz", args.calibration_images)
+        int8_uri = parity(storage, eager_uri, channels, scratch / "optimized.tar.gz", args.calibration_images).model_uri
         eager_dir, _ = fetch_model(storage, eager_uri, scratch / "models")
         server = TorchServe(args.torchserve_venv, eager_dir, scratch, threads)
         backend = LocalServingBackend(

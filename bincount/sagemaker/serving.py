@@ -611,27 +611,21 @@ class SageMakerServingBackend(SageMakerBackendBase):
     def promote_shadow(self, name: str) -> EndpointRecord:
         """The shadow's model becomes the one that answers (a plain update from the shadow config; a failure
         rolls back to the shadow config, where the current model still answers)."""
-        stored, shadow = self._shadowed(name)
-        report = self.shadow_report(stored)
-        record = self.deploy(name, shadow["model_uri"], shadow["model_ref"])
-        record.details["rollout"] = rollout(
-            RolloutStrategy(**stored.details["rollout"]["strategy"]),
-            "promoted",
-            f"the shadow model version {shadow['version']} answers now",
-            report=report,
-        )
-        self.records.write(record)
-        return record
+        return self._end_shadow(name, promote=True)
 
     def stop_shadow(self, name: str) -> EndpointRecord:
         """Drop the shadow variant: the current model's own config again."""
+        return self._end_shadow(name, promote=False)
+
+    def _end_shadow(self, name: str, promote: bool) -> EndpointRecord:
         stored, shadow = self._shadowed(name)
         report = self.shadow_report(stored)
-        record = self.deploy(name, stored.model_uri, stored.model_ref)
+        kept = (shadow["model_uri"], shadow["model_ref"]) if promote else (stored.model_uri, stored.model_ref)
+        record = self.deploy(name, *kept)
         record.details["rollout"] = rollout(
             RolloutStrategy(**stored.details["rollout"]["strategy"]),
-            "stopped",
-            f"the shadow of model version {shadow['version']} was stopped",
+            "promoted" if promote else "stopped",
+            f"the shadow model version {shadow['version']} " + ("answers now" if promote else "was stopped"),
             report=report,
         )
         self.records.write(record)

@@ -15,6 +15,7 @@ only: the test side, which judges parity, is never seen before the check.
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import shutil
 import tempfile
@@ -45,6 +46,7 @@ MAX_ACCURACY_DROP = 0.005  # 0.5 points of test accuracy
 PARITY_BATCH = 32
 LAYER_TYPES = {"Convolution", "GroupConvolution", "MatMul"}  # what layers count as int8 or fp32
 INT8_TYPES = {"i8", "u8"}  # element types of NNCF's quantized weight constants
+EXPORT_TOOLS = ("openvino", "nncf")  # the converter and the quantizer export_int8 imports
 
 
 @dataclass
@@ -130,6 +132,29 @@ def export_int8(
     return layer_precisions(quantized)
 
 
+def export_tool_versions() -> dict[str, str | None]:
+    """The installed version of each export tool (None: not installed); the stage's cache key holds them,
+    so installing or upgrading one runs the stage again instead of serving a cached failure."""
+    versions: dict[str, str | None] = {}
+    for name in EXPORT_TOOLS:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def export_failure(error: Exception) -> str:
+    """The reason an export failed, and what to do about it (the eager model serves meanwhile)."""
+    installed = ", ".join(f"{name} {version or 'not installed'}" for name, version in export_tool_versions().items())
+    return (
+        f"export failed: {type(error).__name__}: {str(error).strip() or 'no message'} ({installed}). The eager "
+        "model serves. Install the export tools with the project (uv sync: openvino and nncf, at their locked "
+        "versions) on the machine that runs the optimize stage, or, if they are there, see whether this "
+        "network converts with openvino.convert_model; then run the pipeline again"
+    )
+
+
 def layer_precisions(model: Any) -> dict[str, int]:
     """How many convolutions and matrix products of an OpenVINO model have int8 weights (NNCF stores a
     quantized layer's weights as an int8 constant, converted and scaled) and how many stayed fp32."""
@@ -182,11 +207,11 @@ def optimize_model(
         calibrated = sum(len(b) for b in calibration)
         classes, size, threads = [str(c) for c in info["classes"]], int(info["image_size"]), torch.get_num_threads()
         valid = load_channel(storage.local_folder(valid_channel_uri, Path(scratch) / "valid"), classes, size, threads)
-        try:
-            layers = export_int8(network, info, calibration, validation_items(valid, info), max_accuracy_drop, folder)
-        except Exception as error:  # any failure of the third-party converter or quantizer keeps the eager model
-            reason = f"export failed: {type(error).__name__}: {error}"
-            return Optimization(model_uri, False, reason, seconds=_since(start))
+        validation = validation_items(valid, info)
+        try:  # only the third-party step: a failure in our own data or parity code still fails the stage
+            layers = export_int8(network, info, calibration, validation, max_accuracy_drop, folder)
+        except Exception as error:  # the converter or quantizer missing, too old, or refusing the network
+            return Optimization(model_uri, False, export_failure(error), seconds=_since(start))
         test = storage.local_folder(test_channel_uri, Path(scratch) / "test")
         cache = load_channel(test, classes, size, threads)
         with torch.inference_mode():

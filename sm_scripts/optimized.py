@@ -86,7 +86,13 @@ def load_optimized(model_dir: Path | str, info: dict[str, Any], threads: int) ->
             f"{RUNTIME} {'.'.join(map(str, installed))} is older than the {'.'.join(map(str, needed))} this model "
             "needs: upgrade openvino"
         )
-    import openvino  # an optional runtime: present here, as checked above
+    try:
+        import openvino  # an optional runtime: installed, as checked above, but it may still not import
+    except ImportError as error:  # a broken install: its native libraries missing or built for another Python
+        raise OptimizedModelUnavailable(
+            f"{RUNTIME} {'.'.join(map(str, installed))} is installed but does not import ({error}): reinstall it "
+            "(pip install --force-reinstall 'openvino>=2024.0')"
+        ) from None
 
     graph = Path(model_dir) / GRAPH_FILE
     size = int(info["image_size"])

@@ -17,6 +17,7 @@ from prefect.utilities.hashing import hash_objects
 
 from bincount.code import code_hash
 from bincount.config import Settings
+from bincount.optimize import export_tool_versions
 from bincount.storage import folder_digests, local_path, storage_for
 
 
@@ -61,10 +62,17 @@ EVALUATION_CACHE = CacheKeyFnPolicy(cache_key_fn=evaluation_key) + TASK_SOURCE
 
 
 def optimization_key(context: TaskRunContext, parameters: dict[str, Any]) -> str | None:
-    """The model, where the optimized one goes, and what the calibration, validation and test channels hold."""
+    """The model, where the optimized one goes, what the calibration, validation and test channels hold,
+    and the export tools' versions (an export that failed for want of one is tried again once it is there)."""
     settings = parameters["settings"]
     channels = tuple(parameters[f"{name}_channel_uri"] for name in ("train", "valid", "test"))
-    return hash_objects(parameters["model_uri"], parameters["output_uri"], channels, listing(settings, *channels))
+    return hash_objects(
+        parameters["model_uri"],
+        parameters["output_uri"],
+        channels,
+        listing(settings, *channels),
+        export_tool_versions(),
+    )
 
 
 OPTIMIZATION_CACHE = CacheKeyFnPolicy(cache_key_fn=optimization_key) + TASK_SOURCE

@@ -7,6 +7,7 @@ import io
 import json
 import re
 import shutil
+import sys
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +16,9 @@ import httpx
 import numpy as np
 import pytest
 import torch
+from prefect import flow
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
 
 from bincount.config import Settings
 from bincount.contracts.serving import EndpointRecord
@@ -28,6 +32,7 @@ from sm_scripts import inference
 from sm_scripts.data import load_channel
 from sm_scripts.model_dir import INFO_FILE, load_network, read_model_info
 from sm_scripts.optimized import MIN_RUNTIME_VERSION, OPTIMIZED_FILES, WEIGHTS_FILE, runtime_version
+from tasks.optimize import OPTIMIZATION_KEY, optimize_and_publish
 
 SM_SCRIPTS = Path(inference.__file__).resolve().parent
 NAME = "optimized"
@@ -209,6 +214,23 @@ def test_an_optimized_form_that_cannot_serve_here_falls_back_to_eager_and_says_w
     assert prediction["predicted_count"] in (1, 2, 3, 4, 5), "eager serves"
 
 
+def test_an_openvino_that_is_installed_but_does_not_import_serves_eager_and_says_why(
+    optimized_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Its metadata is there (so the version check passes) but ``import openvino`` fails, as a broken
+    install's does: the loader must not let the ImportError out of model_fn."""
+    monkeypatch.setitem(sys.modules, "openvino", None)  # Python's own import then raises ImportError
+    with caplog.at_level("INFO", logger="sm_scripts.inference"):
+        model = inference.model_fn(str(optimized_dir))
+    says = r"openvino \d+\.\d+ is installed but does not import \(import of openvino halted.*\): reinstall it"
+    assert model.serving["path"] == "eager" and model.optimized is None
+    assert re.search(says, model.serving["reason"]), model.serving["reason"]
+    assert any(r.levelname == "WARNING" and re.search(says, r.getMessage()) for r in caplog.records), caplog.text
+    image = jpeg_bytes(render_bin_image(2, np.random.default_rng(0), 64))
+    (prediction,) = inference.predict_fn(inference.input_fn(image, "image/jpeg"), model)
+    assert prediction["predicted_count"] in (1, 2, 3, 4, 5), "eager serves"
+
+
 def test_the_container_requirements_list_the_runtime_at_the_version_the_loader_needs() -> None:
     lines = [line.strip() for line in (SM_SCRIPTS / "requirements.txt").read_text().splitlines()]
     (spec,) = [line for line in lines if re.match(r"openvino\b", line)]
@@ -259,5 +281,59 @@ def test_an_endpoint_whose_optimized_form_does_not_load_serves_eager_and_its_rec
         image = jpeg_bytes(render_bin_image(3, np.random.default_rng(2), 64))
         answer = client.invoke_endpoint(EndpointName=record.name, Body=image, ContentType="image/jpeg")
         assert json.loads(answer["Body"].read())["predictions"][0]["predicted_count"] in (1, 2, 3, 4, 5)
+    finally:
+        backend.delete(record.name)
+
+
+@flow(name="optimize-stage")
+def optimize_stage(artifact_root: str, model_uri: str, channels: dict[str, str]) -> str:
+    """The optimize stage as the pipeline runs it: the cached task, then its artifact."""
+    return optimize_and_publish(Settings.load(artifact_root=artifact_root), model_uri, channels, "export-fails")
+
+
+def test_an_export_that_fails_keeps_the_eager_model_says_why_and_the_endpoint_serves_eager(
+    prefect_server: None,
+    trained: Path,
+    demo_channels: dict[str, Path],
+    backend: LocalServingBackend,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The converter cannot be imported on the machine that runs the stage: the export raises a real
+    ImportError, and the stage hands back the trained archive, untouched, with the reason."""
+    import nncf  # noqa: F401  imported whole first: blocking openvino under it would leave a half-imported nncf
+
+    before = trained.read_bytes()
+    channels = {name: folder.as_uri() for name, folder in demo_channels.items()}
+    with pytest.MonkeyPatch.context() as patch, caplog.at_level("INFO"):
+        patch.setitem(sys.modules, "openvino", None)
+        state = optimize_stage(str(tmp_path / "artifacts"), trained.as_uri(), channels, return_state=True)
+    model_uri = state.result()
+    assert model_uri == trained.as_uri() and trained.read_bytes() == before, "the trained archive, as it was"
+    assert not (tmp_path / "artifacts" / "optimized-models").exists(), "nothing written"
+    says = r"export failed: ModuleNotFoundError: import of openvino halted.*\. The eager model serves\. Install the"
+    assert any(
+        r.name == "prefect.task_runs" and r.levelname == "WARNING" and re.search(says, r.getMessage())
+        for r in caplog.records
+    ), caplog.text
+    with get_client(sync_client=True) as client:
+        (artifact,) = client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(any_=[OPTIMIZATION_KEY]),
+                flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id]),
+            )
+        )
+    assert re.match(f"eager: {says}", artifact.description or ""), artifact.description
+    assert "| serves | eager (PyTorch) |" in str(artifact.data) and "export failed: ModuleNotFoundError" in str(
+        artifact.data
+    )
+
+    record = backend.deploy("export-failed", model_uri)
+    try:
+        assert record.details["serving"] == {
+            "path": "eager",
+            "reason": "the model has no optimized form (the optimize stage's model-optimization artifact says why)",
+        }
+        assert httpx.get(f"{record.url}/ping", timeout=10).json()["serving"] == "eager"
     finally:
         backend.delete(record.name)

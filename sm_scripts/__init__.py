@@ -4,7 +4,7 @@ Entry points: ``train.py`` (training, script mode) and ``inference.py`` (the ser
 
     preprocessing   photo bytes -> uint8 pixels -> normalized tensor: the one path training and serving share
     data            channels decoded once into a uint8 cache; augmentation; normalized batches
-    networks        the archs (torchvision ResNets, EfficientNet-Lite0), their normalization, ``build_model``
+    networks        the archs (torchvision ResNets, EfficientNet-Lite0/1/2), their normalization, ``build_model``
     loop            one training epoch, one evaluation, the record of the epochs so far
     checkpoints     the per-epoch checkpoint: fingerprint, atomic save, exact resume
     distributed     data-parallel training under torchrun: shards, gradient and metric all-reduce, rank 0 writes

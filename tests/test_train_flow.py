@@ -61,6 +61,7 @@ def task_states(flow_run_id: UUID, name_like: str = "") -> dict[str, str]:
 
 def test_train_model_flow(prefect_server: None, demo_channels: dict[str, Path], tmp_path: Path) -> None:
     options = TrainOptions(
+        recipe="seeds",
         arch="resnet18",
         image_size=32,
         max_jobs=3,
@@ -170,6 +171,7 @@ def test_a_trial_below_the_median_is_pruned_in_the_tuning_flow(
     two finished ones at epoch 2 (0.2 and lr 0.01's 0.25 here) and is stopped there, by its own
     train-trial task."""
     options = TrainOptions(
+        recipe="seeds",
         arch="resnet18",
         image_size=32,
         max_jobs=3,

@@ -16,11 +16,15 @@ from bincount.contracts.training import DEBUGGER_RULES, TrainingJob, TrainingJob
 from bincount.contracts.tuning import SEEDS_SEARCH_SPACE, TrialSpec, space_from_dicts
 from bincount.evaluation import evaluate_model, score_counts
 from bincount.local.debugger import check_rules, loss_not_decreasing, overfit, overtraining
+from bincount.local.training import hyperparameter_flags
 from bincount.local.tuning import LocalTuner, suggest
 from bincount.models import pack_folder, write_untrained_model_dir
 from bincount.sagemaker.tuning import sagemaker_ranges
 from bincount.storage import Storage
+from flows.train import TrainOptions, fixed_hyperparameters
 from sm_scripts.metric_format import METRIC_DEFINITIONS, OBJECTIVE_METRIC
+from sm_scripts.networks import build_model
+from sm_scripts.train import check_flags, get_args_parser
 from tasks.train import log_line
 
 
@@ -287,3 +291,30 @@ def test_tool_chatter_goes_to_debug_and_blank_lines_are_dropped() -> None:
     ):
         sink(line)
     assert [level for level, _ in logged] == [logging.DEBUG] * 4 + [logging.INFO] * 2
+
+
+@pytest.mark.parametrize("recipe", ["best", "seeds"])
+def test_each_recipe_is_a_train_py_command_line_at_both_ends_of_its_search_space(recipe: str) -> None:
+    """The flows' recipes, as the local backend spells them for train.py, parse and pass its checks, and
+    ``seeds`` is the seed projects' setup while ``best`` is the measured one (offline ImageNet start)."""
+    options = TrainOptions(recipe=recipe)
+    space = space_from_dicts(options.search_space) if options.search_space else SEEDS_SEARCH_SPACE
+    assert (options.arch, options.weights) == (
+        ("efficientnet_lite0", "imagenet") if recipe == "best" else ("resnet50", "none")
+    )
+    for end in ("low", "high"):
+        trial = {
+            parameter.name: getattr(parameter, end) if hasattr(parameter, end) else parameter.values[-1]
+            for parameter in space
+        }
+        flags = hyperparameter_flags({**fixed_hyperparameters(options), **trial, "train-dir": "t", "valid-dir": "v"})
+        args = get_args_parser().parse_args(flags)
+        assert check_flags(args) == (["train"], {"train": "t", "valid": "v"})
+        assert build_model(args.arch, 5, args.weights).training  # the weights load offline
+
+
+def test_a_field_given_beside_the_seeds_recipe_wins_and_the_rest_is_the_seeds() -> None:
+    options = TrainOptions(recipe="seeds", arch="resnet18", image_size=64)
+    assert (options.arch, options.image_size, options.weights, options.max_jobs) == ("resnet18", 64, "none", 8)
+    assert options.search_space is None and options.hyperparameters == {}
+    assert TrainOptions(**options.model_dump()) == options  # what the registry stores reads back the same

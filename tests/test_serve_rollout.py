@@ -396,6 +396,32 @@ def test_a_killed_replica_fails_only_its_requests_in_flight_and_is_restarted(
     assert victim not in [replica["pid"] for replica in variant["replicas"]]
 
 
+def test_past_its_replicas_capacity_a_request_waits_in_the_router_and_every_one_is_answered(
+    models: dict[str, Path], fingerprints: Prints, tmp_path: Path
+) -> None:
+    """Batches of one: the router keeps at most two requests on each replica (HostOptions.max_in_flight), and the
+    rest of ten clients' requests wait in its one line for whichever replica frees first."""
+    options = HostOptions(max_batch_size=1, max_wait_ms=0, threads=1)
+    assert options.max_in_flight == 2
+    backend = LocalServingBackend(Settings.load(artifact_root=str(tmp_path)), host_options=options)
+    record = backend.deploy("line", models["slow"].as_uri(), scaling=ScalingConfig(min_replicas=2, max_replicas=2))
+    try:
+        most_in_flight, most_waiting = 0, 0
+        with Load(record.url, "line", fingerprints, clients=10) as load:
+            deadline = time.monotonic() + 30
+            while len(load.answers) < 20 or most_waiting == 0:
+                assert time.monotonic() < deadline, (len(load.answers), most_waiting)
+                status = backend._router_status(record.url, "line")
+                variant = status["variants"][status["current"]]
+                most_in_flight = max(most_in_flight, *(replica["inflight"] for replica in variant["replicas"]))
+                most_waiting = max(most_waiting, variant["waiting"])
+                time.sleep(0.05)
+        assert load.errors == [] and load.served() == {"slow"}
+        assert most_in_flight == 2 and most_waiting >= 4, (most_in_flight, most_waiting)
+    finally:
+        backend.delete("line")
+
+
 def test_autoscaling_adds_a_replica_under_load_and_removes_it_when_idle(
     backend: LocalServingBackend, models: dict[str, Path], fingerprints: Prints
 ) -> None:

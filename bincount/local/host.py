@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,12 +47,22 @@ class HostOptions:
     max_wait_ms: float = 5.0
     threads: int | None = None  # torch threads; None: every core this process may use
     graceful_timeout_s: float = 30.0
+    nice: int = 5
+    """CPU priority below the router's: its one event loop carries every replica's requests and needs little
+    CPU, so it must not wait behind forwards (measured: benchmarks/rollout.py, README "Serving")."""
+
+    @property
+    def max_in_flight(self) -> int:
+        """Requests the router keeps on one replica (more wait in the router, first come first served): a batch
+        in its forward and half of the next one decoding. Fewer starve the batches; more make each replica a
+        queue of its own, where a request waits behind its replica's slowest moment."""
+        return self.max_batch_size + max(1, self.max_batch_size // 2)
 
     def cli_args(self) -> list[str]:
         args = ["--max-batch-size", str(self.max_batch_size), "--max-wait-ms", str(self.max_wait_ms)]
         if self.threads:
             args += ["--threads", str(self.threads)]
-        return [*args, "--graceful-timeout", str(self.graceful_timeout_s)]
+        return [*args, "--graceful-timeout", str(self.graceful_timeout_s), "--nice", str(self.nice)]
 
 
 class ModelHost:
@@ -192,13 +203,17 @@ def get_args_parser() -> argparse.ArgumentParser:
         default=HostOptions.graceful_timeout_s,
         help="seconds to drain on SIGTERM (default: 30)",
     )
+    parser.add_argument(
+        "--nice", type=int, default=HostOptions.nice, help="CPU priority below the caller's (default: 5)"
+    )
     parser.add_argument("--access-log", action="store_true", help="log every request (default: off)")
     return parser
 
 
 def main(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    options = HostOptions(args.max_batch_size, args.max_wait_ms, args.threads, args.graceful_timeout)
+    os.nice(args.nice)  # before any thread starts: threads take their creator's priority
+    options = HostOptions(args.max_batch_size, args.max_wait_ms, args.threads, args.graceful_timeout, args.nice)
     app = create_app(args.model_dir, args.name, options)
     httpio.serve(
         app, httpio.bound_socket(args.host, args.port, args.fd), options.graceful_timeout_s, 512, args.access_log

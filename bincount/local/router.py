@@ -65,6 +65,8 @@ LATENCY_WINDOW = 2000  # latencies kept per variant for its p99
 SUPERVISE_S = 0.2  # how often replicas are checked and load is sampled
 MAX_SHADOW_IN_FLIGHT = 64  # copies past this are skipped (and counted), so a slow shadow cannot pile up
 MAX_FAILED_STARTS = 3  # a replica that exits before it is ready this often in a row is not started again
+UNRECORDED_REPLICA_CAPACITY = 12  # for state files written before the backend recorded HostOptions.max_in_flight
+ROOM_CHECK_S = 0.5  # a request waiting for room looks again this often, in case no answer woke it (a replica died)
 
 
 @dataclasses.dataclass
@@ -123,6 +125,26 @@ class Variant:
         self.ever_ready = False
         self.failed: str | None = None  # why its hosts cannot start (the host's log)
         self.retiring = False
+        self.waiting: collections.deque[asyncio.Future[None]] = collections.deque()  # requests held for room, FIFO
+
+    async def wait_for_room(self, first: bool) -> None:
+        """Until a replica of this variant answers a request (or a short while passes); ``first``: at the head
+        of the line (a request that was woken and lost its slot to a newcomer)."""
+        room = asyncio.get_running_loop().create_future()
+        (self.waiting.appendleft if first else self.waiting.append)(room)
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(room, ROOM_CHECK_S)
+        finally:
+            with contextlib.suppress(ValueError):
+                self.waiting.remove(room)
+
+    def wake_one(self) -> None:
+        while self.waiting:
+            room = self.waiting.popleft()
+            if not room.done():
+                room.set_result(None)
+                return
 
     def active(self) -> list[Replica]:
         return [replica for replica in self.replicas if not replica.retiring]
@@ -139,6 +161,7 @@ class Variant:
             "model_uri": self.spec.get("model_uri"),
             "replicas": [replica.to_dict() for replica in self.active()],
             "ready": sum(replica.ready for replica in self.active()),
+            "waiting": len(self.waiting),
             "restarts": self.restarts,
             "failed": self.failed,
             **self.stats.to_dict(),
@@ -165,12 +188,14 @@ class Router:
         self._shadow_tasks: set[asyncio.Task] = set()
         self.capture: CaptureWriter | None = None
         self._capture_key: str | None = None
+        self.replica_capacity = UNRECORDED_REPLICA_CAPACITY
 
     # state ---------------------------------------------------------------------------------
     def reload(self) -> None:
         """Apply the state file: start new variants' hosts, retire those that left, set the split."""
         state = json.loads(self.state_file.read_text())
         self._state = state
+        self.replica_capacity = state.get("replica_capacity", UNRECORDED_REPLICA_CAPACITY)
         self.scaling = ScalingConfig(**state["scaling"]) if state.get("scaling") else ScalingConfig()
         routing = (state["current"], state.get("candidate"), state.get("mode", "canary"), state.get("percent", 0))
         if routing != (self.current, self.candidate, self.mode, self.percent):
@@ -277,7 +302,7 @@ class Router:
         if variant is None or not scaling.autoscaling:
             return
         active = variant.active()
-        load = sum(replica.inflight for replica in active) / max(1, len(active))
+        load = (sum(replica.inflight for replica in active) + len(variant.waiting)) / max(1, len(active))
         self._load = 0.7 * self._load + 0.3 * load
         now = time.monotonic()
         above = self._load > scaling.target_in_flight and len(active) < scaling.max_replicas
@@ -315,13 +340,21 @@ class Router:
     async def forward(
         self, variant: Variant | None, method: str, path: str, headers: dict[str, str], body: bytes | None
     ) -> Response:
-        """Send the request to the variant's least busy replica. One that refuses the connection (it died: nothing
-        was sent) is taken out of rotation until it answers /ping again, and the next replica gets the request."""
+        """Send the request to the variant's least busy replica; when every replica has ``replica_capacity`` in
+        flight it waits in the variant's line (first come, first served: one queue for all replicas, so no
+        request waits behind one replica's slow moment while another is free). A replica that refuses the
+        connection (it died: nothing was sent) is taken out of rotation until it answers /ping again, and the
+        next replica gets the request."""
         start = time.perf_counter()
+        woken = False
         while True:
             replica = variant.pick() if variant is not None else None
             if variant is None or replica is None:
                 return _error(path, 503, f"endpoint {self.name} has no model host ready; try again shortly")
+            if replica.inflight >= self.replica_capacity or (variant.waiting and not woken):
+                await variant.wait_for_room(first=woken)
+                woken = True
+                continue
             replica.inflight += 1  # counted before any await: a switch cannot slip in between
             try:
                 answer = await replica.client.request(method, path, headers=headers, content=body)
@@ -338,6 +371,7 @@ class Router:
                 return _error(path, 502, f"the model host of endpoint {self.name} did not answer ({error})")
             finally:
                 replica.inflight -= 1
+                variant.wake_one()
         if method == "POST":
             variant.stats.add(_model_status(answer), time.perf_counter() - start)
         returned = {key: answer.headers[key] for key in _RETURNED_HEADERS if key in answer.headers}
@@ -349,7 +383,7 @@ class Router:
         answer = await self.forward(variant, "POST", path, headers, body)
         shadow = self.variants.get(self.candidate) if self.candidate and self.mode == "shadow" else None
         if shadow is not None and random.random() * 100 < self.percent:
-            if sum(replica.inflight for replica in shadow.replicas) >= MAX_SHADOW_IN_FLIGHT:
+            if sum(replica.inflight for replica in shadow.replicas) + len(shadow.waiting) >= MAX_SHADOW_IN_FLIGHT:
                 shadow.stats.skipped += 1
             else:
                 task = asyncio.create_task(self._shadow(shadow, path, headers, body, answer))

@@ -248,6 +248,7 @@ class LocalServingBackend:
             "bind_host": self.bind_host,
             "workdir": str(workdir),
             "host_args": self.host_options.cli_args(),
+            "replica_capacity": self.host_options.max_in_flight,
             "variants": {variant_id: spec},
             "current": variant_id,
             "candidate": None,

@@ -46,12 +46,15 @@ BEST_HYPERPARAMETERS: dict[str, Hyperparameter] = {
 }
 """The measured best offline recipe's fixed train.py flags (README: "Model quality on the real sample")."""
 
+BEST_TRIAL: dict[str, Hyperparameter] = {"lr": 0.001, "batch-size": 32, "epochs": 3}
+"""The best recipe's searched flags, as measured (benchmarks/train_quality.py trains with these)."""
+
 BEST_SEARCH_SPACE: list[dict[str, Any]] = [
     {"type": "continuous", "name": "lr", "low": 0.0003, "high": 0.003, "scaling": "Logarithmic"},
     {"type": "categorical", "name": "batch-size", "values": [32, 64]},
     {"type": "integer", "name": "epochs", "low": 2, "high": 4},
 ]
-"""Centred on the best recipe (lr 0.001, batch 32, 3 epochs)."""
+"""Centred on :data:`BEST_TRIAL`."""
 
 SEEDS_RECIPE: dict[str, Any] = {
     "arch": "resnet50",

@@ -23,9 +23,9 @@ print as it ends (``RUN``), the summary at the end (``SUMMARY``), and all of it 
 Single-split figures measured earlier on the 2-core CPU (EfficientNet-Lite0 ImageNet start, seed 0,
 460 test images; kept as history, they do not rank recipes):
 
-    .venv/bin/python benchmarks/train_quality.py -- --lr 0.0003 --epochs 6
+    .venv/bin/python benchmarks/train_quality.py -- --image-size 224 --lr 0.0003 --epochs 6
     test accuracy 0.343, RMSE 1.27, within-one 0.791 (valid 0.414, epoch 4 kept); 29 min
-    .venv/bin/python benchmarks/train_quality.py -- --lr 0.0003 --epochs 6 --augment strong
+    .venv/bin/python benchmarks/train_quality.py -- --image-size 224 --lr 0.0003 --epochs 6 --augment strong
     test accuracy 0.302, RMSE 1.29, within-one 0.791 (valid 0.386, epoch 5 kept); 28 min
     .venv/bin/python benchmarks/train_quality.py -- --image-size 160 --epochs 3 --log-interval 20
     test accuracy 0.333, RMSE 1.28, within-one 0.791 (valid 0.390, epoch 1 kept); 8 min

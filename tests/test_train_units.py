@@ -300,7 +300,7 @@ def test_each_recipe_is_a_train_py_command_line_at_both_ends_of_its_search_space
     options = TrainOptions(recipe=recipe)
     space = space_from_dicts(options.search_space) if options.search_space else SEEDS_SEARCH_SPACE
     assert (options.arch, options.weights) == (
-        ("efficientnet_lite0", "imagenet") if recipe == "best" else ("resnet50", "none")
+        ("efficientnet_lite1", "imagenet") if recipe == "best" else ("resnet50", "none")
     )
     for end in ("low", "high"):
         trial = {

@@ -11,7 +11,7 @@ averaged over the square's eight symmetries). The summary gives each figure's me
 deviation over the runs; one 460-image test set has a standard error of about 2.2 points on its own.
 Published anchors on the 10k subset: 11-36%, 41% at best (the seeds: 26%).
 
-    .venv/bin/python benchmarks/train_quality.py --seeds 0 1 2          # the default recipe: EfficientNet-Lite1, ImageNet start
+    .venv/bin/python benchmarks/train_quality.py --seeds 0 1 2          # the default recipe (Lite1, ImageNet start)
     .venv/bin/python benchmarks/train_quality.py --folds 5 --tta --arch efficientnet_lite0 -- --image-size 160
     .venv/bin/python benchmarks/train_quality.py --arch resnet18 --weights none -- --epochs 4
     .venv/bin/python benchmarks/train_quality.py --arch efficientnet_lite1 -- --backbone-lr-scale 0.1
@@ -23,13 +23,17 @@ print as it ends (``RUN``), the summary at the end (``SUMMARY``), and all of it 
 Single-split figures measured earlier on the 2-core CPU (EfficientNet-Lite0 ImageNet start, seed 0,
 460 test images; kept as history, they do not rank recipes):
 
-    .venv/bin/python benchmarks/train_quality.py --arch efficientnet_lite0 -- --image-size 224 --lr 0.0003 --epochs 6
+    .venv/bin/python benchmarks/train_quality.py --arch efficientnet_lite0 \\
+        -- --image-size 224 --lr 0.0003 --epochs 6
     test accuracy 0.343, RMSE 1.27, within-one 0.791 (valid 0.414, epoch 4 kept); 29 min
-    .venv/bin/python benchmarks/train_quality.py --arch efficientnet_lite0 -- --image-size 224 --lr 0.0003 --epochs 6 --augment strong
+    .venv/bin/python benchmarks/train_quality.py --arch efficientnet_lite0 \\
+        -- --image-size 224 --lr 0.0003 --epochs 6 --augment strong
     test accuracy 0.302, RMSE 1.29, within-one 0.791 (valid 0.386, epoch 5 kept); 28 min
-    .venv/bin/python benchmarks/train_quality.py --arch efficientnet_lite0 -- --image-size 160 --epochs 3 --log-interval 20
+    .venv/bin/python benchmarks/train_quality.py --arch efficientnet_lite0 \\
+        -- --image-size 160 --epochs 3 --log-interval 20
     test accuracy 0.333, RMSE 1.28, within-one 0.791 (valid 0.390, epoch 1 kept); 8 min
-    .venv/bin/python benchmarks/train_quality.py --arch efficientnet_lite0 -- --freeze-backbone true --augment none --epochs 40 \\
+    .venv/bin/python benchmarks/train_quality.py --arch efficientnet_lite0 \\
+        -- --freeze-backbone true --augment none --epochs 40 \\
         --lr 0.001 --batch-size 128 --weight-decay 0.5 --log-interval 0
     head on frozen features: test accuracy 0.324, RMSE 1.49, within-one 0.711 (valid 0.346); 5 min
 

@@ -105,13 +105,6 @@ class TrainOptions(BaseModel):
     )
     max_jobs: int = Field(default=4, ge=1, le=100, description="Tuning trials in all (failed ones count).")
 
-    @model_validator(mode="before")
-    @classmethod
-    def seeds_recipe_fills_what_is_not_given(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("recipe") == "seeds":
-            return {**SEEDS_RECIPE, **data}
-        return data
-
     max_parallel_jobs: int = Field(default=1, ge=1, le=16, description="Tuning trials run at once.")
     seed: int = Field(default=0, description="Seed of the search and of every job.")
     processes: int = Field(
@@ -124,6 +117,13 @@ class TrainOptions(BaseModel):
     )
     debugger: bool = Field(default=True, description="Retrain with the smdebug hook and check the rules.")
     profiler: bool = Field(default=True, description="Retrain with torch.profiler and summarize it.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def seeds_recipe_fills_what_is_not_given(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("recipe") == "seeds":
+            return {**SEEDS_RECIPE, **data}
+        return data
 
 
 class TrainedModel(BaseModel):

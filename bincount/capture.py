@@ -26,6 +26,7 @@ bounded queue (or counts a drop when it is full) and one thread encodes and writ
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime as dt
 import io
 import json
@@ -153,7 +154,8 @@ class CaptureWriter:
         self.config = config
         self.storage = storage
         self.stats = CaptureStats()
-        self._staging = staging or Path(tempfile.mkdtemp(prefix="bincount-capture-"))
+        self._staging = staging  # s3:// only: made on first use when not given, removed on close once empty
+        self._owns_staging = staging is None
         self._queue: queue.Queue[Exchange | None] = queue.Queue(maxsize=config.queue_size)
         self._file: IO[bytes] | None = None
         self._file_path: Path | None = None
@@ -185,6 +187,10 @@ class CaptureWriter:
             logger.error(
                 "capture writer did not finish within %.0f s; %d records still queued", timeout_s, self._queue.qsize()
             )
+        elif self._owns_staging and self._staging is not None:
+            for folder in [*(path for path in self._staging.iterdir() if path.is_dir()), self._staging]:
+                with contextlib.suppress(OSError):  # not empty: a file that did not upload stays, the only copy
+                    folder.rmdir()
 
     def _run(self) -> None:
         while (exchange := self._queue.get()) is not None:
@@ -220,6 +226,8 @@ class CaptureWriter:
         if self._file_uri.startswith("file://"):
             self._file_path = local_path(self._file_uri)
         else:
+            if self._staging is None:
+                self._staging = Path(tempfile.mkdtemp(prefix="bincount-capture-"))
             self._file_path = self._staging / hour.replace("/", "-") / name
         self._file_path.parent.mkdir(parents=True, exist_ok=True)
         self._file = self._file_path.open("ab")

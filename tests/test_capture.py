@@ -11,12 +11,14 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import boto3
 import numpy as np
 import pytest
 from PIL import Image
@@ -33,6 +35,7 @@ from bincount.contracts.serving import CaptureConfig, EndpointRecord
 from bincount.demo_data import jpeg_bytes, render_bin_image
 from bincount.local.host import HostOptions
 from bincount.local.serving import LocalServingBackend, runtime_client
+from bincount.loopback_s3 import LoopbackS3
 from bincount.models import write_untrained_model_dir
 from bincount.monitoring import DriftThresholds, monitor_window
 from bincount.storage import Storage
@@ -232,6 +235,22 @@ def test_files_roll_by_hour_and_size_and_big_images_become_thumbnails(tmp_path: 
     assert [r["eventMetadata"]["inferenceId"] for r in later.records] == [
         r["eventMetadata"]["inferenceId"] for r in read.records[5:]
     ]
+
+
+def test_capture_to_s3_stages_files_locally_and_leaves_no_staging_folder_behind(
+    s3_server: LoopbackS3, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where mkdtemp makes the staging folder
+    boto3.client("s3", endpoint_url=s3_server.endpoint_url, region_name="us-east-1").create_bucket(Bucket="staged")
+    storage = Storage(s3_endpoint_url=s3_server.endpoint_url, region="us-east-1")
+    writer = CaptureWriter("s3://staged/capture", CaptureConfig(sampling_percentage=100), storage)
+    at = dt.datetime(2026, 11, 30, 10, 0, 0, tzinfo=dt.UTC)
+    for second in range(3):
+        writer.offer(exchange(at + dt.timedelta(seconds=second), inference_id=f"s3-{second}"))
+    writer.close()
+    read = read_capture(storage, "s3://staged/capture")
+    assert [r["eventMetadata"]["inferenceId"] for r in read.records] == ["s3-0", "s3-1", "s3-2"]
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_bad_capture_files_are_listed_and_skipped(tmp_path: Path) -> None:

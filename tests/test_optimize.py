@@ -189,6 +189,16 @@ def broken_copy(optimized_dir: Path, tmp_path: Path, info_change: dict | None = 
     return folder
 
 
+def assert_serves_eager_saying(model: inference.CountModel, says: str, caplog: pytest.LogCaptureFixture) -> None:
+    """The model fell back to eager, its record and a warning say ``says``, and it still counts a photo."""
+    assert model.serving["path"] == "eager" and model.optimized is None
+    assert re.search(says, model.serving["reason"]), model.serving["reason"]
+    assert any(r.levelname == "WARNING" and re.search(says, r.getMessage()) for r in caplog.records), caplog.text
+    image = jpeg_bytes(render_bin_image(2, np.random.default_rng(0), 64))
+    (prediction,) = inference.predict_fn(inference.input_fn(image, "image/jpeg"), model)
+    assert prediction["predicted_count"] in (1, 2, 3, 4, 5), "eager serves"
+
+
 @pytest.mark.parametrize(
     ("change", "says"),
     [
@@ -206,12 +216,7 @@ def test_an_optimized_form_that_cannot_serve_here_falls_back_to_eager_and_says_w
         weights.write_bytes(weights.read_bytes()[:1000])
     with caplog.at_level("INFO", logger="sm_scripts.inference"):
         model = inference.model_fn(str(folder))
-    assert model.serving["path"] == "eager" and model.optimized is None
-    assert re.search(says, model.serving["reason"]), model.serving["reason"]
-    assert any(r.levelname == "WARNING" and re.search(says, r.getMessage()) for r in caplog.records), caplog.text
-    image = jpeg_bytes(render_bin_image(2, np.random.default_rng(0), 64))
-    (prediction,) = inference.predict_fn(inference.input_fn(image, "image/jpeg"), model)
-    assert prediction["predicted_count"] in (1, 2, 3, 4, 5), "eager serves"
+    assert_serves_eager_saying(model, says, caplog)
 
 
 def test_an_openvino_that_is_installed_but_does_not_import_serves_eager_and_says_why(
@@ -223,12 +228,7 @@ def test_an_openvino_that_is_installed_but_does_not_import_serves_eager_and_says
     with caplog.at_level("INFO", logger="sm_scripts.inference"):
         model = inference.model_fn(str(optimized_dir))
     says = r"openvino \d+\.\d+ is installed but does not import \(import of openvino halted.*\): reinstall it"
-    assert model.serving["path"] == "eager" and model.optimized is None
-    assert re.search(says, model.serving["reason"]), model.serving["reason"]
-    assert any(r.levelname == "WARNING" and re.search(says, r.getMessage()) for r in caplog.records), caplog.text
-    image = jpeg_bytes(render_bin_image(2, np.random.default_rng(0), 64))
-    (prediction,) = inference.predict_fn(inference.input_fn(image, "image/jpeg"), model)
-    assert prediction["predicted_count"] in (1, 2, 3, 4, 5), "eager serves"
+    assert_serves_eager_saying(model, says, caplog)
 
 
 def test_the_container_requirements_list_the_runtime_at_the_version_the_loader_needs() -> None:

@@ -132,21 +132,50 @@ def symmetries(images: torch.Tensor) -> Iterator[torch.Tensor]:
         yield rotated.flip(-1)
 
 
-def evaluate_with_tta(storage: Storage, model_uri: str, test_dir: Path) -> Evaluation:
-    """Scores with the class probabilities averaged over the eight symmetries of each test image."""
-    with tempfile.TemporaryDirectory(prefix="tta-") as scratch:
+def evaluate_on_counts(
+    storage: Storage, model_uri: str, test_dir: Path, counts: list[int], symmetric: bool = False
+) -> Evaluation:
+    """Scores a model on ``counts`` alone: the probabilities of any other class it knows (0 and 6+ after
+    ``--extra-counts``) are set aside, as they would be by a head cut to the manifest's counts; with
+    ``symmetric``, each image's probabilities are averaged over the square's eight symmetries."""
+    with tempfile.TemporaryDirectory(prefix="score-") as scratch:
         model_dir, _ = fetch_model(storage, model_uri, Path(scratch))
         info = read_model_info(model_dir)
         network = load_network(model_dir, info).to(memory_format=torch.channels_last)
-    cache = load_channel(test_dir, [str(c) for c in info["classes"]], info["image_size"], torch.get_num_threads())
+    kept = [info["classes"].index(count) for count in counts]
+    cache = load_channel(test_dir, [str(c) for c in counts], info["image_size"], torch.get_num_threads())
     mean, std = channel_values(info["mean"]), channel_values(info["std"])
     predicted: list[int] = []
     with torch.inference_mode():
         for images, _ in batches(cache, 64, torch.device("cpu"), mean, std, shuffle=False):
-            probabilities = sum(network(view).softmax(1) for view in symmetries(images))
-            predicted += [info["classes"][i] for i in probabilities.argmax(1).tolist()]
-    true_counts = [info["classes"][i] for i in cache.labels.tolist()]
-    return score_counts(true_counts, predicted, info["classes"])
+            views = symmetries(images) if symmetric else [images]
+            probabilities = sum(network(view).softmax(1) for view in views)[:, kept]
+            predicted += [counts[i] for i in probabilities.argmax(1).tolist()]
+    return score_counts([counts[i] for i in cache.labels.tolist()], predicted, counts)
+
+
+def extra_count_ids(data_dir: Path, manifest: dict[str, int]) -> dict[str, int]:
+    """The sample's photos outside the manifest whose metadata count is 0 or above 5 (6+ files as 6)."""
+    extra = {}
+    for path in sorted((data_dir / "bucket" / "metadata").glob("*.json")):
+        count = json.loads(path.read_text()).get("EXPECTED_QUANTITY")
+        if path.stem not in manifest and isinstance(count, int) and (count == 0 or count > 5):
+            extra[path.stem] = min(count, 6)
+    return extra
+
+
+def score(
+    storage: Storage, model_uri: str, test_dir: Path, counts: list[int], extra_counts: bool, tta: bool
+) -> dict[str, dict[str, Any]]:
+    """A trained model's test figures: ``test`` as served on the manifest's counts (the pipeline's own scoring,
+    or, for a model that also knows 0 and 6+, cut to the counts), ``test_all_classes`` uncut, ``test_tta``."""
+    uncut = evaluate_model(storage, model_uri, test_dir.as_uri()).to_dict()
+    figures = {"test": evaluate_on_counts(storage, model_uri, test_dir, counts).to_dict() if extra_counts else uncut}
+    if extra_counts:
+        figures["test_all_classes"] = uncut
+    if tta:
+        figures["test_tta"] = evaluate_on_counts(storage, model_uri, test_dir, counts, symmetric=True).to_dict()
+    return figures
 
 
 def cpu_seconds() -> float:
@@ -203,6 +232,12 @@ def main() -> None:
     runs.add_argument("--seeds", type=int, nargs="+", default=[0], help="one split and training per seed (default: 0)")
     runs.add_argument("--folds", type=int, default=0, help="K-fold cross-validation over the first seed's shuffle")
     parser.add_argument("--tta", action="store_true", help="also score with the eight symmetries averaged")
+    parser.add_argument(
+        "--extra-counts",
+        action="store_true",
+        help="also train on the sample's photos with counts 0 and 6+ (classes 0 and 6; valid and test stay 1-5, "
+        "scored with the model's probabilities cut to 1-5)",
+    )
     parser.add_argument("--processes", type=int, default=1, help="data-parallel train.py processes (default: 1)")
     parser.add_argument("train_flags", nargs="*", help="more train.py flags, after --")
     args = parser.parse_args()
@@ -215,6 +250,7 @@ def main() -> None:
     ids, labels = list(manifest), list(manifest.values())
     splits = fold_splits(ids, labels, args.folds, args.seeds[0]) if args.folds else seed_splits(ids, labels, args.seeds)
     weights = args.weights or ("imagenet" if args.arch in LITE_SCALING else "none")
+    extra_counts = extra_count_ids(args.data_dir, manifest) if args.extra_counts else {}
     extra = dict(zip(args.train_flags[::2], args.train_flags[1::2], strict=True))
     stamp = time.strftime("%Y%m%d-%H%M%S")
     settings = Settings.load(artifact_root=str(args.work_dir / "artifacts"))
@@ -223,6 +259,8 @@ def main() -> None:
     report = {"command": ".venv/bin/python " + " ".join(sys.argv), "runs": results}
     for label, seed, split in splits:
         channels = write_channels(args.data_dir, manifest, split, args.work_dir / label)
+        if extra_counts:
+            write_channels(args.data_dir, extra_counts, {"train": list(extra_counts)}, args.work_dir / label)
         hyperparameters = {"arch": args.arch, "weights": weights, "seed": seed, **RECIPE}
         hyperparameters.update({name.removeprefix("--"): value for name, value in extra.items()})
         spec = TrainingJobSpec(
@@ -235,14 +273,16 @@ def main() -> None:
         cpu, wall = cpu_seconds(), time.monotonic()
         job = get_training_backend(settings).train(spec, on_log=lambda text: print(text, flush=True))
         assert job.model_uri is not None  # a completed job has its model
-        test = evaluate_model(storage, job.model_uri, channels["test"].as_uri()).to_dict()
-        run = {"run": label, "hyperparameters": hyperparameters, "valid": job.metrics, "test": test}
-        if args.tta:
-            run["test_tta"] = evaluate_with_tta(storage, job.model_uri, channels["test"]).to_dict()
+        run = {"run": label, "hyperparameters": hyperparameters, "valid": job.metrics}
+        counts = sorted(set(manifest.values()))
+        run |= score(storage, job.model_uri, channels["test"], counts, bool(extra_counts), args.tta)
+        test = run["test"]
         run["cpu_minutes"] = (cpu_seconds() - cpu) / 60
         run["wall_minutes"] = (time.monotonic() - wall) / 60
         results.append(run)
         print(f"RUN {label} ({test['images']} test images): {line(test)}; {run['cpu_minutes']:.1f} CPU min", flush=True)
+        if extra_counts:
+            print(f"RUN {label} predicting 0 and 6+ too: {line(run['test_all_classes'])}", flush=True)
         if args.tta:
             print(f"RUN {label} with TTA: {line(run['test_tta'])}", flush=True)
         report["summary"] = {

@@ -306,6 +306,21 @@ def test_delete_stops_the_endpoint_and_forgets_it(backend: LocalServingBackend, 
         httpx.get(f"{record.url}/ping", timeout=2)
 
 
+def test_a_replica_stops_by_itself_when_its_router_is_killed(
+    backend: LocalServingBackend, models: dict[str, Path]
+) -> None:
+    record = backend.deploy("orphaned", models["blue"].as_uri())
+    host_pid = record.details["host_pid"]
+    os.kill(record.details["router_pid"], signal.SIGKILL)  # no chance to stop its replicas
+    deadline = time.monotonic() + 30
+    while _is_running(host_pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _is_running(host_pid), "the replica outlived its router by 30 s"
+    backend.delete("orphaned")
+    with pytest.raises(EndpointNotFoundError):
+        backend.describe("orphaned")
+
+
 def _is_running(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]

@@ -8,7 +8,10 @@ or eager; the log says why), ``POST /invocations`` and the runtime route
 ``endpoint_url=``). Handlers come from ``sm_scripts/inference.py``: requests are decoded on a
 small thread pool, then :class:`~bincount.local.batcher.MicroBatcher` runs one forward at a
 time over the requests that arrived together. Bad requests get a 4xx and change nothing else;
-SIGTERM stops accepting, answers every request already in, then exits.
+SIGTERM stops accepting, answers every request already in, then exits. With ``--parent-pid``
+(the router gives its own) the host also stops so once that process is no longer its parent: a
+router killed with SIGKILL cannot stop its replicas, which would otherwise hold their ports and
+their models' memory until the machine restarts.
 
 Threads: torch uses ``--threads`` (default: the cores this process may use) for the one forward
 in flight; decoding uses at most as many threads as cores, so the two never multiply.
@@ -21,6 +24,9 @@ import contextlib
 import json
 import logging
 import os
+import signal
+import threading
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -181,6 +187,19 @@ def create_app(model_dir: Path, name: str, options: HostOptions) -> Starlette:
     )
 
 
+def stop_when_orphaned(parent_pid: int, check_every_s: float = 1.0) -> None:
+    """SIGTERM to this process (the draining stop) once its parent is no longer ``parent_pid``: on Linux an
+    orphan is adopted by init or a subreaper, so its parent id changes when the parent dies, however it died."""
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(check_every_s)
+        logger.warning("the process that started this host (pid %d) is gone: stopping", parent_pid)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="stop-when-orphaned", daemon=True).start()
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Serve one bin-count model with SageMaker's container routes.")
     parser.add_argument("--model-dir", type=Path, required=True, help="folder with model.pt and model_info.json")
@@ -207,6 +226,9 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--nice", type=int, default=HostOptions.nice, help="CPU priority below the caller's (default: 5)"
     )
     parser.add_argument("--access-log", action="store_true", help="log every request (default: off)")
+    parser.add_argument(
+        "--parent-pid", type=int, default=None, help="drain and exit once this process is no longer the parent"
+    )
     return parser
 
 
@@ -215,6 +237,8 @@ def main(args: argparse.Namespace) -> None:
     os.nice(args.nice)  # before any thread starts: threads take their creator's priority
     options = HostOptions(args.max_batch_size, args.max_wait_ms, args.threads, args.graceful_timeout, args.nice)
     app = create_app(args.model_dir, args.name, options)
+    if args.parent_pid is not None:
+        stop_when_orphaned(args.parent_pid)
     httpio.serve(
         app, httpio.bound_socket(args.host, args.port, args.fd), options.graceful_timeout_s, 512, args.access_log
     )

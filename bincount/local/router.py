@@ -37,6 +37,7 @@ import dataclasses
 import datetime as dt
 import json
 import logging
+import os
 import random
 import signal
 import subprocess
@@ -235,7 +236,8 @@ class Router:
     # replicas ------------------------------------------------------------------------------
     def _start_replica(self, variant: Variant) -> None:
         state = self._state
-        args = ["--model-dir", variant.spec["model_dir"], "--name", self.name, *state.get("host_args", [])]
+        args = ["--model-dir", variant.spec["model_dir"], "--name", self.name, "--parent-pid", str(os.getpid())]
+        args += state.get("host_args", [])
         bind_host = state.get("bind_host", "127.0.0.1")
         proc, port = spawn("bincount.local.host", args, bind_host, 0, self._workdir(), "host", new_session=False)
         url = f"http://{bind_host}:{port}"

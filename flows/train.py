@@ -30,6 +30,7 @@ from bincount.evaluation import Evaluation
 from bincount.factory import get_tuning_backend
 from bincount.storage import storage_for
 from sm_scripts.metric_format import OBJECTIVE_METRIC, OBJECTIVE_TYPE
+from sm_scripts.networks import Arch
 from tasks.evaluate import evaluate_and_publish
 from tasks.train import check_debugger_rules_task, summarize_profile_task, train_model_task
 from tasks.tune import report_tuning_task, train_trial_task
@@ -83,9 +84,9 @@ class TrainOptions(BaseModel):
         "AdamW, cosine, label smoothing; `seeds`: the seed projects' ResNet-50 from scratch at 224 px with their "
         "search space. The fields below, when given, override the recipe's.",
     )
-    arch: Literal[
-        "resnet18", "resnet34", "resnet50", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"
-    ] = Field(default="efficientnet_lite1", description="Network: a torchvision ResNet, or EfficientNet-Lite0/1/2.")
+    arch: Arch = Field(
+        default="efficientnet_lite1", description="Network: a torchvision ResNet, or EfficientNet-Lite0/1/2."
+    )
     weights: str = Field(
         default="imagenet",
         description="`imagenet`, `none`, or a state-dict path on the training host. `imagenet` downloads "

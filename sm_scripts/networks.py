@@ -11,6 +11,7 @@ import importlib
 import math
 import urllib.error
 from pathlib import Path
+from typing import Literal, get_args
 
 import torch
 import torchvision
@@ -23,7 +24,8 @@ LITE_SCALING = {  # arch: (width, depth, dropout), as in the official EfficientN
     "efficientnet_lite1": (1.0, 1.1, 0.2),
     "efficientnet_lite2": (1.1, 1.2, 0.3),
 }
-ARCHS = ("resnet18", "resnet34", "resnet50", *LITE_SCALING)
+Arch = Literal["resnet18", "resnet34", "resnet50", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
+ARCHS: tuple[str, ...] = get_args(Arch)
 HEADS = ("linear", "ordinal")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

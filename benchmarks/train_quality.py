@@ -69,7 +69,7 @@ from bincount.storage import Storage, storage_for
 from flows.train import BEST_HYPERPARAMETERS, BEST_TRIAL, TrainOptions
 from sm_scripts.data import batches, load_channel
 from sm_scripts.model_dir import load_network, read_model_info
-from sm_scripts.networks import ARCHS, LITE_SCALING
+from sm_scripts.networks import ARCHS, LITE_SCALING, predict_classes
 from sm_scripts.preprocessing import channel_values
 
 RECIPE = {  # the pipeline's default recipe without its search: fine-tuning an ImageNet start on a few thousand photos
@@ -143,6 +143,7 @@ def evaluate_on_counts(
         info = read_model_info(model_dir)
         network = load_network(model_dir, info).to(memory_format=torch.channels_last)
     kept = [info["classes"].index(count) for count in counts]
+    decoding = info.get("decoding", "mode")
     cache = load_channel(test_dir, [str(c) for c in counts], info["image_size"], torch.get_num_threads())
     mean, std = channel_values(info["mean"]), channel_values(info["std"])
     predicted: list[int] = []
@@ -150,7 +151,7 @@ def evaluate_on_counts(
         for images, _ in batches(cache, 64, torch.device("cpu"), mean, std, shuffle=False):
             views = symmetries(images) if symmetric else [images]
             probabilities = sum(network(view).softmax(1) for view in views)[:, kept]
-            predicted += [counts[i] for i in probabilities.argmax(1).tolist()]
+            predicted += [counts[i] for i in predict_classes(probabilities.log(), decoding).tolist()]
     return score_counts([counts[i] for i in cache.labels.tolist()], predicted, counts)
 
 

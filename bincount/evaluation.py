@@ -17,6 +17,7 @@ from bincount.models import fetch_model
 from bincount.storage import Storage
 from sm_scripts.data import ImageCache, batches, load_channel
 from sm_scripts.model_dir import load_network, read_model_info
+from sm_scripts.networks import predict_classes
 from sm_scripts.preprocessing import channel_values
 
 
@@ -60,10 +61,11 @@ def predict_counts(model_dir: Path, cache: ImageCache, batch_size: int = 64) -> 
     info = read_model_info(model_dir)
     model = load_network(model_dir, info).to(memory_format=torch.channels_last)
     mean, std = channel_values(info["mean"]), channel_values(info["std"])
+    decoding = info.get("decoding", "mode")
     predicted: list[int] = []
     with torch.inference_mode():
         for images, _ in batches(cache, batch_size, torch.device("cpu"), mean, std, shuffle=False):
-            predicted += [info["classes"][i] for i in model(images).argmax(1).tolist()]
+            predicted += [info["classes"][i] for i in predict_classes(model(images), decoding).tolist()]
     return predicted
 
 

@@ -15,6 +15,7 @@ only: the test side, which judges parity, is never seen before the check.
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import json
 import shutil
@@ -32,6 +33,7 @@ from bincount.models import fetch_model, pack_folder
 from bincount.storage import Storage
 from sm_scripts.data import ImageCache, batches, channel_files, load_channel
 from sm_scripts.model_dir import INFO_FILE, load_network, read_model_info
+from sm_scripts.networks import predict_classes
 from sm_scripts.optimized import (
     GRAPH_FILE,
     OptimizedModelUnavailable,
@@ -91,9 +93,12 @@ def validation_items(cache: ImageCache, info: dict[str, Any]) -> list[tuple[np.n
     return items
 
 
-def accuracy(compiled: Any, items: Iterable[tuple[np.ndarray, int]]) -> tuple[float, list[float]]:
-    """NNCF's validation function: top-1 accuracy of an OpenVINO compiled model, and each item's hit (1 or 0)."""
-    hits = [float(np.argmax(compiled(image)[0]) == label) for image, label in items]
+def accuracy(
+    compiled: Any, items: Iterable[tuple[np.ndarray, int]], decoding: str = "mode"
+) -> tuple[float, list[float]]:
+    """NNCF's validation function: the accuracy of an OpenVINO compiled model's counts (decoded as the model
+    decodes them), and each item's hit (1 or 0)."""
+    hits = [float(decoded(compiled(image)[0], decoding)[0] == label) for image, label in items]
     return float(np.mean(hits)), hits
 
 
@@ -123,7 +128,7 @@ def export_int8(
         converted,
         nncf.Dataset(calibration),  # batches
         nncf.Dataset(validation, lambda item: item[0]),
-        accuracy,
+        functools.partial(accuracy, decoding=info.get("decoding", "mode")),
         max_drop=max_accuracy_drop,
         drop_type=nncf.DropType.ABSOLUTE,
         subset_size=len(calibration),
@@ -169,11 +174,16 @@ def layer_precisions(model: Any) -> dict[str, int]:
     return counts
 
 
+def decoded(logits: np.ndarray, decoding: str) -> np.ndarray:
+    """The class indexes a batch of logits predicts, decoded as serving decodes them."""
+    return predict_classes(torch.from_numpy(np.asarray(logits)), decoding).numpy()
+
+
 def predictions(run: Any, cache: ImageCache, info: dict[str, Any]) -> np.ndarray:
     """Class indexes ``run`` (normalized batch -> logits) predicts for every image of ``cache``."""
     mean, std = channel_values(info["mean"]), channel_values(info["std"])
     out = [run(x) for x, _ in batches(cache, PARITY_BATCH, torch.device("cpu"), mean, std, shuffle=False)]
-    return np.concatenate(out).argmax(1)
+    return decoded(np.concatenate(out), info.get("decoding", "mode"))
 
 
 def optimize_model(

@@ -55,6 +55,7 @@ import numpy as np
 import torch
 
 from sm_scripts.model_dir import load_network, read_model_info
+from sm_scripts.networks import predict_classes
 from sm_scripts.optimized import LogitsFn, OptimizedModelUnavailable, load_optimized
 from sm_scripts.preprocessing import ImageError, TooManyPixelsError, channel_values, decode_image, normalize, resize
 
@@ -252,13 +253,15 @@ def logits(pixels: torch.Tensor, model: CountModel) -> torch.Tensor:
 def forward(pixels: torch.Tensor, model: CountModel) -> list[dict[str, Any]]:
     """uint8 pixels [N, 3, S, S] (from :func:`preprocess`) -> one ``{"predicted_count", "probabilities"}``
     dict per image."""
-    probabilities = torch.softmax(logits(pixels, model), dim=1).cpu().numpy()
+    scores = logits(pixels, model)
+    predicted = predict_classes(scores, model.info.get("decoding", "mode")).tolist()  # older models: mode
+    probabilities = torch.softmax(scores, dim=1).cpu().numpy()
     return [
         {
-            "predicted_count": model.classes[int(row.argmax())],
+            "predicted_count": model.classes[index],
             "probabilities": {str(count): round(float(p), 6) for count, p in zip(model.classes, row, strict=True)},
         }
-        for row in probabilities
+        for index, row in zip(predicted, probabilities, strict=True)
     ]
 
 

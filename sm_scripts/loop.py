@@ -15,7 +15,7 @@ from torch import nn
 from sm_scripts.data import ImageCache, batches
 from sm_scripts.distributed import SINGLE, Cluster, sum_over_processes
 from sm_scripts.monitoring import StepTimes, set_hook_mode
-from sm_scripts.networks import head_name
+from sm_scripts.networks import head_name, predict_classes
 
 Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]
 
@@ -78,6 +78,7 @@ def train_one_epoch(
     profiler: torch.profiler.profile | None = None,
     log_interval: int = 0,
     cluster: Cluster = SINGLE,
+    decoding: str = "mode",
 ) -> tuple[float, float, float]:
     """One pass over the training data; returns (mean loss, accuracy, images per second), over every
     process's batches in a data-parallel run."""
@@ -96,7 +97,7 @@ def train_one_epoch(
         if not math.isfinite(batch_loss):
             print(f"non-finite training loss {batch_loss} at step {len(times.step) + 1}", flush=True)
         total_loss += batch_loss * labels.shape[0]
-        correct += (outputs.argmax(1) == labels).sum().item()
+        correct += (predict_classes(outputs.detach(), decoding) == labels).sum().item()
         seen += labels.shape[0]
         times.step.append(time.perf_counter() - tick)
         times.wait.append(waited)
@@ -120,6 +121,7 @@ def evaluate(
     class_values: torch.Tensor,
     hook: Any = None,
     cluster: Cluster = SINGLE,
+    decoding: str = "mode",
 ) -> tuple[float, float, float]:
     """Mean loss, accuracy and RMSE of the predicted count (over every process's part in a data-parallel run)."""
     model.eval()
@@ -129,7 +131,7 @@ def evaluate(
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             outputs = model(images)
             loss = criterion(outputs, labels)
-        predicted = outputs.argmax(1)
+        predicted = predict_classes(outputs, decoding)
         total_loss += loss.item() * labels.shape[0]
         correct += (predicted == labels).sum().item()
         squared += ((class_values[predicted] - class_values[labels]) ** 2).sum().item()

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sm_scripts.networks import ARCHS, HEADS, NORMALIZATION, build_model
+from sm_scripts.networks import ARCHS, DECODINGS, HEADS, NORMALIZATION, build_model
 
 MODEL_FILE = "model.pt"
 INFO_FILE = "model_info.json"
@@ -28,6 +28,7 @@ def model_info(
     hyperparameters: dict[str, Any] | None = None,
     metrics: dict[str, Any] | None = None,
     head: str = "linear",
+    decoding: str = "mode",
 ) -> dict[str, Any]:
     """``model_info.json``'s content; the normalization is the arch's (:data:`NORMALIZATION`)."""
     mean, std = NORMALIZATION[arch]
@@ -38,6 +39,7 @@ def model_info(
         "mean": list(mean),
         "std": list(std),
         "head": head,
+        "decoding": decoding,
         "hyperparameters": hyperparameters or {},
         "metrics": metrics or {},
     }
@@ -70,6 +72,8 @@ def read_model_info(model_dir: Path | str) -> dict[str, Any]:
         raise ValueError(f"{path}: arch {info['arch']!r} is not one of {list(ARCHS)}, the archs train.py trains")
     if info.get("head", "linear") not in HEADS:
         raise ValueError(f"{path}: head {info['head']!r} is not one of {list(HEADS)}, the heads train.py trains")
+    if info.get("decoding", "mode") not in DECODINGS:
+        raise ValueError(f"{path}: decoding {info['decoding']!r} is not one of {list(DECODINGS)}")
     return info
 
 

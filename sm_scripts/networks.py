@@ -27,6 +27,7 @@ LITE_SCALING = {  # arch: (width, depth, dropout), as in the official EfficientN
 Arch = Literal["resnet18", "resnet34", "resnet50", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
 ARCHS: tuple[str, ...] = get_args(Arch)
 HEADS = ("linear", "ordinal")
+DECODINGS = ("mode", "median")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 NORMALIZATION = {  # (mean, std) the arch's ImageNet weights were trained with
@@ -149,6 +150,18 @@ class OrdinalHead(nn.Module):
         above = torch.sigmoid(score + self.thresholds())  # (N, K-1): P(y > k), decreasing in k
         cumulative = torch.cat([torch.ones_like(score), above, torch.zeros_like(score)], 1)
         return (cumulative[:, :-1] - cumulative[:, 1:]).clamp_min(1e-7).log()
+
+
+def predict_classes(logits: torch.Tensor, decoding: str = "mode") -> torch.Tensor:
+    """The class index each row of ``logits`` predicts. ``mode``: the most probable class (argmax).
+    ``median``: the first class, in count order, where the cumulative probability reaches 1/2; the
+    classes are ordered counts, so it is the prediction with the least expected absolute error, and it
+    reaches every count where an ordinal head's mode skips the middle ones (README: model quality)."""
+    if decoding == "mode":
+        return logits.argmax(1)
+    if decoding == "median":
+        return (logits.float().softmax(1).cumsum(1) >= 0.5).int().argmax(1)
+    raise ValueError(f"unknown decoding {decoding!r}: choose one of {', '.join(DECODINGS)}")
 
 
 def head_name(arch: str) -> str:

@@ -63,7 +63,7 @@ from sm_scripts.loop import Progress, backbone_features, evaluate, seed_everythi
 from sm_scripts.metric_format import format_epoch_line
 from sm_scripts.model_dir import model_info, write_model_dir
 from sm_scripts.monitoring import StepTimes, make_debugger_hook, profiler_summary, start_profiler
-from sm_scripts.networks import ARCHS, HEADS, NORMALIZATION, build_model, head_name, prepare_model
+from sm_scripts.networks import ARCHS, DECODINGS, HEADS, NORMALIZATION, build_model, head_name, prepare_model
 from sm_scripts.preprocessing import channel_values
 
 CHANNELS = ("train", "valid", "test")
@@ -303,12 +303,21 @@ def run_epoch(
         t.profiler,
         args.log_interval,
         cluster,
+        args.decoding,
     )
     average_buffers(t.model, cluster)  # every process now holds the same weights
     order = eval_order(len(data.eval), cluster) if cluster.distributed else None
     eval_data = batches(data.eval, args.eval_batch_size, device, t.mean, t.std, shuffle=False, order=order)
     eval_loss, eval_acc, eval_rmse = evaluate(
-        unwrap(t.trained), t.criterion, eval_data, device, runtime.amp, data.class_values, t.hook, cluster
+        unwrap(t.trained),
+        t.criterion,
+        eval_data,
+        device,
+        runtime.amp,
+        data.class_values,
+        t.hook,
+        cluster,
+        args.decoding,
     )
     if t.scheduler is not None:
         t.scheduler.step()
@@ -403,7 +412,7 @@ def write_outputs(
     (output_dir / "history.json").write_text(json.dumps(progress.history, indent=2))
     hyperparameters = {k.replace("_", "-"): v for k, v in vars(args).items() if not k.endswith("_dir")}  # flag spelling
     classes = [int(c) if c.isdigit() else c for c in data.classes]
-    info = model_info(args.arch, classes, args.image_size, hyperparameters, metrics, args.head)
+    info = model_info(args.arch, classes, args.image_size, hyperparameters, metrics, args.head, args.decoding)
     write_model_dir(Path(args.model_dir), progress.best["state"], info)
     print(f"model written to {args.model_dir}", flush=True)
     # Last metric line: the kept epoch's, so a tuner reading final values scores the kept model.
@@ -512,6 +521,13 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
         choices=HEADS,
         help="linear, or ordinal: cumulative logits for the ordered counts, still one log-probability per class "
         "(default: linear)",
+    )
+    group.add_argument(
+        "--decoding",
+        default="mode",
+        choices=DECODINGS,
+        help="the count predicted from the class probabilities: mode (the most probable), or median (where the "
+        "cumulative probability reaches 1/2); recorded in model_info.json, so serving decodes the same (default: mode)",
     )
 
 

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
 import torch
@@ -21,12 +22,13 @@ from bincount.evaluation import evaluate_model
 from bincount.local.training import LocalTrainingBackend
 from bincount.loopback_s3 import LoopbackS3
 from bincount.storage import storage_for
+from sm_scripts import inference
 from sm_scripts.data import augment, square_symmetries
 from sm_scripts.distributed import Cluster, eval_order, local_batch_size, shard_order
 from sm_scripts.errors import TrainingError
 from sm_scripts.metric_format import EPOCH_FIELDS, METRIC_DEFINITIONS, METRIC_NAMES, format_epoch_line, parse_metrics
 from sm_scripts.model_dir import load_network, read_model_info
-from sm_scripts.networks import OrdinalHead
+from sm_scripts.networks import OrdinalHead, predict_classes
 
 SM_SCRIPTS = Path(__file__).resolve().parents[1] / "sm_scripts"
 TINY = ["--arch", "resnet18", "--image-size", "32", "--batch-size", "16", "--optimizer", "adamw", "--lr", "0.001"]
@@ -441,11 +443,27 @@ def test_ordinal_head_gives_ordered_probabilities_that_sum_to_one() -> None:
     assert torch.allclose(log_probabilities.log_softmax(1), log_probabilities, atol=1e-4)
 
 
+def test_median_decoding_predicts_where_the_cumulative_probability_reaches_one_half() -> None:
+    probabilities = torch.tensor([[0.3, 0.15, 0.1, 0.15, 0.3], [0.1, 0.6, 0.3, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0, 1.0]])
+    logits = probabilities.clamp_min(1e-9).log()
+    assert predict_classes(logits, "mode").tolist() == [0, 1, 4]
+    assert predict_classes(logits, "median").tolist() == [2, 1, 4]  # the mode skips the middle; the median does not
+    with pytest.raises(ValueError, match="unknown decoding 'mean'"):
+        predict_classes(logits, "mean")
+
+
 def test_ordinal_model_dir_serves_and_scores_as_a_classifier(tmp_path: Path, demo_channels: dict[str, Path]) -> None:
-    result = run_train(tmp_path, demo_channels, *TINY, "--epochs", "1", "--head", "ordinal")
+    result = run_train(tmp_path, demo_channels, *TINY, "--epochs", "1", "--head", "ordinal", "--decoding", "median")
     assert result.returncode == 0, result.stdout + result.stderr
     info = read_model_info(tmp_path / "model")
-    assert info["head"] == "ordinal"
+    assert (info["head"], info["decoding"]) == ("ordinal", "median")
+    model = inference.model_fn(str(tmp_path / "model"))  # serving decodes as the model says
+    photos = sorted(demo_channels["test"].rglob("*.jpg"))[:12]
+    assert photos
+    for path in photos:
+        (answer,) = inference.predict_fn(inference.input_fn(path.read_bytes(), "image/jpeg"), model)
+        cumulative = np.cumsum(list(answer["probabilities"].values()))
+        assert answer["predicted_count"] == info["classes"][int(np.argmax(cumulative >= 0.5))]
     network = load_network(tmp_path / "model", info)  # what inference.py and evaluation load
     assert isinstance(network.fc, OrdinalHead)
     evaluation = evaluate_model(

@@ -68,11 +68,14 @@ def is_transient_botocore_error(error: BaseException) -> bool:
 
 @dataclass(frozen=True)
 class ObjectInfo:
-    """An object found by :meth:`Storage.list`; ``md5`` is known for S3 single-part uploads only."""
+    """An object found by :meth:`Storage.list`. ``etag``: S3's (a content fingerprint: the MD5 of a
+    single-part upload, a digest of the parts' MD5s for a multipart one); ``md5``: the ETag where it is
+    the content's MD5 (single-part uploads only)."""
 
     uri: str
     size: int
     md5: str | None = None
+    etag: str | None = None
 
 
 def join_uri(base: str, *parts: str) -> str:
@@ -317,6 +320,7 @@ class Storage:
                         uri=f"s3://{bucket}/{item['Key']}",
                         size=int(item["Size"]),
                         md5=etag if etag and "-" not in etag else None,
+                        etag=etag or None,
                     )
         except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as error:
             _raise_for_client_error(error, prefix_uri)

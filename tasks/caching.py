@@ -3,8 +3,9 @@
 A channel URI stays the same while the images under it change between runs, so a key made of the
 URI alone would serve a stale result. These keys add a listing of every object: its URI and size,
 and its content (the SHA-256 of a local file, remembered by mtime so that re-runs read nothing new;
-the MD5 where S3 gives one), and, for training, the hash of all of ``sm_scripts/``, which runs in a
-subprocess (or a SageMaker container) where Prefect's ``TASK_SOURCE`` cannot see it.
+S3's ETag, which changes with the content for multipart uploads too), and, for training, the hash
+of all of ``sm_scripts/``, which runs in a subprocess (or a SageMaker container) where Prefect's
+``TASK_SOURCE`` cannot see it.
 """
 
 from __future__ import annotations
@@ -22,12 +23,12 @@ from bincount.storage import folder_digests, local_path, storage_for
 
 
 def listing(settings: Settings, *uris: str) -> list[tuple[str, int, str | None]]:
-    """Every object under ``uris``: URI, size and a content digest (where S3 gives none, size only)."""
+    """Every object under ``uris``: URI, size and a content digest (local: SHA-256; S3: the ETag)."""
     storage = storage_for(settings)
     rows: list[tuple[str, int, str | None]] = []
     for uri in uris:
         digests = folder_digests(local_path(uri)) if uri.startswith("file://") else {}
-        rows += [(info.uri, info.size, digests.get(info.uri, info.md5)) for info in storage.list(uri)]
+        rows += [(info.uri, info.size, digests.get(info.uri, info.etag)) for info in storage.list(uri)]
     return rows
 
 

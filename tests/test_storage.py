@@ -35,6 +35,27 @@ def test_s3_round_trip_list_and_delete(s3_server, bucket: str, tmp_path: Path) -
         storage.read_bytes(f"{bucket}/a/one.bin")
 
 
+def test_the_cache_listing_of_an_s3_channel_changes_when_a_multipart_object_is_replaced_by_one_of_the_same_size(
+    s3_server, s3_client, bucket: str, tmp_path: Path
+) -> None:
+    from boto3.s3.transfer import TransferConfig
+
+    from bincount.config import Settings
+    from tasks.caching import listing
+
+    settings = Settings.load(artifact_root=f"{bucket}/artifacts", s3_endpoint_url=s3_server.endpoint_url)
+    multipart = TransferConfig(multipart_threshold=5 * 2**20, multipart_chunksize=5 * 2**20)
+    photo = tmp_path / "photo.jpg"
+    listings = []
+    for fill in (b"a", b"b"):  # 6 MiB each: two parts, an ETag that is no MD5
+        photo.write_bytes(fill * (6 * 2**20))
+        s3_client.upload_file(str(photo), "storage-tests", "channel/1/photo.jpg", Config=multipart)
+        listings.append(listing(settings, f"{bucket}/channel"))
+    ((uri, size, etag),) = listings[0]
+    assert (uri, size) == (f"{bucket}/channel/1/photo.jpg", 6 * 2**20) and etag is not None and "-" in etag
+    assert listings[1] != listings[0]
+
+
 def test_local_write_is_atomic_and_listing_skips_temporaries(tmp_path: Path) -> None:
     storage = Storage()
     storage.write_bytes((tmp_path / "x" / "y.txt").as_uri(), b"hello")

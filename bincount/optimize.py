@@ -67,6 +67,7 @@ class Optimization:
     int8_layers: int = 0
     fp32_layers: int = 0  # reverted by accuracy control, or ones NNCF does not quantize
     seconds: float = 0.0
+    export_failed: bool = False  # the tools failed, not the model: worth trying again (parity failures are not)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -221,7 +222,7 @@ def optimize_model(
         try:  # only the third-party step: a failure in our own data or parity code still fails the stage
             layers = export_int8(network, info, calibration, validation, max_accuracy_drop, folder)
         except Exception as error:  # the converter or quantizer missing, too old, or refusing the network
-            return Optimization(model_uri, False, export_failure(error), seconds=_since(start))
+            return Optimization(model_uri, False, export_failure(error), seconds=_since(start), export_failed=True)
         test = storage.local_folder(test_channel_uri, Path(scratch) / "test")
         cache = load_channel(test, classes, size, threads)
         with torch.inference_mode():

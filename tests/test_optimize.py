@@ -337,3 +337,7 @@ def test_an_export_that_fails_keeps_the_eager_model_says_why_and_the_endpoint_se
         assert httpx.get(f"{record.url}/ping", timeout=10).json()["serving"] == "eager"
     finally:
         backend.delete(record.name)
+
+    # The converter is back: the next run tries the export again rather than serve the failure from cache.
+    again = optimize_stage(str(tmp_path / "artifacts"), trained.as_uri(), channels, return_state=True).result()
+    assert again == (tmp_path / "artifacts" / "optimized-models" / "export-fails" / "model.tar.gz").as_uri()

@@ -37,7 +37,7 @@ def _check_model_dir(path: Path, uri: str) -> None:
 def fetch_model(storage: Storage, model_uri: str, cache_dir: Path) -> tuple[Path, str]:
     """Make the model at ``model_uri`` a local folder; return ``(folder, version)``.
 
-    ``version`` (:func:`model_version`) names the weights, whatever URI they came from.
+    ``version`` (:func:`model_version`) names the model's content, whatever URI it came from.
 
     Raises:
         ModelDirError: the URI holds no model.pt and model_info.json, or the archive is unsafe.
@@ -69,13 +69,12 @@ def fetch_model(storage: Storage, model_uri: str, cache_dir: Path) -> tuple[Path
 
 
 def model_version(model_dir: Path) -> str:
-    """First 12 hex digits of the SHA-256 of ``model.pt``, or, for a model with an optimized form, of the
-    digests of ``model.pt`` and that form's files: the optimized archive is another version than the
-    eager one it was made from, and is fetched into its own folder."""
-    digests = [file_digest(model_dir / MODEL_FILE)]
+    """First 12 hex digits of the SHA-256 of the digests of ``model.pt``, ``model_info.json`` and any
+    optimized form's files. The info is part of it: the same weights read another way (another decoding,
+    image size or classes) are another model; the optimized archive is another version than the eager
+    one it was made from. Each version is fetched into its own folder."""
+    digests = [file_digest(model_dir / name) for name in MODEL_FILES]
     digests += [file_digest(model_dir / name) for name in OPTIMIZED_FILES if (model_dir / name).is_file()]
-    if len(digests) == 1:
-        return digests[0][:12]
     return hashlib.sha256(" ".join(digests).encode()).hexdigest()[:12]
 
 

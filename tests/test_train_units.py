@@ -225,6 +225,25 @@ def test_evaluation_reads_a_model_folder_as_deploy_does(demo_channels, tmp_path)
     assert from_folder == evaluate_model(Storage(), archive.as_uri(), test_channel)
 
 
+def test_the_same_weights_read_another_way_are_another_version_and_fetched_with_their_own_info(tmp_path) -> None:
+    import json
+
+    from bincount.models import fetch_model
+
+    mode = write_untrained_model_dir(tmp_path / "mode", "resnet18", 32, seed=5)
+    median = tmp_path / "median"
+    shutil.copytree(mode, median)
+    info = json.loads((median / "model_info.json").read_text())
+    (median / "model_info.json").write_text(json.dumps({**info, "decoding": "median"}))
+    cache = tmp_path / "cache"
+    (mode_dir, mode_version), (median_dir, median_version) = (
+        fetch_model(Storage(), folder.as_uri(), cache) for folder in (mode, median)
+    )
+    assert mode_version != median_version and mode_dir != median_dir
+    assert json.loads((median_dir / "model_info.json").read_text())["decoding"] == "median"
+    assert fetch_model(Storage(), median.as_uri(), cache)[1] == median_version, "a version names the content"
+
+
 def test_the_cache_key_of_a_local_channel_changes_when_a_photo_is_replaced_by_one_of_the_same_size(
     demo_channels, tmp_path
 ) -> None:

@@ -133,17 +133,23 @@ def symmetries(images: torch.Tensor) -> Iterator[torch.Tensor]:
 
 
 def evaluate_on_counts(
-    storage: Storage, model_uri: str, test_dir: Path, counts: list[int], symmetric: bool = False
+    storage: Storage,
+    model_uri: str,
+    test_dir: Path,
+    counts: list[int],
+    symmetric: bool = False,
+    decoding: str | None = None,
 ) -> Evaluation:
     """Scores a model on ``counts`` alone: the probabilities of any other class it knows (0 and 6+ after
     ``--extra-counts``) are set aside, as they would be by a head cut to the manifest's counts; with
-    ``symmetric``, each image's probabilities are averaged over the square's eight symmetries."""
+    ``symmetric``, each image's probabilities are averaged over the square's eight symmetries; decoded
+    as the model says unless ``decoding`` is given."""
     with tempfile.TemporaryDirectory(prefix="score-") as scratch:
         model_dir, _ = fetch_model(storage, model_uri, Path(scratch))
         info = read_model_info(model_dir)
         network = load_network(model_dir, info).to(memory_format=torch.channels_last)
     kept = [info["classes"].index(count) for count in counts]
-    decoding = info.get("decoding", "mode")
+    decoding = decoding or info.get("decoding", "mode")
     cache = load_channel(test_dir, [str(c) for c in counts], info["image_size"], torch.get_num_threads())
     mean, std = channel_values(info["mean"]), channel_values(info["std"])
     predicted: list[int] = []

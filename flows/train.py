@@ -44,6 +44,8 @@ BEST_HYPERPARAMETERS: dict[str, Hyperparameter] = {
     "lr-scheduler": "cosine",
     "label-smoothing": 0.1,
     "augment": "standard",
+    "head": "ordinal",
+    "decoding": "median",
 }
 """The measured best offline recipe's fixed train.py flags (README: "Model quality on the real sample")."""
 
@@ -81,8 +83,9 @@ class TrainOptions(BaseModel):
     recipe: Literal["best", "seeds"] = Field(
         default="best",
         description="`best`: EfficientNet-Lite1 fine-tuned from its ImageNet weights (offline) at 192 px, "
-        "AdamW, cosine, label smoothing; `seeds`: the seed projects' ResNet-50 from scratch at 224 px with their "
-        "search space. The fields below, when given, override the recipe's.",
+        "AdamW, cosine, label smoothing, an ordinal head decoded at its median; `seeds`: the seed projects' "
+        "ResNet-50 from scratch at 224 px with their search space. The fields below, when given, override the "
+        "recipe's.",
     )
     arch: Arch = Field(
         default="efficientnet_lite1", description="Network: a torchvision ResNet, or EfficientNet-Lite0/1/2."

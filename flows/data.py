@@ -11,9 +11,9 @@ split. Transient S3 failures are retried.
 from __future__ import annotations
 
 from prefect import flow
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from bincount.config import Location
+from bincount.config import Location, to_uri
 from bincount.download import Ledger
 from bincount.split import SPLITS
 from bincount.storage import join_uri, storage_for
@@ -33,7 +33,9 @@ class DataOptions(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     manifest_uri: str | None = Field(
-        default=None, description="Seed-format manifest (file_list.json); default <source_uri>/file_list.json."
+        default=None,
+        description="Seed-format manifest (file_list.json): an s3:// or file:// URI or a path on the worker; "
+        "default <source_uri>/file_list.json.",
     )
     image_ids: list[str] | None = Field(
         default=None, description="Instead of a manifest: ids to label from their metadata's EXPECTED_QUANTITY."
@@ -53,6 +55,12 @@ class DataOptions(BaseModel):
         default_factory=ValidationThresholds,
         description="Data validation: a failed check stops the run before training.",
     )
+
+    @field_validator("manifest_uri")
+    @classmethod
+    def manifest_path_as_uri(cls, value: str | None) -> str | None:
+        """A path (as a UI form or ``--param`` gives it) becomes the file:// URI storage reads."""
+        return to_uri(value) if value is not None else None
 
 
 class PreparedData(BaseModel):

@@ -164,3 +164,14 @@ def test_split_is_stratified_and_seeded() -> None:
     assert not a.equals(split_dataset(manifest, downloaded, "s3://x", seed=1))
     per_class = a.groupby(["label", "split"], observed=True).size().unstack()
     assert ((per_class["train"] / per_class.sum(axis=1)).between(0.78, 0.82)).all()
+
+
+def test_a_manifest_given_as_a_path_is_read_as_a_file_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A UI form or ``--param`` gives a plain path; storage reads URIs."""
+    from pydantic import ValidationError
+
+    monkeypatch.chdir(tmp_path)
+    assert DataOptions(manifest_uri="lists/file_list.json").manifest_uri == (tmp_path / "lists/file_list.json").as_uri()
+    assert DataOptions(manifest_uri="s3://bucket/file_list.json").manifest_uri == "s3://bucket/file_list.json"
+    with pytest.raises(ValidationError, match="only file:// and s3:// are supported"):
+        DataOptions(manifest_uri="https://example.com/file_list.json")

@@ -39,7 +39,7 @@ def main() -> None:
             for decoding in DECODINGS:
                 evaluation = evaluate_on_counts(Storage(), archive.as_uri(), test_dir, counts, decoding=decoding)
                 scores[decoding].append(evaluation.to_dict())
-                figures = ", ".join(f"{name} {evaluation.to_dict()[name]:.4f}" for name in FIGURES)
+                figures = ", ".join(f"{name} {scores[decoding][-1][name]:.4f}" for name in FIGURES)
                 print(f"{work_dir.name} {split} {decoding}: {figures}", flush=True)
         for decoding, runs in scores.items():
             summary = ", ".join(

@@ -151,7 +151,7 @@ def evaluate_on_counts(
         info = read_model_info(model_dir)
         network = load_network(model_dir, info).to(memory_format=torch.channels_last)
     kept = [info["classes"].index(count) for count in counts]
-    decoding = decoding or info.get("decoding", "mode")
+    decoding = decoding or info["decoding"]
     cache = load_channel(test_dir, [str(c) for c in counts], info["image_size"], torch.get_num_threads())
     mean, std = channel_values(info["mean"]), channel_values(info["std"])
     predicted: list[int] = []

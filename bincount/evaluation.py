@@ -61,11 +61,10 @@ def predict_counts(model_dir: Path, cache: ImageCache, batch_size: int = 64) -> 
     info = read_model_info(model_dir)
     model = load_network(model_dir, info).to(memory_format=torch.channels_last)
     mean, std = channel_values(info["mean"]), channel_values(info["std"])
-    decoding = info.get("decoding", "mode")
     predicted: list[int] = []
     with torch.inference_mode():
         for images, _ in batches(cache, batch_size, torch.device("cpu"), mean, std, shuffle=False):
-            predicted += [info["classes"][i] for i in predict_classes(model(images), decoding).tolist()]
+            predicted += [info["classes"][i] for i in predict_classes(model(images), info["decoding"]).tolist()]
     return predicted
 
 

@@ -129,7 +129,7 @@ def export_int8(
         converted,
         nncf.Dataset(calibration),  # batches
         nncf.Dataset(validation, lambda item: item[0]),
-        functools.partial(accuracy, decoding=info.get("decoding", "mode")),
+        functools.partial(accuracy, decoding=info["decoding"]),
         max_drop=max_accuracy_drop,
         drop_type=nncf.DropType.ABSOLUTE,
         subset_size=len(calibration),
@@ -184,7 +184,7 @@ def predictions(run: Any, cache: ImageCache, info: dict[str, Any]) -> np.ndarray
     """Class indexes ``run`` (normalized batch -> logits) predicts for every image of ``cache``."""
     mean, std = channel_values(info["mean"]), channel_values(info["std"])
     out = [run(x) for x, _ in batches(cache, PARITY_BATCH, torch.device("cpu"), mean, std, shuffle=False)]
-    return decoded(np.concatenate(out), info.get("decoding", "mode"))
+    return decoded(np.concatenate(out), info["decoding"])
 
 
 def optimize_model(

@@ -254,7 +254,7 @@ def forward(pixels: torch.Tensor, model: CountModel) -> list[dict[str, Any]]:
     """uint8 pixels [N, 3, S, S] (from :func:`preprocess`) -> one ``{"predicted_count", "probabilities"}``
     dict per image."""
     scores = logits(pixels, model)
-    predicted = predict_classes(scores, model.info.get("decoding", "mode")).tolist()  # older models: mode
+    predicted = predict_classes(scores, model.info["decoding"]).tolist()
     probabilities = torch.softmax(scores, dim=1).cpu().numpy()
     return [
         {

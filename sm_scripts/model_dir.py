@@ -54,7 +54,8 @@ def write_model_dir(model_dir: Path, state: dict[str, torch.Tensor], info: dict[
 
 
 def read_model_info(model_dir: Path | str) -> dict[str, Any]:
-    """``model_info.json`` of ``model_dir``, checked.
+    """``model_info.json`` of ``model_dir``, checked; ``head`` and ``decoding`` filled in (``linear``,
+    ``mode``) where it was written before they were recorded.
 
     Raises:
         FileNotFoundError: there is none.
@@ -70,9 +71,10 @@ def read_model_info(model_dir: Path | str) -> dict[str, Any]:
         raise ValueError(f"{path} lacks {missing}; it needs {', '.join(REQUIRED_INFO)}")
     if info["arch"] not in ARCHS:
         raise ValueError(f"{path}: arch {info['arch']!r} is not one of {list(ARCHS)}, the archs train.py trains")
-    if info.get("head", "linear") not in HEADS:
+    info = {"head": "linear", "decoding": "mode", **info}
+    if info["head"] not in HEADS:
         raise ValueError(f"{path}: head {info['head']!r} is not one of {list(HEADS)}, the heads train.py trains")
-    if info.get("decoding", "mode") not in DECODINGS:
+    if info["decoding"] not in DECODINGS:
         raise ValueError(f"{path}: decoding {info['decoding']!r} is not one of {list(DECODINGS)}")
     return info
 

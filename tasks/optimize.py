@@ -60,8 +60,9 @@ def optimize_and_publish(settings: Settings, model_uri: str, channels: dict[str,
     arguments = (settings, model_uri, channels["train"], channels["valid"], channels["test"], output_uri)
     state = optimize_model_task(*arguments, return_state=True)
     result = state.result()
-    archive_gone = result.optimized and not storage_for(settings).exists(result.model_uri)
-    if state.name == "Cached" and (result.export_failed or archive_gone):
+    if state.name == "Cached" and (
+        result.export_failed or (result.optimized and not storage_for(settings).exists(result.model_uri))
+    ):
         # An export failure may have been passing (memory, a tool installed or fixed since): a later run
         # tries again instead of serving it from cache; a parity failure is the model's, and stays cached.
         result = optimize_model_task.with_options(refresh_cache=True)(*arguments)

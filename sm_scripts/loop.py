@@ -122,8 +122,10 @@ def evaluate(
     hook: Any = None,
     cluster: Cluster = SINGLE,
     decoding: str = "mode",
+    scored_classes: torch.Tensor | None = None,
 ) -> tuple[float, float, float]:
-    """Mean loss, accuracy and RMSE of the predicted count (over every process's part in a data-parallel run)."""
+    """Mean loss, accuracy and RMSE of the predicted count (over every process's part in a data-parallel run);
+    with ``scored_classes``, predicted among those classes alone (their probabilities renormalized)."""
     model.eval()
     set_hook_mode(hook, "EVAL")
     total_loss, correct, squared, seen = 0.0, 0, 0.0, 0
@@ -131,7 +133,10 @@ def evaluate(
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             outputs = model(images)
             loss = criterion(outputs, labels)
-        predicted = predict_classes(outputs, decoding)
+        if scored_classes is None:
+            predicted = predict_classes(outputs, decoding)
+        else:
+            predicted = scored_classes[predict_classes(outputs[:, scored_classes], decoding)]
         total_loss += loss.item() * labels.shape[0]
         correct += (predicted == labels).sum().item()
         squared += ((class_values[predicted] - class_values[labels]) ** 2).sum().item()

@@ -82,12 +82,15 @@ class Runtime:
 
 @dataclass
 class Data:
-    """The class folders' names, each class's count, and the cached images to fit on and to score."""
+    """The class folders' names, each class's count, the cached images to fit on and to score, and the
+    classes scored: those the scored channel holds (a model trained on counts 0 and 6+ as well is kept
+    for its accuracy on the counts 1-5 that valid holds), or None for all."""
 
     classes: list[str]
     class_values: torch.Tensor
     train: ImageCache
     eval: ImageCache
+    scored_classes: torch.Tensor | None = None
 
 
 @dataclass
@@ -163,6 +166,9 @@ def load_data(args: argparse.Namespace, train_names: list[str], folders: dict[st
         return load_channel(Path(folders[name]), classes, args.image_size, runtime.threads)
 
     data = Data(classes, class_values, ImageCache.concat([load(name) for name in train_names]), load(args.eval_channel))
+    held = data.eval.labels.unique()
+    if len(held) < len(classes):
+        data.scored_classes = held.to(runtime.device)
     if runtime.device.type == "cuda":
         data.train.images, data.eval.images = data.train.images.to(runtime.device), data.eval.images.to(runtime.device)
     print(
@@ -318,6 +324,7 @@ def run_epoch(
         t.hook,
         cluster,
         args.decoding,
+        data.scored_classes,
     )
     if t.scheduler is not None:
         t.scheduler.step()

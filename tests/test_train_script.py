@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -24,8 +25,9 @@ from bincount.loopback_s3 import LoopbackS3
 from bincount.storage import storage_for
 from sm_scripts import inference
 from sm_scripts.data import augment, square_symmetries
-from sm_scripts.distributed import Cluster, eval_order, local_batch_size, shard_order
+from sm_scripts.distributed import SINGLE, Cluster, eval_order, local_batch_size, shard_order
 from sm_scripts.errors import TrainingError
+from sm_scripts.loop import evaluate
 from sm_scripts.metric_format import EPOCH_FIELDS, METRIC_DEFINITIONS, METRIC_NAMES, format_epoch_line, parse_metrics
 from sm_scripts.model_dir import load_network, read_model_info
 from sm_scripts.networks import OrdinalHead, predict_classes
@@ -450,6 +452,30 @@ def test_median_decoding_predicts_where_the_cumulative_probability_reaches_one_h
     assert predict_classes(logits, "median").tolist() == [2, 1, 4]  # the mode skips the middle; the median does not
     with pytest.raises(ValueError, match="unknown decoding 'mean'"):
         predict_classes(logits, "mean")
+
+
+def test_a_model_knowing_more_counts_than_valid_holds_is_scored_on_valids_counts_alone() -> None:
+    """--extra-counts trains classes 0 and 6 too; valid holds 1-5, so the kept epoch is chosen on those."""
+    probabilities = torch.tensor([[0.6, 0.1, 0.1, 0.2], [0.1, 0.2, 0.1, 0.6]])  # classes 0, 1, 2, 6
+    logits = probabilities.log()
+    data = [(logits, torch.tensor([1, 2]))]  # the network is the identity: the "images" are the logits
+    values = torch.tensor([0.0, 1.0, 2.0, 6.0])
+    criterion = torch.nn.CrossEntropyLoss()
+    _, uncut_accuracy, _ = evaluate(torch.nn.Identity(), criterion, data, torch.device("cpu"), False, values)
+    _, accuracy, rmse = evaluate(
+        torch.nn.Identity(),
+        criterion,
+        data,
+        torch.device("cpu"),
+        False,
+        values,
+        None,
+        SINGLE,
+        "median",
+        torch.tensor([1, 2]),
+    )
+    assert uncut_accuracy == 0.0  # 0 and 6 win uncut
+    assert accuracy == 0.5 and rmse == pytest.approx(math.sqrt(0.5))  # cut to 1-2: both predict 1 (row 2's 0.2 of 0.3)
 
 
 def test_ordinal_model_dir_serves_and_scores_as_a_classifier(tmp_path: Path, demo_channels: dict[str, Path]) -> None:

@@ -7,7 +7,8 @@ stratified train/valid/test channels (symlinks): with ``--seeds 0 1 2`` one 80/1
 test set once (valid: 12.5% of the rest). Each run trains on train (best epoch kept on valid) and is
 scored on its test set: accuracy, RMSE, within-one and per-class accuracy, and the CPU minutes
 (train.py's processes and the scoring); with ``--tta`` also test-time augmentation (the softmax
-averaged over the square's eight symmetries). The summary gives each figure's mean and standard
+averaged over the views the model trained to see alike: the horizontal flip for ``--augment flip`` or
+``standard``, the square's eight symmetries for ``strong``). The summary gives each figure's mean and standard
 deviation over the runs; one 460-image test set has a standard error of about 2.2 points on its own.
 Published anchors on the 10k subset: 11-36%, 41% at best (the seeds: 26%).
 
@@ -126,12 +127,17 @@ def sample_channels(
     return write_channels(data_dir, manifest, split, work_dir)
 
 
-def symmetries(images: torch.Tensor) -> Iterator[torch.Tensor]:
-    """The square's eight symmetries of a batch: four rotations, each also mirrored."""
-    for turns in range(4):
-        rotated = torch.rot90(images, turns, dims=(-2, -1))
+def trained_views(images: torch.Tensor, augmentation: str) -> Iterator[torch.Tensor]:
+    """The views of a batch that a model trained with ``--augment augmentation`` saw as the same photo:
+    with ``strong`` the square's eight symmetries (four rotations, each also mirrored), with ``flip`` or
+    ``standard`` the batch and its mirror, with ``none`` the batch alone. Averaging over views a model
+    never trained on feeds it photos unlike its training ones (README: model quality)."""
+    turns = 4 if augmentation == "strong" else 1
+    for turn in range(turns):
+        rotated = torch.rot90(images, turn, dims=(-2, -1))
         yield rotated
-        yield rotated.flip(-1)
+        if augmentation != "none":
+            yield rotated.flip(-1)
 
 
 def evaluate_on_counts(
@@ -139,12 +145,12 @@ def evaluate_on_counts(
     model_uri: str,
     test_dir: Path,
     counts: list[int],
-    symmetric: bool = False,
+    tta: bool = False,
     decoding: str | None = None,
 ) -> Evaluation:
     """Scores a model on ``counts`` alone: the probabilities of any other class it knows (0 and 6+ after
     ``--extra-counts``) are set aside, as they would be by a head cut to the manifest's counts; with
-    ``symmetric``, each image's probabilities are averaged over the square's eight symmetries; decoded
+    ``tta``, each image's probabilities are averaged over its :func:`trained_views`; decoded
     as the model says unless ``decoding`` is given."""
     with tempfile.TemporaryDirectory(prefix="score-") as scratch:
         model_dir, _ = fetch_model(storage, model_uri, Path(scratch))
@@ -152,12 +158,13 @@ def evaluate_on_counts(
         network = load_network(model_dir, info).to(memory_format=torch.channels_last)
     kept = [info["classes"].index(count) for count in counts]
     decoding = decoding or info["decoding"]
+    augmentation = info["hyperparameters"]["augment"]
     cache = load_channel(test_dir, [str(c) for c in counts], info["image_size"], torch.get_num_threads())
     mean, std = channel_values(info["mean"]), channel_values(info["std"])
     predicted: list[int] = []
     with torch.inference_mode():
         for images, _ in batches(cache, 64, torch.device("cpu"), mean, std, shuffle=False):
-            views = symmetries(images) if symmetric else [images]
+            views = trained_views(images, augmentation) if tta else [images]
             probabilities = sum(network(view).softmax(1) for view in views)[:, kept]
             predicted += [counts[i] for i in predict_classes(probabilities.log(), decoding).tolist()]
     return score_counts([counts[i] for i in cache.labels.tolist()], predicted, counts)
@@ -183,7 +190,7 @@ def score(
     if extra_counts:
         figures["test_all_classes"] = uncut
     if tta:
-        figures["test_tta"] = evaluate_on_counts(storage, model_uri, test_dir, counts, symmetric=True).to_dict()
+        figures["test_tta"] = evaluate_on_counts(storage, model_uri, test_dir, counts, tta=True).to_dict()
     return figures
 
 
@@ -240,7 +247,7 @@ def main() -> None:
     runs = parser.add_mutually_exclusive_group()
     runs.add_argument("--seeds", type=int, nargs="+", default=[0], help="one split and training per seed (default: 0)")
     runs.add_argument("--folds", type=int, default=0, help="K-fold cross-validation over the first seed's shuffle")
-    parser.add_argument("--tta", action="store_true", help="also score with the eight symmetries averaged")
+    parser.add_argument("--tta", action="store_true", help="also score with the views the model trained on averaged")
     parser.add_argument(
         "--extra-counts",
         action="store_true",

@@ -29,17 +29,18 @@ def main() -> None:
     parser.add_argument("work_dirs", type=Path, nargs="+", help="train_quality.py --work-dir folders")
     parser.add_argument("--tta", action="store_true", help="also score each decoding with test-time augmentation")
     args = parser.parse_args()
-    scorings = [(decoding, tta) for decoding in DECODINGS for tta in ((False, True) if args.tta else (False,))]
     for work_dir in args.work_dirs:
         jobs = sorted((work_dir / "artifacts" / "jobs").glob("*/output/model.tar.gz"))
         if not jobs:
             sys.exit(f"{work_dir} holds no trained models (artifacts/jobs/*/output/model.tar.gz)")
-        scores: dict[str, list[dict[str, float]]] = {f"{d}{' TTA' if t else ''}": [] for d, t in scorings}
+        scorings = [f"{decoding}{tta}" for decoding in DECODINGS for tta in ("", " TTA")[: 1 + args.tta]]
+        scores: dict[str, list[dict[str, float]]] = {scoring: [] for scoring in scorings}
         for archive in jobs:
             split = archive.parents[1].name.split("-", 5)[-1]  # bincount-train-quality-<date>-<time>-<split>
             test_dir = work_dir / split / "channels" / "test"
             counts = sorted(int(p.name) for p in test_dir.iterdir() if p.is_dir())
-            for (decoding, tta), scoring in zip(scorings, scores, strict=True):
+            for scoring in scorings:
+                decoding, tta = scoring.removesuffix(" TTA"), scoring.endswith(" TTA")
                 evaluation = evaluate_on_counts(Storage(), archive.as_uri(), test_dir, counts, tta, decoding)
                 scores[scoring].append(evaluation.to_dict())
                 figures = ", ".join(f"{name} {scores[scoring][-1][name]:.4f}" for name in FIGURES)

@@ -156,7 +156,7 @@ def evaluate_on_counts(
         model_dir, _ = fetch_model(storage, model_uri, Path(scratch))
         info = read_model_info(model_dir)
         network = load_network(model_dir, info).to(memory_format=torch.channels_last)
-    kept = [info["classes"].index(count) for count in counts]
+    kept = torch.tensor([info["classes"].index(count) for count in counts])
     decoding = decoding or info["decoding"]
     augmentation = info["hyperparameters"]["augment"]
     cache = load_channel(test_dir, [str(c) for c in counts], info["image_size"], torch.get_num_threads())
@@ -165,8 +165,8 @@ def evaluate_on_counts(
     with torch.inference_mode():
         for images, _ in batches(cache, 64, torch.device("cpu"), mean, std, shuffle=False):
             views = trained_views(images, augmentation) if tta else [images]
-            probabilities = sum(network(view).softmax(1) for view in views)[:, kept]
-            predicted += [counts[i] for i in predict_classes(probabilities.log(), decoding).tolist()]
+            probabilities = sum(network(view).softmax(1) for view in views)
+            predicted += [info["classes"][i] for i in predict_classes(probabilities.log(), decoding, kept).tolist()]
     return score_counts([counts[i] for i in cache.labels.tolist()], predicted, counts)
 
 

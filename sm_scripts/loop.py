@@ -133,10 +133,7 @@ def evaluate(
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             outputs = model(images)
             loss = criterion(outputs, labels)
-        if scored_classes is None:
-            predicted = predict_classes(outputs, decoding)
-        else:
-            predicted = scored_classes[predict_classes(outputs[:, scored_classes], decoding)]
+        predicted = predict_classes(outputs, decoding, scored_classes)
         total_loss += loss.item() * labels.shape[0]
         correct += (predicted == labels).sum().item()
         squared += ((class_values[predicted] - class_values[labels]) ** 2).sum().item()

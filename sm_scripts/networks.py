@@ -152,11 +152,15 @@ class OrdinalHead(nn.Module):
         return (cumulative[:, :-1] - cumulative[:, 1:]).clamp_min(1e-7).log()
 
 
-def predict_classes(logits: torch.Tensor, decoding: str = "mode") -> torch.Tensor:
+def predict_classes(logits: torch.Tensor, decoding: str = "mode", among: torch.Tensor | None = None) -> torch.Tensor:
     """The class index each row of ``logits`` predicts. ``mode``: the most probable class (argmax).
     ``median``: the first class, in count order, where the cumulative probability reaches 1/2; the
     classes are ordered counts, so it is the prediction with the least expected absolute error, and it
-    reaches every count where an ordinal head's mode skips the middle ones (README: model quality)."""
+    reaches every count where an ordinal head's mode skips the middle ones (README: model quality).
+    With ``among`` (class indexes), the prediction is one of those, their probabilities renormalized: a
+    model that also knows counts 0 and 6+ scored on the counts 1-5 a channel holds."""
+    if among is not None:
+        return among[predict_classes(logits[:, among], decoding)]
     if decoding == "mode":
         return logits.argmax(1)
     if decoding == "median":

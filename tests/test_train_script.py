@@ -34,8 +34,9 @@ from sm_scripts.networks import OrdinalHead, predict_classes
 
 SM_SCRIPTS = Path(__file__).resolve().parents[1] / "sm_scripts"
 TINY = ["--arch", "resnet18", "--image-size", "32", "--batch-size", "16", "--optimizer", "adamw", "--lr", "0.001"]
-# Every kind of state a resume must carry: SGD momentum, a cosine schedule, augmentation and dropout
-# draws. One thread: two threads on a busy 2-core machine make each epoch many times slower.
+# Every kind of state a resume must carry: SGD momentum, a cosine schedule, every augmentation draw (strong:
+# flips, transposes, shifts, brightness) and dropout draws. One thread: two threads on a busy 2-core machine make
+# each epoch many times slower.
 RESUMABLE = {
     "arch": "efficientnet_lite0",
     "image-size": 16,
@@ -43,7 +44,7 @@ RESUMABLE = {
     "optimizer": "sgd",
     "lr": 0.01,
     "lr-scheduler": "cosine",
-    "augment": "standard",
+    "augment": "strong",
     "keep": "last",
     "epochs": 3,
     "seed": 7,
@@ -246,7 +247,7 @@ def test_checkpoint_of_other_hyperparameters_is_refused(
     result = run_train(tmp_path / "job", demo_channels, *flags)
     assert result.returncode == 2
     failure = (tmp_path / "job" / "output" / "failure").read_text()
-    assert "--augment standard there, flip now; --lr 0.01 there, 0.02 now" in failure
+    assert "--augment strong there, flip now; --lr 0.01 there, 0.02 now" in failure
     assert "fresh --checkpoint-dir" in failure
     assert not re.search(r"^epoch: ", result.stdout, re.MULTILINE)  # refused before training anything
     assert (tmp_path / "checkpoints" / "checkpoint.pt").read_bytes() == before  # and the checkpoint left as it was

@@ -11,10 +11,11 @@ leaves the state file stops taking requests, finishes those in flight, and its h
 
 Replicas: each variant runs replica hosts (the current one's count at the time, else
 ``scaling.min_replicas``); a request goes to the replica with the fewest requests in flight. A
-replica that exits is restarted (only its requests in flight fail, with 502). With
-``scaling.max_replicas`` above the minimum, the current variant gains a replica when the in-flight
-requests per replica stay above ``scaling.target_in_flight`` for ``scale_out_cooldown_s``, and loses
-one when its load would fit in one fewer for ``scale_in_cooldown_s``.
+replica that exits is restarted (only its requests in flight fail, with 502; while a canary has no
+replica ready, its share goes to the current model). With ``scaling.max_replicas`` above the minimum,
+the current variant gains a replica when the in-flight requests per replica stay above
+``scaling.target_in_flight`` for ``scale_out_cooldown_s``, and loses one when its load would fit in
+one fewer for ``scale_in_cooldown_s``.
 
 ``GET /router/status`` reports per variant its replicas (URL, pid, in flight, ready), restarts and,
 since the routing last changed, requests, 5xx/connection errors and p99 latency (the backend's canary
@@ -340,19 +341,32 @@ class Router:
         return self.variants.get(self.current) if self.current else None
 
     async def forward(
-        self, variant: Variant | None, method: str, path: str, headers: dict[str, str], body: bytes | None
-    ) -> Response:
-        """Send the request to the variant's least busy replica; when every replica has ``replica_capacity`` in
-        flight it waits in the variant's line (first come, first served: one queue for all replicas, so no
-        request waits behind one replica's slow moment while another is free). A replica that refuses the
-        connection (it died: nothing was sent) is taken out of rotation until it answers /ping again, and the
-        next replica gets the request."""
+        self,
+        variant: Variant | None,
+        method: str,
+        path: str,
+        headers: dict[str, str],
+        body: bytes | None,
+        fallback: Variant | None = None,
+    ) -> tuple[Response, Variant | None]:
+        """Send the request to the variant's least busy replica and return the answer and the variant that gave
+        it. When every replica has ``replica_capacity`` in flight the request waits in the variant's line (first
+        come, first served: one queue for all replicas, so no request waits behind one replica's slow moment
+        while another is free). A replica that refuses the connection (it died: nothing was sent) is taken out
+        of rotation until it answers /ping again, and the next replica gets the request; when the variant has
+        none ready, ``fallback`` (a canary's current model) gets it, since it was never sent."""
         start = time.perf_counter()
         woken = False
         while True:
             replica = variant.pick() if variant is not None else None
+            if (variant is None or replica is None) and fallback is not None and fallback is not variant:
+                logger.warning(
+                    "%s has no replica ready: %s answers this request", getattr(variant, "id", None), fallback.id
+                )
+                variant, fallback, woken = fallback, None, False
+                continue
             if variant is None or replica is None:
-                return _error(path, 503, f"endpoint {self.name} has no model host ready; try again shortly")
+                return _error(path, 503, f"endpoint {self.name} has no model host ready; try again shortly"), variant
             if replica.inflight >= self.replica_capacity or (variant.waiting and not woken):
                 await variant.wait_for_room(first=woken)
                 woken = True
@@ -370,19 +384,20 @@ class Router:
                 logger.error("replica %s of %s did not answer %s: %s", replica.url, variant.id, path, error)
                 replica.ready = False
                 variant.stats.add(502, time.perf_counter() - start)
-                return _error(path, 502, f"the model host of endpoint {self.name} did not answer ({error})")
+                return _error(path, 502, f"the model host of endpoint {self.name} did not answer ({error})"), variant
             finally:
                 replica.inflight -= 1
                 variant.wake_one()
         if method == "POST":
             variant.stats.add(_model_status(answer), time.perf_counter() - start)
         returned = {key: answer.headers[key] for key in _RETURNED_HEADERS if key in answer.headers}
-        return Response(answer.content, status_code=answer.status_code, headers=returned)
+        return Response(answer.content, status_code=answer.status_code, headers=returned), variant
 
     async def invoke(self, path: str, headers: dict[str, str], body: bytes) -> tuple[Response, Variant | None]:
-        """One invocation: answered by the chosen variant; a shadow gets its copy once the answer is ready."""
-        variant = self.choose()
-        answer = await self.forward(variant, "POST", path, headers, body)
+        """One invocation: answered by the chosen variant (the current one when a canary has no host ready); a
+        shadow gets its copy once the answer is ready."""
+        current = self.variants.get(self.current) if self.current else None
+        answer, variant = await self.forward(self.choose(), "POST", path, headers, body, fallback=current)
         shadow = self.variants.get(self.candidate) if self.candidate and self.mode == "shadow" else None
         if shadow is not None and random.random() * 100 < self.percent:
             if sum(replica.inflight for replica in shadow.replicas) + len(shadow.waiting) >= MAX_SHADOW_IN_FLIGHT:
@@ -394,7 +409,7 @@ class Router:
         return answer, variant
 
     async def _shadow(self, shadow: Variant, path: str, headers: dict[str, str], body: bytes, answer: Response) -> None:
-        copy = await self.forward(shadow, "POST", path, {**headers, "accept": "application/json"}, body)
+        copy, _ = await self.forward(shadow, "POST", path, {**headers, "accept": "application/json"}, body)
         mine = _counts(answer)
         theirs = _counts(copy)
         if mine is not None and theirs is not None:
@@ -544,7 +559,7 @@ def create_app(name: str, state_file: Path) -> Starlette:
     async def ping(request: Request) -> Response:
         """The host's answer, with what the endpoint serves (SageMaker's contract: 200 and a small body)."""
         current = router.variants.get(router.current) if router.current else None
-        answer = await router.forward(current, "GET", "/ping", {}, None)
+        answer, _ = await router.forward(current, "GET", "/ping", {}, None)
         if answer.status_code != 200 or current is None:
             return answer
         served = {"model_version": current.spec.get("model_ref"), "weights": current.spec["version"]}

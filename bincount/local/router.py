@@ -359,10 +359,8 @@ class Router:
         woken = False
         while True:
             replica = variant.pick() if variant is not None else None
-            if (variant is None or replica is None) and fallback is not None and fallback is not variant:
-                logger.warning(
-                    "%s has no replica ready: %s answers this request", getattr(variant, "id", None), fallback.id
-                )
+            if replica is None and variant is not None and fallback is not None and fallback is not variant:
+                logger.warning("%s has no replica ready: %s answers this request", variant.id, fallback.id)
                 variant, fallback, woken = fallback, None, False
                 continue
             if variant is None or replica is None:

@@ -5,8 +5,10 @@ file that arrived whole and decoded; a re-run checks those against their SHA-256
 atomic (a file appears under its final name complete or not at all) and constant in memory
 whatever the manifest size (at most ``concurrency`` downloads are in flight, and each streams to
 disk, a photo at a time). Missing objects, objects the store refuses (403) and bytes that are not a
-whole JPEG or PNG of sane size are listed; the run fails only when they pass ``max_missing_share``
-of the manifest. One run at a time per folder: a lock file names the run that holds it.
+whole JPEG or PNG of sane size are listed, and so are objects over ``max_object_bytes`` (their
+stated size is checked before any byte is held, and a body that streams past the cap anyway is
+dropped there); the run fails only when they pass ``max_missing_share`` of the manifest. One run
+at a time per folder: a lock file names the run that holds it.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from bincount.ids import check_image_id
 from bincount.manifest import Manifest, image_uri, metadata_uri
 from bincount.storage import (
     ObjectNotFoundError,
+    ObjectTooLargeError,
     Storage,
     StorageError,
     TransientStorageError,
@@ -39,6 +42,7 @@ LEDGER_NAME = "downloaded.jsonl"
 LOCK_NAME = ".download.lock"
 IMAGE_FORMATS = ("JPEG", "PNG")
 MAX_IMAGE_PIXELS = 16_000_000  # as the endpoint's limit (sm_scripts/inference.py): far above any bin photo
+MAX_OBJECT_BYTES = 50_000_000  # one photo; ABID's are tens of kilobytes, so a larger object is not a bin photo
 
 ProgressCallback = Callable[[int, int], None]
 """Called as ``progress(done, total)`` from the calling thread."""
@@ -68,7 +72,7 @@ class DownloadReport:
     seconds: float = 0.0
     missing: list[str] = field(default_factory=list)
     corrupt: dict[str, str] = field(default_factory=dict)  # bytes that are not a usable JPEG or PNG
-    unreadable: dict[str, str] = field(default_factory=dict)  # objects the store would not give (403...)
+    unreadable: dict[str, str] = field(default_factory=dict)  # objects the store would not give (403, over the cap)
 
     @property
     def unusable_share(self) -> float:
@@ -154,13 +158,20 @@ def verify_existing(local_dir: Path, image_id: str, entry: DownloadedImage | Non
 
 
 def _fetch_one(
-    storage: Storage, source_uri: str, local_dir: Path, image_id: str, with_metadata: bool
+    storage: Storage, source_uri: str, local_dir: Path, image_id: str, with_metadata: bool, max_object_bytes: int
 ) -> DownloadedImage:
     """Fetch metadata then image (so an image on disk always has its metadata); only an image
-    that decodes is written, and it appears whole under its name or not at all."""
+    that decodes is written, and it appears whole under its name or not at all. Memory stays
+    bounded: at most ``max_object_bytes`` per download in flight."""
     if with_metadata:
         storage.download_file(metadata_uri(source_uri, image_id), local_dir / "metadata" / f"{image_id}.json")
-    data = storage.read_bytes(image_uri(source_uri, image_id))  # photos are small: memory stays bounded by concurrency
+    try:
+        data = storage.read_bytes(image_uri(source_uri, image_id), max_bytes=max_object_bytes)
+    except ObjectTooLargeError as error:
+        raise ObjectTooLargeError(
+            f"{error}. A bin photo is far smaller: remove the id from the manifest, or raise max_object_bytes "
+            "if the object is a genuine photo"
+        ) from None
     check_image(data)
     atomic_write_bytes(image_path(local_dir, image_id), data)
     return DownloadedImage(image_id=image_id, sha256=hashlib.sha256(data).hexdigest(), size=len(data))
@@ -193,8 +204,12 @@ def download_images(
     with_metadata: bool = True,
     progress: ProgressCallback | None = None,
     lock_wait_s: float | None = 3600.0,
+    max_object_bytes: int = MAX_OBJECT_BYTES,
 ) -> tuple[DownloadReport, dict[str, DownloadedImage]]:
     """Mirror the manifest's images from ``source_uri`` into ``local_dir``.
+
+    An image object over ``max_object_bytes`` is not held: it is listed as unreadable (with its key and
+    the cap) and the rest of the download goes on.
 
     Returns:
         The report, and the verified files by id (for the split manifest's checksums).
@@ -207,7 +222,15 @@ def download_images(
     """
     with file_lock(local_dir / LOCK_NAME, wait_s=lock_wait_s):
         return _download_locked(
-            manifest, source_uri, local_dir, storage, concurrency, max_missing_share, with_metadata, progress
+            manifest,
+            source_uri,
+            local_dir,
+            storage,
+            concurrency,
+            max_missing_share,
+            with_metadata,
+            progress,
+            max_object_bytes,
         )
 
 
@@ -220,6 +243,7 @@ def _download_locked(
     max_missing_share: float,
     with_metadata: bool,
     progress: ProgressCallback | None,
+    max_object_bytes: int,
 ) -> tuple[DownloadReport, dict[str, DownloadedImage]]:
     started = time.perf_counter()
     for leftover in local_dir.glob("*/.tmp-*"):  # what a killed run was writing (no live run writes now)
@@ -234,7 +258,7 @@ def _download_locked(
             progress(done, report.requested)
 
     def fetch(image_id: str) -> DownloadedImage:
-        return _fetch_one(storage, source_uri, local_dir, image_id, with_metadata)
+        return _fetch_one(storage, source_uri, local_dir, image_id, with_metadata, max_object_bytes)
 
     with ledger.appender() as record:
         to_fetch = _keep_verified(manifest, ledger.read(), local_dir, record, verified, report)

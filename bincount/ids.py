@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-IMAGE_ID = re.compile(r"^[0-9A-Za-z_-]{1,128}$")
+IMAGE_ID = re.compile(r"[0-9A-Za-z_-]{1,128}")
 """What an ABID image id looks like (``00710``, ``103563``); also what makes it safe as a file name."""
 
 
@@ -23,7 +23,7 @@ def check_image_id(value: object, where: str = "image id") -> str:
     Raises:
         UnsafeNameError: naming ``where`` and the value.
     """
-    if not isinstance(value, str) or not IMAGE_ID.match(value):
+    if not isinstance(value, str) or not IMAGE_ID.fullmatch(value):
         raise UnsafeNameError(
             f"{where} = {value!r} is not an image id: use 1-128 letters, digits, '_' or '-' (like '00710')"
         )

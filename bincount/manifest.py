@@ -16,12 +16,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from bincount.ids import IMAGE_ID, UnsafeNameError, check_image_id
-from bincount.storage import ObjectNotFoundError, Storage, join_uri
+from bincount.storage import ObjectNotFoundError, ObjectTooLargeError, Storage, join_uri
 
 CLASSES: tuple[int, ...] = (1, 2, 3, 4, 5)
 """The counts the model predicts (the classic 10k subset of ABID)."""
 
-_METADATA_PATH = re.compile(r"^(?:data/)?metadata/(?P<id>[^/]+)\.json$")
+MAX_METADATA_BYTES = 1_000_000
+"""Largest metadata document read when labelling ids (ABID's are a few kilobytes)."""
+
+_METADATA_PATH = re.compile(r"(?:data/)?metadata/(?P<id>[^/]+)\.json")
 
 Manifest = dict[str, int]
 
@@ -77,7 +80,7 @@ def parse_manifest(text: str | bytes, name: str = "manifest", classes: Iterable[
 
 def _metadata_path_id(path: object, entry: str) -> str:
     """The image id of a manifest entry ``data/metadata/<id>.json``; raises :class:`ManifestError`."""
-    match = _METADATA_PATH.match(path) if isinstance(path, str) else None
+    match = _METADATA_PATH.fullmatch(path) if isinstance(path, str) else None
     if match is None:
         raise ManifestError(f"{entry} = {path!r} is not a path like 'data/metadata/<id>.json'")
     try:
@@ -128,9 +131,10 @@ def build_manifest(
     image_ids: Iterable[str],
     classes: Iterable[int] = CLASSES,
     concurrency: int = 32,
+    max_metadata_bytes: int = MAX_METADATA_BYTES,
 ) -> BuiltManifest:
-    """Label ids from their metadata's ``EXPECTED_QUANTITY``; ids without usable metadata or
-    with a count outside ``classes`` are left out and listed.
+    """Label ids from their metadata's ``EXPECTED_QUANTITY``; ids without usable metadata (missing, over
+    ``max_metadata_bytes``, no count) or with a count outside ``classes`` are left out and listed.
 
     Raises:
         ManifestError: some ids are not image ids (``../x``, ``a/b``): nothing is fetched.
@@ -140,7 +144,7 @@ def build_manifest(
     bad = [
         f"image_ids[{position}] = {image_id!r}"
         for position, image_id in enumerate(ids)
-        if not (isinstance(image_id, str) and IMAGE_ID.match(image_id))
+        if not (isinstance(image_id, str) and IMAGE_ID.fullmatch(image_id))
     ]
     if bad:
         raise ManifestError(
@@ -151,8 +155,8 @@ def build_manifest(
     def label(image_id: str) -> tuple[str, int | str]:
         uri = metadata_uri(source_uri, image_id)
         try:
-            return image_id, expected_quantity(storage.read_bytes(uri), uri)
-        except (ObjectNotFoundError, ManifestError) as error:
+            return image_id, expected_quantity(storage.read_bytes(uri, max_bytes=max_metadata_bytes), uri)
+        except (ObjectNotFoundError, ObjectTooLargeError, ManifestError) as error:
             return image_id, str(error)
 
     built = BuiltManifest(manifest={})

@@ -17,7 +17,7 @@ import shutil
 import socket
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
@@ -47,6 +47,10 @@ class ObjectNotFoundError(StorageError, FileNotFoundError):
 
 class TransientStorageError(StorageError):
     """The store kept failing after botocore's retries (5xx, throttling, timeouts): try again later."""
+
+
+class ObjectTooLargeError(StorageError):
+    """The object is larger than the reader allows (``max_bytes``); the message names it and the cap."""
 
 
 class LockedError(StorageError):
@@ -177,15 +181,34 @@ class Storage:
     def s3(self):
         return s3_client(**self._client_options)
 
-    def read_bytes(self, uri: str) -> bytes:
+    def read_bytes(self, uri: str, max_bytes: int | None = None) -> bytes:
+        """The object at ``uri``, whole.
+
+        ``max_bytes``: refuse an object larger than this (:class:`ObjectTooLargeError`) before holding it:
+        its stated size (the file's, S3's ``Content-Length``) is checked first, then the body is read in
+        chunks and dropped as soon as it passes the cap (whatever size was stated).
+        """
         if uri.startswith("file://"):
             path = local_path(uri)
             if not path.is_file():
                 raise ObjectNotFoundError(f"no file at {uri}")
-            return path.read_bytes()
+            if max_bytes is None:
+                return path.read_bytes()
+            _check_size(uri, path.stat().st_size, max_bytes)
+            with path.open("rb") as handle:
+                return read_capped(iter(lambda: handle.read(_CHUNK), b""), uri, max_bytes)
         bucket, key = split_s3_uri(uri)
         try:
-            return self.s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+            response = self.s3.get_object(Bucket=bucket, Key=key)
+            if max_bytes is None:
+                return response["Body"].read()
+            body = response["Body"]
+            try:
+                _check_size(uri, response.get("ContentLength"), max_bytes)
+                return read_capped(body.iter_chunks(_CHUNK), uri, max_bytes)
+            except ObjectTooLargeError:
+                body.close()  # the connection is dropped: the rest of the object is never transferred
+                raise
         except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as error:
             _raise_for_client_error(error, uri)
 
@@ -334,6 +357,26 @@ class Storage:
             self.s3.delete_object(Bucket=bucket, Key=key)
         except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as error:
             _raise_for_client_error(error, uri)
+
+
+def _check_size(uri: str, size: int | None, max_bytes: int) -> None:
+    if size is not None and size > max_bytes:
+        raise ObjectTooLargeError(f"{uri} is {size} bytes, over the cap of {max_bytes} bytes for one object: not read")
+
+
+def read_capped(chunks: Iterable[bytes], uri: str, max_bytes: int) -> bytes:
+    """Join ``chunks`` (a body being streamed), or raise :class:`ObjectTooLargeError` as soon as they pass
+    ``max_bytes``: at most one chunk beyond the cap is ever held."""
+    parts, size = [], 0
+    for chunk in chunks:
+        size += len(chunk)
+        if size > max_bytes:
+            raise ObjectTooLargeError(
+                f"{uri} streamed more than the cap of {max_bytes} bytes for one object (its stated size was "
+                "lower, or missing): reading stopped there"
+            )
+        parts.append(chunk)
+    return b"".join(parts)
 
 
 @contextmanager

@@ -3,9 +3,12 @@
     load-manifest -> download-images -> split-dataset -> validate-data -> upload-channels -> report-data
 
 The stages cache on their inputs and source (results persisted), so an unchanged re-run is served
-from cache; ``refresh=True`` runs every stage again. The upload is never cached: an unchanged sync
-only lists the channels and compares checksums, and it is what guarantees the channels match the
-split. Transient S3 failures are retried.
+from cache; ``refresh=True`` runs every stage again. The split is never cached: it reads and appends
+to the dataset's placement record (every id ever placed keeps its side, whatever a run lists) and
+writes this run's view to ``split.csv``. The validation is taken again whenever that view changed, so
+``validation.json`` always holds the statistics of the view in ``split.csv``. The upload is never
+cached: an unchanged sync only lists the channels and compares checksums, and it is what guarantees
+the channels match the split. Transient S3 failures are retried.
 """
 
 from __future__ import annotations
@@ -14,8 +17,8 @@ from prefect import flow
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from bincount.config import Location, to_uri
-from bincount.download import Ledger
-from bincount.split import SPLITS
+from bincount.download import MAX_OBJECT_BYTES, Ledger
+from bincount.split import SPLIT_FILE, SPLITS
 from bincount.storage import join_uri, storage_for
 from bincount.validation import ValidationThresholds
 from tasks.download import download_images_task
@@ -51,6 +54,11 @@ class DataOptions(BaseModel):
         default=0.01, ge=0, le=1, description="Share of missing or corrupt images tolerated before the run fails."
     )
     concurrency: int = Field(default=32, ge=1, le=256, description="Downloads in flight at once.")
+    max_object_bytes: int = Field(
+        default=MAX_OBJECT_BYTES,
+        ge=1,
+        description="Largest image object downloaded; a larger one is listed (with its key) and skipped, never held.",
+    )
     validation: ValidationThresholds = Field(
         default_factory=ValidationThresholds,
         description="Data validation: a failed check stops the run before training.",
@@ -95,23 +103,19 @@ def prepare_data(
     """
     settings = location.settings()
     dataset_uri = settings.artifact_uri("datasets", options.dataset)
-    split_uri = join_uri(dataset_uri, "split.csv")
+    split_uri = join_uri(dataset_uri, SPLIT_FILE)
     channels_uri = join_uri(dataset_uri, "channels")
 
     mirror_gone = not Ledger(settings.data_dir).path.is_file()  # a cached download is only good while its files are
     manifest = load_manifest(settings, options.manifest_uri, options.image_ids)
     _, downloaded = download_images_task.with_options(refresh_cache=refresh or mirror_gone)(
-        settings, manifest, options.concurrency, options.max_missing_share
+        settings, manifest, options.concurrency, options.max_missing_share, options.max_object_bytes
     )
-    # A cached split or validation is only good while the file it wrote is there (a wiped artifact root):
-    # the split is written again (seeded, so the same table), the validation taken again.
-    storage = storage_for(settings)
-    split_gone = not storage.exists(split_uri)
-    validation_gone = not storage.exists(join_uri(dataset_uri, "validation.json"))
-    split_table = split_dataset_task.with_options(refresh_cache=refresh or split_gone)(
-        settings, manifest, downloaded, split_uri, options.fractions, options.seed
-    )
-    validate_data_task.with_options(refresh_cache=refresh or split_gone or validation_gone)(
+    validation_gone = not storage_for(settings).exists(join_uri(dataset_uri, "validation.json"))
+    split = split_dataset_task(settings, manifest, downloaded, dataset_uri, options.fractions, options.seed)
+    split_table = split.table
+    # A cached validation is only good while validation.json holds this view's statistics.
+    validate_data_task.with_options(refresh_cache=refresh or split.changed or validation_gone)(
         settings, split_table, dataset_uri, options.validation
     )
     upload_channels_task(settings, split_table, channels_uri)

@@ -10,7 +10,7 @@ from prefect.cache_policies import INPUTS, TASK_SOURCE
 from tqdm import tqdm
 
 from bincount.config import Settings
-from bincount.download import DownloadedImage, DownloadReport, download_images
+from bincount.download import MAX_OBJECT_BYTES, DownloadedImage, DownloadReport, download_images
 from bincount.manifest import Manifest
 from bincount.storage import storage_for
 from tasks.artifacts import ProgressArtifact
@@ -31,8 +31,10 @@ def download_images_task(
     manifest: Manifest,
     concurrency: int = 32,
     max_missing_share: float = 0.01,
+    max_object_bytes: int = MAX_OBJECT_BYTES,
 ) -> tuple[DownloadReport, dict[str, DownloadedImage]]:
-    """Download every image of ``manifest`` into ``settings.data_dir`` (resumable; see bincount.download)."""
+    """Download every image of ``manifest`` into ``settings.data_dir`` (resumable; see bincount.download);
+    an object over ``max_object_bytes`` is listed, never held."""
     logger = get_run_logger()
     local_dir = Path(settings.data_dir)
     logger.info(
@@ -53,6 +55,7 @@ def download_images_task(
             concurrency=concurrency,
             max_missing_share=max_missing_share,
             progress=progress,
+            max_object_bytes=max_object_bytes,
         )
     logger.info(
         "Downloaded %d (%.1f MB in %.1f s), %d already present, %d missing, %d unreadable, %d corrupt",

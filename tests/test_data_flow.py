@@ -14,10 +14,11 @@ from prefect.client.schemas.objects import Artifact
 
 from bincount.config import Location
 from bincount.demo_data import generate_demo_bucket
+from bincount.manifest import dump_manifest
 from bincount.split import SPLITS, read_split, split_dataset
 from bincount.storage import Storage, file_digest, local_path
 from bincount.upload import sync_channels
-from flows.data import DataOptions, prepare_data
+from flows.data import DataOptions, PreparedData, prepare_data
 
 
 def task_states(flow_run_id: UUID) -> dict[str, str]:
@@ -69,7 +70,8 @@ def test_real_images_from_s3_to_channels_then_served_from_cache(
         location=Location(source_uri="s3://abid-sample", artifact_root=str(artifacts)), return_state=True
     )
     states = task_states(rerun.state_details.flow_run_id)
-    assert {states[name] for name in ("download-images", "split-dataset", "report-data")} == {"Cached"}
+    assert {states[name] for name in ("download-images", "validate-data", "report-data")} == {"Cached"}
+    assert states["split-dataset"] == "Completed", "the split reads the placement record: never cached"
     assert rerun.result() == result
 
     # A wiped dataset folder with Prefect's cache still there: the split and validation are written again.
@@ -83,7 +85,7 @@ def test_real_images_from_s3_to_channels_then_served_from_cache(
     states = task_states(rewritten.state_details.flow_run_id)
     assert (states["split-dataset"], states["validate-data"]) == ("Completed", "Completed")
     assert split_file.is_file() and validation_file.is_file()
-    assert read_split(Storage(), result.split_uri).equals(table), "seeded: the same split again"
+    assert read_split(Storage(), result.split_uri).equals(table), "the record keeps every side: the same split again"
 
     refreshed = prepare_data(
         location=Location(source_uri="s3://abid-sample", artifact_root=str(artifacts)), refresh=True, return_state=True
@@ -95,6 +97,42 @@ def test_real_images_from_s3_to_channels_then_served_from_cache(
     assert "data:image/png;base64," in shown["data-report"].data
     assert sum(row["train"] for row in shown["data-class-counts"].data) == (table["split"] == "train").sum()
     assert shown["download-progress"].type == "progress" and shown["download-progress"].data == 100.0
+
+
+def test_a_manifest_that_shrinks_then_grows_moves_no_id_and_each_run_leaves_its_view(
+    prefect_server, env: Path, abid_bucket: dict[str, int]
+) -> None:
+    """Two thirds of the images, then a third (as an ids file or a partial manifest would), then the two thirds
+    again (the same inputs as the first run), then all: no id changes side, and each run leaves its own view."""
+    location = Location(source_uri="s3://abid-sample", artifact_root=str(env / "artifacts"))
+    storage = Storage()
+    by_class: dict[int, list[str]] = {}
+    for image_id, label in abid_bucket.items():
+        by_class.setdefault(label, []).append(image_id)
+
+    def prepare(share: float) -> tuple[PreparedData, dict[str, str]]:
+        manifest = {i: label for label, ids in by_class.items() for i in ids[: int(len(ids) * share)]}
+        path = env / f"manifest-{share}.json"
+        path.write_bytes(dump_manifest(manifest))
+        state = prepare_data(DataOptions(manifest_uri=str(path)), location, return_state=True)
+        result = state.result()
+        view = read_split(storage, result.split_uri)
+        assert len(view) == len(manifest) == result.images
+        train_channel = {local_path(info.uri).stem for info in storage.list(result.channels["train"])}
+        assert train_channel == set(view["id"][view["split"] == "train"]), "the channels hold this view"
+        return result, dict(zip(view["id"], view["split"].astype(str), strict=True))
+
+    first, sides = prepare(2 / 3)
+    validation_file = local_path(first.split_uri).with_name("validation.json")
+    accepted = json.loads(validation_file.read_text())["statistics"]
+    _, shrunk = prepare(1 / 3)
+    assert shrunk == {i: sides[i] for i in shrunk}
+    _, again = prepare(2 / 3)
+    assert again == sides, "split.csv is this run's view, with every side as first placed"
+    assert json.loads(validation_file.read_text())["statistics"] == accepted, "validation.json: this view's"
+    _, grown = prepare(1.0)
+    moved = {i for i in sides if grown[i] != sides[i]}
+    assert not moved, f"{len(moved)} images changed side"
 
 
 def test_demo_data_round_trips_through_s3_and_the_flow(prefect_server, env: Path, s3_server, s3_client) -> None:

@@ -13,11 +13,20 @@ import boto3
 import numpy as np
 import pytest
 from PIL import Image
+from waiting import wait_until
 
 from bincount.demo_data import jpeg_bytes, render_bin_image
-from bincount.download import LOCK_NAME, DownloadError, Ledger, check_image, download_images, image_path
+from bincount.download import (
+    LOCK_NAME,
+    MAX_OBJECT_BYTES,
+    DownloadError,
+    Ledger,
+    check_image,
+    download_images,
+    image_path,
+)
 from bincount.ids import UnsafeNameError
-from bincount.storage import LockedError, Storage, file_digest, file_lock
+from bincount.storage import LockedError, ObjectTooLargeError, Storage, file_digest, file_lock, read_capped
 
 BUCKET = "s3://abid-sample"
 
@@ -104,9 +113,12 @@ def test_a_killed_download_resumes_without_refetching_or_partial_files(
     try:
         child = subprocess.Popen([sys.executable, "-c", KILLABLE_DOWNLOAD, s3_server.endpoint_url, str(tmp_path)])
         ledger = Ledger(tmp_path).path
-        deadline = time.monotonic() + 60
-        while not (ledger.is_file() and len(ledger.read_text().splitlines()) >= 40) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(
+            lambda: ledger.is_file() and len(ledger.read_text().splitlines()) >= 40,
+            timeout_s=60,
+            interval_s=0.05,
+            what="40 images in the ledger",
+        )
         child.kill()
         child.wait()
     finally:
@@ -190,3 +202,61 @@ def test_a_second_run_on_the_same_folder_waits_then_names_the_holder(s3_server, 
     report, _ = download_images({"good0": 1}, source, tmp_path, storage, with_metadata=False, lock_wait_s=0)
     assert report.downloaded == 1
     assert not in_flight.exists(), "once the lock is free, a killed run's leftovers are cleared"
+
+
+CAP = 32 * 1024
+
+
+@pytest.fixture(params=["s3", "file"])
+def oversized_source(request, s3_client, tmp_path: Path) -> str:
+    """Four good photos and, under a .jpg key, an object over a small cap (standing for a 5 GB one)."""
+    bodies = {f"good{i}": jpeg_bytes(render_bin_image(i + 1, np.random.default_rng(i), size=48)) for i in range(4)}
+    bodies["huge"] = np.random.default_rng(9).bytes(4 * CAP)
+    assert max(len(body) for name, body in bodies.items() if name != "huge") < CAP
+    if request.param == "file":
+        for image_id, body in bodies.items():
+            (tmp_path / "source" / "bin-images").mkdir(parents=True, exist_ok=True)
+            (tmp_path / "source" / "bin-images" / f"{image_id}.jpg").write_bytes(body)
+        return (tmp_path / "source").as_uri()
+    s3_client.create_bucket(Bucket="oversized-objects")
+    for image_id, body in bodies.items():
+        s3_client.put_object(Bucket="oversized-objects", Key=f"bin-images/{image_id}.jpg", Body=body)
+    return "s3://oversized-objects"
+
+
+def test_an_object_over_the_cap_is_listed_by_key_and_the_rest_arrives(
+    s3_server, oversized_source: str, tmp_path: Path
+) -> None:
+    storage = Storage(s3_endpoint_url=s3_server.endpoint_url)
+    manifest = {"good0": 1, "good1": 2, "huge": 3, "good2": 3, "good3": 4}
+    local = tmp_path / "mirror"
+    report, downloaded = download_images(
+        manifest, oversized_source, local, storage, max_missing_share=0.25, with_metadata=False, max_object_bytes=CAP
+    )
+    assert sorted(downloaded) == ["good0", "good1", "good2", "good3"] and report.downloaded == 4
+    why = report.unreadable["huge"]
+    assert f"{oversized_source}/bin-images/huge.jpg is {4 * CAP} bytes, over the cap of {CAP} bytes" in why
+    assert "raise max_object_bytes" in why
+    assert sorted(p.stem for p in (local / "bin-images").iterdir()) == sorted(downloaded), "nothing partial"
+    assert set(Ledger(local).read()) == set(downloaded), "what arrived is kept"
+
+    with pytest.raises(DownloadError, match=r"1 unreadable .*huge: .*over the cap of 32768 bytes"):
+        download_images(manifest, oversized_source, local, storage, with_metadata=False, max_object_bytes=CAP)
+    again, _ = download_images(manifest, oversized_source, local, storage, max_missing_share=0.25, with_metadata=False)
+    assert (again.already_present, again.downloaded) == (4, 0) and MAX_OBJECT_BYTES > 4 * CAP
+    assert check_image((local / "bin-images" / "good0.jpg").read_bytes())
+
+
+def test_a_body_that_streams_past_the_cap_is_dropped_there() -> None:
+    """A body larger than its stated size (or with none): reading stops one chunk past the cap."""
+    pulled = []
+
+    def body():
+        for n in range(1000):  # 1000 chunks of 1 KiB: far more than any stated size
+            pulled.append(n)
+            yield bytes(1024)
+
+    with pytest.raises(ObjectTooLargeError, match=r"s3://b/bin-images/x.jpg streamed more than the cap of 4096 bytes"):
+        read_capped(body(), "s3://b/bin-images/x.jpg", 4096)
+    assert len(pulled) == 5, "at most one chunk beyond the cap is held"
+    assert read_capped(iter([b"ab", b"cd"]), "s3://b/k", 4) == b"abcd"

@@ -63,3 +63,16 @@ def test_an_id_file_with_a_path_in_it_is_refused_naming_the_id(abid_dir, tmp_pat
         match=r"2 of 5 ids are not image ids \(image_ids\[3\] = '\.\./\.\./evil'; image_ids\[4\] = 'a/b'\)",
     ):
         build_manifest(Storage(), (abid_dir / "bucket").as_uri(), ids_file.read_text().split())
+
+
+def test_metadata_over_the_cap_is_left_out_and_listed_never_held(abid_dir, tmp_path) -> None:
+    """A huge object under a metadata key (standing for a 5 GB one) costs its id, not the run's memory."""
+    good = list(parse_manifest((abid_dir / "file_list.sample.json").read_text()))[:2]
+    bucket = tmp_path / "bucket" / "metadata"
+    bucket.mkdir(parents=True)
+    for image_id in good:
+        (bucket / f"{image_id}.json").write_bytes((abid_dir / "bucket" / "metadata" / f"{image_id}.json").read_bytes())
+    (bucket / "huge.json").write_bytes(b'{"EXPECTED_QUANTITY": 1, "pad": "' + b"x" * 4096 + b'"}')
+    built = build_manifest(Storage(), bucket.parent.as_uri(), [*good, "huge"], max_metadata_bytes=2048)
+    assert sorted(built.manifest) == sorted(good)
+    assert "metadata/huge.json is 4131 bytes, over the cap of 2048 bytes" in built.left_out["huge"]

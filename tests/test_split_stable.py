@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -9,8 +11,17 @@ import pandas as pd
 import pytest
 
 from bincount.download import DownloadedImage
-from bincount.split import SPLITS, SplitError, read_split, split_dataset, write_split
-from bincount.storage import Storage
+from bincount.split import (
+    SPLITS,
+    SplitError,
+    batch_uri,
+    read_placements,
+    read_split,
+    record_split,
+    split_dataset,
+    write_split,
+)
+from bincount.storage import Storage, join_uri
 
 SOURCE = "s3://abid-sample"
 
@@ -102,3 +113,116 @@ def test_a_malformed_previous_split_is_refused(tmp_path: Path) -> None:
     storage.write_bytes(uri, b"id,label,split,uri,sha256\n00001,1,holdout,s3://x/1.jpg,00\n")
     with pytest.raises(SplitError, match="sides"):
         read_split(storage, uri)
+
+
+def sides_of(table: pd.DataFrame) -> dict[str, str]:
+    return dict(zip(table["id"].astype(str), table["split"].astype(str), strict=True))
+
+
+def test_a_subset_run_then_the_full_manifest_again_moves_no_id(tmp_path: Path) -> None:
+    """The issue's reproduction: 1,000 ids, then an ids file of 400 of them and 100 new ones, then all again."""
+    storage = Storage()
+    dataset = (tmp_path / "datasets" / "abid").as_uri()
+    rng = np.random.default_rng(0)
+    full = {f"{i:05d}": int(rng.integers(1, 6)) for i in range(1000)}
+    first = record_split(storage, dataset, full, downloaded_for(full), SOURCE, seed=0)
+    assert (first.kept, first.placed, first.remembered) == (0, 1000, 1000)
+    recorded = sides_of(first.table)
+
+    subset = {i: label for i, label in full.items() if rng.random() < 0.4}
+    grown = {f"n{i:04d}": int(rng.integers(1, 6)) for i in range(100)}
+    smaller = record_split(storage, dataset, subset | grown, downloaded_for(subset | grown), SOURCE, seed=0)
+    assert (smaller.kept, smaller.placed, smaller.remembered) == (len(subset), 100, 1100)
+    assert {i: sides_of(smaller.table)[i] for i in subset} == {i: recorded[i] for i in subset}
+    assert read_split(storage, join_uri(dataset, "split.csv"))["id"].tolist() == smaller.table["id"].tolist()
+    recorded |= sides_of(smaller.table)
+
+    again = record_split(storage, dataset, full | grown, downloaded_for(full | grown), SOURCE, seed=0)
+    assert (again.kept, again.placed) == (1100, 0)
+    moved = {i for i, side in sides_of(again.table).items() if recorded[i] != side}
+    assert not moved, f"{len(moved)} ids changed side"
+    assert sides_of(read_split(storage, join_uri(dataset, "split.csv"))) == recorded, "split.csv: this run's view"
+    assert sides_of(read_placements(storage, dataset).table) == recorded
+    assert [storage.exists(batch_uri(dataset, n)) for n in (1, 2, 3)] == [True, True, False], "nothing new: no batch"
+
+
+def test_an_id_whose_download_failed_comes_back_on_its_side(tmp_path: Path) -> None:
+    storage = Storage()
+    dataset = (tmp_path / "demo").as_uri()
+    manifest = {f"{i:05d}": 1 + i % 5 for i in range(200)}
+    first = sides_of(record_split(storage, dataset, manifest, downloaded_for(manifest), SOURCE).table)
+    gone = set(list(manifest)[::7])
+    partial = {i: entry for i, entry in downloaded_for(manifest).items() if i not in gone}
+    view = record_split(storage, dataset, manifest, partial, SOURCE, seed=5)
+    assert set(view.table["id"]) == set(manifest) - gone and view.remembered == len(manifest)
+    back = record_split(storage, dataset, manifest, downloaded_for(manifest), SOURCE, seed=9)
+    assert sides_of(back.table) == first and back.placed == 0
+
+
+def test_a_dataset_written_before_the_record_keeps_its_sides_through_a_subset_run(tmp_path: Path) -> None:
+    """Only split.csv, as the old code left it: it is the first placement, written as batch 1 by the next run."""
+    storage = Storage()
+    dataset = (tmp_path / "old").as_uri()
+    old = pd.DataFrame(
+        [
+            {
+                "id": f"{i:05d}",
+                "label": 1 + i % 5,
+                "split": "test" if i < 10 else "valid" if i < 20 else "train",  # not what a fresh split would pick
+                "uri": f"{SOURCE}/bin-images/{i:05d}.jpg",
+                "sha256": "0" * 64,
+            }
+            for i in range(100)
+        ]
+    )
+    write_split(old, storage, join_uri(dataset, "split.csv"))
+    assert read_placements(storage, dataset).legacy
+
+    subset = {f"{i:05d}": 1 + i % 5 for i in [*range(30), *range(60, 130)]}  # 70 of the old ids, 30 new ones
+    view = record_split(storage, dataset, subset, downloaded_for(subset), SOURCE)
+    assert (view.kept, view.placed, view.remembered) == (70, 30, 130)
+    record = read_placements(storage, dataset)
+    assert not record.legacy and record.batches == 1
+    assert {i: side for i, side in sides_of(record.table).items() if i in set(old["id"])} == sides_of(old)
+
+    everything = {f"{i:05d}": 1 + i % 5 for i in range(130)}
+    again = record_split(storage, dataset, everything, downloaded_for(everything), SOURCE)
+    assert {i: sides_of(again.table)[i] for i in old["id"]} == sides_of(old), "an old id moved"
+
+
+def test_concurrent_runs_place_each_id_once_and_agree_with_the_record(s3_server, s3_client) -> None:
+    """Eight runs at once on one dataset, each with ids the others also place: every id gets one side, and
+    each run's view is the record's (a run that lost the race for a batch reads the record again)."""
+    s3_client.create_bucket(Bucket="split-race")
+    storage = Storage(s3_endpoint_url=s3_server.endpoint_url)
+    dataset = "s3://split-race/datasets/abid"
+    manifests = [{f"{i:05d}": 1 + i % 5 for i in range(run * 40, run * 40 + 200)} for run in range(8)]
+    views = {}
+    start = threading.Barrier(len(manifests))
+
+    def run(number: int) -> None:
+        start.wait()
+        manifest = manifests[number]
+        views[number] = record_split(storage, dataset, manifest, downloaded_for(manifest), SOURCE, seed=number)
+
+    s3_server.latency_s = 0.005
+    try:
+        threads = [threading.Thread(target=run, args=(n,)) for n in range(len(manifests))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        s3_server.latency_s = 0.0
+    assert sorted(views) == list(range(len(manifests)))
+    batches = [read_split_batch(storage, dataset, n) for n in range(1, read_placements(storage, dataset).batches + 1)]
+    placed = pd.concat(batches)["id"]
+    assert placed.is_unique, "an id was placed twice"
+    record = sides_of(read_placements(storage, dataset).table)
+    assert len(record) == 40 * 7 + 200
+    for number, view in views.items():
+        assert sides_of(view.table) == {i: record[i] for i in manifests[number]}, f"run {number} disagrees"
+
+
+def read_split_batch(storage: Storage, dataset: str, number: int) -> pd.DataFrame:
+    return pd.read_csv(io.BytesIO(storage.read_bytes(batch_uri(dataset, number))), dtype={"id": str})

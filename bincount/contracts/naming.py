@@ -13,13 +13,13 @@ import re
 JOB_PREFIX = "bincount"
 HASH_LENGTH = 10
 NAME_LIMITS = {"training": 63, "tuning": 32, "transform": 63, "model": 63, "endpoint-config": 63, "endpoint": 63}
-_NAME = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9])*$")
+_NAME = re.compile(r"[a-zA-Z0-9](-*[a-zA-Z0-9])*")
 
 
 def check_name(name: str, kind: str) -> str:
     """``name`` if it is a valid ``kind`` name (a key of :data:`NAME_LIMITS`), else a ValueError saying why."""
     limit = NAME_LIMITS[kind]
-    if len(name) > limit or not _NAME.match(name):
+    if len(name) > limit or not _NAME.fullmatch(name):
         raise ValueError(
             f"{kind} name {name!r}: use letters, digits and hyphens (not at either end), {limit} characters at most"
         )

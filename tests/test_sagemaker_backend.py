@@ -84,11 +84,12 @@ def test_credentials_given_as_options(settings: Settings) -> None:
 
 
 # --- request shapes -------------------------------------------------------------------------
-def test_training_job_request_with_debugger_rules_profiler_and_spot(
+def test_training_job_request_with_the_debugger_service_profiler_and_spot(
     settings: Settings, options: SageMakerOptions, moto_sagemaker: MotoSageMaker
 ) -> None:
+    # An account that still has SageMaker's Debugger service, and says so.
     backend = SageMakerTrainingBackend(
-        settings, options.model_copy(update={"use_spot": True, "train_instance_count": 2})
+        settings, options.model_copy(update={"use_spot": True, "train_instance_count": 2, "sagemaker_debugger": True})
     )
     captured = Captured(backend.session.sagemaker_client)
     name = job_name("retrain", uuid.uuid4().hex)
@@ -369,7 +370,11 @@ def test_deploy_update_roll_back_retry_and_delete(
         1,
     )
     (create,) = captured("CreateEndpoint")
-    assert create == {"EndpointName": name, "EndpointConfigName": config["EndpointConfigName"], "Tags": []}
+    assert create == {
+        "EndpointName": name,
+        "EndpointConfigName": config["EndpointConfigName"],
+        "Tags": config["Tags"],  # project, endpoint, weights (test_sagemaker_tags)
+    }
     assert first.backend == "sagemaker" and first.details["endpoint_config"] == config["EndpointConfigName"]
     assert backend.describe(name).version == first.version
 
@@ -810,7 +815,7 @@ def test_training_logs_stream_to_the_task_log_while_the_job_runs(
     assert received.index("Downloading input data") < received.index(f"training job {name} is InProgress (Training)")
 
 
-# --- debugger rules: SageMaker's verdicts ------------------------------------------------------
+# --- debugger rules: the Debugger service's verdicts (option sagemaker_debugger) ---------------------------
 def rule_statuses(job: str, states: dict[str, tuple[str, str | None]]) -> list[dict[str, Any]]:
     """DescribeTrainingJob's DebugRuleEvaluationStatuses (moto reports none: its jobs run no rules)."""
     return [
@@ -843,7 +848,7 @@ VERDICTS: dict[str, tuple[str, str | None]] = {
 def test_rule_results_wait_for_every_rule_and_report_errors_as_errors(
     settings: Settings, options: SageMakerOptions, moto_sagemaker: MotoSageMaker
 ) -> None:
-    backend = SageMakerTrainingBackend(settings, options)
+    backend = SageMakerTrainingBackend(settings, options.model_copy(update={"sagemaker_debugger": True}))
     name = job_name("retrain", uuid.uuid4().hex)
     job = backend.train(spec(settings, name, debugger=True))
     partly = {**IN_PROGRESS, "LossNotDecreasing": VERDICTS["LossNotDecreasing"]}
@@ -879,7 +884,9 @@ def test_rule_results_wait_for_every_rule_and_report_errors_as_errors(
 def test_rules_still_running_at_the_timeout_are_not_evaluated(
     settings: Settings, options: SageMakerOptions, moto_sagemaker: MotoSageMaker
 ) -> None:
-    backend = SageMakerTrainingBackend(settings, options.model_copy(update={"rules_timeout_s": 0.2}))
+    backend = SageMakerTrainingBackend(
+        settings, options.model_copy(update={"rules_timeout_s": 0.2, "sagemaker_debugger": True})
+    )
     name = job_name("retrain", uuid.uuid4().hex)
     job = backend.train(spec(settings, name, debugger=True))
     moto_sagemaker.scripts[name] = [
@@ -898,13 +905,14 @@ def test_rules_still_running_at_the_timeout_are_not_evaluated(
 
 
 def test_debugger_rules_task_publishes_sagemakers_verdicts(
-    prefect_server: None, sagemaker_env: Settings, moto_sagemaker: MotoSageMaker
+    prefect_server: None, sagemaker_env: Settings, moto_sagemaker: MotoSageMaker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from prefect import flow
     from prefect.artifacts import Artifact
 
     from tasks.train import check_debugger_rules_task
 
+    monkeypatch.setenv("BINCOUNT_SAGEMAKER_DEBUGGER", "true")
     name = job_name("retrain", uuid.uuid4().hex)
     job = SageMakerTrainingBackend(sagemaker_env).train(spec(sagemaker_env, name, debugger=True))
     moto_sagemaker.scripts[name] = [

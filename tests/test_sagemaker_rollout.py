@@ -115,14 +115,14 @@ def test_canary_rolls_back_on_its_alarm_then_completes_and_linear_and_scaling_fo
             "TrafficRoutingConfiguration": {
                 "Type": "CANARY",
                 "WaitIntervalInSeconds": 300,
-                "CanarySize": {"Type": "CAPACITY_PERCENT", "Value": 10},
+                "CanarySize": {"Type": "INSTANCE_COUNT", "Value": 1},  # 1 of 10 instances: 10%
             },
             "TerminationWaitInSeconds": 0,
             "MaximumExecutionTimeoutInSeconds": 2400,
         },
         "AutoRollbackConfiguration": {"Alarms": [{"AlarmName": errors_alarm}, {"AlarmName": latency_alarm}]},
     }
-    assert update["RetainAllVariantProperties"] is True  # autoscaling's instances are kept
+    assert "RetainAllVariantProperties" not in update  # the canary's 10 instances, not autoscaling's 2
     assert (
         rolled.details["rollout"]["verdict"] == "rolled-back" and latency_alarm in rolled.details["rollout"]["reason"]
     )
@@ -180,7 +180,7 @@ def test_canary_rolls_back_on_its_alarm_then_completes_and_linear_and_scaling_fo
     assert routing == {
         "Type": "LINEAR",
         "WaitIntervalInSeconds": 60,
-        "LinearStepSize": {"Type": "CAPACITY_PERCENT", "Value": 25},
+        "LinearStepSize": {"Type": "INSTANCE_COUNT", "Value": 1},  # 1 of 4 instances: 25%
     }
     assert third.details["rollout"]["verdict"] == "completed" and scaling_state(backend, name) == ([], [])
     autoscaling("DeleteScalingPolicy"), autoscaling("DeregisterScalableTarget")
@@ -218,9 +218,9 @@ def test_shadow_runs_beside_the_model_reports_and_is_promoted_or_stopped(
     assert [op for op, _ in sagemaker.requests[before:]] == ["DescribeEndpoint"]
 
     queue_answers(prediction(2))
-    shadowed = backend.deploy(
-        name, models[2], "g:2", strategy=RolloutStrategy("shadow", traffic_percent=25, min_requests=10)
-    )
+    # a coarse error sensitivity (+50%) keeps the minimum sample at min_requests (the current model: 4 times as many)
+    coarse = RolloutStrategy("shadow", traffic_percent=25, min_requests=10, max_error_rate_increase=0.5)
+    shadowed = backend.deploy(name, models[2], "g:2", strategy=coarse)
     config = sagemaker("CreateEndpointConfig")[-1]  # validated against the service model
     (production,), (shadow,) = config["ProductionVariants"], config["ShadowProductionVariants"]
     assert (production["VariantName"], production["ModelName"], production["InitialVariantWeight"]) == (
@@ -245,6 +245,7 @@ def test_shadow_runs_beside_the_model_reports_and_is_promoted_or_stopped(
     report = backend.describe(name).details["shadow"]["report"]
     assert report["requests"] == {"current": 40, "shadow": 10}
     assert not report["promote"] and "p99 latency 300 ms is over x1.5 the current 100 ms" in report["reason"]
+    assert report["test"]["needed"] == {"new": 10, "current": 25} and report["test"]["p_value"] == 1.0
 
     promoted = backend.promote_shadow(name)
     assert (promoted.version, promoted.previous_version, promoted.model_ref) == (

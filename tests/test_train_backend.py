@@ -16,8 +16,8 @@ import torch
 
 from bincount.config import Settings
 from bincount.contracts.training import TrainingJobFailed, TrainingJobSpec
+from bincount.debugger_rules import check_job_rules
 from bincount.factory import get_training_backend
-from bincount.local.debugger import check_job_rules
 from bincount.loopback_s3 import LoopbackS3
 from bincount.models import read_from_archive
 from bincount.storage import storage_for

@@ -42,7 +42,7 @@ from bincount.contracts.training import (
     TrainingJobFailed,
     TrainingJobSpec,
 )
-from bincount.local.debugger import check_job_rules
+from bincount.debugger_rules import check_job_rules
 from bincount.models import pack_folder
 from bincount.storage import Storage, join_uri, storage_for
 from sm_scripts.metric_format import parse_metrics

@@ -17,6 +17,12 @@ thresholds derived from the strategy and the current model's own last hour of me
 Both watch the variant's metrics, which the old and the new fleet both report under during the
 update: a new model that is worse pulls the whole variant past its own baseline.
 
+SageMaker moves a canary's or linear step's traffic in whole instances of the new fleet, and a canary is at
+most half of them, a linear step 10-50%: with one instance no canary can be expressed. :func:`traffic_steps`
+finds the instance count a strategy's share needs (a 10% canary: 1 of 10 instances), the new fleet runs
+that many for the update (``CanarySize`` / ``LinearStepSize`` as ``INSTANCE_COUNT``), and the endpoint is
+scaled back to its own count once the update is done; past ``rollout_max_instances`` the deploy is refused.
+
 Autoscaling is Application Auto Scaling's target tracking on ``SageMakerVariantInvocationsPerInstance``
 for the production variant (``ResourceId`` ``endpoint/<name>/variant/AllTraffic``).
 """
@@ -25,6 +31,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from botocore.exceptions import ClientError
@@ -63,28 +70,105 @@ def check_strategy(strategy: RolloutStrategy) -> None:
         )
 
 
-def bake_total_s(strategy: RolloutStrategy) -> int:
-    """How long the traffic steps of a guarded update bake in all (the last bake follows the full shift)."""
-    steps = {"all-at-once": 1, "canary": 2, "linear": math.ceil(100 / strategy.traffic_percent)}[strategy.kind]
-    return steps * round(strategy.bake_seconds)
+@dataclass(frozen=True)
+class TrafficSteps:
+    """A canary or linear update in whole instances: ``batch`` of the new fleet's ``instances`` take each traffic
+    step (SageMaker splits traffic by capacity, so a step's share of requests is ``batch / instances``), and the
+    endpoint goes back to ``serving`` instances after the update."""
+
+    instances: int
+    batch: int
+    serving: int
+
+    @property
+    def share_percent(self) -> float:
+        return round(100 * self.batch / self.instances, 1)
+
+    @property
+    def raised(self) -> bool:
+        """Whether the update runs more instances than the endpoint serves with."""
+        return self.instances > self.serving
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "share_percent": self.share_percent}
 
 
-def deployment_config(strategy: RolloutStrategy, alarms: list[str]) -> dict[str, Any]:
-    """UpdateEndpoint's DeploymentConfig for ``strategy`` (all-at-once, canary or linear)."""
+def steps_fit(kind: str, percent: int, instances: int) -> bool:
+    """SageMaker's rule for a step of ``percent``% of ``instances`` (in whole instances, never more than asked):
+    at least one instance, a canary at most half of them, a linear step 10-50% of them."""
+    batch = percent * instances // 100
+    if batch < 1 or 2 * batch > instances:
+        return False
+    return kind == "canary" or 10 * batch >= instances
+
+
+def fewest_instances(kind: str, percent: int, serving: int) -> int:
+    """The fewest instances, at least ``serving`` (and two), that hold a ``percent``% ``kind`` step (some count
+    within 100 more always does, for the percents :func:`check_strategy` lets through)."""
+    start = max(serving, 2)
+    return next(n for n in range(start, start + 101) if steps_fit(kind, percent, n))
+
+
+def traffic_steps(strategy: RolloutStrategy, serving: int, max_instances: int) -> TrafficSteps | None:
+    """The instances a canary or linear ``strategy`` needs on an endpoint serving with ``serving`` instances: the
+    fewest, at least ``serving``, whose whole-instance share of at most ``traffic_percent`` SageMaker accepts.
+    None for the other strategies (they shift no share).
+
+    Raises:
+        DeployError: it needs more than ``max_instances``, or its steps take longer than SageMaker allows; the
+            message names the share and the count, and how to proceed. Nothing has changed yet.
+    """
+    kind, percent = strategy.kind, strategy.traffic_percent
+    if kind not in ("canary", "linear"):
+        return None
+    needed = fewest_instances(kind, percent, serving)
+    allowed = max(max_instances, serving)
+    if needed > allowed:
+        lowest = 1 if kind == "canary" else 10
+        fitting = [p for p in range(lowest, 51) if fewest_instances(kind, p, serving) <= allowed]
+        raise DeployError(
+            f"a {percent}% {kind} needs {needed} instances: SageMaker moves traffic by whole instances of the new "
+            f"fleet ({percent * needed // 100} of {needed} take the {kind}'s share) and a "
+            + ("canary is at most half of them" if kind == "canary" else "linear step is 10-50% of them")
+            + f"; the endpoint serves with {serving} and rollout_max_instances allows {allowed}. Allow "
+            f"{needed} (BINCOUNT_SAGEMAKER_ROLLOUT_MAX_INSTANCES={needed}; the extra instances bill for the rollout "
+            f"only), or ask for a share of at least {fitting[0]}%, which fits in {allowed}; the endpoint keeps "
+            "serving its current model"
+        )
+    steps = TrafficSteps(instances=needed, batch=percent * needed // 100, serving=serving)
+    if bake_total_s(strategy, steps) + PROVISIONING_S > MAX_EXECUTION_S:
+        raise DeployError(
+            f"{kind} in {math.ceil(needed / steps.batch)} steps of {steps.batch} of {needed} instances baking "
+            f"{strategy.bake_seconds:g} s each takes {bake_total_s(strategy, steps)} s, past SageMaker's "
+            f"{MAX_EXECUTION_S} s limit on a deployment (with {PROVISIONING_S} s to start the fleet): bake less or "
+            "step more; the endpoint keeps serving its current model"
+        )
+    return steps
+
+
+def bake_total_s(strategy: RolloutStrategy, steps: TrafficSteps | None = None) -> int:
+    """How long the traffic steps of a guarded update bake in all (the last bake follows the full shift); a linear
+    update's steps are counted in ``steps``' instances where given, else in percent."""
+    linear = math.ceil(steps.instances / steps.batch) if steps else math.ceil(100 / strategy.traffic_percent)
+    count = {"all-at-once": 1, "canary": 2, "linear": linear}[strategy.kind]
+    return count * round(strategy.bake_seconds)
+
+
+def deployment_config(strategy: RolloutStrategy, alarms: list[str], steps: TrafficSteps | None) -> dict[str, Any]:
+    """UpdateEndpoint's DeploymentConfig for ``strategy`` (all-at-once, canary or linear, the latter two in
+    ``steps``' whole instances)."""
     routing: dict[str, Any] = {
         "Type": TRAFFIC_ROUTING[strategy.kind],
         "WaitIntervalInSeconds": round(strategy.bake_seconds),
     }
-    size = {"Type": "CAPACITY_PERCENT", "Value": strategy.traffic_percent}
-    if strategy.kind == "canary":
-        routing["CanarySize"] = size
-    elif strategy.kind == "linear":
-        routing["LinearStepSize"] = size
+    if steps is not None:
+        size = {"Type": "INSTANCE_COUNT", "Value": steps.batch}
+        routing["CanarySize" if strategy.kind == "canary" else "LinearStepSize"] = size
     return {
         "BlueGreenUpdatePolicy": {
             "TrafficRoutingConfiguration": routing,
             "TerminationWaitInSeconds": 0,
-            "MaximumExecutionTimeoutInSeconds": max(600, bake_total_s(strategy) + PROVISIONING_S),
+            "MaximumExecutionTimeoutInSeconds": max(600, bake_total_s(strategy, steps) + PROVISIONING_S),
         },
         "AutoRollbackConfiguration": {"Alarms": [{"AlarmName": name} for name in alarms]},
     }

@@ -23,7 +23,7 @@ from botocore.exceptions import ClientError
 from bincount.code import INFERENCE_ENTRY_POINT, SM_SCRIPTS_DIR
 from bincount.contracts.naming import check_name, short_hash
 from bincount.contracts.registry import ApprovalStatus, ModelVersion, RegistryError
-from bincount.sagemaker.session import SageMakerBackendBase, require_s3
+from bincount.sagemaker.session import SageMakerBackendBase, require_s3, resource_tags
 from bincount.sagemaker.waiting import is_not_found
 from bincount.storage import join_uri
 
@@ -78,6 +78,7 @@ class SageMakerModelRegistry(SageMakerBackendBase):
             return self.client.create_model_package_group(
                 ModelPackageGroupName=group,
                 ModelPackageGroupDescription=f"bincount models of endpoint {group} (mirrored from its registry)",
+                Tags=resource_tags(model_group=group),
             )["ModelPackageGroupArn"]
         except ClientError:
             # Another run created it between our describe and create; anything else fails the describe too.
@@ -139,6 +140,7 @@ class SageMakerModelRegistry(SageMakerBackendBase):
             Domain="COMPUTER_VISION",
             Task="IMAGE_CLASSIFICATION",
             ClientToken=token,
+            Tags=resource_tags(spec.flow_run_id, model_group=version.group, model_version=version.version),
         )
         return {ARN_KEY: answer["ModelPackageArn"]}
 

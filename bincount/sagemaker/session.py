@@ -5,10 +5,15 @@ role), or from the ``BINCOUNT_SAGEMAKER_AWS_*`` / ``..._PROFILE_NAME`` options.
 
     options = SageMakerOptions.load(role_arn="arn:aws:iam::123456789012:role/bincount-sagemaker")
     session = sagemaker_session(settings, options)     # sagemaker.Session on the right endpoints
+
+Every job, model, endpoint config and endpoint the backends create carries :func:`resource_tags`, so
+Cost Explorer can sum what a project, a flow run or a model group cost (docs/AWS.md: Cost per run).
 """
 
 from __future__ import annotations
 
+import os
+import re
 from functools import cached_property
 from typing import Any, Literal
 
@@ -21,6 +26,30 @@ from bincount.config import Settings, SettingsError
 from bincount.sagemaker.waiting import Backoff
 
 RETRIES = botocore.config.Config(retries={"mode": "standard", "total_max_attempts": 8})
+
+PROJECT_TAG = "bincount"
+FLOW_RUN_VARIABLES = ("BINCOUNT_FLOW_RUN_ID", "PREFECT__FLOW_RUN_ID")
+"""Where the flow run that creates a resource is read from when the caller does not give it: a task may set the
+first; Prefect's runner sets the second in the process of every flow run it starts from a deployment."""
+_TAG_VALUE = re.compile(r"[^\w .:/=+\-@]")
+
+
+def resource_tags(flow_run_id: str | None = None, **known: Any) -> list[dict[str, str]]:
+    """SageMaker Tags for what this project creates: ``project=bincount``, ``flow-run-id`` (given, or from
+    :data:`FLOW_RUN_VARIABLES`) and each of ``known`` that is not None (``model_group`` -> ``model-group``),
+    values cut to what a tag holds (256 letters, digits, spaces and ``_.:/=+-@``).
+
+    Example:
+        ``resource_tags(model_group="bincount", model_version=3)`` ->
+        ``[{"Key": "project", "Value": "bincount"}, {"Key": "model-group", ...}, {"Key": "model-version", ...}]``
+    """
+    run = flow_run_id or next((os.environ[name] for name in FLOW_RUN_VARIABLES if os.environ.get(name)), None)
+    values = {"project": PROJECT_TAG, "flow-run-id": run, **{key.replace("_", "-"): v for key, v in known.items()}}
+    return [
+        {"Key": key, "Value": _TAG_VALUE.sub("_", str(value))[:256]}
+        for key, value in values.items()
+        if value is not None and str(value) != ""
+    ]
 
 
 def require_s3(uri: str, what: str) -> str:
@@ -36,7 +65,7 @@ def require_s3(uri: str, what: str) -> str:
 class SageMakerOptions(BaseSettings):
     """What the SageMaker backends need beyond :class:`~bincount.config.Settings` (env ``BINCOUNT_SAGEMAKER_*``)."""
 
-    model_config = SettingsConfigDict(env_prefix="BINCOUNT_SAGEMAKER_", extra="forbid")
+    model_config = SettingsConfigDict(env_prefix="BINCOUNT_SAGEMAKER_", extra="forbid", populate_by_name=True)
 
     role_arn: str | None = Field(
         default=None, description="IAM role SageMaker assumes for jobs and endpoints (see docs/AWS.md)."
@@ -80,12 +109,25 @@ class SageMakerOptions(BaseSettings):
     )
 
     debugger_save_interval: int = Field(default=100, ge=1, description="Save weights and gradients every N steps.")
+    sagemaker_debugger: bool = Field(
+        default=False,
+        validation_alias="BINCOUNT_SAGEMAKER_DEBUGGER",  # not ..._SAGEMAKER_SAGEMAKER_DEBUGGER
+        description="Use SageMaker's Debugger service (hook config, built-in rules in their own processing jobs, "
+        "system monitoring), for accounts that still have it (closed to new customers on 2026-07-30). Off: train.py's "
+        "smdebug hook and torch.profiler write into the job's output.tar.gz and the project's own rules check it.",
+    )
     system_monitor_interval_ms: Literal[100, 200, 500, 1000, 5000, 60000] = Field(
-        default=500, description="Profiler's system monitoring interval (ms)."
+        default=500, description="Debugger service only: the profiler's system monitoring interval (ms)."
     )
 
     deploy_instance_type: str = Field(default="ml.m5.large", description="Endpoint instance type.")
     deploy_instance_count: int = Field(default=1, ge=1, description="Endpoint instances.")
+    rollout_max_instances: int = Field(
+        default=10,
+        ge=2,
+        description="Most instances a canary or linear update may run: SageMaker moves traffic by whole instances, "
+        "so a 10% canary needs 10 (1 takes the canary's share); the endpoint goes back to its count afterwards.",
+    )
     transform_instance_type: str = Field(default="ml.m5.xlarge", description="Batch transform instance type.")
     transform_instance_count: int = Field(default=1, ge=1, description="Batch transform instances.")
     max_payload_mb: int = Field(default=6, ge=1, le=100, description="Largest request a transform sends (MB).")

@@ -1,10 +1,19 @@
 """The SageMaker training backend: one PyTorch Estimator job per :class:`TrainingJobSpec`.
 
 The job runs ``sm_scripts/train.py`` (``source_dir=sm_scripts``) with the spec's hyperparameters,
-named exactly like train.py's flags, and the shared metric definitions. With ``spec.debugger`` it
-adds a DebuggerHookConfig (losses, gradients, weights) and the five built-in rules; with
-``spec.profiler`` a ProfilerConfig for system monitoring only (framework profiling ended at
-PyTorch 2.0: train.py's own ``torch.profiler`` trace lands in the job's ``output.tar.gz``).
+named exactly like train.py's flags, and the shared metric definitions.
+
+Debugger and profiler need no SageMaker service by default (SageMaker Debugger closed to new customers
+on 2026-07-30): the request carries no DebugHookConfig, no rules and only the ProfilerConfig that turns
+SageMaker's monitoring off. With ``spec.debugger`` train.py's own smdebug hook writes its tensors to
+:data:`JOB_TENSORS_DIR`, inside ``SM_OUTPUT_DATA_DIR``, so SageMaker packs them into the job's
+``output.tar.gz`` beside the ``torch.profiler`` trace and summary (``spec.profiler``); after the job,
+:meth:`SageMakerTrainingBackend.rule_results` runs the project's own rules
+(:mod:`bincount.debugger_rules`, as the local backend does) on that archive.
+
+With the option ``sagemaker_debugger`` (for accounts that still have the service) ``spec.debugger`` adds
+a DebuggerHookConfig (losses, gradients, weights) and the five built-in rules, whose verdicts SageMaker
+gives, and ``spec.profiler`` a ProfilerConfig for system monitoring.
 
 The job is named ``spec.name``: a retried task that finds a job of that name follows it instead
 of starting another (see :func:`bincount.contracts.naming.job_name`). Results lie where the local
@@ -32,7 +41,8 @@ from bincount.contracts.training import (
     TrainingJobFailed,
     TrainingJobSpec,
 )
-from bincount.sagemaker.session import SageMakerBackendBase, require_s3
+from bincount.debugger_rules import ARCHIVE_TENSORS, check_archive_rules
+from bincount.sagemaker.session import SageMakerBackendBase, require_s3, resource_tags
 from bincount.sagemaker.waiting import (
     TRAINING_JOB,
     TRAINING_LOG_GROUP,
@@ -41,11 +51,14 @@ from bincount.sagemaker.waiting import (
     poll_until,
     wait_for,
 )
-from bincount.storage import join_uri
+from bincount.storage import join_uri, storage_for
 from sm_scripts.metric_format import METRIC_DEFINITIONS
 
 logger = logging.getLogger(__name__)
 
+JOB_TENSORS_DIR = f"/opt/ml/output/data/{ARCHIVE_TENSORS}"
+"""Where train.py's smdebug hook writes in a job without the Debugger service: inside ``SM_OUTPUT_DATA_DIR``,
+which SageMaker packs into ``output.tar.gz``."""
 RULE_VERDICTS = {"NoIssuesFound": "passed", "IssuesFound": "fired", "Error": "error"}
 RULES_RUNNING = frozenset({"InProgress", "Stopping"})
 
@@ -113,18 +126,21 @@ class SageMakerTrainingBackend(SageMakerBackendBase):
         output = require_s3(spec.output_uri, "output URI")
         options = self.options
         extra: dict[str, Any] = {}
-        if spec.debugger:
+        flags: dict[str, Any] = {}  # train.py flags that are places and intervals, not hyperparameters of the record
+        if spec.debugger and options.sagemaker_debugger:
             collections = collection_configs(options.debugger_save_interval)
             extra["debugger_hook_config"] = DebuggerHookConfig(s3_output_path=output, collection_configs=collections)
             extra["rules"] = built_in_rules(collections)
         else:
             extra["debugger_hook_config"] = False  # the SDK would add a default hook otherwise
-        if spec.profiler:
+            if spec.debugger:  # train.py's own hook, into the job's output.tar.gz
+                flags = {"debugger-dir": JOB_TENSORS_DIR, "debugger-save-interval": options.debugger_save_interval}
+        if spec.profiler and options.sagemaker_debugger:
             extra["profiler_config"] = ProfilerConfig(
                 s3_output_path=output, system_monitor_interval_millis=options.system_monitor_interval_ms
             )
         else:
-            extra["disable_profiler"] = True
+            extra["disable_profiler"] = True  # the SDK would turn SageMaker's system monitoring on otherwise
         if self.devices_per_job() > 1:
             # Data-parallel: torchrun on every instance, one train.py process per GPU (see sm_scripts/distributed.py).
             extra["distribution"] = {"torch_distributed": {"enabled": True}}
@@ -135,7 +151,9 @@ class SageMakerTrainingBackend(SageMakerBackendBase):
                 checkpoint_s3_uri=join_uri(output, spec.name, "checkpoints"),
             )
             if hyperparameters is None:  # one job resumes from it (a tuner's trials would share one URI)
-                hyperparameters = {**spec.script_hyperparameters(), "checkpoint-dir": "/opt/ml/checkpoints"}
+                flags["checkpoint-dir"] = "/opt/ml/checkpoints"
+        if hyperparameters is None:
+            hyperparameters = {**spec.script_hyperparameters(), **flags}
         return PyTorch(
             entry_point=TRAIN_ENTRY_POINT,
             source_dir=str(SM_SCRIPTS_DIR),
@@ -146,11 +164,12 @@ class SageMakerTrainingBackend(SageMakerBackendBase):
             instance_count=options.train_instance_count,
             volume_size=options.volume_size_gb,
             max_run=options.max_run_s,
-            hyperparameters=spec.script_hyperparameters() if hyperparameters is None else hyperparameters,
+            hyperparameters=hyperparameters,
             metric_definitions=METRIC_DEFINITIONS,
             output_path=output,
             code_location=output,
             sagemaker_session=self.session,
+            tags=resource_tags(),
             **extra,
         )
 
@@ -241,12 +260,38 @@ class SageMakerTrainingBackend(SageMakerBackendBase):
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
     ) -> list[RuleResult]:
+        """The debugger rules' verdicts on ``job``: the project's own, or the Debugger service's.
+
+        A job run without the service (the default) saved its tensors in its ``output.tar.gz``: the
+        project's rules (:func:`bincount.debugger_rules.check_archive_rules`, the local backend's checks)
+        run here on it. A job run with ``sagemaker_debugger`` has a ``debug_output_uri`` and SageMaker's
+        verdicts (:meth:`service_rule_results`).
+
+        Raises:
+            ValueError: the job saved no tensors (it ran without ``debugger=True``).
+        """
+        if job.debug_output_uri:
+            return self.service_rule_results(job, on_event, sleep=sleep, clock=clock)
+        if not job.output_uri:
+            raise ValueError(f"job {job.name} ({job.status}) has no output.tar.gz to check: train it to completion")
+        sink: LogSink = on_event or (lambda line: logger.info("%s", line))
+        sink(f"checking the debugger rules on the tensors in {job.output_uri}")
+        return check_archive_rules(storage_for(self.settings), job.output_uri, job.name)
+
+    def service_rule_results(
+        self,
+        job: TrainingJob,
+        on_event: LogSink | None = None,
+        *,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> list[RuleResult]:
         """SageMaker's verdicts of the built-in rules on ``job``, once no rule is still running.
 
         The rules run in processing jobs of their own, during and after training. This polls
         DescribeTrainingJob's ``DebugRuleEvaluationStatuses`` with backoff for up to
         ``rules_timeout_s``, reporting each rule's status changes to ``on_event``. Verdicts are
-        named like :func:`bincount.local.debugger.check_rules`' (``loss_not_decreasing``), so the
+        named like :func:`bincount.debugger_rules.check_rules`' (``loss_not_decreasing``), so the
         retrain task publishes either backend's in one artifact: ``passed`` (NoIssuesFound),
         ``fired`` (IssuesFound), ``error`` (the rule itself failed: no verdict) and
         ``not_evaluated`` (stopped, or still running at the timeout), each with SageMaker's

@@ -25,7 +25,7 @@ from bincount.contracts.tuning import (
     TuningResult,
     TuningSpec,
 )
-from bincount.sagemaker.session import SageMakerBackendBase
+from bincount.sagemaker.session import SageMakerBackendBase, resource_tags
 from bincount.sagemaker.training import SageMakerTrainingBackend
 from bincount.sagemaker.waiting import TUNING_JOB, SageMakerJobFailed, describe_or_none, wait_for
 from sm_scripts.metric_format import METRIC_DEFINITIONS
@@ -89,6 +89,7 @@ class SageMakerTuningBackend(SageMakerBackendBase):
             max_jobs=spec.max_jobs,
             max_parallel_jobs=spec.max_parallel_jobs,
             early_stopping_type=spec.early_stopping,
+            tags=resource_tags(),  # SageMaker adds a tuning job's tags to every training job it starts
         ), trainer.channels(template)
 
     def tune(

@@ -1,4 +1,8 @@
-"""Checks on smdebug output with the meaning of SageMaker Debugger's built-in rules.
+"""The project's own debugger rules: checks on smdebug output with the meaning of SageMaker Debugger's built-in rules.
+
+Both backends run them on what train.py's smdebug hook saved: the local backend on the job's
+``debug-output`` (:func:`check_job_rules`), the SageMaker backend on the ``tensors/`` folder inside the
+job's ``output.tar.gz`` (:func:`check_archive_rules`), so neither needs SageMaker's Debugger service.
 
 Each rule reads the tensors a job saved (``smdebug.trials``) and reports ``passed`` or ``fired``
 with its evidence, with the thresholds SageMaker's rules get too
@@ -28,6 +32,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import tarfile
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -36,6 +41,9 @@ import numpy as np
 
 from bincount.contracts.training import DEBUGGER_RULES, RuleResult
 from bincount.storage import Storage
+
+ARCHIVE_TENSORS = "tensors"
+"""The folder of ``output.tar.gz`` (``SM_OUTPUT_DATA_DIR`` packed) that holds a SageMaker job's smdebug tensors."""
 
 WARMUP_EPOCHS = 2
 """Epochs the overfit check leaves out: an untrained network's first evaluation (batch-norm statistics
@@ -206,3 +214,24 @@ def check_job_rules(storage: Storage, debug_output_uri: str) -> list[RuleResult]
     """:func:`check_rules` on a job's ``debug-output`` URI (an ``s3://`` one is copied locally first)."""
     with tempfile.TemporaryDirectory(prefix="debug-output-") as scratch:
         return check_rules(storage.local_folder(debug_output_uri, Path(scratch)))
+
+
+def check_archive_rules(storage: Storage, output_uri: str, job_name: str) -> list[RuleResult]:
+    """:func:`check_rules` on the ``tensors/`` folder inside a job's ``output.tar.gz`` at ``output_uri``.
+
+    Raises:
+        ValueError: the archive holds no tensors (the job ran without the debugger, or train.py wrote them
+            elsewhere); the message says how to run it with them.
+    """
+    with tempfile.TemporaryDirectory(prefix="job-output-") as scratch:
+        archive_path = Path(scratch) / "output.tar.gz"
+        storage.download_file(output_uri, archive_path)
+        with tarfile.open(archive_path, mode="r:gz") as archive:
+            members = [m for m in archive.getmembers() if Path(m.name).parts[:1] == (ARCHIVE_TENSORS,)]
+            if not any(member.isfile() for member in members):
+                raise ValueError(
+                    f"{output_uri} holds no {ARCHIVE_TENSORS}/ folder: job {job_name} saved no debugger tensors. "
+                    "Train with debugger=True (train.py's --debugger writes them under SM_OUTPUT_DATA_DIR)"
+                )
+            archive.extractall(scratch, members=members, filter="data")
+        return check_rules(Path(scratch) / ARCHIVE_TENSORS)

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import numpy as np
 
@@ -16,6 +17,7 @@ from bincount.config import Settings
 from bincount.contracts.naming import check_endpoint_name
 from bincount.contracts.serving import CaptureConfig, EndpointRecord, RolloutStrategy, ScalingConfig
 from bincount.demo_data import jpeg_bytes, render_bin_image
+from bincount.stats import POWER, ErrorRateTest, error_rate_test, two_proportion_sample_size
 from bincount.storage import ObjectNotFoundError, Storage
 
 
@@ -72,35 +74,97 @@ def recorded_scaling(record: EndpointRecord | None) -> ScalingConfig:
     return ScalingConfig(**recorded) if recorded else ScalingConfig()
 
 
+ERROR_ALPHA = 0.05  # a new model whose error rate is higher at this level is rolled back (one-sided)
+
+
+@dataclass(frozen=True)
+class RolloutCheck:
+    """One look at a new model beside the current one: "fail" (worse: roll back / do not promote), "pass" (past
+    the minimum sample and not worse) or "wait" (too few requests yet to tell). ``needed``: the requests on the
+    new and the current model before it may pass, sized from the strategy's ``max_error_rate_increase``."""
+
+    verdict: Literal["fail", "pass", "wait"]
+    reason: str
+    errors: ErrorRateTest
+    needed: tuple[int, int]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "verdict": self.verdict,
+            "test": self.errors.test,
+            "p_value": self.errors.p_value,
+            "alpha": ERROR_ALPHA,
+            "power": POWER,
+            "needed": {"new": self.needed[0], "current": self.needed[1]},
+        }
+
+
+def needed_requests(strategy: RolloutStrategy, current_rate: float, ratio: float) -> tuple[int, int]:
+    """Requests on the new and the current model (``ratio`` times as many) before a rollout may pass: enough for
+    Fisher's test to see an error rate ``max_error_rate_increase`` above ``current_rate`` with power 0.8, and at
+    least ``min_requests`` each. An increase of 0 cannot be sized (no sample sees it): ``min_requests`` then."""
+    increase = min(strategy.max_error_rate_increase, 1.0)
+    sized = (
+        two_proportion_sample_size(min(current_rate, 1 - increase), increase, ERROR_ALPHA, POWER, ratio)
+        if increase > 0
+        else (0, 0)
+    )
+    return max(sized[0], strategy.min_requests), max(sized[1], strategy.min_requests)
+
+
+def judge_rollout(
+    current: dict[str, Any], new: dict[str, Any], strategy: RolloutStrategy, ratio: float, arm: str = "new model"
+) -> RolloutCheck:
+    """Judge a canary step or a shadow from both variants' ``requests``, ``errors`` and ``p99_ms``; ``ratio``:
+    the current model's requests per new-model request the routing plans (a 10% canary: 9).
+
+    Errors fail the new model as soon as Fisher's exact test finds its rate higher at ``ERROR_ALPHA``, at any
+    sample: a canary is looked at again and again, which makes a false rollback likelier than 5%, never a worse
+    model kept longer. It passes only past the minimum sample (:func:`needed_requests`); latency is compared
+    only there too, as a p99 of a few requests is one request's latency.
+    """
+    errors = error_rate_test(current["errors"], current["requests"], new["errors"], new["requests"])
+    rate = current["errors"] / current["requests"] if current["requests"] else 0.0
+    needed = needed_requests(strategy, rate, ratio)
+    figures = f"{errors.test} p={errors.p_value:.3g}"
+    if errors.p_value < ERROR_ALPHA:
+        return RolloutCheck("fail", f"{errors.counts()}: higher by {figures} < {ERROR_ALPHA}", errors, needed)
+    if new["requests"] < needed[0] or current["requests"] < needed[1]:
+        reason = (
+            f"only {new['requests']} requests reached the {arm} ({needed[0]} needed, and {needed[1]} on the current "
+            f"model, for Fisher's test to see +{strategy.max_error_rate_increase:.1%} errors with power {POWER})"
+        )
+        return RolloutCheck("wait", reason, errors, needed)
+    old_p99, new_p99 = current["p99_ms"], new["p99_ms"]
+    if old_p99 and new_p99 and new_p99 > strategy.max_latency_ratio * old_p99:
+        reason = (
+            f"its p99 latency {new_p99:.0f} ms is over x{strategy.max_latency_ratio} the current {old_p99:.0f} ms "
+            f"({new['requests']} and {current['requests']} requests, past the minimum of {needed[0]} and {needed[1]})"
+        )
+        return RolloutCheck("fail", reason, errors, needed)
+    reason = (
+        f"{errors.counts()}, not higher ({figures}); {new['requests']} and {current['requests']} requests, past the "
+        f"{needed[0]} and {needed[1]} that see +{strategy.max_error_rate_increase:.1%} errors with power {POWER}; "
+        f"p99 within x{strategy.max_latency_ratio}"
+    )
+    return RolloutCheck("pass", reason, errors, needed)
+
+
 def shadow_verdict(current: dict[str, Any], shadow: dict[str, Any], strategy: RolloutStrategy) -> dict[str, Any]:
     """Whether to promote a shadow, from both variants' ``requests``, ``errors`` and ``p99_ms`` and the shadow's
-    ``compared``/``agreed`` counts: the same thresholds as a canary step. Agreement is reported, not judged:
-    a better model disagrees exactly where the current one is wrong."""
+    ``compared``/``agreed`` counts: the rule of a canary step (:func:`judge_rollout`), the shadow's arm being the
+    ``traffic_percent`` of requests it gets a copy of. Agreement is reported, not judged: a better model disagrees
+    exactly where the current one is wrong."""
     compared, agreed = shadow.get("compared", 0), shadow.get("agreed", 0)
-    report: dict[str, Any] = {
+    check = judge_rollout(current, shadow, strategy, 100 / strategy.traffic_percent, arm="shadow")
+    return {
         "requests": {"current": current["requests"], "shadow": shadow["requests"]},
         "errors": {"current": current["errors"], "shadow": shadow["errors"]},
         "p99_ms": {"current": current["p99_ms"], "shadow": shadow["p99_ms"]},
         "compared": compared,
         "agreement": agreed / compared if compared else None,
         "skipped": shadow.get("skipped", 0),
+        "test": check.to_dict(),
+        "promote": check.verdict == "pass",
+        "reason": check.reason,
     }
-    error_increase = (shadow["errors"] / shadow["requests"] if shadow["requests"] else 0.0) - (
-        current["errors"] / current["requests"] if current["requests"] else 0.0
-    )
-    if shadow["requests"] < strategy.min_requests:
-        needed = strategy.min_requests
-        promote, reason = False, f"only {shadow['requests']} requests reached the shadow ({needed} needed)"
-    elif error_increase > strategy.max_error_rate_increase:
-        promote, reason = False, f"its error rate is {error_increase:+.1%} against the current model's"
-    elif current["p99_ms"] and shadow["p99_ms"] and shadow["p99_ms"] > strategy.max_latency_ratio * current["p99_ms"]:
-        promote, reason = (
-            False,
-            (
-                f"its p99 latency {shadow['p99_ms']:.0f} ms is over x{strategy.max_latency_ratio} "
-                f"the current {current['p99_ms']:.0f} ms"
-            ),
-        )
-    else:
-        promote, reason = True, "errors and latency within the thresholds"
-    return {**report, "promote": promote, "reason": reason}

@@ -10,6 +10,7 @@ of all of ``sm_scripts/``, which runs in a subprocess (or a SageMaker container)
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Any
 
 from prefect.cache_policies import TASK_SOURCE, CacheKeyFnPolicy
@@ -18,7 +19,7 @@ from prefect.utilities.hashing import hash_objects
 
 from bincount.code import code_hash
 from bincount.config import Settings
-from bincount.optimize import export_tool_versions
+from bincount.optimize import ParityRule, export_tool_versions
 from bincount.storage import folder_digests, local_path, storage_for
 
 
@@ -64,7 +65,8 @@ EVALUATION_CACHE = CacheKeyFnPolicy(cache_key_fn=evaluation_key) + TASK_SOURCE
 
 def optimization_key(context: TaskRunContext, parameters: dict[str, Any]) -> str | None:
     """The model, where the optimized one goes, what the calibration, validation and test channels hold,
-    and the export tools' versions (an export that failed for want of one is tried again once it is there)."""
+    the export tools' versions (an export that failed for want of one is tried again once it is there) and the
+    parity rule (a result judged under another rule is judged again)."""
     settings = parameters["settings"]
     channels = tuple(parameters[f"{name}_channel_uri"] for name in ("train", "valid", "test"))
     return hash_objects(
@@ -73,6 +75,7 @@ def optimization_key(context: TaskRunContext, parameters: dict[str, Any]) -> str
         channels,
         listing(settings, *channels),
         export_tool_versions(),
+        asdict(ParityRule()),
     )
 
 

@@ -10,6 +10,7 @@ from bincount.optimize import Optimization, optimize_model
 from bincount.storage import storage_for
 from tasks.artifacts import markdown_table
 from tasks.caching import OPTIMIZATION_CACHE
+from tasks.logs import quiet_nncf
 from tasks.retry import is_transient
 
 OPTIMIZATION_KEY = "model-optimization"
@@ -40,6 +41,7 @@ def optimize_model_task(
         valid_channel_uri,
         test_channel_uri,
     )
+    quiet_nncf()
     storage = storage_for(settings)
     result = optimize_model(storage, model_uri, train_channel_uri, valid_channel_uri, test_channel_uri, output_uri)
     if result.optimized:
@@ -73,7 +75,13 @@ def optimize_and_publish(settings: Settings, model_uri: str, channels: dict[str,
         ("test images", result.images),
         ("eager accuracy", result.eager_accuracy),
         ("int8 accuracy", result.optimized_accuracy),
+        (
+            "int8 minus eager (95% paired bootstrap)",
+            result.accuracy_change.points() if result.accuracy_change else None,
+        ),
+        ("exact McNemar p (int8 worse, one-sided)", result.p_value),
         ("top-1 agreement", result.top1_agreement),
+        ("disagreements (images counted differently)", result.disagreements),
         ("calibration images", result.calibration_images),
         ("validation images (accuracy control)", result.validation_images),
         ("layers int8 / fp32", f"{result.int8_layers} / {result.fp32_layers}"),

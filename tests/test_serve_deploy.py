@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from prefect import flow
 from prefect.artifacts import Artifact
+from waiting import wait_until
 
 from bincount.code import code_hash
 from bincount.config import Settings
@@ -110,7 +110,14 @@ def test_a_shadow_deployed_by_a_flow_is_reported_then_promoted_with_events_and_a
     first = write_untrained_model_dir(tmp_path / "first", "resnet18", 32, seed=8).as_uri()
     second = write_untrained_model_dir(tmp_path / "second", "resnet18", 32, seed=9).as_uri()
     deploy_flow(artifact_root, "shadow-ep", first)
-    shadow = RolloutStrategy(kind="shadow", traffic_percent=100, bake_seconds=1, min_requests=3, max_latency_ratio=100)
+    shadow = RolloutStrategy(
+        kind="shadow",
+        traffic_percent=100,
+        bake_seconds=1,
+        min_requests=3,
+        max_latency_ratio=100,
+        max_error_rate_increase=0.9,  # a coarse sensitivity: a handful of copies is enough evidence here
+    )
     shadowing = deploy_flow(artifact_root, "shadow-ep", second, strategy=shadow)
     assert shadowing.model_uri == first and shadowing.details["rollout"]["verdict"] == "shadowing"
     artifact = Artifact.get(endpoint_artifact_key("shadow-ep"))
@@ -118,7 +125,7 @@ def test_a_shadow_deployed_by_a_flow_is_reported_then_promoted_with_events_and_a
     backend = LocalServingBackend(Settings.load(artifact_root=artifact_root))
     for _ in range(5):
         backend.invoke("shadow-ep", smoke_image(32), "image/jpeg")
-    time.sleep(0.5)  # the copies are answered in the background
+    wait_until(lambda: backend.shadow_report("shadow-ep")["compared"] >= 5, what="the 5 shadow copies to be answered")
 
     registry = get_model_registry(Settings.load(artifact_root=artifact_root))
     candidate = registry.resolve(shadowing.details["shadow"]["model_ref"])

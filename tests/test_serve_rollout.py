@@ -195,7 +195,10 @@ def test_a_slow_canary_rolls_back_by_itself_and_the_current_model_fails_no_reque
 ) -> None:
     start = backend.describe(endpoint)
     current, _ = serving(backend, endpoint, models)
-    strategy = RolloutStrategy(kind="canary", traffic_percent=30, bake_seconds=20, min_requests=8)
+    # latency is judged past the minimum sample; a coarse error sensitivity (+50%) keeps that at min_requests
+    strategy = RolloutStrategy(
+        kind="canary", traffic_percent=30, bake_seconds=20, min_requests=8, max_error_rate_increase=0.5
+    )
     with Load(start.url, endpoint, fingerprints) as load:
         load.wait_for(3)
         record = backend.deploy(endpoint, models["slow"].as_uri(), "bincount:9", strategy=strategy)
@@ -204,7 +207,9 @@ def test_a_slow_canary_rolls_back_by_itself_and_the_current_model_fails_no_reque
     rollout = record.details["rollout"]
     assert rollout["verdict"] == "rolled-back" and "p99 latency" in rollout["reason"], rollout
     assert [step["action"] for step in rollout["steps"]] == ["bake", "rolled-back"]
-    assert rollout["steps"][0]["metrics"]["current"]["errors"] == 0
+    metrics = rollout["steps"][0]["metrics"]
+    assert metrics["current"]["errors"] == 0 and metrics["test"]["needed"] == {"new": 8, "current": 18}
+    assert metrics["candidate"]["requests"] >= 8 and metrics["current"]["requests"] >= 18, "judged past the minimum"
     assert load.errors == []
     assert load.served() == {current, "slow"}  # the canary did take its share
     assert load.served(after=ended) == {current}
@@ -216,38 +221,45 @@ def test_a_slow_canary_rolls_back_by_itself_and_the_current_model_fails_no_reque
 def test_a_canary_whose_host_fails_its_requests_rolls_back_on_its_error_rate(
     backend: LocalServingBackend, endpoint: str, models: dict[str, Path], fingerprints: Prints
 ) -> None:
-    """The new model's host dies with requests in flight (they fail: 502); the current model's share loses none."""
+    """The new model's host keeps dying with requests in flight (they fail: 502) whenever it is back up and busy,
+    until Fisher's test finds its error rate higher; the current model's share loses none."""
     start = backend.describe(endpoint)
     current, _ = serving(backend, endpoint, models)
     strategy = RolloutStrategy(
         kind="canary", traffic_percent=50, bake_seconds=30, min_requests=5, max_latency_ratio=1000.0
     )
     killed: list[int] = []
+    deployed = threading.Event()
 
-    def kill_the_canary_while_busy() -> None:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and not killed:
+    def kill_the_canary_whenever_busy() -> None:
+        while not deployed.is_set():
             status = backend._router_status(start.url, endpoint) or {}
             candidate = status.get("variants", {}).get(status.get("candidate"), {})
             busy = [replica for replica in candidate.get("replicas", []) if replica["ready"] and replica["inflight"]]
-            if busy and status["percent"] > 0:
+            if busy and status["percent"] > 0 and busy[0]["pid"] not in killed:
                 os.kill(busy[0]["pid"], signal.SIGKILL)
                 killed.append(busy[0]["pid"])
             time.sleep(0.05)
 
-    killer = threading.Thread(target=kill_the_canary_while_busy)
+    killer = threading.Thread(target=kill_the_canary_whenever_busy)
     with Load(start.url, endpoint, fingerprints, clients=6) as load:
         killer.start()
-        record = backend.deploy(endpoint, models["slow"].as_uri(), "bincount:9", strategy=strategy)
+        try:
+            record = backend.deploy(endpoint, models["slow"].as_uri(), "bincount:9", strategy=strategy)
+        finally:
+            deployed.set()
         ended = time.monotonic()
         killer.join()
         load.wait_for(5, after=ended)
     rollout = record.details["rollout"]
     assert killed and rollout["verdict"] == "rolled-back" and "error rate" in rollout["reason"], rollout
+    assert "Fisher's exact test, one-sided p=" in rollout["reason"], rollout
     metrics = rollout["steps"][0]["metrics"]
     assert metrics["current"]["errors"] == 0 and metrics["candidate"]["errors"] >= 1, metrics
+    assert metrics["test"]["p_value"] < 0.05 and metrics["candidate"]["requests"] < metrics["test"]["needed"]["new"]
     assert load.errors and all("did not answer" in error for _, error in load.errors), load.errors
-    assert len(load.errors) == metrics["candidate"]["errors"]  # every failed request was the canary's
+    # every failed request was the canary's (a kill between the verdict and the drop may add one the step missed)
+    assert len(load.errors) >= metrics["candidate"]["errors"]
     assert all(at < ended for at, _ in load.errors)
     assert load.served(after=ended) == {current}
     assert backend.describe(endpoint).version == start.version
@@ -300,7 +312,12 @@ def test_a_good_linear_rollout_moves_all_traffic_without_a_failed_request(
     start = backend.describe(endpoint)
     current, other = serving(backend, endpoint, models)
     strategy = RolloutStrategy(
-        kind="linear", traffic_percent=50, bake_seconds=1.0, min_requests=5, max_latency_ratio=20.0
+        kind="linear",
+        traffic_percent=50,
+        bake_seconds=1.0,
+        min_requests=5,
+        max_latency_ratio=20.0,
+        max_error_rate_increase=0.3,  # coarse, so the minimum sample (23 a side) arrives within the bake
     )
     with Load(start.url, endpoint, fingerprints) as load:
         load.wait_for(3)
@@ -310,7 +327,9 @@ def test_a_good_linear_rollout_moves_all_traffic_without_a_failed_request(
     rollout = record.details["rollout"]
     assert rollout["verdict"] == "completed", rollout
     assert [(step["action"], step["percent"]) for step in rollout["steps"]] == [("bake", 50), ("promoted", 100)]
-    assert rollout["steps"][0]["metrics"]["candidate"]["requests"] >= 5
+    metrics = rollout["steps"][0]["metrics"]
+    assert metrics["test"]["needed"] == {"new": 23, "current": 23} and metrics["candidate"]["requests"] >= 23
+    assert "not higher (Fisher's exact test, one-sided p=" in rollout["steps"][0]["reason"], rollout
     assert load.errors == []
     assert load.served(after=ended) == {other} and current in load.served()
     assert record.model_ref == f"bincount:{other}" and record.previous_model_ref == start.model_ref
@@ -325,7 +344,12 @@ def test_a_shadow_answers_nobody_and_its_agreement_is_reported_then_it_is_promot
     with pytest.raises(DeployError, match=r"counts \[1, 2, 3\].*could not be compared"):
         backend.deploy(endpoint, models["three"].as_uri(), strategy=RolloutStrategy(kind="shadow"))
     strategy = RolloutStrategy(
-        kind="shadow", traffic_percent=100, bake_seconds=1, min_requests=10, max_latency_ratio=100
+        kind="shadow",
+        traffic_percent=100,
+        bake_seconds=1,
+        min_requests=10,
+        max_latency_ratio=100,
+        max_error_rate_increase=0.5,  # coarse: the minimum sample is 12 a side, the load sends 20
     )
     record = backend.deploy(endpoint, models[other].as_uri(), f"bincount:{other}", strategy=strategy)
     assert record.model_ref == start.model_ref and record.details["rollout"]["verdict"] == "shadowing"
@@ -344,7 +368,7 @@ def test_a_shadow_answers_nobody_and_its_agreement_is_reported_then_it_is_promot
     # the same image every time: the two untrained models either always agree or never
     ours, theirs = (max(range(5), key=fingerprints[name][IMAGE].__getitem__) for name in (current, other))
     assert report["agreement"] == (1.0 if ours == theirs else 0.0)
-    assert report["promote"] is True, report
+    assert report["promote"] is True and report["test"]["needed"] == {"new": 12, "current": 12}, report
 
     promoted = backend.promote_shadow(endpoint)
     assert promoted.model_ref == f"bincount:{other}" and promoted.previous_model_ref == start.model_ref

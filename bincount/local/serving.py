@@ -51,6 +51,7 @@ from bincount.contracts.serving import (
 )
 from bincount.endpoints import (
     EndpointRecords,
+    judge_rollout,
     now_iso,
     recorded_capture,
     recorded_scaling,
@@ -335,7 +336,7 @@ class LocalServingBackend:
         for percent in shares:
             state.update(mode="canary", percent=percent)
             self._apply(current, state)
-            verdict, reason, metrics = self._bake(current, state["current"], state["candidate"], strategy)
+            verdict, reason, metrics = self._bake(current, state["current"], state["candidate"], strategy, percent)
             rollout["steps"].append(_step("bake", percent, verdict=verdict, reason=reason, metrics=metrics))
             if verdict == "fail":
                 self._drop_candidate(current, state)
@@ -347,10 +348,11 @@ class LocalServingBackend:
         return {**rollout, "verdict": "completed", "reason": reason}
 
     def _bake(
-        self, current: EndpointRecord, current_id: str, candidate_id: str, strategy: RolloutStrategy
+        self, current: EndpointRecord, current_id: str, candidate_id: str, strategy: RolloutStrategy, percent: int
     ) -> tuple[str, str, dict[str, Any]]:
-        """Watch one canary step: ("fail", why, metrics) as soon as the candidate is worse past the thresholds,
-        ("pass", ..., metrics) once it baked ``bake_seconds`` over at least ``min_requests`` requests."""
+        """Watch one canary step at ``percent``: ("fail", why, metrics) as soon as :func:`judge_rollout` finds the
+        candidate worse, ("pass", ..., metrics) once it baked ``bake_seconds`` and got the minimum sample the
+        strategy's sensitivity asks for; ("fail", ...) if that sample does not arrive in time."""
         started = time.monotonic()
         give_up = started + max(3 * strategy.bake_seconds, strategy.bake_seconds + 30)
         while True:
@@ -359,37 +361,21 @@ class LocalServingBackend:
             if status is None:
                 return "fail", "the router stopped answering during the bake", {}
             old, new = status["variants"][current_id], status["variants"][candidate_id]
-            metrics = {"current": _metrics(old), "candidate": _metrics(new), "seconds": time.monotonic() - started}
-            # errors judge as soon as they exceed what min_requests clean requests could still absorb
-            judged = max(new["requests"], strategy.min_requests)
-            increase = new["errors"] / judged - old["error_rate"]
-            if increase > strategy.max_error_rate_increase:
-                return (
-                    "fail",
-                    f"error rate {new['errors']}/{new['requests']} on the new model against "
-                    f"{old['error_rate']:.1%} on the current one (at most +{strategy.max_error_rate_increase:.1%})",
-                    metrics,
-                )
+            check = judge_rollout(old, new, strategy, (100 - percent) / percent)
+            metrics = {
+                "current": _metrics(old),
+                "candidate": _metrics(new),
+                "seconds": time.monotonic() - started,
+                "test": check.to_dict(),
+            }
+            if check.verdict == "fail":
+                return "fail", check.reason, metrics
             if new["failed"]:
                 return "fail", f"the new model's hosts failed: {new['failed']}", metrics
-            enough = new["requests"] >= strategy.min_requests and old["requests"] >= strategy.min_requests
-            if enough and old["p99_ms"] and new["p99_ms"] > strategy.max_latency_ratio * old["p99_ms"]:
-                return (
-                    "fail",
-                    f"p99 latency {new['p99_ms']:.0f} ms on the new model against {old['p99_ms']:.0f} ms "
-                    f"(at most x{strategy.max_latency_ratio})",
-                    metrics,
-                )
-            if enough and time.monotonic() - started >= strategy.bake_seconds:
-                passed = f"{new['requests']} requests in {metrics['seconds']:.0f} s within the thresholds"
-                return "pass", passed, metrics
+            if check.verdict == "pass" and time.monotonic() - started >= strategy.bake_seconds:
+                return "pass", f"{metrics['seconds']:.0f} s: {check.reason}", metrics
             if time.monotonic() > give_up:
-                return (
-                    "fail",
-                    f"only {new['requests']} requests reached the new model in {metrics['seconds']:.0f} s "
-                    f"(a step needs {strategy.min_requests}): too little traffic to judge it",
-                    metrics,
-                )
+                return "fail", f"in {metrics['seconds']:.0f} s {check.reason}: too little traffic to judge it", metrics
 
     def _promote(self, current: EndpointRecord, state: dict[str, Any]) -> None:
         """Make the candidate the current model; the old one's hosts finish what they have, then stop."""

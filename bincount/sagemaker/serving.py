@@ -62,15 +62,18 @@ from bincount.sagemaker.guardrails import (
     SHADOW_VARIANT,
     VARIANT,
     Guardrails,
+    TrafficSteps,
     bake_total_s,
     check_strategy,
     deployment_config,
+    traffic_steps,
 )
 from bincount.sagemaker.session import (
     RETRIES,
     SageMakerBackendBase,
     SageMakerOptions,
     require_s3,
+    resource_tags,
 )
 from bincount.sagemaker.waiting import (
     ENDPOINT,
@@ -145,9 +148,24 @@ class SageMakerServingBackend(SageMakerBackendBase):
     def client(self) -> Any:
         return self.session.sagemaker_client
 
+    def tags(self, endpoint: str | None, model_ref: str | None, version: str) -> list[dict[str, str]]:
+        """:func:`resource_tags` of what a deploy or transform creates: the flow run (``run_key``, where given), the
+        endpoint, the registry's model group and version (``model_ref``, ``<group>:<version>``) and the weights'."""
+        group, _, number = (model_ref or "").partition(":")
+        return resource_tags(
+            self.run_key or None,
+            endpoint=endpoint,
+            model_group=group or None,
+            model_version=number or None,
+            model_weights=version,
+        )
+
     # models --------------------------------------------------------------------------------
-    def ensure_model(self, model_uri: str, version: str, instance_type: str) -> str:
-        """The SageMaker Model serving ``model_uri`` with inference.py on ``instance_type``; created if absent."""
+    def ensure_model(
+        self, model_uri: str, version: str, instance_type: str, tags: list[dict[str, str]] | None = None
+    ) -> str:
+        """The SageMaker Model serving ``model_uri`` with inference.py on ``instance_type``; created if absent, with
+        ``tags`` (default: :meth:`tags` without an endpoint or model group)."""
         from sagemaker.pytorch import PyTorchModel
 
         identity = (model_uri, code_hash(), self.options.framework_version, self.options.py_version, instance_type)
@@ -169,7 +187,7 @@ class SageMakerServingBackend(SageMakerBackendBase):
             name=name,
             code_location=join_uri(self.options.base_uri(self.settings), "models"),
             sagemaker_session=self.session,
-        ).create(instance_type=instance_type)
+        ).create(instance_type=instance_type, tags=tags or self.tags(None, None, version))
         return name
 
     def _model(self, model_uri: str) -> tuple[dict[str, Any], str]:
@@ -202,9 +220,11 @@ class SageMakerServingBackend(SageMakerBackendBase):
         capture: CaptureConfig | None = None,
         count: int | None = None,
         shadow: tuple[str, int] | None = None,
+        tags: list[dict[str, str]] | None = None,
     ) -> str:
         """The endpoint config serving ``model_name`` on ``count`` instances (default: the options'), with the
-        ``(model name, percent)`` ``shadow`` copying that share of requests beside it; created if absent."""
+        ``(model name, percent)`` ``shadow`` copying that share of requests beside it; created if absent, with
+        ``tags`` (default: the project's, the flow run's and the endpoint's)."""
         count, instance_type = count or self.options.deploy_instance_count, self.options.deploy_instance_type
         capture_config = self.data_capture_config(capture or CaptureConfig())
         key = (
@@ -232,6 +252,7 @@ class SageMakerServingBackend(SageMakerBackendBase):
         request: dict[str, Any] = {
             "EndpointConfigName": name,
             "ProductionVariants": [variant(VARIANT, model_name, 1.0)],
+            "Tags": tags or resource_tags(self.run_key or None, endpoint=endpoint_name),
         }
         if shadow:  # the shadow's weight over the production variant's is the share of requests copied to it
             request["ShadowProductionVariants"] = [variant(SHADOW_VARIANT, shadow[0], shadow[1] / 100)]
@@ -325,15 +346,21 @@ class SageMakerServingBackend(SageMakerBackendBase):
             return self._start_shadow(
                 name, model_uri, model_ref, info, version, stored, current, capture, strategy, scaling
             )
-        model_name = self.ensure_model(model_uri, version, self.options.deploy_instance_type)
         count = self._instance_count(scaling)
-        config_name = self.ensure_endpoint_config(name, model_name, capture, count)
+        # A canary or linear update of a serving endpoint runs as many instances as its share needs (checked before
+        # anything changes), and goes back to ``count`` after.
+        steps = traffic_steps(strategy, count, self.options.rollout_max_instances) if strategy and current else None
+        tags = self.tags(name, model_ref, version)
+        model_name = self.ensure_model(model_uri, version, self.options.deploy_instance_type, tags)
+        config_name = self.ensure_endpoint_config(
+            name, model_name, capture, steps.instances if steps else count, tags=tags
+        )
         current = self._settled(name, current)
         previous_config: str | None = None
         guard: dict[str, Any] | None = None
         if current is None:
             logger.info("creating endpoint %s with config %s", name, config_name)
-            self.session.create_endpoint(endpoint_name=name, config_name=config_name, wait=False)
+            self.session.create_endpoint(endpoint_name=name, config_name=config_name, tags=tags, wait=False)
         elif current["EndpointConfigName"] == config_name:
             logger.info("endpoint %s already uses config %s (a retried deploy): waiting for it", name, config_name)
             if stored is not None:
@@ -343,10 +370,10 @@ class SageMakerServingBackend(SageMakerBackendBase):
                 )
         else:
             previous_config = current["EndpointConfigName"]
-            guard = self._update(name, previous_config, config_name, stored, strategy)
+            guard = self._update(name, previous_config, config_name, stored, strategy, steps)
         rolled_back: dict[str, Any] | None = None
         try:
-            description = self._wait(name, bake_total_s(guard["strategy"]) if guard else 0)
+            description = self._wait(name, guard["bakes_s"] if guard else 0)
             # SageMaker rolled a guarded update back by itself: the old config serves, InService
             state = (description["EndpointStatus"], description["EndpointConfigName"])
             rolled_back = guard if state == ("InService", previous_config) else None
@@ -393,14 +420,42 @@ class SageMakerServingBackend(SageMakerBackendBase):
                     else "the new model answered its smoke request",
                     deployment_config=guard["deployment_config"] if guard else None,
                     baseline=guard["baseline"] if guard else None,
+                    traffic_steps=steps.to_dict() if steps else None,
                 ),
             },
         )
         self.records.write(record)
+        self._scale_back(name, steps)
         if scaling is not None:
             self.guardrails.apply_scaling(name, scaling)
         logger.info("endpoint %s serves model %s (version %s)", name, model_uri, version)
         return record
+
+    def _scale_back(self, name: str, steps: TrafficSteps | None) -> None:
+        """After an update that ran more instances for its traffic share (``steps.raised``): the endpoint's own
+        count again.
+
+        Raises:
+            DeployError: the new model serves, but on the raised count; the message says what to run.
+        """
+        if steps is None or not steps.raised:
+            return
+        logger.info("endpoint %s: back from %d to %d instances after the rollout", name, steps.instances, steps.serving)
+        try:
+            self.client.update_endpoint_weights_and_capacities(
+                EndpointName=name,
+                DesiredWeightsAndCapacities=[{"VariantName": VARIANT, "DesiredInstanceCount": steps.serving}],
+            )
+            settled = self._wait(name)
+            if settled["EndpointStatus"] != "InService":
+                raise ServingError(f"it is {settled['EndpointStatus']}: {settled.get('FailureReason')}")
+        except (ServingError, ClientError, SageMakerWaitTimeout) as error:
+            raise DeployError(
+                f"endpoint {name!r} serves the new model, but scaling it back from the rollout's {steps.instances} "
+                f"instances to {steps.serving} failed ({error}); it bills for {steps.instances} until you run `aws "
+                f"sagemaker update-endpoint-weights-and-capacities --endpoint-name {name} --desired-weights-and-"
+                f"capacities VariantName={VARIANT},DesiredInstanceCount={steps.serving}`"
+            ) from None
 
     def _update(
         self,
@@ -409,18 +464,22 @@ class SageMakerServingBackend(SageMakerBackendBase):
         config_name: str,
         stored: EndpointRecord | None,
         strategy: RolloutStrategy | None,
+        steps: TrafficSteps | None = None,
     ) -> dict[str, Any] | None:
         """UpdateEndpoint to ``config_name``; guarded by the endpoint's alarms for a traffic-shifting ``strategy``
-        (returned: the strategy, the alarms, their baseline, the DeploymentConfig and when it started)."""
+        moving ``steps`` (returned: the strategy, the alarms, their baseline, the DeploymentConfig, how long its
+        bakes take and when it started)."""
         request: dict[str, Any] = {"EndpointName": name, "EndpointConfigName": config_name}
         recorded = recorded_scaling(stored)
-        if recorded is not None and recorded.autoscaling:
-            request["RetainAllVariantProperties"] = True  # keep the instances autoscaling has added
+        if recorded is not None and recorded.autoscaling and not (steps and steps.raised):
+            # Keep the instances autoscaling has added; a rollout that needs more instances gets its config's count.
+            request["RetainAllVariantProperties"] = True
         guard = None
         if strategy is not None and strategy.kind != "shadow":
             alarms, baseline = self.guardrails.ensure_alarms(name, strategy)
-            request["DeploymentConfig"] = deployment_config(strategy, alarms)
+            request["DeploymentConfig"] = deployment_config(strategy, alarms, steps)
             guard = {
+                "bakes_s": bake_total_s(strategy, steps),
                 "strategy": strategy,
                 "alarms": alarms,
                 "baseline": baseline,
@@ -537,13 +596,15 @@ class SageMakerServingBackend(SageMakerBackendBase):
             )
         current = self._settled(name, current)
         assert current is not None
-        shadow_model = self.ensure_model(model_uri, version, self.options.deploy_instance_type)
+        tags = self.tags(name, model_ref, version)
+        shadow_model = self.ensure_model(model_uri, version, self.options.deploy_instance_type, tags)
         config_name = self.ensure_endpoint_config(
             name,
             stored.details["model_name"],
             capture,
             self._instance_count(scaling),
             shadow=(shadow_model, strategy.traffic_percent),
+            tags=tags,
         )
         previous_config = current["EndpointConfigName"]
         if previous_config == config_name:  # a retried shadow deploy: only wait

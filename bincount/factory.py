@@ -10,6 +10,7 @@ The SageMaker SDK itself is imported inside the SageMaker backends, on first use
 from __future__ import annotations
 
 from bincount.config import Settings
+from bincount.contracts.metrics import InvocationMetrics
 from bincount.contracts.serving import ServingBackend
 from bincount.contracts.training import TrainingBackend
 from bincount.contracts.tuning import TuningBackend
@@ -18,6 +19,7 @@ from bincount.local.serving import LocalServingBackend
 from bincount.local.training import LocalTrainingBackend
 from bincount.local.tuning import LocalTuningBackend
 from bincount.registry import StorageModelRegistry
+from bincount.sagemaker.metrics import SageMakerInvocationMetrics
 from bincount.sagemaker.model_registry import SageMakerModelRegistry
 from bincount.sagemaker.serving import SageMakerServingBackend
 from bincount.sagemaker.training import SageMakerTrainingBackend
@@ -51,3 +53,11 @@ def get_model_registry(settings: Settings) -> StorageModelRegistry:
     return StorageModelRegistry.from_settings(
         settings, mirror=SageMakerModelRegistry(settings) if settings.profile == "aws" else None
     )
+
+
+def get_invocation_metrics(settings: Settings) -> InvocationMetrics | None:
+    """The platform's invocation and error counts (``aws``: CloudWatch); None on ``local``, whose capture
+    records carry each answer's status themselves."""
+    if settings.profile == "aws":
+        return SageMakerInvocationMetrics(settings)
+    return None

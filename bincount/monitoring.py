@@ -2,16 +2,18 @@
 
 A baseline (JSON, stored with the model version: ``ModelVersionSpec.baseline_uri``) holds the
 training side's count distribution and a sample of cheap input statistics per image (brightness,
-contrast, width, height, channel means). A monitor window (the capture records since the last run)
-gives request count, error rate, latency percentiles (the router's own numbers), the predicted-count
-distribution and the same input statistics. Drift: PSI and a chi-square test for the counts, a
-two-sample Kolmogorov-Smirnov test per input statistic; thresholds are :class:`DriftThresholds`.
-Where the request carried an ABID id as its ``InferenceId`` and ``metadata/<id>.json`` exists under
-the labels source, live accuracy and RMSE.
+contrast, width, height, channel means). A monitor window (the capture records since the last run, read
+as a stream into a :class:`TrafficWindow`) gives request count, the model's error rate (its 5xx; the
+callers' 4xx are counted apart; where records carry no status, the platform's counts), latency
+percentiles (the router's own numbers), the predicted-count distribution and the same input statistics.
+Drift: PSI and a chi-square test for the counts, a two-sample Kolmogorov-Smirnov test per input
+statistic; thresholds are :class:`DriftThresholds`. Where the request carried an ABID id as its
+``InferenceId`` and ``metadata/<id>.json`` exists under the labels source, live accuracy and RMSE.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import io
 import json
 import math
@@ -19,7 +21,7 @@ import tempfile
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -27,7 +29,8 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 from scipy import stats
 
-from bincount.capture import iter_sampled_images
+from bincount.capture import CaptureReader, CaptureRecord, format_time, parse_time
+from bincount.contracts.metrics import InvocationCounts
 from bincount.manifest import CLASSES, metadata_uri
 from bincount.models import fetch_model
 from bincount.storage import ObjectNotFoundError, Storage, StorageError, join_uri
@@ -166,13 +169,19 @@ class DriftThresholds(BaseModel):
         default=0.05,
         ge=0,
         le=1,
-        description="Error rate above which bincount.monitor.error-rate-high is emitted (rollback automation).",
+        description="The model's error rate (its 5xx; callers' 4xx never count) above which "
+        "bincount.monitor.error-rate-high is emitted (rollback automation).",
     )
 
 
 @dataclass
 class MonitorReport:
-    """One endpoint's window of traffic against its baseline. ``verdict``: ok, drift, no-traffic, no-baseline."""
+    """One endpoint's window of traffic against its baseline. ``verdict``: ok, drift, no-traffic, no-baseline.
+
+    ``errors`` are the model's (5xx, a runtime ``ModelError`` wrapping one); ``client_errors`` the callers' (4xx:
+    a wrong content type, an oversized or empty body), reported apart and never in ``error_rate``. The rate's
+    denominator is the captured requests, or where the platform counts them (``error_source``), its invocations.
+    """
 
     endpoint: str
     model_version: str | None
@@ -180,8 +189,11 @@ class MonitorReport:
     message: str
     requests: int = 0
     errors: int = 0
+    client_errors: int = 0
     error_rate: float = 0.0
     error_rate_high: bool = False
+    error_source: str = "capture"
+    invocations: int | None = None
     latency_ms: dict[str, float] = field(default_factory=dict)
     predicted_shares: dict[str, float] = field(default_factory=dict)
     baseline_shares: dict[str, float] = field(default_factory=dict)
@@ -194,6 +206,7 @@ class MonitorReport:
     rmse: float | None = None
     window_start: str | None = None
     window_end: str | None = None
+    skipped: int = 0  # capture lines skipped (listed in problems, the first of them)
     problems: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -214,14 +227,81 @@ def _smoothed_shares(counts: np.ndarray) -> list[float]:
     return list((counts + 0.5) / (counts.sum() + 0.5 * len(counts)))
 
 
-def _prediction(record: dict[str, Any]) -> int | None:
-    output = record["captureData"]["endpointOutput"]
-    if output.get("encoding") != "JSON":
+def error_kind(record: CaptureRecord) -> Literal["ok", "model", "client"]:
+    """Whose fault a captured answer's failure is: the model's (5xx; the runtime's ``ModelError`` 424 around a
+    5xx, or around an unknown status), the caller's (any other 4xx), or no failure (2xx, or no status recorded)."""
+    status = record.status
+    if status is None or status < 400:
+        return "ok"
+    if status == 424:
+        original = record.original_status
+        return "model" if original is None or original >= 500 else "client"
+    return "model" if status >= 500 else "client"
+
+
+def _prediction(record: CaptureRecord) -> int | None:
+    if record.output_encoding != "JSON":
         return None
     try:
-        return int(json.loads(output["data"])["predictions"][0]["predicted_count"])
+        return int(json.loads(record.output_data)["predictions"][0]["predicted_count"])
     except (ValueError, KeyError, IndexError, TypeError):
         return None
+
+
+@dataclass
+class TrafficWindow:
+    """The running figures of one window of captured requests, built record by record (:meth:`add`): the
+    window's records, base64 images included, are never held at once; each image is reduced to its
+    statistics as it is read."""
+
+    requests: int = 0
+    model_errors: int = 0
+    client_errors: int = 0
+    latencies: list[float] = field(default_factory=list)
+    predicted: Counter[int] = field(default_factory=Counter)
+    identified: list[tuple[str, int]] = field(default_factory=list)  # (inference id, predicted count)
+    features: dict[str, list[float]] = field(default_factory=lambda: {name: [] for name in FEATURES})
+    start: dt.datetime | None = None
+    end: dt.datetime | None = None
+    problems: list[str] = field(default_factory=list)
+    skipped: int = 0
+
+    def add(self, record: CaptureRecord) -> None:
+        """Count one record: its error, latency, prediction and (whole images only) input statistics."""
+        self.requests += 1
+        if record.latency_ms is not None:
+            self.latencies.append(record.latency_ms)
+        kind = error_kind(record)
+        if kind != "ok":
+            self.model_errors += kind == "model"
+            self.client_errors += kind == "client"
+            return
+        prediction = _prediction(record)
+        if prediction is not None:
+            self.predicted[prediction] += 1
+            if record.inference_id:
+                self.identified.append((record.inference_id, prediction))
+        if record.input_kept != "inline":
+            return  # a thumbnail's size and pixels are not the request's (SageMaker's records are whole)
+        data = record.image()
+        if data is None:
+            return
+        try:
+            values = image_statistics(data)
+        except (OSError, ValueError, Image.DecompressionBombError):
+            return
+        for name in FEATURES:
+            self.features[name].append(values[name])
+
+    @classmethod
+    def read(cls, reader: CaptureReader) -> TrafficWindow:
+        """Every record ``reader`` streams; its span, skipped lines and problems."""
+        window = cls()
+        for record in reader:
+            window.add(record)
+        window.start, window.end = reader.earliest, reader.latest
+        window.problems, window.skipped = list(reader.problems), reader.skipped
+        return window
 
 
 def ground_truth(storage: Storage, labels_uri: str, ids: list[str], problems: list[str]) -> dict[str, int]:
@@ -246,25 +326,29 @@ def ground_truth(storage: Storage, labels_uri: str, ids: list[str], problems: li
 
 def monitor_window(
     endpoint: str,
-    records: list[dict[str, Any]],
+    window: TrafficWindow,
     baseline: Baseline | None,
     thresholds: DriftThresholds,
     labels: dict[str, int] | None = None,
     model_version: str | None = None,
-    problems: list[str] | None = None,
+    invocations: InvocationCounts | None = None,
 ) -> MonitorReport:
-    """Compare one window of captured records with ``baseline`` (None: traffic figures only)."""
-    report = MonitorReport(endpoint, model_version, "ok", "", problems=list(problems or []))
-    report.requests = len(records)
-    if not records:
+    """Compare one window of captured traffic with ``baseline`` (None: traffic figures only). ``invocations``:
+    the platform's own counts for the window, where capture records carry no status (the error rate is theirs)."""
+    report = MonitorReport(endpoint, model_version, "ok", "", problems=list(window.problems), skipped=window.skipped)
+    report.requests = window.requests
+    report.window_start = format_time(window.start) if window.start else None
+    report.window_end = format_time(window.end) if window.end else None
+    if not window.requests:
         report.verdict, report.message = "no-traffic", "no captured requests since the last run: nothing to compare"
         return report
-    ok = _traffic(report, records, thresholds)
-    predictions = {i: p for i, r in enumerate(ok) if (p := _prediction(r)) is not None}
-    counted = Counter(predictions.values())
-    report.predicted_shares = {str(c): counted.get(c, 0) / max(len(predictions), 1) for c in CLASSES}
+    _errors(report, window, thresholds, invocations)
+    if window.latencies:
+        report.latency_ms = {f"p{q}": float(np.percentile(window.latencies, q)) for q in (50, 90, 99)}
+    answered = sum(window.predicted.values())
+    report.predicted_shares = {str(c): window.predicted.get(c, 0) / max(answered, 1) for c in CLASSES}
     if labels:
-        _live_quality(report, ok, predictions, labels)
+        _live_quality(report, window, labels)
     if baseline is None:
         report.verdict = "no-baseline"
         report.message = (
@@ -272,48 +356,36 @@ def monitor_window(
             "traffic figures only"
         )
         return report
-    if len(predictions) < thresholds.min_requests:
+    if answered < thresholds.min_requests:
         report.verdict = "no-traffic"
-        report.message = (
-            f"{len(predictions)} answered requests, fewer than min_requests={thresholds.min_requests}: no verdict"
-        )
+        report.message = f"{answered} answered requests, fewer than min_requests={thresholds.min_requests}: no verdict"
         return report
-    _count_drift(report, baseline, counted, thresholds)
-    _feature_drift(report, ok, baseline, thresholds)
+    _count_drift(report, baseline, window.predicted, thresholds)
+    _feature_drift(report, window, baseline, thresholds)
     if report.drifted:
         report.verdict, report.message = "drift", "drift in " + "; ".join(report.drifted)
     else:
-        report.message = f"{len(records)} requests, no drift (PSI {report.psi:.3f})"
+        report.message = f"{window.requests} requests, no drift (PSI {report.psi:.3f})"
     return report
 
 
-def _traffic(report: MonitorReport, records: list[dict[str, Any]], thresholds: DriftThresholds) -> list[dict[str, Any]]:
-    """Window, error rate and latency percentiles into ``report``; returns the records answered without error."""
-    report.window_start = records[0]["eventMetadata"]["inferenceTime"]
-    report.window_end = records[-1]["eventMetadata"]["inferenceTime"]
-    statuses = [int(r["eventMetadata"].get("bincount", {}).get("status", 200)) for r in records]
-    report.errors = sum(status >= 400 for status in statuses)
-    report.error_rate = report.errors / len(records)
-    report.error_rate_high = report.error_rate > thresholds.max_error_rate
-    latencies = [
-        float(r["eventMetadata"]["bincount"]["latencyMs"])
-        for r in records
-        if "latencyMs" in r["eventMetadata"].get("bincount", {})
-    ]
-    if latencies:
-        report.latency_ms = {f"p{q}": float(np.percentile(latencies, q)) for q in (50, 90, 99)}
-    return [r for r, status in zip(records, statuses, strict=True) if status < 400]
-
-
-def _live_quality(
-    report: MonitorReport, ok: list[dict[str, Any]], predictions: dict[int, int], labels: dict[str, int]
+def _errors(
+    report: MonitorReport, window: TrafficWindow, thresholds: DriftThresholds, invocations: InvocationCounts | None
 ) -> None:
+    """The model's error rate (and the callers' errors, apart) from the capture, or from the platform's counts."""
+    if invocations is None:
+        report.errors, report.client_errors, total = window.model_errors, window.client_errors, window.requests
+    else:
+        report.errors, report.client_errors = invocations.model_errors, invocations.client_errors
+        report.invocations = total = invocations.invocations
+        report.error_source = invocations.source
+    report.error_rate = report.errors / total if total else 0.0
+    report.error_rate_high = report.error_rate > thresholds.max_error_rate
+
+
+def _live_quality(report: MonitorReport, window: TrafficWindow, labels: dict[str, int]) -> None:
     """Live accuracy and RMSE over the answered requests whose id has a label."""
-    pairs = [
-        (labels[r["eventMetadata"]["inferenceId"]], predictions[i])
-        for i, r in enumerate(ok)
-        if i in predictions and r["eventMetadata"].get("inferenceId") in labels
-    ]
+    pairs = [(labels[image_id], predicted) for image_id, predicted in window.identified if image_id in labels]
     if pairs:
         truth, predicted = np.array(pairs).T
         report.labelled = len(pairs)
@@ -336,29 +408,20 @@ def _count_drift(report: MonitorReport, baseline: Baseline, counted: Counter, th
 
 
 def _feature_drift(
-    report: MonitorReport, ok: list[dict[str, Any]], baseline: Baseline, thresholds: DriftThresholds
+    report: MonitorReport, window: TrafficWindow, baseline: Baseline, thresholds: DriftThresholds
 ) -> None:
     """A KS test of each input statistic against the baseline's."""
-    live: dict[str, list[float]] = {name: [] for name in FEATURES}
-    for record, data in iter_sampled_images(ok):
-        if record["eventMetadata"].get("bincount", {}).get("input", "inline") != "inline":
-            continue  # a thumbnail's size and pixels are not the request's (SageMaker's records are whole)
-        try:
-            values = image_statistics(data)
-        except (OSError, ValueError, Image.DecompressionBombError):
-            continue
-        for name in FEATURES:
-            live[name].append(values[name])
     for name in FEATURES:
-        if len(live[name]) < thresholds.min_requests or not baseline.features.get(name):
+        live = window.features[name]
+        if len(live) < thresholds.min_requests or not baseline.features.get(name):
             continue
-        result = stats.ks_2samp(baseline.features[name], live[name])
+        result = stats.ks_2samp(baseline.features[name], live)
         drift = bool(result.statistic > thresholds.ks_statistic and result.pvalue < thresholds.ks_alpha)
         report.features.append(
             {
                 "feature": name,
                 "baseline mean": float(np.mean(baseline.features[name])),
-                "live mean": float(np.mean(live[name])),
+                "live mean": float(np.mean(live)),
                 "KS": float(result.statistic),
                 "p": float(result.pvalue),
                 "drift": drift,
@@ -373,16 +436,19 @@ def monitoring_uri(artifact_root: str, endpoint: str, *parts: str) -> str:
     return join_uri(artifact_root, "monitoring", endpoint, *parts)
 
 
-def read_cursor(storage: Storage, artifact_root: str, endpoint: str) -> str | None:
-    """The ``inferenceTime`` of the last record an earlier monitor run read (None: from the start)."""
+def read_cursor(storage: Storage, artifact_root: str, endpoint: str) -> dt.datetime | None:
+    """The time of the last capture line an earlier monitor run read (None: never monitored)."""
     try:
-        return json.loads(storage.read_bytes(monitoring_uri(artifact_root, endpoint, "cursor.json")))["after"]
+        return parse_time(
+            json.loads(storage.read_bytes(monitoring_uri(artifact_root, endpoint, "cursor.json")))["after"]
+        )
     except ObjectNotFoundError:
         return None
 
 
 def save_report(storage: Storage, artifact_root: str, report: MonitorReport) -> None:
-    """Keep ``report`` (and as the endpoint's last verdict); move the cursor past its window."""
+    """Keep ``report`` (and as the endpoint's last verdict); move the cursor past its window (skipped lines
+    included: the next run starts after them)."""
     document = json.dumps(report.to_dict(), indent=1).encode()
     stamp = (report.window_end or "empty").replace(":", "")
     storage.write_bytes(monitoring_uri(artifact_root, report.endpoint, "reports", f"{stamp}.json"), document)

@@ -3,15 +3,18 @@
     bincount.monitor.drift-detected                        ─► run nightly-retrain/nightly now (retune if asked)
     nightly-retrain or bincount-pipeline Failed / Crashed  ─► notification (webhook block)
     no nightly-retrain Completed within 26 h               ─► notification
-    bincount.model.promoted, then bincount.monitor.error-rate-high within 24 h
-                                                           ─► run rollback-model/on-demand
+    bincount.model.promoted, then bincount.monitor.error-rate-high within 24 h, both about the same endpoint
+                                                           ─► run rollback-model/on-demand for that endpoint
 
 Each is replaced by name when created again (idempotent). The deployments must exist first
-(`prefect deploy --all`): the actions name them by id.
+(`prefect deploy --all`): the actions name them by id. A notification links to the run (or the
+deployment) in the Prefect UI at the address given when it was created (``Notify.ui_url``): the server
+renders the message and knows no address of its own unless started with ``PREFECT_UI_URL``.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import timedelta
 from uuid import UUID
 
@@ -22,7 +25,6 @@ from prefect.automations import (
     Posture,
     RunDeployment,
     SendNotification,
-    SequenceTrigger,
 )
 from prefect.blocks.notifications import CustomWebhookNotificationBlock
 from prefect.exceptions import ObjectNotFound
@@ -62,14 +64,56 @@ def _flow_runs_of(flows: list[str]) -> dict[str, object]:
     return {"prefect.resource.role": "flow", "prefect.resource.name": flows}
 
 
-_RUN_BODY = (
-    "Flow run {{ flow_run.name }} of {{ flow.name }} entered {{ flow_run.state.name }}: {{ flow_run.state.message }}\n"
-    "{{ flow_run|ui_url }}"
-)
+@dataclass(frozen=True)
+class Notify:
+    """Where notifications go (the webhook block's id) and the Prefect UI their links open (``http(s)://...``)."""
+
+    block_id: UUID
+    ui_url: str
+
+    def run_body(self) -> str:
+        return (
+            "Flow run {{ flow_run.name }} of {{ flow.name }} entered {{ flow_run.state.name }}: "
+            "{{ flow_run.state.message }}\n"
+            f"{self.ui_url}/runs/flow-run/{{{{ flow_run.id }}}}"
+        )
+
+
+def ui_address(ui_url: str | None) -> str:
+    """The Prefect UI's address for links, checked; ``ui_url`` None: not known (the error says how to give it)."""
+    if not ui_url:
+        raise AutomationSetupError(
+            "notifications link to the run in the Prefect UI, whose address is not known here: set PREFECT_API_URL "
+            "to the server's API (e.g. http://127.0.0.1:4200/api; the UI is that address without /api), or "
+            "PREFECT_UI_URL, or give --ui-url"
+        )
+    if not ui_url.startswith(("http://", "https://")):
+        raise AutomationSetupError(f"the Prefect UI's address must start with http:// or https://, not {ui_url!r}")
+    return ui_url.rstrip("/")
+
+
+def rollback_trigger(window_h: float) -> EventTrigger:
+    """``bincount.model.promoted`` opens a window of ``window_h`` hours for its endpoint; the monitor's
+    ``bincount.monitor.error-rate-high`` about the same endpoint within it fires (once per promotion).
+
+    Per endpoint through ``for_each`` on the resource's name: a model group is named after its endpoint, so the
+    promotion (about ``bincount.model-group.<name>``) and the error rate (``bincount.endpoint.<name>``) fall in
+    the same bucket only when they are about the same endpoint. (A sequence of two triggers would not do: its
+    steps are not kept per resource, so a promotion on one endpoint and errors on another would fire it.)
+    """
+    return EventTrigger(
+        after={"bincount.model.promoted"},
+        expect={"bincount.monitor.error-rate-high"},
+        match={"prefect.resource.id": ["bincount.model-group.*", "bincount.endpoint.*"]},
+        for_each={"prefect.resource.name"},
+        posture=Posture.Reactive,
+        threshold=1,
+        within=timedelta(hours=window_h),
+    )
 
 
 def automations(
-    notify_block_id: UUID | None, retune_on_drift: bool, missed_after_h: float, rollback_window_h: float
+    notify: Notify | None, retune_on_drift: bool, missed_after_h: float, rollback_window_h: float
 ) -> list[Automation]:
     """The automations, not yet created (no notification ones without a block)."""
     found = [
@@ -95,19 +139,8 @@ def automations(
         ),
         Automation(
             name="bincount-error-rate-rollback",
-            description="A promotion followed by an error rate above the monitor's max_error_rate: roll back.",
-            trigger=SequenceTrigger(
-                triggers=[
-                    EventTrigger(
-                        expect={"bincount.model.promoted"}, match={"prefect.resource.id": "bincount.model-group.*"}
-                    ),
-                    EventTrigger(
-                        expect={"bincount.monitor.error-rate-high"},
-                        match={"prefect.resource.id": "bincount.endpoint.*"},
-                    ),
-                ],
-                within=timedelta(hours=rollback_window_h),
-            ),
+            description="A promotion followed by the monitor's error-rate-high on the same endpoint: roll it back.",
+            trigger=rollback_trigger(rollback_window_h),
             actions=[
                 RunDeployment(
                     source="selected",
@@ -121,7 +154,7 @@ def automations(
             ],
         ),
     ]
-    if notify_block_id is not None:
+    if notify is not None:
         found += [
             Automation(
                 name="bincount-run-failed",
@@ -135,9 +168,9 @@ def automations(
                 ),
                 actions=[
                     SendNotification(
-                        block_document_id=notify_block_id,
+                        block_document_id=notify.block_id,
                         subject="bincount: {{ flow.name }} {{ flow_run.state.name }}",
-                        body=_RUN_BODY,
+                        body=notify.run_body(),
                     )
                 ],
             ),
@@ -154,9 +187,10 @@ def automations(
                 ),
                 actions=[
                     SendNotification(
-                        block_document_id=notify_block_id,
+                        block_document_id=notify.block_id,
                         subject="bincount: no nightly retrain completed",
-                        body=f"No nightly-retrain run has completed in the last {missed_after_h:g} hours.",
+                        body=f"No nightly-retrain run has completed in the last {missed_after_h:g} hours: "
+                        f"{notify.ui_url}/deployments/deployment/{_deployment_id(NIGHTLY)}",
                     )
                 ],
             ),
@@ -165,13 +199,21 @@ def automations(
 
 
 def create_automations(
-    notify_url: str | None, retune_on_drift: bool = False, missed_after_h: float = 26.0, rollback_window_h: float = 24.0
+    notify_url: str | None,
+    retune_on_drift: bool = False,
+    missed_after_h: float = 26.0,
+    rollback_window_h: float = 24.0,
+    ui_url: str | None = None,
 ) -> list[str]:
-    """Create (or replace) every automation; return their names."""
-    block_id = save_webhook_block(notify_url) if notify_url else None
+    """Create (or replace) every automation; return their names. With ``notify_url``, ``ui_url`` is the Prefect
+    UI's address that the notifications link into (required: :func:`ui_address` says how to give it)."""
+    notify = None
+    if notify_url:
+        ui = ui_address(ui_url)  # before anything is saved
+        notify = Notify(save_webhook_block(notify_url), ui)
     created = []
     with get_client(sync_client=True) as client:
-        for automation in automations(block_id, retune_on_drift, missed_after_h, rollback_window_h):
+        for automation in automations(notify, retune_on_drift, missed_after_h, rollback_window_h):
             for old in client.read_automations_by_name(automation.name):
                 client.delete_automation(old.id)
             automation.create()

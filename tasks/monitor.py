@@ -1,27 +1,31 @@
 """Tasks: monitor one endpoint's captured traffic against its model's baseline; publish the verdict and emit it.
 
 Events: ``bincount.monitor.drift-detected`` or ``bincount.monitor.ok`` (and ``bincount.monitor.inconclusive``
-with no traffic or no baseline), plus ``bincount.monitor.error-rate-high`` past ``max_error_rate``, about the
-endpoint, with the model version as a related resource; the payload carries the figures (error rate, PSI, drifted
-features, live accuracy) automations can filter on.
+with no traffic or no baseline), plus ``bincount.monitor.error-rate-high`` (sent first) when the model's error rate
+(its 5xx, never the callers' 4xx) passes ``max_error_rate``, about the endpoint, with the model version as a related
+resource; the payload carries the figures (error rate, PSI, drifted features, live accuracy) automations can
+filter on.
 """
 
 from __future__ import annotations
+
+import datetime as dt
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
 
-from bincount.capture import capture_prefix, read_capture
+from bincount.capture import CaptureReader, capture_prefix
 from bincount.config import Settings
 from bincount.contracts.registry import parse_reference
 from bincount.contracts.serving import EndpointNotFoundError
 from bincount.endpoints import EndpointRecords, now_iso
-from bincount.factory import get_model_registry
+from bincount.factory import get_invocation_metrics, get_model_registry
 from bincount.monitoring import (
     DriftThresholds,
     MonitorReport,
+    TrafficWindow,
     ground_truth,
     load_baseline,
     monitor_window,
@@ -49,11 +53,17 @@ def monitor_artifact_key(endpoint: str) -> str:
     cache_policy=NO_CACHE,
 )
 def monitor_traffic_task(
-    settings: Settings, endpoint: str, thresholds: DriftThresholds, labels_uri: str | None
+    settings: Settings,
+    endpoint: str,
+    thresholds: DriftThresholds,
+    labels_uri: str | None,
+    first_window_hours: float = 24.0,
 ) -> MonitorReport:
-    """Read ``endpoint``'s capture since the last run, compare it with the served version's baseline, save the report.
+    """Read ``endpoint``'s capture since the last run (a first run: the last ``first_window_hours`` at most) as a
+    stream, compare it with the served version's baseline, save the report and move the cursor past what was read.
 
     Labels come from ``labels_uri``, else the bucket the served version was trained from, else the data source.
+    Where the platform counts invocations itself (``aws``: CloudWatch), the error rate is its.
     """
     logger = get_run_logger()
     storage = storage_for(settings)
@@ -61,21 +71,34 @@ def monitor_traffic_task(
     if record is None:
         raise EndpointNotFoundError(f"no endpoint named {endpoint!r} is recorded under {settings.artifact_root}")
     after = read_cursor(storage, settings.artifact_root, endpoint)
+    since = after or dt.datetime.now(dt.UTC) - dt.timedelta(hours=first_window_hours)
     prefix = capture_prefix(settings.artifact_root, endpoint)
-    logger.info("Reading capture of %r under %s since %s", endpoint, prefix, after or "the start")
-    read = read_capture(storage, prefix, after)
-    for problem in read.problems:
-        logger.warning("%s: %s", endpoint, problem)
+    first = "" if after else f" (a first run: the last {first_window_hours:g} h at most)"
+    logger.info("Reading capture of %r under %s since %s%s", endpoint, prefix, since.isoformat(), first)
+    window = TrafficWindow.read(CaptureReader(storage, prefix, after, None if after else since))
+    if window.skipped:
+        logger.warning("%s: %d capture lines skipped: %s", endpoint, window.skipped, "; ".join(window.problems[:5]))
     baseline, trained_from = None, None
     if record.model_ref:
         version = get_model_registry(settings).resolve(parse_reference(record.model_ref))
         baseline = load_baseline(storage, version.spec.baseline_uri)
         trained_from = version.spec.recipe.get("location", {}).get("source_uri")
     labels_uri = labels_uri or trained_from or settings.source_uri
-    ids = sorted({r["eventMetadata"]["inferenceId"] for r in read.records if r["eventMetadata"].get("inferenceId")})
-    labels = ground_truth(storage_for(settings, source=True), labels_uri, ids, read.problems) if ids else None
+    ids = sorted({image_id for image_id, _ in window.identified})
+    labels = ground_truth(storage_for(settings, source=True), labels_uri, ids, window.problems) if ids else None
+    metrics = get_invocation_metrics(settings)
+    invocations = None
+    if metrics is not None and window.requests and window.end is not None:
+        invocations = metrics.invocation_counts(endpoint, since, window.end)
+        logger.info(
+            "%s: %s counts %d invocations, %d model errors",
+            endpoint,
+            invocations.source,
+            invocations.invocations,
+            invocations.model_errors,
+        )
     report = monitor_window(
-        endpoint, read.records, baseline, thresholds, labels, record.model_ref or record.version, read.problems
+        endpoint, window, baseline, thresholds, labels, record.model_ref or record.version, invocations
     )
     save_report(storage, settings.artifact_root, report)
     logger.info("%s: %s: %s", endpoint, report.verdict, report.message)
@@ -89,7 +112,17 @@ def publish_monitor_task(settings: Settings, report: MonitorReport) -> None:
         {"figure": "verdict", "value": f"{report.verdict}: {report.message}"},
         {"figure": "model version", "value": report.model_version or "-"},
         {"figure": "window", "value": f"{report.window_start or '-'} .. {report.window_end or '-'}"},
-        {"figure": "requests / errors", "value": f"{report.requests} / {report.errors} ({report.error_rate:.1%})"},
+        {"figure": "requests", "value": str(report.requests)},
+        {
+            "figure": "model errors (5xx)",
+            "value": f"{report.errors} ({report.error_rate:.1%}"
+            + (
+                f" of {report.invocations} invocations, {report.error_source})"
+                if report.invocations is not None
+                else ")"
+            ),
+        },
+        {"figure": "client errors (4xx, not the model's)", "value": str(report.client_errors)},
         {
             "figure": "latency p50 / p90 / p99 (ms)",
             "value": " / ".join(f"{v:.0f}" for v in report.latency_ms.values()) or "-",
@@ -112,6 +145,7 @@ def publish_monitor_task(settings: Settings, report: MonitorReport) -> None:
             }
             for row in report.features
         ),
+        {"figure": "skipped capture lines", "value": str(report.skipped)},
         *({"figure": "skipped", "value": problem} for problem in report.problems[:20]),
     ]
     create_table_artifact(
@@ -143,16 +177,19 @@ def publish_monitor_task(settings: Settings, report: MonitorReport) -> None:
         "model_version": report.model_version,
         "requests": report.requests,
         "error_rate": report.error_rate,
+        "errors": report.errors,
+        "client_errors": report.client_errors,
+        "error_source": report.error_source,
         "psi": report.psi,
         "drifted": report.drifted,
         "accuracy": report.accuracy,
         "rmse": report.rmse,
     }
+    if report.error_rate_high:  # first: the verdict's event comes after it, so its arrival means this one was sent
+        emit_event(event="bincount.monitor.error-rate-high", resource=resource, related=related, payload=payload)
     emit_event(
         event=EVENTS.get(report.verdict, "bincount.monitor.inconclusive"),
         resource=resource,
         related=related,
         payload=payload,
     )
-    if report.error_rate_high:
-        emit_event(event="bincount.monitor.error-rate-high", resource=resource, related=related, payload=payload)

@@ -1,19 +1,19 @@
 """Automations on a real Prefect server with a worker: a drift event starts a nightly run, whose failure
-(nothing in production yet) reaches a webhook receiver on loopback as a notification."""
+(nothing in production yet) reaches a webhook receiver on loopback as a notification; the rollback automation
+acts only on an error rate of the endpoint that was promoted."""
 
 from __future__ import annotations
 
 import json
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import httpx
 import pytest
 from test_deployments import PREFECT, run
+from waiting import wait_until
 
 
 @pytest.fixture
@@ -43,19 +43,25 @@ def flow_runs(env: dict[str, str], deployment_name: str) -> list[dict]:
     return httpx.post(f"{env['PREFECT_API_URL']}/flow_runs/filter", json=query, timeout=10).json()
 
 
-def test_drift_starts_a_nightly_run_and_its_failure_notifies_the_webhook(
-    server_env: dict[str, str],
-    webhook: tuple[str, list[dict]],
-    tmp_path: Path,
-) -> None:
-    url, received = webhook
-    env = {
-        **server_env,
-        "BINCOUNT_ARTIFACT_ROOT": str(tmp_path / "artifacts"),
-        "BINCOUNT_DATA_DIR": str(tmp_path / "raw"),
-    }
+def automation_runs(env: dict[str, str], deployment_name: str) -> list[dict]:
+    return [r for r in flow_runs(env, deployment_name) if (r.get("created_by") or {}).get("type") == "AUTOMATION"]
+
+
+@pytest.fixture(scope="module")
+def deployed(server_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """The work pool, blocks and every deployment on the module's server; the environment to reach them."""
+    root = tmp_path_factory.mktemp("automations")
+    env = {**server_env, "BINCOUNT_ARTIFACT_ROOT": str(root / "artifacts"), "BINCOUNT_DATA_DIR": str(root / "raw")}
     run([sys.executable, "-m", "deployments.setup"], env)
     run([PREFECT, "--no-prompt", "deploy", "--all"], env)
+    return env
+
+
+def test_drift_starts_a_nightly_run_and_its_failure_notifies_the_webhook(
+    deployed: dict[str, str], webhook: tuple[str, list[dict]]
+) -> None:
+    url, received = webhook
+    env = deployed
     created = run([sys.executable, "-m", "deployments.setup", "--automations", "--notify-url", url], env)
     assert (
         "bincount-drift-retrain" in created
@@ -96,52 +102,53 @@ def test_drift_starts_a_nightly_run_and_its_failure_notifies_the_webhook(
         "payload={'verdict': 'drift'})\n"
     )
     run([sys.executable, "-c", emit], env)
-    deadline = time.monotonic() + 60
-    while not (
-        started := [
-            r
-            for r in flow_runs(env, "nightly-retrain/nightly")
-            if (r.get("created_by") or {}).get("type") == "AUTOMATION"
-        ]
-    ):
-        assert time.monotonic() < deadline, "the drift automation created no nightly run"
-        time.sleep(1)
+    started = wait_until(
+        lambda: automation_runs(env, "nightly-retrain/nightly"),
+        timeout_s=60,
+        interval_s=1,
+        what="the drift automation to create a nightly run",
+    )
     assert started[0]["parameters"]["endpoint_name"] == "bincount"
 
     run([PREFECT, "worker", "start", "--pool", "bincount-local", "--run-once"], env, timeout=300)
-    deadline = time.monotonic() + 90
 
     def failures() -> list[dict]:
         return [m for m in received if "Failed" in m["subject"]]
 
-    while not (failures() and any("no nightly retrain completed" in m["subject"] for m in received)):
-        assert time.monotonic() < deadline, f"notifications missing: {received}"
-        time.sleep(0.5)
+    wait_until(
+        lambda: failures() and any("no nightly retrain completed" in m["subject"] for m in received),
+        timeout_s=90,
+        interval_s=0.5,
+        what=f"the failure and missed-nightly notifications (received: {received})",
+    )
     (message,) = failures()
     assert "nightly-retrain" in message["subject"] and started[0]["name"] in message["body"], message
 
-    # a promotion, then an error rate above the monitor's threshold: the rollback deployment is run
-    emit_sequence = (
-        "import time\n"
+
+def test_the_rollback_automation_acts_only_on_errors_of_the_endpoint_that_was_promoted(
+    deployed: dict[str, str],
+) -> None:
+    """A promotion on alpha, then error-rate-high on beta (no rollback: beta was not promoted), then on alpha
+    (alpha is rolled back). Each event declares the one before it (``follows``), so the server evaluates them
+    in that order: when alpha's rollback exists, beta's event has been evaluated too."""
+    env = deployed
+    created = run([sys.executable, "-m", "deployments.setup", "--automations"], env)
+    assert "bincount-error-rate-rollback" in created
+    emit = (
         "from prefect.events import emit_event\n"
-        "emit_event(event='bincount.model.promoted', resource={'prefect.resource.id': 'bincount.model-group.bincount', "
-        "'prefect.resource.name': 'bincount'})\n"
-        "time.sleep(2)\n"
-        "emit_event(event='bincount.monitor.error-rate-high', "
-        "resource={'prefect.resource.id': 'bincount.endpoint.bincount', 'prefect.resource.name': 'bincount'})\n"
+        "def about(kind, name):\n"
+        "    return {'prefect.resource.id': f'bincount.{kind}.{name}', 'prefect.resource.name': name}\n"
+        "promoted = emit_event(event='bincount.model.promoted', resource=about('model-group', 'alpha'))\n"
+        "other = emit_event(event='bincount.monitor.error-rate-high', resource=about('endpoint', 'beta'), "
+        "follows=promoted)\n"
+        "emit_event(event='bincount.monitor.error-rate-high', resource=about('endpoint', 'alpha'), follows=other)\n"
     )
-    run([sys.executable, "-c", emit_sequence], env)
-    deadline = time.monotonic() + 60
-    while not (
-        rollbacks := [
-            r
-            for r in flow_runs(env, "rollback-model/on-demand")
-            if (r.get("created_by") or {}).get("type") == "AUTOMATION"
-        ]
-    ):
-        assert time.monotonic() < deadline, "the rollback automation created no rollback run"
-        time.sleep(1)
-    assert (
-        rollbacks[0]["parameters"]["endpoint_name"] == "bincount"
-        and rollbacks[0]["parameters"]["actor"] == "automation"
+    run([sys.executable, "-c", emit], env)
+    rollbacks = wait_until(
+        lambda: automation_runs(env, "rollback-model/on-demand"),
+        timeout_s=60,
+        interval_s=1,
+        what="the rollback automation to create a rollback run for alpha",
     )
+    assert [r["parameters"]["endpoint_name"] for r in rollbacks] == ["alpha"], rollbacks
+    assert rollbacks[0]["parameters"]["actor"] == "automation"

@@ -23,9 +23,10 @@ judges on these), plus the shadow's agreement. ``GET /ping`` answers with the re
 it serves (``model_version``) and its weights.
 
 Data capture (the state file's ``capture``: a :class:`~bincount.contracts.serving.CaptureConfig` and a
-destination) happens here: a sampled invocation's body, answer, status and latency go to a
-:class:`~bincount.capture.CaptureWriter` queue after the answer is ready; SIGTERM drains the queue
-into the files, after the hosts have answered every request in flight and stopped.
+destination) happens here: a sampled invocation's body, answer, status (and inside a runtime ``ModelError``
+the model's own) and latency go to a :class:`~bincount.capture.CaptureWriter` queue after the answer is
+ready; SIGTERM drains the queue into the files, after the hosts have answered every request in flight and
+stopped.
 """
 
 from __future__ import annotations
@@ -433,6 +434,9 @@ class Router:
                 at=dt.datetime.now(dt.UTC),
                 inference_id=headers.get("x-amzn-sagemaker-inference-id"),
                 model_version=spec.get("model_ref") or spec.get("version"),
+                original_status=_original_status(
+                    answer.status_code, answer.headers.get("x-amzn-errortype"), bytes(answer.body)
+                ),
             )
         )
 
@@ -467,13 +471,19 @@ class Router:
             await asyncio.get_running_loop().run_in_executor(None, self.capture.close)
 
 
+def _original_status(status: int, error_type: str | None, body: bytes) -> int | None:
+    """Inside the runtime route's ``ModelError`` (424): the model container's own status; None for other answers."""
+    if status == 424 and error_type == "ModelError":
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            return int(json.loads(body)["OriginalStatusCode"])
+    return None
+
+
 def _model_status(answer: httpx.Response) -> int:
     """The status a variant is judged by: on the runtime route a model's own failure comes wrapped in a
     ``ModelError`` (424) that carries the container's status; its 500 is the model's error, not the caller's."""
-    if answer.status_code == 424 and answer.headers.get("x-amzn-errortype") == "ModelError":
-        with contextlib.suppress(ValueError, KeyError, TypeError):
-            return int(json.loads(answer.content)["OriginalStatusCode"])
-    return answer.status_code
+    original = _original_status(answer.status_code, answer.headers.get("x-amzn-errortype"), answer.content)
+    return answer.status_code if original is None else original
 
 
 def _error(path: str, status: int, message: str) -> Response:

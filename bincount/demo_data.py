@@ -3,7 +3,8 @@
 Each photo is a cardboard-coloured bin with a few elastic straps across it and 0-7 items
 (boxes and pouches of random colour, size and position, some overlapping). The manifest lists
 the 1-5 item photos only, as the seeds' ``file_list.json`` does; the others exist in the bucket
-so that building a manifest from ids has something to leave out.
+so that building a manifest from ids has something to leave out. :func:`add_demo_images` grows a
+bucket with new photos under new ids (new data for the nightly to find), leaving the others as they are.
 """
 
 from __future__ import annotations
@@ -11,12 +12,13 @@ from __future__ import annotations
 import io
 import json
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from bincount.manifest import CLASSES, dump_manifest, image_uri, metadata_uri
+from bincount.manifest import CLASSES, dump_manifest, image_uri, metadata_uri, parse_manifest
 from bincount.storage import Storage, join_uri
 
 DEMO_SPLITS = ("train", "valid", "test")
@@ -77,22 +79,77 @@ def generate_demo_bucket(
     rng = np.random.default_rng(seed)
     counts = rng.choice([0, *CLASSES, 6, 7], size=images, p=[0.02, *([0.96 / len(CLASSES)] * len(CLASSES)), 0.01, 0.01])
     ids = [f"{number:05d}" for number in range(1, images + 1)]
-    child_seeds = rng.spawn(images)
+    _write_photos(storage, bucket_uri, dict(zip(ids, (int(c) for c in counts), strict=True)), rng, size, concurrency)
+    manifest = {image_id: int(count) for image_id, count in zip(ids, counts, strict=True) if count in CLASSES}
+    manifest_uri = join_uri(bucket_uri, "file_list.json")
+    storage.write_bytes(manifest_uri, dump_manifest(manifest))
+    return manifest_uri
 
-    def write(index: int) -> None:
-        image_rng = child_seeds[index]
-        image_id, count = ids[index], int(counts[index])
+
+class DemoBucketError(ValueError):
+    """The demo bucket cannot be grown as asked; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class AddedImages:
+    """What :func:`add_demo_images` wrote: the new ids (in order) and the manifest that lists them."""
+
+    manifest_uri: str
+    ids: list[str]
+    manifest_size: int
+
+
+def add_demo_images(
+    storage: Storage, bucket_uri: str, images: int, seed: int = 0, concurrency: int = 16
+) -> AddedImages:
+    """Add ``images`` new photos (counts 1-5, so the manifest lists each) to the demo bucket at ``bucket_uri``.
+
+    The new ids follow the highest id in the bucket, so no object is overwritten; the photos are the size
+    of the bucket's first one, and depend on ``seed`` and the first new id (each batch differs).
+
+    Raises:
+        DemoBucketError: no manifest at ``bucket_uri`` (make the bucket first), a bucket whose ids are
+            not the demo's numbers, or ``images`` below 1.
+    """
+    manifest_uri = join_uri(bucket_uri, "file_list.json")
+    if images < 1:
+        raise DemoBucketError(f"cannot add {images} photos: give a number of 1 or more")
+    if not storage.exists(manifest_uri):
+        raise DemoBucketError(
+            f"no demo bucket at {bucket_uri} (no file_list.json): make one first with `bincount make-demo-data "
+            f"{bucket_uri}`"
+        )
+    manifest = parse_manifest(storage.read_bytes(manifest_uri), manifest_uri)
+    existing = sorted(info.uri for info in storage.list(join_uri(bucket_uri, "bin-images")))
+    numbers = [Path(uri).stem for uri in existing]
+    if not all(number.isdigit() for number in numbers):
+        raise DemoBucketError(f"{bucket_uri} holds photos whose ids are not numbers: not a demo bucket to grow")
+    first = max((int(number) for number in numbers), default=0) + 1
+    size = Image.open(io.BytesIO(storage.read_bytes(existing[0]))).width if existing else 224
+    rng = np.random.default_rng([seed, first])
+    ids = [f"{number:05d}" for number in range(first, first + images)]
+    added = dict(zip(ids, (int(c) for c in rng.choice(CLASSES, size=images)), strict=True))
+    _write_photos(storage, bucket_uri, added, rng, size, concurrency)
+    manifest.update(added)
+    storage.write_bytes(manifest_uri, dump_manifest(manifest))
+    return AddedImages(manifest_uri=manifest_uri, ids=ids, manifest_size=len(manifest))
+
+
+def _write_photos(
+    storage: Storage, bucket_uri: str, counts: dict[str, int], rng: np.random.Generator, size: int, concurrency: int
+) -> None:
+    """Render and write a photo and its metadata for each ``id: count``, each from its own child of ``rng``."""
+    child_seeds = dict(zip(counts, rng.spawn(len(counts)), strict=True))
+
+    def write(image_id: str) -> None:
+        image_rng, count = child_seeds[image_id], counts[image_id]
         storage.write_bytes(image_uri(bucket_uri, image_id), jpeg_bytes(render_bin_image(count, image_rng, size)))
         storage.write_bytes(
             metadata_uri(bucket_uri, image_id), json.dumps(_metadata(image_id, count, image_rng)).encode()
         )
 
     with ThreadPoolExecutor(max_workers=concurrency) as pool:
-        list(pool.map(write, range(images)))
-    manifest = {image_id: int(count) for image_id, count in zip(ids, counts, strict=True) if count in CLASSES}
-    manifest_uri = join_uri(bucket_uri, "file_list.json")
-    storage.write_bytes(manifest_uri, dump_manifest(manifest))
-    return manifest_uri
+        list(pool.map(write, counts))
 
 
 def write_demo_channels(root: Path, per_class: int = 8, size: int = 64, seed: int = 0) -> dict[str, Path]:

@@ -219,3 +219,54 @@ def create_automations(
             automation.create()
             created.append(automation.name)
     return created
+
+
+HARVEST = "harvest-feedback/daily"
+
+
+def feedback_chain_automations(retune: bool = False) -> list[Automation]:
+    """The drift chain with feedback, not yet created: drift ─► harvest-feedback ─► nightly-retrain.
+
+    ``bincount-drift-harvest``: the monitor's ``bincount.monitor.drift-detected`` about an endpoint runs
+    ``harvest-feedback/daily`` for it, asking for a retrain after; ``bincount-harvested-retrain``: that harvest's
+    ``bincount.feedback.harvested`` (resource label ``bincount.retrain`` = ``true``; a scheduled harvest's says
+    ``false`` and starts nothing) runs ``nightly-retrain/nightly`` for the endpoint, which then trains on the
+    dataset's latest manifest version. They replace ``bincount-drift-retrain`` (drift straight to the nightly):
+    create one chain or the other, not both, or a drift retrains twice.
+    """
+    return [
+        Automation(
+            name="bincount-drift-harvest",
+            description="Drift detected by the monitor: harvest the labelled traffic, then retrain.",
+            trigger=EventTrigger(
+                expect={"bincount.monitor.drift-detected"},
+                match={"prefect.resource.id": "bincount.endpoint.*"},
+                posture=Posture.Reactive,
+                threshold=1,
+            ),
+            actions=[
+                RunDeployment(
+                    source="selected",
+                    deployment_id=_deployment_id(HARVEST),
+                    parameters={"endpoint_name": "{{ event.resource['prefect.resource.name'] }}", "then_retrain": True},
+                )
+            ],
+        ),
+        Automation(
+            name="bincount-harvested-retrain",
+            description="A harvest started by drift finished: retrain on the dataset's latest manifest version.",
+            trigger=EventTrigger(
+                expect={"bincount.feedback.harvested"},
+                match={"prefect.resource.id": "bincount.dataset.*", "bincount.retrain": "true"},
+                posture=Posture.Reactive,
+                threshold=1,
+            ),
+            actions=[
+                RunDeployment(
+                    source="selected",
+                    deployment_id=_deployment_id(NIGHTLY),
+                    parameters={"endpoint_name": "{{ event.resource['bincount.endpoint'] }}", "retune": retune},
+                )
+            ],
+        ),
+    ]

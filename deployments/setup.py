@@ -8,6 +8,9 @@ Then `prefect deploy --all` reads prefect.yaml, and `prefect worker start --pool
 runs what is deployed. Once deployed, the automations (deployments/automations.py):
 
     python -m deployments.setup --automations --notify-url https://hooks.example.com/bincount [--retune-on-drift]
+
+A notification links to the run in the Prefect UI: at PREFECT_UI_URL, else PREFECT_API_URL without its
+/api (the server this command talks to), else --ui-url; with none of them it says so and creates nothing.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import argparse
 
 from prefect import get_client
 from prefect.client.schemas.actions import WorkPoolCreate
+from prefect.settings import get_current_settings
 from prefect.utilities.asyncutils import run_coro_as_sync
 from prefect.workers.process import ProcessWorker
 
@@ -61,6 +65,11 @@ def main(argv: list[str] | None = None) -> None:
         "--notify-url", help="webhook that failure and missed-run notifications POST to (default: none)"
     )
     parser.add_argument(
+        "--ui-url",
+        help="the Prefect UI's address that notifications link runs to "
+        "(default: PREFECT_UI_URL, else PREFECT_API_URL without /api)",
+    )
+    parser.add_argument(
         "--retune-on-drift", action="store_true", help="drift starts a nightly run that tunes again (default: off)"
     )
     parser.add_argument(
@@ -86,10 +95,17 @@ def main(argv: list[str] | None = None) -> None:
         print(f"block s3-bucket/{RESULTS_BLOCK} saved")
     if args.automations:
         try:
-            names = create_automations(args.notify_url, args.retune_on_drift, args.nightly_missed_after_h)
+            ui_url = args.ui_url or get_current_settings().ui_url
+            names = create_automations(
+                args.notify_url, args.retune_on_drift, args.nightly_missed_after_h, ui_url=ui_url
+            )
         except AutomationSetupError as error:
             parser.error(str(error))
-        notes = "" if args.notify_url else " (no --notify-url: no notifications)"
+        notes = (
+            f" (notifications link runs at {ui_url.rstrip('/')}/runs/flow-run/<id>)"
+            if args.notify_url
+            else " (no --notify-url: no notifications)"
+        )
         print(f"automations ready: {', '.join(names)}{notes}")
 
 

@@ -1,6 +1,10 @@
 """The `bincount` command: run the pipeline on the offline demo data, prepare a real dataset,
 make demo data, look at or stop endpoints (`bincount endpoints ...`), or look after registered models
-(`bincount models ...`)."""
+(`bincount models ...`).
+
+Each command imports what it needs inside its own function, so `bincount --help`, the listings and
+`describe` answer at once: they load neither Prefect nor torch (benchmarks/cli_latency.py measures them).
+"""
 
 from __future__ import annotations
 
@@ -9,27 +13,21 @@ import getpass
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import httpx
-
-from bincount.config import Location, Settings, to_uri
-from bincount.contracts.registry import ModelVersion, RegistryError
-from bincount.contracts.serving import EndpointNotFoundError, EndpointRecord, ServingError
-from bincount.demo_data import generate_demo_bucket
-from bincount.endpoints import EndpointRecords
-from bincount.factory import get_model_registry
-from bincount.registry import StorageModelRegistry
-from bincount.storage import join_uri, storage_for
-from flows.data import DataOptions, prepare_data
-from flows.endpoints import delete_endpoint, promote_shadow, stop_shadow
-from flows.pipeline import pipeline
-from flows.review import review_model
-from flows.rollback import rollback_model
-from flows.train import TrainOptions
+if TYPE_CHECKING:  # for the annotations only
+    from bincount.config import Settings
+    from bincount.contracts.registry import ModelVersion
+    from bincount.contracts.serving import EndpointRecord
+    from bincount.registry import StorageModelRegistry
+    from flows.train import TrainOptions
 
 
 def demo_bucket(settings: Settings, images: int, seed: int) -> str:
     """The demo bucket under the artifact root, generated on first use; returns its URI."""
+    from bincount.demo_data import generate_demo_bucket
+    from bincount.storage import join_uri, storage_for
+
     bucket_uri = settings.artifact_uri("demo-bucket")
     storage = storage_for(settings)
     if not storage.exists(join_uri(bucket_uri, "file_list.json")):
@@ -41,6 +39,8 @@ def demo_bucket(settings: Settings, images: int, seed: int) -> str:
 def demo_training_options() -> TrainOptions:
     """The seeds' recipe, small enough for a laptop CPU in a few minutes (ResNet-18 from scratch at 64 px);
     the default recipe (EfficientNet-Lite1 fine-tuned from ImageNet at 192 px) is for real photos."""
+    from flows.train import TrainOptions
+
     return TrainOptions(
         recipe="seeds",
         arch="resnet18",
@@ -58,6 +58,8 @@ def demo_training_options() -> TrainOptions:
 # --- bincount endpoints -----------------------------------------------------------------------
 def health(record: EndpointRecord) -> str:
     """What the endpoint's ``/ping`` says right now (a local endpoint's router answers it)."""
+    import httpx
+
     try:
         answer = httpx.get(f"{record.url.rstrip('/')}/ping", timeout=3.0)
     except httpx.HTTPError as error:
@@ -104,6 +106,8 @@ def endpoints_command(args: argparse.Namespace, settings: Settings) -> str:
     if args.endpoints_command == "list":
         return list_endpoints(settings)
     if args.endpoints_command in ("promote-shadow", "stop-shadow"):
+        from flows.endpoints import promote_shadow, stop_shadow
+
         end = promote_shadow if args.endpoints_command == "promote-shadow" else stop_shadow
         record = end(args.name)
         report = record.details["rollout"]["report"]
@@ -112,6 +116,10 @@ def endpoints_command(args: argparse.Namespace, settings: Settings) -> str:
             f"{report['compared']} answers compared, agreement {report['agreement']}, "
             f"{'promote' if report['promote'] else 'do not promote'} ({report['reason']})"
         )
+    from bincount.contracts.serving import EndpointNotFoundError
+    from bincount.endpoints import EndpointRecords
+    from bincount.storage import storage_for
+
     record = EndpointRecords(settings, storage_for(settings)).read(args.name)
     if record is None:
         raise EndpointNotFoundError(f"no endpoint named {args.name!r} is recorded (bincount endpoints list shows them)")
@@ -128,6 +136,9 @@ def format_table(headers: list[str], rows: list[list[str]]) -> str:
 
 
 def endpoint_records(settings: Settings) -> list[EndpointRecord]:
+    from bincount.endpoints import EndpointRecords
+    from bincount.storage import storage_for
+
     records = EndpointRecords(settings, storage_for(settings))
     return [record for name in records.names() if (record := records.read(name)) is not None]
 
@@ -150,13 +161,14 @@ def list_models(registry: StorageModelRegistry, settings: Settings, group: str |
             v.created_at[:19].replace("T", " "),
             v.spec.training_job,
             ",".join(record.name for record in serving(v, endpoints)) or "-",
+            f"held by {v.hold.actor}: {v.hold.reason}" if v.hold else "-",
         ]
         for v in registry.list(group)
     ]
     if not rows:
         return f"No registered models{f' in group {group!r}' if group else ''} under {registry.root}"
     headers = ["VERSION", "STAGE", "APPROVAL", "ACCURACY", "RMSE", "WITHIN-1", "CREATED (UTC)", "TRAINING JOB"]
-    return format_table([*headers, "SERVED BY"], rows)
+    return format_table([*headers, "SERVED BY", "HOLD"], rows)
 
 
 def show_model(version: ModelVersion, settings: Settings) -> str:
@@ -181,6 +193,11 @@ def show_model(version: ModelVersion, settings: Settings) -> str:
         f"within one {metrics.within_one_accuracy:.4f} ({metrics.images} images); per class {per_class}",
     ]
     lines += [f"  {key.replace('_', ' '):11} {value}" for key, value in sorted(version.mirror.items())]
+    if version.hold:
+        lines.append(
+            f"hold          held since {version.hold.at[:19]} by {version.hold.actor}: {version.hold.reason} "
+            f"(not promoted again, nor any model like it, until `bincount models release-hold {version.ref}`)"
+        )
     if endpoints:
         lines += [f"endpoint      {r.name}  {r.url}  ({r.backend}, deployed {r.deployed_at})" for r in endpoints]
     else:
@@ -194,21 +211,39 @@ def show_model(version: ModelVersion, settings: Settings) -> str:
 
 
 def models_command(args: argparse.Namespace, settings: Settings) -> str:
-    registry = get_model_registry(settings)
-    if args.models_command == "list":
-        return list_models(registry, settings, args.group)
-    if args.models_command == "show":
+    if args.models_command in ("list", "show"):  # reads: the records under the artifact root, no backend needed
+        from bincount.registry import StorageModelRegistry
+
+        registry = StorageModelRegistry.from_settings(settings)
+        if args.models_command == "list":
+            return list_models(registry, settings, args.group)
         return show_model(registry.resolve(args.version), settings)
+    from bincount.config import Location
+
     if args.models_command == "rollback":
+        from flows.rollback import rollback_model
+
         endpoint = rollback_model(args.endpoint, args.reason, args.actor, Location.of(settings))
-        return f"Endpoint {args.endpoint!r} serves {endpoint.model_ref} again ({endpoint.model_uri})"
+        return (
+            f"Endpoint {args.endpoint!r} serves {endpoint.model_ref} again ({endpoint.model_uri}); "
+            f"{endpoint.previous_model_ref} is held (`bincount models release-hold` lifts it)"
+        )
+    if args.models_command == "release-hold":
+        from flows.rollback import release_hold
+
+        version = release_hold(args.version, args.reason, args.actor, Location.of(settings))
+        return f"{version.ref} is no longer held: it may be promoted again"
+    from flows.review import review_model
+
     approve = args.models_command == "approve"
     version = review_model(args.version, approve, args.reason, args.actor, Location.of(settings))
     return f"{version.ref} is {version.approval} (stage {version.stage})"
 
 
 def add_models_commands(commands: argparse._SubParsersAction) -> None:
-    models = commands.add_parser("models", help="list, show, approve, reject or roll back registered model versions")
+    models = commands.add_parser(
+        "models", help="list, show, approve, reject or roll back registered model versions, or release a hold"
+    )
     actions = models.add_subparsers(dest="models_command", required=True)
     listing = actions.add_parser("list", help="every registered version: stage, approval, scores, endpoints")
     listing.add_argument("--group", help="only this model group (default: every group; a group per endpoint)")
@@ -223,6 +258,89 @@ def add_models_commands(commands: argparse._SubParsersAction) -> None:
     rollback.add_argument("endpoint", help="endpoint name (its model group has the same name)")
     rollback.add_argument("--reason", required=True, help="why: kept in the version's history")
     rollback.add_argument("--actor", default=getpass.getuser(), help="who (default: the current user)")
+    release = actions.add_parser("release-hold", help="let a version a rollback holds be promoted again")
+    release.add_argument("version", help="the held version, <group>:<number> (list shows holds)")
+    release.add_argument("--reason", required=True, help="why: kept in the version's history")
+    release.add_argument("--actor", default=getpass.getuser(), help="who (default: the current user)")
+
+
+# --- bincount demo, data, make-demo-data, delete-endpoint ----------------------------------------
+def demo_command(args: argparse.Namespace, settings: Settings) -> None:
+    from bincount.config import Location
+    from flows.data import DataOptions
+    from flows.pipeline import pipeline
+
+    location = Location(source_uri=demo_bucket(settings, args.images, args.seed))
+    result = pipeline(DataOptions(), demo_training_options(), location=location, refresh=args.refresh)
+    evaluation, endpoint, scored = result.evaluation, result.endpoint, result.batch_transform
+    if endpoint is None or scored is None:
+        print(
+            f"Model version {result.model_version} was rejected: nothing deployed (bincount models show "
+            f"{result.model_version})"
+        )
+        return
+    print(
+        f"\nTest accuracy {evaluation.accuracy:.3f}, RMSE {evaluation.rmse:.3f} ({evaluation.images} images)\n"
+        f"Model version {result.model_version}: {result.model_uri} (its lineage: bincount models show "
+        f"{result.model_version})\n"
+        f"Endpoint {endpoint.name!r} serves it at {endpoint.url}:\n"
+        f"  boto3.client('sagemaker-runtime', endpoint_url='{endpoint.url}', region_name='us-east-1',\n"
+        f"               aws_access_key_id='local', aws_secret_access_key='local')  # any credentials do locally\n"
+        f"       "
+        f".invoke_endpoint(EndpointName='{endpoint.name}', Body=jpeg_bytes, ContentType='image/jpeg')\n"
+        f"Batch transform: {scored.images} images scored into {scored.output_uri}\n"
+        f"Stop the endpoint with: bincount delete-endpoint {endpoint.name}"
+    )
+
+
+def data_command(args: argparse.Namespace, settings: Settings) -> None:
+    from bincount.config import Location, to_uri
+    from flows.data import DataOptions, prepare_data
+
+    options = DataOptions(
+        manifest_uri=to_uri(args.manifest_uri) if args.manifest_uri else None,
+        image_ids=args.ids_file.read_text().split() if args.ids_file else None,
+        dataset=args.dataset,
+        max_missing_share=args.max_missing_share,
+    )
+    result = prepare_data(options, Location(source_uri=args.source_uri), refresh=args.refresh)
+    print(f"Prepared {result.images} images; split manifest: {result.split_uri}")
+
+
+def make_demo_data_command(args: argparse.Namespace, settings: Settings) -> None:
+    from bincount.config import to_uri
+    from bincount.demo_data import DemoBucketError, add_demo_images, generate_demo_bucket
+    from bincount.storage import storage_for
+
+    target, storage = to_uri(args.uri), storage_for(settings)
+    if args.add is None:
+        print(generate_demo_bucket(storage, target, images=args.images, seed=args.seed))
+        return
+    try:
+        added = add_demo_images(storage, target, args.add, seed=args.seed)
+    except DemoBucketError as error:
+        print(f"bincount make-demo-data: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(
+        f"Added {len(added.ids)} photos ({added.ids[0]} to {added.ids[-1]}); the manifest lists "
+        f"{added.manifest_size}: {added.manifest_uri}"
+    )
+
+
+def delete_endpoint_command(args: argparse.Namespace, settings: Settings) -> None:
+    from flows.endpoints import delete_endpoint
+
+    stopped = delete_endpoint(args.name)
+    served = f" (it served {stopped.model_ref or stopped.version})" if stopped else ""
+    print(f"Endpoint {args.name!r} stopped{served}")
+
+
+COMMANDS = {
+    "demo": demo_command,
+    "data": data_command,
+    "make-demo-data": make_demo_data_command,
+    "delete-endpoint": delete_endpoint_command,
+}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -250,7 +368,14 @@ def main(argv: list[str] | None = None) -> None:
     stop.add_argument("name", help="endpoint name (the demo's is 'bincount')")
     make = commands.add_parser("make-demo-data", help="write a demo bucket at a URI and print its manifest URI")
     make.add_argument("uri", help="file:// or s3:// URI, or a folder")
-    make.add_argument("--images", type=int, default=600, help="demo photos to generate (default: 600)")
+    size = make.add_mutually_exclusive_group()
+    size.add_argument("--images", type=int, default=600, help="demo photos to generate (default: 600)")
+    size.add_argument(
+        "--add",
+        type=int,
+        metavar="N",
+        help="instead: add N new photos (new ids, counts 1-5) to the bucket there and to its manifest (default: off)",
+    )
     make.add_argument("--seed", type=int, default=0, help="seed of the demo data (default: 0)")
     endpoints = commands.add_parser("endpoints", help="list endpoints, or describe one: model version, URL, health")
     endpoint_actions = endpoints.add_subparsers(dest="endpoints_command", required=True)
@@ -267,12 +392,12 @@ def main(argv: list[str] | None = None) -> None:
     add_models_commands(commands)
     args = parser.parse_args(argv)
 
+    from bincount.config import Settings
+
     settings = Settings.load()
-    if args.command == "make-demo-data":
-        target = to_uri(args.uri)
-        print(generate_demo_bucket(storage_for(settings), target, images=args.images, seed=args.seed))
-        return
     if args.command == "models":
+        from bincount.contracts.registry import RegistryError
+
         try:
             print(models_command(args, settings))
         except RegistryError as error:
@@ -280,48 +405,15 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(2) from None
         return
     if args.command == "endpoints":
+        from bincount.contracts.serving import ServingError
+
         try:
             print(endpoints_command(args, settings))
         except ServingError as error:
             print(f"bincount endpoints {args.endpoints_command}: {error}", file=sys.stderr)
             raise SystemExit(2) from None
         return
-    if args.command == "delete-endpoint":
-        stopped = delete_endpoint(args.name)
-        served = f" (it served {stopped.model_ref or stopped.version})" if stopped else ""
-        print(f"Endpoint {args.name!r} stopped{served}")
-        return
-    if args.command == "data":
-        options = DataOptions(
-            manifest_uri=to_uri(args.manifest_uri) if args.manifest_uri else None,
-            image_ids=args.ids_file.read_text().split() if args.ids_file else None,
-            dataset=args.dataset,
-            max_missing_share=args.max_missing_share,
-        )
-        result = prepare_data(options, Location(source_uri=args.source_uri), refresh=args.refresh)
-        print(f"Prepared {result.images} images; split manifest: {result.split_uri}")
-        return
-    location = Location(source_uri=demo_bucket(settings, args.images, args.seed))
-    result = pipeline(DataOptions(), demo_training_options(), location=location, refresh=args.refresh)
-    evaluation, endpoint, scored = result.evaluation, result.endpoint, result.batch_transform
-    if endpoint is None or scored is None:
-        print(
-            f"Model version {result.model_version} was rejected: nothing deployed (bincount models show "
-            f"{result.model_version})"
-        )
-        return
-    print(
-        f"\nTest accuracy {evaluation.accuracy:.3f}, RMSE {evaluation.rmse:.3f} ({evaluation.images} images)\n"
-        f"Model version {result.model_version}: {result.model_uri} (its lineage: bincount models show "
-        f"{result.model_version})\n"
-        f"Endpoint {endpoint.name!r} serves it at {endpoint.url}:\n"
-        f"  boto3.client('sagemaker-runtime', endpoint_url='{endpoint.url}', region_name='us-east-1',\n"
-        f"               aws_access_key_id='local', aws_secret_access_key='local')  # any credentials do locally\n"
-        f"       "
-        f".invoke_endpoint(EndpointName='{endpoint.name}', Body=jpeg_bytes, ContentType='image/jpeg')\n"
-        f"Batch transform: {scored.images} images scored into {scored.output_uri}\n"
-        f"Stop the endpoint with: bincount delete-endpoint {endpoint.name}"
-    )
+    COMMANDS[args.command](args, settings)
 
 
 if __name__ == "__main__":

@@ -1,21 +1,27 @@
-"""prefect.yaml round trip: a Prefect server on loopback, `prefect deploy`, a process worker, a run; then
-that run's pages in the Prefect UI, opened in a real browser (Debian's chromium, headless)."""
+"""prefect.yaml round trip: a Prefect server on loopback, `prefect deploy` (also in a terminal, where it must ask
+nothing), a process worker, a run; then that run's pages in the Prefect UI, opened in a real browser (Debian's
+chromium, headless)."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import pty
+import re
+import select
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import termios
 import time
 from pathlib import Path
 
 import httpx
 import pytest
+from waiting import wait_until
 from websockets.sync.client import connect
 
 from bincount.demo_data import generate_demo_bucket
@@ -27,6 +33,8 @@ CHROMIUM = shutil.which("chromium")
 
 
 def run(command: list[str], env: dict[str, str], timeout: float = 300) -> str:
+    """Run ``command`` in the project root, as from a shell there (``$PWD``, which prefect.yaml's pull step reads)."""
+    env = {**env, "PWD": str(ROOT)}
     done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, f"{' '.join(command)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     return done.stdout
@@ -41,6 +49,96 @@ def flow_run_states(env: dict[str, str], flow_name: str) -> list[str]:
 def decisions(artifact_root: Path, group: str) -> list[dict]:
     folder = artifact_root / "registry" / group / "decisions"
     return [json.loads(path.read_text()) for path in sorted(folder.glob("*.json"))]
+
+
+def run_in_terminal(command: list[str], env: dict[str, str], timeout_s: float = 300) -> str:
+    """Run ``command`` in the project root with a pseudo-terminal as its stdin, stdout and stderr, as a person
+    types it, and answer nothing: return what it wrote once it exits 0. A command still running at the deadline
+    (waiting for an answer) is killed, and the test fails with what it wrote."""
+    primary, secondary = pty.openpty()
+    termios.tcsetwinsize(primary, (50, 200))  # rows, columns: wide enough that no name wraps
+    env = {**env, "PWD": str(ROOT), "TERM": "xterm-256color"}
+    process = subprocess.Popen(
+        command, cwd=ROOT, env=env, stdin=secondary, stdout=secondary, stderr=secondary, start_new_session=True
+    )
+    os.close(secondary)
+    written = bytearray()
+
+    def exited() -> bool:
+        while select.select([primary], [], [], 0.2)[0]:
+            try:
+                chunk = os.read(primary, 65536)
+            except OSError:  # EIO: the terminal's other side is closed (the command and its children exited)
+                break
+            if not chunk:
+                break
+            written.extend(chunk)
+        return process.poll() is not None
+
+    try:
+        wait_until(exited, timeout_s=timeout_s, interval_s=0, what=f"{' '.join(command)} to exit")
+        exited()  # what it wrote last
+    except AssertionError:
+        tail = written.decode(errors="replace")[-3000:]
+        raise AssertionError(f"{' '.join(command)} did not exit within {timeout_s:.0f} s; it wrote:\n{tail}") from None
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=30)
+        os.close(primary)
+    text = written.decode(errors="replace")
+    assert process.returncode == 0, f"{' '.join(command)} exited {process.returncode}:\n{text[-3000:]}"
+    return text
+
+
+PROMPTS = re.compile(r"\[y/n\]|Would you like|\? .*:\s*$", re.MULTILINE)
+"""What Prefect's questions look like: a confirm's ``[y/n]``, "Would you like ...", or a ``? ...:`` prompt."""
+
+
+def deployment_names(env: dict[str, str]) -> set[str]:
+    deployments = httpx.post(f"{env['PREFECT_API_URL']}/deployments/filter", json={}, timeout=10).json()
+    flows = httpx.post(f"{env['PREFECT_API_URL']}/flows/filter", json={}, timeout=10).json()
+    flow_names = {flow["id"]: flow["name"] for flow in flows}
+    return {f"{flow_names[d['flow_id']]}/{d['name']}" for d in deployments}
+
+
+def test_deploy_all_asks_nothing_in_a_terminal(server_env: dict[str, str]) -> None:
+    """The README's `prefect deploy --all`, typed in a terminal: every deployment created, no question asked."""
+    run([sys.executable, "-m", "deployments.setup"], server_env)
+    output = run_in_terminal([PREFECT, "deploy", "--all"], server_env)
+    assert "\x1b[" in output, "Prefect saw a terminal (its output is coloured), so it would have asked"
+    plain = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", output)
+    assert not PROMPTS.search(plain), plain[-3000:]
+    expected = {
+        "bincount-pipeline/on-demand",
+        "bincount-pipeline/demo",
+        "nightly-retrain/nightly",
+        "rollback-model/on-demand",
+        "batch-transform/on-demand",
+        "prepare-data/on-demand",
+        "monitor-endpoint/hourly",
+    }
+    assert expected <= deployment_names(server_env), plain[-3000:]
+    nightly = httpx.get(f"{server_env['PREFECT_API_URL']}/deployments/name/nightly-retrain/nightly", timeout=10).json()
+    assert nightly["pull_steps"] == [{"prefect.deployments.steps.set_working_directory": {"directory": str(ROOT)}}], (
+        "the worker runs the code in this folder"
+    )
+
+
+def test_aws_deploy_all_asks_nothing_in_a_terminal(server_env: dict[str, str]) -> None:
+    """docs/AWS.md's `prefect deploy --all --prefect-file deployments/aws.prefect.yaml`, typed in a terminal."""
+    env = {
+        **server_env,
+        "BINCOUNT_IMAGE": "123456789012.dkr.ecr.eu-west-1.amazonaws.com/bincount:test",
+        "BINCOUNT_ARTIFACT_ROOT": "s3://bincount-test/bincount",
+        "BINCOUNT_SAGEMAKER_ROLE_ARN": "arn:aws:iam::123456789012:role/bincount-sagemaker",
+        "BINCOUNT_AWS_REGION": "eu-west-1",
+    }
+    run([sys.executable, "-m", "deployments.setup", "--aws", "--bucket", "bincount-test"], env)
+    output = run_in_terminal([PREFECT, "deploy", "--all", "--prefect-file", "deployments/aws.prefect.yaml"], env)
+    plain = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", output)
+    assert "\x1b[" in output and not PROMPTS.search(plain), plain[-3000:]
+    assert {"bincount-pipeline/aws", "nightly-retrain/aws-nightly", "batch-transform/aws"} <= deployment_names(env)
 
 
 TINY_PIPELINE = {  # endpoint and model group: the default, "bincount"

@@ -1,6 +1,7 @@
 """Automations that act on the project's events, created in code (``python -m deployments.setup --automations``).
 
-    bincount.monitor.drift-detected                        ─► run nightly-retrain/nightly now (retune if asked)
+    bincount.monitor.drift-detected                        ─► run harvest-feedback/daily for it (then_retrain)
+    bincount.feedback.harvested (bincount.retrain = true)  ─► run nightly-retrain/nightly on the latest data
     nightly-retrain or bincount-pipeline Failed / Crashed  ─► notification (webhook block)
     no nightly-retrain Completed within 26 h               ─► notification
     bincount.model.promoted, then bincount.monitor.error-rate-high within 24 h, both about the same endpoint
@@ -33,6 +34,10 @@ NOTIFY_BLOCK = "bincount-notify"
 WATCHED_FLOWS = ["nightly-retrain", "bincount-pipeline"]
 NIGHTLY = "nightly-retrain/nightly"
 ROLLBACK = "rollback-model/on-demand"
+HARVEST = "harvest-feedback/daily"
+# Created by earlier versions and replaced by the feedback chain (drift straight to the nightly): deleted on
+# setup, or a drift would retrain twice.
+RETIRED = ["bincount-drift-retrain"]
 
 
 class AutomationSetupError(RuntimeError):
@@ -117,26 +122,7 @@ def automations(
 ) -> list[Automation]:
     """The automations, not yet created (no notification ones without a block)."""
     found = [
-        Automation(
-            name="bincount-drift-retrain",
-            description="Drift detected by the monitor: retrain now.",
-            trigger=EventTrigger(
-                expect={"bincount.monitor.drift-detected"},
-                match={"prefect.resource.id": "bincount.endpoint.*"},
-                posture=Posture.Reactive,
-                threshold=1,
-            ),
-            actions=[
-                RunDeployment(
-                    source="selected",
-                    deployment_id=_deployment_id(NIGHTLY),
-                    parameters={
-                        "endpoint_name": "{{ event.resource['prefect.resource.name'] }}",
-                        "retune": retune_on_drift,
-                    },
-                )
-            ],
-        ),
+        *feedback_chain_automations(retune_on_drift),
         Automation(
             name="bincount-error-rate-rollback",
             description="A promotion followed by the monitor's error-rate-high on the same endpoint: roll it back.",
@@ -213,15 +199,15 @@ def create_automations(
         notify = Notify(save_webhook_block(notify_url), ui)
     created = []
     with get_client(sync_client=True) as client:
+        for name in RETIRED:
+            for old in client.read_automations_by_name(name):
+                client.delete_automation(old.id)
         for automation in automations(notify, retune_on_drift, missed_after_h, rollback_window_h):
             for old in client.read_automations_by_name(automation.name):
                 client.delete_automation(old.id)
             automation.create()
             created.append(automation.name)
     return created
-
-
-HARVEST = "harvest-feedback/daily"
 
 
 def feedback_chain_automations(retune: bool = False) -> list[Automation]:
@@ -231,8 +217,7 @@ def feedback_chain_automations(retune: bool = False) -> list[Automation]:
     ``harvest-feedback/daily`` for it, asking for a retrain after; ``bincount-harvested-retrain``: that harvest's
     ``bincount.feedback.harvested`` (resource label ``bincount.retrain`` = ``true``; a scheduled harvest's says
     ``false`` and starts nothing) runs ``nightly-retrain/nightly`` for the endpoint, which then trains on the
-    dataset's latest manifest version. They replace ``bincount-drift-retrain`` (drift straight to the nightly):
-    create one chain or the other, not both, or a drift retrains twice.
+    dataset's latest manifest version.
     """
     return [
         Automation(

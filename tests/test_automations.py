@@ -1,6 +1,6 @@
-"""Automations on a real Prefect server with a worker: a drift event starts a nightly run, whose failure
-(nothing in production yet) reaches a webhook receiver on loopback as a notification; the rollback automation
-acts only on an error rate of the endpoint that was promoted."""
+"""Automations on a real Prefect server with a worker: a drift event starts a harvest that asks for a retrain;
+a nightly run's failure (nothing in production yet) reaches a webhook receiver on loopback as a notification;
+the rollback automation acts only on an error rate of the endpoint that was promoted."""
 
 from __future__ import annotations
 
@@ -57,26 +57,49 @@ def deployed(server_env: dict[str, str], tmp_path_factory: pytest.TempPathFactor
     return env
 
 
-def test_drift_starts_a_nightly_run_and_its_failure_notifies_the_webhook(
+def automation_names(env: dict[str, str]) -> list[str]:
+    return [a["name"] for a in httpx.post(f"{env['PREFECT_API_URL']}/automations/filter", json={}, timeout=10).json()]
+
+
+def test_drift_starts_a_harvest_that_asks_for_a_retrain_and_setup_retires_the_direct_retrain(
+    deployed: dict[str, str],
+) -> None:
+    env = deployed
+    emit_retired = (
+        "from prefect.automations import Automation, EventTrigger\n"
+        "Automation(name='bincount-drift-retrain', trigger=EventTrigger(expect={'never'}), actions=[]).create()\n"
+    )
+    run([sys.executable, "-c", emit_retired], env)  # as an earlier version's setup left it
+    created = run([sys.executable, "-m", "deployments.setup", "--automations"], env)
+    assert "bincount-drift-harvest" in created and "bincount-harvested-retrain" in created
+    run([sys.executable, "-m", "deployments.setup", "--automations"], env)  # again: replaced, not doubled
+    names = automation_names(env)
+    assert names.count("bincount-drift-harvest") == 1 and "bincount-drift-retrain" not in names, names
+
+    emit = (
+        "from prefect.events import emit_event\n"
+        "emit_event(event='bincount.monitor.drift-detected', "
+        "resource={'prefect.resource.id': 'bincount.endpoint.bincount', 'prefect.resource.name': 'bincount'}, "
+        "payload={'verdict': 'drift'})\n"
+    )
+    run([sys.executable, "-c", emit], env)
+    started = wait_until(
+        lambda: automation_runs(env, "harvest-feedback/daily"),
+        timeout_s=60,
+        interval_s=1,
+        what="the drift automation to create a harvest run",
+    )
+    assert started[0]["parameters"]["endpoint_name"] == "bincount" and started[0]["parameters"]["then_retrain"] is True
+    assert automation_runs(env, "nightly-retrain/nightly") == []  # the nightly waits for the harvest's event
+
+
+def test_a_failed_nightly_and_a_missed_one_notify_the_webhook(
     deployed: dict[str, str], webhook: tuple[str, list[dict]]
 ) -> None:
     url, received = webhook
     env = deployed
-    created = run([sys.executable, "-m", "deployments.setup", "--automations", "--notify-url", url], env)
-    assert (
-        "bincount-drift-retrain" in created
-        and "bincount-run-failed" in created
-        and "bincount-nightly-missed" in created
-    )
-    names = {a["name"] for a in httpx.post(f"{env['PREFECT_API_URL']}/automations/filter", json={}, timeout=10).json()}
-    assert {
-        "bincount-drift-retrain",
-        "bincount-run-failed",
-        "bincount-nightly-missed",
-        "bincount-error-rate-rollback",
-    } <= names
-    # again: replaced, not doubled; the missed-nightly window shortened to 12 s so that it fires during the test
-    run(
+    # the missed-nightly window shortened to 12 s so that it fires during the test
+    created = run(
         [
             sys.executable,
             "-m",
@@ -89,27 +112,8 @@ def test_drift_starts_a_nightly_run_and_its_failure_notifies_the_webhook(
         ],
         env,
     )
-    listed = [a["name"] for a in httpx.post(f"{env['PREFECT_API_URL']}/automations/filter", json={}, timeout=10).json()]
-    assert listed.count("bincount-drift-retrain") == 1
-    assert flow_runs(env, "nightly-retrain/nightly") == [] or all(
-        r["state_type"] == "SCHEDULED" for r in flow_runs(env, "nightly-retrain/nightly")
-    )
-
-    emit = (
-        "from prefect.events import emit_event\n"
-        "emit_event(event='bincount.monitor.drift-detected', "
-        "resource={'prefect.resource.id': 'bincount.endpoint.bincount', 'prefect.resource.name': 'bincount'}, "
-        "payload={'verdict': 'drift'})\n"
-    )
-    run([sys.executable, "-c", emit], env)
-    started = wait_until(
-        lambda: automation_runs(env, "nightly-retrain/nightly"),
-        timeout_s=60,
-        interval_s=1,
-        what="the drift automation to create a nightly run",
-    )
-    assert started[0]["parameters"]["endpoint_name"] == "bincount"
-
+    assert "bincount-run-failed" in created and "bincount-nightly-missed" in created
+    started = run([PREFECT, "deployment", "run", "nightly-retrain/nightly"], env)
     run([PREFECT, "worker", "start", "--pool", "bincount-local", "--run-once"], env, timeout=300)
 
     def failures() -> list[dict]:
@@ -122,7 +126,8 @@ def test_drift_starts_a_nightly_run_and_its_failure_notifies_the_webhook(
         what=f"the failure and missed-nightly notifications (received: {received})",
     )
     (message,) = failures()
-    assert "nightly-retrain" in message["subject"] and started[0]["name"] in message["body"], message
+    (run_id,) = [r["id"] for r in flow_runs(env, "nightly-retrain/nightly") if r["id"] in started]
+    assert "nightly-retrain" in message["subject"] and run_id in message["body"], message
 
 
 def test_the_rollback_automation_acts_only_on_errors_of_the_endpoint_that_was_promoted(

@@ -252,7 +252,7 @@ def latest_artifact(env: dict[str, str], key: str) -> dict:
 
 
 def rendered(url: str, expression: str, timeout_s: float = 120) -> dict:
-    """Open ``url`` in headless Chromium (DESIGN.md's flags) and evaluate the JavaScript ``expression``
+    """Open ``url`` in headless Chromium (the flags below) and evaluate the JavaScript ``expression``
     over the DevTools protocol until it returns a non-empty JSON string; return that, parsed."""
     assert CHROMIUM is not None
     # Chromium's helpers (crashpad, zygote) can still write to the profile after the browser exits:

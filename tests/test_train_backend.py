@@ -50,6 +50,8 @@ def test_s3_channels_and_artifacts_with_healthy_debugger_run(
     job = get_training_backend(settings).train(spec, on_log=lines.append)
 
     assert job.status == "Completed"
+    assert job.cost is not None and job.cost.unit == "cpu-seconds" and job.cost.billed_s > 0
+    assert any(f"completed in {job.duration_s:.1f}s, {job.cost.summary()}" in line for line in lines)
     assert job.model_uri == "s3://train-backend/art/jobs/bincount-train-healthy/output/model.tar.gz"
     assert [row["epoch"] for row in job.metric_history] == [1, 2, 3, 4]
     assert job.metrics["eval:accuracy"] == max(row["eval:accuracy"] for row in job.metric_history)

@@ -68,6 +68,35 @@ class TrainingJobSpec:
         }
 
 
+@dataclass(frozen=True)
+class JobCost:
+    """What a job used, and what it cost where a price is known.
+
+    On SageMaker ``billed_s`` is BillableTimeInSeconds times the instances (spot: what was billed) and
+    ``usd`` that at the price table's hourly rate, ``on_demand_usd`` the same job at on-demand rates
+    (TrainingTimeInSeconds): their difference is the spot saving. Locally ``billed_s`` is the CPU seconds
+    of the job's processes and there is no price.
+    """
+
+    billed_s: float
+    unit: Literal["instance-seconds", "cpu-seconds"]
+    instance_type: str | None = None
+    instance_count: int = 1
+    usd: float | None = None
+    on_demand_usd: float | None = None
+    price_source: str | None = None
+
+    def summary(self) -> str:
+        """One line for a run summary, e.g. ``"$0.12 (1 x ml.g5.xlarge, 310 s billed; spot saved $0.25)"``."""
+        if self.unit == "cpu-seconds":
+            return f"{self.billed_s / 60:.1f} CPU minutes (local)"
+        used = f"{self.instance_count} x {self.instance_type}, {self.billed_s:.0f} instance-s billed"
+        if self.usd is None:
+            return f"{used}; no price for {self.instance_type} in the price table"
+        saved = (self.on_demand_usd or 0.0) - self.usd
+        return f"${self.usd:.2f} ({used}" + (f"; spot saved ${saved:.2f})" if saved > 0.005 else ")")
+
+
 @dataclass
 class TrainingJob:
     """What a finished (or stopped) job left: status ``Completed``, ``Stopped`` or ``Failed``."""
@@ -83,6 +112,7 @@ class TrainingJob:
     failure_reason: str | None = None
     log_tail: list[str] = field(default_factory=list)
     duration_s: float = 0.0
+    cost: JobCost | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

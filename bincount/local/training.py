@@ -35,6 +35,7 @@ from bincount.code import SM_SCRIPTS_DIR, TRAIN_ENTRY_POINT
 from bincount.config import Settings
 from bincount.contracts.training import (
     LOG_TAIL_LINES,
+    JobCost,
     LogSink,
     RuleResult,
     StopCheck,
@@ -167,7 +168,8 @@ class LocalTrainingBackend:
             self._upload_results(spec, job_dir, job)
             self._delete_checkpoints(checkpoint_uri)
             job.status = "Completed"
-            sink(f"{spec.name} completed in {job.duration_s:.1f}s: {job.metrics}")
+            used = f", {job.cost.summary()}" if job.cost else ""
+            sink(f"{spec.name} completed in {job.duration_s:.1f}s{used}: {job.metrics}")
             return job
 
     def _uploading_checkpoints(self, sink: LogSink, folder: Path, checkpoint_uri: str) -> LogSink:
@@ -221,7 +223,11 @@ class LocalTrainingBackend:
                     job.metrics = metrics
                     self._terminate(process)
                     break
-            return process.wait()
+            if process.returncode is None:  # not stopped (reaped) above: wait, reading what it used
+                _, status, usage = os.wait4(process.pid, 0)
+                process.returncode = os.waitstatus_to_exitcode(status)
+                job.cost = JobCost(billed_s=round(usage.ru_utime + usage.ru_stime, 3), unit="cpu-seconds")
+            return process.returncode
         except BaseException:  # cancellation, KeyboardInterrupt or a failing callback: never leave it running
             self._terminate(process)
             raise

@@ -22,10 +22,13 @@ backend puts them (:mod:`bincount.contracts.training`), because SageMaker itself
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import re
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from botocore.exceptions import ClientError
@@ -34,6 +37,7 @@ from bincount.code import SM_SCRIPTS_DIR, TRAIN_ENTRY_POINT
 from bincount.contracts.naming import check_name
 from bincount.contracts.training import (
     DEBUGGER_RULES,
+    JobCost,
     LogSink,
     RuleResult,
     StopCheck,
@@ -59,6 +63,8 @@ logger = logging.getLogger(__name__)
 JOB_TENSORS_DIR = f"/opt/ml/output/data/{ARCHIVE_TENSORS}"
 """Where train.py's smdebug hook writes in a job without the Debugger service: inside ``SM_OUTPUT_DATA_DIR``,
 which SageMaker packs into ``output.tar.gz``."""
+PRICES = Path(__file__).with_name("prices.json")
+PRICES_ENV = "BINCOUNT_SAGEMAKER_PRICES"
 RULE_VERDICTS = {"NoIssuesFound": "passed", "IssuesFound": "fired", "Error": "error"}
 RULES_RUNNING = frozenset({"InProgress", "Stopping"})
 
@@ -94,6 +100,35 @@ def built_in_rules(collections: list[Any]) -> list[Any]:
     return rules
 
 
+def price_table() -> dict[str, Any]:
+    """The dated table of hourly instance prices: ``$BINCOUNT_SAGEMAKER_PRICES`` (a JSON file of the same shape)
+    where set, else the one in this package (``prices.json``: its ``source`` says where and when it is from)."""
+    path = Path(os.environ.get(PRICES_ENV) or PRICES)
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        problem = f"{PRICES_ENV}={path} is not a readable JSON price table ({error}): fix or unset it"
+        raise ValueError(problem) from error
+
+
+def job_cost(description: dict[str, Any], prices: dict[str, Any]) -> JobCost:
+    """What a finished training job was billed (DescribeTrainingJob), priced with ``prices``."""
+    resources = description.get("ResourceConfig", {})
+    instance_type, count = resources.get("InstanceType"), int(resources.get("InstanceCount", 1))
+    trained_s = float(description.get("TrainingTimeInSeconds", 0))
+    billed_s = float(description.get("BillableTimeInSeconds", trained_s)) * count
+    hourly = prices.get("per_instance_hour", {}).get(instance_type)
+    return JobCost(
+        billed_s=billed_s,
+        unit="instance-seconds",
+        instance_type=instance_type,
+        instance_count=count,
+        usd=None if hourly is None else round(billed_s / 3600 * hourly, 4),
+        on_demand_usd=None if hourly is None else round(trained_s * count / 3600 * hourly, 4),
+        price_source=prices.get("source"),
+    )
+
+
 def job_record(description: dict[str, Any], hyperparameters: dict[str, Any]) -> TrainingJob:
     """A :class:`TrainingJob` from DescribeTrainingJob."""
     name = description["TrainingJobName"]
@@ -112,6 +147,7 @@ def job_record(description: dict[str, Any], hyperparameters: dict[str, Any]) -> 
             f"{t['Status']}: {t.get('StatusMessage', '')}" for t in description.get("SecondaryStatusTransitions", [])
         ],
         duration_s=float(description.get("TrainingTimeInSeconds", 0)),
+        cost=job_cost(description, price_table()) if "BillableTimeInSeconds" in description else None,
     )
 
 
@@ -249,7 +285,8 @@ class SageMakerTrainingBackend(SageMakerBackendBase):
                 f"(no CloudWatch log lines for {spec.name}: {logs.problem or 'none were logged'})"
             ]
             raise TrainingJobFailed(job)
-        sink(f"training job {spec.name} {job.status.lower()} in {job.duration_s:.0f} s: {job.metrics}")
+        cost = f" ({job.cost.summary()})" if job.cost else ""
+        sink(f"training job {spec.name} {job.status.lower()} in {job.duration_s:.0f} s{cost}: {job.metrics}")
         return job
 
     def rule_results(

@@ -16,7 +16,8 @@ from sklearn.metrics import accuracy_score, confusion_matrix, mean_squared_error
 from bincount.models import fetch_model
 from bincount.storage import Storage
 from sm_scripts.data import ImageCache, batches, load_channel
-from sm_scripts.model_dir import load_network, read_model_info
+from sm_scripts.inference import model_fn
+from sm_scripts.model_dir import read_model_info
 from sm_scripts.networks import predict_classes
 from sm_scripts.preprocessing import channel_values
 
@@ -57,14 +58,20 @@ def score_counts(true_counts: list[int], predicted_counts: list[int], classes: l
 
 
 def predict_counts(model_dir: Path, cache: ImageCache, batch_size: int = 64) -> list[int]:
-    """The count predicted for each cached image by the model in ``model_dir``."""
-    info = read_model_info(model_dir)
-    model = load_network(model_dir, info).to(memory_format=torch.channels_last)
+    """The count predicted for each cached image by the model in ``model_dir`` as it serves: its optimized (int8)
+    form where it has one that loads here, its eager network otherwise (``inference.model_fn`` decides, as on
+    an endpoint)."""
+    served = model_fn(str(model_dir))
+    info = served.info
     mean, std = channel_values(info["mean"]), channel_values(info["std"])
     predicted: list[int] = []
     with torch.inference_mode():
         for images, _ in batches(cache, batch_size, torch.device("cpu"), mean, std, shuffle=False):
-            predicted += [info["classes"][i] for i in predict_classes(model(images), info["decoding"]).tolist()]
+            if served.optimized is not None:
+                scores = torch.from_numpy(served.optimized(images.contiguous().numpy()))
+            else:
+                scores = served.network(images.to(served.device, memory_format=torch.channels_last)).float()
+            predicted += [info["classes"][i] for i in predict_classes(scores, info["decoding"]).tolist()]
     return predicted
 
 

@@ -37,12 +37,15 @@ from bincount.contracts.registry import (
     DatasetRef,
     Decision,
     EventKind,
+    HeldVersionError,
+    Hold,
     InvalidReferenceError,
     InvalidTransitionError,
     ModelMetrics,
     ModelVersion,
     ModelVersionSpec,
     NoPreviousProductionError,
+    ProductionVersionError,
     RegistryError,
     RegistryMirror,
     Stage,
@@ -61,7 +64,7 @@ from bincount.storage import (
     storage_for,
 )
 
-VERSION_FILE = re.compile(r"^(\d{6,})\.json$")
+VERSION_FILE = re.compile(r"(\d{6,})\.json")
 MAX_ALLOCATION_ATTEMPTS = 1000
 
 
@@ -218,7 +221,7 @@ class StorageModelRegistry:
         """Every version of ``group`` with its stage and approval derived from the events (latest wins)."""
         versions: dict[int, ModelVersion] = {}
         for uri in self.objects.uris(self._group_uri(group, "versions")):
-            if not VERSION_FILE.match(uri.rsplit("/", 1)[-1]):
+            if not VERSION_FILE.fullmatch(uri.rsplit("/", 1)[-1]):
                 continue
             document = self.objects.read(uri)
             versions[document["version"]] = ModelVersion(
@@ -233,27 +236,15 @@ class StorageModelRegistry:
             key=lambda event: (event.at, event.event_id),
         )
         state: dict[int, dict[str, Any]] = {
-            n: {"stage": "candidate", "approval": v.approval, "history": [], "mirror": {}} for n, v in versions.items()
+            n: {"stage": "candidate", "approval": v.approval, "history": [], "mirror": {}, "hold": None}
+            for n, v in versions.items()
         }
         serving: int | None = None
         for event in events:
-            if event.version not in state:
-                continue  # an event of a version whose record is gone: nothing to attach it to
-            current = state[event.version]
-            current["history"].append(event)
-            if event.kind == "stage" and event.stage:
-                current["stage"] = event.stage
-                if event.stage == "production":
-                    if serving not in (None, event.version) and state[serving]["stage"] == "production":
-                        state[serving]["stage"] = "archived"  # superseded
-                    serving = event.version
-            elif event.kind == "approval" and event.approval:
-                current["approval"] = event.approval
-            elif event.kind == "mirrored":
-                current["mirror"].update(event.details)
+            if event.version in state:  # else an event of a version whose record is gone: nothing to attach it to
+                serving = _apply_event(state, event, serving)
         return {
-            n: v.with_state(state[n]["stage"], state[n]["approval"], tuple(state[n]["history"]), state[n]["mirror"])
-            for n, v in sorted(versions.items())
+            n: v.with_state(**{**state[n], "history": tuple(state[n]["history"])}) for n, v in sorted(versions.items())
         }
 
     def get(self, group: str, version: int) -> ModelVersion:
@@ -316,6 +307,12 @@ class StorageModelRegistry:
     def find_by_model_uri(self, group: str, model_uri: str) -> ModelVersion | None:
         found = [v for v in self._versions(group).values() if v.spec.model_uri == model_uri]
         return found[-1] if found else None
+
+    def find_by_digest(self, group: str, model_sha256: str) -> ModelVersion | None:
+        return next((v for v in self._versions(group).values() if v.spec.model_sha256 == model_sha256), None)
+
+    def held_by(self, group: str, spec: ModelVersionSpec) -> ModelVersion | None:
+        return next((v for v in self._versions(group).values() if v.hold is not None and v.matches(spec)), None)
 
     # writing ---------------------------------------------------------------------------------
     def register(self, group: str, spec: ModelVersionSpec) -> ModelVersion:
@@ -400,28 +397,62 @@ class StorageModelRegistry:
             raise RegistryError("say who changes the version and why: give a non-empty actor and reason")
 
     def transition(self, group: str, version: int, stage: Stage, actor: str, reason: str) -> ModelVersion:
-        """Move ``version`` to ``stage``. Production takes an approved version only, and the version it
-        replaces becomes ``archived``."""
+        """Move ``version`` to ``stage``. Production takes an approved version that no hold matches, and the
+        version it replaces becomes ``archived`` in the same event; the production version leaves no other way."""
         if stage not in STAGES:
             raise RegistryError(f"stage {stage!r}: use one of {STAGES}")
         self._check_actor(actor, reason)
         current = self.get(group, version)
-        if stage == "production" and current.approval != "Approved":
-            how = (
-                "it was rejected: register a new version"
-                if current.approval == "Rejected"
-                else f"approve it first (`bincount models approve {current.ref} --reason ...`)"
+        if current.stage == "production" and stage != "production":
+            raise ProductionVersionError(
+                f"{current.ref} is in production: it leaves production only when another version takes its place "
+                f"(deploy a better one, or `bincount models rollback {group}`), never by being {stage}. Nothing was "
+                "changed."
             )
-            raise InvalidTransitionError(
-                f"{current.ref} is {current.approval}, and only an approved version goes to production: {how}"
-            )
+        if stage == "production" and current.stage != "production":
+            self.check_promotable(current)
         if current.stage == stage:
             return current
         self._write_event(group, version, "stage", actor, reason, stage=stage)
         return self.get(group, version)
 
+    def check_promotable(self, version: ModelVersion) -> None:
+        """Raise unless ``version`` may go to production: approved, and matching no held version."""
+        if version.approval != "Approved":
+            how = (
+                "it was rejected: register a new version"
+                if version.approval == "Rejected"
+                else f"approve it first (`bincount models approve {version.ref} --reason ...`)"
+            )
+            raise InvalidTransitionError(
+                f"{version.ref} is {version.approval}, and only an approved version goes to production: {how}"
+            )
+        held = self.held_by(version.group, version.spec)
+        if held is None:
+            return
+        assert held.hold is not None
+        same = "is" if held.version == version.version else f"matches {held.ref} (model, or recipe and data), which is"
+        raise HeldVersionError(
+            f"{version.ref} {same} held since a rollback by {held.hold.actor} ({held.hold.reason}, "
+            f"{held.hold.at[:19]}): it goes to production again only after a person lifts the hold "
+            f"(`bincount models release-hold {held.ref} --reason ...`)"
+        )
+
+    def release_hold(self, group: str, version: int, actor: str, reason: str) -> ModelVersion:
+        """Lift the hold a rollback put on ``version`` (a person's decision: who and why are kept)."""
+        self._check_actor(actor, reason)
+        current = self.get(group, version)
+        if current.hold is None:
+            held = [str(v.ref) for v in self.list(group) if v.hold is not None]
+            raise InvalidTransitionError(
+                f"{current.ref} is not held (held in {group!r}: {', '.join(held) or 'none'}): nothing to release"
+            )
+        self._write_event(group, version, "release", actor, reason)
+        return self.get(group, version)
+
     def rollback(self, group: str, actor: str, reason: str) -> ModelVersion:
-        """Put :meth:`previous_production` back in production (after it was deployed again)."""
+        """Put :meth:`previous_production` back in production (after it was deployed again); the version rolled
+        back from is held (:meth:`held_by`) until a person releases it."""
         self._check_actor(actor, reason)
         target = self.previous_production(group)
         current = self.production(group)
@@ -461,7 +492,15 @@ class StorageModelRegistry:
         return self._set_approval(group, version, "Approved", actor, reason)
 
     def reject(self, group: str, version: int, actor: str, reason: str) -> ModelVersion:
-        """Reject ``version``: it can no longer go to production nor be rolled back to (if it serves, it still does)."""
+        """Reject ``version``: it can no longer go to production nor be rolled back to. The production version
+        cannot be rejected: roll it back first (:class:`ProductionVersionError`)."""
+        current = self.get(group, version)
+        if current.stage == "production":
+            raise ProductionVersionError(
+                f"{current.ref} is in production and cannot be rejected while it serves: roll it back first "
+                f"(`bincount models rollback {group} --reason ...`: that also holds it), or deploy a better version. "
+                "Nothing was changed."
+            )
         return self._set_approval(group, version, "Rejected", actor, reason)
 
     # best hyperparameters and decisions --------------------------------------------------------
@@ -513,6 +552,28 @@ class StorageModelRegistry:
         except ObjectNotFoundError:
             pass
         return sorted(found, key=lambda d: d.decided_at)
+
+
+def _apply_event(state: dict[int, dict[str, Any]], event: StageEvent, serving: int | None) -> int | None:
+    """One event applied to the versions' derived ``state``; returns the version in production after it."""
+    current = state[event.version]
+    current["history"].append(event)
+    if event.kind == "stage" and event.stage:
+        current["stage"] = event.stage
+        if event.stage == "production":
+            if serving not in (None, event.version) and state[serving]["stage"] == "production":
+                state[serving]["stage"] = "archived"  # superseded, in the same event
+            serving = event.version
+            rolled_from = int(event.details.get("rollback_from") or 0)
+            if rolled_from in state:  # a rollback holds the version it rolled back from
+                state[rolled_from]["hold"] = Hold(event.actor, event.reason, event.at)
+    elif event.kind == "approval" and event.approval:
+        current["approval"] = event.approval
+    elif event.kind == "mirrored":
+        current["mirror"].update(event.details)
+    elif event.kind == "release":
+        current["hold"] = None
+    return serving
 
 
 def _score(score: dict[str, Any], metric: str) -> float:

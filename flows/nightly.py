@@ -1,73 +1,50 @@
 """Flow: the nightly retrain, which keeps a good model serving. Runs with no parameters.
 
-    production version's lineage ─► prepare-data (refreshed) ─► unchanged data and code? ─► record "nothing retrained"
+    production version's lineage ─► prepare-data (refreshed) ─► unchanged data and code? ─► record "unchanged"
     (data, recipe, hyperparameters)                                     │ no
-                                         retrain the recipe (never from cache; tune first with retune=True)
-                                         ─► optimize (int8 if it passes parity, else eager)
-                                         ─► register challenger ─► evaluate champion on the same test side ─► decide
-                                                                                                                │
-                          promoted: approve (at once, or a person) ─► deploy ─► production          kept: archived
-                                                                                   └─► record + event + artifact
+                      retrain the recipe (never from cache; with retune=True tune first, never from cache either)
+                      ─► optimize (int8 if it passes parity, else eager) and score it as it serves
+                      ─► a registered model again (same sha256)? ─► record "nothing-new" (nothing registered)
+                      ─► register challenger
+                      ─► under the endpoint's lock: re-read what serves, score it on the same test images ─► decide
+                                      │ promoted                                         │ kept / held
+                      approve (at once; a person first, without the lock) ─► deploy ─► production    archived
+                                      └─► record (also when the deploy fails) + event + artifact ─► best hyperparameters
 
-What to retrain comes from the model group's production version (what the endpoint serves): its
-data source, manifest, dataset, training options and full train.py recipe; parameters given
-explicitly still win. Splits are stable (an image keeps its side for the life of a dataset), so the
-test side holds no image either model trained on, and both are scored on the same images. The
-challenger is promoted when it beats the champion by ``margin``; every decision is kept in the
-registry, shown as an artifact and emitted as an event (``bincount.model.promoted`` / ``kept``).
+What to retrain comes from the model group's production version: its data source, manifest,
+dataset, training options and full train.py recipe; parameters given explicitly still win. Splits
+are stable (an image keeps its side for the life of a dataset), so the test side holds no image
+either model trained on, and both are scored on the same images, each as it serves. The challenger
+is promoted when it beats what serves at decision time by ``margin`` and matches no version a
+rollback holds; every decision is kept in the registry with its outcome, shown as an artifact and
+emitted as an event (``bincount.model.promoted`` / ``kept``). Only a version that reached
+production updates the best hyperparameters.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact
-from prefect.events import emit_event
 
 from bincount.code import code_hash
 from bincount.config import Location, Settings
 from bincount.contracts.naming import check_endpoint_name
-from bincount.contracts.registry import Decision, ModelVersion
+from bincount.contracts.registry import PROMOTION_METRIC, Decision, DecisionOutcome, ModelVersion
 from bincount.contracts.serving import RolloutStrategy, ScalingConfig
 from bincount.factory import get_model_registry
-from bincount.registry import dataset_ref, decide, now_iso
+from bincount.registry import dataset_ref, now_iso
 from bincount.storage import storage_for
 from flows.data import DataOptions, prepare_data
 from flows.pipeline import recipe
-from flows.promotion import approve_version, put_in_production
-from flows.train import TrainOptions, retrain_model, train_model
-from tasks.evaluate import evaluate_and_publish
-from tasks.optimize import optimize_and_publish
-from tasks.registry import register_model_task, set_stage_task
+from flows.promotion import promote_challenger, publish_decision
+from flows.train import TrainedModel, TrainOptions, optimize_for_serving, retrain_model, train_model
+from tasks.registry import find_registered_task, record_decision_task, register_model_task
 from tasks.summary import run_summary
 
 
 class NoProductionModelError(LookupError):
     """The group has no production version to retrain: the pipeline has not deployed one yet."""
-
-
-def publish_decision(decision: Decision) -> None:
-    verdict = "promoted" if decision.promoted else "kept the serving model"
-    serving = "-" if decision.serving_score is None else f"{decision.serving_score:.3g}"
-    challenger = (
-        "-" if decision.challenger_version is None else f"{decision.endpoint_name}:{decision.challenger_version}"
-    )
-    champion = "-" if decision.serving_version is None else f"{decision.endpoint_name}:{decision.serving_version}"
-    create_markdown_artifact(
-        key=f"nightly-decision-{decision.endpoint_name.lower()}",
-        markdown=(
-            f"### Nightly retrain of `{decision.endpoint_name}`: {verdict}\n\n"
-            f"| | version | test {decision.metric} |\n|---|---|---|\n"
-            f"| challenger | `{challenger}` | {decision.challenger_score:.3g} |\n"
-            f"| serving | `{champion}` | {serving} |\n\n"
-            f"Margin {decision.margin:.3g}. {decision.reason}."
-        ),
-        description=f"Nightly decision for {decision.endpoint_name}: {verdict}",
-    )
-    emit_event(
-        event="bincount.model.promoted" if decision.promoted else "bincount.model.kept",
-        resource={"prefect.resource.id": f"bincount.endpoint.{decision.endpoint_name}"},
-        payload=decision.to_dict(),
-    )
 
 
 def production_version(settings: Settings, endpoint_name: str) -> ModelVersion:
@@ -88,7 +65,7 @@ def nightly_figures(result: Decision) -> dict[str, str | float | None]:
         return None if version is None else f"{result.endpoint_name}:{version}"
 
     return {
-        "decision": "promoted" if result.promoted else "kept the serving model",
+        "decision": result.outcome or ("promoted" if result.promoted else "kept the serving model"),
         "reason": result.reason,
         f"challenger ({ref(result.challenger_version) or 'none'}) test {result.metric}": result.challenger_score,
         f"serving ({ref(result.serving_version) or '-'}) test {result.metric}": result.serving_score,
@@ -148,82 +125,109 @@ def nightly_retrain(
     dataset = dataset_ref(storage_for(settings), prepared.split_uri)
     unchanged = dataset.split_sha256 == champion.spec.dataset.split_sha256 and code_hash() == champion.spec.code_hash
     if unchanged and not retune:
-        decision = Decision(
-            endpoint_name=endpoint_name,
-            promoted=False,
-            reason="no new data and no new code: nothing retrained",
-            metric="accuracy",
-            challenger_score=champion.spec.metrics.accuracy,
-            serving_score=champion.spec.metrics.accuracy,
-            margin=margin,
-            challenger_model_uri=champion.model_uri,
-            serving_model_uri=champion.model_uri,
-            decided_at=now_iso(),
-            challenger_version=None,
-            serving_version=champion.version,
-        )
-        logger.info("%s: %s", champion.ref, decision.reason)
-        get_model_registry(settings).record(decision)
-        publish_decision(decision)
-        return decision
+        return keep(settings, champion, champion, margin, "unchanged", "no new data and no new code: nothing retrained")
 
-    if retune:
-        challenger = train_model(prepared.channels, training, settings)
+    if retune:  # tuned and trained again, never from cache: a cached job would be the champion itself
+        challenger = train_model(prepared.channels, training, settings, refresh=True)
     else:
         challenger = retrain_model(prepared.channels, champion.spec.hyperparameters, training, settings, refresh=True)
     if optimize:
-        optimized_uri = optimize_and_publish(settings, challenger.model_uri, prepared.channels, challenger.job_name)
-        challenger = challenger.model_copy(update={"model_uri": optimized_uri})
+        challenger = optimize_for_serving(settings, challenger, prepared.channels)
+    return judge_challenger(
+        settings,
+        champion,
+        challenger,
+        prepared.split_uri,
+        prepared.channels["test"],
+        recipe(data, training, settings),
+        margin,
+        require_approval,
+        approval_timeout_s,
+        deploy_strategy,
+        scaling,
+    )
+
+
+def judge_challenger(
+    settings: Settings,
+    champion: ModelVersion,
+    challenger: TrainedModel,
+    split_uri: str,
+    test_channel_uri: str,
+    made_with: dict[str, Any],
+    margin: float,
+    require_approval: bool = False,
+    approval_timeout_s: int = 24 * 3600,
+    deploy_strategy: RolloutStrategy | None = None,
+    scaling: ScalingConfig | None = None,
+) -> Decision:
+    """What becomes of a trained challenger: nothing new when its model is a registered version's (it is neither
+    registered nor archived again); else registered, then compared with what serves and promoted if better
+    (:func:`~flows.promotion.promote_challenger`); the best hyperparameters follow only a version in production."""
+    endpoint_name = champion.group
+    same = find_registered_task(settings, endpoint_name, challenger.model_uri)
+    if same is not None:
+        reason = f"the challenger's model is {same.ref}'s (same sha256): nothing new, nothing registered or archived"
+        return keep(settings, same, champion, margin, "nothing-new", reason)
     candidate = register_model_task(
         settings,
         endpoint_name,
         challenger.model_uri,
         challenger.evaluation,
-        prepared.split_uri,
+        split_uri,
         challenger.hyperparameters,
         challenger.job_name,
-        recipe(data, training, settings),
+        made_with,
     )
-    serving = evaluate_and_publish(settings, champion.model_uri, prepared.channels["test"], role="serving")
-    decision = decide(
-        endpoint_name,
-        challenger.evaluation.to_dict(),
-        challenger.model_uri,
-        serving.to_dict(),
-        champion.model_uri,
+    decision = promote_challenger(
+        settings,
+        candidate,
+        challenger.evaluation,
+        test_channel_uri,
         margin,
-        challenger_version=candidate.version,
-        serving_version=champion.version,
+        require_approval,
+        approval_timeout_s,
+        deploy_strategy,
+        scaling,
     )
-    logger.info("%s: %s", "Promoting" if decision.promoted else "Keeping the serving model", decision.reason)
-    if decision.promoted:
-        candidate = approve_version(settings, candidate, require_approval, approval_timeout_s, decision.reason)
-        if candidate.approval == "Approved":
-            get_model_registry(settings).save_best_hyperparameters(
-                endpoint_name,
-                challenger.hyperparameters,
-                challenger.job_name,
-                challenger.evaluation.to_dict(),
-                candidate.version,
-            )
-            put_in_production(
-                settings,
-                endpoint_name,
-                candidate,
-                f"nightly: {decision.reason}",
-                strategy=deploy_strategy,
-                scaling=scaling,
-            )
-        else:
-            decision = Decision(
-                **{
-                    **decision.to_dict(),
-                    "promoted": False,
-                    "reason": f"{decision.reason}, but rejected: {candidate.history[-1].reason}",
-                }
-            )
-    else:
-        set_stage_task(settings, candidate, "archived", "nightly", decision.reason)
-    get_model_registry(settings).record(decision)
+    registry = get_model_registry(settings)
+    if registry.get(endpoint_name, candidate.version).stage == "production":  # not a shadow still waiting
+        registry.save_best_hyperparameters(
+            endpoint_name,
+            challenger.hyperparameters,
+            challenger.job_name,
+            challenger.evaluation.to_dict(),
+            candidate.version,
+        )
+    return decision
+
+
+def keep(
+    settings: Settings,
+    challenger: ModelVersion,
+    champion: ModelVersion,
+    margin: float,
+    outcome: DecisionOutcome,
+    reason: str,
+) -> Decision:
+    """Record and publish a decision taken before any comparison: no model was new (``challenger`` is the
+    registered version the challenger would have been); the registry's stages are left as they are."""
+    decision = Decision(
+        endpoint_name=champion.group,
+        promoted=False,
+        reason=reason,
+        metric=PROMOTION_METRIC,
+        challenger_score=challenger.spec.metrics.accuracy,
+        serving_score=champion.spec.metrics.accuracy,
+        margin=margin,
+        challenger_model_uri=challenger.model_uri,
+        serving_model_uri=champion.model_uri,
+        decided_at=now_iso(),
+        challenger_version=None if outcome == "unchanged" else challenger.version,
+        serving_version=champion.version,
+        outcome=outcome,
+    )
+    get_run_logger().info("%s: %s", champion.ref, reason)
+    record_decision_task(settings, decision)
     publish_decision(decision)
     return decision

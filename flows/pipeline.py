@@ -13,9 +13,10 @@
 Stages run on the backend the profile picks (``local`` here, ``aws`` for SageMaker jobs). Each
 stage caches on its inputs (see each flow), so an unchanged re-run is served from cache up to the
 first stage whose inputs changed; ``refresh=True`` runs everything again. The deploy is never
-cached. Every trained model is registered with its lineage (data, code, recipe, job, this run);
-one that fails the gate is rejected, and only a model that passed it updates the best
-hyperparameters the nightly retrain starts from.
+cached; a re-run whose model already serves deploys nothing, and says so. Every trained model is
+registered with its lineage (data, code, recipe, job, this run) and scored as it serves (int8 where
+it serves int8); one that fails the gate is rejected, and only a model that reached production
+updates the best hyperparameters.
 """
 
 from __future__ import annotations
@@ -34,8 +35,7 @@ from bincount.storage import join_uri
 from flows.batch_transform import batch_transform
 from flows.data import DataOptions, prepare_data
 from flows.promotion import approve_version, put_in_production
-from flows.train import TrainOptions, train_model
-from tasks.optimize import optimize_and_publish
+from flows.train import TrainOptions, optimize_for_serving, train_model
 from tasks.registry import register_model_task, set_approval_task
 from tasks.summary import run_summary
 
@@ -121,8 +121,7 @@ def pipeline(
     prepared = prepare_data(data, Location.of(settings), refresh)
     trained = train_model(prepared.channels, training, settings)
     if optimize:
-        optimized_uri = optimize_and_publish(settings, trained.model_uri, prepared.channels, trained.job_name)
-        trained = trained.model_copy(update={"model_uri": optimized_uri})
+        trained = optimize_for_serving(settings, trained, prepared.channels)
     version = register_model_task(
         settings,
         endpoint_name,
@@ -155,9 +154,6 @@ def pipeline(
             endpoint=None,
             batch_transform=None,
         )
-    get_model_registry(settings).save_best_hyperparameters(
-        endpoint_name, trained.hyperparameters, trained.job_name, trained.evaluation.to_dict(), version.version
-    )
     logger.info("%s passed the gate (%s): deploying to %r", version.ref, passed, endpoint_name)
     endpoint = put_in_production(
         settings,
@@ -168,6 +164,11 @@ def pipeline(
         deploy_strategy,
         scaling,
     )
+    registry = get_model_registry(settings)
+    if registry.get(endpoint_name, version.version).stage == "production":  # not a shadow still waiting
+        registry.save_best_hyperparameters(
+            endpoint_name, trained.hyperparameters, trained.job_name, trained.evaluation.to_dict(), version.version
+        )
     scored = batch_transform(
         input_uri=prepared.channels["test"],
         output_uri=join_uri(settings.artifact_uri("batch-transform"), trained.job_name),

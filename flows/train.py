@@ -32,6 +32,7 @@ from bincount.storage import storage_for
 from sm_scripts.metric_format import OBJECTIVE_METRIC, OBJECTIVE_TYPE
 from sm_scripts.networks import Arch
 from tasks.evaluate import evaluate_and_publish
+from tasks.optimize import optimize_and_publish
 from tasks.train import check_debugger_rules_task, summarize_profile_task, train_model_task
 from tasks.tune import report_tuning_task, train_trial_task
 
@@ -160,7 +161,9 @@ def run_key() -> str:
 
 
 @flow(name="tune-hyperparameters")
-def tune_hyperparameters(channels: dict[str, str], options: TrainOptions, settings: Settings) -> TuningResult:
+def tune_hyperparameters(
+    channels: dict[str, str], options: TrainOptions, settings: Settings, refresh: bool = False
+) -> TuningResult:
     """Search the space on the profile's tuning backend: locally with TPE, each trial a ``train-trial``
     task run; on SageMaker one tuning job. Returns the trials, best first.
 
@@ -168,6 +171,7 @@ def tune_hyperparameters(channels: dict[str, str], options: TrainOptions, settin
         channels: channel URIs with ``train`` and ``valid``.
         options: fixed hyperparameters, search space and budget.
         settings: where jobs write their results, and which backend runs them.
+        refresh: run every trial again even when one with the same inputs is cached.
     """
     logger = get_run_logger()
     spec = TuningSpec(
@@ -185,7 +189,8 @@ def tune_hyperparameters(channels: dict[str, str], options: TrainOptions, settin
     )
 
     def run_trials(trials: list[TrialSpec]) -> list[TrainingJob | BaseException]:
-        futures: list[PrefectFuture[TrainingJob]] = [train_trial_task.submit(settings, trial) for trial in trials]
+        trial_task = train_trial_task.with_options(refresh_cache=refresh)
+        futures: list[PrefectFuture[TrainingJob]] = [trial_task.submit(settings, trial) for trial in trials]
         return [future.result(raise_on_failure=False) for future in futures]
 
     result = get_tuning_backend(settings).tune(spec, run_trials, on_event=logger.info)
@@ -250,16 +255,29 @@ def retrain_model(
 
 
 @flow(name="train-model")
-def train_model(channels: dict[str, str], options: TrainOptions, settings: Settings) -> TrainedModel:
+def train_model(
+    channels: dict[str, str], options: TrainOptions, settings: Settings, refresh: bool = False
+) -> TrainedModel:
     """Tune, retrain the best trial on train+valid with the debugger and profiler, and score it on test.
 
     Args:
         channels: channel URIs ``{"train": ..., "valid": ..., "test": ...}`` (prepare-data's output).
         options: model, hyperparameters, search space, tuning budget, debugger and profiler.
         settings: where jobs write and which backend runs them.
+        refresh: tune and train again even when jobs with the same inputs are cached (the nightly's retune).
     """
     missing = {"train", "valid", "test"} - set(channels)
     if missing:
         raise ValueError(f"channels lacks {sorted(missing)}: pass the train, valid and test URIs from prepare-data")
-    tuning = tune_hyperparameters(channels, options, settings)
-    return retrain_model(channels, tuning.best_hyperparameters, options, settings, tuning)
+    tuning = tune_hyperparameters(channels, options, settings, refresh)
+    return retrain_model(channels, tuning.best_hyperparameters, options, settings, tuning, refresh)
+
+
+def optimize_for_serving(settings: Settings, trained: TrainedModel, channels: dict[str, str]) -> TrainedModel:
+    """The model to register and serve: its int8 form where that passes parity (else the eager one), with the
+    scores of that form on the test images, so it is compared as it serves."""
+    model_uri = optimize_and_publish(settings, trained.model_uri, channels, trained.job_name)
+    if model_uri == trained.model_uri:
+        return trained
+    evaluation = evaluate_and_publish(settings, model_uri, channels["test"])
+    return trained.model_copy(update={"model_uri": model_uri, "evaluation": evaluation})

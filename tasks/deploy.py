@@ -33,7 +33,7 @@ from bincount.contracts.serving import (
     ScalingConfig,
     check_answer,
 )
-from bincount.endpoints import now_iso, smoke_image
+from bincount.endpoints import now_iso, recorded_capture, recorded_scaling, smoke_image
 from bincount.factory import get_serving_backend
 from bincount.storage import storage_for
 
@@ -145,6 +145,25 @@ def emit_rollout_events(record: EndpointRecord, steps_from: int = 0) -> None:
     emit_event(event=f"bincount.endpoint.rollout.{rollout['verdict']}", resource=resource, payload=payload)
 
 
+def already_serves(
+    record: EndpointRecord,
+    model_uri: str,
+    model_ref: str | None,
+    capture_percentage: int | None,
+    scaling: ScalingConfig | None,
+) -> bool:
+    """Whether deploying ``model_uri`` (``model_ref``) to the endpoint ``record`` describes would change nothing: the
+    same model already takes every request (no shadow or canary beside it), with the capture and scaling asked."""
+    rollout = record.details.get("rollout") or {}
+    return (
+        (record.model_uri, record.model_ref) == (model_uri, model_ref or record.model_ref)
+        and rollout.get("verdict") != "shadowing"
+        and len(record.details.get("variants") or []) <= 1
+        and capture_percentage in (None, recorded_capture(record).sampling_percentage)
+        and scaling in (None, recorded_scaling(record))
+    )
+
+
 @task(name="deploy-endpoint", cache_policy=NO_CACHE)
 def deploy_endpoint_task(
     settings: Settings,
@@ -172,6 +191,14 @@ def deploy_endpoint_task(
         txn.set("settings", settings.model_dump(mode="json"))
         txn.set("endpoint_name", endpoint_name)
         txn.set("previous", previous.to_dict() if previous else None)
+    if previous is not None and already_serves(previous, model_uri, model_ref, capture_percentage, scaling):
+        logger.info(
+            "Endpoint %r already serves %s (%s): nothing deployed, nothing compared with itself",
+            endpoint_name,
+            model_ref or previous.version,
+            model_uri,
+        )
+        return previous
     logger.info(
         "Deploying %s (%s) to endpoint %r (%s)",
         model_ref,
@@ -218,6 +245,15 @@ def restore_previous_endpoint(txn: Transaction) -> None:
     record = backend.deploy(name, previous["model_uri"], previous.get("model_ref"))
     replaced = previous.get("model_ref") or previous["version"]
     publish_endpoint(record, note=f"Rolled back: the deploy that replaced version {replaced} failed its checks.")
+
+
+@task(name="describe-endpoint", cache_policy=NO_CACHE)
+def describe_endpoint_task(settings: Settings, endpoint_name: str) -> EndpointRecord | None:
+    """What ``endpoint_name`` serves now (its record), or None when no such endpoint is recorded."""
+    try:
+        return get_serving_backend(settings).describe(endpoint_name)
+    except EndpointNotFoundError:
+        return None
 
 
 @task(name="stop-endpoint", cache_policy=NO_CACHE)

@@ -24,7 +24,8 @@ from tasks.retry import is_transient
     task_run_name="evaluate-{role}-model",
 )
 def score_model_task(settings: Settings, model_uri: str, test_channel_uri: str, role: str) -> Evaluation:
-    """Accuracy, RMSE, per-class and within-one accuracy, and the confusion matrix on the test channel."""
+    """Accuracy, RMSE, per-class and within-one accuracy, and the confusion matrix on the test channel, of the model
+    as it serves (its int8 form where it serves that, else the eager network)."""
     logger = get_run_logger()
     logger.info("Evaluating the %s model %s on %s", role, model_uri, test_channel_uri)
     evaluation = evaluate_model(storage_for(settings), model_uri, test_channel_uri)

@@ -14,6 +14,7 @@ from prefect.runtime import flow_run
 from bincount.code import code_hash
 from bincount.config import Settings
 from bincount.contracts.registry import (
+    Decision,
     ModelMetrics,
     ModelVersion,
     ModelVersionSpec,
@@ -26,7 +27,7 @@ from bincount.registry import dataset_ref, object_sha256
 from bincount.storage import storage_for
 from tasks.retry import is_transient
 
-ModelEvent = Literal["registered", "approved", "rejected", "promoted", "archived", "rolled-back"]
+ModelEvent = Literal["registered", "approved", "rejected", "promoted", "archived", "rolled-back", "hold-released"]
 
 
 def run_page() -> str | None:
@@ -71,6 +72,7 @@ def publish_registry(settings: Settings, group: str) -> None:
             "training job": version.spec.training_job,
             "created": version.created_at[:19].replace("T", " "),
             "last change": version.history[-1].reason if version.history else "registered",
+            "hold": f"held by {version.hold.actor}: {version.hold.reason}" if version.hold else "-",
         }
         for version in reversed(get_model_registry(settings).list(group))
     ]
@@ -117,6 +119,21 @@ def register_model_task(
     return version
 
 
+@task(
+    name="find-registered-model",
+    retries=2,
+    retry_delay_seconds=10,
+    retry_condition_fn=is_transient,
+    cache_policy=NO_CACHE,
+)
+def find_registered_task(settings: Settings, group: str, model_uri: str) -> ModelVersion | None:
+    """The version of ``group`` whose model has the digest of the one at ``model_uri`` (None: a new model)."""
+    found = get_model_registry(settings).find_by_digest(group, object_sha256(storage_for(settings), model_uri))
+    if found is not None:
+        get_run_logger().info("%s is %s's model (same sha256): nothing new", model_uri, found.ref)
+    return found
+
+
 @task(name="set-model-approval", cache_policy=NO_CACHE)
 def set_approval_task(
     settings: Settings, version: ModelVersion, approved: bool, actor: str, reason: str
@@ -139,6 +156,30 @@ def set_stage_task(settings: Settings, version: ModelVersion, stage: Stage, acto
     emit_model_event("promoted" if stage == "production" else "archived", updated, {"actor": actor, "reason": reason})
     publish_registry(settings, version.group)
     return updated
+
+
+@task(name="release-hold", cache_policy=NO_CACHE)
+def release_hold_task(settings: Settings, version: ModelVersion, actor: str, reason: str) -> ModelVersion:
+    """A person lifts the hold a rollback put on ``version``: it (and models like it) may be promoted again."""
+    updated = get_model_registry(settings).release_hold(version.group, version.version, actor, reason)
+    get_run_logger().info("%s is no longer held (released by %s: %s)", version.ref, actor, reason)
+    emit_model_event("hold-released", updated, {"actor": actor, "reason": reason})
+    publish_registry(settings, version.group)
+    return updated
+
+
+@task(
+    name="record-decision",
+    retries=3,
+    retry_delay_seconds=[1, 10, 30],
+    retry_condition_fn=is_transient,
+    cache_policy=NO_CACHE,
+)
+def record_decision_task(settings: Settings, decision: Decision) -> Decision:
+    """Keep a nightly decision in the registry (a transient storage fault is retried: no decision is lost)."""
+    get_model_registry(settings).record(decision)
+    get_run_logger().info("Decision on %s recorded: %s (%s)", decision.endpoint_name, decision.outcome, decision.reason)
+    return decision
 
 
 @task(name="record-rollback", cache_policy=NO_CACHE)

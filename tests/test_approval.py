@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ import pytest
 from prefect import flow, get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
 from prefect.flow_runs import resume_flow_run
+from waiting import wait_until
 
 from bincount.config import Settings
 from bincount.contracts.registry import DatasetRef, ModelMetrics, ModelVersion, ModelVersionSpec
@@ -51,14 +51,13 @@ def release(artifact_root: str, model_uri: str, timeout_s: int) -> ModelVersion:
 
 def paused_run(name: str, timeout_s: float = 60) -> UUID:
     """The id of the flow run named ``name`` once it is paused."""
-    deadline = time.monotonic() + timeout_s
-    with get_client(sync_client=True) as client:
-        while time.monotonic() < deadline:
+
+    def paused() -> UUID | None:
+        with get_client(sync_client=True) as client:
             runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[name])))
-            if runs and runs[0].state and runs[0].state.is_paused():
-                return runs[0].id
-            time.sleep(0.5)
-    raise AssertionError(f"flow run {name} did not pause within {timeout_s} s")
+        return runs[0].id if runs and runs[0].state and runs[0].state.is_paused() else None
+
+    return wait_until(paused, timeout_s=timeout_s, interval_s=0.5, what=f"flow run {name} to pause")
 
 
 def run_in_thread(**parameters: Any) -> tuple[threading.Thread, dict[str, Any]]:

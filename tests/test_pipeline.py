@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from uuid import UUID
@@ -24,12 +23,14 @@ from prefect.client.schemas.filters import (
 from prefect.client.schemas.objects import Artifact
 from prefect.events import Event
 from prefect.events.filters import EventFilter, EventNameFilter
+from waiting import wait_until
 
 from bincount.code import code_hash
 from bincount.config import Location, Settings
 from bincount.contracts.serving import EndpointNotFoundError
 from bincount.demo_data import generate_demo_bucket, jpeg_bytes, render_bin_image
 from bincount.factory import get_model_registry, get_serving_backend
+from bincount.models import read_from_archive
 from bincount.split import read_split
 from bincount.storage import Storage, local_path
 from flows.cli import main as cli
@@ -83,17 +84,15 @@ def events_named(
 ) -> list[Event]:
     """Events ``name`` (related to ``related_to``, and for which ``where`` holds) on the server; they are
     written asynchronously: wait for one to arrive (an earlier event of the same name does not end the wait)."""
-    deadline = time.monotonic() + wait_s
-    while True:
+
+    def matching() -> list[Event]:
         with get_client(sync_client=True) as client:
             found = client.read_events(EventFilter(event=EventNameFilter(name=[name])), limit=50).events
         if related_to is not None:
             found = [e for e in found if any(r.id == related_to for r in e.related)]
-        if where is not None:
-            found = [e for e in found if where(e)]
-        if found or time.monotonic() > deadline:
-            return found
-        time.sleep(0.5)
+        return [e for e in found if where is None or where(e)]
+
+    return wait_until(matching, timeout_s=wait_s, interval_s=0.5, what=f"an event {name}")
 
 
 @pytest.fixture(scope="module")
@@ -178,11 +177,17 @@ def test_pipeline_end_to_end_registers_deploys_then_is_served_from_cache(
     fired = int(rules.description.rsplit(": ", 1)[1].split()[0])
     assert "| overfit |" in rules.data and rules.data.count("**FIRED**") == fired, (rules.description, rules.data)
 
+    if optimized:  # item 11: the version's scores are those of the int8 form it serves, on the same test images
+        parity = json.loads(read_from_archive(Storage(), result.model_uri, "model_info.json"))["optimized"]["parity"]
+        assert (lineage.metrics.accuracy, lineage.metrics.images) == (
+            pytest.approx(parity["optimized_accuracy"]),
+            parity["images"],
+        )
+
     rerun = pipeline(DataOptions(), TINY, endpoint_name=ENDPOINT, location=Location(**where), return_state=True)
     states = all_task_states(rerun.state_details.flow_run_id)
     for expensive in (
         "download-images",
-        "split-dataset",
         "report-data",
         "train-trial",
         "run-training-job",
@@ -191,10 +196,43 @@ def test_pipeline_end_to_end_registers_deploys_then_is_served_from_cache(
         assert states[expensive] == {"Cached"}, (expensive, states[expensive])
     assert rerun.result().model_version == result.model_version, "the same model is the same version"
     assert len(registry.list(ENDPOINT)) == 1
+    again = get_serving_backend(settings).describe(ENDPOINT)
+    assert (again.deployed_at, again.previous_model_ref) == (endpoint.deployed_at, None), "(f): nothing redeployed"
     summaries = [
         a for a in artifacts_keyed(summary_key("bincount-pipeline")) if f"| model version | {ENDPOINT}:1 |" in a.data
     ]
     assert len(summaries) == 2, "one summary per run under one key"
+
+
+def test_a_retune_nightly_on_unchanged_data_trains_afresh_and_leaves_production_serving(
+    deployed: tuple[dict[str, str], PipelineResult],
+) -> None:
+    """Item 1: with retune=True on unchanged data and code, cached trials and a cached retrain would give the
+    champion's own model, which the nightly then archived: production must stay, and serve."""
+    where, _ = deployed
+    location = Location(artifact_root=where["artifact_root"])
+    settings = location.settings()
+    registry = get_model_registry(settings)
+    champion = registry.production(ENDPOINT)
+    assert champion is not None and champion.spec.code_hash == code_hash()
+
+    state = nightly_retrain(endpoint_name=ENDPOINT, location=location, retune=True, return_state=True)
+    decision = state.result()
+    states = all_task_states(state.state_details.flow_run_id)
+    for trained in ("train-trial", "run-training-job"):
+        assert "Cached" not in states[trained], (trained, states[trained])
+    assert decision.challenger_version not in (None, champion.version), decision
+    assert decision.outcome in ("promoted", "kept") and decision.serving_version == champion.version
+    production = registry.production(ENDPOINT)
+    assert production is not None, "a production version is left"
+    serving = get_serving_backend(settings).describe(ENDPOINT)
+    assert serving.model_ref == str(production.ref), "(a): what serves is the production version"
+    if decision.promoted:
+        assert production.version == decision.challenger_version
+    else:
+        assert production.version == champion.version
+        assert registry.get(ENDPOINT, decision.challenger_version).stage == "archived"
+    assert registry.decisions(ENDPOINT)[-1].outcome == decision.outcome, "(d): kept with its outcome"
 
 
 def test_nightly_with_no_parameters_retrains_production_on_leak_free_data(
@@ -204,10 +242,15 @@ def test_nightly_with_no_parameters_retrains_production_on_leak_free_data(
     location = Location(artifact_root=where["artifact_root"])  # what a scheduled run has: BINCOUNT_* only
     settings, storage = location.settings(), Storage()
     registry = get_model_registry(settings)
+    champion, registered, decided = (
+        registry.production(ENDPOINT),
+        len(registry.list(ENDPOINT)),
+        len(registry.decisions(ENDPOINT)),
+    )
 
     unchanged = nightly_retrain(endpoint_name=ENDPOINT, location=location)
-    assert not unchanged.promoted and "nothing retrained" in unchanged.reason
-    assert len(registry.list(ENDPOINT)) == 1, "no model is compared with itself"
+    assert not unchanged.promoted and "nothing retrained" in unchanged.reason and unchanged.outcome == "unchanged"
+    assert len(registry.list(ENDPOINT)) == registered, "no model is compared with itself"
 
     before = read_split(storage, first.dataset_split_uri).set_index("id")["split"]
     generate_demo_bucket(storage, where["source_uri"], images=220, seed=1, size=64)  # the manifest grows
@@ -216,20 +259,22 @@ def test_nightly_with_no_parameters_retrains_production_on_leak_free_data(
     after = read_split(storage, first.dataset_split_uri).set_index("id")["split"]
     assert len(after) > len(before) and (after[before.index] == before).all(), "no image changed sides"
     champion_trained_on = set(before[before != "test"].index)
-    challenger = registry.get(ENDPOINT, 2)
+    challenger = registry.get(ENDPOINT, registered + 1)
     test_side = set(after[after == "test"].index)
     assert test_side and not test_side & champion_trained_on and not test_side & set(after[after != "test"].index)
     assert challenger.spec.metrics.images == len(test_side) == challenger.spec.dataset.counts["test"]
-    assert challenger.spec.hyperparameters == registry.get(ENDPOINT, 1).spec.hyperparameters, "the production recipe"
-    assert (decision.challenger_version, decision.serving_version) == (2, 1)
+    assert challenger.spec.hyperparameters == champion.spec.hyperparameters, "the production recipe"
+    assert (decision.challenger_version, decision.serving_version) == (challenger.version, champion.version)
     serving = get_serving_backend(settings).describe(ENDPOINT)
     if decision.promoted:
-        assert registry.production(ENDPOINT).version == 2 and serving.model_ref == f"{ENDPOINT}:2"
+        assert registry.production(ENDPOINT).version == challenger.version
+        assert serving.model_ref == str(challenger.ref)
     else:
-        assert challenger.stage == "archived" and serving.model_ref == f"{ENDPOINT}:1"
+        assert registry.get(ENDPOINT, challenger.version).stage == "archived"
+        assert serving.model_ref == str(champion.ref)
     kind = "promoted" if decision.promoted else "kept"
-    assert events_named(f"bincount.model.{kind}", where=lambda e: e.payload.get("challenger_version") == 2)
-    assert [d.challenger_version for d in registry.decisions(ENDPOINT)] == [None, 2]
+    assert events_named(f"bincount.model.{kind}", where=lambda e: e.payload["challenger_version"] == challenger.version)
+    assert [d.challenger_version for d in registry.decisions(ENDPOINT)[decided:]] == [None, challenger.version]
 
 
 def test_endpoints_are_described_pinged_and_stopped_with_a_stopped_artifact(

@@ -6,7 +6,6 @@ import json
 import subprocess
 import sys
 import threading
-import time
 import uuid
 from pathlib import Path
 
@@ -16,10 +15,12 @@ import pytest
 from prefect import get_client
 from prefect.artifacts import Artifact
 from prefect.events.filters import EventFilter, EventNameFilter
+from waiting import wait_until
 
 from bincount.config import Settings
 from bincount.contracts.registry import (
     DatasetRef,
+    HeldVersionError,
     InvalidReferenceError,
     InvalidTransitionError,
     ModelMetrics,
@@ -119,6 +120,9 @@ def test_stages_and_approvals_come_from_events_and_rollback_goes_back_one(regist
         registry.previous_production(GROUP)  # v2 was rolled back from: rolling back again has nowhere to go
     # A rejected version is never a rollback target.
     registry.approve(GROUP, 3, "alice", "ok")
+    with pytest.raises(HeldVersionError, match=r"bincount:3 matches bincount:2 .*held since a rollback by bob"):
+        registry.transition(GROUP, 3, "production", "alice", "try v3")  # v3 has v2's recipe and data: held
+    registry.release_hold(GROUP, 2, "alice", "v2's slowness was the host")
     registry.transition(GROUP, 3, "production", "alice", "try v3")
     registry.reject(GROUP, 1, "carol", "v1 miscounts 5s")
     with pytest.raises(NoPreviousProductionError):
@@ -154,9 +158,9 @@ for i in range({per_process}):
     registry.approve("bincount", version.version, f"worker-{{worker}}", "concurrent")
 """
     workers = [subprocess.Popen([sys.executable, "-c", script, str(w)], cwd=PROJECT) for w in (1, 2)]
-    deadline = time.monotonic() + 120
-    while not all((tmp_path / f"ready-{w}").exists() for w in (1, 2)) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(
+        lambda: all((tmp_path / f"ready-{w}").exists() for w in (1, 2)), timeout_s=120, what="both workers to start"
+    )
     start.touch()  # both processes imported and waiting: go
     assert [w.wait(timeout=300) for w in workers] == [0, 0]
     versions = registry.list(GROUP)
@@ -292,10 +296,10 @@ def test_models_command_lists_shows_approves_and_refuses_clearly(
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == [
         "VERSION", "STAGE", "APPROVAL", "ACCURACY", "RMSE", "WITHIN-1", "CREATED", "(UTC)", "TRAINING", "JOB",
-        "SERVED", "BY",
+        "SERVED", "BY", "HOLD",
     ]  # fmt: skip
     assert lines[2].split()[:4] == ["bincount:1", "candidate", "PendingManualApproval", "0.510"]
-    assert lines[2].split()[-1] == "bincount" and lines[3].split()[-1] == "-"
+    assert lines[2].split()[-2:] == ["bincount", "-"] and lines[3].split()[-2:] == ["-", "-"]
 
     main(["models", "approve", "bincount:1", "--reason", "looks right", "--actor", "alice"])
     assert capsys.readouterr().out.strip() == "bincount:1 is Approved (stage candidate)"
@@ -313,10 +317,11 @@ def test_models_command_lists_shows_approves_and_refuses_clearly(
     assert shown.splitlines()[-1].split()[1:] == ["alice", "approval", "Approved", "looks", "right"]
     artifact = Artifact.get(f"model-registry-{GROUP}")
     assert artifact is not None and "Approved" in str(artifact.data), "the UI's registry table follows the CLI"
-    deadline = time.monotonic() + 15
-    while not (approved := approval_events("bincount.model.approved")) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert any(event.payload["actor"] == "alice" for event in approved)
+    wait_until(
+        lambda: any(e.payload["actor"] == "alice" for e in approval_events("bincount.model.approved")),
+        timeout_s=15,
+        what="the approval event",
+    )
 
     main(["models", "reject", "bincount:2", "--reason", "miscounts 5s"])
     capsys.readouterr()
@@ -380,5 +385,6 @@ def test_models_rollback_deploys_the_previous_production_version(
         assert registry.production(endpoint).version == 1 and registry.get(endpoint, 2).stage == "archived"
         assert registry.get(endpoint, 1).history[-1].details == {"rollback_from": "2"}
         assert registry.get(endpoint, 1).history[-1].actor == "bob"
+        assert registry.get(endpoint, 2).hold.reason == "v2 too slow", "(e): the version rolled back from is held"
     finally:
         backend.delete(endpoint)

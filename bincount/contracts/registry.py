@@ -24,7 +24,12 @@ Stage = Literal["candidate", "production", "archived"]
 ApprovalStatus = Literal["PendingManualApproval", "Approved", "Rejected"]
 STAGES: tuple[Stage, ...] = ("candidate", "production", "archived")
 APPROVAL_STATUSES: tuple[ApprovalStatus, ...] = ("PendingManualApproval", "Approved", "Rejected")
-EventKind = Literal["stage", "approval", "mirrored"]
+EventKind = Literal["stage", "approval", "mirrored", "release"]
+DecisionOutcome = Literal["promoted", "kept", "unchanged", "nothing-new", "held", "rejected", "deploy-failed"]
+"""What became of a nightly's challenger: promoted (it serves now), kept (it did not beat what serves),
+unchanged (no new data or code: nothing retrained), nothing-new (its model is a registered version's),
+held (it matches a version a rollback holds), rejected (by a person), deploy-failed (its deploy or canary
+failed: what served before still serves)."""
 PROMOTION_METRIC = "accuracy"
 
 
@@ -38,6 +43,14 @@ class VersionNotFoundError(RegistryError, LookupError):
 
 class InvalidTransitionError(RegistryError):
     """The version's stage or approval forbids the change (approving a rejected model, deploying one)."""
+
+
+class ProductionVersionError(InvalidTransitionError):
+    """A production version may leave production only when another takes its place (a promotion or a rollback)."""
+
+
+class HeldVersionError(InvalidTransitionError):
+    """The version matches one a rollback holds: only a person lifts the hold (``bincount models release-hold``)."""
 
 
 class NoPreviousProductionError(RegistryError, LookupError):
@@ -74,7 +87,7 @@ class VersionRef:
         return f"{self.group}:{self.version}"
 
 
-_REFERENCE = re.compile(r"^(?P<group>[^:/\s]+):(?P<version>[0-9]+|latest|production)$")
+_REFERENCE = re.compile(r"(?P<group>[^:/\s]+):(?P<version>[0-9]+|latest|production)")
 
 
 def parse_reference(text: str) -> VersionRef:
@@ -83,7 +96,7 @@ def parse_reference(text: str) -> VersionRef:
     Raises:
         InvalidReferenceError: not ``<group>:<number|latest|production>``, or a bad group name.
     """
-    match = _REFERENCE.match(text.strip())
+    match = _REFERENCE.fullmatch(text.strip())
     if not match:
         raise InvalidReferenceError(
             f"version reference {text!r}: write <group>:<number> (bincount:3), <group>:latest or <group>:production"
@@ -170,6 +183,16 @@ class StageEvent:
 
 
 @dataclass(frozen=True)
+class Hold:
+    """A rollback's stop on the version rolled back from: it, and any model with its digest or with its recipe
+    (train.py flags) and data (split hash), is not promoted again until a person releases it."""
+
+    actor: str
+    reason: str
+    at: str
+
+
+@dataclass(frozen=True)
 class ModelVersion:
     """A registered version, with its current stage and approval and the history that led there.
 
@@ -185,6 +208,7 @@ class ModelVersion:
     approval: ApprovalStatus = "PendingManualApproval"
     history: tuple[StageEvent, ...] = ()
     mirror: dict[str, str] = field(default_factory=dict)
+    hold: Hold | None = None
 
     @property
     def ref(self) -> VersionRef:
@@ -195,9 +219,23 @@ class ModelVersion:
         return self.spec.model_uri
 
     def with_state(
-        self, stage: Stage, approval: ApprovalStatus, history: tuple[StageEvent, ...], mirror: dict[str, str]
+        self,
+        stage: Stage,
+        approval: ApprovalStatus,
+        history: tuple[StageEvent, ...],
+        mirror: dict[str, str],
+        hold: Hold | None = None,
     ) -> ModelVersion:
-        return replace(self, stage=stage, approval=approval, history=history, mirror=mirror)
+        return replace(self, stage=stage, approval=approval, history=history, mirror=mirror, hold=hold)
+
+    def matches(self, spec: ModelVersionSpec) -> bool:
+        """Whether ``spec`` is this model again: the same digest, or the same recipe (train.py flags) on the same
+        data (split hash)."""
+        same_recipe = (spec.hyperparameters, spec.dataset.split_sha256) == (
+            self.spec.hyperparameters,
+            self.spec.dataset.split_sha256,
+        )
+        return spec.model_sha256 == self.spec.model_sha256 or same_recipe
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -205,7 +243,11 @@ class ModelVersion:
 
 @dataclass(frozen=True)
 class Decision:
-    """A nightly comparison of a challenger with the serving model, on the same test split."""
+    """A nightly comparison of a challenger with the serving model, on the same test split, and its outcome.
+
+    ``serving_*`` is what served when the decision was taken (re-read under the endpoint's lock);
+    ``outcome`` says what became of the challenger (empty in records written before it was kept).
+    """
 
     endpoint_name: str
     promoted: bool
@@ -219,9 +261,14 @@ class Decision:
     decided_at: str = ""
     challenger_version: int | None = None
     serving_version: int | None = None
+    outcome: DecisionOutcome | Literal[""] = ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def with_outcome(self, outcome: DecisionOutcome, reason: str | None = None) -> Decision:
+        """This decision with ``outcome`` (promoted only when it is ``promoted``) and, if given, another reason."""
+        return replace(self, outcome=outcome, promoted=outcome == "promoted", reason=reason or self.reason)
 
 
 @dataclass(frozen=True)
@@ -281,12 +328,36 @@ class ModelRegistry(Protocol):
         ...
 
     def transition(self, group: str, version: int, stage: Stage, actor: str, reason: str) -> ModelVersion:
-        """Move a version to ``stage``; production needs an approved version."""
+        """Move a version to ``stage``; production needs an approved version that no hold matches.
+
+        Raises:
+            ProductionVersionError: ``version`` is in production and ``stage`` is not (another must take its place).
+            HeldVersionError: to production, a version that matches a held one.
+        """
+        ...
+
+    def check_promotable(self, version: ModelVersion) -> None:
+        """Raise unless ``version`` may go to production: approved (:class:`InvalidTransitionError`) and matching no
+        held version (:class:`HeldVersionError`)."""
         ...
 
     def approve(self, group: str, version: int, actor: str, reason: str) -> ModelVersion: ...
 
-    def reject(self, group: str, version: int, actor: str, reason: str) -> ModelVersion: ...
+    def reject(self, group: str, version: int, actor: str, reason: str) -> ModelVersion:
+        """Raises :class:`ProductionVersionError` for the production version."""
+        ...
+
+    def held_by(self, group: str, spec: ModelVersionSpec) -> ModelVersion | None:
+        """The held version ``spec`` matches (:meth:`ModelVersion.matches`), or None."""
+        ...
+
+    def release_hold(self, group: str, version: int, actor: str, reason: str) -> ModelVersion:
+        """A person lifts the hold a rollback put on ``version``."""
+        ...
+
+    def find_by_digest(self, group: str, model_sha256: str) -> ModelVersion | None:
+        """The earliest version of ``group`` whose model has this sha256."""
+        ...
 
     def find_by_model_uri(self, group: str, model_uri: str) -> ModelVersion | None:
         """The latest version of ``group`` whose model is at ``model_uri``."""

@@ -5,6 +5,7 @@ the current model. Each answers with its test, its numbers and, where the data c
                                           paired_bootstrap         intervals for accuracy, RMSE and within-one
                                           mcnemar_sample_size      how many images would decide a gap
                                           compare_paired           all three, as one verdict and one sentence
+    one model                             bootstrap_scores         its accuracy, RMSE and within-one with intervals
     two arms (different requests)         error_rate_test          Fisher's exact test on error counts
                                           two_proportion_sample_size   requests per arm to see a given increase
 
@@ -157,6 +158,46 @@ def paired_bootstrap(
         resamples=resamples,
         seed=seed,
     )
+
+
+@dataclass(frozen=True)
+class ScoreIntervals:
+    """One model's accuracy, RMSE and within-one on a set of images, each with its percentile bootstrap interval."""
+
+    accuracy: Interval
+    rmse: Interval
+    within_one: Interval
+    confidence: float
+    resamples: int
+    seed: int
+
+
+def bootstrap_scores(
+    truth: Sequence[int] | np.ndarray,
+    predicted: Sequence[int] | np.ndarray,
+    confidence: float = 0.95,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = BOOTSTRAP_SEED,
+) -> ScoreIntervals:
+    """One model's scores with intervals from ``resamples`` resamples of the images (seeded): the figures a model
+    has on its own, where there is no champion to pair it with."""
+    y, p = _checked(truth, predicted)
+    hits, near, squares = (p == y).astype(float), (np.abs(p - y) <= 1).astype(float), (p - y) ** 2
+    rng = np.random.default_rng(seed)
+    draws: dict[str, list[np.ndarray]] = {"accuracy": [], "rmse": [], "within_one": []}
+    chunk = max(1, _CELLS_PER_CHUNK // len(y))
+    for start in range(0, resamples, chunk):
+        rows = rng.integers(0, len(y), size=(min(chunk, resamples - start), len(y)))
+        draws["accuracy"].append(hits[rows].mean(axis=1))
+        draws["rmse"].append(np.sqrt(squares[rows].mean(axis=1)))
+        draws["within_one"].append(near[rows].mean(axis=1))
+    plain = {"accuracy": hits.mean(), "rmse": np.sqrt(squares.mean()), "within_one": near.mean()}
+    tails = [(1 - confidence) / 2, 1 - (1 - confidence) / 2]
+    intervals = {
+        name: Interval(float(plain[name]), *(float(q) for q in np.quantile(np.concatenate(values), tails)))
+        for name, values in draws.items()
+    }
+    return ScoreIntervals(**intervals, confidence=confidence, resamples=resamples, seed=seed)
 
 
 def mcnemar_sample_size(discordant_rate: float, gap: float, alpha: float = 0.05, power: float = POWER) -> int | None:

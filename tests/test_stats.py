@@ -11,6 +11,7 @@ import pytest
 
 from bincount.stats import (
     NonInferiority,
+    bootstrap_scores,
     compare_paired,
     error_rate_test,
     mcnemar_exact,
@@ -78,6 +79,22 @@ def test_the_bootstrap_is_seeded_and_its_estimates_are_the_plain_differences() -
     # the paired standard error: sqrt((b + c) / n - gap**2) / sqrt(n); a 95% interval is about +-1.96 of it
     se = math.sqrt(100 / 500 - (20 / 500) ** 2) / math.sqrt(500)
     assert first.accuracy.high - first.accuracy.low == pytest.approx(2 * 1.96 * se, rel=0.1)
+
+
+def test_one_models_bootstrap_is_seeded_and_centred_on_its_plain_scores() -> None:
+    truth, _, challenger = paired_counts(150, 0, 100, 250, off=2)  # right on 250 of 500, the misses 2 off
+    first = bootstrap_scores(truth, challenger)
+    assert first == bootstrap_scores(truth, challenger), "the same inputs and seed give the same intervals"
+    plain = scores(truth, challenger)
+    assert (first.accuracy.estimate, first.rmse.estimate) == (plain.accuracy, pytest.approx(plain.rmse))
+    assert first.within_one.estimate == plain.within_one == 0.5
+    # a proportion's standard error: sqrt(p (1 - p) / n); a 95% interval is about +-1.96 of it
+    se = math.sqrt(0.5 * 0.5 / 500)
+    assert first.accuracy.high - first.accuracy.low == pytest.approx(2 * 1.96 * se, rel=0.1)
+    assert first.rmse.estimate == pytest.approx(math.sqrt(2))  # half the images 2 off
+    assert first.rmse.low < first.rmse.estimate < first.rmse.high
+    perfect = bootstrap_scores(truth, truth)
+    assert (perfect.accuracy.low, perfect.rmse.high) == (1.0, 0.0)
 
 
 def test_a_clearly_better_challenger_on_500_images_is_better() -> None:

@@ -1,41 +1,95 @@
 """Channels as tensors: every image decoded and resized once into a uint8 cache, batches sliced from it.
 
-A channel is an ImageFolder-style tree (``<root>/<count>/<id>.jpg``). :func:`load_channel` turns one
-into an :class:`ImageCache` through :mod:`sm_scripts.preprocessing` (the endpoint's path too), and
-:func:`batches` yields augmented, normalized, channels_last float batches from it.
+A channel is an ImageFolder-style tree (``<root>/<count>/<id>.jpg``). :func:`load_channel` decodes it
+through :mod:`sm_scripts.preprocessing` (the endpoint's path too) into a memory-mapped cache file
+(:mod:`sm_scripts.image_cache`), and :func:`batches` yields augmented, normalized, channels_last float
+batches from it. Resident memory stays flat in the number of images: the pixels live in the file
+and the page cache, and only the pages of the batch in flight are mapped into the process.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+import os
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
 
 from sm_scripts.errors import TrainingError
-from sm_scripts.preprocessing import IMAGE_SUFFIXES, ImageError, load_image, normalize
+from sm_scripts.image_cache import MappedImages, open_cache, open_private
+from sm_scripts.preprocessing import IMAGE_SUFFIXES, normalize
+
+COPY_BYTES = 32 << 20  # copied onto a device at a time
 
 
 class ImageCache:
-    """A channel's images decoded and resized once: ``images`` (N, 3, S, S) uint8, ``labels`` (N,).
+    """A channel's images decoded and resized once, with their labels (N,) and files.
 
-    After :func:`sm_scripts.loop.backbone_features`, ``images`` holds (N, F) float features instead.
+    The images are ``parts``, one (n, 3, S, S) uint8 tensor per channel, read as one sequence in order:
+    each over a memory-mapped cache file (``mapped``), or in memory (on the GPU after :meth:`to`, or
+    made by the caller). After :func:`sm_scripts.loop.backbone_features`, one (N, F) float part of
+    features instead.
     """
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, files: list[str]) -> None:
-        self.images, self.labels, self.files = images, labels, files
+    def __init__(
+        self,
+        images: torch.Tensor | Sequence[torch.Tensor],
+        labels: torch.Tensor,
+        files: list[str],
+        mapped: Sequence[MappedImages] = (),
+    ) -> None:
+        self.parts = [images] if isinstance(images, torch.Tensor) else list(images)
+        self.labels, self.files, self.mapped = labels, files, list(mapped)
 
     def __len__(self) -> int:
         return len(self.labels)
 
+    @property
+    def nbytes(self) -> int:
+        return sum(part.nbytes for part in self.parts)
+
     @staticmethod
     def concat(caches: list[ImageCache]) -> ImageCache:
         return ImageCache(
-            torch.cat([c.images for c in caches]),
+            [part for c in caches for part in c.parts],
             torch.cat([c.labels for c in caches]),
             [f for c in caches for f in c.files],
+            [m for c in caches for m in c.mapped],
         )
+
+    def take(self, index: torch.Tensor) -> torch.Tensor:
+        """The images at ``index`` (a CPU tensor of positions), gathered where the parts lie; the files' pages
+        are released after each gather (the kernel maps far more than the rows read: its read-around and
+        fault-around fill in neighbours, which would otherwise stay mapped)."""
+        if len(self.parts) == 1:
+            rows = self.parts[0].index_select(0, index.to(self.parts[0].device))
+        else:
+            first = self.parts[0]
+            rows = first.new_empty((len(index), *first.shape[1:]))
+            start = 0
+            for part in self.parts:
+                inside = ((index >= start) & (index < start + len(part))).nonzero().squeeze(1)
+                rows[inside.to(rows.device)] = part.index_select(0, (index[inside] - start).to(part.device))
+                start += len(part)
+        self.release()
+        return rows
+
+    def release(self) -> None:
+        """Unmap the cache files' pages from this process (see :meth:`MappedImages.release`)."""
+        for mapped in self.mapped:
+            mapped.release()
+
+    def to(self, device: torch.device) -> None:
+        """Copy the images onto ``device`` a chunk at a time (resident memory stays flat), leaving the files."""
+        moved = []
+        for part in self.parts:
+            on_device = torch.empty_like(part, device=device)
+            step = max(1, COPY_BYTES // max(1, part[:1].nbytes))
+            for start in range(0, len(part), step):
+                on_device[start : start + step].copy_(part[start : start + step])
+                self.release()
+            moved.append(on_device)
+        self.parts, self.mapped = moved, []
 
 
 def find_classes(root: Path) -> list[str]:
@@ -50,35 +104,45 @@ def find_classes(root: Path) -> list[str]:
 
 def channel_files(root: Path, classes: list[str]) -> tuple[list[Path], list[int]]:
     """The image files under ``root/<class>/`` in order, with their class indexes."""
+    paths, labels = channel_paths(root, classes)
+    return [Path(path) for path in paths], labels
+
+
+def channel_paths(root: Path, classes: list[str]) -> tuple[list[str], list[int]]:
+    """:func:`channel_files` as strings: a ``Path`` costs about a kilobyte, which adds up over a million images."""
     extra = sorted({p.name for p in root.iterdir() if p.is_dir()} - set(classes))
     if extra:
         raise TrainingError(f"channel {root} has class folders {extra} that the train channel lacks ({classes})")
-    files, labels = [], []
+    paths: list[str] = []
+    labels: list[int] = []
     for index, name in enumerate(classes):
         folder = root / name
-        found = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
-        files += found
+        if not folder.is_dir():
+            continue  # a count this channel lacks
+        with os.scandir(folder) as entries:
+            found = sorted(entry.path for entry in entries if os.path.splitext(entry.name)[1].lower() in IMAGE_SUFFIXES)
+        paths += found
         labels += [index] * len(found)
-    if not files:
+    if not paths:
         raise TrainingError(f"channel {root} holds no images (.jpg, .jpeg, .png) under its class folders")
-    return files, labels
+    return paths, labels
 
 
-def load_channel(root: Path, classes: list[str], image_size: int, threads: int) -> ImageCache:
-    """Decode and resize every image under ``root/<class>/`` once, in parallel threads."""
-    files, labels = channel_files(root, classes)
+def load_channel(
+    root: Path, classes: list[str], image_size: int, threads: int, cache_dir: Path | None = None
+) -> ImageCache:
+    """The images under ``root/<class>/``, decoded and resized once (in parallel threads) into a cache file.
 
-    def load(path: Path) -> torch.Tensor:
-        try:
-            return load_image(path.read_bytes(), image_size)
-        except ImageError as error:
-            raise TrainingError(f"cannot decode image {path}: {error}") from error
-
-    images = torch.empty((len(files), 3, image_size, image_size), dtype=torch.uint8)
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        for index, image in enumerate(pool.map(load, files)):
-            images[index] = image
-    return ImageCache(images, torch.tensor(labels, dtype=torch.long), [str(p) for p in files])
+    With ``cache_dir`` the file is kept there, and a later open (another run, another data-parallel
+    process) reuses it while the channel is unchanged; without, it is a private temporary file, gone
+    with the returned cache.
+    """
+    files, labels = channel_paths(root, classes)
+    if cache_dir is None:
+        mapped = open_private(files, labels, image_size, threads)
+    else:
+        mapped = open_cache(root, files, labels, classes, image_size, threads, cache_dir)
+    return ImageCache(mapped.images, mapped.labels, files, [mapped])
 
 
 def square_symmetries(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -138,12 +202,13 @@ def batches(
     for start in range(0, len(order), batch_size):
         if len(order) - start < min_batch:
             break
-        index = order[start : start + batch_size].to(cache.images.device)
-        if cache.images.dim() == 2:  # cached backbone features: nothing to augment or normalize
-            yield cache.images.index_select(0, index).to(device), cache.labels.index_select(0, index.cpu()).to(device)
+        index = order[start : start + batch_size]
+        rows = cache.take(index)
+        labels = cache.labels.index_select(0, index).to(device, non_blocking=True)
+        if rows.dim() == 2:  # cached backbone features: nothing to augment or normalize
+            yield rows.to(device), labels
             continue
-        images = cache.images.index_select(0, index)
+        images = rows.to(device, non_blocking=True)
         if augmentation != "none":
             images = augment(images, augmentation, generator)
-        images = normalize(images.to(device, non_blocking=True), mean, std)
-        yield images, cache.labels.index_select(0, index.to(cache.labels.device)).to(device, non_blocking=True)
+        yield normalize(images, mean, std), labels

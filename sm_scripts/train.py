@@ -8,10 +8,12 @@ and ``model_info.json`` (arch, classes, image size, normalization, hyperparamete
 With ``--checkpoint-dir`` (SageMaker: /opt/ml/checkpoints) each epoch ends with a checkpoint, and a
 run that finds its own checkpoint there resumes after that epoch (managed spot training, retries).
 
-Speed: every image is decoded and resized once into a uint8 tensor cache (on the GPU where there
-is one), batches are sliced from it, augmented on tensors and fed channels_last; the GPU path uses
-mixed precision. The stages below read top to bottom; their parts live beside this file
-(``data``, ``networks``, ``loop``, ``checkpoints``, ``monitoring``, ``model_dir``, ``preprocessing``).
+Speed and memory: every image is decoded and resized once into a memory-mapped uint8 cache file
+(``--data-cache-dir``; reused while the channel is unchanged, shared by data-parallel processes,
+copied onto the GPU where it fits in half its free memory), batches are sliced from it, augmented on
+tensors and fed channels_last; the GPU path uses mixed precision. The stages below read top to bottom;
+their parts live beside this file (``data``, ``image_cache``, ``networks``, ``loop``, ``checkpoints``,
+``monitoring``, ``model_dir``, ``preprocessing``).
 
     SM_MODEL_DIR=out/model SM_CHANNEL_TRAIN=ch/train SM_CHANNEL_VALID=ch/valid \\
         python sm_scripts/train.py --arch resnet18 --epochs 3 --lr 0.05 --batch-size 32
@@ -155,25 +157,32 @@ def setup_runtime(args: argparse.Namespace) -> Runtime:
 
 
 def load_data(args: argparse.Namespace, train_names: list[str], folders: dict[str, str], runtime: Runtime) -> Data:
-    """Decode and resize the training channels and the scored one into caches (on the GPU where there is one)."""
+    """Decode and resize the training channels and the scored one into cache files in ``--data-cache-dir``
+    (the first process of a host builds them, with every thread of the host, while the others wait), and
+    copy them onto the GPU where there is one and they fit in half its free memory."""
     classes = find_classes(Path(folders[train_names[0]]))
     class_values = torch.tensor(
         [int(c) if c.isdigit() else i for i, c in enumerate(classes)], dtype=torch.float32, device=runtime.device
     )
     start = time.perf_counter()
 
+    threads = runtime.threads * runtime.cluster.local_world
+
     def load(name: str) -> ImageCache:
-        return load_channel(Path(folders[name]), classes, args.image_size, runtime.threads)
+        return load_channel(Path(folders[name]), classes, args.image_size, threads, Path(args.data_cache_dir))
 
     data = Data(classes, class_values, ImageCache.concat([load(name) for name in train_names]), load(args.eval_channel))
     held = data.eval.labels.unique()
     if len(held) < len(classes):
         data.scored_classes = held.to(runtime.device)
-    if runtime.device.type == "cuda":
-        data.train.images, data.eval.images = data.train.images.to(runtime.device), data.eval.images.to(runtime.device)
+    where = f"in {args.data_cache_dir}"
+    if runtime.device.type == "cuda" and data.train.nbytes + data.eval.nbytes < torch.cuda.mem_get_info()[0] / 2:
+        data.train.to(runtime.device)
+        data.eval.to(runtime.device)
+        where += f", copied onto {runtime.device}"
     print(
         f"cached {len(data.train)} training images ({'+'.join(train_names)}) and {len(data.eval)} "
-        f"{args.eval_channel} images at {args.image_size}px in {time.perf_counter() - start:.1f}s",
+        f"{args.eval_channel} images at {args.image_size}px {where} in {time.perf_counter() - start:.1f}s",
         flush=True,
     )
     return data
@@ -631,6 +640,12 @@ def add_path_flags(parser: argparse.ArgumentParser) -> None:
         help="smdebug output outside a SageMaker Debugger job (default: $SM_OUTPUT_DIR/tensors)",
     )
     group.add_argument("--num-gpus", type=int, default=int(env("SM_NUM_GPUS", "1")), help="(default: $SM_NUM_GPUS)")
+    group.add_argument(
+        "--data-cache-dir",
+        default=str(Path(env("SM_OUTPUT_DIR", "output")) / "data-cache"),
+        help="where the channels' decoded images are cached, one file each, reused while a channel is unchanged; "
+        "writable, not uploaded, with room for N x 3 x size^2 bytes a channel (default: $SM_OUTPUT_DIR/data-cache)",
+    )
     group.add_argument(
         "--checkpoint-dir",
         default="",

@@ -14,8 +14,8 @@ from sagemaker.parameter import CategoricalParameter, ContinuousParameter, Integ
 from bincount.contracts.naming import job_name
 from bincount.contracts.training import DEBUGGER_RULES, TrainingJob, TrainingJobSpec
 from bincount.contracts.tuning import SEEDS_SEARCH_SPACE, TrialSpec, space_from_dicts
+from bincount.debugger_rules import check_rules, loss_not_decreasing, overfit, overtraining
 from bincount.evaluation import evaluate_model, score_counts
-from bincount.local.debugger import check_rules, loss_not_decreasing, overfit, overtraining
 from bincount.local.training import hyperparameter_flags
 from bincount.local.tuning import LocalTuner, suggest
 from bincount.models import pack_folder, write_untrained_model_dir

@@ -114,6 +114,7 @@ def test_training_job_request_with_the_debugger_service_profiler_and_spot(
         "sagemaker_submit_directory": f"{settings.artifact_uri('jobs')}/{name}/source/sourcedir.tar.gz",
     }
     assert request["AlgorithmSpecification"]["MetricDefinitions"] == METRIC_DEFINITIONS
+    assert request["AlgorithmSpecification"]["TrainingInputMode"] == "FastFile"  # no copy of the channels first
     assert {c["ChannelName"]: c["DataSource"]["S3DataSource"]["S3Uri"] for c in request["InputDataConfig"]} == {
         split: settings.artifact_uri("datasets", "demo", "channels", split) + "/"
         for split in ("train", "valid", "test")

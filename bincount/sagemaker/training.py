@@ -200,6 +200,7 @@ class SageMakerTrainingBackend(SageMakerBackendBase):
             instance_count=options.train_instance_count,
             volume_size=options.volume_size_gb,
             max_run=options.max_run_s,
+            input_mode="FastFile",  # train.py reads each photo once, by path, into its cache: no copy before the start
             hyperparameters=hyperparameters,
             metric_definitions=METRIC_DEFINITIONS,
             output_path=output,

@@ -14,13 +14,14 @@ from prefect import flow
 
 from bincount.config import Location, to_uri
 from bincount.contracts.serving import BatchTransformSummary
-from tasks.batch_transform import batch_transform_task, resolve_model_task
+from tasks.batch_transform import batch_transform_task, resolve_model_task, scoring_sentence
 from tasks.summary import run_summary
 
 
 def batch_figures(result: BatchTransformSummary) -> dict[str, str | int | float | None]:
     """The run summary's key figures."""
     return {
+        "outcome": scoring_sentence(result),
         "model version": result.model_version,
         "images": result.images,
         "scored": result.scored,

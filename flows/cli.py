@@ -20,6 +20,7 @@ if TYPE_CHECKING:  # for the annotations only
     from bincount.contracts.registry import ModelVersion
     from bincount.contracts.serving import EndpointRecord
     from bincount.registry import StorageModelRegistry
+    from flows.pipeline import PipelineResult
     from flows.train import TrainOptions
 
 
@@ -99,7 +100,38 @@ def describe_endpoint(record: EndpointRecord) -> str:
         f"deployed         {record.deployed_at}",
         f"replaced         {record.previous_model_ref or record.previous_version or '-'}",
     ]
-    return "\n".join(lines + [f"{key.replace('_', ' '):16} {value}" for key, value in sorted(record.details.items())])
+    details = sorted((key, value) for key, value in record.details.items() if key != "rollout")
+    lines += [f"{key.replace('_', ' '):16} {value}" for key, value in details]
+    rollout = record.details.get("rollout")
+    if rollout:
+        lines += [
+            f"rollout          {describe_rollout(rollout['strategy'])}",
+            f"last rollout     {rollout_verdict(rollout)}",
+        ]
+    return "\n".join(lines)
+
+
+def describe_rollout(strategy: dict) -> str:
+    """The strategy of the last rollout, with only the settings that apply to it (an all-at-once has no bake)."""
+    kind = strategy["kind"]
+    if kind == "all-at-once":
+        return "all-at-once (blue/green: every request moves to the new model once it answers)"
+    guard = (
+        f"rolled back when its error rate rises by over {strategy['max_error_rate_increase']:g} or its p99 latency "
+        f"passes {strategy['max_latency_ratio']:g}x the current model's (after {strategy['min_requests']} requests)"
+    )
+    if kind == "canary":
+        return f"canary: {strategy['traffic_percent']}% of requests for {strategy['bake_seconds']:g} s, {guard}"
+    if kind == "linear":
+        return f"linear: {strategy['traffic_percent']}% more of requests every {strategy['bake_seconds']:g} s, {guard}"
+    return (
+        f"shadow: the new model answers a copy of {strategy['traffic_percent']}% of requests; users get the current "
+        "model's answers until `bincount endpoints promote-shadow`"
+    )
+
+
+def rollout_verdict(rollout: dict) -> str:
+    return f"{rollout.get('verdict', '-')}: {rollout.get('reason', '-')} ({len(rollout.get('steps', []))} steps)"
 
 
 def endpoints_command(args: argparse.Namespace, settings: Settings) -> str:
@@ -233,11 +265,45 @@ def models_command(args: argparse.Namespace, settings: Settings) -> str:
 
         version = release_hold(args.version, args.reason, args.actor, Location.of(settings))
         return f"{version.ref} is no longer held: it may be promoted again"
-    from flows.review import review_model
+    return review_command(args, settings)
+
+
+def review_command(args: argparse.Namespace, settings: Settings, wait_s: float = 60.0) -> str:
+    """`models approve|reject`: answer the paused run that waits for a person's answer on the version (it records
+    the answer and goes on, as if resumed in the UI); where no run waits, approve or reject it in the registry.
+    Says which happened."""
+    import time
+
+    from bincount.config import Location
+    from bincount.registry import StorageModelRegistry
+    from flows.promotion import answer_waiting_approval, approval_recorded
 
     approve = args.models_command == "approve"
-    version = review_model(args.version, approve, args.reason, args.actor, Location.of(settings))
-    return f"{version.ref} is {version.approval} (stage {version.stage})"
+    verb = "approved" if approve else "rejected"
+    args.actor = args.actor or login_name()
+    version = StorageModelRegistry.from_settings(settings).resolve(args.version)
+    ref = str(version.ref)
+    run = answer_waiting_approval(ref, approve, args.actor, args.reason)
+    if run is None:
+        from flows.review import review_model
+
+        version = review_model(ref, approve, args.reason, args.actor, Location.of(settings))
+        return (
+            f"No paused run waits for {ref}: {verb} it in the registry directly (by {args.actor}). "
+            f"{version.ref} is {version.approval} (stage {version.stage})"
+        )
+    answered = f"Answered flow run {run.name!r} ({run.id}), which waited for approval of {ref}: {verb} by {args.actor}"
+    deadline = time.monotonic() + wait_s
+    while (recorded := approval_recorded(settings, ref, len(version.history))) is None:
+        if time.monotonic() > deadline:
+            return f"{answered}; the run records the answer when it resumes (bincount models show {ref})"
+        time.sleep(0.5)
+    return f"{answered}. The run recorded it: {ref} is {recorded.approval} by {recorded.actor}, and goes on"
+
+
+def login_name() -> str:
+    """Who runs the command: ``$USER``, else the operating system's login name."""
+    return os.environ.get("USER") or getpass.getuser()
 
 
 def add_models_commands(commands: argparse._SubParsersAction) -> None:
@@ -250,10 +316,19 @@ def add_models_commands(commands: argparse._SubParsersAction) -> None:
     show = actions.add_parser("show", help="a version's lineage: dataset -> training job -> model -> endpoints")
     show.add_argument("version", help="<group>:<number>, <group>:latest or <group>:production (e.g. bincount:3)")
     for name in ("approve", "reject"):
-        action = actions.add_parser(name, help=f"{name} a version (and its SageMaker model package on profile aws)")
+        action = actions.add_parser(
+            name,
+            help=f"{name} a version: answers the paused run that waits for approval of it, else {name}s it in the "
+            "registry (and its SageMaker model package on profile aws)",
+        )
         action.add_argument("version", help="<group>:<number>, e.g. bincount:3")
         action.add_argument("--reason", required=True, help="why: kept in the version's history")
-        action.add_argument("--actor", default=getpass.getuser(), help="who (default: the current user)")
+        action.add_argument(
+            "--reviewer",
+            "--actor",
+            dest="actor",
+            help="who decides: kept in the version's history (default: $USER, else the login name)",
+        )
     rollback = actions.add_parser("rollback", help="deploy an endpoint's previous production version again")
     rollback.add_argument("endpoint", help="endpoint name (its model group has the same name)")
     rollback.add_argument("--reason", required=True, help="why: kept in the version's history")
@@ -271,24 +346,26 @@ def demo_command(args: argparse.Namespace, settings: Settings) -> None:
     from flows.pipeline import pipeline
 
     location = Location(source_uri=demo_bucket(settings, args.images, args.seed))
-    result = pipeline(DataOptions(), demo_training_options(), location=location, refresh=args.refresh)
+    print(demo_report(pipeline(DataOptions(), demo_training_options(), location=location, refresh=args.refresh)))
+
+
+def demo_report(result: PipelineResult) -> str:
+    """What `bincount demo` prints at the end: scores, the version, the endpoint with Python that calls it (it
+    runs as shown), the batch transform, how to stop the endpoint."""
+    from tasks.batch_transform import scoring_sentence
+    from tasks.deploy import invoke_snippet
+
     evaluation, endpoint, scored = result.evaluation, result.endpoint, result.batch_transform
     if endpoint is None or scored is None:
-        print(
-            f"Model version {result.model_version} was rejected: nothing deployed (bincount models show "
-            f"{result.model_version})"
-        )
-        return
-    print(
+        rejected = result.model_version
+        return f"Model version {rejected} was rejected: nothing deployed (bincount models show {rejected})"
+    return (
         f"\nTest accuracy {evaluation.accuracy:.3f}, RMSE {evaluation.rmse:.3f} ({evaluation.images} images)\n"
         f"Model version {result.model_version}: {result.model_uri} (its lineage: bincount models show "
         f"{result.model_version})\n"
-        f"Endpoint {endpoint.name!r} serves it at {endpoint.url}:\n"
-        f"  boto3.client('sagemaker-runtime', endpoint_url='{endpoint.url}', region_name='us-east-1',\n"
-        f"               aws_access_key_id='local', aws_secret_access_key='local')  # any credentials do locally\n"
-        f"       "
-        f".invoke_endpoint(EndpointName='{endpoint.name}', Body=jpeg_bytes, ContentType='image/jpeg')\n"
-        f"Batch transform: {scored.images} images scored into {scored.output_uri}\n"
+        f"Endpoint {endpoint.name!r} serves it at {endpoint.url}; with a photo at photo.jpg, this Python asks it "
+        f"for a count:\n\n{invoke_snippet(endpoint)}\n\n"
+        f"Batch transform of the test split: {scoring_sentence(scored)}; results in {scored.output_uri}\n"
         f"Stop the endpoint with: bincount delete-endpoint {endpoint.name}"
     )
 

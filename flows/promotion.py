@@ -7,10 +7,13 @@ it in production as one step under the endpoint's lock.
                             └─ rejected, or no answer within the timeout: the serving model stays
 
 Approval, where asked for, pauses the flow run with a typed form (:class:`ApprovalInput`): in the
-Prefect UI the run shows "Paused" with a Resume button that asks for the decision. With no answer
-within the timeout the version is rejected and the run goes on without deploying it. Nobody waits
-for a person while holding the lock: after the answer, the comparison is made again against what
-serves then.
+Prefect UI the run shows "Paused" with a Resume button that asks for the decision, above a description
+of the version (:func:`approval_description`: its scores against the champion with the evidence of the
+decision, its lineage, a link to its model card). The pause's key names the version
+(:func:`approval_pause_key`), so `bincount models approve|reject <group>:<n>` finds the run that waits
+and answers it (:func:`answer_waiting_approval`). With no answer within the timeout the version is
+rejected and the run goes on without deploying it. Nobody waits for a person while holding the lock:
+after the answer, the comparison is made again against what serves then.
 
 The registry invariants that involve an endpoint (docs/CONTRACTS.md, "Registry invariants") are kept
 here, in :func:`deploy_version`, the one step that puts a registered version on an endpoint: the
@@ -22,21 +25,25 @@ interleaving.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 
-from prefect import get_run_logger
+from prefect import get_client, get_run_logger
 from prefect.artifacts import create_markdown_artifact
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
+from prefect.client.schemas.objects import FlowRun, StateType
 from prefect.concurrency.sync import concurrency
 from prefect.events import emit_event
 from prefect.exceptions import FlowPauseTimeout
-from prefect.flow_runs import pause_flow_run
+from prefect.flow_runs import pause_flow_run, resume_flow_run
 from prefect.input import RunInput
 from prefect.transactions import transaction
 from pydantic import Field
 
 from bincount.config import Settings
-from bincount.contracts.registry import PROMOTION_METRIC, Decision, ModelVersion
+from bincount.contracts.registry import PROMOTION_METRIC, Decision, ModelVersion, StageEvent
 from bincount.contracts.serving import EndpointRecord, RolloutStrategy, ScalingConfig
 from bincount.evaluation import Evaluation
 from bincount.factory import get_model_registry
@@ -73,25 +80,142 @@ def endpoint_lock(endpoint_name: str) -> Iterator[None]:
         yield
 
 
+def approval_pause_key(version_ref: str) -> str:
+    """The key of the pause that waits for a person's answer on ``version_ref`` (``bincount:3`` ->
+    ``approve-bincount-3``: Prefect keys take letters, digits and dashes): how the command line finds the run."""
+    return "approve-" + re.sub(r"[^A-Za-z0-9]+", "-", version_ref).strip("-")
+
+
+def approval_description(
+    version: ModelVersion,
+    passed: str,
+    decision: Decision | None = None,
+    champion: ModelVersion | None = None,
+    card_uri: str | None = None,
+) -> str:
+    """What the reviewer's form says (markdown): which version, its scores against the champion with the evidence
+    of the decision (``decision``, where a comparison was made; else the champion's registered scores), its lineage
+    and a link to its model card (``card_uri``; None: no card stored)."""
+    spec, metrics, dataset = version.spec, version.spec.metrics, version.spec.dataset
+    group = version.group
+    compared = decision is not None and decision.serving_version is not None
+    lines = [f"### Approve `{version.ref}` for endpoint `{group}`?", ""]
+    if not compared:
+        lines += [f"**Why it is proposed**: {passed}.", ""]
+    if decision is not None and decision.serving_version is not None:
+        lines += [
+            f"| | version | test {decision.metric} |",
+            "|---|---|---|",
+            f"| challenger | `{version.ref}` | {decision.challenger_score:.4f} |",
+            f"| champion (serving) | `{group}:{decision.serving_version}` | {decision.serving_score:.4f} |",
+            "",
+            f"Both scored on the same test images (margin {decision.margin:.4f}). Evidence: {decision.reason}.",
+            "",
+        ]
+    elif champion is not None:
+        lines += [
+            f"Champion `{champion.ref}` (production): registered test accuracy {champion.spec.metrics.accuracy:.4f}, "
+            f"RMSE {champion.spec.metrics.rmse:.4f} (on its own test split: not a paired comparison).",
+            "",
+        ]
+    else:
+        lines += ["No champion: nothing serves this endpoint yet.", ""]
+    sides = ", ".join(f"{side} {count}" for side, count in dataset.counts.items())
+    card = f"[model card]({card_uri})" if card_uri else "no model card stored for this version"
+    lines += [
+        f"Registered test scores of `{version.ref}`: accuracy {metrics.accuracy:.4f}, RMSE {metrics.rmse:.4f}, "
+        f"within one {metrics.within_one_accuracy:.4f} ({metrics.images} images).",
+        "",
+        "| lineage | |",
+        "|---|---|",
+        f"| dataset | `{dataset.split_uri}` ({sides}) |",
+        f"| split sha256 | `{dataset.split_sha256}` |",
+        f"| code sha256 | `{spec.code_hash}` |",
+        f"| training job | `{spec.training_job}` |",
+        f"| model | `{spec.model_uri}` |",
+        f"| model card | {card} |",
+        "",
+        f"Answer here, or from a terminal: `bincount models approve {version.ref} --reason ...` (or `reject`).",
+    ]
+    return "\n".join(lines)
+
+
 def approve_version(
-    settings: Settings, version: ModelVersion, require_approval: bool, timeout_s: int, passed: str
+    settings: Settings,
+    version: ModelVersion,
+    require_approval: bool,
+    timeout_s: int,
+    passed: str,
+    decision: Decision | None = None,
+    card_uri: str | None = None,
 ) -> ModelVersion:
     """Approve ``version``: at once when no person is asked (``passed`` says what it passed), else by the
-    reviewer who resumes this paused run; rejected when nobody answers within ``timeout_s``."""
+    reviewer who resumes this paused run (in the UI or with `bincount models approve|reject`); rejected when
+    nobody answers within ``timeout_s``.
+
+    The form describes the version (:func:`approval_description`): ``decision`` is the comparison with the
+    champion that proposed it, where one was made; ``card_uri`` its model card, where one is stored.
+    """
     if not require_approval:
         return set_approval_task(settings, version, True, "bincount", passed)
     logger = get_run_logger()
     logger.info(
-        "%s waits for approval (%s): resume this flow run in the Prefect UI within %d s to approve or reject it",
+        "%s waits for approval (%s): resume this flow run in the Prefect UI, or run `bincount models approve|reject "
+        "%s --reason ...`, within %d s",
         version.ref,
         passed,
+        version.ref,
         timeout_s,
     )
+    champion = get_model_registry(settings).production(version.group) if decision is None else None
+    form = ApprovalInput.with_initial_data(
+        description=approval_description(version, passed, decision, champion, card_uri)
+    )
     try:
-        answer = pause_flow_run(wait_for_input=ApprovalInput, timeout=timeout_s, poll_interval=APPROVAL_POLL_S)
+        answer = pause_flow_run(
+            wait_for_input=form,
+            timeout=timeout_s,
+            poll_interval=APPROVAL_POLL_S,
+            key=approval_pause_key(str(version.ref)),
+        )
     except FlowPauseTimeout:
         return set_approval_task(settings, version, False, "bincount", f"no reviewer answered within {timeout_s} s")
     return set_approval_task(settings, version, answer.approve, answer.reviewer, answer.reason)
+
+
+def waiting_approval(version_ref: str) -> FlowRun | None:
+    """The paused flow run that waits for a person's answer on ``version_ref`` (its pause key names it and its
+    pause has not expired); None when no run waits."""
+    key = approval_pause_key(version_ref)
+    paused = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED])))
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_run_filter=paused)
+    now = datetime.now(UTC)
+    for run in runs:
+        details = run.state.state_details if run.state else None
+        if details is None or details.pause_key != key:
+            continue
+        if details.pause_timeout is not None and details.pause_timeout < now:
+            continue  # the run rejects the version by itself when it next looks
+        return run
+    return None
+
+
+def answer_waiting_approval(version_ref: str, approve: bool, reviewer: str, reason: str) -> FlowRun | None:
+    """Resume the paused run that waits for a person's answer on ``version_ref`` with this answer (the run records
+    it, reviewer included, as if given in the UI); returns that run, or None when no run waits."""
+    run = waiting_approval(version_ref)
+    if run is None:
+        return None
+    resume_flow_run(run.id, run_input={"approve": approve, "reviewer": reviewer, "reason": reason})
+    return run
+
+
+def approval_recorded(settings: Settings, version_ref: str, since: int) -> StageEvent | None:
+    """The approval or rejection recorded on ``version_ref`` after its first ``since`` history entries (None: not
+    yet)."""
+    history = get_model_registry(settings).resolve(version_ref).history
+    return next((event for event in history[since:] if event.approval is not None), None)
 
 
 def serving_version(settings: Settings, endpoint_name: str) -> ModelVersion | None:
@@ -240,25 +364,36 @@ def promote_challenger(
     approval_timeout_s: int = 24 * 3600,
     strategy: RolloutStrategy | None = None,
     scaling: ScalingConfig | None = None,
+    card_uri: str | None = None,
 ) -> Decision:
     """Compare a registered challenger with what serves its endpoint (the group's name) and promote it if it is
     better, as one step under the endpoint's lock; every outcome is recorded, a failed deploy's too (then raised).
 
-    With ``require_approval`` a person is asked first (without the lock held); the comparison is made again
-    under the lock against what serves then.
+    With ``require_approval`` a person is asked first (without the lock held; the form shows the comparison, the
+    lineage and ``card_uri``, the candidate's model card where one is stored); the comparison is made again under
+    the lock against what serves then, and a promotion's reason names the reviewer.
     """
     endpoint_name = candidate.group
+    reviewed: StageEvent | None = None
     if require_approval:
         first = compare_with_serving(settings, endpoint_name, candidate, challenger, test_channel_uri, margin)
         if first.outcome != "promoted":
             return conclude(settings, candidate, first)
-        candidate = approve_version(settings, candidate, True, approval_timeout_s, first.reason)
+        candidate = approve_version(
+            settings, candidate, True, approval_timeout_s, first.reason, decision=first, card_uri=card_uri
+        )
+        reviewed = candidate.history[-1]
         if candidate.approval != "Approved":
-            by = candidate.history[-1]
-            rejected = first.with_outcome("rejected", f"{first.reason}, but {by.actor} rejected it: {by.reason}")
+            rejected = first.with_outcome(
+                "rejected", f"{first.reason}, but {reviewed.actor} rejected it: {reviewed.reason}"
+            )
             return conclude(settings, candidate, rejected)
     with endpoint_lock(endpoint_name):
         decision = compare_with_serving(settings, endpoint_name, candidate, challenger, test_channel_uri, margin)
+        if decision.outcome == "promoted" and reviewed is not None:
+            decision = decision.with_outcome(
+                "promoted", f"{decision.reason}; approved by {reviewed.actor}: {reviewed.reason}"
+            )
         get_run_logger().info("%s: %s", decision.outcome, decision.reason)
         if decision.outcome != "promoted":
             return conclude(settings, candidate, decision)
@@ -284,7 +419,8 @@ def promote_challenger(
 
 def publish_decision(decision: Decision) -> None:
     """The decision as the endpoint's ``nightly-decision-<endpoint>`` artifact and a ``bincount.model.promoted`` /
-    ``kept`` event (its payload says the outcome)."""
+    ``kept`` event about ``bincount.endpoint.<endpoint>``, named after the endpoint (the rollback automation groups
+    promotions and error rates by that name; its payload says the outcome)."""
     verdict = {
         "promoted": "promoted",
         "held": "held: not promoted without a person",
@@ -310,6 +446,9 @@ def publish_decision(decision: Decision) -> None:
     )
     emit_event(
         event="bincount.model.promoted" if decision.promoted else "bincount.model.kept",
-        resource={"prefect.resource.id": f"bincount.endpoint.{decision.endpoint_name}"},
+        resource={
+            "prefect.resource.id": f"bincount.endpoint.{decision.endpoint_name}",
+            "prefect.resource.name": decision.endpoint_name,
+        },
         payload=decision.to_dict(),
     )

@@ -18,6 +18,21 @@ ERRORS_KEY = "batch-transform-errors"
 PROGRESS_KEY = "batch-transform-progress"
 
 
+def scoring_sentence(summary: BatchTransformSummary) -> str:
+    """What a batch transform did, in words: "all 57 already scored: nothing to do" rather than "0 scored, 0
+    failed" when an earlier run had done everything."""
+    if summary.images == 0:
+        return f"no images under {summary.input_uri}: nothing to score"
+    if summary.skipped == summary.images:
+        return f"all {summary.images} already scored: nothing to do"
+    parts = [f"{summary.scored} of {summary.images} scored"]
+    if summary.skipped:
+        parts.append(f"{summary.skipped} already done")
+    if summary.failed:
+        parts.append(f"{summary.failed} unreadable")
+    return ", ".join(parts)
+
+
 @task(name="resolve-model", cache_policy=NO_CACHE)
 def resolve_model_task(settings: Settings, model_uri: str | None, endpoint_name: str | None) -> str:
     """``model_uri`` if given, else the model the endpoint ``endpoint_name`` serves now."""
@@ -71,18 +86,13 @@ def batch_transform_task(
     )
     for error in summary.errors:
         logger.warning("Unreadable, not scored: %s: %s", error["key"], error["error"])
-    logger.info(
-        "Scored %d images (%.1f images/s), %d already done, %d unreadable; results at %s",
-        summary.scored,
-        summary.images_per_s,
-        summary.skipped,
-        summary.failed,
-        summary.results_uri,
-    )
+    outcome = scoring_sentence(summary)
+    speed = f" ({summary.images_per_s:.1f} images/s)" if summary.scored else ""
+    logger.info("Batch transform: %s%s; results at %s", outcome, speed, summary.results_uri)
     create_markdown_artifact(
         key=SUMMARY_KEY,
         markdown=(
-            f"### Batch transform\n\n| | |\n|---|---|\n"
+            f"### Batch transform: {outcome}\n\n| | |\n|---|---|\n"
             f"| input | `{summary.input_uri}` |\n| output | `{summary.output_uri}` |\n"
             f"| model | `{model_uri}` (version `{summary.model_version}`) |\n"
             f"| images | {summary.images} |\n| scored now | {summary.scored} ({summary.images_per_s} images/s) |\n"

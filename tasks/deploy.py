@@ -14,6 +14,7 @@ the endpoint's artifact with its variants, traffic weights and replicas.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from prefect import get_run_logger, task
@@ -78,10 +79,32 @@ def publish_endpoint(
             f"| data capture | {capturing} |\n"
             f"| last monitor verdict | {monitor} |\n\n"
             f"{variants_markdown(record)}{rollout_markdown(record.details.get('rollout'))}"
-            f"Invoke: `boto3.client('sagemaker-runtime', endpoint_url='{record.url}')"
-            f".invoke_endpoint(EndpointName='{record.name}', Body=jpeg, ContentType='image/jpeg')`\n\n{note}"
+            f"Invoke it with a photo at `photo.jpg` (this runs as shown):\n\n```python\n{invoke_snippet(record)}\n```"
+            f"\n\n{note}"
         ),
         description=f"Endpoint {record.name}: {status}, model {record.model_ref or record.version}",
+    )
+
+
+def invoke_snippet(record: EndpointRecord, photo: str = "photo.jpg") -> str:
+    """Python that asks the endpoint for a count as a client would (boto3 ``sagemaker-runtime``), complete: it runs
+    as shown, with the JPEG at ``photo``. On AWS it names the endpoint's region and uses your credentials; a local
+    endpoint (or SageMaker on loopback) gets its URL, a region and dummy credentials, which any value satisfies."""
+    aws = re.match(r"https://runtime\.sagemaker\.([a-z0-9-]+)\.amazonaws\.com", record.url)
+    if aws:
+        client = f'runtime = boto3.client("sagemaker-runtime", region_name="{aws.group(1)}")  # your AWS credentials'
+    else:
+        client = (
+            f'runtime = boto3.client("sagemaker-runtime", endpoint_url="{record.url.split("/endpoints/")[0]}",\n'
+            '                       region_name="us-east-1", aws_access_key_id="local", aws_secret_access_key="local")'
+            "  # any credentials do locally"
+        )
+    return (
+        f"import boto3\n\n{client}\n"
+        f'with open("{photo}", "rb") as jpeg:\n'
+        f'    answer = runtime.invoke_endpoint(EndpointName="{record.name}", Body=jpeg.read(), '
+        'ContentType="image/jpeg")\n'
+        'print(answer["Body"].read().decode())'
     )
 
 

@@ -10,6 +10,7 @@ import os
 import socket
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -140,3 +141,37 @@ def test_make_demo_data_add_without_a_bucket_says_how_to_make_one(tmp_path: Path
     assert probe["code"] == 2
     assert "no demo bucket at" in printed and "make one first with `bincount make-demo-data" in printed, printed
     assert not (tmp_path / "nothing").exists(), "nothing is written"
+
+
+def recorded_rollout(root: str, strategy: dict) -> None:
+    """The endpoint ``bincount`` under ``root`` as its last rollout left it, with ``strategy``."""
+    settings = Settings.load(artifact_root=root)
+    records = EndpointRecords(settings, StorageModelRegistry.from_settings(settings).storage)
+    record = records.read("bincount")
+    assert record is not None
+    rollout = {"strategy": strategy, "verdict": "completed", "reason": "all traffic moved", "steps": [{}, {}]}
+    records.write(replace(record, details={**record.details, "rollout": rollout}))
+
+
+ALL_AT_ONCE = {
+    "kind": "all-at-once", "traffic_percent": 10, "bake_seconds": 60.0, "min_requests": 20,
+    "max_error_rate_increase": 0.01, "max_latency_ratio": 1.5,
+}  # fmt: skip
+
+
+def test_describe_shows_no_canary_settings_for_an_all_at_once_endpoint(artifact_root: str) -> None:
+    recorded_rollout(artifact_root, ALL_AT_ONCE)
+    probe, printed = bincount(["endpoints", "describe", "bincount"], {"BINCOUNT_ARTIFACT_ROOT": artifact_root})
+    assert probe == {"code": 0, "loaded": []}, printed
+    assert "rollout          all-at-once (blue/green" in printed, printed
+    assert "last rollout     completed: all traffic moved (2 steps)" in printed
+    for canary_word in ("traffic_percent", "bake", "10%", "60 s"):
+        assert canary_word not in printed, canary_word
+
+
+def test_describe_shows_a_canarys_settings(artifact_root: str) -> None:
+    recorded_rollout(artifact_root, {**ALL_AT_ONCE, "kind": "canary"})
+    _, printed = bincount(["endpoints", "describe", "bincount"], {"BINCOUNT_ARTIFACT_ROOT": artifact_root})
+    assert "rollout          canary: 10% of requests for 60 s, rolled back when its error rate rises by over 0.01" in (
+        printed
+    ), printed

@@ -11,16 +11,19 @@ import numpy as np
 import pandas as pd
 import pytest
 from prefect import get_client
+from prefect.artifacts import Artifact
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+from waiting import wait_until
 
 from bincount.config import Location, Settings
-from bincount.contracts.serving import BatchTransformError
+from bincount.contracts.serving import BatchTransformError, BatchTransformSummary
 from bincount.demo_data import jpeg_bytes, render_bin_image
 from bincount.local.serving import LocalServingBackend
 from bincount.manifest import parse_manifest
 from bincount.models import pack_folder, write_untrained_model_dir
 from bincount.storage import Storage
 from flows.batch_transform import batch_transform
+from tasks.batch_transform import SUMMARY_KEY, scoring_sentence
 
 PER_CLASS = 4
 
@@ -192,3 +195,23 @@ def test_input_keys_that_climb_out_of_the_output_are_reported_not_written(
     assert (summary.images, summary.scored, summary.failed) == (3, 2, 1)
     assert summary.errors[0]["key"] == "1/../../evil.jpg" and "not a plain relative key" in summary.errors[0]["error"]
     assert not list(tmp_path.rglob("evil*"))
+
+
+def test_a_rerun_with_everything_done_says_so_rather_than_zero_scored(
+    prefect_server: None, small_channel: Path, model_uri: str, tmp_path: Path
+) -> None:
+    def run() -> BatchTransformSummary:
+        return batch_transform(
+            input_uri=small_channel.as_uri(),
+            output_uri=str(tmp_path / "out"),
+            model_uri=model_uri,
+            location=Location(artifact_root=str(tmp_path / "artifacts")),
+        )
+
+    assert scoring_sentence(run()) == "6 of 6 scored"
+    again = run()
+    assert (again.scored, again.skipped, scoring_sentence(again)) == (0, 6, "all 6 already scored: nothing to do")
+    artifact = Artifact.get(SUMMARY_KEY)
+    assert artifact is not None and str(artifact.data).startswith("### Batch transform: all 6 already scored")
+    summary = wait_until(lambda: Artifact.get("summary-batch-transform"), what="the run summary")
+    assert "| outcome | all 6 already scored: nothing to do |" in str(summary.data), summary.data

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,8 +18,9 @@ from waiting import wait_until
 from bincount.code import code_hash
 from bincount.config import Settings
 from bincount.contracts.registry import DatasetRef, ModelMetrics, ModelVersionSpec
-from bincount.contracts.serving import EndpointNotFoundError, EndpointRecord, RolloutStrategy
+from bincount.contracts.serving import BatchTransformSummary, EndpointNotFoundError, EndpointRecord, RolloutStrategy
 from bincount.endpoints import smoke_image
+from bincount.evaluation import Evaluation
 from bincount.factory import get_model_registry
 from bincount.local.serving import LocalServingBackend
 from bincount.models import write_untrained_model_dir
@@ -148,3 +153,69 @@ def test_a_shadow_deployed_by_a_flow_is_reported_then_promoted_with_events_and_a
     with pytest.raises(SystemExit):
         cli(["endpoints", "stop-shadow", "shadow-ep"])
     assert "bincount endpoints stop-shadow: endpoint 'shadow-ep' has no shadow running" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def snippet_endpoint(
+    prefect_server: None, artifact_root: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[EndpointRecord]:
+    """A real local endpoint, deployed by a flow (so its artifact is written)."""
+    model = write_untrained_model_dir(tmp_path_factory.mktemp("snippet") / "model", "resnet18", 32, seed=10)
+    yield deploy_flow(artifact_root, "snippet-ep", model.as_uri())
+    LocalServingBackend(Settings.load(artifact_root=artifact_root)).delete("snippet-ep")
+
+
+def run_snippet(code: str, abid_dir: Path, folder: Path) -> dict:
+    """Run ``code`` as a user would paste it: in a fresh interpreter, beside a photo at ``photo.jpg``, with no AWS
+    settings at all (the test session sets dummy ones, which would hide a missing region); returns its answer."""
+    folder.mkdir()
+    (folder / "photo.jpg").write_bytes((abid_dir / "bucket" / "bin-images" / "01001.jpg").read_bytes())
+    env = {key: value for key, value in os.environ.items() if not key.startswith("AWS_")}
+    env |= {"AWS_CONFIG_FILE": str(folder / "none"), "AWS_SHARED_CREDENTIALS_FILE": str(folder / "none")}
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=folder, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout)
+
+
+def test_the_endpoint_artifacts_invoke_snippet_runs_as_shown(
+    snippet_endpoint: EndpointRecord, abid_dir: Path, tmp_path: Path
+) -> None:
+    artifact = Artifact.get(endpoint_artifact_key(snippet_endpoint.name))
+    assert artifact is not None
+    snippet = re.search(r"```python\n(.*?)\n```", str(artifact.data), re.DOTALL)
+    assert snippet is not None, artifact.data
+    answer = run_snippet(snippet.group(1), abid_dir, tmp_path / "client")
+    assert answer["predictions"][0]["predicted_count"] in (1, 2, 3, 4, 5)
+
+
+def test_the_snippet_bincount_demo_prints_runs_as_shown(
+    snippet_endpoint: EndpointRecord, abid_dir: Path, tmp_path: Path
+) -> None:
+    from flows.cli import demo_report
+    from flows.pipeline import PipelineResult
+
+    evaluation = Evaluation(
+        images=1, accuracy=1.0, rmse=0.0, within_one_accuracy=1.0, per_class_accuracy={"1": 1.0}, classes=[1],
+        confusion=[[1]],
+    )  # fmt: skip
+    scored = BatchTransformSummary(
+        input_uri="file:///test", output_uri="file:///out", model_version=snippet_endpoint.version, images=57,
+        scored=0, skipped=57, failed=0, seconds=0.1, images_per_s=0.0, results_uri="file:///out/results.csv",
+        errors_uri=None, accuracy=None,
+    )  # fmt: skip
+    printed = demo_report(
+        PipelineResult(
+            dataset_split_uri="file:///split.csv",
+            model_uri=snippet_endpoint.model_uri,
+            model_version="snippet-ep:1",
+            evaluation=evaluation,
+            endpoint=snippet_endpoint,
+            batch_transform=scored,
+        )
+    )
+    assert "Batch transform of the test split: all 57 already scored: nothing to do" in printed
+    snippet = printed[printed.index("import boto3") :].split("\n\n", 2)
+    answer = run_snippet("\n\n".join(snippet[:2]), abid_dir, tmp_path / "client")
+    assert answer["predictions"][0]["predicted_count"] in (1, 2, 3, 4, 5)

@@ -1,11 +1,12 @@
 """Score a model (``model.tar.gz`` or a folder, any URI) on a test channel: accuracy, RMSE of the
-count, per-class accuracy, within-one accuracy and the confusion matrix (scikit-learn's)."""
+count, per-class accuracy, within-one accuracy and the confusion matrix (scikit-learn's), and its answer on
+each image (what a paired comparison of two models on the same images needs)."""
 
 from __future__ import annotations
 
 import math
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ import numpy as np
 import torch
 from sklearn.metrics import accuracy_score, confusion_matrix, mean_squared_error, recall_score
 
+from bincount.contracts.registry import ImagePredictions
 from bincount.models import fetch_model
 from bincount.storage import Storage
 from sm_scripts.data import ImageCache, batches, load_channel
@@ -24,7 +26,11 @@ from sm_scripts.preprocessing import channel_values
 
 @dataclass
 class Evaluation:
-    """Scores on ``images`` test images; ``confusion[i][j]`` counts true ``classes[i]`` predicted ``classes[j]``."""
+    """Scores on ``images`` test images; ``confusion[i][j]`` counts true ``classes[i]`` predicted ``classes[j]``.
+
+    ``predictions`` is the answer on each image (set by :func:`evaluate_model`; None for scores made without
+    the images' names).
+    """
 
     images: int
     accuracy: float
@@ -33,6 +39,7 @@ class Evaluation:
     per_class_accuracy: dict[str, float]
     classes: list[int]
     confusion: list[list[int]]
+    predictions: ImagePredictions | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -76,7 +83,8 @@ def predict_counts(model_dir: Path, cache: ImageCache, batch_size: int = 64) -> 
 
 
 def evaluate_model(storage: Storage, model_uri: str, test_channel_uri: str) -> Evaluation:
-    """Score the model at ``model_uri`` (an archive or a folder) on the channel at ``test_channel_uri``."""
+    """Score the model at ``model_uri`` (an archive or a folder) on the channel at ``test_channel_uri``, keeping its
+    answer on each image (named by its path in the channel, ``<count>/<file>``)."""
     with tempfile.TemporaryDirectory(prefix="evaluate-") as scratch:
         model_dir, _ = fetch_model(storage, model_uri, Path(scratch) / "models")
         info = read_model_info(model_dir)
@@ -84,5 +92,7 @@ def evaluate_model(storage: Storage, model_uri: str, test_channel_uri: str) -> E
         classes = [str(c) for c in info["classes"]]
         cache = load_channel(channel, classes, info["image_size"], threads=torch.get_num_threads())
         predicted = predict_counts(model_dir, cache)
+        files = tuple(Path(file).relative_to(channel).as_posix() for file in cache.files)
     true_counts = [info["classes"][i] for i in cache.labels.tolist()]
-    return score_counts(true_counts, predicted, info["classes"])
+    evaluation = score_counts(true_counts, predicted, info["classes"])
+    return replace(evaluation, predictions=ImagePredictions(files, tuple(true_counts), tuple(predicted)))

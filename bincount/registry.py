@@ -5,7 +5,7 @@ Layout, under ``{artifact_root}/registry/<group>/`` (one group per endpoint by d
     versions/000003.json                       version 3: model, metrics, dataset, code, recipe, job, flow run
     events/<utc time>-<uuid>.json              one stage, approval or mirror change of one version
     best-hyperparameters/<utc time>-<uuid>.json    hyperparameters of a model that passed the gate and beat the best
-    decisions/<utc time>-<uuid>.json           one nightly decision: promoted or kept, with both scores
+    decisions/<utc time>-<uuid>.json           one nightly decision: promoted or kept, with its paired test
 
 Every object is written once and never rewritten: a version number is taken by creating its file
 only if it is absent (a hard link of a finished temporary file on ``file://``; a conditional
@@ -30,6 +30,7 @@ from bincount.config import Settings
 from bincount.contracts.registry import (
     APPROVAL_STATUSES,
     FORMAT_VERSION,
+    PROMOTION_CONFIDENCE,
     PROMOTION_METRIC,
     STAGES,
     ApprovalStatus,
@@ -39,6 +40,7 @@ from bincount.contracts.registry import (
     EventKind,
     HeldVersionError,
     Hold,
+    ImagePredictions,
     InvalidReferenceError,
     InvalidTransitionError,
     ModelMetrics,
@@ -57,6 +59,15 @@ from bincount.contracts.registry import (
     parse_reference,
 )
 from bincount.split import SPLITS, read_split
+from bincount.stats import (
+    Interval,
+    McNemar,
+    Metrics,
+    NonInferiority,
+    PairedComparison,
+    PairedDifferences,
+    compare_paired,
+)
 from bincount.storage import (
     ObjectNotFoundError,
     Storage,
@@ -86,37 +97,90 @@ def dataset_ref(storage: Storage, split_uri: str) -> DatasetRef:
 
 def decide(
     endpoint_name: str,
-    challenger: dict[str, float],
+    challenger: dict[str, Any],
     challenger_model_uri: str,
-    serving: dict[str, float] | None,
+    serving: dict[str, Any] | None,
     serving_model_uri: str | None,
     margin: float,
-    metric: str = PROMOTION_METRIC,
     challenger_version: int | None = None,
     serving_version: int | None = None,
+    confidence: float = PROMOTION_CONFIDENCE,
 ) -> Decision:
-    """Promote the challenger when nothing serves, or when it beats the serving model by ``margin``."""
-    score = challenger[metric]
+    """Promote the challenger when nothing serves, or when a paired test on the same test images finds it better.
+
+    ``challenger`` and ``serving`` are evaluations (``bincount.evaluation.Evaluation.to_dict()``) with their answer
+    on each test image. The test is :func:`bincount.stats.compare_paired`: exact McNemar on who alone got an image
+    right and paired bootstrap intervals, at ``confidence``, with ``margin`` as a minimum gain in accuracy on top;
+    RMSE and within-one must not be worse beyond their non-inferiority margins. Only "better" promotes; "cannot
+    tell" keeps the serving model and says how many more test images would decide the gap seen.
+
+    Raises:
+        ValueError: an evaluation lacks its per-image answers, or the two were not scored on the same images.
+    """
+    score = float(challenger[PROMOTION_METRIC])
+    comparison: PairedComparison | None = None
     if serving is None:
         promoted, reason = True, "no model serves this endpoint yet"
     else:
-        promoted = score >= serving[metric] + margin
-        comparison = "beats" if promoted else "does not beat"
-        reason = f"challenger {metric} {score:.4f} {comparison} serving {serving[metric]:.4f} + margin {margin:.4f}"
+        truth, served, new = paired_answers(_answers(serving, "serving"), _answers(challenger, "challenger"))
+        comparison = compare_paired(truth, served, new, confidence=confidence, margin=margin)
+        promoted = comparison.verdict == "better"
+        reason = {
+            "better": f"{comparison.sentence}: promoted",
+            "worse": f"{comparison.sentence}: the serving model stays",
+            "cannot tell": f"inconclusive, the serving model stays: {comparison.sentence}",
+        }[comparison.verdict]
     return Decision(
         endpoint_name=endpoint_name,
         promoted=promoted,
         reason=reason,
-        metric=metric,
+        metric=PROMOTION_METRIC,
         challenger_score=score,
-        serving_score=None if serving is None else serving[metric],
+        serving_score=None if serving is None else float(serving[PROMOTION_METRIC]),
         margin=margin,
         challenger_model_uri=challenger_model_uri,
         serving_model_uri=serving_model_uri,
         decided_at=now_iso(),
         challenger_version=challenger_version,
         serving_version=serving_version,
+        confidence=confidence,
+        comparison=comparison,
     )
+
+
+def _answers(evaluation: dict[str, Any], role: str) -> ImagePredictions:
+    answers = evaluation.get("predictions")
+    if answers is None:
+        raise ValueError(
+            f"the {role} model's evaluation has no answer per test image, which a paired test needs: score it with "
+            "bincount.evaluation.evaluate_model (the evaluate-model task)"
+        )
+    return ImagePredictions(tuple(answers["files"]), tuple(answers["true_counts"]), tuple(answers["predicted_counts"]))
+
+
+def paired_answers(first: ImagePredictions, second: ImagePredictions) -> tuple[list[int], list[int], list[int]]:
+    """The true counts and both models' predictions on the same images, matched by file, in ``second``'s order.
+
+    Raises:
+        ValueError: the two were not scored on the same images, or disagree on an image's true count.
+    """
+    by_file = dict(zip(first.files, zip(first.true_counts, first.predicted_counts, strict=True), strict=True))
+    if set(by_file) != set(second.files):
+        only_first, only_second = sorted(set(by_file) - set(second.files)), sorted(set(second.files) - set(by_file))
+        raise ValueError(
+            f"the two models were not scored on the same test images ({len(only_first)} only in the first, e.g. "
+            f"{only_first[:3]}; {len(only_second)} only in the second, e.g. {only_second[:3]}): score both on the "
+            "challenger's test channel"
+        )
+    truth, first_predicted, second_predicted = [], [], []
+    for file, true, predicted in zip(second.files, second.true_counts, second.predicted_counts, strict=True):
+        first_true, first_answer = by_file[file]
+        if first_true != true:
+            raise ValueError(f"test image {file}: true count {first_true} in one evaluation, {true} in the other")
+        truth.append(true)
+        first_predicted.append(first_answer)
+        second_predicted.append(predicted)
+    return truth, first_predicted, second_predicted
 
 
 # --- records as JSON ---------------------------------------------------------------------------
@@ -128,6 +192,32 @@ def _spec_from_dict(data: dict[str, Any]) -> ModelVersionSpec:
             "dataset": DatasetRef(**data["dataset"]),
         }
     )
+
+
+def _comparison_from_dict(data: dict[str, Any]) -> PairedComparison:
+    differences = data["differences"]
+    return PairedComparison(
+        **{
+            **data,
+            "mcnemar": McNemar(**data["mcnemar"]),
+            "differences": PairedDifferences(
+                **{
+                    **differences,
+                    **{name: Interval(**differences[name]) for name in ("accuracy", "rmse", "within_one")},
+                }
+            ),
+            "champion": Metrics(**data["champion"]),
+            "challenger": Metrics(**data["challenger"]),
+            "non_inferiority": NonInferiority(**data["non_inferiority"]),
+        }
+    )
+
+
+def _decision_from_dict(data: dict[str, Any]) -> Decision:
+    fields = {key: value for key, value in data.items() if key != "format"}
+    if fields.get("comparison") is not None:
+        fields["comparison"] = _comparison_from_dict(fields["comparison"])
+    return Decision(**fields)
 
 
 def _event_from_dict(data: dict[str, Any]) -> StageEvent:
@@ -543,12 +633,12 @@ class StorageModelRegistry:
 
     def decisions(self, group: str) -> builtins.list[Decision]:
         found = [
-            Decision(**{k: v for k, v in self.objects.read(uri).items() if k != "format"})
+            _decision_from_dict(self.objects.read(uri))
             for uri in self.objects.uris(self._group_uri(group, "decisions"))
         ]
         try:  # the earlier layout: one JSON line per decision
             lines = self.storage.read_bytes(self._group_uri(group, "decisions.jsonl")).decode().splitlines()
-            found += [Decision(**json.loads(line)) for line in lines if line.strip()]
+            found += [_decision_from_dict(json.loads(line)) for line in lines if line.strip()]
         except ObjectNotFoundError:
             pass
         return sorted(found, key=lambda d: d.decided_at)

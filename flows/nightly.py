@@ -1,7 +1,9 @@
 """Flow: the nightly retrain, which keeps a good model serving. Runs with no parameters.
 
-    production version's lineage ─► prepare-data (refreshed) ─► unchanged data and code? ─► record "unchanged"
-    (data, recipe, hyperparameters)                                     │ no
+    production version's lineage ─► the dataset's latest manifest ─► prepare-data (refreshed)
+    (data, recipe, hyperparameters)   (harvested feedback included)        │
+                                              unchanged data and code? ─► record "unchanged" (nothing retrained)
+                                                                        │ no
                       retrain the recipe (never from cache; with retune=True tune first, never from cache either)
                       ─► optimize (int8 if it passes parity, else eager) and score it as it serves
                       ─► a registered model again (same sha256)? ─► record "nothing-new" (nothing registered)
@@ -12,13 +14,16 @@
                                       └─► record (also when the deploy fails) + event + artifact ─► best hyperparameters
 
 What to retrain comes from the model group's production version: its data source, manifest,
-dataset, training options and full train.py recipe; parameters given explicitly still win. Splits
-are stable (an image keeps its side for the life of a dataset), so the test side holds no image
-either model trained on, and both are scored on the same images, each as it serves. The challenger
-is promoted when it beats what serves at decision time by ``margin`` and matches no version a
-rollback holds; every decision is kept in the registry with its outcome, shown as an artifact and
-emitted as an event (``bincount.model.promoted`` / ``kept``). Only a version that reached
-production updates the best hyperparameters.
+dataset, training options and full train.py recipe; parameters given explicitly still win. Where
+labelled traffic was harvested into the dataset (``bincount.feedback``), its latest manifest version
+and feedback source take the place of the production version's. Splits are stable (an image keeps its
+side for the life of a dataset), so the test side holds no image either model trained on, and both are
+scored on the same images, each as it serves. The challenger is promoted when a paired test on those
+images finds it better than what serves at decision time (``bincount.registry.decide``: exact McNemar
+and paired bootstrap intervals, ``margin`` a minimum gain on top; "cannot tell" keeps the serving model)
+and it matches no version a rollback holds; every decision is kept in the registry with its outcome and
+its statistics, shown as an artifact and emitted as an event (``bincount.model.promoted`` / ``kept``).
+Only a version that reached production updates the best hyperparameters.
 """
 
 from __future__ import annotations
@@ -26,13 +31,17 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import flow, get_run_logger
+from pydantic import BaseModel
 
 from bincount.code import code_hash
 from bincount.config import Location, Settings
 from bincount.contracts.naming import check_endpoint_name
 from bincount.contracts.registry import PROMOTION_METRIC, Decision, DecisionOutcome, ModelVersion
 from bincount.contracts.serving import RolloutStrategy, ScalingConfig
+from bincount.contracts.training import JobCost
 from bincount.factory import get_model_registry
+from bincount.feedback import latest_version
+from bincount.monitoring import last_report
 from bincount.registry import dataset_ref, now_iso
 from bincount.storage import storage_for
 from flows.data import DataOptions, prepare_data
@@ -58,22 +67,108 @@ def production_version(settings: Settings, endpoint_name: str) -> ModelVersion:
     return champion
 
 
-def nightly_figures(result: Decision) -> dict[str, str | float | None]:
-    """The run summary's key figures."""
+class LiveAccuracy(BaseModel):
+    """The serving model's accuracy on labelled traffic: the monitor's last report of the endpoint."""
 
-    def ref(version: int | None) -> str | None:
-        return None if version is None else f"{result.endpoint_name}:{version}"
+    accuracy: float
+    labelled: int
+    model_version: str | None
+    window_end: str | None
 
-    return {
-        "decision": result.outcome or ("promoted" if result.promoted else "kept the serving model"),
-        "reason": result.reason,
-        f"challenger ({ref(result.challenger_version) or 'none'}) test {result.metric}": result.challenger_score,
-        f"serving ({ref(result.serving_version) or '-'}) test {result.metric}": result.serving_score,
-        "endpoint": result.endpoint_name,
+    def summary(self) -> str:
+        until = f" up to {self.window_end}" if self.window_end else ""
+        return f"{self.accuracy:.3g} on {self.labelled} labelled requests to {self.model_version or '-'}{until}"
+
+
+def live_accuracy(settings: Settings, endpoint_name: str) -> LiveAccuracy | None:
+    """The endpoint's live accuracy from the monitor's last report; None where it has none (never monitored, or no
+    request with a label)."""
+    report = last_report(storage_for(settings), settings.artifact_root, endpoint_name)
+    if report is None or report.get("accuracy") is None:
+        return None
+    return LiveAccuracy(
+        accuracy=report["accuracy"],
+        labelled=report["labelled"],
+        model_version=report.get("model_version"),
+        window_end=report.get("window_end"),
+    )
+
+
+class NightlyResult(BaseModel):
+    """A nightly run: its decision, the serving model's live accuracy beside it, and what the retrain cost."""
+
+    decision: Decision
+    live: LiveAccuracy | None = None
+    training_cost: JobCost | None = None
+
+
+def nightly_figures(result: NightlyResult) -> dict[str, str | float | None]:
+    """The run summary's key figures: the offline scores and their paired test, live accuracy and cost."""
+    decision = result.decision
+
+    def ref(version: int | None) -> str:
+        return "-" if version is None else f"{decision.endpoint_name}:{version}"
+
+    retrained = decision.outcome != "unchanged"
+    figures: dict[str, str | float | None] = {
+        "decision": decision.outcome or ("promoted" if decision.promoted else "kept the serving model"),
+        "reason": decision.reason,
+        "challenger": (
+            f"{ref(decision.challenger_version)}, test {decision.metric} {decision.challenger_score:.3g}"
+            if retrained
+            else "nothing retrained"
+        ),
+        f"serving ({ref(decision.serving_version)}) test {decision.metric}": decision.serving_score,
     }
+    comparison = decision.comparison
+    if comparison is not None:
+        test = comparison.mcnemar
+        figures["paired test"] = (
+            f"{comparison.verdict}: exact McNemar p={test.p_value:.3g} on {comparison.images} images; discordant: "
+            f"{test.only_b} only the challenger right, {test.only_a} only the serving model right"
+        )
+        figures[f"accuracy gain ({100 * comparison.confidence:.0f}% interval)"] = (
+            comparison.differences.accuracy.points()
+        )
+    figures["serving live accuracy"] = (
+        result.live.summary() if result.live else "none: no labelled traffic in the monitor's last report"
+    )
+    figures["training cost"] = (
+        "nothing trained"
+        if not retrained
+        else result.training_cost.summary()
+        if result.training_cost
+        else "not reported by the backend"
+    )
+    figures["endpoint"] = decision.endpoint_name
+    return figures
 
 
 SUMMARY = run_summary(nightly_figures)
+
+
+def training_data(settings: Settings, data: DataOptions, given: bool) -> tuple[DataOptions, Settings]:
+    """What the nightly trains on: ``data`` as ``given`` by the caller; else the production version's, on the
+    dataset's latest manifest version and its feedback source where labelled traffic was harvested into it."""
+    logger = get_run_logger()
+    latest = None if given else latest_version(storage_for(settings), settings.artifact_root, data.dataset)
+    if latest is not None:
+        data = data.model_copy(update={"manifest_uri": latest.manifest_uri})
+        settings = settings.model_copy(update={"source_uri": latest.source_uri})
+        logger.info(
+            "Dataset %r: training on its manifest version %d (%d images, %d added from labelled traffic)",
+            data.dataset,
+            latest.version,
+            latest.images,
+            len(latest.added),
+        )
+    logger.info(
+        "Preparing dataset %r from the manifest %s (source %s)",
+        data.dataset,
+        data.manifest_uri or "in the source",
+        settings.source_uri,
+    )
+    return data, settings
 
 
 @flow(name="nightly-retrain", on_completion=[SUMMARY], on_failure=[SUMMARY])
@@ -89,14 +184,17 @@ def nightly_retrain(
     deploy_strategy: RolloutStrategy | None = None,
     scaling: ScalingConfig | None = None,
     optimize: bool = True,
-) -> Decision:
-    """Refresh the data, retrain what is in production, and deploy the new model only if it is better.
+) -> NightlyResult:
+    """Refresh the data, retrain what is in production, and deploy the new model only if a paired test on the
+    same test images finds it better than what serves.
 
     Args:
         endpoint_name: the endpoint (and model group) whose production version is retrained and must be beaten.
-        data: what to download and how to split it (default: what the production version was made from).
+        data: what to download and how to split it (default: what the production version was made from, on the
+            dataset's latest manifest version where labelled traffic was harvested into it).
         training: model and tools (default: the production version's training options).
-        margin: how much higher the challenger's test accuracy must be to replace the serving model.
+        margin: the least gain in test accuracy that promotes, on top of the paired test finding the challenger
+            better (0.01: one point).
         retune: search hyperparameters again instead of reusing the production version's recipe.
         require_approval: wait for a person to approve a promoted challenger in the Prefect UI.
         approval_timeout_s: with require_approval, reject the challenger when nobody answers within this.
@@ -115,25 +213,30 @@ def nightly_retrain(
     made_with = champion.spec.recipe
     given = location.model_dump(exclude_none=True)
     settings = Location(**{**made_with.get("location", {}), **given}).settings()
-    data = data or DataOptions(**made_with.get("data", {}))
+    data, settings = training_data(settings, data or DataOptions(**made_with.get("data", {})), given=data is not None)
     training = training or TrainOptions(**made_with.get("training", {}))
-    logger.info(
-        "Retraining %s (test accuracy %.4f) from %s", champion.ref, champion.spec.metrics.accuracy, settings.source_uri
-    )
+    live = live_accuracy(settings, endpoint_name)
 
     prepared = prepare_data(data, Location.of(settings), refresh=True)
     dataset = dataset_ref(storage_for(settings), prepared.split_uri)
     unchanged = dataset.split_sha256 == champion.spec.dataset.split_sha256 and code_hash() == champion.spec.code_hash
     if unchanged and not retune:
-        return keep(settings, champion, champion, margin, "unchanged", "no new data and no new code: nothing retrained")
+        reason = "no new data and no new code: nothing retrained"
+        return NightlyResult(decision=keep(settings, champion, champion, margin, "unchanged", reason), live=live)
 
+    logger.info(
+        "Retraining %s (test accuracy %.4f)%s",
+        champion.ref,
+        champion.spec.metrics.accuracy,
+        " with a new hyperparameter search" if retune else " with its recipe",
+    )
     if retune:  # tuned and trained again, never from cache: a cached job would be the champion itself
         challenger = train_model(prepared.channels, training, settings, refresh=True)
     else:
         challenger = retrain_model(prepared.channels, champion.spec.hyperparameters, training, settings, refresh=True)
     if optimize:
         challenger = optimize_for_serving(settings, challenger, prepared.channels)
-    return judge_challenger(
+    decision = judge_challenger(
         settings,
         champion,
         challenger,
@@ -146,6 +249,7 @@ def nightly_retrain(
         deploy_strategy,
         scaling,
     )
+    return NightlyResult(decision=decision, live=live, training_cost=challenger.cost)
 
 
 def judge_challenger(

@@ -29,6 +29,7 @@ from pydantic import BaseModel, Field
 from bincount.config import Location, Settings
 from bincount.contracts.naming import check_endpoint_name
 from bincount.contracts.serving import BatchTransformSummary, EndpointRecord, RolloutStrategy, ScalingConfig
+from bincount.contracts.training import JobCost
 from bincount.evaluation import Evaluation
 from bincount.factory import get_model_registry
 from bincount.storage import join_uri
@@ -51,6 +52,9 @@ class PipelineResult(BaseModel):
     evaluation: Evaluation
     endpoint: EndpointRecord | None
     batch_transform: BatchTransformSummary | None
+    training_cost: JobCost | None = None
+    deployment: str = "not deployed"
+    """What the deploy did, in words: a new endpoint, the version replaced, or nothing (it already served)."""
 
 
 def recipe(data: DataOptions, training: TrainOptions, settings: Settings) -> dict[str, Any]:
@@ -70,7 +74,9 @@ def pipeline_figures(result: PipelineResult) -> dict[str, Any]:
         "test accuracy": result.evaluation.accuracy,
         "test RMSE": result.evaluation.rmse,
         "model version": result.model_version,
+        "training cost": result.training_cost.summary() if result.training_cost else "not reported by the backend",
         "endpoint": f"{endpoint.name} at {endpoint.url}" if endpoint else "not deployed (rejected)",
+        "deployment": result.deployment,
         "batch transform": f"{scored.scored} scored, {scored.failed} failed -> {scored.output_uri}" if scored else "-",
     }
 
@@ -153,8 +159,19 @@ def pipeline(
             evaluation=trained.evaluation,
             endpoint=None,
             batch_transform=None,
+            training_cost=trained.cost,
+            deployment=f"not deployed: {version.ref} was rejected",
         )
-    logger.info("%s passed the gate (%s): deploying to %r", version.ref, passed, endpoint_name)
+    registry = get_model_registry(settings)
+    serving = registry.production(endpoint_name)
+    if serving is not None and serving.version == version.version:
+        deployment = f"{version.ref} already serves {endpoint_name!r}: nothing redeployed"
+        logger.info(
+            "%s passed the gate (%s) and already serves %r: nothing to redeploy", version.ref, passed, endpoint_name
+        )
+    else:
+        deployment = f"{version.ref} replaced {serving.ref}" if serving else f"{version.ref} on a new endpoint"
+        logger.info("%s passed the gate (%s): deploying it to %r", version.ref, passed, endpoint_name)
     endpoint = put_in_production(
         settings,
         endpoint_name,
@@ -164,11 +181,12 @@ def pipeline(
         deploy_strategy,
         scaling,
     )
-    registry = get_model_registry(settings)
     if registry.get(endpoint_name, version.version).stage == "production":  # not a shadow still waiting
         registry.save_best_hyperparameters(
             endpoint_name, trained.hyperparameters, trained.job_name, trained.evaluation.to_dict(), version.version
         )
+    else:
+        deployment = f"{version.ref} shadows {endpoint.model_ref or endpoint.version}: promote it to serve"
     scored = batch_transform(
         input_uri=prepared.channels["test"],
         output_uri=join_uri(settings.artifact_uri("batch-transform"), trained.job_name),
@@ -183,4 +201,6 @@ def pipeline(
         evaluation=trained.evaluation,
         endpoint=endpoint,
         batch_transform=scored,
+        training_cost=trained.cost,
+        deployment=deployment,
     )

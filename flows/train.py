@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from bincount.config import Settings
 from bincount.contracts.naming import job_name
-from bincount.contracts.training import RuleResult, TrainingJob, TrainingJobSpec
+from bincount.contracts.training import JobCost, RuleResult, TrainingJob, TrainingJobSpec
 from bincount.contracts.tuning import SEEDS_SEARCH_SPACE, TrialSpec, TuningResult, TuningSpec, space_from_dicts
 from bincount.evaluation import Evaluation
 from bincount.factory import get_tuning_backend
@@ -142,6 +142,8 @@ class TrainedModel(BaseModel):
     evaluation: Evaluation
     debugger_rules: list[RuleResult]
     profile: dict[str, Any] | None
+    cost: JobCost | None = None
+    """What the retrain used (and cost, where a price is known); None where the backend did not say."""
 
 
 def fixed_hyperparameters(options: TrainOptions) -> dict[str, Hyperparameter]:
@@ -251,6 +253,7 @@ def retrain_model(
         evaluation=evaluation,
         debugger_rules=rules,
         profile=profile,
+        cost=job.cost,
     )
 
 

@@ -1,4 +1,5 @@
-"""Task: score a model on the test channel; its confusion-matrix artifacts are published on every run."""
+"""Task: score a model on the test channel (with its answer on each image); its confusion-matrix artifacts are
+published on every run."""
 
 from __future__ import annotations
 
@@ -24,8 +25,9 @@ from tasks.retry import is_transient
     task_run_name="evaluate-{role}-model",
 )
 def score_model_task(settings: Settings, model_uri: str, test_channel_uri: str, role: str) -> Evaluation:
-    """Accuracy, RMSE, per-class and within-one accuracy, and the confusion matrix on the test channel, of the model
-    as it serves (its int8 form where it serves that, else the eager network)."""
+    """Accuracy, RMSE, per-class and within-one accuracy, the confusion matrix and the answer on each image (which
+    a paired comparison with another model needs) on the test channel, of the model as it serves (its int8 form
+    where it serves that, else the eager network)."""
     logger = get_run_logger()
     logger.info("Evaluating the %s model %s on %s", role, model_uri, test_channel_uri)
     evaluation = evaluate_model(storage_for(settings), model_uri, test_channel_uri)

@@ -11,6 +11,7 @@ import contextlib
 import shutil
 import uuid
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ from bincount.contracts.registry import (
     DatasetRef,
     Decision,
     HeldVersionError,
+    ImagePredictions,
     ModelMetrics,
     ModelVersion,
     ModelVersionSpec,
@@ -28,7 +30,7 @@ from bincount.contracts.registry import (
     RegistryError,
 )
 from bincount.contracts.serving import EndpointNotFoundError
-from bincount.evaluation import Evaluation
+from bincount.evaluation import Evaluation, evaluate_model, score_counts
 from bincount.factory import get_model_registry, get_serving_backend
 from bincount.models import pack_folder, write_untrained_model_dir
 from bincount.registry import StorageModelRegistry
@@ -56,6 +58,7 @@ def spec(model_uri: str, seed: int, sha256: str | None = None, split_sha256: str
 
 
 def evaluation(accuracy: float) -> Evaluation:
+    """Scores without answers per image: enough where no comparison is made."""
     classes = [1, 2, 3, 4, 5]
     return Evaluation(
         images=40,
@@ -66,6 +69,16 @@ def evaluation(accuracy: float) -> Evaluation:
         classes=classes,
         confusion=[[8 if i == j else 0 for j in range(5)] for i in range(5)],
     )
+
+
+def answered(test_channel: Path, predicted: dict[str, int] | None = None) -> Evaluation:
+    """A challenger's evaluation on the demo test channel (``<count>/<file>``): its answer on each image is
+    ``predicted``'s, the true count where ``predicted`` is None (right on every image)."""
+    truth = {p.relative_to(test_channel).as_posix(): int(p.parent.name) for p in sorted(test_channel.glob("*/*.jpg"))}
+    files = tuple(truth)
+    answers = tuple((predicted or truth)[file] for file in files)
+    scored = score_counts([truth[file] for file in files], list(answers), [1, 2, 3, 4, 5])
+    return replace(scored, predictions=ImagePredictions(files, tuple(truth[file] for file in files), answers))
 
 
 # --- (b), (e): the registry alone ------------------------------------------------------------------
@@ -113,11 +126,11 @@ def test_a_rollback_holds_the_version_its_digest_and_its_recipe_on_its_data(tmp_
 
 # --- the promotion step against a real endpoint ----------------------------------------------------
 @flow(name="promote-for-test")
-def promote(artifact_root: str, candidate: str, accuracy: float, test_channel_uri: str) -> Decision:
-    """A registered challenger through the nightly's promotion step."""
+def promote(artifact_root: str, candidate: str, challenger: Evaluation, test_channel_uri: str) -> Decision:
+    """A registered challenger, scored ``challenger`` on the test channel, through the nightly's promotion step."""
     settings = Settings.load(artifact_root=artifact_root)
     version = get_model_registry(settings).resolve(candidate)
-    return promote_challenger(settings, version, evaluation(accuracy), test_channel_uri, margin=0.01)
+    return promote_challenger(settings, version, challenger, test_channel_uri, margin=0.01)
 
 
 @flow(name="put-in-production-for-test")
@@ -201,12 +214,12 @@ def loop(prefect_server: None, tmp_path: Path) -> Iterator[Loop]:
 def test_a_failure_between_any_two_steps_of_a_promotion_leaves_registry_and_endpoint_agreeing(
     loop: Loop, demo_channels: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    test_channel = demo_channels["test"].as_uri()
+    test_channel, better = demo_channels["test"].as_uri(), answered(demo_channels["test"])
     # Cut 1, re-read -> deploy: the deploy fails (its model object is gone). Recorded, nothing changed.
     gone = loop.register(2)
     shutil.rmtree(loop.root / "archive-2")
     with pytest.raises(Exception, match="model"):
-        promote(loop.artifact_root, str(gone.ref), 0.99, test_channel)
+        promote(loop.artifact_root, str(gone.ref), better, test_channel)
     loop.assert_agree(1)
     assert loop.outcomes() == [("deploy-failed", 2, 1)], "(d): a failed deploy's decision is kept"
     assert loop.registry.get(loop.endpoint, 2).stage == "archived"
@@ -223,7 +236,7 @@ def test_a_failure_between_any_two_steps_of_a_promotion_leaves_registry_and_endp
     with monkeypatch.context() as patch:
         patch.setattr(StorageModelRegistry, "transition", stage_fails)
         with pytest.raises(RegistryError, match="injected"):
-            promote(loop.artifact_root, str(third.ref), 0.99, test_channel)
+            promote(loop.artifact_root, str(third.ref), better, test_channel)
     loop.assert_agree(1)
     assert loop.outcomes()[-1] == ("deploy-failed", 3, 1)
 
@@ -240,7 +253,7 @@ def test_a_failure_between_any_two_steps_of_a_promotion_leaves_registry_and_endp
     fourth = loop.register(4)
     with monkeypatch.context() as patch:
         patch.setattr(StorageModelRegistry, "record", record_fails_once)
-        decision = promote(loop.artifact_root, str(fourth.ref), 0.99, test_channel)
+        decision = promote(loop.artifact_root, str(fourth.ref), better, test_channel)
     assert decision.outcome == "promoted" and failures, "the first write failed"
     loop.assert_agree(4)
     assert loop.outcomes()[-1] == ("promoted", 4, 1)
@@ -249,9 +262,9 @@ def test_a_failure_between_any_two_steps_of_a_promotion_leaves_registry_and_endp
 def test_a_rollback_holds_until_a_person_releases_it_and_a_redeploy_is_a_no_op(
     loop: Loop, demo_channels: dict[str, Path], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    test_channel = demo_channels["test"].as_uri()
+    test_channel, better = demo_channels["test"].as_uri(), answered(demo_channels["test"])
     second = loop.register(2)
-    assert promote(loop.artifact_root, str(second.ref), 0.99, test_channel).outcome == "promoted"
+    assert promote(loop.artifact_root, str(second.ref), better, test_channel).outcome == "promoted"
     loop.assert_agree(2)
     deployed_at = loop.backend.describe(loop.endpoint).deployed_at
     assert release(loop.artifact_root, str(second.ref)) == deployed_at, "(f): the version that serves: nothing done"
@@ -261,7 +274,7 @@ def test_a_rollback_holds_until_a_person_releases_it_and_a_redeploy_is_a_no_op(
     loop.assert_agree(1)
     # Item 12: the next nightly retrains v2's recipe on the same data: a better score, but held.
     copy = loop.register(2, model_seed=22)  # another model, made with v2's recipe on v2's data
-    held = promote(loop.artifact_root, str(copy.ref), 0.99, test_channel)
+    held = promote(loop.artifact_root, str(copy.ref), better, test_channel)
     assert held.outcome == "held" and not held.promoted
     assert f"matches {second.ref}" in held.reason and "bob" in held.reason and "release-hold" in held.reason
     loop.assert_agree(1)
@@ -277,7 +290,7 @@ def test_a_rollback_holds_until_a_person_releases_it_and_a_redeploy_is_a_no_op(
     assert capsys.readouterr().out.strip() == f"{second.ref} is no longer held: it may be promoted again"
 
     again = loop.register(2, model_seed=23)
-    assert promote(loop.artifact_root, str(again.ref), 0.99, test_channel).outcome == "promoted"
+    assert promote(loop.artifact_root, str(again.ref), better, test_channel).outcome == "promoted"
     loop.assert_agree(again.version)
     assert [outcome for outcome, *_ in loop.outcomes()] == ["promoted", "held", "promoted"]
 
@@ -297,3 +310,47 @@ def test_the_endpoint_lock_is_one_prefect_concurrency_slot(loop: Loop) -> None:
     with get_client(sync_client=True) as client:
         limit = client.read_global_concurrency_limit_by_name(endpoint_lock_name(loop.endpoint))
     assert limit.limit == 1 and limit.active_slots == 0, "taken by the fixture's deploy, and given back"
+
+
+# --- the promotion rule: a paired test on the same test images ----------------------------------------
+def test_a_challenger_clearly_better_on_the_same_images_is_promoted_by_the_paired_test(
+    loop: Loop, demo_channels: dict[str, Path]
+) -> None:
+    """Right on all 40 test images against an untrained champion: exact McNemar rejects "no difference"."""
+    challenger = loop.register(2)
+    decision = promote(
+        loop.artifact_root, str(challenger.ref), answered(demo_channels["test"]), demo_channels["test"].as_uri()
+    )
+    assert decision.outcome == "promoted" and decision.comparison is not None
+    assert decision.comparison.verdict == "better" and decision.comparison.images == 40
+    assert decision.comparison.mcnemar.only_a == 0 and decision.comparison.mcnemar.p_value < 0.05
+    assert "challenger better" in decision.reason and "exact McNemar p=" in decision.reason
+    loop.assert_agree(2)
+    (recorded,) = loop.registry.decisions(loop.endpoint)
+    assert recorded.comparison == decision.comparison and recorded.confidence == 0.95, "kept with its statistics"
+
+
+def test_a_challenger_that_differs_from_the_champion_by_noise_cannot_be_told_apart_and_the_champion_stays(
+    loop: Loop, demo_channels: dict[str, Path]
+) -> None:
+    """The champion's own answers with two of its misses put right: 2 against 0 discordant images decide
+    nothing."""
+    test_channel = demo_channels["test"]
+    champion = evaluate_model(Storage(), loop.registry.get(loop.endpoint, 1).model_uri, test_channel.as_uri())
+    assert champion.predictions is not None
+    answers = dict(zip(champion.predictions.files, champion.predictions.predicted_counts, strict=True))
+    scored = champion.predictions
+    missed = [f for f, t, p in zip(scored.files, scored.true_counts, scored.predicted_counts, strict=True) if t != p]
+    missed = missed[:2]
+    answers.update({file: int(file.split("/")[0]) for file in missed})
+    challenger = loop.register(2)
+    decision = promote(loop.artifact_root, str(challenger.ref), answered(test_channel, answers), test_channel.as_uri())
+    assert (decision.outcome, decision.promoted) == ("kept", False) and decision.comparison is not None
+    assert decision.comparison.verdict == "cannot tell" and decision.comparison.more_images
+    assert (decision.comparison.mcnemar.only_b, decision.comparison.mcnemar.only_a) == (2, 0)
+    assert decision.reason.startswith("inconclusive, the serving model stays: cannot tell:"), decision.reason
+    assert (
+        f"about {decision.comparison.more_images} more test images would decide a gap of 5.0 points" in decision.reason
+    )
+    loop.assert_agree(1)
+    assert loop.registry.get(loop.endpoint, 2).stage == "archived"

@@ -165,6 +165,9 @@ def test_pipeline_end_to_end_registers_deploys_then_is_served_from_cache(
         f"| test accuracy | {result.evaluation.accuracy:.3g} |",
         endpoint.url,
         "| test RMSE |",
+        "| training cost | ",
+        "CPU minutes (local)",
+        f"| deployment | {ENDPOINT}:1 on a new endpoint |",
         "prepare-data (",
         "train-model (",
         "batch-transform (",
@@ -202,6 +205,9 @@ def test_pipeline_end_to_end_registers_deploys_then_is_served_from_cache(
         a for a in artifacts_keyed(summary_key("bincount-pipeline")) if f"| model version | {ENDPOINT}:1 |" in a.data
     ]
     assert len(summaries) == 2, "one summary per run under one key"
+    (cached,) = [a for a in summaries if str(a.flow_run_id) == str(rerun.state_details.flow_run_id)]
+    assert f"| deployment | {ENDPOINT}:1 already serves '{ENDPOINT}': nothing redeployed |" in cached.data, cached.data
+    assert "replaced" not in cached.data, "a cached run replaces nothing"
 
 
 def test_a_retune_nightly_on_unchanged_data_trains_afresh_and_leaves_production_serving(
@@ -217,7 +223,7 @@ def test_a_retune_nightly_on_unchanged_data_trains_afresh_and_leaves_production_
     assert champion is not None and champion.spec.code_hash == code_hash()
 
     state = nightly_retrain(endpoint_name=ENDPOINT, location=location, retune=True, return_state=True)
-    decision = state.result()
+    decision = state.result().decision
     states = all_task_states(state.state_details.flow_run_id)
     for trained in ("train-trial", "run-training-job"):
         assert "Cached" not in states[trained], (trained, states[trained])
@@ -248,13 +254,22 @@ def test_nightly_with_no_parameters_retrains_production_on_leak_free_data(
         len(registry.decisions(ENDPOINT)),
     )
 
-    unchanged = nightly_retrain(endpoint_name=ENDPOINT, location=location)
+    state = nightly_retrain(endpoint_name=ENDPOINT, location=location, return_state=True)
+    unchanged = state.result().decision
     assert not unchanged.promoted and "nothing retrained" in unchanged.reason and unchanged.outcome == "unchanged"
     assert len(registry.list(ENDPOINT)) == registered, "no model is compared with itself"
+    (summary,) = [
+        a for a in artifacts_keyed(summary_key("nightly-retrain")) if a.flow_run_id == state.state_details.flow_run_id
+    ]
+    assert "| challenger | nothing retrained |" in summary.data and "(none)" not in summary.data, summary.data
 
     before = read_split(storage, first.dataset_split_uri).set_index("id")["split"]
     generate_demo_bucket(storage, where["source_uri"], images=220, seed=1, size=64)  # the manifest grows
-    decision = nightly_retrain(endpoint_name=ENDPOINT, location=location)
+    result = nightly_retrain(endpoint_name=ENDPOINT, location=location)
+    decision = result.decision
+    assert result.training_cost is not None and result.training_cost.unit == "cpu-seconds"
+    assert decision.comparison is not None, "compared with the champion by the paired test"
+    assert "exact McNemar p=" in decision.reason and decision.promoted == (decision.comparison.verdict == "better")
 
     after = read_split(storage, first.dataset_split_uri).set_index("id")["split"]
     assert len(after) > len(before) and (after[before.index] == before).all(), "no image changed sides"
@@ -263,6 +278,7 @@ def test_nightly_with_no_parameters_retrains_production_on_leak_free_data(
     test_side = set(after[after == "test"].index)
     assert test_side and not test_side & champion_trained_on and not test_side & set(after[after != "test"].index)
     assert challenger.spec.metrics.images == len(test_side) == challenger.spec.dataset.counts["test"]
+    assert decision.comparison.images == len(test_side), "both scored on the same test images"
     assert challenger.spec.hyperparameters == champion.spec.hyperparameters, "the production recipe"
     assert (decision.challenger_version, decision.serving_version) == (challenger.version, champion.version)
     serving = get_serving_backend(settings).describe(ENDPOINT)

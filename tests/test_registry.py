@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 import boto3
@@ -21,6 +22,7 @@ from bincount.config import Settings
 from bincount.contracts.registry import (
     DatasetRef,
     HeldVersionError,
+    ImagePredictions,
     InvalidReferenceError,
     InvalidTransitionError,
     ModelMetrics,
@@ -33,6 +35,7 @@ from bincount.contracts.registry import (
     parse_reference,
 )
 from bincount.demo_data import jpeg_bytes, render_bin_image
+from bincount.evaluation import score_counts
 from bincount.registry import (
     StorageModelRegistry,
     dataset_ref,
@@ -184,11 +187,19 @@ def test_best_hyperparameters_only_for_a_better_model_and_old_files_still_read(r
 
     old = decide(GROUP, {"accuracy": 0.5}, "file:///m/1", None, None, 0.01)
     registry.storage.write_bytes(f"{registry.root}/{GROUP}/decisions.jsonl", json.dumps(old.to_dict()).encode() + b"\n")
+    truth = [1 + i % 5 for i in range(20)]
+    files = [f"{count}/{i}.jpg" for i, count in enumerate(truth)]
+    serving = score_counts(truth, truth[:11] + [1] * 9, [1, 2, 3, 4, 5])  # 11 right (and the 1s among the rest)
+    challenger = score_counts(truth, truth[:10] + [1] * 10, [1, 2, 3, 4, 5])
     new = decide(
         GROUP,
-        {"accuracy": 0.5},
+        replace(
+            challenger, predictions=ImagePredictions(tuple(files), tuple(truth), tuple(truth[:10] + [1] * 10))
+        ).to_dict(),
         "file:///m/2",
-        {"accuracy": 0.55},
+        replace(
+            serving, predictions=ImagePredictions(tuple(files), tuple(truth), tuple(truth[:11] + [1] * 9))
+        ).to_dict(),
         "file:///m/1",
         0.01,
         challenger_version=2,
@@ -196,6 +207,7 @@ def test_best_hyperparameters_only_for_a_better_model_and_old_files_still_read(r
     )
     registry.record(new)
     assert [(d.promoted, d.challenger_version) for d in registry.decisions(GROUP)] == [(True, None), (False, 2)]
+    assert registry.decisions(GROUP)[-1].comparison == new.comparison, "the paired test is kept, typed"
 
 
 def test_dataset_and_model_hashes_come_from_the_stored_objects(tmp_path: Path) -> None:
@@ -302,7 +314,8 @@ def test_models_command_lists_shows_approves_and_refuses_clearly(
     assert lines[2].split()[-2:] == ["bincount", "-"] and lines[3].split()[-2:] == ["-", "-"]
 
     main(["models", "approve", "bincount:1", "--reason", "looks right", "--actor", "alice"])
-    assert capsys.readouterr().out.strip() == "bincount:1 is Approved (stage candidate)"
+    approved = capsys.readouterr().out.strip()
+    assert approved.endswith("bincount:1 is Approved (stage candidate)"), "no run waits: approved in the registry"
     main(["models", "show", "bincount:1"])
     shown = capsys.readouterr().out
     for expected in (

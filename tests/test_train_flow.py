@@ -93,6 +93,8 @@ def test_train_model_flow(prefect_server: None, demo_channels: dict[str, Path], 
     assert evaluation.images == 40 and sum(map(sum, evaluation.confusion)) == 40
     assert 0 <= evaluation.accuracy <= evaluation.within_one_accuracy <= 1
     assert set(evaluation.per_class_accuracy) == {"1", "2", "3", "4", "5"}
+    assert evaluation.predictions is not None and len(evaluation.predictions.files) == 40, "its answer per image"
+    assert result.cost is not None and result.cost.unit == "cpu-seconds" and result.cost.billed_s > 0
     assert {rule.rule for rule in result.debugger_rules} == {
         "loss_not_decreasing",
         "overfit",

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal, Protocol
 
 from bincount.contracts.naming import check_endpoint_name
+from bincount.stats import PairedComparison
 
 FORMAT_VERSION = 1
 """The layout of every registry object this code writes; it refuses objects of a later one."""
@@ -31,6 +32,8 @@ unchanged (no new data or code: nothing retrained), nothing-new (its model is a 
 held (it matches a version a rollback holds), rejected (by a person), deploy-failed (its deploy or canary
 failed: what served before still serves)."""
 PROMOTION_METRIC = "accuracy"
+PROMOTION_CONFIDENCE = 0.95
+"""The paired test's confidence by default: a challenger is promoted when it is better at this level."""
 
 
 class RegistryError(ValueError):
@@ -242,11 +245,32 @@ class ModelVersion:
 
 
 @dataclass(frozen=True)
+class ImagePredictions:
+    """A model's answer on each test image, as it serves: the image (its path in the test channel), its true count
+    and the predicted count. As long as the test side (hundreds of images), so it travels with the scores: a
+    paired test of two models needs both answers on the same images."""
+
+    files: tuple[str, ...]
+    true_counts: tuple[int, ...]
+    predicted_counts: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if not len(self.files) == len(self.true_counts) == len(self.predicted_counts):
+            raise ValueError(
+                f"one file, true count and prediction per image: got {len(self.files)} files, "
+                f"{len(self.true_counts)} true counts and {len(self.predicted_counts)} predictions"
+            )
+
+
+@dataclass(frozen=True)
 class Decision:
     """A nightly comparison of a challenger with the serving model, on the same test split, and its outcome.
 
     ``serving_*`` is what served when the decision was taken (re-read under the endpoint's lock);
     ``outcome`` says what became of the challenger (empty in records written before it was kept).
+    ``comparison`` is the paired test the decision rests on (its verdict, intervals, exact McNemar p-value and
+    discordant counts) at ``confidence``; None where no comparison was made (nothing served yet, or nothing new)
+    and in records written before the paired rule.
     """
 
     endpoint_name: str
@@ -262,6 +286,8 @@ class Decision:
     challenger_version: int | None = None
     serving_version: int | None = None
     outcome: DecisionOutcome | Literal[""] = ""
+    confidence: float | None = None
+    comparison: PairedComparison | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -6,6 +6,7 @@ Layout, under ``{artifact_root}/registry/<group>/`` (one group per endpoint by d
     events/<utc time>-<uuid>.json              one stage, approval or mirror change of one version
     best-hyperparameters/<utc time>-<uuid>.json    hyperparameters of a model that passed the gate and beat the best
     decisions/<utc time>-<uuid>.json           one nightly decision: promoted or kept, with its paired test
+    cards/000003/card.md, card.json            version 3's model card (written by the nightly before it decides)
 
 Every object is written once and never rewritten: a version number is taken by creating its file
 only if it is absent (a hard link of a finished temporary file on ``file://``; a conditional
@@ -295,6 +296,10 @@ class StorageModelRegistry:
 
     def _group_uri(self, group: str, *parts: str) -> str:
         return join_uri(self.root, check_group(group), *parts)
+
+    def card_folder(self, group: str, version: int) -> str:
+        """Where the model card of ``group:version`` is kept (``card.md``, ``card.json``): beside its version."""
+        return self._group_uri(group, "cards", f"{version:06d}")
 
     # reading ---------------------------------------------------------------------------------
     def groups(self) -> builtins.list[str]:

@@ -204,7 +204,11 @@ def list_models(registry: StorageModelRegistry, settings: Settings, group: str |
 
 
 def show_model(version: ModelVersion, settings: Settings) -> str:
-    """The lineage of ``version``: dataset -> training job -> model -> endpoints, with its flow run and history."""
+    """The lineage of ``version``: dataset -> training job -> model -> card -> endpoints, with its flow run and
+    history."""
+    from bincount.registry import StorageModelRegistry
+    from bincount.storage import join_uri, storage_for
+
     spec, metrics, dataset = version.spec, version.spec.metrics, version.spec.dataset
     endpoints = serving(version, endpoint_records(settings))
     per_class = ", ".join(f"{label}: {score:.3f}" for label, score in sorted(metrics.per_class_accuracy.items()))
@@ -230,6 +234,10 @@ def show_model(version: ModelVersion, settings: Settings) -> str:
             f"hold          held since {version.hold.at[:19]} by {version.hold.actor}: {version.hold.reason} "
             f"(not promoted again, nor any model like it, until `bincount models release-hold {version.ref}`)"
         )
+    card = join_uri(StorageModelRegistry.from_settings(settings).card_folder(version.group, version.version), "card.md")
+    lines.append(
+        f"model card    {card if storage_for(settings).exists(card) else 'none stored (the nightly writes one)'}"
+    )
     if endpoints:
         lines += [f"endpoint      {r.name}  {r.url}  ({r.backend}, deployed {r.deployed_at})" for r in endpoints]
     else:

@@ -36,7 +36,7 @@ from pydantic import BaseModel
 from bincount.code import code_hash
 from bincount.config import Location, Settings
 from bincount.contracts.naming import check_endpoint_name
-from bincount.contracts.registry import PROMOTION_METRIC, Decision, DecisionOutcome, ModelVersion
+from bincount.contracts.registry import PROMOTION_CONFIDENCE, PROMOTION_METRIC, Decision, DecisionOutcome, ModelVersion
 from bincount.contracts.serving import RolloutStrategy, ScalingConfig
 from bincount.contracts.training import JobCost
 from bincount.factory import get_model_registry
@@ -48,6 +48,7 @@ from flows.data import DataOptions, prepare_data
 from flows.pipeline import recipe
 from flows.promotion import promote_challenger, publish_decision
 from flows.train import TrainedModel, TrainOptions, optimize_for_serving, retrain_model, train_model
+from tasks.model_card import model_card_task
 from tasks.registry import find_registered_task, record_decision_task, register_model_task
 from tasks.summary import run_summary
 
@@ -177,6 +178,7 @@ def nightly_retrain(
     data: DataOptions | None = None,
     training: TrainOptions | None = None,
     margin: float = 0.01,
+    confidence: float = PROMOTION_CONFIDENCE,
     retune: bool = False,
     require_approval: bool = False,
     approval_timeout_s: int = 24 * 3600,
@@ -195,6 +197,8 @@ def nightly_retrain(
         training: model and tools (default: the production version's training options).
         margin: the least gain in test accuracy that promotes, on top of the paired test finding the challenger
             better (0.01: one point).
+        confidence: how sure the paired test must be that the challenger is better (0.95: a 5% chance of promoting
+            a model that is not better); below it the decision is "cannot tell" and the serving model stays.
         retune: search hyperparameters again instead of reusing the production version's recipe.
         require_approval: wait for a person to approve a promoted challenger in the Prefect UI.
         approval_timeout_s: with require_approval, reject the challenger when nobody answers within this.
@@ -244,6 +248,7 @@ def nightly_retrain(
         prepared.channels["test"],
         recipe(data, training, settings),
         margin,
+        confidence,
         require_approval,
         approval_timeout_s,
         deploy_strategy,
@@ -260,6 +265,7 @@ def judge_challenger(
     test_channel_uri: str,
     made_with: dict[str, Any],
     margin: float,
+    confidence: float = PROMOTION_CONFIDENCE,
     require_approval: bool = False,
     approval_timeout_s: int = 24 * 3600,
     deploy_strategy: RolloutStrategy | None = None,
@@ -283,6 +289,7 @@ def judge_challenger(
         challenger.job_name,
         made_with,
     )
+    card_uri = model_card_task(settings, candidate, champion, test_channel_uri, margin)
     decision = promote_challenger(
         settings,
         candidate,
@@ -293,6 +300,8 @@ def judge_challenger(
         approval_timeout_s,
         deploy_strategy,
         scaling,
+        card_uri=card_uri,
+        confidence=confidence,
     )
     registry = get_model_registry(settings)
     if registry.get(endpoint_name, candidate.version).stage == "production":  # not a shadow still waiting

@@ -37,6 +37,7 @@ from flows.batch_transform import batch_transform
 from flows.data import DataOptions, prepare_data
 from flows.promotion import approve_version, put_in_production
 from flows.train import TrainOptions, optimize_for_serving, train_model
+from tasks.batch_transform import scoring_sentence
 from tasks.registry import register_model_task, set_approval_task
 from tasks.summary import run_summary
 
@@ -77,7 +78,7 @@ def pipeline_figures(result: PipelineResult) -> dict[str, Any]:
         "training cost": result.training_cost.summary() if result.training_cost else "not reported by the backend",
         "endpoint": f"{endpoint.name} at {endpoint.url}" if endpoint else "not deployed (rejected)",
         "deployment": result.deployment,
-        "batch transform": f"{scored.scored} scored, {scored.failed} failed -> {scored.output_uri}" if scored else "-",
+        "batch transform": f"{scoring_sentence(scored)} -> {scored.output_uri}" if scored else "-",
     }
 
 

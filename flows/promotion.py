@@ -43,7 +43,7 @@ from prefect.transactions import transaction
 from pydantic import Field
 
 from bincount.config import Settings
-from bincount.contracts.registry import PROMOTION_METRIC, Decision, ModelVersion, StageEvent
+from bincount.contracts.registry import PROMOTION_CONFIDENCE, PROMOTION_METRIC, Decision, ModelVersion, StageEvent
 from bincount.contracts.serving import EndpointRecord, RolloutStrategy, ScalingConfig
 from bincount.evaluation import Evaluation
 from bincount.factory import get_model_registry
@@ -298,9 +298,10 @@ def compare_with_serving(
     challenger: Evaluation,
     test_channel_uri: str,
     margin: float,
+    confidence: float = PROMOTION_CONFIDENCE,
 ) -> Decision:
-    """The challenger against what serves now (re-read), both scored as they serve on the same test images; held
-    when it matches a version a rollback holds."""
+    """The challenger against what serves now (re-read), both scored as they serve on the same test images and
+    compared by a paired test at ``confidence``; held when it matches a version a rollback holds."""
     serving = serving_version(settings, endpoint_name)
     if serving is not None and serving.version == candidate.version:  # never compared with itself
         score = challenger.to_dict()[PROMOTION_METRIC]
@@ -333,6 +334,7 @@ def compare_with_serving(
         margin,
         challenger_version=candidate.version,
         serving_version=serving.version if serving else None,
+        confidence=confidence,
     )
     held = get_model_registry(settings).held_by(endpoint_name, candidate.spec)
     if held is not None and held.hold is not None:
@@ -365,6 +367,7 @@ def promote_challenger(
     strategy: RolloutStrategy | None = None,
     scaling: ScalingConfig | None = None,
     card_uri: str | None = None,
+    confidence: float = PROMOTION_CONFIDENCE,
 ) -> Decision:
     """Compare a registered challenger with what serves its endpoint (the group's name) and promote it if it is
     better, as one step under the endpoint's lock; every outcome is recorded, a failed deploy's too (then raised).
@@ -376,7 +379,9 @@ def promote_challenger(
     endpoint_name = candidate.group
     reviewed: StageEvent | None = None
     if require_approval:
-        first = compare_with_serving(settings, endpoint_name, candidate, challenger, test_channel_uri, margin)
+        first = compare_with_serving(
+            settings, endpoint_name, candidate, challenger, test_channel_uri, margin, confidence
+        )
         if first.outcome != "promoted":
             return conclude(settings, candidate, first)
         candidate = approve_version(
@@ -389,7 +394,9 @@ def promote_challenger(
             )
             return conclude(settings, candidate, rejected)
     with endpoint_lock(endpoint_name):
-        decision = compare_with_serving(settings, endpoint_name, candidate, challenger, test_channel_uri, margin)
+        decision = compare_with_serving(
+            settings, endpoint_name, candidate, challenger, test_channel_uri, margin, confidence
+        )
         if decision.outcome == "promoted" and reviewed is not None:
             decision = decision.with_outcome(
                 "promoted", f"{decision.reason}; approved by {reviewed.actor}: {reviewed.reason}"
@@ -417,6 +424,20 @@ def promote_challenger(
     return decision
 
 
+def paired_test_line(decision: Decision) -> str:
+    """The statistics the decision rests on, as a paragraph (empty when no comparison was made)."""
+    test = decision.comparison
+    if test is None:
+        return ""
+    return (
+        f"Paired test ({test.test}) on {test.images} test images at {100 * test.confidence:.0f}% confidence: "
+        f"**{test.verdict}**; accuracy {test.differences.accuracy.points()}, RMSE {test.differences.rmse.counts()}, "
+        f"within-one {test.differences.within_one.points()}; exact McNemar p={test.mcnemar.p_value:.3g}; "
+        f"discordant images: {test.mcnemar.only_b} only the challenger right, {test.mcnemar.only_a} only the "
+        "champion right.\n\n"
+    )
+
+
 def publish_decision(decision: Decision) -> None:
     """The decision as the endpoint's ``nightly-decision-<endpoint>`` artifact and a ``bincount.model.promoted`` /
     ``kept`` event about ``bincount.endpoint.<endpoint>``, named after the endpoint (the rollback automation groups
@@ -440,7 +461,7 @@ def publish_decision(decision: Decision) -> None:
             f"| | version | test {decision.metric} |\n|---|---|---|\n"
             f"| challenger | `{challenger}` | {decision.challenger_score:.3g} |\n"
             f"| serving | `{champion}` | {serving} |\n\n"
-            f"Margin {decision.margin:.3g}. {decision.reason}."
+            f"{paired_test_line(decision)}Margin {decision.margin:.3g}. {decision.reason}."
         ),
         description=f"Nightly decision for {decision.endpoint_name}: {verdict}",
     )

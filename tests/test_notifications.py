@@ -47,7 +47,17 @@ def test_a_failed_nightly_notification_links_to_its_run(
     env = {**server_env, "BINCOUNT_ARTIFACT_ROOT": str(tmp_path / "artifacts")}
     run([sys.executable, "-m", "deployments.setup"], env)
     run(
-        [PREFECT, "--no-prompt", "deploy", "--name", "nightly-retrain/nightly", "--name", "rollback-model/on-demand"],
+        [
+            PREFECT,
+            "--no-prompt",
+            "deploy",
+            "--name",
+            "nightly-retrain/nightly",
+            "--name",
+            "rollback-model/on-demand",
+            "--name",
+            "harvest-feedback/daily",
+        ],
         env,
     )
     created = run([sys.executable, "-m", "deployments.setup", "--automations", "--notify-url", url], env)

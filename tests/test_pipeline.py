@@ -291,6 +291,12 @@ def test_nightly_with_no_parameters_retrains_production_on_leak_free_data(
     kind = "promoted" if decision.promoted else "kept"
     assert events_named(f"bincount.model.{kind}", where=lambda e: e.payload["challenger_version"] == challenger.version)
     assert [d.challenger_version for d in registry.decisions(ENDPOINT)[decided:]] == [None, challenger.version]
+    # the reviewer's evidence: the challenger's model card, beside the version and as an artifact
+    card = Storage().read_bytes(f"{registry.card_folder(ENDPOINT, challenger.version)}/card.md").decode()
+    assert f"{challenger.ref}" in card and "## Where they disagree" in card and str(champion.ref) in card
+    assert any(a.data == card for a in artifacts_keyed(f"model-card-{ENDPOINT}"))
+    decision_artifact = artifacts_keyed(f"nightly-decision-{ENDPOINT}")[0]  # the newest
+    assert f"Paired test ({decision.comparison.test}) on {len(test_side)} test images" in decision_artifact.data
 
 
 def test_endpoints_are_described_pinged_and_stopped_with_a_stopped_artifact(

@@ -17,6 +17,7 @@ from bincount.config import Location
 from bincount.contracts.naming import check_endpoint_name
 from bincount.contracts.serving import EndpointRecord
 from bincount.factory import get_model_registry
+from flows.promotion import endpoint_lock
 from tasks.deploy import end_shadow_task, stop_endpoint_task
 from tasks.registry import set_stage_task
 from tasks.summary import run_summary
@@ -52,10 +53,11 @@ def promote_shadow(endpoint_name: str, location: Location = Location()) -> Endpo
     """
     check_endpoint_name(endpoint_name)
     settings = location.settings()
-    record = end_shadow_task(settings, endpoint_name, promote=True)
-    if record.model_ref:
-        version = get_model_registry(settings).resolve(record.model_ref)
-        set_stage_task(settings, version, "production", "bincount", "shadow promoted")
+    with endpoint_lock(endpoint_name):  # one step, like a nightly's promotion: no other one between the two
+        record = end_shadow_task(settings, endpoint_name, promote=True)
+        if record.model_ref:
+            version = get_model_registry(settings).resolve(record.model_ref)
+            set_stage_task(settings, version, "production", "bincount", "shadow promoted")
     return record
 
 

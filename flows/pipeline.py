@@ -56,6 +56,8 @@ class PipelineResult(BaseModel):
     training_cost: JobCost | None = None
     deployment: str = "not deployed"
     """What the deploy did, in words: a new endpoint, the version replaced, or nothing (it already served)."""
+    approval: str = "-"
+    """Who approved (or rejected) the version and why: the gate itself, or the person who answered."""
 
 
 def recipe(data: DataOptions, training: TrainOptions, settings: Settings) -> dict[str, Any]:
@@ -77,6 +79,7 @@ def pipeline_figures(result: PipelineResult) -> dict[str, Any]:
         "model version": result.model_version,
         "training cost": result.training_cost.summary() if result.training_cost else "not reported by the backend",
         "endpoint": f"{endpoint.name} at {endpoint.url}" if endpoint else "not deployed (rejected)",
+        "approval": result.approval,
         "deployment": result.deployment,
         "batch transform": f"{scoring_sentence(scored)} -> {scored.output_uri}" if scored else "-",
     }
@@ -151,6 +154,8 @@ def pipeline(
         )
     passed = f"test accuracy {accuracy:.4f} >= min_accuracy {min_accuracy:.4f}"
     version = approve_version(settings, version, require_approval, approval_timeout_s, passed)
+    answer = version.history[-1]
+    approval = f"{version.approval} by {answer.actor}: {answer.reason}"
     if version.approval != "Approved":
         logger.warning("%s was rejected (%s): nothing deployed", version.ref, version.history[-1].reason)
         return PipelineResult(
@@ -162,6 +167,7 @@ def pipeline(
             batch_transform=None,
             training_cost=trained.cost,
             deployment=f"not deployed: {version.ref} was rejected",
+            approval=approval,
         )
     registry = get_model_registry(settings)
     serving = registry.production(endpoint_name)
@@ -204,4 +210,5 @@ def pipeline(
         batch_transform=scored,
         training_cost=trained.cost,
         deployment=deployment,
+        approval=approval,
     )

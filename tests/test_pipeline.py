@@ -168,6 +168,7 @@ def test_pipeline_end_to_end_registers_deploys_then_is_served_from_cache(
         "| training cost | ",
         "CPU minutes (local)",
         f"| deployment | {ENDPOINT}:1 on a new endpoint |",
+        "| approval | Approved by bincount: test accuracy ",  # the gate approved it: no person was asked
         "prepare-data (",
         "train-model (",
         "batch-transform (",

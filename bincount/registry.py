@@ -25,7 +25,7 @@ import hashlib
 import json
 import re
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bincount.config import Settings
 from bincount.contracts.registry import (
@@ -69,6 +69,9 @@ from bincount.stats import (
     PairedDifferences,
     compare_paired,
 )
+
+if TYPE_CHECKING:  # for annotations only: importing it would load torch into every registry reader (the CLI)
+    from bincount.evaluation import Evaluation
 from bincount.storage import (
     ObjectNotFoundError,
     Storage,
@@ -98,9 +101,9 @@ def dataset_ref(storage: Storage, split_uri: str) -> DatasetRef:
 
 def decide(
     endpoint_name: str,
-    challenger: dict[str, Any],
+    challenger: Evaluation,
     challenger_model_uri: str,
-    serving: dict[str, Any] | None,
+    serving: Evaluation | None,
     serving_model_uri: str | None,
     margin: float,
     challenger_version: int | None = None,
@@ -109,16 +112,16 @@ def decide(
 ) -> Decision:
     """Promote the challenger when nothing serves, or when a paired test on the same test images finds it better.
 
-    ``challenger`` and ``serving`` are evaluations (``bincount.evaluation.Evaluation.to_dict()``) with their answer
-    on each test image. The test is :func:`bincount.stats.compare_paired`: exact McNemar on who alone got an image
-    right and paired bootstrap intervals, at ``confidence``, with ``margin`` as a minimum gain in accuracy on top;
+    ``challenger`` and ``serving`` are evaluations with their answer on each test image. The test is
+    :func:`bincount.stats.compare_paired`: exact McNemar on who alone got an image right and paired bootstrap
+    intervals, at ``confidence``, with ``margin`` as a minimum gain in accuracy on top;
     RMSE and within-one must not be worse beyond their non-inferiority margins. Only "better" promotes; "cannot
     tell" keeps the serving model and says how many more test images would decide the gap seen.
 
     Raises:
         ValueError: an evaluation lacks its per-image answers, or the two were not scored on the same images.
     """
-    score = float(challenger[PROMOTION_METRIC])
+    score = challenger.accuracy
     comparison: PairedComparison | None = None
     if serving is None:
         promoted, reason = True, "no model serves this endpoint yet"
@@ -137,7 +140,7 @@ def decide(
         reason=reason,
         metric=PROMOTION_METRIC,
         challenger_score=score,
-        serving_score=None if serving is None else float(serving[PROMOTION_METRIC]),
+        serving_score=None if serving is None else serving.accuracy,
         margin=margin,
         challenger_model_uri=challenger_model_uri,
         serving_model_uri=serving_model_uri,
@@ -149,14 +152,13 @@ def decide(
     )
 
 
-def _answers(evaluation: dict[str, Any], role: str) -> ImagePredictions:
-    answers = evaluation.get("predictions")
-    if answers is None:
+def _answers(evaluation: Evaluation, role: str) -> ImagePredictions:
+    if evaluation.predictions is None:
         raise ValueError(
             f"the {role} model's evaluation has no answer per test image, which a paired test needs: score it with "
             "bincount.evaluation.evaluate_model (the evaluate-model task)"
         )
-    return ImagePredictions(tuple(answers["files"]), tuple(answers["true_counts"]), tuple(answers["predicted_counts"]))
+    return evaluation.predictions
 
 
 def paired_answers(first: ImagePredictions, second: ImagePredictions) -> tuple[list[int], list[int], list[int]]:

@@ -321,13 +321,11 @@ def compare_with_serving(
             outcome="nothing-new",
         )
     scores = (
-        None
-        if serving is None
-        else evaluate_and_publish(settings, serving.model_uri, test_channel_uri, role="serving").to_dict()
+        None if serving is None else evaluate_and_publish(settings, serving.model_uri, test_channel_uri, role="serving")
     )
     decision = decide(
         endpoint_name,
-        challenger.to_dict(),
+        challenger,
         candidate.model_uri,
         scores,
         serving.model_uri if serving else None,

@@ -13,7 +13,7 @@ from prefect.logging import disable_run_logger
 from bincount.config import Settings
 from bincount.contracts.registry import Decision, ImagePredictions
 from bincount.contracts.training import JobCost
-from bincount.evaluation import score_counts
+from bincount.evaluation import Evaluation, score_counts
 from bincount.feedback import FeedbackVersion, feedback_uri
 from bincount.registry import decide
 from bincount.storage import Storage
@@ -26,14 +26,14 @@ TRUTH = [1 + i % 5 for i in range(IMAGES)]
 FILES = [f"{count}/image-{i:04d}.jpg" for i, count in enumerate(TRUTH)]
 
 
-def scored(right: set[int], files: list[str] = FILES) -> dict[str, Any]:
-    """An evaluation's ``to_dict()`` for a model right on the images numbered ``right``, one count off elsewhere."""
+def scored(right: set[int], files: list[str] = FILES) -> Evaluation:
+    """An evaluation of a model right on the images numbered ``right``, one count off elsewhere."""
     predicted = [count if i in right else count % 5 + 1 for i, count in enumerate(TRUTH)]
     evaluation = score_counts(TRUTH, predicted, CLASSES)
-    return replace(evaluation, predictions=ImagePredictions(tuple(files), tuple(TRUTH), tuple(predicted))).to_dict()
+    return replace(evaluation, predictions=ImagePredictions(tuple(files), tuple(TRUTH), tuple(predicted)))
 
 
-def decision(challenger: dict[str, Any], serving: dict[str, Any], margin: float = 0.0, **options: Any) -> Decision:
+def decision(challenger: Evaluation, serving: Evaluation, margin: float = 0.0, **options: Any) -> Decision:
     return decide("bincount", challenger, "file:///m/2", serving, "file:///m/1", margin, 2, 1, **options)
 
 
@@ -80,7 +80,7 @@ def test_a_worse_challenger_is_kept_out() -> None:
 
 
 def test_nothing_serving_promotes_without_a_comparison() -> None:
-    result = decide("bincount", {"accuracy": 0.3}, "file:///m/1", None, None, 0.01)
+    result = decide("bincount", scored(set(range(30))), "file:///m/1", None, None, 0.01)
     assert result.promoted and result.comparison is None and result.reason == "no model serves this endpoint yet"
 
 
@@ -88,7 +88,7 @@ def test_scores_of_other_images_or_without_answers_are_refused() -> None:
     other = [file.replace("image", "other") for file in FILES]
     with pytest.raises(ValueError, match=r"not scored on the same test images .*score both on the challenger's"):
         decision(scored(set()), scored(set(), other))
-    without = {**scored(set()), "predictions": None}
+    without = replace(scored(set()), predictions=None)
     with pytest.raises(ValueError, match="serving model's evaluation has no answer per test image"):
         decision(scored(set()), without)
 

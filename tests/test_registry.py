@@ -185,7 +185,7 @@ def test_best_hyperparameters_only_for_a_better_model_and_old_files_still_read(r
     best = registry.best_hyperparameters(GROUP)
     assert (best.hyperparameters, best.job_name, best.version) == ({"lr": 0.02}, "job-a", 1)
 
-    old = decide(GROUP, {"accuracy": 0.5}, "file:///m/1", None, None, 0.01)
+    old = decide(GROUP, score_counts([1, 2], [1, 3], [1, 2, 3, 4, 5]), "file:///m/1", None, None, 0.01)
     registry.storage.write_bytes(f"{registry.root}/{GROUP}/decisions.jsonl", json.dumps(old.to_dict()).encode() + b"\n")
     truth = [1 + i % 5 for i in range(20)]
     files = [f"{count}/{i}.jpg" for i, count in enumerate(truth)]
@@ -193,13 +193,9 @@ def test_best_hyperparameters_only_for_a_better_model_and_old_files_still_read(r
     challenger = score_counts(truth, truth[:10] + [1] * 10, [1, 2, 3, 4, 5])
     new = decide(
         GROUP,
-        replace(
-            challenger, predictions=ImagePredictions(tuple(files), tuple(truth), tuple(truth[:10] + [1] * 10))
-        ).to_dict(),
+        replace(challenger, predictions=ImagePredictions(tuple(files), tuple(truth), tuple(truth[:10] + [1] * 10))),
         "file:///m/2",
-        replace(
-            serving, predictions=ImagePredictions(tuple(files), tuple(truth), tuple(truth[:11] + [1] * 9))
-        ).to_dict(),
+        replace(serving, predictions=ImagePredictions(tuple(files), tuple(truth), tuple(truth[:11] + [1] * 9))),
         "file:///m/1",
         0.01,
         challenger_version=2,

@@ -3,13 +3,9 @@ Prefect UI (the address `python -m deployments.setup` was given), and that link 
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 import sys
-import threading
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -18,26 +14,6 @@ from test_deployments import PREFECT, ROOT, run
 from waiting import wait_until
 
 from deployments.automations import AutomationSetupError, ui_address
-
-
-@pytest.fixture
-def webhook() -> Iterator[tuple[str, list[dict]]]:
-    """A webhook receiver on loopback: its URL and the JSON bodies POSTed to it."""
-    received: list[dict] = []
-
-    class Receiver(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-            self.send_response(200)
-            self.end_headers()
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/hook", received
-    server.shutdown()
 
 
 def test_a_failed_nightly_notification_links_to_its_run(

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import subprocess
 import sys
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -25,6 +25,7 @@ os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 
 from sagemaker_moto import BUCKET, REGION, ROLE, MotoSageMaker, model_archive
+from waiting import wait_until
 
 from bincount.config import Settings
 from bincount.demo_data import write_demo_channels
@@ -174,10 +175,10 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    """A dedicated Prefect server (its own home and SQLite database) and the environment to reach it."""
-    home = tmp_path_factory.mktemp("prefect-home")
+@contextlib.contextmanager
+def started_prefect_server(home: Path, **settings: str) -> Iterator[dict[str, str]]:
+    """`prefect server start` with its own home (and any other Prefect settings, e.g. a database URL) on a free
+    loopback port, until the block ends; yields the environment that reaches it."""
     port = free_port()
     env = {
         **os.environ,
@@ -185,6 +186,7 @@ def server_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, s
         "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
         "PREFECT_UI_API_URL": f"http://127.0.0.1:{port}/api",
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        **settings,
     }
     server = subprocess.Popen(
         [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
@@ -192,20 +194,27 @@ def server_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, s
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+
+    def healthy() -> bool:
+        assert server.poll() is None, "prefect server start exited"
+        try:
+            return httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
-        else:
-            pytest.fail("the Prefect server did not start within 120 s")
+        wait_until(healthy, timeout_s=120, interval_s=0.5, what="the Prefect server to answer /api/health")
         yield env
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """A dedicated Prefect server (its own home and SQLite database) and the environment to reach it."""
+    with started_prefect_server(tmp_path_factory.mktemp("prefect-home")) as env:
+        yield env
 
 
 @pytest.fixture

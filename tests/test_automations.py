@@ -8,7 +8,8 @@ import sys
 
 import httpx
 import pytest
-from test_deployments import PREFECT, run
+from conftest import PREFECT
+from test_deployments import run
 from waiting import wait_until
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from conftest import PREFECT
 from waiting import wait_until
 from websockets.sync.client import connect
 
@@ -28,7 +29,6 @@ from bincount.demo_data import generate_demo_bucket
 from bincount.storage import Storage
 
 ROOT = Path(__file__).resolve().parents[1]
-PREFECT = str(Path(sys.executable).with_name("prefect"))
 CHROMIUM = shutil.which("chromium")
 
 

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from test_deployments import PREFECT, run
+from conftest import PREFECT
+from test_deployments import run
 from waiting import wait_until
 
 FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from test_deployments import PREFECT, ROOT, run
+from conftest import PREFECT
+from test_deployments import ROOT, run
 from waiting import wait_until
 
 from deployments.automations import AutomationSetupError, ui_address

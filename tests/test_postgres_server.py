@@ -21,8 +21,8 @@ from pathlib import Path
 import asyncpg
 import httpx
 import pytest
-from conftest import free_port
-from test_deployments import PREFECT, run
+from conftest import PREFECT, free_port, started_prefect_server
+from test_deployments import run
 from waiting import wait_until
 
 from bincount.demo_data import generate_demo_bucket
@@ -119,35 +119,11 @@ async def flow_run_names(url: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def postgres_server_env(postgres_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    """`prefect server start` on the PostgreSQL database, as the README shows it, and the environment to reach it."""
-    port = free_port()
-    env = {
-        **os.environ,
-        "PREFECT_HOME": str(tmp_path_factory.mktemp("prefect-home")),
-        "PREFECT_API_DATABASE_CONNECTION_URL": postgres_url,
-        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    }
-    server = subprocess.Popen(
-        [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-
-    def healthy() -> bool:
-        assert server.poll() is None, "prefect server start exited"
-        try:
-            return httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    try:
-        wait_until(healthy, timeout_s=120, interval_s=0.5, what="the Prefect server on PostgreSQL")
+    """`prefect server start` on the PostgreSQL database, as docs/OPERATIONS.md shows it."""
+    with started_prefect_server(
+        tmp_path_factory.mktemp("prefect-home"), PREFECT_API_DATABASE_CONNECTION_URL=postgres_url
+    ) as env:
         yield env
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
 
 
 def test_a_deployment_runs_on_a_prefect_server_backed_by_postgresql(

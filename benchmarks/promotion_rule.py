@@ -34,11 +34,9 @@ from sklearn.model_selection import train_test_split
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.train_quality import RECIPE, cpu_seconds, write_channels
+from benchmarks.train_quality import RECIPE, cpu_seconds, train, write_channels
 from bincount.config import Settings
-from bincount.contracts.training import TrainingJobSpec
 from bincount.evaluation import predict_counts
-from bincount.factory import get_training_backend
 from bincount.manifest import parse_manifest
 from bincount.models import fetch_model
 from bincount.stats import compare_paired, scores
@@ -77,14 +75,8 @@ def train_and_score(
         print(f"{name}: reusing {kept}", flush=True)
         return json.loads(kept.read_text())
     cpu, wall = cpu_seconds(), time.monotonic()
-    spec = TrainingJobSpec(
-        name=f"bincount-promotion-{time.strftime('%Y%m%d-%H%M%S')}-{name}",
-        hyperparameters=hyperparameters,
-        channels={side: path.as_uri() for side, path in channels.items()},
-        output_uri=settings.artifact_uri("jobs"),
-    )
-    job = get_training_backend(settings).train(spec, on_log=lambda text: print(f"[{name}] {text}", flush=True))
-    assert job.model_uri is not None  # a completed job has its model
+    job_name = f"bincount-promotion-{time.strftime('%Y%m%d-%H%M%S')}-{name}"
+    job = train(settings, job_name, hyperparameters, channels, prefix=f"[{name}] ")
     truth, predicted = pool_predictions(storage_for(settings), job.model_uri, channels["test"], work_dir / "fetched")
     record = {
         "name": name,

@@ -63,7 +63,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bincount.config import Settings
-from bincount.contracts.training import TrainingJobSpec
+from bincount.contracts.training import TrainingJob, TrainingJobSpec
 from bincount.evaluation import Evaluation, evaluate_model, score_counts
 from bincount.factory import get_training_backend
 from bincount.manifest import parse_manifest
@@ -131,7 +131,8 @@ def trained_views(images: torch.Tensor, augmentation: str) -> Iterator[torch.Ten
     """The views of a batch that a model trained with ``--augment augmentation`` saw as the same photo:
     with ``strong`` the square's eight symmetries (four rotations, each also mirrored), with ``flip`` or
     ``standard`` the batch and its mirror, with ``none`` the batch alone. Averaging over views a model
-    never trained on feeds it photos unlike its training ones (README: model quality)."""
+    never trained on feeds it photos unlike its training ones (docs/BENCHMARKS.md: "Model quality on the real
+    sample")."""
     turns = 4 if augmentation == "strong" else 1
     for turn in range(turns):
         rotated = torch.rot90(images, turn, dims=(-2, -1))
@@ -192,6 +193,28 @@ def score(
     if tta:
         figures["test_tta"] = evaluate_on_counts(storage, model_uri, test_dir, counts, tta=True).to_dict()
     return figures
+
+
+def train(
+    settings: Settings,
+    name: str,
+    hyperparameters: dict[str, Any],
+    channels: dict[str, Path],
+    processes: int = 1,
+    prefix: str = "",
+) -> TrainingJob:
+    """Train one model with train.py through the configured (local) backend, its log printed (each line after
+    ``prefix``); returns the completed job, whose ``model_uri`` is set."""
+    spec = TrainingJobSpec(
+        name=name,
+        hyperparameters=hyperparameters,
+        channels={side: path.as_uri() for side, path in channels.items()},
+        output_uri=settings.artifact_uri("jobs"),
+        local_processes=processes,
+    )
+    job = get_training_backend(settings).train(spec, on_log=lambda text: print(prefix + text, flush=True))
+    assert job.model_uri is not None  # a completed job has its model
+    return job
 
 
 def cpu_seconds() -> float:
@@ -279,16 +302,8 @@ def main() -> None:
             write_channels(args.data_dir, extra_counts, {"train": list(extra_counts)}, args.work_dir / label)
         hyperparameters = {"arch": args.arch, "weights": weights, "seed": seed, **RECIPE}
         hyperparameters.update({name.removeprefix("--"): value for name, value in extra.items()})
-        spec = TrainingJobSpec(
-            name=f"bincount-train-quality-{stamp}-{label}",
-            hyperparameters=hyperparameters,
-            channels={name: path.as_uri() for name, path in channels.items()},
-            output_uri=settings.artifact_uri("jobs"),
-            local_processes=args.processes,
-        )
         cpu, wall = cpu_seconds(), time.monotonic()
-        job = get_training_backend(settings).train(spec, on_log=lambda text: print(text, flush=True))
-        assert job.model_uri is not None  # a completed job has its model
+        job = train(settings, f"bincount-train-quality-{stamp}-{label}", hyperparameters, channels, args.processes)
         run = {"run": label, "hyperparameters": hyperparameters, "valid": job.metrics}
         counts = sorted(set(manifest.values()))
         run |= score(storage, job.model_uri, channels["test"], counts, bool(extra_counts), args.tta)

@@ -44,7 +44,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from sm_scripts.data import batches, find_classes, load_channel
-from sm_scripts.loop import train_one_epoch
+from sm_scripts.distributed import SINGLE
+from sm_scripts.loop import Runtime, Training, train_one_epoch
 from sm_scripts.monitoring import StepTimes
 from sm_scripts.networks import IMAGENET_MEAN, IMAGENET_STD, build_model, prepare_model
 from sm_scripts.preprocessing import channel_values
@@ -130,16 +131,22 @@ def main() -> None:
         mean, std = channel_values(IMAGENET_MEAN, device), channel_values(IMAGENET_STD, device)
         generator = torch.Generator().manual_seed(0)
         criterion = nn.CrossEntropyLoss()
+        ours_training = Training(
+            ours_model, ours_forward, criterion, ours_optimizer, scheduler=None, generator=generator, mean=mean, std=std
+        )
+        runtime = Runtime(device, amp, torch.get_num_threads(), SINGLE)
 
         def ours_epoch() -> float:
-            data = batches(cache, args.batch_size, device, mean, std, True, "flip", generator, min_batch=2)
-            return train_one_epoch(ours_forward, criterion, ours_optimizer, data, device, amp, StepTimes())[2]
+            data = batches(
+                cache, args.batch_size, device, mean, std, True, augmentation="flip", generator=generator, min_batch=2
+            )
+            return train_one_epoch(ours_training, runtime, data, StepTimes())[2]
 
         ready = next(batches(cache, args.batch_size, device, mean, std, False))
 
         def bound_epoch() -> float:
             data = iter([ready] * (len(cache) // args.batch_size))
-            return train_one_epoch(ours_forward, criterion, ours_optimizer, data, device, amp, StepTimes())[2]
+            return train_one_epoch(ours_training, runtime, data, StepTimes())[2]
 
         print(
             f"{args.arch} at {args.image_size}px, {len(dataset)} images, batch {args.batch_size}, "

@@ -88,7 +88,8 @@ class ParityCheck:
 
     def measured(self) -> dict[str, Any]:
         """The figures an :class:`Optimization` carries."""
-        keys = ("images", "eager_accuracy", "optimized_accuracy", "top1_agreement", "disagreements", "p_value")
+        keys = ("images", "eager_accuracy", "optimized_accuracy", "top1_agreement", "disagreements")
+        keys += ("only_eager_right", "only_optimized_right", "p_value")
         return {key: getattr(self, key) for key in keys} | {"accuracy_change": self.accuracy_change}
 
 
@@ -104,6 +105,8 @@ class Optimization:
     optimized_accuracy: float | None = None
     top1_agreement: float | None = None
     disagreements: int = 0  # test images whose counts differ between eager and optimized
+    only_eager_right: int = 0  # of those, the ones only eager counts right
+    only_optimized_right: int = 0  # and the ones only the optimized form counts right
     p_value: float | None = None  # parity's one-sided exact McNemar (optimized worse than eager)
     accuracy_change: Interval | None = None  # optimized minus eager accuracy, 95% paired bootstrap
     calibration_images: int = 0

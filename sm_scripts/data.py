@@ -141,7 +141,7 @@ def load_channel(
     if cache_dir is None:
         mapped = open_private(files, labels, image_size, threads)
     else:
-        mapped = open_cache(root, files, labels, classes, image_size, threads, cache_dir)
+        mapped = open_cache(root, files, labels, classes, image_size, threads=threads, cache_dir=cache_dir)
     return ImageCache(mapped.images, mapped.labels, files, [mapped])
 
 
@@ -187,6 +187,7 @@ def batches(
     mean: torch.Tensor,
     std: torch.Tensor,
     shuffle: bool,
+    *,
     augmentation: str = "none",
     generator: torch.Generator | None = None,
     min_batch: int = 1,

@@ -182,7 +182,14 @@ def locked(path: Path) -> Iterator[None]:
 
 
 def open_cache(
-    root: Path, files: list[str], labels: list[int], classes: list[str], image_size: int, threads: int, cache_dir: Path
+    root: Path,
+    files: list[str],
+    labels: list[int],
+    classes: list[str],
+    image_size: int,
+    *,
+    threads: int,
+    cache_dir: Path,
 ) -> MappedImages:
     """The channel's cache in ``cache_dir``: reused when its fingerprint matches, built (or rebuilt) otherwise."""
     cache_dir.mkdir(parents=True, exist_ok=True)

@@ -13,11 +13,52 @@ import torch
 from torch import nn
 
 from sm_scripts.data import ImageCache, batches
-from sm_scripts.distributed import SINGLE, Cluster, sum_over_processes
+from sm_scripts.distributed import Cluster, sum_over_processes, unwrap
 from sm_scripts.monitoring import StepTimes, set_hook_mode
 from sm_scripts.networks import head_name, predict_classes
 
 Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class Runtime:
+    """Where the run computes: the device, mixed precision on or off, CPU threads, and this process's
+    place among data-parallel processes (``sm_scripts/distributed.py``)."""
+
+    device: torch.device
+    amp: bool
+    threads: int
+    cluster: Cluster
+
+
+@dataclass
+class Data:
+    """The class folders' names, each class's count, the cached images to fit on and to score, and the
+    classes scored: those the scored channel holds (a model trained on counts 0 and 6+ as well is kept
+    for its accuracy on the counts 1-5 that valid holds), or None for all."""
+
+    classes: list[str]
+    class_values: torch.Tensor
+    train: ImageCache
+    eval: ImageCache
+    scored_classes: torch.Tensor | None = None
+
+
+@dataclass
+class Training:
+    """What the epochs run: ``model`` holds the weights; ``trained`` is what each step calls (the model,
+    its compiled wrapper, or the head alone on cached backbone features)."""
+
+    model: nn.Module
+    trained: nn.Module
+    criterion: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None
+    generator: torch.Generator
+    mean: torch.Tensor
+    std: torch.Tensor
+    hook: Any = None
+    profiler: torch.profiler.profile | None = None
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -67,27 +108,23 @@ def timed(data: Batches, device: torch.device) -> Iterator[tuple[torch.Tensor, t
 
 
 def train_one_epoch(
-    model: nn.Module,
-    criterion: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    training: Training,
+    runtime: Runtime,
     data: Batches,
-    device: torch.device,
-    amp: bool,
     times: StepTimes,
-    hook: Any = None,
-    profiler: torch.profiler.profile | None = None,
+    *,
     log_interval: int = 0,
-    cluster: Cluster = SINGLE,
     decoding: str = "mode",
 ) -> tuple[float, float, float]:
-    """One pass over the training data; returns (mean loss, accuracy, images per second), over every
-    process's batches in a data-parallel run."""
+    """One pass over the training data with ``training.trained``; returns (mean loss, accuracy, images per
+    second), over every process's batches in a data-parallel run."""
+    model, criterion, optimizer, device = training.trained, training.criterion, training.optimizer, runtime.device
     model.train()
-    set_hook_mode(hook, "TRAIN")
+    set_hook_mode(training.hook, "TRAIN")
     total_loss, correct, seen = 0.0, 0, 0
     start = time.perf_counter()
     for step, (images, labels, tick, waited) in enumerate(timed(data, device), start=1):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=runtime.amp):
             outputs = model(images)
             loss = criterion(outputs, labels)
         optimizer.zero_grad(set_to_none=True)
@@ -104,33 +141,27 @@ def train_one_epoch(
         if log_interval and step % log_interval == 0:
             speed = seen / (time.perf_counter() - start)
             print(f"  step {step}: loss {batch_loss:.4f}, {speed:.1f} images/s", flush=True)
-        if profiler is not None:
-            profiler.step()
+        if training.profiler is not None:
+            training.profiler.step()
     elapsed = time.perf_counter() - start
-    total_loss, correct, seen = sum_over_processes([total_loss, correct, seen], device, cluster)
+    total_loss, correct, seen = sum_over_processes([total_loss, correct, seen], device, runtime.cluster)
     return total_loss / max(seen, 1), correct / max(seen, 1), seen / max(elapsed, 1e-9)
 
 
 @torch.inference_mode()
 def evaluate(
-    model: nn.Module,
-    criterion: nn.Module,
-    data: Batches,
-    device: torch.device,
-    amp: bool,
-    class_values: torch.Tensor,
-    hook: Any = None,
-    cluster: Cluster = SINGLE,
-    decoding: str = "mode",
-    scored_classes: torch.Tensor | None = None,
+    training: Training, runtime: Runtime, data: Batches, scored: Data, *, decoding: str = "mode"
 ) -> tuple[float, float, float]:
-    """Mean loss, accuracy and RMSE of the predicted count (over every process's part in a data-parallel run);
-    with ``scored_classes``, predicted among those classes alone (their probabilities renormalized)."""
+    """Mean loss, accuracy and RMSE of the predicted count of ``training``'s model (unwrapped from its data-parallel
+    wrapper; over every process's part in a data-parallel run); with ``scored.scored_classes``, predicted among
+    those classes alone (their probabilities renormalized)."""
+    model, criterion, device = unwrap(training.trained), training.criterion, runtime.device
+    class_values, scored_classes = scored.class_values, scored.scored_classes
     model.eval()
-    set_hook_mode(hook, "EVAL")
+    set_hook_mode(training.hook, "EVAL")
     total_loss, correct, squared, seen = 0.0, 0, 0.0, 0
     for images, labels in data:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=runtime.amp):
             outputs = model(images)
             loss = criterion(outputs, labels)
         predicted = predict_classes(outputs, decoding, scored_classes)
@@ -138,7 +169,9 @@ def evaluate(
         correct += (predicted == labels).sum().item()
         squared += ((class_values[predicted] - class_values[labels]) ** 2).sum().item()
         seen += labels.shape[0]
-    total_loss, correct, squared, seen = sum_over_processes([total_loss, correct, squared, seen], device, cluster)
+    total_loss, correct, squared, seen = sum_over_processes(
+        [total_loss, correct, squared, seen], device, runtime.cluster
+    )
     return total_loss / seen, correct / seen, math.sqrt(squared / seen)
 
 

@@ -26,6 +26,7 @@ def model_info(
     classes: list[int | str],
     image_size: int,
     hyperparameters: dict[str, Any] | None = None,
+    *,
     metrics: dict[str, Any] | None = None,
     head: str = "linear",
     decoding: str = "mode",

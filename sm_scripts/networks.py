@@ -156,7 +156,8 @@ def predict_classes(logits: torch.Tensor, decoding: str = "mode", among: torch.T
     """The class index each row of ``logits`` predicts. ``mode``: the most probable class (argmax).
     ``median``: the first class, in count order, where the cumulative probability reaches 1/2; the
     classes are ordered counts, so it is the prediction with the least expected absolute error, and it
-    reaches every count where an ordinal head's mode skips the middle ones (README: model quality).
+    reaches every count where an ordinal head's mode skips the middle ones (docs/BENCHMARKS.md: "Model quality
+    on the real sample").
     With ``among`` (class indexes), the prediction is one of those, their probabilities renormalized: a
     model that also knows counts 0 and 6+ scored on the counts 1-5 a channel holds."""
     if among is not None:

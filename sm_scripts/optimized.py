@@ -7,7 +7,7 @@ takes the same normalized float batch as the eager network and answers the same 
 
 OpenVINO int8 was chosen by measurement on the project's CPUs (AVX-512 VNNI; ResNet-50 at 224 px,
 2 threads, real ABID photos): about 3.5x the eager forward at batch 1, where OpenVINO fp32 gave
-1.6x and ONNX Runtime fp32 less than eager (README, "Optimized model"). Anything that stops the
+1.6x and ONNX Runtime fp32 less than eager (docs/BENCHMARKS.md, "Optimized model"). Anything that stops the
 optimized form from serving here (another runtime named, OpenVINO missing or too old, a corrupt
 file, a wrong output shape) raises :class:`OptimizedModelUnavailable` with the reason, and
 ``inference.model_fn`` serves the eager network instead.
@@ -63,7 +63,7 @@ def load_optimized(model_dir: Path | str, info: dict[str, Any], threads: int) ->
     checked on one blank image before it is returned, so a file that reads but cannot run is
     refused here and not on the first request.
 
-    Settings, measured (ResNet-50 int8, 224 px, 2 cores; README, "Optimized model"): OpenVINO's
+    Settings, measured (ResNet-50 int8, 224 px, 2 cores; docs/BENCHMARKS.md, "Optimized model"): OpenVINO's
     throughput hint (one stream per core, one thread each) with the batch split into one image per
     infer request gave 56-63 images/s where one batch-of-8 call under the latency hint gave 33-51
     and eight batch-1 calls 21-46. The host still micro-batches requests (up to 8, 5 ms): a batch

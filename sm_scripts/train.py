@@ -31,7 +31,6 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -57,11 +56,19 @@ from sm_scripts.distributed import (
     leave_cluster,
     local_batch_size,
     shard_order,
-    unwrap,
     wrap,
 )
 from sm_scripts.errors import TrainingError
-from sm_scripts.loop import Progress, backbone_features, evaluate, seed_everything, train_one_epoch
+from sm_scripts.loop import (
+    Data,
+    Progress,
+    Runtime,
+    Training,
+    backbone_features,
+    evaluate,
+    seed_everything,
+    train_one_epoch,
+)
 from sm_scripts.metric_format import format_epoch_line
 from sm_scripts.model_dir import model_info, write_model_dir
 from sm_scripts.monitoring import StepTimes, make_debugger_hook, profiler_summary, start_profiler
@@ -69,47 +76,6 @@ from sm_scripts.networks import ARCHS, DECODINGS, HEADS, NORMALIZATION, build_mo
 from sm_scripts.preprocessing import channel_values
 
 CHANNELS = ("train", "valid", "test")
-
-
-@dataclass
-class Runtime:
-    """Where the run computes: the device, mixed precision on or off, CPU threads, and this process's
-    place among data-parallel processes (``sm_scripts/distributed.py``)."""
-
-    device: torch.device
-    amp: bool
-    threads: int
-    cluster: Cluster
-
-
-@dataclass
-class Data:
-    """The class folders' names, each class's count, the cached images to fit on and to score, and the
-    classes scored: those the scored channel holds (a model trained on counts 0 and 6+ as well is kept
-    for its accuracy on the counts 1-5 that valid holds), or None for all."""
-
-    classes: list[str]
-    class_values: torch.Tensor
-    train: ImageCache
-    eval: ImageCache
-    scored_classes: torch.Tensor | None = None
-
-
-@dataclass
-class Training:
-    """What the epochs run: ``model`` holds the weights; ``trained`` is what each step calls (the model,
-    its compiled wrapper, or the head alone on cached backbone features)."""
-
-    model: nn.Module
-    trained: nn.Module
-    criterion: nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler | None
-    generator: torch.Generator
-    mean: torch.Tensor
-    std: torch.Tensor
-    hook: Any = None
-    profiler: torch.profiler.profile | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,7 +228,18 @@ def build_training(
     output_dir.mkdir(parents=True, exist_ok=True)
     cuda = runtime.device.type == "cuda"
     profiler = start_profiler(output_dir / "profiler", args.profile_steps, cuda) if args.profile and main else None
-    return Training(model, trained, criterion, optimizer, scheduler, generator, mean, std, hook, profiler)
+    return Training(
+        model=model,
+        trained=trained,
+        criterion=criterion,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        generator=generator,
+        mean=mean,
+        std=std,
+        hook=hook,
+        profiler=profiler,
+    )
 
 
 def resume(
@@ -307,34 +284,12 @@ def run_epoch(
         order=shard_order(len(data.train), epoch, args.seed, cluster) if cluster.distributed else None,
     )
     train_loss, train_acc, ips = train_one_epoch(
-        t.trained,
-        t.criterion,
-        t.optimizer,
-        train_data,
-        device,
-        runtime.amp,
-        times,
-        t.hook,
-        t.profiler,
-        args.log_interval,
-        cluster,
-        args.decoding,
+        t, runtime, train_data, times, log_interval=args.log_interval, decoding=args.decoding
     )
     average_buffers(t.model, cluster)  # every process now holds the same weights
     order = eval_order(len(data.eval), cluster) if cluster.distributed else None
     eval_data = batches(data.eval, args.eval_batch_size, device, t.mean, t.std, shuffle=False, order=order)
-    eval_loss, eval_acc, eval_rmse = evaluate(
-        unwrap(t.trained),
-        t.criterion,
-        eval_data,
-        device,
-        runtime.amp,
-        data.class_values,
-        t.hook,
-        cluster,
-        args.decoding,
-        data.scored_classes,
-    )
+    eval_loss, eval_acc, eval_rmse = evaluate(t, runtime, eval_data, data, decoding=args.decoding)
     if t.scheduler is not None:
         t.scheduler.step()
     return {
@@ -428,7 +383,9 @@ def write_outputs(
     (output_dir / "history.json").write_text(json.dumps(progress.history, indent=2))
     hyperparameters = {k.replace("_", "-"): v for k, v in vars(args).items() if not k.endswith("_dir")}  # flag spelling
     classes = [int(c) if c.isdigit() else c for c in data.classes]
-    info = model_info(args.arch, classes, args.image_size, hyperparameters, metrics, args.head, args.decoding)
+    info = model_info(
+        args.arch, classes, args.image_size, hyperparameters, metrics=metrics, head=args.head, decoding=args.decoding
+    )
     write_model_dir(Path(args.model_dir), progress.best["state"], info)
     print(f"model written to {args.model_dir}", flush=True)
     # Last metric line: the kept epoch's, so a tuner reading final values scores the kept model.

@@ -109,7 +109,18 @@ def test_batches_over_two_mapped_channels_match_batches_over_them_in_memory(chan
     in_memory = ImageCache(torch.cat(mapped.parts), mapped.labels, mapped.files)
     mean, std = channel_values([0.5, 0.4, 0.3]), channel_values([0.2, 0.2, 0.2])
     drawn = [
-        list(batches(cache, 4, torch.device("cpu"), mean, std, True, "strong", torch.Generator().manual_seed(3)))
+        list(
+            batches(
+                cache,
+                4,
+                torch.device("cpu"),
+                mean,
+                std,
+                True,
+                augmentation="strong",
+                generator=torch.Generator().manual_seed(3),
+            )
+        )
         for cache in (mapped, in_memory)
     ]
     assert len(drawn[0]) == len(drawn[1]) == 8

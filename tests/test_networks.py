@@ -18,8 +18,9 @@ from sm_scripts import inference
 from sm_scripts.checkpoints import rng_states
 from sm_scripts.distributed import Cluster
 from sm_scripts.errors import TrainingError
+from sm_scripts.loop import Training
 from sm_scripts.networks import LITE_SCALING, build_model, lite_module, packaged_weights
-from sm_scripts.train import Training, check_flags, get_args_parser, make_optimizer, resume
+from sm_scripts.train import check_flags, get_args_parser, make_optimizer, resume
 
 SM_SCRIPTS = Path(__file__).resolve().parents[1] / "sm_scripts"
 
@@ -79,7 +80,9 @@ def test_the_backbone_trains_at_the_scaled_lr_and_the_head_at_lr_also_after_a_re
     }
     fresh = build_model(args.arch, 5)
     again, again_scheduler = make_optimizer(args, fresh)
-    training = Training(fresh, fresh, torch.nn.CrossEntropyLoss(), again, again_scheduler, generator, *[None] * 4)
+    training = Training(
+        fresh, fresh, torch.nn.CrossEntropyLoss(), again, again_scheduler, generator, mean=None, std=None
+    )
     resume(args, training, checkpoint, Cluster())
     assert [group["lr"] for group in again.param_groups] == pytest.approx([cosine, cosine * 0.1])
     again_scheduler.step()

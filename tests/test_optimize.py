@@ -21,7 +21,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
 
 from bincount.config import Settings
-from bincount.contracts.serving import EndpointRecord
+from bincount.contracts.serving import EndpointRecord, ServingPath
 from bincount.demo_data import jpeg_bytes, render_bin_image
 from bincount.local.host import HostOptions
 from bincount.local.serving import LocalServingBackend, runtime_client
@@ -309,8 +309,10 @@ def endpoint(optimized: tuple[Optimization, bytes], backend: LocalServingBackend
 def test_the_local_endpoint_serves_the_optimized_model_and_ping_says_so(endpoint: EndpointRecord) -> None:
     ping = httpx.get(f"{endpoint.url}/ping", timeout=10)
     assert ping.status_code == 200 and ping.json()["serving"] == "openvino-int8", ping.text
-    assert endpoint.details["serving"]["path"] == "openvino-int8", "the record (and the endpoint artifact) says so"
-    assert "passed parity" in endpoint.details["serving"]["reason"]
+    assert endpoint.serving and endpoint.serving.path == "openvino-int8", (
+        "the record (and the endpoint artifact) says so"
+    )
+    assert "passed parity" in endpoint.serving.reason
     client = runtime_client(endpoint.url, max_attempts=1)
     image = jpeg_bytes(render_bin_image(4, np.random.default_rng(1), 64))
     answer = client.invoke_endpoint(EndpointName=NAME, Body=image, ContentType="image/jpeg")
@@ -326,10 +328,10 @@ def test_an_endpoint_whose_optimized_form_does_not_load_serves_eager_and_its_rec
     weights.write_bytes(weights.read_bytes()[:1000])
     record = backend.deploy("optimized-fallback", pack_folder(folder, tmp_path / "model.tar.gz").as_uri())
     try:
-        assert record.details["serving"] == {
-            "path": "eager",
-            "reason": "its optimized form did not load on the host: the host's log says why",
-        }
+        assert record.serving == ServingPath(
+            path="eager",
+            reason="its optimized form did not load on the host: the host's log says why",
+        )
         client = runtime_client(record.url, max_attempts=1)
         image = jpeg_bytes(render_bin_image(3, np.random.default_rng(2), 64))
         answer = client.invoke_endpoint(EndpointName=record.name, Body=image, ContentType="image/jpeg")
@@ -383,10 +385,10 @@ def test_an_export_that_fails_keeps_the_eager_model_says_why_and_the_endpoint_se
 
     record = backend.deploy("export-failed", model_uri)
     try:
-        assert record.details["serving"] == {
-            "path": "eager",
-            "reason": "the model has no optimized form (the optimize stage's model-optimization artifact says why)",
-        }
+        assert record.serving == ServingPath(
+            path="eager",
+            reason="the model has no optimized form (the optimize stage's model-optimization artifact says why)",
+        )
         assert httpx.get(f"{record.url}/ping", timeout=10).json()["serving"] == "eager"
     finally:
         backend.delete(record.name)

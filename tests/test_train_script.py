@@ -24,10 +24,10 @@ from bincount.local.training import LocalTrainingBackend
 from bincount.loopback_s3 import LoopbackS3
 from bincount.storage import storage_for
 from sm_scripts import inference
-from sm_scripts.data import augment, square_symmetries
+from sm_scripts.data import ImageCache, augment, square_symmetries
 from sm_scripts.distributed import SINGLE, Cluster, eval_order, local_batch_size, shard_order
 from sm_scripts.errors import TrainingError
-from sm_scripts.loop import evaluate
+from sm_scripts.loop import Data, Runtime, Training, evaluate
 from sm_scripts.metric_format import EPOCH_FIELDS, METRIC_DEFINITIONS, METRIC_NAMES, format_epoch_line, parse_metrics
 from sm_scripts.model_dir import load_network, read_model_info
 from sm_scripts.networks import OrdinalHead, predict_classes
@@ -460,21 +460,24 @@ def test_a_model_knowing_more_counts_than_valid_holds_is_scored_on_valids_counts
     probabilities = torch.tensor([[0.6, 0.1, 0.1, 0.2], [0.1, 0.2, 0.1, 0.6]])  # classes 0, 1, 2, 6
     logits = probabilities.log()
     data = [(logits, torch.tensor([1, 2]))]  # the network is the identity: the "images" are the logits
-    values = torch.tensor([0.0, 1.0, 2.0, 6.0])
-    criterion = torch.nn.CrossEntropyLoss()
-    _, uncut_accuracy, _ = evaluate(torch.nn.Identity(), criterion, data, torch.device("cpu"), False, values)
-    _, accuracy, rmse = evaluate(
-        torch.nn.Identity(),
-        criterion,
-        data,
-        torch.device("cpu"),
-        False,
-        values,
-        None,
-        SINGLE,
-        "median",
-        torch.tensor([1, 2]),
+    identity = torch.nn.Identity()
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    training = Training(
+        identity,
+        identity,
+        torch.nn.CrossEntropyLoss(),
+        optimizer,
+        scheduler=None,
+        generator=torch.Generator(),
+        mean=None,
+        std=None,
     )
+    runtime = Runtime(torch.device("cpu"), False, 1, SINGLE)
+    images = ImageCache(logits, torch.tensor([1, 2]), ["a.jpg", "b.jpg"])
+    scored = Data(["0", "1", "2", "6"], torch.tensor([0.0, 1.0, 2.0, 6.0]), images, images)
+    _, uncut_accuracy, _ = evaluate(training, runtime, iter(data), scored)
+    scored.scored_classes = torch.tensor([1, 2])
+    _, accuracy, rmse = evaluate(training, runtime, iter(data), scored, decoding="median")
     assert uncut_accuracy == 0.0  # 0 and 6 win uncut
     assert accuracy == 0.5 and rmse == pytest.approx(math.sqrt(0.5))  # cut to 1-2: both predict 1 (row 2's 0.2 of 0.3)
 

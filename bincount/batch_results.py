@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import io
 import json
+import tempfile
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 
 import pandas as pd
 
 from bincount.contracts.serving import ERRORS_NAME, IMAGE_SUFFIXES, RESULTS_NAME, BatchTransformError
 from bincount.storage import Storage, join_uri
+
+_ROWS_AT_ONCE = 2000  # results.csv is written this many rows at a time: memory stays flat at any size
 
 
 def image_id(key: str) -> str:
@@ -44,9 +47,14 @@ def relative_keys(storage: Storage, prefix_uri: str, suffixes: tuple[str, ...]) 
 
 
 def results_table(
-    storage: Storage, output_uri: str, keys: list[str], labels: Mapping[str, int] | None, classes: list[int]
+    storage: Storage,
+    output_uri: str,
+    keys: list[str],
+    labels: Mapping[str, int] | None,
+    classes: list[int],
+    pool: ThreadPoolExecutor,
 ) -> pd.DataFrame:
-    """One row per scored image, read back from the ``.out`` files (so reruns see earlier runs too)."""
+    """One row per scored image of ``keys``, read back from the ``.out`` files (so reruns see earlier runs too)."""
 
     def row(key: str) -> dict:
         answer = json.loads(storage.read_bytes(join_uri(output_uri, f"{key}.out")))["predictions"][0]
@@ -59,10 +67,8 @@ def results_table(
             "label": label,
         }
 
-    with ThreadPoolExecutor(max_workers=16) as pool:
-        rows = list(pool.map(row, keys))
     columns = ["id", "key", "predicted_count", *(f"prob_{count}" for count in classes), "label"]
-    table = pd.DataFrame(rows, columns=columns)
+    table = pd.DataFrame(list(pool.map(row, keys)), columns=columns)
     table["label"] = table["label"].astype("Int64")
     table["correct"] = (table["predicted_count"] == table["label"]).astype("boolean")
     return table
@@ -97,15 +103,22 @@ def write_tables(
 
     Returns the results URI, the errors URI (or None) and the accuracy over the images with a known label.
     """
-    table = results_table(storage, output_uri, keys, labels, classes)
-    table["model_version"] = model_version
-    results_uri = join_uri(output_uri, RESULTS_NAME)
-    storage.write_bytes(results_uri, table.to_csv(index=False).encode())
+    known = correct = 0
+    with tempfile.TemporaryDirectory(prefix="batch-results-") as scratch, ThreadPoolExecutor(16) as pool:
+        path = Path(scratch) / RESULTS_NAME
+        with path.open("w", newline="") as handle:
+            for start in range(0, max(len(keys), 1), _ROWS_AT_ONCE):  # one chunk in memory at a time
+                table = results_table(storage, output_uri, keys[start : start + _ROWS_AT_ONCE], labels, classes, pool)
+                table["model_version"] = model_version
+                table.to_csv(handle, index=False, header=start == 0)
+                labelled = table["correct"].dropna()
+                known, correct = known + len(labelled), correct + int(labelled.sum())
+        results_uri = join_uri(output_uri, RESULTS_NAME)
+        storage.upload_file(path, results_uri)
     errors_uri = join_uri(output_uri, ERRORS_NAME)
     if errors:
         storage.write_bytes(errors_uri, pd.DataFrame(errors).to_csv(index=False).encode())
     else:
         storage.delete(errors_uri)  # a rerun that fixed every error leaves none listed
-    known = table.dropna(subset=["label"])
-    accuracy = round(float(known["correct"].mean()), 4) if len(known) else None
+    accuracy = round(correct / known, 4) if known else None
     return results_uri, errors_uri if errors else None, accuracy

@@ -22,6 +22,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from PIL import Image, UnidentifiedImageError
 
@@ -44,6 +45,8 @@ IMAGE_FORMATS = ("JPEG", "PNG")
 MAX_IMAGE_PIXELS = 16_000_000  # as the endpoint's limit (sm_scripts/inference.py): far above any bin photo
 MAX_OBJECT_BYTES = 50_000_000  # one photo; ABID's are tens of kilobytes, so a larger object is not a bin photo
 
+Item = TypeVar("Item")
+Result = TypeVar("Result")
 ProgressCallback = Callable[[int, int], None]
 """Called as ``progress(done, total)`` from the calling thread."""
 
@@ -177,17 +180,18 @@ def _fetch_one(
     return DownloadedImage(image_id=image_id, sha256=hashlib.sha256(data).hexdigest(), size=len(data))
 
 
-def _bounded_map(
-    pool: ThreadPoolExecutor, function: Callable[[str], DownloadedImage], items: Iterable[str], limit: int
-) -> Iterator[tuple[str, Future]]:
-    """Like ``pool.map`` but with at most ``limit`` tasks queued, yielding as they finish."""
-    pending: dict[Future, str] = {}
+def bounded_map(
+    pool: ThreadPoolExecutor, function: Callable[[Item], Result], items: Iterable[Item], limit: int
+) -> Iterator[tuple[Item, Future[Result]]]:
+    """Like ``pool.map`` but with at most ``limit`` tasks queued, yielding ``(item, future)`` as they finish
+    (``pool.map`` submits every item at once: a future per item, held until the end)."""
+    pending: dict[Future[Result], Item] = {}
     for item in items:
-        if len(pending) >= limit:
+        pending[pool.submit(function, item)] = item
+        if len(pending) >= limit:  # a slot frees before the next item is taken
             done, _ = wait(pending, return_when=FIRST_COMPLETED)
             for future in done:
                 yield pending.pop(future), future
-        pending[pool.submit(function, item)] = item
     while pending:
         done, _ = wait(pending, return_when=FIRST_COMPLETED)
         for future in done:
@@ -265,7 +269,7 @@ def _download_locked(
         done = report.already_present
         tick()
         with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="download") as pool:
-            for image_id, future in _bounded_map(pool, fetch, to_fetch, limit=2 * concurrency):
+            for image_id, future in bounded_map(pool, fetch, to_fetch, limit=2 * concurrency):
                 entry = _outcome(image_id, future, report)
                 if entry is not None:
                     record(entry)

@@ -13,6 +13,15 @@ IMAGE_ID = re.compile(r"[0-9A-Za-z_-]{1,128}")
 """What an ABID image id looks like (``00710``, ``103563``); also what makes it safe as a file name."""
 
 
+PRODUCTION_PHOTO_PREFIX = "fb-"
+"""What starts the id of a photo harvested from production (``bincount.feedback.photo_id``); no ABID id does."""
+
+
+def is_production_photo(image_id: str) -> bool:
+    """Whether ``image_id`` names a photo harvested from production rather than one of the dataset's originals."""
+    return image_id.startswith(PRODUCTION_PHOTO_PREFIX)
+
+
 class UnsafeNameError(ValueError):
     """An id or key would leave its folder or prefix; the message names it and what is allowed."""
 

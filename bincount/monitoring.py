@@ -17,6 +17,7 @@ import datetime as dt
 import io
 import json
 import math
+import random
 import tempfile
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -40,6 +41,7 @@ BASELINE_SCHEMA = 1
 FEATURES = ("brightness", "contrast", "width", "height", "mean_r", "mean_g", "mean_b")
 _STATS_PX = 128  # statistics are taken on a reduced decode: cheap, and the same for training and traffic
 _EPS = 1e-4
+MAX_KEPT = 20_000  # latencies and input statistics kept per window: a uniform sample past this
 
 
 class BaselineError(ValueError):
@@ -252,7 +254,9 @@ def _prediction(record: CaptureRecord) -> int | None:
 class TrafficWindow:
     """The running figures of one window of captured requests, built record by record (:meth:`add`): the
     window's records, base64 images included, are never held at once; each image is reduced to its
-    statistics as it is read."""
+    statistics as it is read. Latencies and input statistics are kept for at most :data:`MAX_KEPT` requests
+    each, a uniform sample of the window past that (a seeded reservoir), so memory stays flat in the
+    window's size but for ``identified`` (one id a request that carried one, for live accuracy)."""
 
     requests: int = 0
     model_errors: int = 0
@@ -265,12 +269,28 @@ class TrafficWindow:
     end: dt.datetime | None = None
     problems: list[str] = field(default_factory=list)
     skipped: int = 0
+    timed: int = 0  # requests with a latency (``latencies`` holds a sample of them past MAX_KEPT)
+    measured: int = 0  # requests with input statistics (``features`` holds a sample of them past MAX_KEPT)
+    _draws: random.Random = field(default_factory=lambda: random.Random(0), init=False, repr=False, compare=False)
+
+    def _sample(self, columns: list[list[float]], seen: int, values: list[float]) -> None:
+        """Put the ``seen``-th request's values (from 0; one per column) in a uniform sample of at most MAX_KEPT:
+        appended while the sample is short, then at a random place or not at all (reservoir sampling, algorithm R)."""
+        if seen < MAX_KEPT:
+            for column, value in zip(columns, values, strict=True):
+                column.append(value)
+            return
+        slot = self._draws.randrange(seen + 1)
+        if slot < MAX_KEPT:
+            for column, value in zip(columns, values, strict=True):
+                column[slot] = value
 
     def add(self, record: CaptureRecord) -> None:
         """Count one record: its error, latency, prediction and (whole images only) input statistics."""
         self.requests += 1
         if record.latency_ms is not None:
-            self.latencies.append(record.latency_ms)
+            self._sample([self.latencies], self.timed, [record.latency_ms])
+            self.timed += 1
         kind = error_kind(record)
         if kind != "ok":
             self.model_errors += kind == "model"
@@ -290,8 +310,8 @@ class TrafficWindow:
             values = image_statistics(data)
         except (OSError, ValueError, Image.DecompressionBombError):
             return
-        for name in FEATURES:
-            self.features[name].append(values[name])
+        self._sample([self.features[name] for name in FEATURES], self.measured, [values[name] for name in FEATURES])
+        self.measured += 1
 
     @classmethod
     def read(cls, reader: CaptureReader) -> TrafficWindow:

@@ -71,6 +71,15 @@ class SplitView:
     remembered: int  # ids in the record (after this run), this run's or not
     changed: bool  # split.csv holds a different view than before this run
 
+    def summary(self, dataset_uri: str, seed: int) -> str:
+        """One line saying what the split did: the sizes of the sides, what kept its side and what was placed."""
+        sizes = {side: int(n) for side, n in self.table["split"].value_counts().reindex(list(SPLITS)).items()}
+        return (
+            f"Split {len(self.table)} images {sizes} (seed {seed}) under {dataset_uri}: {self.kept} kept their "
+            f"recorded side, {self.placed} placed anew; the record holds {self.remembered} ids "
+            f"({self.remembered - len(self.table)} not in this run, kept for when they come back)"
+        )
+
 
 def check_fractions(fractions: tuple[float, float, float]) -> None:
     if len(fractions) != 3 or any(f <= 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
@@ -124,18 +133,14 @@ def split_dataset(
         SplitError: the fractions are not three positive shares, or a class ends up missing from a side.
     """
     check_fractions(fractions)
+    ids = [image_id for image_id in manifest if image_id in downloaded]  # columns, not a dict a row: the table's size
     rows = pd.DataFrame(
-        [
-            {
-                "id": image_id,
-                "label": label,
-                "uri": image_uri(source_uri, image_id),
-                "sha256": downloaded[image_id].sha256,
-            }
-            for image_id, label in manifest.items()
-            if image_id in downloaded
-        ],
-        columns=["id", "label", "uri", "sha256"],
+        {
+            "id": pd.Series(ids, dtype=object),
+            "label": pd.Series([manifest[image_id] for image_id in ids], dtype="int64"),
+            "uri": pd.Series([image_uri(source_uri, image_id) for image_id in ids], dtype=object),
+            "sha256": pd.Series([downloaded[image_id].sha256 for image_id in ids], dtype=object),
+        }
     )
     if previous is None:
         previous = pd.DataFrame(columns=PLACEMENT_COLUMNS)

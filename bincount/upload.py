@@ -1,7 +1,8 @@
 """Sync each split to its channel (``<channels>/<split>/<label>/<id>.jpg``), copying only what changed.
 
 A sync also removes what no longer belongs to a channel, so an image that moved to another
-split never stays behind on two sides.
+split never stays behind on two sides. Memory: the channel's listing and the split table (a few hundred
+bytes an image) and at most ``2 * concurrency`` copies in flight, whatever the number of images.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from bincount.download import image_path
+from bincount.download import bounded_map, image_path
 from bincount.storage import ObjectInfo, Storage, file_digest, join_uri, local_path
 
 
@@ -40,17 +41,27 @@ def sync_channels(
     """Make ``channels_uri`` hold exactly the split's images."""
     report = SyncReport(channels_uri=channels_uri)
     existing = {info.uri: info for info in storage.list(channels_uri)}
-    wanted: dict[str, tuple[Path, str]] = {
-        join_uri(channels_uri, row.split, str(row.label), f"{row.id}.jpg"): (image_path(local_dir, row.id), row.sha256)
-        for row in split_table.itertuples()
-    }
-    to_copy = [
-        (source, uri) for uri, (source, sha256) in wanted.items() if not _unchanged(existing.get(uri), source, sha256)
-    ]
-    stale = [uri for uri in existing if uri not in wanted]
+    wanted: set[str] = set()
+
+    def copy_if_changed(row: tuple[str, str, int, str]) -> bool:
+        image_id, split, label, sha256 = row
+        uri = join_uri(channels_uri, split, str(label), f"{image_id}.jpg")
+        source = image_path(local_dir, image_id)
+        if _unchanged(existing.get(uri), source, sha256):
+            return False
+        storage.upload_file(source, uri)
+        return True
+
+    rows = split_table[["id", "split", "label", "sha256"]].itertuples(index=False, name=None)
     with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="upload") as pool:
-        list(pool.map(lambda job: storage.upload_file(*job), to_copy))
-        list(pool.map(storage.delete, stale))
-    report.copied, report.deleted = len(to_copy), len(stale)
-    report.unchanged = len(wanted) - len(to_copy)
+        for (image_id, split, label, _), future in bounded_map(pool, copy_if_changed, rows, 2 * concurrency):
+            wanted.add(join_uri(channels_uri, split, str(label), f"{image_id}.jpg"))
+            if future.result():
+                report.copied += 1
+            else:
+                report.unchanged += 1
+        stale = (uri for uri in existing if uri not in wanted)
+        for _, future in bounded_map(pool, storage.delete, stale, 2 * concurrency):
+            future.result()
+            report.deleted += 1
     return report

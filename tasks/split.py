@@ -12,7 +12,7 @@ from prefect.cache_policies import NO_CACHE
 from bincount.config import Settings
 from bincount.download import DownloadedImage
 from bincount.manifest import Manifest
-from bincount.split import SPLITS, SplitView, record_split
+from bincount.split import SplitView, record_split
 from bincount.storage import storage_for
 from tasks.retry import is_transient
 
@@ -32,17 +32,5 @@ def split_dataset_task(
     view = record_split(
         storage_for(settings), dataset_uri, manifest, downloaded, settings.source_uri, fractions=fractions, seed=seed
     )
-    sizes = view.table["split"].value_counts().reindex(list(SPLITS)).to_dict()
-    logger.info(
-        "Split %d images %s (seed %d) under %s: %d kept their recorded side, %d placed anew; the record holds %d ids "
-        "(%d not in this run, kept for when they come back)",
-        len(view.table),
-        sizes,
-        seed,
-        dataset_uri,
-        view.kept,
-        view.placed,
-        view.remembered,
-        view.remembered - len(view.table),
-    )
+    logger.info("%s", view.summary(dataset_uri, seed))
     return view

@@ -87,3 +87,32 @@ def test_a_pipeline_fed_a_duplicated_set_stops_before_training(prefect_server: N
         state.result()
     assert "00001" in str(caught.value)
     assert not (tmp_path / "artifacts" / "training-jobs").exists()
+
+
+def test_photos_harvested_from_production_are_left_out_of_the_shift_check_and_nothing_else(tmp_path: Path) -> None:
+    table, local = mirror(tmp_path, [1 + n % 5 for n in range(50)])
+    accepted = validate_dataset(table, local, None, ValidationThresholds())
+    darker, dark_local = mirror(tmp_path, [1 + n % 5 for n in range(40)], darken=0.4, seed=1)
+    for row in darker.itertuples():
+        (local / "bin-images" / f"{row.id}.jpg").write_bytes((dark_local / "bin-images" / f"{row.id}.jpg").read_bytes())
+    as_originals = pd.concat([table, darker], ignore_index=True)
+    assert (
+        "brightness KS"
+        in validate_dataset(as_originals, local, accepted.statistics, ValidationThresholds()).failure_message()
+    )
+
+    harvested_ids = {row.id: f"fb-{row.sha256[:32]}" for row in darker.itertuples()}
+    for old, new in harvested_ids.items():
+        (local / "bin-images" / f"{old}.jpg").rename(local / "bin-images" / f"{new}.jpg")
+    with_harvest = pd.concat([table, darker.assign(id=darker.id.map(harvested_ids))], ignore_index=True)
+    report = validate_dataset(with_harvest, local, accepted.statistics, ValidationThresholds())
+    assert report.passed, report.failure_message()
+    (shift,) = [check for check in report.checks if check.check == "shift"]
+    assert "32 training photos harvested from production left out" in shift.message
+    assert report.statistics == accepted.statistics, "the statistics kept for the next version are the originals'"
+
+    (local / "bin-images" / f"{with_harvest.id.iloc[-1]}.jpg").write_bytes(b"not a jpeg")
+    assert (
+        "decodes: 1 images do not decode"
+        in validate_dataset(with_harvest, local, accepted.statistics, ValidationThresholds()).failure_message()
+    ), "every other check still covers harvested photos"

@@ -6,7 +6,10 @@ import io
 import os
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import boto3
@@ -21,6 +24,7 @@ from bincount.download import (
     MAX_OBJECT_BYTES,
     DownloadError,
     Ledger,
+    bounded_map,
     check_image,
     download_images,
     image_path,
@@ -260,3 +264,28 @@ def test_a_body_that_streams_past_the_cap_is_dropped_there() -> None:
         read_capped(body(), "s3://b/bin-images/x.jpg", 4096)
     assert len(pulled) == 5, "at most one chunk beyond the cap is held"
     assert read_capped(iter([b"ab", b"cd"]), "s3://b/k", 4) == b"abcd"
+
+
+def test_bounded_map_reads_its_items_no_further_than_the_limit_ahead() -> None:
+    """10,000 items through 4 threads, limit 8: never more than 8 taken but unfinished, every result once."""
+    taken = finished = most_ahead = 0
+    lock = threading.Lock()
+
+    def items() -> Iterator[int]:
+        nonlocal taken, most_ahead
+        for item in range(10_000):
+            with lock:
+                taken += 1
+                most_ahead = max(most_ahead, taken - finished)
+            yield item
+
+    def square(item: int) -> int:
+        nonlocal finished
+        with lock:
+            finished += 1
+        return item * item
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = {item: future.result() for item, future in bounded_map(pool, square, items(), limit=8)}
+    assert results == {item: item * item for item in range(10_000)}
+    assert most_ahead <= 8, f"{most_ahead} items taken ahead of the results"

@@ -25,12 +25,13 @@ from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFi
 from test_serve_rollout import PHOTOS, overflowing_model_dir
 from waiting import wait_until
 
+from bincount import monitoring
 from bincount.capture import CaptureReader, CaptureWriter, Exchange, capture_prefix, capture_record, parse_record
 from bincount.config import Location, Settings
 from bincount.contracts.registry import DatasetRef, ModelMetrics, ModelVersionSpec
 from bincount.contracts.serving import CaptureConfig, EndpointRecord
 from bincount.demo_data import generate_demo_bucket, jpeg_bytes, render_bin_image
-from bincount.endpoints import EndpointRecords, now_iso, smoke_image
+from bincount.endpoints import EndpointRecords, smoke_image
 from bincount.local.host import HostOptions
 from bincount.local.serving import LocalServingBackend, runtime_client
 from bincount.models import write_untrained_model_dir
@@ -43,7 +44,7 @@ from bincount.monitoring import (
     read_cursor,
     store_baseline,
 )
-from bincount.registry import StorageModelRegistry
+from bincount.registry import StorageModelRegistry, now_iso
 from bincount.storage import Storage
 from flows.monitor import monitor_endpoint
 
@@ -103,7 +104,8 @@ def wait_for_capture(backend: LocalServingBackend, url: str, name: str, count: i
     """The writer is asynchronous: wait until it has written what was sent."""
 
     def captured() -> bool:
-        return (backend._router_status(url, name) or {}).get("capture", {}).get("captured", 0) >= count
+        status = backend._router_status(url, name)
+        return status is not None and status.capture is not None and status.capture.captured >= count
 
     wait_until(captured, what=f"{count} requests to {name} to be captured")
 
@@ -315,6 +317,24 @@ def counted(counts: dict[int, int]) -> TrafficWindow:
             window.add(parse_record(line))
     window.start = window.end = at
     return window
+
+
+def test_a_long_window_keeps_a_bounded_uniform_sample_of_latencies_and_input_statistics(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Past MAX_KEPT requests (here 50), latencies and statistics are a sample of the whole window, not its start."""
+    monkeypatch.setattr(monitoring, "MAX_KEPT", 50)
+    photo = jpeg_bytes(render_bin_image(2, np.random.default_rng(0), size=48))
+    window = TrafficWindow()
+    start = dt.datetime(2026, 11, 30, 10, 0, 0, tzinfo=dt.UTC)
+    for n in range(1000):
+        record = capture_record(exchange(start + dt.timedelta(seconds=n), f"r{n}", photo), 1 << 20)
+        record["eventMetadata"]["bincount"]["latencyMs"] = float(n)  # each request's latency names it
+        window.add(parse_record(json.loads(json.dumps(record))))
+    assert (window.requests, window.timed, window.measured) == (1000, 1000, 1000)
+    assert len(window.latencies) == 50 and all(len(values) == 50 for values in window.features.values())
+    assert len(set(window.latencies)) == 50 and set(window.latencies) <= {float(n) for n in range(1000)}
+    assert sum(latency >= 500 for latency in window.latencies) >= 10, "the later half of the window is sampled"
 
 
 def test_psi_and_chi_square_detect_a_drifted_count_distribution_and_not_an_undrifted_one() -> None:

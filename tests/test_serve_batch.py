@@ -15,6 +15,8 @@ from prefect.artifacts import Artifact
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 from waiting import wait_until
 
+from bincount import batch_results
+from bincount.batch_results import write_tables
 from bincount.config import Location, Settings
 from bincount.contracts.serving import BatchTransformError, BatchTransformSummary
 from bincount.demo_data import jpeg_bytes, render_bin_image
@@ -215,3 +217,21 @@ def test_a_rerun_with_everything_done_says_so_rather_than_zero_scored(
     assert artifact is not None and str(artifact.data).startswith("### Batch transform: all 6 already scored")
     summary = wait_until(lambda: Artifact.get("summary-batch-transform"), what="the run summary")
     assert "| outcome | all 6 already scored: nothing to do |" in str(summary.data), summary.data
+
+
+def test_results_written_a_chunk_at_a_time_are_the_table_written_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``results.csv`` from 11 ``.out`` files, 3 rows at a time, is byte for byte the one-piece table."""
+    storage, output = Storage(), tmp_path / "out"
+    keys = [f"{count}/p{n}.jpg" for n in range(11) for count in [1 + n % 5]]
+    for n, key in enumerate(keys):
+        answer = {"predictions": [{"predicted_count": 1 + n % 3, "probabilities": {str(c): 0.2 for c in range(1, 6)}}]}
+        (output / f"{key}.out").parent.mkdir(parents=True, exist_ok=True)
+        (output / f"{key}.out").write_text(json.dumps(answer))
+    whole = write_tables(storage, output.as_uri(), keys, None, [1, 2, 3, 4, 5], [], "m:1")
+    table = (output / "results.csv").read_bytes()
+    monkeypatch.setattr(batch_results, "_ROWS_AT_ONCE", 3)
+    assert write_tables(storage, output.as_uri(), keys, None, [1, 2, 3, 4, 5], [], "m:1") == whole
+    assert (output / "results.csv").read_bytes() == table
+    assert len(pd.read_csv(output / "results.csv")) == 11 and whole[2] == round(3 / 11, 4)  # ids 0, 1 and 2 right

@@ -133,6 +133,12 @@ def test_a_subset_run_then_the_full_manifest_again_moves_no_id(tmp_path: Path) -
     grown = {f"n{i:04d}": int(rng.integers(1, 6)) for i in range(100)}
     smaller = record_split(storage, dataset, subset | grown, downloaded_for(subset | grown), SOURCE, seed=0)
     assert (smaller.kept, smaller.placed, smaller.remembered) == (len(subset), 100, 1100)
+    sizes = smaller.table["split"].value_counts()
+    assert smaller.summary(dataset, 0) == (
+        f"Split {len(subset) + 100} images {{'train': {sizes['train']}, 'valid': {sizes['valid']}, "
+        f"'test': {sizes['test']}}} (seed 0) under {dataset}: {len(subset)} kept their recorded side, 100 placed "
+        f"anew; the record holds 1100 ids ({1000 - len(subset)} not in this run, kept for when they come back)"
+    )
     assert {i: sides_of(smaller.table)[i] for i in subset} == {i: recorded[i] for i in subset}
     assert read_split(storage, join_uri(dataset, "split.csv"))["id"].tolist() == smaller.table["id"].tolist()
     recorded |= sides_of(smaller.table)

@@ -8,7 +8,9 @@
            {output_uri}/model.json        {"model_version": ...}: the model every .out came from
 
 The model runs in batches on this machine (no HTTP per image); a thread pool reads and decodes
-the next batches while the current one runs through the model. Resumable: an input whose
+the next batches while the current one runs through the model. Memory stays flat in the number of
+images (but for the list of keys): a few batches are read ahead, a few batches of ``.out`` writes are in
+flight, and ``results.csv`` is written a chunk at a time. Resumable: an input whose
 ``.out`` exists is not scored again, and the table is rebuilt from every ``.out``. A resume with
 another model than the one in ``model.json`` is refused (one table never mixes two models);
 ``rescore=True`` scores every image again. An unreadable image, or a key that would lead out of
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -34,6 +37,8 @@ from bincount.ids import UnsafeNameError, check_key
 from bincount.local.batcher import available_cores, prepare_model_thread
 from bincount.storage import ObjectNotFoundError, Storage, StorageError, TransientStorageError, join_uri
 from sm_scripts import inference
+
+_WRITES_IN_FLIGHT = 4  # batches of .out writes queued at most: memory stays flat however many images
 
 
 @dataclass
@@ -97,7 +102,7 @@ def run_batch_transform(
     ):
         model = model_thread.submit(inference.model_fn, str(model_dir)).result()
         started = time.perf_counter()
-        writes: list[Future] = []
+        writes: deque[Future] = deque()  # in flight; a failed write raises when collected: the transform is not done
         for batch in _prefetched_batches(pool, load, pending, batch_size):
             good = [item for item in batch if item.pixels is not None]
             errors.extend({"key": item.key, "error": item.error or ""} for item in batch if item.pixels is None)
@@ -105,11 +110,11 @@ def run_batch_transform(
                 pixels = torch.cat([item.pixels for item in good])
                 predictions = model_thread.submit(inference.forward, pixels, model).result()
                 writes.extend(pool.submit(write, item.key, p) for item, p in zip(good, predictions, strict=True))
+            _collect(writes, keep=_WRITES_IN_FLIGHT * batch_size)
             finished += len(batch)
             if progress:
                 progress(finished, len(keys))
-        for future in writes:
-            future.result()  # a failed write raises here: the transform is not done
+        _collect(writes, keep=0)
     seconds = time.perf_counter() - started
     scored = len(pending) - (len(errors) - len(unsafe))
 
@@ -133,6 +138,13 @@ def run_batch_transform(
         accuracy=accuracy,
         errors=errors,
     )
+
+
+def _collect(writes: deque[Future], keep: int) -> None:
+    """Collect the finished writes, and wait for the oldest until at most ``keep`` are in flight (a failed write
+    raises here: the transform is not done)."""
+    while writes and (writes[0].done() or len(writes) > keep):
+        writes.popleft().result()
 
 
 def _unsafe_keys(keys: list[str]) -> list[dict[str, str]]:
@@ -177,11 +189,10 @@ def _prefetched_batches(
     pool: ThreadPoolExecutor, load: Callable[[str], _Loaded], keys: list[str], batch_size: int, ahead: int = 2
 ) -> Iterator[list[_Loaded]]:
     """Batches of loaded images, with up to ``ahead`` more batches loading in ``pool`` meanwhile."""
-    chunks = [keys[start : start + batch_size] for start in range(0, len(keys), batch_size)]
-    queued: list[list[Future]] = []
-    for chunk in chunks:
-        queued.append([pool.submit(load, key) for key in chunk])
+    queued: deque[list[Future]] = deque()
+    for start in range(0, len(keys), batch_size):
+        queued.append([pool.submit(load, key) for key in keys[start : start + batch_size]])
         if len(queued) > ahead:
-            yield [future.result() for future in queued.pop(0)]
+            yield [future.result() for future in queued.popleft()]
     for futures in queued:
         yield [future.result() for future in futures]

@@ -59,7 +59,8 @@ def main(args: argparse.Namespace) -> None:
                     f"p99 {result['p99_ms']:6.0f} ms  errors {result['errors']}",
                     flush=True,
                 )
-        stats = backend._router_status(endpoints["on"].url, "bench-on")["capture"]
+        status = backend._router_status(endpoints["on"].url, "bench-on")
+        stats = status.capture if status is not None else None
         for record in endpoints.values():
             backend.delete(record.name)
         captured = read_capture(Storage(), capture_prefix(settings.artifact_root, "bench-on"))

@@ -96,9 +96,10 @@ def main(args: argparse.Namespace) -> None:
             )
             record = backend.deploy(one.name, second.as_uri(), strategy=strategy)
             loader.join()
-            rollout = record.details["rollout"]
+            rollout = record.rollout
+            assert rollout is not None
             summary.append(
-                f"canary 20% for {args.bake:.0f} s under 8 clients: {rollout['verdict']} ({rollout['reason']}); "
+                f"canary 20% for {args.bake:.0f} s under 8 clients: {rollout.verdict} ({rollout.reason}); "
                 f"{canary['req_s']:.1f} req/s over the whole run, {canary['errors']:.0f} failed requests"
             )
             print("\n" + "\n".join(summary))

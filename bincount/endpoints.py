@@ -6,16 +6,23 @@ endpoint the same way whichever backend serves it.
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 
 from bincount.config import Settings
 from bincount.contracts.naming import check_endpoint_name
-from bincount.contracts.serving import CaptureConfig, EndpointRecord, RolloutStrategy, ScalingConfig
+from bincount.contracts.serving import (
+    CaptureConfig,
+    EndpointRecord,
+    RolloutStrategy,
+    RolloutTest,
+    ScalingConfig,
+    ShadowReport,
+    TrafficStats,
+)
 from bincount.demo_data import jpeg_bytes, render_bin_image
 from bincount.stats import POWER, ErrorRateTest, error_rate_test, two_proportion_sample_size
 from bincount.storage import ObjectNotFoundError, Storage
@@ -53,10 +60,6 @@ class EndpointRecords:
         )
 
 
-def now_iso() -> str:
-    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-
-
 def smoke_image(image_size: int) -> bytes:
     """A synthetic bin photo (two items) at the model's size, to check a new model end to end."""
     return jpeg_bytes(render_bin_image(2, np.random.default_rng(0), size=max(image_size, 32)))
@@ -64,14 +67,12 @@ def smoke_image(image_size: int) -> bytes:
 
 def recorded_capture(record: EndpointRecord | None) -> CaptureConfig:
     """The capture setting an endpoint was last deployed with (off for a new one)."""
-    recorded = record.details.get("capture") if record else None
-    return CaptureConfig(**recorded) if recorded else CaptureConfig()
+    return (record.capture if record else None) or CaptureConfig()
 
 
 def recorded_scaling(record: EndpointRecord | None) -> ScalingConfig:
-    """The scaling an endpoint was last deployed with (one replica for a new one)."""
-    recorded = record.details.get("scaling") if record else None
-    return ScalingConfig(**recorded) if recorded else ScalingConfig()
+    """The scaling an endpoint was last deployed with (one replica for a new one, or one deployed without any)."""
+    return (record.scaling if record else None) or ScalingConfig()
 
 
 ERROR_ALPHA = 0.05  # a new model whose error rate is higher at this level is rolled back (one-sided)
@@ -88,15 +89,9 @@ class RolloutCheck:
     errors: ErrorRateTest
     needed: tuple[int, int]
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "verdict": self.verdict,
-            "test": self.errors.test,
-            "p_value": self.errors.p_value,
-            "alpha": ERROR_ALPHA,
-            "power": POWER,
-            "needed": {"new": self.needed[0], "current": self.needed[1]},
-        }
+    def summary(self) -> RolloutTest:
+        """What a rollout step or a shadow report keeps of it."""
+        return RolloutTest(self.verdict, self.errors.test, self.errors.p_value, ERROR_ALPHA, POWER, *self.needed)
 
 
 def needed_requests(strategy: RolloutStrategy, current_rate: float, ratio: float) -> tuple[int, int]:
@@ -113,9 +108,9 @@ def needed_requests(strategy: RolloutStrategy, current_rate: float, ratio: float
 
 
 def judge_rollout(
-    current: dict[str, Any], new: dict[str, Any], strategy: RolloutStrategy, ratio: float, arm: str = "new model"
+    current: TrafficStats, new: TrafficStats, strategy: RolloutStrategy, ratio: float, arm: str = "new model"
 ) -> RolloutCheck:
-    """Judge a canary step or a shadow from both variants' ``requests``, ``errors`` and ``p99_ms``; ``ratio``:
+    """Judge a canary step or a shadow from both variants' traffic; ``ratio``:
     the current model's requests per new-model request the routing plans (a 10% canary: 9).
 
     Errors fail the new model as soon as Fisher's exact test finds its rate higher at ``ERROR_ALPHA``, at any
@@ -123,48 +118,54 @@ def judge_rollout(
     model kept longer. It passes only past the minimum sample (:func:`needed_requests`); latency is compared
     only there too, as a p99 of a few requests is one request's latency.
     """
-    errors = error_rate_test(current["errors"], current["requests"], new["errors"], new["requests"])
-    rate = current["errors"] / current["requests"] if current["requests"] else 0.0
-    needed = needed_requests(strategy, rate, ratio)
+    errors = error_rate_test(current.errors, current.requests, new.errors, new.requests)
+    needed = needed_requests(strategy, current.error_rate, ratio)
     figures = f"{errors.test} p={errors.p_value:.3g}"
     if errors.p_value < ERROR_ALPHA:
         return RolloutCheck("fail", f"{errors.counts()}: higher by {figures} < {ERROR_ALPHA}", errors, needed)
-    if new["requests"] < needed[0] or current["requests"] < needed[1]:
+    if new.requests < needed[0] or current.requests < needed[1]:
         reason = (
-            f"only {new['requests']} requests reached the {arm} ({needed[0]} needed, and {needed[1]} on the current "
+            f"only {new.requests} requests reached the {arm} ({needed[0]} needed, and {needed[1]} on the current "
             f"model, for Fisher's test to see +{strategy.max_error_rate_increase:.1%} errors with power {POWER})"
         )
         return RolloutCheck("wait", reason, errors, needed)
-    old_p99, new_p99 = current["p99_ms"], new["p99_ms"]
+    old_p99, new_p99 = current.p99_ms, new.p99_ms
     if old_p99 and new_p99 and new_p99 > strategy.max_latency_ratio * old_p99:
         reason = (
             f"its p99 latency {new_p99:.0f} ms is over x{strategy.max_latency_ratio} the current {old_p99:.0f} ms "
-            f"({new['requests']} and {current['requests']} requests, past the minimum of {needed[0]} and {needed[1]})"
+            f"({new.requests} and {current.requests} requests, past the minimum of {needed[0]} and {needed[1]})"
         )
         return RolloutCheck("fail", reason, errors, needed)
     reason = (
-        f"{errors.counts()}, not higher ({figures}); {new['requests']} and {current['requests']} requests, past the "
+        f"{errors.counts()}, not higher ({figures}); {new.requests} and {current.requests} requests, past the "
         f"{needed[0]} and {needed[1]} that see +{strategy.max_error_rate_increase:.1%} errors with power {POWER}; "
         f"p99 within x{strategy.max_latency_ratio}"
     )
     return RolloutCheck("pass", reason, errors, needed)
 
 
-def shadow_verdict(current: dict[str, Any], shadow: dict[str, Any], strategy: RolloutStrategy) -> dict[str, Any]:
-    """Whether to promote a shadow, from both variants' ``requests``, ``errors`` and ``p99_ms`` and the shadow's
-    ``compared``/``agreed`` counts: the rule of a canary step (:func:`judge_rollout`), the shadow's arm being the
-    ``traffic_percent`` of requests it gets a copy of. Agreement is reported, not judged: a better model disagrees
-    exactly where the current one is wrong."""
-    compared, agreed = shadow.get("compared", 0), shadow.get("agreed", 0)
+def shadow_verdict(
+    current: TrafficStats,
+    shadow: TrafficStats,
+    strategy: RolloutStrategy,
+    compared: int = 0,
+    agreed: int = 0,
+    skipped: int = 0,
+    since: str | None = None,
+) -> ShadowReport:
+    """Whether to promote a shadow, from both variants' traffic and how many of the shadow's counts were
+    ``compared`` with the current model's (``agreed``): the rule of a canary step (:func:`judge_rollout`), the
+    shadow's arm being the ``traffic_percent`` of requests it gets a copy of. Agreement is reported, not judged: a
+    better model disagrees exactly where the current one is wrong."""
     check = judge_rollout(current, shadow, strategy, 100 / strategy.traffic_percent, arm="shadow")
-    return {
-        "requests": {"current": current["requests"], "shadow": shadow["requests"]},
-        "errors": {"current": current["errors"], "shadow": shadow["errors"]},
-        "p99_ms": {"current": current["p99_ms"], "shadow": shadow["p99_ms"]},
-        "compared": compared,
-        "agreement": agreed / compared if compared else None,
-        "skipped": shadow.get("skipped", 0),
-        "test": check.to_dict(),
-        "promote": check.verdict == "pass",
-        "reason": check.reason,
-    }
+    return ShadowReport(
+        current=current,
+        shadow=shadow,
+        compared=compared,
+        agreement=agreed / compared if compared else None,
+        skipped=skipped,
+        promote=check.verdict == "pass",
+        reason=check.reason,
+        test=check.summary(),
+        since=since,
+    )

@@ -15,7 +15,6 @@ the endpoint's artifact with its variants, traffic weights and replicas.
 from __future__ import annotations
 
 import re
-from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
@@ -30,12 +29,15 @@ from bincount.contracts.serving import (
     DeployError,
     EndpointNotFoundError,
     EndpointRecord,
+    Rollout,
+    RolloutStep,
     RolloutStrategy,
     ScalingConfig,
     check_answer,
 )
-from bincount.endpoints import now_iso, recorded_capture, recorded_scaling, smoke_image
+from bincount.endpoints import recorded_capture, recorded_scaling, smoke_image
 from bincount.factory import get_serving_backend
+from bincount.registry import now_iso
 from bincount.storage import storage_for
 
 
@@ -50,19 +52,15 @@ def publish_endpoint(
     """The endpoint's artifact (stable key per endpoint): what it serves, where, whether it still does, its data
     capture, variants, traffic weights and replicas, the last rollout's verdict and steps, and ``monitor``: the last
     monitor verdict (the monitor flow republishes it)."""
-    capture = record.details.get("capture")
-    capturing = (
-        f"{capture['sampling_percentage']}% of requests to `{record.details.get('capture_uri')}`" if capture else "off"
-    )
-    scaling = record.details.get("scaling")
-    replicas = record.details.get("replicas", "-")
-    if scaling and scaling["max_replicas"] > scaling["min_replicas"]:
-        replicas = (
-            f"{replicas} (autoscaling {scaling['min_replicas']}-{scaling['max_replicas']} at "
-            f"{scaling['target_in_flight']} in flight per replica)"
+    capture, scaling = record.capture, record.scaling
+    capturing = f"{capture.sampling_percentage}% of requests to `{record.capture_uri}`" if capture else "off"
+    replicas = "-" if record.replicas is None else str(record.replicas)
+    if scaling and scaling.autoscaling:
+        replicas += (
+            f" (autoscaling {scaling.min_replicas}-{scaling.max_replicas} at "
+            f"{scaling.target_in_flight} in flight per replica)"
         )
-    serving = record.details.get("serving")
-    serving = f"`{serving['path']}`: {serving['reason']}" if serving else "-"
+    serving = f"`{record.serving.path}`: {record.serving.reason}" if record.serving else "-"
     create_markdown_artifact(
         key=endpoint_artifact_key(record.name),
         markdown=(
@@ -78,7 +76,7 @@ def publish_endpoint(
             f"| serving | {serving} |\n"
             f"| data capture | {capturing} |\n"
             f"| last monitor verdict | {monitor} |\n\n"
-            f"{variants_markdown(record)}{rollout_markdown(record.details.get('rollout'))}"
+            f"{variants_markdown(record)}{rollout_markdown(record.rollout)}"
             f"Invoke it with a photo at `photo.jpg` (this runs as shown):\n\n```python\n{invoke_snippet(record)}\n```"
             f"\n\n{note}"
         ),
@@ -110,62 +108,59 @@ def invoke_snippet(record: EndpointRecord, photo: str = "photo.jpg") -> str:
 
 def variants_markdown(record: EndpointRecord) -> str:
     """The variants the endpoint runs, their share of requests and replicas (empty when not recorded)."""
-    variants = record.details.get("variants")
-    if not variants:
+    if not record.variants:
         return ""
     rows = ""
-    for variant in variants:
-        traffic = f"{variant['weight']}%"
-        if variant.get("shadow_percent"):
-            traffic += f" (shadow: a copy of {variant['shadow_percent']}%)"
-        rows += f"| `{variant['id']}` | `{variant.get('model_ref') or '-'}` | {traffic} | {variant['replicas']} |\n"
+    for variant in record.variants:
+        traffic = f"{variant.weight}%"
+        if variant.shadow_percent:
+            traffic += f" (shadow: a copy of {variant.shadow_percent}%)"
+        replicas = "-" if variant.replicas is None else variant.replicas
+        rows += f"| `{variant.id}` | `{variant.model_ref or '-'}` | {traffic} | {replicas} |\n"
     return f"#### Variants\n\n| variant | model version | traffic | replicas |\n|---|---|---|---|\n{rows}\n"
 
 
-def rollout_markdown(rollout: dict[str, Any] | None) -> str:
+def rollout_markdown(rollout: Rollout | None) -> str:
     """The last rollout: strategy, verdict and reason, and its steps with their metrics."""
-    if not rollout:
+    if rollout is None:
         return ""
-    strategy = rollout["strategy"]
-    shape = strategy["kind"]
+    strategy = rollout.strategy
+    shape = strategy.kind
     if shape != "all-at-once":
-        shape += f" {strategy['traffic_percent']}%, bake {strategy['bake_seconds']} s"
+        shape += f" {strategy.traffic_percent}%, bake {strategy.bake_seconds} s"
     rows = "".join(
-        f"| {step['at']} | {step['action']} | {step['percent']}% | {step.get('verdict', '')} "
-        f"| {step.get('reason', '')} | {_step_metrics(step.get('metrics'))} |\n"
-        for step in rollout.get("steps", [])
+        f"| {step.at} | {step.action} | {step.percent}% | {step.verdict or ''} "
+        f"| {step.reason or ''} | {_step_metrics(step)} |\n"
+        for step in rollout.steps
     )
     return (
-        f"#### Last rollout: {shape}: **{rollout['verdict']}**\n\n{rollout['reason']}\n\n"
+        f"#### Last rollout: {shape}: **{rollout.verdict}**\n\n{rollout.reason}\n\n"
         f"| at | step | new model's share | verdict | reason | metrics |\n|---|---|---|---|---|---|\n{rows}\n"
     )
 
 
-def _step_metrics(metrics: dict[str, Any] | None) -> str:
-    if not metrics or "current" not in metrics:
-        return ""
+def _step_metrics(step: RolloutStep) -> str:
     parts = []
-    for role in ("current", "candidate", "shadow"):
-        if isinstance(metrics.get(role), dict) and "requests" in metrics[role]:
-            m = metrics[role]
-            p99 = f"{m['p99_ms']:.0f} ms" if m.get("p99_ms") is not None else "-"
-            parts.append(f"{role}: {m['requests']} req, {m['errors']} err, p99 {p99}")
+    for role, traffic in (("current", step.current), ("new", step.candidate)):
+        if traffic is not None:
+            p99 = f"{traffic.p99_ms:.0f} ms" if traffic.p99_ms is not None else "-"
+            parts.append(f"{role}: {traffic.requests} req, {traffic.errors} err, p99 {p99}")
     return "; ".join(parts)
 
 
 def emit_rollout_events(record: EndpointRecord, steps_from: int = 0) -> None:
     """``bincount.endpoint.rollout.step`` for each step of the record's last rollout from ``steps_from``, then
     ``bincount.endpoint.rollout.<verdict>`` (and ``.shadow-report`` when it carries one)."""
-    rollout = record.details.get("rollout")
-    if not rollout:
+    rollout = record.rollout
+    if rollout is None:
         return
     resource = {"prefect.resource.id": f"bincount.endpoint.{record.name}", "prefect.resource.name": record.name}
-    for step in rollout.get("steps", [])[steps_from:]:
-        emit_event(event="bincount.endpoint.rollout.step", resource=resource, payload=step)
-    if "report" in rollout:
-        emit_event(event="bincount.endpoint.rollout.shadow-report", resource=resource, payload=rollout["report"])
-    payload = {"verdict": rollout["verdict"], "reason": rollout["reason"], "model_version": record.model_ref}
-    emit_event(event=f"bincount.endpoint.rollout.{rollout['verdict']}", resource=resource, payload=payload)
+    for step in rollout.steps[steps_from:]:
+        emit_event(event="bincount.endpoint.rollout.step", resource=resource, payload=step.to_dict())
+    if rollout.report is not None:
+        emit_event(event="bincount.endpoint.rollout.shadow-report", resource=resource, payload=rollout.report.to_dict())
+    payload = {"verdict": rollout.verdict, "reason": rollout.reason, "model_version": record.model_ref}
+    emit_event(event=f"bincount.endpoint.rollout.{rollout.verdict}", resource=resource, payload=payload)
 
 
 def already_serves(
@@ -177,11 +172,10 @@ def already_serves(
 ) -> bool:
     """Whether deploying ``model_uri`` (``model_ref``) to the endpoint ``record`` describes would change nothing: the
     same model already takes every request (no shadow or canary beside it), with the capture and scaling asked."""
-    rollout = record.details.get("rollout") or {}
     return (
         (record.model_uri, record.model_ref) == (model_uri, model_ref or record.model_ref)
-        and rollout.get("verdict") != "shadowing"
-        and len(record.details.get("variants") or []) <= 1
+        and record.shadow is None
+        and len(record.variants) <= 1
         and capture_percentage in (None, recorded_capture(record).sampling_percentage)
         and scaling in (None, recorded_scaling(record))
     )
@@ -232,14 +226,14 @@ def deploy_endpoint_task(
     capture = None if capture_percentage is None else CaptureConfig(sampling_percentage=capture_percentage)
     record = backend.deploy(endpoint_name, model_uri, model_ref, capture, strategy, scaling)
     emit_rollout_events(record)
-    rollout = record.details.get("rollout") or {}
-    if rollout.get("verdict") == "rolled-back":
-        publish_endpoint(record, note=f"The rollout of {model_ref or model_uri} was rolled back: {rollout['reason']}")
+    rollout = record.rollout
+    if rollout is not None and rollout.verdict == "rolled-back":
+        publish_endpoint(record, note=f"The rollout of {model_ref or model_uri} was rolled back: {rollout.reason}")
         raise DeployError(
-            f"the {rollout['strategy']['kind']} of {model_ref or model_uri} on endpoint {endpoint_name!r} was rolled "
-            f"back by itself: {rollout['reason']}; {record.model_ref or record.version} still serves every request"
+            f"the {rollout.strategy.kind} of {model_ref or model_uri} on endpoint {endpoint_name!r} was rolled "
+            f"back by itself: {rollout.reason}; {record.model_ref or record.version} still serves every request"
         )
-    if rollout.get("verdict") == "shadowing":
+    if record.shadow is not None:
         logger.info(
             "%s shadows %s on endpoint %r; `bincount endpoints promote-shadow %s` (or stop-shadow) ends it",
             model_ref or model_uri,
@@ -258,15 +252,16 @@ def restore_previous_endpoint(txn: Transaction) -> None:
     """Undo a deploy: the previous model back on the endpoint, or no endpoint if there was none."""
     settings = Settings.load(**txn.get("settings"))
     name: str = txn.get("endpoint_name")
-    previous = txn.get("previous")
+    recorded = txn.get("previous")
     backend = get_serving_backend(settings)
-    if previous is None:
+    if recorded is None:
         backend.delete(name)
         return
-    if backend.describe(name).model_uri == previous["model_uri"]:  # a canary already rolled back: it still serves
+    previous = EndpointRecord.from_dict(recorded)
+    if backend.describe(name).model_uri == previous.model_uri:  # a canary already rolled back: it still serves
         return
-    record = backend.deploy(name, previous["model_uri"], previous.get("model_ref"))
-    replaced = previous.get("model_ref") or previous["version"]
+    record = backend.deploy(name, previous.model_uri, previous.model_ref)
+    replaced = previous.model_ref or previous.version
     publish_endpoint(record, note=f"Rolled back: the deploy that replaced version {replaced} failed its checks.")
 
 
@@ -338,16 +333,16 @@ def end_shadow_task(settings: Settings, endpoint_name: str, promote: bool) -> En
     and in the events."""
     logger = get_run_logger()
     backend = get_serving_backend(settings)
-    steps_before = len((backend.describe(endpoint_name).details.get("rollout") or {}).get("steps", []))
+    before = backend.describe(endpoint_name).rollout
     record = backend.promote_shadow(endpoint_name) if promote else backend.stop_shadow(endpoint_name)
-    emit_rollout_events(record, steps_before)
-    report = record.details.get("rollout", {}).get("report", {})
+    emit_rollout_events(record, len(before.steps) if before else 0)
+    report = record.rollout.report if record.rollout else None
     logger.info(
         "Shadow on %r %s (agreement %s, its report advised %s)",
         endpoint_name,
         "promoted" if promote else "stopped",
-        report.get("agreement"),
-        "promoting" if report.get("promote") else "not promoting",
+        report.agreement if report else None,
+        "promoting" if report and report.promote else "not promoting",
     )
     publish_endpoint(record)
     return record

@@ -20,7 +20,7 @@ from bincount.capture import CaptureReader, capture_prefix
 from bincount.config import Settings
 from bincount.contracts.registry import parse_reference
 from bincount.contracts.serving import EndpointNotFoundError
-from bincount.endpoints import EndpointRecords, now_iso
+from bincount.endpoints import EndpointRecords
 from bincount.factory import get_invocation_metrics, get_model_registry
 from bincount.monitoring import (
     DriftThresholds,
@@ -33,6 +33,7 @@ from bincount.monitoring import (
     save_report,
 )
 from bincount.plots import monitor_plot
+from bincount.registry import now_iso
 from bincount.storage import storage_for
 from tasks.artifacts import publish_plot
 from tasks.deploy import publish_endpoint

@@ -35,6 +35,7 @@ from bincount.capture import (
     staging_root,
 )
 from bincount.config import Settings
+from bincount.contracts.router import RouterStatus
 from bincount.contracts.serving import CaptureConfig, EndpointRecord
 from bincount.demo_data import jpeg_bytes, render_bin_image
 from bincount.local.host import HostOptions
@@ -73,7 +74,7 @@ def test_every_answered_request_has_exactly_one_record_at_100_percent(
     settings: Settings, endpoint: tuple[LocalServingBackend, EndpointRecord]
 ) -> None:
     backend, record = endpoint
-    assert record.details["capture"]["sampling_percentage"] == 100
+    assert record.capture and record.capture.sampling_percentage == 100
     client = runtime_client(record.url, max_attempts=1)
     images = photos(10)
     answered: dict[str, bytes] = {}
@@ -90,7 +91,7 @@ def test_every_answered_request_has_exactly_one_record_at_100_percent(
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(send, range(160)))
     status = backend._router_status(record.url, NAME)
-    assert status is not None and status["capture"]["dropped"] == 0, status
+    assert status is not None and status.capture is not None and status.capture.dropped == 0, status
     backend.delete(NAME)  # SIGTERM: the router writes everything queued before it exits
 
     read = read_capture(Storage(), capture_prefix(settings.artifact_root, NAME))
@@ -145,7 +146,7 @@ def test_a_hung_writer_fails_no_request_and_drops_are_counted(
     state.write_text(
         json.dumps(
             {
-                "variants": {"m": {"model_dir": str(model), "version": "m"}},
+                "variants": {"m": {"model_dir": str(model), "version": "m", "model_uri": model.as_uri()}},
                 "current": "m",
                 "host_args": HostOptions(threads=1).cli_args(),
                 "capture": {
@@ -185,26 +186,27 @@ def test_a_hung_writer_fails_no_request_and_drops_are_counted(
         client = runtime_client(url, max_attempts=1)
         image = photos(1)[0]
 
-        def host_started() -> dict | None:
+        def host_started() -> RouterStatus | None:
             assert front.poll() is None, "the router exited"
             status = backend._router_status(url, "plain")
-            return status if status is not None and status["target"] is not None else None
+            return status if status is not None and status.target is not None else None
 
         ready = wait_until(host_started, timeout_s=60, what="the router to start its host")
-        hosts = [replica["pid"] for replica in ready["variants"]["m"]["replicas"]]
+        hosts = [replica.pid for replica in ready.variants["m"].replicas]
         started = time.perf_counter()
         for _ in range(30):
             answer = client.invoke_endpoint(EndpointName="plain", Body=image, ContentType="image/jpeg")
             assert json.loads(answer["Body"].read())["predictions"][0]["predicted_count"] in (1, 2, 3, 4, 5)
         elapsed = time.perf_counter() - started
-        status = backend._router_status(url, "plain")["capture"]
+        status = backend._router_status(url, "plain")
     finally:
         front.kill()  # not SIGTERM: its writer would wait for the hung S3 on the way out
         front.wait()
         for pid in hosts:
             os.kill(pid, signal.SIGKILL)
     assert elapsed < 30, f"requests waited for the writer: {elapsed:.1f} s"
-    assert status["offered"] == 30 and status["dropped"] >= 30 - 4 - 2, status
+    capture = status.capture if status is not None else None
+    assert capture is not None and capture.offered == 30 and capture.dropped >= 30 - 4 - 2, status
 
 
 def exchange(at: dt.datetime, body: bytes = b"\xff\xd8abc", inference_id: str | None = None) -> Exchange:

@@ -18,7 +18,7 @@ from PIL import Image
 from test_registry import GROUP, spec
 
 from bincount.config import Settings
-from bincount.contracts.serving import EndpointRecord
+from bincount.contracts.serving import EndpointRecord, Rollout, RolloutStep, RolloutStrategy
 from bincount.demo_data import generate_demo_bucket
 from bincount.endpoints import EndpointRecords
 from bincount.manifest import parse_manifest
@@ -149,8 +149,9 @@ def recorded_rollout(root: str, strategy: dict) -> None:
     records = EndpointRecords(settings, StorageModelRegistry.from_settings(settings).storage)
     record = records.read("bincount")
     assert record is not None
-    rollout = {"strategy": strategy, "verdict": "completed", "reason": "all traffic moved", "steps": [{}, {}]}
-    records.write(replace(record, details={**record.details, "rollout": rollout}))
+    steps = tuple(RolloutStep("2026-01-01T00:00:00+00:00", action, 100) for action in ("started", "promoted"))
+    rollout = Rollout(RolloutStrategy(**strategy), "completed", "all traffic moved", steps)
+    records.write(replace(record, rollout=rollout))
 
 
 ALL_AT_ONCE = {

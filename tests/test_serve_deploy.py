@@ -124,16 +124,17 @@ def test_a_shadow_deployed_by_a_flow_is_reported_then_promoted_with_events_and_a
         max_error_rate_increase=0.9,  # a coarse sensitivity: a handful of copies is enough evidence here
     )
     shadowing = deploy_flow(artifact_root, "shadow-ep", second, strategy=shadow)
-    assert shadowing.model_uri == first and shadowing.details["rollout"]["verdict"] == "shadowing"
+    assert shadowing.model_uri == first and shadowing.rollout and shadowing.rollout.verdict == "shadowing"
     artifact = Artifact.get(endpoint_artifact_key("shadow-ep"))
     assert artifact is not None and "shadow: a copy of 100%" in artifact.data and "**shadowing**" in artifact.data
     backend = LocalServingBackend(Settings.load(artifact_root=artifact_root))
     for _ in range(5):
         backend.invoke("shadow-ep", smoke_image(32), "image/jpeg")
-    wait_until(lambda: backend.shadow_report("shadow-ep")["compared"] >= 5, what="the 5 shadow copies to be answered")
+    wait_until(lambda: backend.shadow_report("shadow-ep").compared >= 5, what="the 5 shadow copies to be answered")
 
     registry = get_model_registry(Settings.load(artifact_root=artifact_root))
-    candidate = registry.resolve(shadowing.details["shadow"]["model_ref"])
+    assert shadowing.shadow is not None and shadowing.shadow.model_ref
+    candidate = registry.resolve(shadowing.shadow.model_ref)
     registry.approve(candidate.group, candidate.version, "tester", "approved while it shadows")
 
     monkeypatch.setenv("BINCOUNT_ARTIFACT_ROOT", artifact_root)
@@ -141,8 +142,10 @@ def test_a_shadow_deployed_by_a_flow_is_reported_then_promoted_with_events_and_a
     assert "serves shadow-ep:2; the shadow's report: 6 answers compared" in capsys.readouterr().out
     promoted = backend.describe("shadow-ep")
     assert promoted.model_uri == second and backend.describe("shadow-ep").model_uri == second
-    report = promoted.details["rollout"]["report"]
-    assert report["compared"] == 5 + 1 and report["promote"] is True, report  # and check-endpoint's request
+    report = promoted.rollout.report if promoted.rollout else None
+    assert report is not None and report.compared == 5 + 1 and report.promote is True, (
+        report
+    )  # and check-endpoint's request
     artifact = Artifact.get(endpoint_artifact_key("shadow-ep"))
     assert artifact is not None and "**promoted**" in artifact.data and promoted.model_ref in artifact.data
     resource = "bincount.endpoint.shadow-ep"

@@ -20,6 +20,7 @@ import botocore.exceptions
 import httpx
 import pytest
 from PIL import Image
+from waiting import wait_until
 
 from bincount.config import Settings
 from bincount.contracts.serving import DeployError, EndpointNotFoundError, EndpointRecord
@@ -182,10 +183,13 @@ def test_redeploy_under_concurrent_load_fails_no_request(
     threads = [threading.Thread(target=client_loop) for _ in range(8)]
     for thread in threads:
         thread.start()
-    time.sleep(1.5)
+    wait_until(lambda: len(answers) >= 10 or errors, what="the clients' first answers from the blue model")
     record = backend.deploy(NAME, models["green"].as_uri())
     switched = time.monotonic()
-    time.sleep(1.5)
+    wait_until(
+        lambda: sum(at > switched + 0.5 for at, _ in answers) >= 10 or errors,
+        what="answers after the switch",
+    )
     stop.set()
     for thread in threads:
         thread.join()
@@ -239,14 +243,15 @@ def test_sigterm_drains_the_request_in_flight_then_exits(models: dict[str, Path]
     )
     sock.close()
     try:
-        deadline = time.monotonic() + 60
-        while True:
+
+        def pings() -> bool:
+            assert host.poll() is None, "the host exited while starting"
             try:
-                if httpx.get(f"http://127.0.0.1:{port}/ping", timeout=1).status_code == 200:
-                    break
+                return httpx.get(f"http://127.0.0.1:{port}/ping", timeout=1).status_code == 200
             except httpx.TransportError:
-                assert time.monotonic() < deadline and host.poll() is None, "host did not start"
-                time.sleep(0.2)
+                return False
+
+        wait_until(pings, timeout_s=60, interval_s=0.2, what="the host to answer /ping")
         request = socket.create_connection(("127.0.0.1", port))
         request.sendall(
             b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
@@ -312,10 +317,7 @@ def test_a_replica_stops_by_itself_when_its_router_is_killed(
     record = backend.deploy("orphaned", models["blue"].as_uri())
     host_pid = record.details["host_pid"]
     os.kill(record.details["router_pid"], signal.SIGKILL)  # no chance to stop its replicas
-    deadline = time.monotonic() + 30
-    while _is_running(host_pid) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not _is_running(host_pid), "the replica outlived its router by 30 s"
+    wait_until(lambda: not _is_running(host_pid), interval_s=0.2, what="the replica to stop after its router")
     backend.delete("orphaned")
     with pytest.raises(EndpointNotFoundError):
         backend.describe("orphaned")

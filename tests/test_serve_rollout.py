@@ -21,9 +21,11 @@ import pytest
 import torch
 from prefect.artifacts import Artifact
 from test_serve_deploy import deploy_flow
+from waiting import wait_until
 
 from bincount.config import Settings
-from bincount.contracts.serving import DeployError, RolloutStrategy, ScalingConfig, ServingError
+from bincount.contracts.router import ScalingEvent, VariantStatus
+from bincount.contracts.serving import DeployError, RolloutStrategy, ScalingConfig, ServingError, ShadowReport
 from bincount.demo_data import jpeg_bytes, render_bin_image
 from bincount.endpoints import smoke_image
 from bincount.local.host import HostOptions
@@ -168,10 +170,12 @@ class Load:
 
     def wait_for(self, count: int, after: float = 0.0, timeout_s: float = 60.0) -> None:
         """Return once ``count`` answers came after ``after`` (a ``time.monotonic()``)."""
-        deadline = time.monotonic() + timeout_s
-        while sum(at > after for at, _ in self.answers) < count:
-            assert time.monotonic() < deadline, f"fewer than {count} answers in {timeout_s} s"
-            time.sleep(0.05)
+        wait_until(
+            lambda: sum(at > after for at, _ in self.answers) >= count,
+            timeout_s=timeout_s,
+            interval_s=0.05,
+            what=f"{count} answers",
+        )
 
     def served(self, after: float = 0.0) -> set[str]:
         return {name for at, name in self.answers if at > after}
@@ -204,18 +208,19 @@ def test_a_slow_canary_rolls_back_by_itself_and_the_current_model_fails_no_reque
         record = backend.deploy(endpoint, models["slow"].as_uri(), "bincount:9", strategy=strategy)
         ended = time.monotonic()
         load.wait_for(5, after=ended)
-    rollout = record.details["rollout"]
-    assert rollout["verdict"] == "rolled-back" and "p99 latency" in rollout["reason"], rollout
-    assert [step["action"] for step in rollout["steps"]] == ["bake", "rolled-back"]
-    metrics = rollout["steps"][0]["metrics"]
-    assert metrics["current"]["errors"] == 0 and metrics["test"]["needed"] == {"new": 8, "current": 18}
-    assert metrics["candidate"]["requests"] >= 8 and metrics["current"]["requests"] >= 18, "judged past the minimum"
+    rollout = record.rollout
+    assert rollout is not None and rollout.verdict == "rolled-back" and "p99 latency" in rollout.reason, rollout
+    assert [step.action for step in rollout.steps] == ["bake", "rolled-back"]
+    bake = rollout.steps[0]
+    assert bake.current and bake.candidate and bake.test, bake
+    assert bake.current.errors == 0 and (bake.test.needed_new, bake.test.needed_current) == (8, 18)
+    assert bake.candidate.requests >= 8 and bake.current.requests >= 18, "judged past the minimum"
     assert load.errors == []
     assert load.served() == {current, "slow"}  # the canary did take its share
     assert load.served(after=ended) == {current}
     assert record.version == start.version and backend.describe(endpoint).model_ref == start.model_ref
     status = backend._router_status(record.url, endpoint)
-    assert status["candidate"] is None and list(status["variants"]) == [status["current"]]
+    assert status is not None and status.candidate is None and list(status.variants) == [status.current]
 
 
 def test_a_canary_whose_host_fails_its_requests_rolls_back_on_its_error_rate(
@@ -232,14 +237,15 @@ def test_a_canary_whose_host_fails_its_requests_rolls_back_on_its_error_rate(
     deployed = threading.Event()
 
     def kill_the_canary_whenever_busy() -> None:
-        while not deployed.is_set():
-            status = backend._router_status(start.url, endpoint) or {}
-            candidate = status.get("variants", {}).get(status.get("candidate"), {})
-            busy = [replica for replica in candidate.get("replicas", []) if replica["ready"] and replica["inflight"]]
-            if busy and status["percent"] > 0 and busy[0]["pid"] not in killed:
-                os.kill(busy[0]["pid"], signal.SIGKILL)
-                killed.append(busy[0]["pid"])
-            time.sleep(0.05)
+        while not deployed.wait(0.05):
+            status = backend._router_status(start.url, endpoint)
+            candidate = status.candidate_variant if status is not None else None
+            if candidate is None or status is None or status.percent == 0:
+                continue
+            busy = [replica for replica in candidate.replicas if replica.ready and replica.inflight]
+            if busy and busy[0].pid not in killed:
+                os.kill(busy[0].pid, signal.SIGKILL)
+                killed.append(busy[0].pid)
 
     killer = threading.Thread(target=kill_the_canary_whenever_busy)
     with Load(start.url, endpoint, fingerprints, clients=6) as load:
@@ -251,15 +257,16 @@ def test_a_canary_whose_host_fails_its_requests_rolls_back_on_its_error_rate(
         ended = time.monotonic()
         killer.join()
         load.wait_for(5, after=ended)
-    rollout = record.details["rollout"]
-    assert killed and rollout["verdict"] == "rolled-back" and "error rate" in rollout["reason"], rollout
-    assert "Fisher's exact test, one-sided p=" in rollout["reason"], rollout
-    metrics = rollout["steps"][0]["metrics"]
-    assert metrics["current"]["errors"] == 0 and metrics["candidate"]["errors"] >= 1, metrics
-    assert metrics["test"]["p_value"] < 0.05 and metrics["candidate"]["requests"] < metrics["test"]["needed"]["new"]
+    rollout = record.rollout
+    assert rollout is not None and killed and rollout.verdict == "rolled-back" and "error rate" in rollout.reason
+    assert "Fisher's exact test, one-sided p=" in rollout.reason, rollout
+    bake = rollout.steps[0]
+    assert bake.current and bake.candidate and bake.test, bake
+    assert bake.current.errors == 0 and bake.candidate.errors >= 1, bake
+    assert bake.test.p_value < 0.05 and bake.candidate.requests < bake.test.needed_new
     assert load.errors and all("did not answer" in error for _, error in load.errors), load.errors
     # every failed request was the canary's (a kill between the verdict and the drop may add one the step missed)
-    assert len(load.errors) >= metrics["candidate"]["errors"]
+    assert len(load.errors) >= bake.candidate.errors
     assert all(at < ended for at, _ in load.errors)
     assert load.served(after=ended) == {current}
     assert backend.describe(endpoint).version == start.version
@@ -290,15 +297,16 @@ def test_a_canary_that_fails_on_a_share_of_photos_rolls_back_by_itself_through_t
         ended = time.monotonic()
         load.wait_for(5, after=ended)
     record = backend.describe(endpoint)
-    rollout = record.details["rollout"]
-    assert rollout["verdict"] == "rolled-back" and "error rate" in rollout["reason"], rollout
-    metrics = rollout["steps"][0]["metrics"]
-    assert metrics["current"]["errors"] == 0 and metrics["candidate"]["errors"] >= 1, metrics
+    rollout = record.rollout
+    assert rollout is not None and rollout.verdict == "rolled-back" and "error rate" in rollout.reason, rollout
+    bake = rollout.steps[0]
+    assert bake.current and bake.candidate, bake
+    assert bake.current.errors == 0 and bake.candidate.errors >= 1, bake
     # every failed request was the canary's: only its scores overflow, and only on the photos it fails on
     says = "the model failed on this request: NonFiniteScoresError: the model produced non-finite scores"
     assert load.errors and all(says in error and "not the request" in error for _, error in load.errors)
     assert set(load.failed_images) <= fails_on and all(at < ended for at, _ in load.errors)
-    assert len(load.errors) >= metrics["candidate"]["errors"]
+    assert len(load.errors) >= bake.candidate.errors
     assert load.served() == {current, "overflows"}  # the canary answered the photos it can
     assert load.served(after=ended) == {current}
     assert record.version == start.version and record.model_uri == start.model_uri
@@ -324,16 +332,17 @@ def test_a_good_linear_rollout_moves_all_traffic_without_a_failed_request(
         record = backend.deploy(endpoint, models[other].as_uri(), f"bincount:{other}", strategy=strategy)
         ended = time.monotonic()
         load.wait_for(5, after=ended)
-    rollout = record.details["rollout"]
-    assert rollout["verdict"] == "completed", rollout
-    assert [(step["action"], step["percent"]) for step in rollout["steps"]] == [("bake", 50), ("promoted", 100)]
-    metrics = rollout["steps"][0]["metrics"]
-    assert metrics["test"]["needed"] == {"new": 23, "current": 23} and metrics["candidate"]["requests"] >= 23
-    assert "not higher (Fisher's exact test, one-sided p=" in rollout["steps"][0]["reason"], rollout
+    rollout = record.rollout
+    assert rollout is not None and rollout.verdict == "completed", rollout
+    assert [(step.action, step.percent) for step in rollout.steps] == [("bake", 50), ("promoted", 100)]
+    bake = rollout.steps[0]
+    assert bake.test and bake.candidate, bake
+    assert (bake.test.needed_new, bake.test.needed_current) == (23, 23) and bake.candidate.requests >= 23
+    assert "not higher (Fisher's exact test, one-sided p=" in (bake.reason or ""), rollout
     assert load.errors == []
     assert load.served(after=ended) == {other} and current in load.served()
     assert record.model_ref == f"bincount:{other}" and record.previous_model_ref == start.model_ref
-    assert [variant["weight"] for variant in record.details["variants"]] == [100]
+    assert [variant.weight for variant in record.variants] == [100]
 
 
 def test_a_shadow_answers_nobody_and_its_agreement_is_reported_then_it_is_promoted(
@@ -352,27 +361,31 @@ def test_a_shadow_answers_nobody_and_its_agreement_is_reported_then_it_is_promot
         max_error_rate_increase=0.5,  # coarse: the minimum sample is 12 a side, the load sends 20
     )
     record = backend.deploy(endpoint, models[other].as_uri(), f"bincount:{other}", strategy=strategy)
-    assert record.model_ref == start.model_ref and record.details["rollout"]["verdict"] == "shadowing"
-    weights = [(variant["weight"], variant["shadow_percent"]) for variant in record.details["variants"]]
+    assert record.model_ref == start.model_ref and record.rollout and record.rollout.verdict == "shadowing"
+    assert record.shadow is not None and record.shadow.model_ref == f"bincount:{other}"
+    weights = [(variant.weight, variant.shadow_percent) for variant in record.variants]
     assert weights == [(100, None), (0, 100)]
     with pytest.raises(DeployError, match="has a shadow running"):
         backend.deploy(endpoint, models["slow"].as_uri())
     with Load(start.url, endpoint, fingerprints) as load:
         load.wait_for(2 * strategy.min_requests)
     assert load.errors == [] and load.served() == {current}  # users only ever got the current model's answers
-    deadline = time.monotonic() + 30  # the last copies finish in the background
-    while (report := backend.shadow_report(endpoint))["compared"] < len(load.answers):
-        assert time.monotonic() < deadline, report
-        time.sleep(0.05)
-    assert report["compared"] == len(load.answers) and report["requests"]["shadow"] == len(load.answers)
+
+    def every_copy_compared() -> ShadowReport | None:  # the last copies finish in the background
+        report = backend.shadow_report(endpoint)
+        return report if report.compared >= len(load.answers) else None
+
+    report = wait_until(every_copy_compared, interval_s=0.05, what="every copy to reach the shadow")
+    assert report.compared == len(load.answers) and report.shadow.requests == len(load.answers)
     # the same image every time: the two untrained models either always agree or never
     ours, theirs = (max(range(5), key=fingerprints[name][IMAGE].__getitem__) for name in (current, other))
-    assert report["agreement"] == (1.0 if ours == theirs else 0.0)
-    assert report["promote"] is True and report["test"]["needed"] == {"new": 12, "current": 12}, report
+    assert report.agreement == (1.0 if ours == theirs else 0.0)
+    assert report.promote is True and report.test and (report.test.needed_new, report.test.needed_current) == (12, 12)
 
     promoted = backend.promote_shadow(endpoint)
     assert promoted.model_ref == f"bincount:{other}" and promoted.previous_model_ref == start.model_ref
-    assert promoted.details["rollout"]["verdict"] == "promoted" and "shadow" not in promoted.details
+    assert promoted.rollout and promoted.rollout.verdict == "promoted" and promoted.shadow is None
+    assert promoted.rollout.report is not None and promoted.rollout.report.promote
     for _ in range(3):
         answer = json.loads(backend.invoke(endpoint, IMAGE, "image/jpeg"))
         assert load.which(list(answer["predictions"][0]["probabilities"].values())) == other
@@ -387,37 +400,37 @@ def test_a_stopped_shadow_leaves_the_current_model_alone(
     _, other = serving(backend, endpoint, models)
     backend.deploy(endpoint, models[other].as_uri(), strategy=RolloutStrategy(kind="shadow", traffic_percent=50))
     record = backend.stop_shadow(endpoint)
-    assert record.model_ref == start.model_ref and record.details["rollout"]["verdict"] == "stopped"
+    assert record.model_ref == start.model_ref and record.rollout and record.rollout.verdict == "stopped"
     status = backend._router_status(start.url, endpoint)
-    assert status["candidate"] is None and len(status["variants"]) == 1
+    assert status is not None and status.candidate is None and len(status.variants) == 1
 
 
 def test_a_killed_replica_fails_only_its_requests_in_flight_and_is_restarted(
     backend: LocalServingBackend, models: dict[str, Path], fingerprints: Prints
 ) -> None:
     record = backend.deploy("replicas", models["blue"].as_uri(), scaling=ScalingConfig(min_replicas=2, max_replicas=2))
-    assert record.details["replicas"] == 2
+    assert record.replicas == 2
     status = backend._router_status(record.url, "replicas")
-    victim = status["variants"][status["current"]]["replicas"][0]["pid"]
+    assert status is not None and status.current_variant is not None
+    victim = status.current_variant.replicas[0].pid
     with Load(record.url, "replicas", fingerprints, clients=6) as load:
         load.wait_for(6)
         os.kill(victim, signal.SIGKILL)
         killed = time.monotonic()
-        deadline = time.monotonic() + 60
-        while True:
+
+        def restarted() -> VariantStatus | None:
             status = backend._router_status(record.url, "replicas")
-            variant = status["variants"][status["current"]]
-            if variant["restarts"] == 1 and variant["ready"] == 2:
-                break
-            assert time.monotonic() < deadline, variant
-            time.sleep(0.2)
+            variant = status.current_variant if status is not None else None
+            return variant if variant is not None and variant.restarts == 1 and variant.ready == 2 else None
+
+        variant = wait_until(restarted, timeout_s=60, interval_s=0.2, what="the killed replica to be restarted")
         recovered = time.monotonic()
         load.wait_for(11, after=recovered)
     assert all("did not answer" in error for _, error in load.errors), load.errors
     assert len(load.errors) <= 6, load.errors  # at most the requests that were in flight on the victim
     assert all(killed - 0.5 <= at <= killed + 1.0 for at, _ in load.errors), (killed, load.errors)
     assert sum(at > recovered for at, _ in load.answers) > 10
-    assert victim not in [replica["pid"] for replica in variant["replicas"]]
+    assert victim not in [replica.pid for replica in variant.replicas]
 
 
 def test_past_its_replicas_capacity_a_request_waits_in_the_router_and_every_one_is_answered(
@@ -436,9 +449,10 @@ def test_past_its_replicas_capacity_a_request_waits_in_the_router_and_every_one_
             until = time.monotonic() + 3  # once all ten clients are going, six of their requests wait at any time
             while time.monotonic() < until:
                 status = backend._router_status(record.url, "line")
-                variant = status["variants"][status["current"]]
-                most_in_flight = max(most_in_flight, *(replica["inflight"] for replica in variant["replicas"]))
-                most_waiting = max(most_waiting, variant["waiting"])
+                variant = status.current_variant if status is not None else None
+                assert variant is not None, status
+                most_in_flight = max(most_in_flight, *(replica.inflight for replica in variant.replicas))
+                most_waiting = max(most_waiting, variant.waiting)
                 time.sleep(0.05)
         assert load.errors == [] and load.served() == {"slow"}
         assert most_in_flight == 2 and most_waiting >= 3, (most_in_flight, most_waiting)
@@ -454,22 +468,17 @@ def test_autoscaling_adds_a_replica_under_load_and_removes_it_when_idle(
     )
     record = backend.deploy("scaled", models["blue"].as_uri(), scaling=scaling)
 
-    def replicas() -> tuple[int, list[dict]]:
+    def replicas() -> tuple[int, tuple[ScalingEvent, ...]]:
         status = backend._router_status(record.url, "scaled")
-        return len(status["variants"][status["current"]]["replicas"]), status["scaling_events"]
+        assert status is not None and status.current_variant is not None, status
+        return len(status.current_variant.replicas), status.scaling_events
 
     with Load(record.url, "scaled", fingerprints, clients=8) as load:
-        deadline = time.monotonic() + 30
-        while replicas()[0] < 2:
-            assert time.monotonic() < deadline, "no scale-out under sustained load"
-            time.sleep(0.2)
+        wait_until(lambda: replicas()[0] == 2, interval_s=0.2, what="a scale-out under sustained load")
     assert load.errors == []
-    deadline = time.monotonic() + 30
-    while replicas()[0] > 1:
-        assert time.monotonic() < deadline, "no scale-in when idle"
-        time.sleep(0.2)
+    wait_until(lambda: replicas()[0] == 1, interval_s=0.2, what="a scale-in when idle")
     events = replicas()[1]
-    assert [(event["scaled"], event["replicas"]) for event in events] == [("out", 2), ("in", 1)]
+    assert [(event.scaled, event.replicas) for event in events] == [("out", 2), ("in", 1)]
 
 
 def test_bad_strategies_and_scaling_are_refused_before_anything_changes() -> None:

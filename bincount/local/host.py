@@ -55,7 +55,8 @@ class HostOptions:
     graceful_timeout_s: float = 30.0
     nice: int = 5
     """CPU priority below the router's: its one event loop carries every replica's requests and needs little
-    CPU, so it must not wait behind forwards (measured: benchmarks/rollout.py, README "Serving")."""
+    CPU, so it must not wait behind forwards (measured: benchmarks/rollout.py; docs/BENCHMARKS.md, "Rollouts and
+    replicas")."""
 
     @property
     def max_in_flight(self) -> int:

@@ -2,10 +2,10 @@
 
     python -m bincount.local.router --name NAME --state-file FILE [--port P | --fd N]
 
-A local endpoint is this router plus its model host processes (replicas). The state file
-(re-read on SIGHUP) names the variants (a model each: ``variants``), the one that answers
-(``current``) and at most one ``candidate`` that takes ``percent`` of requests (``mode``
-``canary``) or gets a copy of them in the background (``mode`` ``shadow``: users' answers stay the
+A local endpoint is this router plus its model host processes (replicas). The state file (a
+:class:`~bincount.contracts.router.RouterState`, re-read on SIGHUP) names the variants (a model each:
+``variants``), the one that answers (``current``) and at most one ``candidate`` that takes ``percent`` of
+requests (``mode`` ``canary``) or gets a copy of them in the background (``mode`` ``shadow``: users' answers stay the
 current model's; agreement of the counts, latency and errors of both are counted). A variant that
 leaves the state file stops taking requests, finishes those in flight, and its hosts stop.
 
@@ -15,18 +15,21 @@ replica that exits is restarted (only its requests in flight fail, with 502; whi
 replica ready, its share goes to the current model). With ``scaling.max_replicas`` above the minimum,
 the current variant gains a replica when the in-flight requests per replica stay above
 ``scaling.target_in_flight`` for ``scale_out_cooldown_s``, and loses one when its load would fit in
-one fewer for ``scale_in_cooldown_s``.
+one fewer for ``scale_in_cooldown_s``. With ``scaling.min_replicas`` 0 the current variant's hosts stop once
+the endpoint has had no request for ``scale_in_idle_seconds`` (never beside a candidate); the next request
+starts one and waits for it (a cold start), at most ``cold_start_timeout_s``, else it gets a 503 with
+Retry-After. Scaled to zero, ``/ping`` is answered by the router itself (``"scaled_to_zero": true``), so
+health checks stay green and do not wake the endpoint.
 
-``GET /router/status`` reports per variant its replicas (URL, pid, in flight, ready), restarts and,
-since the routing last changed, requests, 5xx/connection errors and p99 latency (the backend's canary
-judges on these), plus the shadow's agreement. ``GET /ping`` answers with the registered model version
-it serves (``model_version``) and its weights.
+``GET /router/status`` (a :class:`~bincount.contracts.router.RouterStatus`) reports per variant its replicas
+(URL, pid, in flight, ready), restarts and, since the routing last changed, requests, 5xx/connection errors
+and p99 latency (the backend's canary judges on these), plus the shadow's agreement. ``GET /ping`` answers
+with the registered model version it serves (``model_version``) and its weights.
 
-Data capture (the state file's ``capture``: a :class:`~bincount.contracts.serving.CaptureConfig` and a
-destination) happens here: a sampled invocation's body, answer, status (and inside a runtime ``ModelError``
-the model's own) and latency go to a :class:`~bincount.capture.CaptureWriter` queue after the answer is
-ready; SIGTERM drains the queue into the files, after the hosts have answered every request in flight and
-stopped.
+Data capture (the state file's ``capture``: a :class:`~bincount.contracts.router.CaptureTarget`) happens here:
+a sampled invocation's body, answer, status (and inside a runtime ``ModelError`` the model's own) and latency
+go to a :class:`~bincount.capture.CaptureWriter` queue after the answer is ready; SIGTERM drains the queue
+into the files, after the hosts have answered every request in flight and stopped.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ import subprocess
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Literal
 
 import httpx
 from starlette.applications import Starlette
@@ -55,7 +58,18 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from bincount.capture import CaptureWriter, Exchange
-from bincount.contracts.serving import CaptureConfig, ScalingConfig
+from bincount.contracts.router import (
+    CaptureStatus,
+    CaptureTarget,
+    ReplicaStatus,
+    RouterMode,
+    RouterState,
+    RouterStatus,
+    ScalingEvent,
+    VariantSpec,
+    VariantStatus,
+)
+from bincount.contracts.serving import ScalingConfig, TrafficStats
 from bincount.local import httpio
 from bincount.local.processes import log_file, spawn, tail
 from bincount.storage import Storage
@@ -68,8 +82,9 @@ LATENCY_WINDOW = 2000  # latencies kept per variant for its p99
 SUPERVISE_S = 0.2  # how often replicas are checked and load is sampled
 MAX_SHADOW_IN_FLIGHT = 64  # copies past this are skipped (and counted), so a slow shadow cannot pile up
 MAX_FAILED_STARTS = 3  # a replica that exits before it is ready this often in a row is not started again
-UNRECORDED_REPLICA_CAPACITY = 12  # for state files written before the backend recorded HostOptions.max_in_flight
 ROOM_CHECK_S = 0.5  # a request waiting for room looks again this often, in case no answer woke it (a replica died)
+COLD_START_CHECK_S = 0.05  # a request waiting for a cold start looks this often whether a host is ready
+RETRY_AFTER_S = 5  # what a request that a cold start could not serve in time is told
 
 
 @dataclasses.dataclass
@@ -82,8 +97,8 @@ class Replica:
     retiring: bool = False  # takes no new requests; stopped once it has none in flight
     stopping: bool = False  # SIGTERM sent (once: a second one would cut its drain short)
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"url": self.url, "pid": self.proc.pid, "inflight": self.inflight, "ready": self.ready}
+    def status(self) -> ReplicaStatus:
+        return ReplicaStatus(self.url, self.proc.pid, self.inflight, self.ready)
 
 
 @dataclasses.dataclass
@@ -102,30 +117,23 @@ class Stats:
         self.errors += status >= 500
         self.latencies.append(1000 * seconds)
 
-    def to_dict(self) -> dict[str, Any]:
+    def traffic(self) -> TrafficStats:
         ordered = sorted(self.latencies)
         p99 = ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))] if ordered else None
-        return {
-            "requests": self.requests,
-            "errors": self.errors,
-            "error_rate": self.errors / self.requests if self.requests else 0.0,
-            "p99_ms": p99,
-            "compared": self.compared,
-            "agreed": self.agreed,
-            "skipped": self.skipped,
-        }
+        return TrafficStats(self.requests, self.errors, p99)
 
 
 class Variant:
     """One model and its replica hosts."""
 
-    def __init__(self, variant_id: str, spec: dict[str, Any]) -> None:
+    def __init__(self, variant_id: str, spec: VariantSpec) -> None:
         self.id, self.spec = variant_id, spec
         self.replicas: list[Replica] = []
         self.stats = Stats()
         self.restarts = 0
         self.failed_starts = 0
         self.ever_ready = False
+        self.cold = False  # scaled to zero: its hosts stopped for want of requests, until one is ready again
         self.failed: str | None = None  # why its hosts cannot start (the host's log)
         self.retiring = False
         self.waiting: collections.deque[asyncio.Future[None]] = collections.deque()  # requests held for room, FIFO
@@ -157,18 +165,22 @@ class Variant:
         ready = [replica for replica in self.replicas if replica.ready and not replica.retiring]
         return min(ready, key=lambda replica: replica.inflight) if ready else None
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "version": self.spec.get("version"),
-            "model_ref": self.spec.get("model_ref"),
-            "model_uri": self.spec.get("model_uri"),
-            "replicas": [replica.to_dict() for replica in self.active()],
-            "ready": sum(replica.ready for replica in self.active()),
-            "waiting": len(self.waiting),
-            "restarts": self.restarts,
-            "failed": self.failed,
-            **self.stats.to_dict(),
-        }
+    def status(self) -> VariantStatus:
+        stats = self.stats
+        return VariantStatus(
+            version=self.spec.version,
+            model_ref=self.spec.model_ref,
+            model_uri=self.spec.model_uri,
+            replicas=tuple(replica.status() for replica in self.active()),
+            ready=sum(replica.ready for replica in self.active()),
+            waiting=len(self.waiting),
+            restarts=self.restarts,
+            failed=self.failed,
+            traffic=stats.traffic(),
+            compared=stats.compared,
+            agreed=stats.agreed,
+            skipped=stats.skipped,
+        )
 
 
 class Router:
@@ -180,32 +192,34 @@ class Router:
         self.variants: dict[str, Variant] = {}
         self.current: str | None = None
         self.candidate: str | None = None
-        self.mode = "canary"
+        self.mode: RouterMode = "canary"
         self.percent = 0
         self.scaling = ScalingConfig()
-        self.scaling_events: list[dict[str, Any]] = []
+        self.scaling_events: tuple[ScalingEvent, ...] = ()
         self._load: float = 0.0  # in flight per replica of the current variant, smoothed
         self._above_since: float | None = None
         self._below_since: float | None = None
-        self._state: dict[str, Any] = {}
+        self._state: RouterState | None = None
         self._shadow_tasks: set[asyncio.Task] = set()
         self.capture: CaptureWriter | None = None
-        self._capture_key: str | None = None
-        self.replica_capacity = UNRECORDED_REPLICA_CAPACITY
+        self._capture: CaptureTarget | None = None
+        self.replica_capacity = 0  # set by reload, before any request
+        self._busy_at = time.monotonic()  # a request began or ended, a host became ready, or the routing changed
 
     # state ---------------------------------------------------------------------------------
     def reload(self) -> None:
         """Apply the state file: start new variants' hosts, retire those that left, set the split."""
-        state = json.loads(self.state_file.read_text())
+        state = RouterState.from_dict(json.loads(self.state_file.read_text()), f"state file {self.state_file}")
         self._state = state
-        self.replica_capacity = state.get("replica_capacity", UNRECORDED_REPLICA_CAPACITY)
-        self.scaling = ScalingConfig(**state["scaling"]) if state.get("scaling") else ScalingConfig()
-        routing = (state["current"], state.get("candidate"), state.get("mode", "canary"), state.get("percent", 0))
+        self.replica_capacity = state.replica_capacity
+        self.scaling = state.scaling
+        routing = state.routing
         if routing != (self.current, self.candidate, self.mode, self.percent):
             logger.info("endpoint %s: current %s, candidate %s (%s %s%%)", self.name, *routing)
             for variant in self.variants.values():
                 variant.stats = Stats()
-        for variant_id, spec in state["variants"].items():
+            self._busy_at = time.monotonic()
+        for variant_id, spec in state.variants.items():
             if variant_id not in self.variants:
                 variant = self.variants[variant_id] = Variant(variant_id, spec)
                 running = self.variants.get(self.current) if self.current else None
@@ -213,34 +227,33 @@ class Router:
                 for _ in range(max(1, count)):
                     self._start_replica(variant)
         for variant in self.variants.values():
-            if variant.id not in state["variants"] and not variant.retiring:
-                logger.info("endpoint %s: retiring %s (%s)", self.name, variant.id, variant.spec.get("version"))
+            if variant.id not in state.variants and not variant.retiring:
+                logger.info("endpoint %s: retiring %s (%s)", self.name, variant.id, variant.spec.version)
                 variant.retiring = True
                 for replica in variant.replicas:
                     replica.retiring = True
         self.current, self.candidate, self.mode, self.percent = routing
-        self._configure_capture(state.get("capture"))
+        self._configure_capture(state.capture)
 
-    def _configure_capture(self, capture: dict | None) -> None:
+    def _configure_capture(self, capture: CaptureTarget | None) -> None:
         """Start, change or stop the capture writer as the state file says (a changed one drains in the background)."""
-        key = json.dumps(capture, sort_keys=True) if capture else None
-        if key == self._capture_key:
+        if capture == self._capture:
             return
-        old, self.capture, self._capture_key = self.capture, None, key
-        if capture:
-            config = CaptureConfig(**capture["config"])
-            storage = Storage(s3_endpoint_url=capture.get("s3_endpoint_url"), region=capture.get("region"))
-            self.capture = CaptureWriter(capture["destination"], config, storage)
-            logger.info("capturing %d%% of requests to %s", config.sampling_percentage, capture["destination"])
+        old, self.capture, self._capture = self.capture, None, capture
+        if capture is not None:
+            storage = Storage(s3_endpoint_url=capture.s3_endpoint_url, region=capture.region)
+            self.capture = CaptureWriter(capture.destination, capture.config, storage)
+            logger.info("capturing %d%% of requests to %s", capture.config.sampling_percentage, capture.destination)
         if old is not None:
             asyncio.get_running_loop().run_in_executor(None, old.close)
 
     # replicas ------------------------------------------------------------------------------
     def _start_replica(self, variant: Variant) -> None:
         state = self._state
-        args = ["--model-dir", variant.spec["model_dir"], "--name", self.name, "--parent-pid", str(os.getpid())]
-        args += state.get("host_args", [])
-        bind_host = state.get("bind_host", "127.0.0.1")
+        assert state is not None  # replicas start on a reload
+        args = ["--model-dir", variant.spec.model_dir, "--name", self.name, "--parent-pid", str(os.getpid())]
+        args += state.host_args
+        bind_host = state.bind_host
         proc, port = spawn("bincount.local.host", args, bind_host, 0, self._workdir(), "host", new_session=False)
         url = f"http://{bind_host}:{port}"
         # idle connections expire (5 s) long before the host drops them (75 s): no reuse race
@@ -253,7 +266,8 @@ class Router:
         logger.info("endpoint %s: started replica %s (pid %d) of %s", self.name, url, proc.pid, variant.id)
 
     def _workdir(self) -> Path:
-        return Path(self._state.get("workdir", self.state_file.parent))
+        workdir = self._state.workdir if self._state is not None else None
+        return Path(workdir) if workdir else self.state_file.parent
 
     async def supervise(self) -> None:
         """Forever: mark replicas ready, restart those that died, stop drained ones, scale the current variant."""
@@ -271,6 +285,7 @@ class Router:
             if variant.retiring and not variant.replicas:
                 del self.variants[variant.id]
         self._autoscale()
+        self._scale_to_zero()
 
     async def _supervise_replica(self, variant: Variant, replica: Replica) -> None:
         if replica.proc.poll() is None:
@@ -281,7 +296,8 @@ class Router:
                 with contextlib.suppress(httpx.TransportError):
                     replica.ready = (await replica.client.get("/ping", timeout=1.0)).status_code == 200
                     if replica.ready:
-                        variant.failed_starts, variant.ever_ready = 0, True
+                        variant.failed_starts, variant.ever_ready, variant.cold = 0, True, False
+                        self._busy_at = time.monotonic()
             return
         variant.replicas.remove(replica)
         await replica.client.aclose()
@@ -290,7 +306,7 @@ class Router:
             return
         if not replica.ready:
             variant.failed_starts += 1
-            if variant.failed_starts >= MAX_FAILED_STARTS or not variant.ever_ready:
+            if variant.failed_starts >= MAX_FAILED_STARTS or not variant.ever_ready or variant.cold:
                 log = tail(log_file(self._workdir(), "host", replica.proc.pid))
                 variant.failed = f"the model host exited with code {code} while starting:\n{log}"
                 logger.error("endpoint %s: %s: %s", self.name, variant.id, variant.failed)
@@ -321,11 +337,63 @@ class Router:
             min(active, key=lambda replica: replica.inflight).retiring = True
             self._scaled(variant, "in", load)
 
-    def _scaled(self, variant: Variant, direction: str, load: float) -> None:
+    def _scale_to_zero(self) -> None:
+        """With ``min_replicas`` 0, stop the current variant's hosts once the endpoint has been idle for
+        ``scale_in_idle_seconds``; scaled to zero with a minimum above 0 now (the state file changed), start one."""
+        variant = self.variants.get(self.current) if self.current else None
+        if variant is None or variant.failed is not None:
+            return
+        active = variant.active()
+        if not self.scaling.scales_to_zero:
+            if not active and variant.cold:
+                logger.info("endpoint %s: min_replicas is above 0 now: starting a host", self.name)
+                self._start_replica(variant)
+                self._scaled(variant, "out", 0.0)
+            return
+        idle = time.monotonic() - self._busy_at >= self.scaling.scale_in_idle_seconds
+        busy = variant.waiting or any(replica.inflight or not replica.ready for replica in active)
+        if active and idle and not busy and self.candidate is None:  # a candidate is compared with running hosts
+            for replica in active:
+                replica.retiring = True  # stopped by the supervisor, as nothing is in flight
+            variant.cold = True
+            self._scaled(variant, "in", 0.0)
+
+    def scaled_to_zero(self) -> bool:
+        """Whether the current model's hosts were stopped for want of requests (a request may be starting one)."""
+        variant = self.variants.get(self.current) if self.current else None
+        return variant is not None and variant.cold
+
+    async def _cold_start(self, variant: Variant, path: str) -> Response | None:
+        """Start a host for a variant scaled to zero (unless one is starting) and wait until one is ready: None
+        then, else the 503 (with Retry-After) to answer: the host failed to start (not retried: the next request
+        tries again), or was not ready in time."""
+        if not variant.active():
+            logger.info("endpoint %s: a request while scaled to zero: starting a host of %s", self.name, variant.id)
+            variant.failed, variant.failed_starts = None, 0  # a new try: the last one's failure may have passed
+            self._start_replica(variant)
+            self._scaled(variant, "out", 0.0)
+        deadline = time.monotonic() + self.scaling.cold_start_timeout_s
+        while variant.pick() is None:
+            if variant.failed is not None:
+                reason = f"its model host could not start: {variant.failed}"
+                break
+            if time.monotonic() > deadline:
+                reason = f"its model host was not ready within {self.scaling.cold_start_timeout_s:g} s"
+                break
+            await asyncio.sleep(COLD_START_CHECK_S)
+        else:
+            return None
+        answer = _error(
+            path, 503, f"endpoint {self.name} was scaled to zero and {reason}; try again in {RETRY_AFTER_S} s"
+        )
+        answer.headers["retry-after"] = str(RETRY_AFTER_S)
+        return answer
+
+    def _scaled(self, variant: Variant, direction: Literal["in", "out"], load: float) -> None:
         self._above_since = self._below_since = None
         replicas = len(variant.active())
-        event = {"at": _now(), "scaled": direction, "replicas": replicas, "in_flight_per_replica": round(load, 2)}
-        self.scaling_events = [*self.scaling_events[-19:], event]
+        event = ScalingEvent(_now(), direction, replicas, round(load, 2))
+        self.scaling_events = (*self.scaling_events[-19:], event)
         logger.info("endpoint %s: scaled %s to %d replicas", self.name, direction, replicas)
 
     # requests ------------------------------------------------------------------------------
@@ -364,6 +432,11 @@ class Router:
                 logger.warning("%s has no replica ready: %s answers this request", variant.id, fallback.id)
                 variant, fallback, woken = fallback, None, False
                 continue
+            if replica is None and variant is not None and variant.id == self.current and self.scaled_to_zero():
+                refused = await self._cold_start(variant, path)
+                if refused is not None:
+                    return refused, variant
+                continue
             if variant is None or replica is None:
                 return _error(path, 503, f"endpoint {self.name} has no model host ready; try again shortly"), variant
             if replica.inflight >= self.replica_capacity or (variant.waiting and not woken):
@@ -396,7 +469,9 @@ class Router:
         """One invocation: answered by the chosen variant (the current one when a canary has no host ready); a
         shadow gets its copy once the answer is ready."""
         current = self.variants.get(self.current) if self.current else None
+        self._busy_at = time.monotonic()
         answer, variant = await self.forward(self.choose(), "POST", path, headers, body, fallback=current)
+        self._busy_at = time.monotonic()
         shadow = self.variants.get(self.candidate) if self.candidate and self.mode == "shadow" else None
         if shadow is not None and random.random() * 100 < self.percent:
             if sum(replica.inflight for replica in shadow.replicas) + len(shadow.waiting) >= MAX_SHADOW_IN_FLIGHT:
@@ -422,7 +497,6 @@ class Router:
         writer = self.capture
         if writer is None or not writer.sampled():
             return
-        spec = variant.spec if variant is not None else {}
         writer.offer(
             Exchange(
                 body=body,
@@ -433,29 +507,44 @@ class Router:
                 latency_ms=1000 * (time.perf_counter() - start),
                 at=dt.datetime.now(dt.UTC),
                 inference_id=headers.get("x-amzn-sagemaker-inference-id"),
-                model_version=spec.get("model_ref") or spec.get("version"),
+                model_version=(variant.spec.model_ref or variant.spec.version) if variant is not None else None,
                 original_status=_original_status(
                     answer.status_code, answer.headers.get("x-amzn-errortype"), bytes(answer.body)
                 ),
             )
         )
 
-    def status(self) -> dict[str, Any]:
+    async def ping(self) -> Response:
+        """The host's answer, with what the endpoint serves (SageMaker's contract: 200 and a small body); scaled
+        to zero, the router's own (a health check must not wake the endpoint)."""
+        current = self.variants.get(self.current) if self.current else None
+        if current is None:
+            return (await self.forward(None, "GET", "/ping", {}, None))[0]
+        served = {"model_version": current.spec.model_ref, "weights": current.spec.version}
+        if self.scaled_to_zero():
+            return JSONResponse({"status": "Healthy", "scaled_to_zero": True, **served})
+        answer, _ = await self.forward(current, "GET", "/ping", {}, None)
+        if answer.status_code != 200:
+            return answer
+        return JSONResponse({**json.loads(answer.body), **served})
+
+    def status(self) -> RouterStatus:
         current = self.variants.get(self.current) if self.current else None
         first = current.pick() if current is not None else None
-        return {
-            "name": self.name,
-            "current": self.current,
-            "candidate": self.candidate,
-            "mode": self.mode,
-            "percent": self.percent,
-            "target": first.url if first is not None else None,
-            "version": current.spec.get("version") if current is not None else None,
-            "variants": {variant_id: variant.to_dict() for variant_id, variant in self.variants.items()},
-            "scaling": self.scaling.to_dict(),
-            "scaling_events": self.scaling_events,
-            "capture": self.capture.stats.to_dict() if self.capture else None,
-        }
+        return RouterStatus(
+            name=self.name,
+            current=self.current,
+            candidate=self.candidate,
+            mode=self.mode,
+            percent=self.percent,
+            target=first.url if first is not None else None,
+            version=current.spec.version if current is not None else None,
+            variants={variant_id: variant.status() for variant_id, variant in self.variants.items()},
+            scaling=self.scaling,
+            scaled_to_zero=self.scaled_to_zero(),
+            scaling_events=self.scaling_events,
+            capture=CaptureStatus(**self.capture.stats.to_dict()) if self.capture else None,
+        )
 
     async def close(self) -> None:
         """Stop every host (each drains what it has), then the capture writer."""
@@ -565,16 +654,10 @@ def create_app(name: str, state_file: Path) -> Starlette:
         return answer
 
     async def ping(request: Request) -> Response:
-        """The host's answer, with what the endpoint serves (SageMaker's contract: 200 and a small body)."""
-        current = router.variants.get(router.current) if router.current else None
-        answer, _ = await router.forward(current, "GET", "/ping", {}, None)
-        if answer.status_code != 200 or current is None:
-            return answer
-        served = {"model_version": current.spec.get("model_ref"), "weights": current.spec["version"]}
-        return JSONResponse({**json.loads(answer.body), **served})
+        return await router.ping()
 
     async def status(request: Request) -> Response:
-        return JSONResponse(router.status())
+        return JSONResponse(router.status().to_dict())
 
     return Starlette(
         routes=[

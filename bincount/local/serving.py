@@ -37,22 +37,28 @@ from bincount.batch_results import load_labels
 from bincount.capture import capture_prefix
 from bincount.config import Settings
 from bincount.contracts.naming import check_endpoint_name
+from bincount.contracts.router import CaptureTarget, RouterState, RouterStatus, VariantSpec
 from bincount.contracts.serving import (
     BatchTransformSummary,
     CaptureConfig,
     DeployError,
     EndpointNotFoundError,
     EndpointRecord,
+    EndpointVariant,
     ProgressFn,
+    Rollout,
+    RolloutStep,
     RolloutStrategy,
     ScalingConfig,
     ServingError,
+    ServingPath,
+    ShadowReport,
+    ShadowVariant,
     check_answer,
 )
 from bincount.endpoints import (
     EndpointRecords,
     judge_rollout,
-    now_iso,
     recorded_capture,
     recorded_scaling,
     shadow_verdict,
@@ -62,8 +68,11 @@ from bincount.local.batch import run_batch_transform
 from bincount.local.host import HostOptions
 from bincount.local.processes import is_ours, log_file, spawn, tail
 from bincount.models import fetch_model
+from bincount.registry import now_iso
 from bincount.storage import Storage, atomic_write_bytes, file_lock, local_path, storage_for
 from sm_scripts.model_dir import read_model_info
+
+STATE_FILE = "router.json"  # in the endpoint's workdir
 
 
 def runtime_client(endpoint_url: str, max_attempts: int = 3):
@@ -140,11 +149,10 @@ class LocalServingBackend:
             except EndpointNotFoundError:
                 current = None
             status = self._router_status(current.url, name) if current is not None else None
-            if status is not None and "variants" not in status:  # a router from before variants: restarted below
-                status = None
-            if status is not None and status.get("candidate"):
+            shadow_running = status.candidate_variant if status is not None else None
+            if shadow_running is not None:
                 raise DeployError(
-                    f"endpoint {name!r} has a shadow running ({status['variants'][status['candidate']]['version']}): "
+                    f"endpoint {name!r} has a shadow running ({shadow_running.version}): "
                     f"promote it or stop it first (`bincount endpoints promote-shadow {name}` or `stop-shadow`)"
                 )
             model_dir, version = fetch_model(self.storage, model_uri, self.runtime_root / "models")
@@ -156,32 +164,30 @@ class LocalServingBackend:
                     "answers could not be compared; deploy it with another strategy"
                 )
             scaling = scaling or recorded_scaling(current)
+            refuse_rollout_at_zero(name, strategy, scaling, status)
             capture = capture or recorded_capture(current)
             variant_id = f"{version}-{uuid.uuid4().hex[:6]}"
-            spec = {"model_dir": str(model_dir), "version": version, "model_uri": model_uri, "model_ref": model_ref}
+            spec = VariantSpec(str(model_dir), version, model_uri, model_ref)
             smoke = smoke_image(int(info["image_size"]))
             if status is None:
                 details = self._start(name, current, variant_id, spec, scaling, capture, workdir, smoke, classes)
-                rollout = {
-                    "strategy": strategy.to_dict(),
-                    "verdict": "started",
-                    "reason": "no model was serving: the endpoint starts on this one",
-                    "steps": [_step("started", 100)],
-                }
+                started = "no model was serving: the endpoint starts on this one"
+                rollout = Rollout(strategy, "started", started, (_step("started", 100),))
             else:
                 assert current is not None
-                state = json.loads((workdir / "router.json").read_text())
-                state.update(scaling=scaling.to_dict(), capture=self._capture_state(name, capture))
-                self._add_candidate(current, state, variant_id, spec, workdir, smoke, classes)
+                state = _read_state(workdir)
+                state = dataclasses.replace(state, scaling=scaling, capture=self._capture_state(name, capture))
+                state = self._add_candidate(current, state, variant_id, spec, workdir, smoke, classes)
                 try:
                     rollout = self._roll_out(current, state, strategy)
                 except BaseException:  # interrupted or failed mid-rollout: the current model takes all traffic again
-                    if state.get("candidate") == variant_id:
-                        with contextlib.suppress(Exception):
+                    with contextlib.suppress(Exception):
+                        state = _read_state(workdir)  # as the rollout last wrote it
+                        if state.candidate == variant_id:
                             self._drop_candidate(current, state)
                     raise
                 details = {key: current.details[key] for key in ("router_pid", "router_port", "workdir")}
-            if rollout["verdict"] == "rolled-back":
+            if rollout.verdict == "rolled-back":
                 record = current
                 assert record is not None
             else:
@@ -203,37 +209,35 @@ class LocalServingBackend:
                 )
                 if strategy.kind == "shadow" and status is not None:  # the current model still answers
                     assert current is not None
-                    shadow = {**spec, "id": variant_id}
-                    record = dataclasses.replace(current, details={**current.details, "shadow": shadow})
+                    shadow = ShadowVariant(
+                        variant_id, model_uri, version, model_ref, strategy.traffic_percent, now_iso()
+                    )
+                    record = dataclasses.replace(current, shadow=shadow)
             record = self._with_status(
-                record,
-                {
-                    "capture": capture.to_dict() if capture.enabled else None,
-                    "capture_uri": capture_prefix(self.settings.artifact_root, name) if capture.enabled else None,
-                    "scaling": scaling.to_dict(),
-                    "rollout": rollout,
-                },
+                dataclasses.replace(
+                    record,
+                    capture=capture if capture.enabled else None,
+                    capture_uri=capture_prefix(self.settings.artifact_root, name) if capture.enabled else None,
+                    scaling=scaling,
+                    rollout=rollout,
+                )
             )
             self.records.write(record)
             return record
 
-    def _capture_state(self, name: str, capture: CaptureConfig) -> dict[str, Any] | None:
+    def _capture_state(self, name: str, capture: CaptureConfig) -> CaptureTarget | None:
         """What the router needs to capture (None: off)."""
         if not capture.enabled:
             return None
-        return {
-            "config": capture.to_dict(),
-            "destination": capture_prefix(self.settings.artifact_root, name),
-            "s3_endpoint_url": self.settings.s3_endpoint_url,
-            "region": self.settings.aws_region,
-        }
+        destination = capture_prefix(self.settings.artifact_root, name)
+        return CaptureTarget(capture, destination, self.settings.s3_endpoint_url, self.settings.aws_region)
 
     def _start(
         self,
         name: str,
         current: EndpointRecord | None,
         variant_id: str,
-        spec: dict[str, Any],
+        spec: VariantSpec,
         scaling: ScalingConfig,
         capture: CaptureConfig,
         workdir: Path,
@@ -245,19 +249,18 @@ class LocalServingBackend:
             self._stop(current.details.get("router_pid"))
             self._stop(current.details.get("host_pid"))  # a host that a router from before variants did not own
         port = current.details["router_port"] if current is not None else 0
-        state = {
-            "bind_host": self.bind_host,
-            "workdir": str(workdir),
-            "host_args": self.host_options.cli_args(),
-            "replica_capacity": self.host_options.max_in_flight,
-            "variants": {variant_id: spec},
-            "current": variant_id,
-            "candidate": None,
-            "scaling": scaling.to_dict(),
-            "capture": self._capture_state(name, capture),
-        }
-        state_file = workdir / "router.json"
-        _write_json(state_file, state)
+        state = RouterState(
+            variants={variant_id: spec},
+            current=variant_id,
+            scaling=scaling,
+            capture=self._capture_state(name, capture),
+            bind_host=self.bind_host,
+            workdir=str(workdir),
+            host_args=tuple(self.host_options.cli_args()),
+            replica_capacity=self.host_options.max_in_flight,
+        )
+        state_file = workdir / STATE_FILE
+        _write_state(workdir, state)
         try:
             proc, port = spawn(
                 "bincount.local.router",
@@ -280,7 +283,7 @@ class LocalServingBackend:
         except ServingError as error:
             self._stop(proc.pid)
             raise DeployError(
-                f"model {spec['model_uri']} (version {spec['version']}) did not pass its checks, "
+                f"model {spec.model_uri} (version {spec.version}) did not pass its checks, "
                 f"so endpoint {name!r} was not started: {error}"
             ) from None
         return {"router_pid": proc.pid, "router_port": port, "workdir": str(workdir)}
@@ -288,45 +291,44 @@ class LocalServingBackend:
     def _add_candidate(
         self,
         current: EndpointRecord,
-        state: dict[str, Any],
+        state: RouterState,
         variant_id: str,
-        spec: dict[str, Any],
+        spec: VariantSpec,
         workdir: Path,
         smoke: bytes,
         classes: list[int],
-    ) -> None:
-        """Start the new model's hosts beside the current ones (no traffic yet) and smoke-check them; on any
-        failure they are stopped and the endpoint is as it was."""
+    ) -> RouterState:
+        """Start the new model's hosts beside the current ones (no traffic yet) and smoke-check them; returns the
+        state with it. On any failure they are stopped and the endpoint is as it was."""
         router_pid = current.details["router_pid"]
         if not is_ours(router_pid, "bincount.local.router"):  # a reused pid: SIGHUP would end a stranger
             raise DeployError(
                 f"pid {router_pid}, recorded as the router of {current.name!r}, is not that router now: "
                 f"the old model still serves; run `bincount delete-endpoint {current.name}` and deploy again"
             )
-        before = json.loads(json.dumps(state))
-        state["variants"][variant_id] = spec
-        state.update(candidate=variant_id, mode="canary", percent=0)
-        self._apply(current, state)
+        variants = {**state.variants, variant_id: spec}
+        added = dataclasses.replace(state, variants=variants, candidate=variant_id, mode="canary", percent=0)
+        self._apply(current, added)
         try:
             self._wait_for_variant(current.url, current.name, variant_id, None, workdir)
             self._smoke(current.url, current.name, variant_id, smoke, classes)
         except ServingError as error:
-            state.clear()
-            state.update(before)
             self._apply(current, state)
             raise DeployError(
-                f"model {spec['model_uri']} (version {spec['version']}) did not pass its checks, "
+                f"model {spec.model_uri} (version {spec.version}) did not pass its checks, "
                 f"so endpoint {current.name!r} was left as it was: {error}"
             ) from None
+        return added
 
-    def _roll_out(self, current: EndpointRecord, state: dict[str, Any], strategy: RolloutStrategy) -> dict[str, Any]:
-        """Move traffic to the candidate as the strategy says; returns the rollout report (verdict, reason, steps)."""
-        rollout: dict[str, Any] = {"strategy": strategy.to_dict(), "steps": []}
+    def _roll_out(self, current: EndpointRecord, state: RouterState, strategy: RolloutStrategy) -> Rollout:
+        """Move traffic to the candidate as the strategy says; returns the rollout (verdict, reason, steps)."""
+        candidate = state.candidate
+        assert candidate is not None  # _add_candidate added it
         if strategy.kind == "shadow":
-            state.update(mode="shadow", percent=strategy.traffic_percent)
-            self._apply(current, state)
-            rollout["steps"].append(_step("shadow", strategy.traffic_percent))
-            return {**rollout, "verdict": "shadowing", "reason": "the shadow gets a copy of requests"}
+            self._apply(current, dataclasses.replace(state, mode="shadow", percent=strategy.traffic_percent))
+            step = _step("shadow", strategy.traffic_percent)
+            return Rollout(strategy, "shadowing", "the shadow gets a copy of requests", (step,))
+        steps: list[RolloutStep] = []
         if strategy.kind == "canary":
             shares = [strategy.traffic_percent]
         elif strategy.kind == "linear":
@@ -334,82 +336,85 @@ class LocalServingBackend:
         else:
             shares = []
         for percent in shares:
-            state.update(mode="canary", percent=percent)
+            state = dataclasses.replace(state, mode="canary", percent=percent)
             self._apply(current, state)
-            verdict, reason, metrics = self._bake(current, state["current"], state["candidate"], strategy, percent)
-            rollout["steps"].append(_step("bake", percent, verdict=verdict, reason=reason, metrics=metrics))
-            if verdict == "fail":
+            bake = self._bake(current, state.current, candidate, strategy, percent)
+            steps.append(bake)
+            if bake.verdict == "fail":
                 self._drop_candidate(current, state)
-                rollout["steps"].append(_step("rolled-back", 0, reason=reason))
-                return {**rollout, "verdict": "rolled-back", "reason": reason}
+                steps.append(_step("rolled-back", 0, reason=bake.reason))
+                return Rollout(strategy, "rolled-back", bake.reason or "", tuple(steps))
         self._promote(current, state)
-        rollout["steps"].append(_step("promoted", 100))
+        steps.append(_step("promoted", 100))
         reason = "every bake step passed" if shares else "the new model passed its smoke check"
-        return {**rollout, "verdict": "completed", "reason": reason}
+        return Rollout(strategy, "completed", reason, tuple(steps))
 
     def _bake(
         self, current: EndpointRecord, current_id: str, candidate_id: str, strategy: RolloutStrategy, percent: int
-    ) -> tuple[str, str, dict[str, Any]]:
-        """Watch one canary step at ``percent``: ("fail", why, metrics) as soon as :func:`judge_rollout` finds the
-        candidate worse, ("pass", ..., metrics) once it baked ``bake_seconds`` and got the minimum sample the
-        strategy's sensitivity asks for; ("fail", ...) if that sample does not arrive in time."""
+    ) -> RolloutStep:
+        """Watch one canary step at ``percent``: verdict "fail" as soon as :func:`judge_rollout` finds the candidate
+        worse, "pass" once it baked ``bake_seconds`` and got the minimum sample the strategy's sensitivity asks for;
+        "fail" if that sample does not arrive in time."""
         started = time.monotonic()
         give_up = started + max(3 * strategy.bake_seconds, strategy.bake_seconds + 30)
         while True:
             time.sleep(min(0.25, strategy.bake_seconds / 4))
             status = self._router_status(current.url, current.name)
             if status is None:
-                return "fail", "the router stopped answering during the bake", {}
-            old, new = status["variants"][current_id], status["variants"][candidate_id]
-            check = judge_rollout(old, new, strategy, (100 - percent) / percent)
-            metrics = {
-                "current": _metrics(old),
-                "candidate": _metrics(new),
-                "seconds": time.monotonic() - started,
-                "test": check.to_dict(),
-            }
+                return _step("bake", percent, verdict="fail", reason="the router stopped answering during the bake")
+            new = status.variants[candidate_id]
+            traffic = status.variants[current_id].traffic, new.traffic
+            check = judge_rollout(*traffic, strategy, (100 - percent) / percent)
+            seconds = time.monotonic() - started
+            step = _step(
+                "bake", percent, current=traffic[0], candidate=traffic[1], seconds=seconds, test=check.summary()
+            )
             if check.verdict == "fail":
-                return "fail", check.reason, metrics
-            if new["failed"]:
-                return "fail", f"the new model's hosts failed: {new['failed']}", metrics
-            if check.verdict == "pass" and time.monotonic() - started >= strategy.bake_seconds:
-                return "pass", f"{metrics['seconds']:.0f} s: {check.reason}", metrics
+                return dataclasses.replace(step, verdict="fail", reason=check.reason)
+            if new.failed:
+                reason = f"the new model's hosts failed: {new.failed}"
+                return dataclasses.replace(step, verdict="fail", reason=reason)
+            if check.verdict == "pass" and seconds >= strategy.bake_seconds:
+                return dataclasses.replace(step, verdict="pass", reason=f"{seconds:.0f} s: {check.reason}")
             if time.monotonic() > give_up:
-                return "fail", f"in {metrics['seconds']:.0f} s {check.reason}: too little traffic to judge it", metrics
+                reason = f"in {seconds:.0f} s {check.reason}: too little traffic to judge it"
+                return dataclasses.replace(step, verdict="fail", reason=reason)
 
-    def _promote(self, current: EndpointRecord, state: dict[str, Any]) -> None:
+    def _promote(self, current: EndpointRecord, state: RouterState) -> None:
         """Make the candidate the current model; the old one's hosts finish what they have, then stop."""
-        old = state["current"]
-        state.update(current=state["candidate"], candidate=None, percent=0)
-        del state["variants"][old]
-        self._apply(current, state)
+        old, candidate = state.current, state.candidate
+        assert candidate is not None
+        variants = {key: spec for key, spec in state.variants.items() if key != old}
+        self._apply(
+            current, dataclasses.replace(state, variants=variants, current=candidate, candidate=None, percent=0)
+        )
         self._wait_retired(current, old)
 
-    def _drop_candidate(self, current: EndpointRecord, state: dict[str, Any]) -> None:
+    def _drop_candidate(self, current: EndpointRecord, state: RouterState) -> None:
         """Send no more traffic to the candidate; its hosts finish what they have, then stop."""
-        candidate = state["candidate"]
-        state.update(candidate=None, percent=0)
-        del state["variants"][candidate]
-        self._apply(current, state)
+        candidate = state.candidate
+        assert candidate is not None
+        variants = {key: spec for key, spec in state.variants.items() if key != candidate}
+        self._apply(current, dataclasses.replace(state, variants=variants, candidate=None, percent=0))
         self._wait_retired(current, candidate)
 
     def _wait_retired(self, current: EndpointRecord, variant_id: str) -> None:
         deadline = time.monotonic() + self.host_options.graceful_timeout_s + 10
-        while (status := self._router_status(current.url, current.name)) and variant_id in status["variants"]:
+        while (status := self._router_status(current.url, current.name)) and variant_id in status.variants:
             if time.monotonic() > deadline:
                 return  # its hosts drain on their own SIGTERM, within their graceful timeout
             time.sleep(0.05)
 
-    def _apply(self, current: EndpointRecord, state: dict[str, Any]) -> None:
+    def _apply(self, current: EndpointRecord, state: RouterState) -> None:
         """Write the router's state file and make it re-read it (SIGHUP); returns once it routes as written."""
-        _write_json(Path(current.details["workdir"]) / "router.json", state)
+        _write_state(Path(current.details["workdir"]), state)
         os.kill(current.details["router_pid"], signal.SIGHUP)
         deadline = time.monotonic() + 10
-        routing = (state["current"], state.get("candidate"), state.get("percent", 0))
+        routing = (state.current, state.candidate, state.percent)
         while (status := self._router_status(current.url, current.name)) is None or (
-            status["current"],
-            status["candidate"],
-            status["percent"],
+            status.current,
+            status.candidate,
+            status.percent,
         ) != routing:
             if time.monotonic() > deadline:
                 raise DeployError(f"the router of {current.name!r} did not take its new state within 10 s")
@@ -422,10 +427,10 @@ class LocalServingBackend:
         deadline = time.monotonic() + self.start_timeout_s
         while True:
             status = self._router_status(url, name)
-            variant = (status or {}).get("variants", {}).get(variant_id)
-            if variant is not None and variant["failed"]:
-                raise ServingError(variant["failed"])
-            if variant is not None and variant["replicas"] and variant["ready"] == len(variant["replicas"]):
+            variant = status.variants.get(variant_id) if status is not None else None
+            if variant is not None and variant.failed:
+                raise ServingError(variant.failed)
+            if variant is not None and variant.replicas and variant.ready == len(variant.replicas):
                 return
             if proc is not None and proc.poll() is not None:
                 raise ServingError(
@@ -438,45 +443,38 @@ class LocalServingBackend:
     def _smoke(self, url: str, name: str, variant_id: str, smoke: bytes, classes: list[int]) -> None:
         """One invocation on each replica of the variant, straight to the host."""
         status = self._router_status(url, name)
-        for replica in status["variants"][variant_id]["replicas"] if status else []:
-            check_answer(self._post(replica["url"], smoke), classes)
+        for replica in status.variants[variant_id].replicas if status is not None else ():
+            check_answer(self._post(replica.url, smoke), classes)
 
-    def _with_status(self, record: EndpointRecord, details: dict[str, Any]) -> EndpointRecord:
+    def _with_status(self, record: EndpointRecord) -> EndpointRecord:
         """The record with what the router now runs: variants, weights, replicas."""
-        status = self._router_status(record.url, record.name) or {}
-        variants = status.get("variants", {})
-        current = variants.get(status.get("current"), {})
-        replicas = current.get("replicas", [])
-        weights = {status.get("current"): 100}
-        shadow = None
-        if status.get("candidate") and status["mode"] == "shadow":
-            shadow = status["candidate"]
-        elif status.get("candidate"):
-            weights = {status["current"]: 100 - status["percent"], status["candidate"]: status["percent"]}
+        status = self._router_status(record.url, record.name)
+        serving = status.current_variant if status is not None else None
+        host = serving.replicas[0] if serving is not None and serving.replicas else None
+        shadow = status.candidate if status is not None and status.mode == "shadow" else None
         return dataclasses.replace(
             record,
             details={
                 **record.details,
-                **details,
-                "serving": self._serving(record, replicas[0]["url"]) if replicas else None,
-                "host_url": replicas[0]["url"] if replicas else None,
-                "host_pid": replicas[0]["pid"] if replicas else None,
-                "replicas": len(replicas),
-                "variants": [
-                    {
-                        "id": variant_id,
-                        "model_ref": variant["model_ref"],
-                        "version": variant["version"],
-                        "weight": weights.get(variant_id, 0),
-                        "shadow_percent": status["percent"] if variant_id == shadow else None,
-                        "replicas": len(variant["replicas"]),
-                    }
-                    for variant_id, variant in variants.items()
-                ],
+                "host_url": host.url if host is not None else None,
+                "host_pid": host.pid if host is not None else None,
             },
+            serving=self._serving(record, host.url) if host is not None else None,
+            replicas=len(serving.replicas) if serving is not None else 0,
+            variants=tuple(
+                EndpointVariant(
+                    id=variant_id,
+                    version=variant.version,
+                    model_ref=variant.model_ref,
+                    weight=status.weight(variant_id),
+                    shadow_percent=status.percent if variant_id == shadow else None,
+                    replicas=len(variant.replicas),
+                )
+                for variant_id, variant in (status.variants.items() if status is not None else ())
+            ),
         )
 
-    def _serving(self, record: EndpointRecord, host_url: str) -> dict[str, str] | None:
+    def _serving(self, record: EndpointRecord, host_url: str) -> ServingPath | None:
         """Which forward the serving model's hosts run (their /ping) and why: the optimized form where it passed
         parity and loads, else eager (the endpoint artifact shows it)."""
         try:
@@ -491,17 +489,26 @@ class LocalServingBackend:
             reason = "its optimized form did not load on the host: the host's log says why"
         else:
             reason = f"it passed parity (top-1 agreement {optimized.get('parity', {}).get('top1_agreement')})"
-        return {"path": path, "reason": reason}
+        return ServingPath(path, reason)
 
     # shadow --------------------------------------------------------------------------------
-    def shadow_report(self, name: str) -> dict[str, Any]:
+    def shadow_report(self, name: str) -> ShadowReport:
         """Agreement, latency and errors of the shadow against the current model, and whether to promote it."""
         record = self.describe(name)
         status = self._router_status(record.url, name)
-        if status is None or not status.get("candidate") or status.get("mode") != "shadow":
+        current = status.current_variant if status is not None else None
+        shadow = status.candidate_variant if status is not None and status.mode == "shadow" else None
+        if current is None or shadow is None or record.rollout is None:
             raise ServingError(f"endpoint {name!r} has no shadow running")
-        strategy = RolloutStrategy(**record.details["rollout"]["strategy"])
-        return shadow_verdict(status["variants"][status["current"]], status["variants"][status["candidate"]], strategy)
+        return shadow_verdict(
+            current.traffic,
+            shadow.traffic,
+            record.rollout.strategy,
+            shadow.compared,
+            shadow.agreed,
+            shadow.skipped,
+            record.shadow.started_at if record.shadow else None,
+        )
 
     def promote_shadow(self, name: str) -> EndpointRecord:
         return self._end_shadow(name, promote=True)
@@ -513,37 +520,47 @@ class LocalServingBackend:
         with file_lock(self.runtime_root / name / ".deploy.lock"):
             report = self.shadow_report(name)
             current = self.describe(name)
-            state = json.loads((Path(current.details["workdir"]) / "router.json").read_text())
-            shadow = state["variants"][state["candidate"]]
-            rollout = dict(current.details["rollout"])
+            state = _read_state(Path(current.details["workdir"]))
+            assert state.candidate is not None  # shadow_report checked
+            shadow = state.variants[state.candidate]
+            rollout = current.rollout
+            assert rollout is not None  # shadow_report checked
             if promote:
                 self._promote(current, state)
-                info = read_model_info(Path(shadow["model_dir"]))
+                info = read_model_info(Path(shadow.model_dir))
                 record = dataclasses.replace(
                     current,
-                    model_uri=shadow["model_uri"],
-                    version=shadow["version"],
+                    model_uri=shadow.model_uri,
+                    version=shadow.version,
                     arch=str(info["arch"]),
                     image_size=int(info["image_size"]),
                     classes=[int(count) for count in info["classes"]],
                     deployed_at=now_iso(),
                     previous_model_uri=current.model_uri,
                     previous_version=current.version,
-                    model_ref=shadow["model_ref"],
+                    model_ref=shadow.model_ref,
                     previous_model_ref=current.model_ref,
                 )
             else:
                 self._drop_candidate(current, state)
                 record = current
             verdict = "promoted" if promote else "stopped"
-            rollout.update(
-                verdict=verdict,
-                reason=f"shadow {verdict} by request ({report['reason']})",
-                report=report,
-                steps=[*rollout.get("steps", []), _step(verdict, 100 if promote else 0, metrics=report)],
+            step = _step(
+                verdict,
+                100 if promote else 0,
+                reason=report.reason,
+                current=report.current,
+                candidate=report.shadow,
+                test=report.test,
             )
-            details = {key: value for key, value in record.details.items() if key != "shadow"}
-            record = self._with_status(dataclasses.replace(record, details=details), {"rollout": rollout})
+            rollout = dataclasses.replace(
+                rollout,
+                verdict=verdict,
+                reason=f"shadow {verdict} by request ({report.reason})",
+                report=report,
+                steps=(*rollout.steps, step),
+            )
+            record = self._with_status(dataclasses.replace(record, shadow=None, rollout=rollout))
             self.records.write(record)
             return record
 
@@ -559,7 +576,9 @@ class LocalServingBackend:
             raise ServingError(f"the smoke invocation got {answer.status_code}: {answer.text[:300]}")
         return answer.content
 
-    def _router_status(self, url: str, name: str) -> dict[str, Any] | None:
+    def _router_status(self, url: str, name: str) -> RouterStatus | None:
+        """What the router of ``name`` at ``url`` runs; None when none answers there (or a router from before
+        variants does, which a deploy restarts)."""
         try:
             answer = httpx.get(f"{url}/router/status", timeout=2.0)
         except httpx.TransportError:
@@ -567,7 +586,7 @@ class LocalServingBackend:
         if answer.status_code != 200:
             return None
         status = answer.json()
-        return status if status.get("name") == name else None
+        return RouterStatus.from_dict(status) if status.get("name") == name and "variants" in status else None
 
     def _stop(self, pid: int | None, timeout_s: float | None = None) -> None:
         """SIGTERM a process this backend started (it drains), SIGKILL it if it outstays ``timeout_s``."""
@@ -629,14 +648,34 @@ class LocalServingBackend:
         )
 
 
-def _write_json(path: Path, data: dict) -> None:
-    atomic_write_bytes(path, json.dumps(data).encode())
+def refuse_rollout_at_zero(
+    name: str, strategy: RolloutStrategy, scaling: ScalingConfig, status: RouterStatus | None
+) -> None:
+    """A canary, linear or shadow rollout compares the new model with the running one (``status``: its router's;
+    None when none serves) on live traffic: refused (DeployError) where it scales to zero, or is scaled to zero."""
+    if status is None or strategy.kind == "all-at-once":
+        return
+    if scaling.scales_to_zero:
+        raise DeployError(
+            f"a {strategy.kind} rollout on endpoint {name!r} needs its models running, and min_replicas 0 stops them "
+            "when idle: deploy all at once, or give this deploy min_replicas 1 and set 0 again after"
+        )
+    if status.scaled_to_zero:
+        raise DeployError(
+            f"endpoint {name!r} is scaled to zero, and a {strategy.kind} rollout compares the new model with the "
+            "running one: send it a request first (that starts its host), or deploy all at once"
+        )
 
 
-def _step(action: str, percent: int, **fields: Any) -> dict[str, Any]:
-    """One entry of a rollout report: what happened, when, and the new model's share of traffic after it."""
-    return {"at": now_iso(), "action": action, "percent": percent, **fields}
+def _read_state(workdir: Path) -> RouterState:
+    path = workdir / STATE_FILE
+    return RouterState.from_dict(json.loads(path.read_text()), f"router state file {path}")
 
 
-def _metrics(variant: dict[str, Any]) -> dict[str, Any]:
-    return {key: variant[key] for key in ("requests", "errors", "error_rate", "p99_ms")}
+def _write_state(workdir: Path, state: RouterState) -> None:
+    atomic_write_bytes(workdir / STATE_FILE, json.dumps(state.to_dict()).encode())
+
+
+def _step(action: str, percent: int, **fields: Any) -> RolloutStep:
+    """One entry of a rollout, stamped now."""
+    return RolloutStep(now_iso(), action, percent, **fields)

@@ -20,7 +20,7 @@ import optuna
 from optuna.trial import TrialState
 
 from bincount.contracts.naming import job_name
-from bincount.contracts.training import LogSink, TrainingJob, TrainingJobFailed, TrainingJobSpec
+from bincount.contracts.training import JobCost, LogSink, TrainingJob, TrainingJobFailed, TrainingJobSpec
 from bincount.contracts.tuning import (
     Continuous,
     Integer,
@@ -178,9 +178,12 @@ class LocalTuningBackend:
         tuner = LocalTuner(
             spec.space, spec.max_jobs, spec.max_parallel_jobs, spec.objective_metric, direction, spec.seed
         )
+        costs: list[JobCost] = []  # the trials' CPU seconds
         while not tuner.finished:
             trials = [self._trial(spec, suggestion) for suggestion in tuner.ask()]
             for trial, outcome in zip(trials, run_trials(trials), strict=True):
+                if not isinstance(outcome, BaseException) and outcome.cost is not None:
+                    costs.append(outcome.cost)
                 if isinstance(outcome, BaseException):
                     reason = outcome.job.failure_reason if isinstance(outcome, TrainingJobFailed) else repr(outcome)
                     sink(f"trial {trial.number} failed; the search goes on: {reason}")
@@ -198,6 +201,7 @@ class LocalTuningBackend:
             best_model_uri=best.model_uri,
             trials=tuner.leaderboard(),
             counters=dict(Counter(result.status for result in tuner.results)),
+            cost=JobCost.total(costs),
         )
 
     @staticmethod

@@ -24,6 +24,7 @@ os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 
+import strict_requests
 from sagemaker_moto import BUCKET, REGION, ROLE, MotoSageMaker, model_archive
 from waiting import wait_until
 
@@ -64,7 +65,8 @@ def abid_dir() -> Path:
     expected (``BINCOUNT_REQUIRE_ABID=1``, as CI sets it when ``../shared/data/abid`` exists)."""
     if not (ABID_DIR / "file_list.sample.json").is_file():
         message = (
-            f"the real ABID sample is not at {ABID_DIR} (set BINCOUNT_ABID_SAMPLE to its folder; see README: Tests)"
+            f"the real ABID sample is not at {ABID_DIR} (set BINCOUNT_ABID_SAMPLE to its folder; see "
+            "docs/DEVELOPMENT.md, Tests)"
         )
         if os.environ.get("BINCOUNT_REQUIRE_ABID") == "1":
             pytest.fail(f"{message}; BINCOUNT_REQUIRE_ABID=1 says it must be there", pytrace=False)
@@ -102,6 +104,14 @@ def abid_bucket(abid_dir: Path, s3_server: LoopbackS3) -> dict[str, int]:
             )
     client.put_object(Bucket=ABID_BUCKET, Key="file_list.json", Body=dump_manifest(manifest), ACL="public-read")
     return manifest
+
+
+@pytest.fixture(autouse=True)
+def strict_request_check() -> Iterator[list[str]]:
+    """Every SageMaker, CloudWatch and Application Auto Scaling request of every test, checked against its service
+    model's maximums, patterns and enums (tests/strict_requests.py): one that breaks a rule fails the test."""
+    with strict_requests.checking() as broken:
+        yield broken
 
 
 # --- SageMaker on loopback (moto), shared by the SageMaker test modules ----------------------------

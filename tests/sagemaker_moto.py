@@ -59,6 +59,7 @@ class MotoSageMaker:
 
         self.created: list[str] = []  # training jobs moto was asked to create
         self.scripts: dict[str, list[dict[str, Any]]] = {}  # job -> states to show, one per describe
+        self.billed: dict[str, dict[str, Any]] = {}  # job -> what SageMaker's DescribeTrainingJob adds once it ran
         self.fail_next: dict[str, str] = {}  # failure reason for the next job created
         self.trials: dict[str, list[dict[str, Any]]] = {}  # tuning job -> training job summaries
         self.stopped: list[str] = []
@@ -68,6 +69,12 @@ class MotoSageMaker:
         self.changing: dict[str, list[Any]] = {}  # endpoint -> [describes left, config it moves to]
         self.shadows: dict[str, list[dict[str, Any]]] = {}  # endpoint config -> its ShadowProductionVariants
         self.deployments: dict[str, dict[str, Any]] = {}  # endpoint -> its LastDeploymentConfig
+        # What DescribeEndpoint shows, one per describe, after the endpoint's next UpdateEndpoint, as SageMaker
+        # decides a guarded update's outcome (the last one stays on the endpoint): EndpointStatus, EndpointConfigName
+        # ("old" / "new": the configs the update moves from and to) and FailureReason. Unscripted, an update
+        # completes (or rolls back on an alarm left in ALARM by ``bake``).
+        self.outcomes: dict[str, list[dict[str, Any]]] = {}
+        self.updating: dict[str, dict[str, str]] = {}  # endpoint -> {"old": config, "new": config} while scripted
         # What the bake of a guarded update does to its alarms (called with their names, as the new model's
         # metrics would): an alarm left in ALARM makes SageMaker roll the update back.
         self.bake: Callable[[list[str]], None] | None = None
@@ -103,7 +110,10 @@ class MotoSageMaker:
             job = backend.training_jobs[training_job_name]
             for key, value in script.pop(0).items():
                 setattr(job, key, value)
-        return self.moto["describe_training_job"](backend, training_job_name)
+        return {
+            **self.moto["describe_training_job"](backend, training_job_name),
+            **self.billed.get(training_job_name, {}),
+        }
 
     def create_endpoint(self, backend: Any, endpoint_name: str, **kwargs: Any) -> Any:
         endpoint = self.moto["create_endpoint"](backend, endpoint_name=endpoint_name, **kwargs)
@@ -113,6 +123,17 @@ class MotoSageMaker:
         return endpoint
 
     def describe_endpoint(self, backend: Any, endpoint_name: str) -> Any:
+        configs = self.updating.get(endpoint_name)
+        if configs and endpoint_name in backend.endpoints:  # the next scripted outcome of the update
+            states = self.outcomes[endpoint_name]
+            state = states.pop(0)
+            endpoint = backend.endpoints[endpoint_name]
+            endpoint.endpoint_status = state["EndpointStatus"]
+            config = state.get("EndpointConfigName", "new")
+            endpoint.endpoint_config_name = configs.get(config, config)
+            endpoint.failure_reason = state.get("FailureReason")
+            if not states:  # the outcome is final: later describes (and updates) are moto's again
+                del self.updating[endpoint_name], self.outcomes[endpoint_name]
         change = self.changing.get(endpoint_name)
         if change and endpoint_name in backend.endpoints:
             if change[0] > 0:
@@ -166,8 +187,12 @@ class MotoSageMaker:
             alarms = [alarm["AlarmName"] for alarm in deployment.get("AutoRollbackConfiguration", {}).get("Alarms", [])]
             if self.bake:
                 self.bake(alarms)
-            if any(cloudwatch_state().alarms[name].state_value == "ALARM" for name in alarms):
-                config = endpoint.endpoint_config_name  # rolled back: the old fleet keeps all traffic
+        if endpoint.endpoint_name in self.outcomes:  # SageMaker decides, as the outcomes say
+            self.updating[endpoint.endpoint_name] = {"old": endpoint.endpoint_config_name, "new": config}
+            endpoint.endpoint_status, endpoint.failure_reason = "Updating", None
+            return ActionResult({"EndpointArn": endpoint.arn})
+        if deployment and any(cloudwatch_state().alarms[name].state_value == "ALARM" for name in alarms):
+            config = endpoint.endpoint_config_name  # rolled back: the old fleet keeps all traffic
         if self.fail_updates:  # SageMaker keeps the old config serving and says why
             endpoint.failure_reason = self.fail_updates
         elif self.endpoint_delays:  # the old config serves until the new fleet is up

@@ -44,7 +44,7 @@ from bincount.demo_data import jpeg_bytes, render_bin_image
 from bincount.factory import get_serving_backend, get_training_backend, get_tuning_backend
 from bincount.sagemaker.serving import SageMakerServingBackend
 from bincount.sagemaker.session import SageMakerOptions
-from bincount.sagemaker.training import SageMakerTrainingBackend
+from bincount.sagemaker.training import SageMakerTrainingBackend, price_table
 from bincount.sagemaker.tuning import SageMakerTuningBackend
 from bincount.sagemaker.waiting import (
     TRAINING_JOB,
@@ -230,28 +230,42 @@ def test_tuning_job_request_and_best_hyperparameters_read_back(
             "TunedHyperParameters": {"lr": "0.0421", "batch-size": '"128"', "epochs": "7"},
             "FinalHyperParameterTuningJobObjectiveMetric": {"MetricName": OBJECTIVE_METRIC, "Value": 0.61},
         }
-        spec_best = spec(settings, best_trial)
-        state.create_training_job(
-            training_job_name=best_trial,
-            hyper_parameters={},
-            algorithm_specification={},
-            role_arn=ROLE,
-            input_data_config=[],
-            output_data_config={"S3OutputPath": spec_best.output_uri},
-            resource_config={},
-            vpc_config={},
-            stopping_condition={},
-            tags=[],
-            enable_network_isolation=False,
-            enable_inter_container_traffic_encryption=False,
-            enable_managed_spot_training=False,
-            checkpoint_config={},
-            debug_hook_config={},
-            debug_rule_configurations=[],
-            tensor_board_output_config={},
-            experiment_config={},
-        )
+        for trial in (best_trial, stopped_trial):
+            state.create_training_job(
+                training_job_name=trial,
+                hyper_parameters={},
+                algorithm_specification={},
+                role_arn=ROLE,
+                input_data_config=[],
+                output_data_config={"S3OutputPath": spec(settings, trial).output_uri},
+                resource_config={},
+                vpc_config={},
+                stopping_condition={},
+                tags=[],
+                enable_network_isolation=False,
+                enable_inter_container_traffic_encryption=False,
+                enable_managed_spot_training=False,
+                checkpoint_config={},
+                debug_hook_config={},
+                debug_rule_configurations=[],
+                tensor_board_output_config={},
+                experiment_config={},
+            )
         return arn
+
+    # What SageMaker's DescribeTrainingJob says each trial ran and billed (moto's says neither).
+    stopped_trial = f"{name}-001-aaaa0000"
+    resources = {"InstanceType": "ml.g5.xlarge", "InstanceCount": 1, "VolumeSizeInGB": 30}
+    moto_sagemaker.billed[best_trial] = {
+        "ResourceConfig": resources,
+        "TrainingTimeInSeconds": 1200,
+        "BillableTimeInSeconds": 1200,
+    }
+    moto_sagemaker.billed[stopped_trial] = {
+        "ResourceConfig": resources,
+        "TrainingTimeInSeconds": 300,
+        "BillableTimeInSeconds": 300,
+    }
 
     moto_sagemaker.trials[name] = [
         {
@@ -263,7 +277,7 @@ def test_tuning_job_request_and_best_hyperparameters_read_back(
             "FinalHyperParameterTuningJobObjectiveMetric": {"MetricName": OBJECTIVE_METRIC, "Value": 0.61},
         },
         {
-            "TrainingJobName": f"{name}-001-aaaa0000",
+            "TrainingJobName": stopped_trial,
             "TrainingJobArn": "arn",
             "CreationTime": "2026-01-01T00:00:00Z",
             "TrainingJobStatus": "Stopped",
@@ -312,6 +326,11 @@ def test_tuning_job_request_and_best_hyperparameters_read_back(
         ("Completed", 128),
         ("Stopped", 32),
     ]  # best first
+    # Both trials' billed seconds at the price table's rate for their instance type.
+    hourly = price_table()["per_instance_hour"]["ml.g5.xlarge"]
+    assert result.cost is not None and (result.cost.billed_s, result.cost.jobs) == (1500, 2)
+    assert result.cost.usd == pytest.approx(1500 / 3600 * hourly, abs=1e-3)
+    assert result.cost.summary() == f"${result.cost.usd:.2f} (1 x ml.g5.xlarge, 1500 instance-s billed over 2 jobs)"
 
     # A retried tune task follows the tuning job instead of starting a second one.
     backend.tune(tuning)

@@ -16,9 +16,10 @@ from sagemaker_moto import BUCKET, Captured, MotoSageMaker, prediction, queue_an
 from bincount.capture import capture_prefix
 from bincount.config import Location, Settings
 from bincount.contracts.serving import CaptureConfig, DeployError, EndpointRecord
-from bincount.endpoints import EndpointRecords, now_iso
+from bincount.endpoints import EndpointRecords
 from bincount.factory import get_invocation_metrics, get_serving_backend
 from bincount.loopback_s3 import LoopbackS3
+from bincount.registry import now_iso
 from bincount.sagemaker.metrics import SageMakerInvocationMetrics
 from bincount.sagemaker.serving import SageMakerServingBackend
 from bincount.storage import storage_for
@@ -45,12 +46,12 @@ def test_capture_goes_into_the_endpoint_config_and_stays_across_redeploys(
         "CaptureOptions": [{"CaptureMode": "Input"}, {"CaptureMode": "Output"}],
         "CaptureContentTypeHeader": {"JsonContentTypes": ["application/json"], "CsvContentTypes": ["text/csv"]},
     }
-    assert first.details["capture_uri"] == f"s3://{BUCKET}/bincount/data-capture/{name}/AllTraffic"
+    assert first.capture_uri == f"s3://{BUCKET}/bincount/data-capture/{name}/AllTraffic"
 
     queue_answers(prediction(3))
     second = backend.deploy(name, models[2], "g:2")  # no capture given: the endpoint keeps its setting
     assert captured("CreateEndpointConfig")[1]["DataCaptureConfig"]["InitialSamplingPercentage"] == 25
-    assert second.details["capture"]["sampling_percentage"] == 25
+    assert second.capture and second.capture.sampling_percentage == 25
 
     queue_answers(prediction(3))
     third = backend.deploy(
@@ -58,7 +59,7 @@ def test_capture_goes_into_the_endpoint_config_and_stays_across_redeploys(
     )  # turned off: a new config
     off = captured("CreateEndpointConfig")[2]
     assert "DataCaptureConfig" not in off and third.details["endpoint_config"] != second.details["endpoint_config"]
-    assert third.details["capture"] is None
+    assert third.capture is None
     backend.delete(name)
 
 

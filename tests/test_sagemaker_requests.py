@@ -71,9 +71,9 @@ def test_a_canary_on_one_instance_runs_ten_for_the_rollout_and_goes_back_to_one(
         "UpdateEndpoint",
         "UpdateEndpointWeightsAndCapacities",  # after the update: back to the endpoint's own count
     ]
-    assert record.details["instance_count"] == 1
-    assert record.details["rollout"]["verdict"] == "completed"
-    assert record.details["rollout"]["traffic_steps"] == {
+    assert record.replicas == 1
+    assert record.rollout and record.rollout.verdict == "completed"
+    assert record.rollout.backend["traffic_steps"] == {
         "instances": 10,
         "batch": 1,
         "serving": 1,

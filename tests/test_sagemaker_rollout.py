@@ -88,7 +88,7 @@ def test_canary_rolls_back_on_its_alarm_then_completes_and_linear_and_scaling_fo
     assert sagemaker("UpdateEndpoint") == [] and len(sagemaker("CreateEndpoint")) == 1
     (config,) = sagemaker("CreateEndpointConfig")
     assert config["ProductionVariants"][0]["InitialInstanceCount"] == 2
-    assert first.details["rollout"]["verdict"] == "started" and first.details["instance_count"] == 2
+    assert first.rollout and first.rollout.verdict == "started" and first.replicas == 2
     (target,), (policy,) = scaling_state(backend, name)
     assert (target["MinCapacity"], target["MaxCapacity"], target["ScalableDimension"]) == (2, 4, TARGET)
     assert policy["PolicyType"] == "TargetTrackingScaling"
@@ -123,12 +123,11 @@ def test_canary_rolls_back_on_its_alarm_then_completes_and_linear_and_scaling_fo
         "AutoRollbackConfiguration": {"Alarms": [{"AlarmName": errors_alarm}, {"AlarmName": latency_alarm}]},
     }
     assert "RetainAllVariantProperties" not in update  # the canary's 10 instances, not autoscaling's 2
-    assert (
-        rolled.details["rollout"]["verdict"] == "rolled-back" and latency_alarm in rolled.details["rollout"]["reason"]
-    )
+    assert rolled.rollout and rolled.rollout.verdict == "rolled-back" and latency_alarm in rolled.rollout.reason
+    assert [(step.action, step.percent) for step in rolled.rollout.steps] == [("rolled-back", 0)]
     assert (rolled.version, rolled.model_ref) == (first.version, "g:1")
     assert sagemaker_state().endpoints[name].endpoint_config_name == first.details["endpoint_config"]
-    assert backend.describe(name).details["rollout"]["verdict"] == "rolled-back"
+    assert backend.describe(name).rollout == rolled.rollout
 
     # The alarms CloudWatch holds: the variant's dimensions, thresholds from the baseline and the strategy.
     cloudwatch("PutMetricAlarm"), cloudwatch("GetMetricData")
@@ -158,11 +157,11 @@ def test_canary_rolls_back_on_its_alarm_then_completes_and_linear_and_scaling_fo
     moto_sagemaker.bake = None
     queue_answers(prediction(3))
     second = backend.deploy(name, models[2], "g:2", strategy=canary)
-    assert second.details["rollout"]["verdict"] == "completed" and second.previous_version == first.version
+    assert second.rollout and second.rollout.verdict == "completed" and second.previous_version == first.version
     assert sagemaker_state().endpoints[name].endpoint_config_name == second.details["endpoint_config"]
     assert (
         backend.client.describe_endpoint(EndpointName=name)["LastDeploymentConfig"]
-        == second.details["rollout"]["deployment_config"]
+        == second.rollout.backend["deployment_config"]
     )
 
     # Linear steps; a fixed count (min == max) deregisters autoscaling.
@@ -182,7 +181,7 @@ def test_canary_rolls_back_on_its_alarm_then_completes_and_linear_and_scaling_fo
         "WaitIntervalInSeconds": 60,
         "LinearStepSize": {"Type": "INSTANCE_COUNT", "Value": 1},  # 1 of 4 instances: 25%
     }
-    assert third.details["rollout"]["verdict"] == "completed" and scaling_state(backend, name) == ([], [])
+    assert third.rollout and third.rollout.verdict == "completed" and scaling_state(backend, name) == ([], [])
     autoscaling("DeleteScalingPolicy"), autoscaling("DeregisterScalableTarget")
 
     # Outside SageMaker's limits: a clear error before anything is asked of any API that changes something.
@@ -229,34 +228,39 @@ def test_shadow_runs_beside_the_model_reports_and_is_promoted_or_stopped(
         1.0,
     )
     assert (shadow["VariantName"], shadow["InitialVariantWeight"]) == ("Shadow", 0.25)
-    assert shadow["ModelName"] == shadowed.details["shadow"]["model_name"] != first.details["model_name"]
+    assert shadowed.shadow is not None
+    assert shadow["ModelName"] == shadowed.shadow.backend["model_name"] != first.details["model_name"]
     described = backend.client.describe_endpoint(EndpointName=name)
     assert described["EndpointConfigName"] == shadowed.details["endpoint_config"]
     assert described["ShadowProductionVariants"][0]["VariantName"] == "Shadow"
     # Users' answers still come from the current model: the record names it, the shadow beside it.
-    assert (shadowed.version, shadowed.details["rollout"]["verdict"]) == (first.version, "shadowing")
-    assert [v["name"] for v in shadowed.details["variants"]] == ["AllTraffic", "Shadow"]
+    assert shadowed.rollout and (shadowed.version, shadowed.rollout.verdict) == (first.version, "shadowing")
+    assert [(v.id, v.model_ref, v.weight, v.shadow_percent) for v in shadowed.variants] == [
+        ("AllTraffic", "g:1", 100, None),
+        ("Shadow", "g:2", 0, 25),
+    ]
 
     # The report reads both variants' CloudWatch metrics: too little traffic on the shadow, then a slow shadow.
-    early = backend.describe(name).details["shadow"]["report"]
-    assert not early["promote"] and "requests reached the shadow" in early["reason"]
+    early = backend.shadow_report(name)
+    assert not early.promote and "requests reached the shadow" in early.reason
     traffic(backend, name, "AllTraffic", [100.0] * 40, errors=0)
     traffic(backend, name, "Shadow", [300.0] * 10, errors=0)
-    report = backend.describe(name).details["shadow"]["report"]
-    assert report["requests"] == {"current": 40, "shadow": 10}
-    assert not report["promote"] and "p99 latency 300 ms is over x1.5 the current 100 ms" in report["reason"]
-    assert report["test"]["needed"] == {"new": 10, "current": 25} and report["test"]["p_value"] == 1.0
+    report = backend.shadow_report(name)
+    assert (report.current.requests, report.shadow.requests) == (40, 10) and report.compared == 0
+    assert not report.promote and "p99 latency 300 ms is over x1.5 the current 100 ms" in report.reason
+    assert report.test and (report.test.needed_new, report.test.needed_current, report.test.p_value) == (10, 25, 1.0)
 
     promoted = backend.promote_shadow(name)
     assert (promoted.version, promoted.previous_version, promoted.model_ref) == (
-        shadowed.details["shadow"]["version"],
+        shadowed.shadow.version,
         first.version,
         "g:2",
     )
-    assert promoted.details["rollout"]["verdict"] == "promoted" and not promoted.details["rollout"]["report"]["promote"]
+    assert promoted.rollout and promoted.rollout.verdict == "promoted"
+    assert promoted.rollout.report and not promoted.rollout.report.promote
     now_serving = backend.client.describe_endpoint_config(EndpointConfigName=promoted.details["endpoint_config"])
     assert now_serving["ProductionVariants"][0]["ModelName"] == shadow["ModelName"]
-    assert "ShadowProductionVariants" not in now_serving and "shadow" not in promoted.details
+    assert "ShadowProductionVariants" not in now_serving and promoted.shadow is None
     with pytest.raises(ServingError, match="has no shadow: deploy a model to it with strategy kind 'shadow'"):
         backend.promote_shadow(name)
 
@@ -265,7 +269,7 @@ def test_shadow_runs_beside_the_model_reports_and_is_promoted_or_stopped(
     assert sagemaker("CreateEndpointConfig")[-1]["ShadowProductionVariants"][0]["InitialVariantWeight"] == 1.0
     queue_answers(prediction(2))
     stopped = backend.stop_shadow(name)
-    assert (stopped.version, stopped.details["rollout"]["verdict"]) == (promoted.version, "stopped")
+    assert stopped.rollout and (stopped.version, stopped.rollout.verdict) == (promoted.version, "stopped")
     assert sagemaker_state().endpoints[name].endpoint_config_name == promoted.details["endpoint_config"]
     backend.delete(name)
 
@@ -297,7 +301,6 @@ def test_all_at_once_without_traffic_has_no_latency_baseline_and_drops_a_stale_l
     }
     assert deployment["AutoRollbackConfiguration"] == {"Alarms": [{"AlarmName": f"{name}-bincount-5xx"}]}
     assert backend.guardrails.cloudwatch.describe_alarms(AlarmNames=[stale])["MetricAlarms"] == []
-    assert (
-        record.details["rollout"]["verdict"] == "completed" and record.details["rollout"]["baseline"]["requests"] == 0
-    )
+    assert record.rollout and record.rollout.verdict == "completed"
+    assert record.rollout.backend["baseline"]["requests"] == 0
     backend.delete(name)

@@ -85,16 +85,69 @@ class JobCost:
     usd: float | None = None
     on_demand_usd: float | None = None
     price_source: str | None = None
+    jobs: int = 1  # a tuning job's cost sums its trials' jobs
 
     def summary(self) -> str:
         """One line for a run summary, e.g. ``"$0.12 (1 x ml.g5.xlarge, 310 s billed; spot saved $0.25)"``."""
+        over = f" over {self.jobs} jobs" if self.jobs > 1 else ""
         if self.unit == "cpu-seconds":
-            return f"{self.billed_s / 60:.1f} CPU minutes (local)"
-        used = f"{self.instance_count} x {self.instance_type}, {self.billed_s:.0f} instance-s billed"
+            return f"{self.billed_s / 60:.1f} CPU minutes (local{over})"
+        used = f"{self.instance_count} x {self.instance_type}, {self.billed_s:.0f} instance-s billed{over}"
         if self.usd is None:
             return f"{used}; no price for {self.instance_type} in the price table"
         saved = (self.on_demand_usd or 0.0) - self.usd
         return f"${self.usd:.2f} ({used}" + (f"; spot saved ${saved:.2f})" if saved > 0.005 else ")")
+
+    @classmethod
+    def total(cls, costs: list[JobCost]) -> JobCost | None:
+        """The sum of several jobs' costs (a tuning job's trials), priced only if every one of them is; None for none.
+
+        Raises:
+            ValueError: the jobs ran on different instance types or units (their sum would say one type).
+        """
+        if not costs:
+            return None
+        first = costs[0]
+        if any(
+            (c.unit, c.instance_type, c.instance_count) != (first.unit, first.instance_type, first.instance_count)
+            for c in costs
+        ):
+            raise ValueError("jobs on different instances or units cannot be summed into one cost: sum them by type")
+        priced = all(c.usd is not None for c in costs)
+        return cls(
+            billed_s=sum(c.billed_s for c in costs),
+            unit=first.unit,
+            instance_type=first.instance_type,
+            instance_count=first.instance_count,
+            usd=round(sum(c.usd or 0.0 for c in costs), 4) if priced else None,
+            on_demand_usd=round(sum(c.on_demand_usd or 0.0 for c in costs), 4) if priced else None,
+            price_source=first.price_source,
+            jobs=sum(c.jobs for c in costs),
+        )
+
+
+@dataclass(frozen=True)
+class EndpointCost:
+    """What a SageMaker endpoint has cost since its current config went in service: ``instances`` x ``hours`` x the
+    price table's hourly rate (``usd`` None where the table has no price). A serverless endpoint bills per request's
+    compute, which only the bill (Cost Explorer by tag) says: ``instance_type`` None, no hours."""
+
+    endpoint: str
+    instance_type: str | None
+    instances: int
+    since: str
+    hours: float
+    usd: float | None = None
+    price_source: str | None = None
+
+    def summary(self) -> str:
+        """One line, e.g. ``"$0.35 (1 x ml.m5.large for 3.0 h since 2026-12-07T18:00:00+00:00)"``."""
+        if self.instance_type is None:
+            return f"serverless since {self.since}: billed per request's compute time (Cost Explorer by tag)"
+        used = f"{self.instances} x {self.instance_type} for {self.hours:.1f} h since {self.since}"
+        if self.usd is None:
+            return f"{used}; no price for {self.instance_type} in the price table"
+        return f"${self.usd:.2f} ({used})"
 
 
 @dataclass

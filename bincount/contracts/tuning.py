@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Protocol
 
-from bincount.contracts.training import LogSink, TrainingJob, TrainingJobSpec
+from bincount.contracts.training import JobCost, LogSink, TrainingJob, TrainingJobSpec
 
 
 @dataclass(frozen=True)
@@ -135,6 +135,7 @@ class TuningResult:
     best_model_uri: str | None
     trials: list[TrialResult] = field(default_factory=list)
     counters: dict[str, int] = field(default_factory=dict)
+    cost: JobCost | None = None  # every trial's job together; None where the backend did not say
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

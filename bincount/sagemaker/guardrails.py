@@ -36,7 +36,7 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
-from bincount.contracts.serving import DeployError, RolloutStrategy, ScalingConfig
+from bincount.contracts.serving import DeployError, RolloutStrategy, ScalingConfig, TrafficStats
 
 VARIANT = "AllTraffic"  # the SageMaker SDK's name for an endpoint config's one production variant
 SHADOW_VARIANT = "Shadow"
@@ -189,7 +189,7 @@ class Guardrails:
         self.cloudwatch, self.autoscaling = cloudwatch, autoscaling
 
     # metrics -------------------------------------------------------------------------------
-    def variant_metrics(self, endpoint: str, variant: str, start: dt.datetime, end: dt.datetime) -> dict[str, Any]:
+    def variant_metrics(self, endpoint: str, variant: str, start: dt.datetime, end: dt.datetime) -> TrafficStats:
         """One variant's invocations, 5xx errors and p99 model latency (ms) between ``start`` and ``end``, in one
         period from ``start``'s minute to the minute past ``end`` (CloudWatch's periods are whole minutes)."""
         start = start.replace(second=0, microsecond=0)
@@ -225,19 +225,16 @@ class Guardrails:
         invocations = int(sum(values.get("invocations", [])))
         errors = int(sum(values.get("errors", [])))
         latencies = values.get("latency", [])
-        return {
-            "requests": invocations,
-            "errors": errors,  # 5xx
-            "p99_ms": round(max(latencies) / 1000, 3) if latencies else None,  # ModelLatency is in µs
-        }
+        p99_ms = round(max(latencies) / 1000, 3) if latencies else None  # ModelLatency is in µs
+        return TrafficStats(requests=invocations, errors=errors, p99_ms=p99_ms)  # errors: 5xx
 
     # alarms --------------------------------------------------------------------------------
-    def ensure_alarms(self, endpoint: str, strategy: RolloutStrategy) -> tuple[list[str], dict[str, Any]]:
+    def ensure_alarms(self, endpoint: str, strategy: RolloutStrategy) -> tuple[list[str], TrafficStats]:
         """Write the endpoint's alarms for ``strategy``; their names, and the baseline they were derived from."""
         now = dt.datetime.now(dt.UTC)
         baseline = self.variant_metrics(endpoint, VARIANT, now - dt.timedelta(seconds=BASELINE_S), now)
         errors_name, latency_name = alarm_names(endpoint)
-        current_rate = baseline["errors"] / baseline["requests"] if baseline["requests"] else 0.0
+        current_rate = baseline.error_rate
         error_threshold = current_rate + strategy.max_error_rate_increase
         metric = {"Namespace": NAMESPACE, "Dimensions": dimensions(endpoint)}
         self.cloudwatch.put_metric_alarm(
@@ -279,10 +276,10 @@ class Guardrails:
             TreatMissingData="notBreaching",
         )
         names = [errors_name]
-        if baseline["p99_ms"] is None:
+        if baseline.p99_ms is None:
             self.cloudwatch.delete_alarms(AlarmNames=[latency_name])  # a stale threshold must not linger
         else:
-            threshold_us = baseline["p99_ms"] * 1000 * strategy.max_latency_ratio
+            threshold_us = baseline.p99_ms * 1000 * strategy.max_latency_ratio
             self.cloudwatch.put_metric_alarm(
                 AlarmName=latency_name,
                 AlarmDescription=(

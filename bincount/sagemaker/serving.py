@@ -27,7 +27,7 @@ import datetime as dt
 import json
 import logging
 import tempfile
-from dataclasses import replace
+from dataclasses import asdict, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -50,14 +50,22 @@ from bincount.contracts.serving import (
     DeployError,
     EndpointNotFoundError,
     EndpointRecord,
+    EndpointVariant,
     ProgressFn,
+    Rollout,
+    RolloutStep,
     RolloutStrategy,
+    RolloutVerdict,
     ScalingConfig,
     ServingError,
+    ShadowReport,
+    ShadowVariant,
+    TrafficStats,
     check_answer,
 )
-from bincount.endpoints import EndpointRecords, now_iso, recorded_capture, shadow_verdict, smoke_image
+from bincount.endpoints import EndpointRecords, recorded_capture, shadow_verdict, smoke_image
 from bincount.models import fetch_model
+from bincount.registry import now_iso
 from bincount.sagemaker.guardrails import (
     SHADOW_VARIANT,
     VARIANT,
@@ -68,6 +76,7 @@ from bincount.sagemaker.guardrails import (
     deployment_config,
     traffic_steps,
 )
+from bincount.sagemaker.serverless import capacity, check_serverless
 from bincount.sagemaker.session import (
     RETRIES,
     SageMakerBackendBase,
@@ -95,12 +104,6 @@ JSON = "application/json"
 IMAGE = "application/x-image"
 
 
-def recorded_scaling(record: EndpointRecord | None) -> ScalingConfig | None:
-    """The scaling an endpoint was last deployed with (None: never given, a fixed ``deploy_instance_count``)."""
-    recorded = record.details.get("scaling") if record else None
-    return ScalingConfig(**recorded) if recorded else None
-
-
 def replaced_model(stored: EndpointRecord | None, version: str) -> tuple[str | None, str | None, str | None]:
     """The (model URI, version, ref) a deploy of ``version`` replaces; a retried deploy of the same weights keeps
     what they replaced."""
@@ -111,10 +114,23 @@ def replaced_model(stored: EndpointRecord | None, version: str) -> tuple[str | N
     return stored.previous_model_uri, stored.previous_version, stored.previous_model_ref
 
 
-def rollout(strategy: RolloutStrategy, verdict: str, reason: str, **facts: Any) -> dict[str, Any]:
-    """``details["rollout"]``, as the local backend writes it: the last strategy and its verdict (started,
-    completed, rolled-back, shadowing, promoted, stopped)."""
-    return {"strategy": strategy.to_dict(), "verdict": verdict, "reason": reason, "at": now_iso(), **facts}
+ROLLOUT_STEPS: dict[str, tuple[str, int]] = {  # verdict: the step it makes, and the new model's share after it
+    "started": ("started", 100),
+    "completed": ("promoted", 100),
+    "rolled-back": ("rolled-back", 0),
+    "promoted": ("promoted", 100),
+    "stopped": ("stopped", 0),
+}
+
+
+def rollout(
+    strategy: RolloutStrategy, verdict: RolloutVerdict, reason: str, report: ShadowReport | None = None, **facts: Any
+) -> Rollout:
+    """The record's rollout: one step (SageMaker moves the traffic itself), and ``facts`` SageMaker's own (the
+    DeploymentConfig, the alarms' baseline, the traffic steps in instances)."""
+    action, percent = ROLLOUT_STEPS.get(verdict, ("shadow", strategy.traffic_percent))
+    step = RolloutStep(now_iso(), action, percent, reason=reason)
+    return Rollout(strategy, verdict, reason, (step,), report, {key: value for key, value in facts.items() if value})
 
 
 def smoke_request(image_size: int) -> bytes:
@@ -231,6 +247,7 @@ class SageMakerServingBackend(SageMakerBackendBase):
             [model_name, instance_type, str(count)]
             + ([json.dumps(capture_config, sort_keys=True)] if capture_config else [])
             + ([shadow[0], str(shadow[1])] if shadow else [])
+            + ([json.dumps(self.options.serverless(), sort_keys=True)] if self.options.serverless() else [])
         )
         name = check_name(f"{endpoint_name[:40]}-{short_hash(*key)}", "endpoint-config")
         try:
@@ -244,8 +261,7 @@ class SageMakerServingBackend(SageMakerBackendBase):
             return {
                 "VariantName": variant_name,
                 "ModelName": model,
-                "InitialInstanceCount": count,
-                "InstanceType": instance_type,
+                **capacity(self.options.serverless(), instance_type, count),
                 "InitialVariantWeight": weight,
             }
 
@@ -274,7 +290,7 @@ class SageMakerServingBackend(SageMakerBackendBase):
 
     # records -------------------------------------------------------------------------------
     def describe(self, name: str) -> EndpointRecord:
-        """The record; while a shadow runs, ``details["shadow"]["report"]`` is read fresh from CloudWatch."""
+        """The record (:meth:`shadow_report` says how a shadow does)."""
         check_endpoint_name(name)
         record = self.records.read(name)
         if describe_or_none(self.client, ENDPOINT, name) is None:
@@ -284,29 +300,24 @@ class SageMakerServingBackend(SageMakerBackendBase):
                 f"endpoint {name!r} exists on SageMaker but has no record at {self.records.uri(name)}: deploy it "
                 "with bincount"
             )
-        if record.details.get("shadow"):
-            record.details["shadow"]["report"] = self.shadow_report(record)
         return record
 
-    def shadow_report(self, record: EndpointRecord) -> dict[str, Any]:
+    def shadow_report(self, name: str) -> ShadowReport:
         """Both variants' CloudWatch metrics since the shadow started, and whether to promote the shadow (the
         local backend's report and rule: :func:`bincount.endpoints.shadow_verdict`).
 
         Agreement is not measured on SageMaker: it needs both variants' answers to the same requests.
         """
-        shadow = record.details["shadow"]
-        start, end = dt.datetime.fromisoformat(shadow["started_at"]), dt.datetime.now(dt.UTC)
+        record, shadow, strategy = self._shadowed(name)
+        start, end = dt.datetime.fromisoformat(shadow.started_at), dt.datetime.now(dt.UTC)
         try:
             production = self.guardrails.variant_metrics(record.name, VARIANT, start, end)
             candidate = self.guardrails.variant_metrics(record.name, SHADOW_VARIANT, start, end)
         except ClientError as error:
-            return {"compared": 0, "agreement": None, "promote": False, "reason": f"CloudWatch did not answer: {error}"}
-        report = shadow_verdict(production, candidate, RolloutStrategy(**shadow["strategy"]))
-        return {
-            "since": shadow["started_at"],
-            "versions": {"current": record.version, "shadow": shadow["version"]},
-            **report,
-        }
+            none = TrafficStats()
+            reason = f"CloudWatch did not answer: {error}"
+            return ShadowReport(none, none, 0, None, 0, promote=False, reason=reason, since=shadow.started_at)
+        return shadow_verdict(production, candidate, strategy, since=shadow.started_at)
 
     # deploy --------------------------------------------------------------------------------
     def deploy(
@@ -324,7 +335,7 @@ class SageMakerServingBackend(SageMakerBackendBase):
         ``deploy_instance_count`` instances). ``strategy`` None is a plain UpdateEndpoint (SageMaker's
         blue/green, all at once); all-at-once, canary and linear add a DeploymentConfig whose bakes the
         project's alarms watch (module :mod:`bincount.sagemaker.guardrails`): a rollback SageMaker makes
-        when one fires is returned, with ``details["rollout"]["verdict"] == "rolled-back"`` and the record of the
+        when one fires is returned, with ``rollout.verdict == "rolled-back"`` and the record of the
         model that still serves. A shadow adds the model as the endpoint's shadow variant.
 
         Raises:
@@ -333,6 +344,8 @@ class SageMakerServingBackend(SageMakerBackendBase):
                 An updated endpoint has been rolled back to its previous config (the message says
                 so, or, if even that failed, what to run); a new one is left as it is, and the
                 message says how to delete it.
+            ValueError: a serverless endpoint (``serverless_memory_mb``) was asked for what SageMaker serverless
+                lacks (data capture, a strategy, autoscaling); nothing was changed.
         """
         check_endpoint_name(name)
         if strategy is not None:
@@ -340,7 +353,8 @@ class SageMakerServingBackend(SageMakerBackendBase):
         info, version = self._model(model_uri)
         stored = self.records.read(name)
         capture = capture or recorded_capture(stored)
-        scaling = scaling or recorded_scaling(stored)
+        scaling = scaling or (stored.scaling if stored else None)
+        check_serverless(self.options.serverless(), capture, strategy, scaling)
         current = describe_or_none(self.client, ENDPOINT, name)
         if strategy is not None and strategy.kind == "shadow" and current is not None:
             return self._start_shadow(
@@ -398,30 +412,31 @@ class SageMakerServingBackend(SageMakerBackendBase):
             previous_version=previous[1],
             model_ref=model_ref,
             previous_model_ref=previous[2],
+            scaling=scaling,
+            capture=capture if capture.enabled else None,
+            capture_uri=capture_prefix(self.settings.artifact_root, name) if capture.enabled else None,
+            replicas=count,
+            variants=(EndpointVariant(VARIANT, version, model_ref, 100, replicas=count),),
+            rollout=rollout(
+                strategy or RolloutStrategy(),
+                "started" if previous_config is None else "completed",
+                "no model was serving: the endpoint starts on this one"
+                if previous_config is None
+                else "no alarm fired during the bakes"
+                if guard
+                else "the new model answered its smoke request",
+                deployment_config=guard["deployment_config"] if guard else None,
+                baseline=guard["baseline"] if guard else None,
+                traffic_steps=steps.to_dict() if steps else None,
+            ),
             details={
                 "endpoint_arn": description.get("EndpointArn"),
                 "endpoint_config": config_name,
                 "previous_endpoint_config": previous_config,
                 "model_name": model_name,
                 "instance_type": self.options.deploy_instance_type,
-                "instance_count": count,
-                "scaling": scaling.to_dict() if scaling else None,
-                "capture": capture.to_dict() if capture.enabled else None,
-                "capture_uri": capture_prefix(self.settings.artifact_root, name) if capture.enabled else None,
-                "variants": [{"name": VARIANT, "model_version": version, "weight": 100}],
+                "serverless": self.options.serverless(),
                 "alarms": guard["alarms"] if guard else (stored.details.get("alarms") if stored else None),
-                "rollout": rollout(
-                    strategy or RolloutStrategy(),
-                    "started" if previous_config is None else "completed",
-                    "no model was serving: the endpoint starts on this one"
-                    if previous_config is None
-                    else "no alarm fired during the bakes"
-                    if guard
-                    else "the new model answered its smoke request",
-                    deployment_config=guard["deployment_config"] if guard else None,
-                    baseline=guard["baseline"] if guard else None,
-                    traffic_steps=steps.to_dict() if steps else None,
-                ),
             },
         )
         self.records.write(record)
@@ -470,7 +485,7 @@ class SageMakerServingBackend(SageMakerBackendBase):
         moving ``steps`` (returned: the strategy, the alarms, their baseline, the DeploymentConfig, how long its
         bakes take and when it started)."""
         request: dict[str, Any] = {"EndpointName": name, "EndpointConfigName": config_name}
-        recorded = recorded_scaling(stored)
+        recorded = stored.scaling if stored else None
         if recorded is not None and recorded.autoscaling and not (steps and steps.raised):
             # Keep the instances autoscaling has added; a rollout that needs more instances gets its config's count.
             request["RetainAllVariantProperties"] = True
@@ -482,7 +497,7 @@ class SageMakerServingBackend(SageMakerBackendBase):
                 "bakes_s": bake_total_s(strategy, steps),
                 "strategy": strategy,
                 "alarms": alarms,
-                "baseline": baseline,
+                "baseline": asdict(baseline),
                 "deployment_config": request["DeploymentConfig"],
                 "since": dt.datetime.now(dt.UTC),
             }
@@ -558,12 +573,17 @@ class SageMakerServingBackend(SageMakerBackendBase):
                 f"the {strategy.kind} update of endpoint {name!r} rolled back ({reason}), and the endpoint has no "
                 f"record at {self.records.uri(name)}: deploy its model with bincount to record it"
             )
-        details = {
-            **stored.details,
-            "alarms": guard["alarms"],
-            "rollout": rollout(strategy, "rolled-back", reason, baseline=guard["baseline"]),
-        }
-        record = replace(stored, details=details)
+        record = replace(
+            stored,
+            details={**stored.details, "alarms": guard["alarms"]},
+            rollout=rollout(
+                strategy,
+                "rolled-back",
+                reason,
+                baseline=guard["baseline"],
+                deployment_config=description.get("LastDeploymentConfig") or guard["deployment_config"],
+            ),
+        )
         self.records.write(record)
         return record
 
@@ -619,55 +639,47 @@ class SageMakerServingBackend(SageMakerBackendBase):
             raise self._failed(
                 name, f"shadow model {model_uri} (version {version})", error, previous_config, stored
             ) from None
-        shadow = {
-            "model_uri": model_uri,
-            "version": version,
-            "model_ref": model_ref,
-            "model_name": shadow_model,
-            "variant": SHADOW_VARIANT,
-            "sampling_percent": strategy.traffic_percent,
-            "strategy": strategy.to_dict(),
-            "started_at": now_iso(),
-        }
-        details = {
-            **stored.details,
-            "endpoint_config": config_name,
-            "previous_endpoint_config": previous_config,
-            "capture": capture.to_dict() if capture.enabled else None,
-            "capture_uri": capture_prefix(self.settings.artifact_root, name) if capture.enabled else None,
-            "shadow": shadow,
-            "variants": [
-                {"name": VARIANT, "model_version": stored.version, "weight": 100},
-                {
-                    "name": SHADOW_VARIANT,
-                    "model_version": version,
-                    "weight": 0,
-                    "copied_percent": strategy.traffic_percent,
-                },
-            ],
-            "rollout": rollout(
+        count = self._instance_count(scaling)
+        record = replace(
+            stored,
+            details={**stored.details, "endpoint_config": config_name, "previous_endpoint_config": previous_config},
+            capture=capture if capture.enabled else None,
+            capture_uri=capture_prefix(self.settings.artifact_root, name) if capture.enabled else None,
+            shadow=ShadowVariant(
+                SHADOW_VARIANT,
+                model_uri,
+                version,
+                model_ref,
+                strategy.traffic_percent,
+                now_iso(),
+                {"model_name": shadow_model},
+            ),
+            variants=(
+                EndpointVariant(VARIANT, stored.version, stored.model_ref, 100, replicas=count),
+                EndpointVariant(SHADOW_VARIANT, version, model_ref, 0, strategy.traffic_percent, count),
+            ),
+            rollout=rollout(
                 strategy,
                 "shadowing",
                 f"{strategy.traffic_percent}% of requests are copied to model version {version}; users' answers still "
                 f"come from version {stored.version}",
             ),
-            "instance_count": self._instance_count(scaling),
-            "scaling": scaling.to_dict() if scaling else None,
-        }
-        record = replace(stored, details=details)
+            replicas=count,
+            scaling=scaling,
+        )
         self.records.write(record)
         if scaling is not None:
             self.guardrails.apply_scaling(name, scaling)
         return record
 
-    def _shadowed(self, name: str) -> tuple[EndpointRecord, dict[str, Any]]:
+    def _shadowed(self, name: str) -> tuple[EndpointRecord, ShadowVariant, RolloutStrategy]:
         check_endpoint_name(name)
         record = self.records.read(name)
-        if record is None or not record.details.get("shadow"):
+        if record is None or record.shadow is None or record.rollout is None:
             raise ServingError(
                 f"endpoint {name!r} has no shadow: deploy a model to it with strategy kind 'shadow' first"
             )
-        return record, record.details["shadow"]
+        return record, record.shadow, record.rollout.strategy
 
     def promote_shadow(self, name: str) -> EndpointRecord:
         """The shadow's model becomes the one that answers (a plain update from the shadow config; a failure
@@ -679,15 +691,17 @@ class SageMakerServingBackend(SageMakerBackendBase):
         return self._end_shadow(name, promote=False)
 
     def _end_shadow(self, name: str, promote: bool) -> EndpointRecord:
-        stored, shadow = self._shadowed(name)
-        report = self.shadow_report(stored)
-        kept = (shadow["model_uri"], shadow["model_ref"]) if promote else (stored.model_uri, stored.model_ref)
-        record = self.deploy(name, *kept)
-        record.details["rollout"] = rollout(
-            RolloutStrategy(**stored.details["rollout"]["strategy"]),
-            "promoted" if promote else "stopped",
-            f"the shadow model version {shadow['version']} " + ("answers now" if promote else "was stopped"),
-            report=report,
+        stored, shadow, strategy = self._shadowed(name)
+        report = self.shadow_report(name)
+        kept = (shadow.model_uri, shadow.model_ref) if promote else (stored.model_uri, stored.model_ref)
+        record = replace(
+            self.deploy(name, *kept),
+            rollout=rollout(
+                strategy,
+                "promoted" if promote else "stopped",
+                f"the shadow model version {shadow.version} " + ("answers now" if promote else "was stopped"),
+                report,
+            ),
         )
         self.records.write(record)
         return record
@@ -731,25 +745,31 @@ class SageMakerServingBackend(SageMakerBackendBase):
             f"--endpoint-config-name {previous_config}` once the endpoint is InService, or delete it "
             f"(`BINCOUNT_PROFILE=aws bincount delete-endpoint {name}`) and deploy the previous model again"
         )
+        status = None
         try:
             current = self._wait(name)
-            if current["EndpointConfigName"] == previous_config and current["EndpointStatus"] == "InService":
+            status = current["EndpointStatus"]
+            if current["EndpointConfigName"] == previous_config and status == "InService":
                 logger.warning(
                     "endpoint %s is back on config %s (SageMaker rolled the update back)", name, previous_config
                 )
                 return
-            if current["EndpointStatus"] != "InService":
-                raise ServingError(
-                    f"it is {current['EndpointStatus']}: {current.get('FailureReason') or 'no FailureReason given'}"
-                )
-            logger.warning("rolling endpoint %s back to config %s", name, previous_config)
+            # UpdateRollbackFailed: SageMaker's own rollback failed, and the endpoint serves a mix of both configs; an
+            # update to one config settles it. Any other status but InService takes no update (Failed: only a delete).
+            if status not in ("InService", "UpdateRollbackFailed"):
+                raise ServingError(f"it is {status}: {current.get('FailureReason') or 'no FailureReason given'}")
+            logger.warning("rolling endpoint %s (%s) back to config %s", name, status, previous_config)
             self.client.update_endpoint(EndpointName=name, EndpointConfigName=previous_config)
             rolled = self._wait(name)
-            if rolled["EndpointStatus"] != "InService" or rolled["EndpointConfigName"] != previous_config:
-                raise ServingError(
-                    f"it is {rolled['EndpointStatus']}: {rolled.get('FailureReason') or 'no FailureReason given'}"
-                )
+            status = rolled["EndpointStatus"]
+            if status != "InService" or rolled["EndpointConfigName"] != previous_config:
+                raise ServingError(f"it is {status}: {rolled.get('FailureReason') or 'no FailureReason given'}")
         except (ServingError, ClientError, SageMakerWaitTimeout) as error:
+            if status == "Failed":
+                by_hand = (
+                    "SageMaker allows nothing but deleting a Failed endpoint, and it serves no model now: delete it "
+                    f"with `BINCOUNT_PROFILE=aws bincount delete-endpoint {name}`, then deploy the previous model again"
+                )
             raise DeployError(
                 f"{failed}. Rolling back to config {previous_config} failed too ({error}): {by_hand}"
             ) from None
@@ -770,7 +790,7 @@ class SageMakerServingBackend(SageMakerBackendBase):
         current = describe_or_none(self.client, ENDPOINT, name)
         if current is None and record is None:
             raise EndpointNotFoundError(f"SageMaker has no endpoint named {name!r} and none is recorded")
-        scaling = recorded_scaling(record)
+        scaling = record.scaling if record else None
         if scaling is not None and scaling.autoscaling:
             self.guardrails.apply_scaling(name, ScalingConfig())  # a fixed count: deregistered
         if record is not None and record.details.get("alarms"):

@@ -19,10 +19,11 @@ from typing import Any, Literal
 
 import boto3
 import botocore.config
-from pydantic import Field, SecretStr, ValidationError
+from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from bincount.config import Settings, SettingsError
+from bincount.sagemaker.serverless import is_accelerated, serverless_config
 from bincount.sagemaker.waiting import Backoff
 
 RETRIES = botocore.config.Config(retries={"mode": "standard", "total_max_attempts": 8})
@@ -122,6 +123,15 @@ class SageMakerOptions(BaseSettings):
 
     deploy_instance_type: str = Field(default="ml.m5.large", description="Endpoint instance type.")
     deploy_instance_count: int = Field(default=1, ge=1, description="Endpoint instances.")
+    serverless_memory_mb: Literal[1024, 2048, 3072, 4096, 5120, 6144] | None = Field(
+        default=None,
+        description="Serverless endpoints with this much memory (MB) instead of instances: SageMaker starts capacity "
+        "per request and stops it when idle (cold starts; CPU only; no data capture, shadow or guarded rollouts). "
+        "Unset: instances (docs/AWS.md: Serverless endpoints).",
+    )
+    serverless_max_concurrency: int = Field(
+        default=5, ge=1, le=200, description="Serverless only: requests one endpoint serves at once (1-200)."
+    )
     rollout_max_instances: int = Field(
         default=10,
         ge=2,
@@ -165,10 +175,30 @@ class SageMakerOptions(BaseSettings):
         try:
             return cls(**{key: value for key, value in overrides.items() if value is not None})
         except ValidationError as error:
-            problems = "; ".join(f"{'.'.join(map(str, p['loc']))}: {p['msg']}" for p in error.errors())
+            problems = "; ".join(
+                (f"{'.'.join(map(str, p['loc']))}: " if p["loc"] else "") + p["msg"].removeprefix("Value error, ")
+                for p in error.errors()
+            )
             raise SettingsError(
                 f"invalid SageMaker options ({problems}): fix the BINCOUNT_SAGEMAKER_* variable"
             ) from None
+
+    @model_validator(mode="after")
+    def _serverless_on_cpu(self) -> SageMakerOptions:
+        if self.serverless_memory_mb is not None and is_accelerated(self.deploy_instance_type):
+            raise ValueError(
+                f"serverless_memory_mb is set, but deploy_instance_type {self.deploy_instance_type} has an "
+                "accelerator: SageMaker serverless runs on CPU only, and the instance type picks the model's "
+                "container image. Set BINCOUNT_SAGEMAKER_DEPLOY_INSTANCE_TYPE to a CPU type (ml.m5.large), or unset "
+                "BINCOUNT_SAGEMAKER_SERVERLESS_MEMORY_MB to serve on GPU instances"
+            )
+        return self
+
+    def serverless(self) -> dict[str, int] | None:
+        """The endpoints' ``ServerlessConfig``; None when they run on instances."""
+        if self.serverless_memory_mb is None:
+            return None
+        return serverless_config(self.serverless_memory_mb, self.serverless_max_concurrency)
 
     def require_role(self) -> str:
         if not self.role_arn:

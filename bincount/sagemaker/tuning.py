@@ -14,7 +14,7 @@ from typing import Any
 from botocore.exceptions import ClientError
 
 from bincount.contracts.naming import check_name
-from bincount.contracts.training import LogSink, TrainingJobSpec
+from bincount.contracts.training import JobCost, LogSink, TrainingJobSpec
 from bincount.contracts.tuning import (
     Categorical,
     Continuous,
@@ -26,7 +26,7 @@ from bincount.contracts.tuning import (
     TuningSpec,
 )
 from bincount.sagemaker.session import SageMakerBackendBase, resource_tags
-from bincount.sagemaker.training import SageMakerTrainingBackend
+from bincount.sagemaker.training import SageMakerTrainingBackend, job_cost, price_table
 from bincount.sagemaker.waiting import TUNING_JOB, SageMakerJobFailed, describe_or_none, wait_for
 from sm_scripts.metric_format import METRIC_DEFINITIONS
 
@@ -129,6 +129,7 @@ class SageMakerTuningBackend(SageMakerBackendBase):
                 description.get("FailureReason") or "no training job completed",
             )
         best_job = client.describe_training_job(TrainingJobName=best["TrainingJobName"])
+        trials = self.trials(spec)
         objective = best.get("FinalHyperParameterTuningJobObjectiveMetric", {}).get("Value")
         result = TuningResult(
             name=spec.name,
@@ -140,14 +141,26 @@ class SageMakerTuningBackend(SageMakerBackendBase):
             },
             best_objective=float(objective) if objective is not None else None,
             best_model_uri=best_job.get("ModelArtifacts", {}).get("S3ModelArtifacts"),
-            trials=ranked(self.trials(spec), spec.objective_type),
+            trials=ranked(trials, spec.objective_type),
             counters=dict(description.get("TrainingJobStatusCounters", {})),
+            cost=self.trials_cost(trials),
         )
         sink(
             f"tuning job {spec.name}: best trial {result.best_training_job} ({spec.objective_metric} "
             f"{result.best_objective}) with {result.best_hyperparameters}"
+            + (f"; its {len(trials)} trials cost {result.cost.summary()}" if result.cost else "")
         )
         return result
+
+    def trials_cost(self, trials: list[TrialResult]) -> JobCost | None:
+        """What the trials' jobs were billed together (each one's DescribeTrainingJob, priced as a training job is)."""
+        client, prices = self.session.sagemaker_client, price_table()
+        costs = []
+        for job in [trial.job_name for trial in trials if trial.job_name]:  # SageMaker's trials all have one
+            description = client.describe_training_job(TrainingJobName=job)
+            if "BillableTimeInSeconds" in description or "TrainingTimeInSeconds" in description:
+                costs.append(job_cost(description, prices))
+        return JobCost.total(costs)
 
     def trials(self, spec: TuningSpec) -> list[TrialResult]:
         """Every trial of the tuning job, in SageMaker's order, as the local tuner reports them."""

@@ -5,15 +5,14 @@ Layout, under ``{artifact_root}/registry/<group>/`` (one group per endpoint by d
     versions/000003.json                       version 3: model, metrics, dataset, code, recipe, job, flow run
     events/<utc time>-<uuid>.json              one stage, approval or mirror change of one version
     best-hyperparameters/<utc time>-<uuid>.json    hyperparameters of a model that passed the gate and beat the best
-    decisions/<utc time>-<uuid>.json           one nightly decision: promoted or kept, with its paired test
-    cards/000003/card.md, card.json            version 3's model card (written by the nightly before it decides)
+    decisions/<utc time>-<uuid>.json           one promotion decision (pipeline or nightly), with its paired test
+    cards/000003/card.md, card.json            version 3's model card (written before its promotion is decided)
 
 Every object is written once and never rewritten: a version number is taken by creating its file
 only if it is absent (a hard link of a finished temporary file on ``file://``; a conditional
 ``PutObject`` with ``If-None-Match: *`` on S3), so two runs registering at once get distinct
 numbers and lose nothing, without a lock. Current stages and approvals are derived from the
-events, the latest winning; the best hyperparameters are the best-scoring record. Files of the
-earlier layout (``best-hyperparameters.json``, ``decisions.jsonl``) are still read.
+events, the latest winning; the best hyperparameters are the best-scoring record.
 """
 
 from __future__ import annotations
@@ -38,6 +37,7 @@ from bincount.contracts.registry import (
     BestHyperparameters,
     DatasetRef,
     Decision,
+    DecisionOutcome,
     EventKind,
     HeldVersionError,
     Hold,
@@ -73,7 +73,6 @@ from bincount.stats import (
 if TYPE_CHECKING:  # for annotations only: importing it would load torch into every registry reader (the CLI)
     from bincount.evaluation import Evaluation
 from bincount.storage import (
-    ObjectNotFoundError,
     Storage,
     join_uri,
     storage_for,
@@ -149,6 +148,29 @@ def decide(
         serving_version=serving_version,
         confidence=confidence,
         comparison=comparison,
+    )
+
+
+def decision_without_test(
+    challenger: ModelVersion, serving: ModelVersion | None, margin: float, outcome: DecisionOutcome, reason: str
+) -> Decision:
+    """A decision taken before any paired test (nothing retrained, nothing new, or the quality gate said no): the
+    registered scores side by side, ``comparison`` None. ``unchanged`` names no challenger (``challenger`` is then
+    the serving version, nothing was retrained)."""
+    return Decision(
+        endpoint_name=challenger.group,
+        promoted=False,
+        reason=reason,
+        metric=PROMOTION_METRIC,
+        challenger_score=challenger.spec.metrics.accuracy,
+        serving_score=None if serving is None else serving.spec.metrics.accuracy,
+        margin=margin,
+        challenger_model_uri=challenger.model_uri,
+        serving_model_uri=None if serving is None else serving.model_uri,
+        decided_at=now_iso(),
+        challenger_version=None if outcome == "unchanged" else challenger.version,
+        serving_version=None if serving is None else serving.version,
+        outcome=outcome,
     )
 
 
@@ -624,13 +646,6 @@ class StorageModelRegistry:
             BestHyperparameters(**{k: v for k, v in self.objects.read(uri).items() if k != "format"})
             for uri in self.objects.uris(self._group_uri(group, "best-hyperparameters"))
         ]
-        try:  # the earlier layout: one file, overwritten
-            legacy = json.loads(self.storage.read_bytes(self._group_uri(group, "best-hyperparameters.json")))
-            records.append(
-                BestHyperparameters(legacy["hyperparameters"], legacy["job_name"], legacy.get("score") or {})
-            )
-        except ObjectNotFoundError:
-            pass
         if not records:
             return None
         return max(records, key=lambda r: (_score(r.score, metric), r.saved_at))
@@ -643,11 +658,6 @@ class StorageModelRegistry:
             _decision_from_dict(self.objects.read(uri))
             for uri in self.objects.uris(self._group_uri(group, "decisions"))
         ]
-        try:  # the earlier layout: one JSON line per decision
-            lines = self.storage.read_bytes(self._group_uri(group, "decisions.jsonl")).decode().splitlines()
-            found += [_decision_from_dict(json.loads(line)) for line in lines if line.strip()]
-        except ObjectNotFoundError:
-            pass
         return sorted(found, key=lambda d: d.decided_at)
 
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # for the annotations only
     from bincount.config import Settings
     from bincount.contracts.registry import ModelVersion
-    from bincount.contracts.serving import EndpointRecord
+    from bincount.contracts.serving import EndpointRecord, Rollout, RolloutStrategy
     from bincount.registry import StorageModelRegistry
     from flows.pipeline import PipelineResult
     from flows.train import TrainOptions
@@ -68,7 +68,8 @@ def health(record: EndpointRecord) -> str:
     if answer.status_code != 200:
         return f"not healthy (HTTP {answer.status_code})"
     body = answer.json()
-    return f"{body.get('status', 'Healthy')}, serving {body.get('model_version') or body.get('weights') or '?'}"
+    serving = f"{body.get('status', 'Healthy')}, serving {body.get('model_version') or body.get('weights') or '?'}"
+    return f"{serving}, scaled to zero (the next request starts a host)" if body.get("scaled_to_zero") else serving
 
 
 def list_endpoints(settings: Settings) -> str:
@@ -100,38 +101,49 @@ def describe_endpoint(record: EndpointRecord) -> str:
         f"deployed         {record.deployed_at}",
         f"replaced         {record.previous_model_ref or record.previous_version or '-'}",
     ]
-    details = sorted((key, value) for key, value in record.details.items() if key != "rollout")
-    lines += [f"{key.replace('_', ' '):16} {value}" for key, value in details]
-    rollout = record.details.get("rollout")
-    if rollout:
+    capture = record.capture
+    lines += [
+        f"replicas         {'-' if record.replicas is None else record.replicas}",
+        f"data capture     {f'{capture.sampling_percentage} percent to {record.capture_uri}' if capture else 'off'}",
+        "variants         "
+        + (", ".join(f"{v.id} ({v.model_ref or v.version}, weight {v.weight})" for v in record.variants) or "-"),
+    ]
+    if record.shadow is not None:
+        lines.append(
+            f"shadow           {record.shadow.model_ref or record.shadow.version} since {record.shadow.started_at}"
+        )
+    if record.serving is not None:
+        lines.append(f"serving          {record.serving.path}: {record.serving.reason}")
+    lines += [f"{key.replace('_', ' '):16} {value}" for key, value in sorted(record.details.items())]
+    if record.rollout is not None:
         lines += [
-            f"rollout          {describe_rollout(rollout['strategy'])}",
-            f"last rollout     {rollout_verdict(rollout)}",
+            f"rollout          {describe_rollout(record.rollout.strategy)}",
+            f"last rollout     {rollout_verdict(record.rollout)}",
         ]
     return "\n".join(lines)
 
 
-def describe_rollout(strategy: dict) -> str:
+def describe_rollout(strategy: RolloutStrategy) -> str:
     """The strategy of the last rollout, with only the settings that apply to it (an all-at-once has no bake)."""
-    kind = strategy["kind"]
+    kind = strategy.kind
     if kind == "all-at-once":
         return "all-at-once (blue/green: every request moves to the new model once it answers)"
     guard = (
-        f"rolled back when its error rate rises by over {strategy['max_error_rate_increase']:g} or its p99 latency "
-        f"passes {strategy['max_latency_ratio']:g}x the current model's (after {strategy['min_requests']} requests)"
+        f"rolled back when its error rate rises by over {strategy.max_error_rate_increase:g} or its p99 latency "
+        f"passes {strategy.max_latency_ratio:g}x the current model's (after {strategy.min_requests} requests)"
     )
     if kind == "canary":
-        return f"canary: {strategy['traffic_percent']}% of requests for {strategy['bake_seconds']:g} s, {guard}"
+        return f"canary: {strategy.traffic_percent}% of requests for {strategy.bake_seconds:g} s, {guard}"
     if kind == "linear":
-        return f"linear: {strategy['traffic_percent']}% more of requests every {strategy['bake_seconds']:g} s, {guard}"
+        return f"linear: {strategy.traffic_percent}% more of requests every {strategy.bake_seconds:g} s, {guard}"
     return (
-        f"shadow: the new model answers a copy of {strategy['traffic_percent']}% of requests; users get the current "
+        f"shadow: the new model answers a copy of {strategy.traffic_percent}% of requests; users get the current "
         "model's answers until `bincount endpoints promote-shadow`"
     )
 
 
-def rollout_verdict(rollout: dict) -> str:
-    return f"{rollout.get('verdict', '-')}: {rollout.get('reason', '-')} ({len(rollout.get('steps', []))} steps)"
+def rollout_verdict(rollout: Rollout) -> str:
+    return f"{rollout.verdict}: {rollout.reason} ({len(rollout.steps)} steps)"
 
 
 def endpoints_command(args: argparse.Namespace, settings: Settings) -> str:
@@ -142,11 +154,13 @@ def endpoints_command(args: argparse.Namespace, settings: Settings) -> str:
 
         end = promote_shadow if args.endpoints_command == "promote-shadow" else stop_shadow
         record = end(args.name)
-        report = record.details["rollout"]["report"]
+        report = record.rollout.report if record.rollout else None
+        if report is None:
+            return f"Endpoint {record.name!r} serves {record.model_ref or record.version}"
         return (
             f"Endpoint {record.name!r} serves {record.model_ref or record.version}; the shadow's report: "
-            f"{report['compared']} answers compared, agreement {report['agreement']}, "
-            f"{'promote' if report['promote'] else 'do not promote'} ({report['reason']})"
+            f"{report.compared} answers compared, agreement {report.agreement}, "
+            f"{'promote' if report.promote else 'do not promote'} ({report.reason})"
         )
     from bincount.contracts.serving import EndpointNotFoundError
     from bincount.endpoints import EndpointRecords
@@ -354,6 +368,11 @@ def demo_command(args: argparse.Namespace, settings: Settings) -> None:
     from flows.pipeline import pipeline
 
     location = Location(source_uri=demo_bucket(settings, args.images, args.seed))
+    if args.drift:  # docs/FEEDBACK.md: the demonstration
+        from flows.drift_demo import drift_demo
+
+        print(drift_demo(location.settings(), demo_training_options(), seed=args.seed).report())
+        return
     print(demo_report(pipeline(DataOptions(), demo_training_options(), location=location, refresh=args.refresh)))
 
 
@@ -438,6 +457,12 @@ def main(argv: list[str] | None = None) -> None:
     demo.add_argument("--images", type=int, default=600, help="demo photos to generate (default: 600)")
     demo.add_argument("--seed", type=int, default=0, help="seed of the demo data (default: 0)")
     demo.add_argument("--refresh", action="store_true", help="ignore cached results (default: off)")
+    demo.add_argument(
+        "--drift",
+        action="store_true",
+        help="then send darker photos, let the monitor find the drift and the chain (harvest, nightly) adapt; "
+        "print live accuracy before and after (default: off)",
+    )
     data = commands.add_parser("data", help="prepare a dataset from a manifest (default source: the ABID bucket)")
     data.add_argument("--manifest-uri", help="seed-format file_list.json: a path, file:// or s3:// URI")
     data.add_argument("--ids-file", type=Path, help="instead of a manifest: a file of image ids, one per line")

@@ -51,6 +51,8 @@ from tasks.summary import run_summary
 
 FORM_THUMBNAIL_PX = 160
 FORM_POLL_S = 2
+SKIP = 0
+"""The label form's answer for "skip this photo" (not a count: the classes start at 1)."""
 
 
 def version_figures(version: FeedbackVersion) -> dict[str, str | int]:
@@ -149,21 +151,23 @@ def import_label_answers(
 
 
 def count_form(items: list[QueueItem], photos: list[bytes], classes: tuple[int, ...] = CLASSES) -> type[RunInput]:
-    """A form with one count field per queued photo (empty: skip it), the photos inline in its description."""
+    """A form with one count field per queued photo (a number box; 0 skips the photo: no count is 0), the photos
+    inline in its description. (An optional ``int | None`` field would show as a type switch set to None, with no
+    box until a person switches it to int.)"""
     fields = {
         f"photo_{number}": (
-            int | None,
+            int,
             Field(
-                default=None,
-                ge=min(classes),
+                default=SKIP,
+                ge=SKIP,
                 le=max(classes),
-                description=f"Items in photo {number} ({item.image_id}; the model said {item.predicted})",
+                description=f"Items in photo {number} ({item.image_id}; the model said {item.predicted}); {SKIP}: skip",
             ),
         )
         for number, item in enumerate(items, start=1)
     }
     form = create_model("CountPhotos", __base__=RunInput, **fields)
-    lines = [f"Count the items in each photo ({min(classes)}-{max(classes)}); leave a field empty to skip its photo.\n"]
+    lines = [f"Count the items in each photo ({min(classes)}-{max(classes)}); leave {SKIP} to skip a photo.\n"]
     lines += [f"**photo {n}** ![photo {n}]({data_uri(photo)})\n" for n, photo in enumerate(photos, start=1)]
     return form.with_initial_data(description="\n".join(lines))
 
@@ -204,7 +208,7 @@ def label_feedback(
     logger.info("%d photos wait for a count: resume this run in the Prefect UI to answer", len(items))
     answer = pause_flow_run(wait_for_input=count_form(items, thumbnails), timeout=timeout_s, poll_interval=FORM_POLL_S)
     counts = [getattr(answer, f"photo_{n}") for n in range(1, len(items) + 1)]
-    answers = [Answer(i.image_id, c, "prefect-ui") for i, c in zip(items, counts, strict=True) if c is not None]
+    answers = [Answer(i.image_id, c, "prefect-ui") for i, c in zip(items, counts, strict=True) if c != SKIP]
     added, refused = answer_queue_task(settings, base.dataset, answers)
     version = record_version_task(settings, base, added)
     publish_feedback_task(base.dataset, version, refused)

@@ -6,12 +6,9 @@
                                                                         │ no
                       retrain the recipe (never from cache; with retune=True tune first, never from cache either)
                       ─► optimize (int8 if it passes parity, else eager) and score it as it serves
-                      ─► a registered model again (same sha256)? ─► record "nothing-new" (nothing registered)
-                      ─► register challenger
-                      ─► under the endpoint's lock: re-read what serves, score it on the same test images ─► decide
-                                      │ promoted                                         │ kept / held
-                      approve (at once; a person first, without the lock) ─► deploy ─► production    archived
-                                      └─► record (also when the deploy fails) + event + artifact ─► best hyperparameters
+                      ─► promote (flows/promotion.py, the pipeline's step): a registered model again? "nothing-new";
+                         else register ─► model card ─► paired test against what serves ─► approve ─► deploy
+                         ─► production ─► record the decision (+ event + artifact) ─► best hyperparameters
 
 What to retrain comes from the model group's production version: its data source, manifest,
 dataset, training options and full train.py recipe; parameters given explicitly still win. Where
@@ -22,13 +19,12 @@ scored on the same images, each as it serves. The challenger is promoted when a 
 images finds it better than what serves at decision time (``bincount.registry.decide``: exact McNemar
 and paired bootstrap intervals, ``margin`` a minimum gain on top; "cannot tell" keeps the serving model)
 and it matches no version a rollback holds; every decision is kept in the registry with its outcome and
-its statistics, shown as an artifact and emitted as an event (``bincount.model.promoted`` / ``kept``).
-Only a version that reached production updates the best hyperparameters.
+its statistics, shown as an artifact beside the serving model's live accuracy and emitted as an event
+(``bincount.model.promoted`` / ``kept``). Only a version that reached production updates the best
+hyperparameters.
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 from prefect import flow, get_run_logger
 from pydantic import BaseModel
@@ -36,20 +32,26 @@ from pydantic import BaseModel
 from bincount.code import code_hash
 from bincount.config import Location, Settings
 from bincount.contracts.naming import check_endpoint_name
-from bincount.contracts.registry import PROMOTION_CONFIDENCE, PROMOTION_METRIC, Decision, DecisionOutcome, ModelVersion
+from bincount.contracts.registry import PROMOTION_CONFIDENCE, PROMOTION_MARGIN, Decision, ModelVersion
 from bincount.contracts.serving import RolloutStrategy, ScalingConfig
 from bincount.contracts.training import JobCost
 from bincount.factory import get_model_registry
 from bincount.feedback import latest_version
-from bincount.monitoring import last_report
-from bincount.registry import dataset_ref, now_iso
+from bincount.registry import dataset_ref, decision_without_test
 from bincount.storage import storage_for
 from flows.data import DataOptions, prepare_data
-from flows.pipeline import recipe
-from flows.promotion import promote_challenger, publish_decision
-from flows.train import TrainedModel, TrainOptions, optimize_for_serving, retrain_model, train_model
-from tasks.model_card import model_card_task
-from tasks.registry import find_registered_task, record_decision_task, register_model_task
+from flows.promotion import (
+    Challenger,
+    DeployOptions,
+    LiveAccuracy,
+    PromotionPolicy,
+    decision_figures,
+    live_accuracy,
+    promote_trained,
+    recipe,
+    record_decision,
+)
+from flows.train import TrainOptions, optimize_for_serving, retrain_model, train_model
 from tasks.summary import run_summary
 
 
@@ -68,33 +70,6 @@ def production_version(settings: Settings, endpoint_name: str) -> ModelVersion:
     return champion
 
 
-class LiveAccuracy(BaseModel):
-    """The serving model's accuracy on labelled traffic: the monitor's last report of the endpoint."""
-
-    accuracy: float
-    labelled: int
-    model_version: str | None
-    window_end: str | None
-
-    def summary(self) -> str:
-        until = f" up to {self.window_end}" if self.window_end else ""
-        return f"{self.accuracy:.3g} on {self.labelled} labelled requests to {self.model_version or '-'}{until}"
-
-
-def live_accuracy(settings: Settings, endpoint_name: str) -> LiveAccuracy | None:
-    """The endpoint's live accuracy from the monitor's last report; None where it has none (never monitored, or no
-    request with a label)."""
-    report = last_report(storage_for(settings), settings.artifact_root, endpoint_name)
-    if report is None or report.get("accuracy") is None:
-        return None
-    return LiveAccuracy(
-        accuracy=report["accuracy"],
-        labelled=report["labelled"],
-        model_version=report.get("model_version"),
-        window_end=report.get("window_end"),
-    )
-
-
 class NightlyResult(BaseModel):
     """A nightly run: its decision, the serving model's live accuracy beside it, and what the retrain cost."""
 
@@ -104,39 +79,12 @@ class NightlyResult(BaseModel):
 
 
 def nightly_figures(result: NightlyResult) -> dict[str, str | float | None]:
-    """The run summary's key figures: the offline scores and their paired test, live accuracy and cost."""
+    """The run summary's key figures: the decision (offline scores and their paired test, live accuracy) and cost."""
     decision = result.decision
-
-    def ref(version: int | None) -> str:
-        return "-" if version is None else f"{decision.endpoint_name}:{version}"
-
-    retrained = decision.outcome != "unchanged"
-    figures: dict[str, str | float | None] = {
-        "decision": decision.outcome or ("promoted" if decision.promoted else "kept the serving model"),
-        "reason": decision.reason,
-        "challenger": (
-            f"{ref(decision.challenger_version)}, test {decision.metric} {decision.challenger_score:.3g}"
-            if retrained
-            else "nothing retrained"
-        ),
-        f"serving ({ref(decision.serving_version)}) test {decision.metric}": decision.serving_score,
-    }
-    comparison = decision.comparison
-    if comparison is not None:
-        test = comparison.mcnemar
-        figures["paired test"] = (
-            f"{comparison.verdict}: exact McNemar p={test.p_value:.3g} on {comparison.images} images; discordant: "
-            f"{test.only_b} only the challenger right, {test.only_a} only the serving model right"
-        )
-        figures[f"accuracy gain ({100 * comparison.confidence:.0f}% interval)"] = (
-            comparison.differences.accuracy.points()
-        )
-    figures["serving live accuracy"] = (
-        result.live.summary() if result.live else "none: no labelled traffic in the monitor's last report"
-    )
+    figures = decision_figures(decision, result.live)
     figures["training cost"] = (
         "nothing trained"
-        if not retrained
+        if decision.outcome == "unchanged"
         else result.training_cost.summary()
         if result.training_cost
         else "not reported by the backend"
@@ -177,7 +125,7 @@ def nightly_retrain(
     endpoint_name: str = "bincount",
     data: DataOptions | None = None,
     training: TrainOptions | None = None,
-    margin: float = 0.01,
+    margin: float = PROMOTION_MARGIN,
     confidence: float = PROMOTION_CONFIDENCE,
     retune: bool = False,
     require_approval: bool = False,
@@ -211,24 +159,27 @@ def nightly_retrain(
         optimize: register (and deploy, if promoted) the challenger's int8 OpenVINO form when it passes parity
             on the test side; the eager model otherwise (False: always eager).
     """
-    logger = get_run_logger()
     check_endpoint_name(endpoint_name)
     champion = production_version(location.settings(), endpoint_name)
-    made_with = champion.spec.recipe
-    given = location.model_dump(exclude_none=True)
-    settings = Location(**{**made_with.get("location", {}), **given}).settings()
-    data, settings = training_data(settings, data or DataOptions(**made_with.get("data", {})), given=data is not None)
-    training = training or TrainOptions(**made_with.get("training", {}))
+    data, training, settings = retrain_inputs(champion, location, data, training)
     live = live_accuracy(settings, endpoint_name)
+    policy = PromotionPolicy(
+        "nightly",
+        margin=margin,
+        confidence=confidence,
+        require_approval=require_approval,
+        approval_timeout_s=approval_timeout_s,
+    )
 
     prepared = prepare_data(data, Location.of(settings), refresh=True)
     dataset = dataset_ref(storage_for(settings), prepared.split_uri)
     unchanged = dataset.split_sha256 == champion.spec.dataset.split_sha256 and code_hash() == champion.spec.code_hash
     if unchanged and not retune:
         reason = "no new data and no new code: nothing retrained"
-        return NightlyResult(decision=keep(settings, champion, champion, margin, "unchanged", reason), live=live)
+        decision = decision_without_test(champion, champion, margin, "unchanged", reason)
+        return NightlyResult(decision=record_decision(settings, decision, policy.by, live), live=live)
 
-    logger.info(
+    get_run_logger().info(
         "Retraining %s (test accuracy %.4f)%s",
         champion.ref,
         champion.spec.metrics.accuracy,
@@ -240,107 +191,24 @@ def nightly_retrain(
         challenger = retrain_model(prepared.channels, champion.spec.hyperparameters, training, settings, refresh=True)
     if optimize:
         challenger = optimize_for_serving(settings, challenger, prepared.channels)
-    decision = judge_challenger(
-        settings,
-        champion,
-        challenger,
-        prepared.split_uri,
-        prepared.channels["test"],
-        recipe(data, training, settings),
-        margin,
-        confidence,
-        require_approval,
-        approval_timeout_s,
-        deploy_strategy,
-        scaling,
-    )
-    return NightlyResult(decision=decision, live=live, training_cost=challenger.cost)
-
-
-def judge_challenger(
-    settings: Settings,
-    champion: ModelVersion,
-    challenger: TrainedModel,
-    split_uri: str,
-    test_channel_uri: str,
-    made_with: dict[str, Any],
-    margin: float,
-    confidence: float = PROMOTION_CONFIDENCE,
-    require_approval: bool = False,
-    approval_timeout_s: int = 24 * 3600,
-    deploy_strategy: RolloutStrategy | None = None,
-    scaling: ScalingConfig | None = None,
-) -> Decision:
-    """What becomes of a trained challenger: nothing new when its model is a registered version's (it is neither
-    registered nor archived again); else registered, then compared with what serves and promoted if better
-    (:func:`~flows.promotion.promote_challenger`); the best hyperparameters follow only a version in production."""
-    endpoint_name = champion.group
-    same = find_registered_task(settings, endpoint_name, challenger.model_uri)
-    if same is not None:
-        reason = f"the challenger's model is {same.ref}'s (same sha256): nothing new, nothing registered or archived"
-        return keep(settings, same, champion, margin, "nothing-new", reason)
-    candidate = register_model_task(
+    promotion = promote_trained(
         settings,
         endpoint_name,
-        challenger.model_uri,
-        challenger.evaluation,
-        split_uri,
-        challenger.hyperparameters,
-        challenger.job_name,
-        made_with,
+        Challenger(challenger, prepared.split_uri, prepared.channels["test"], recipe(data, training, settings)),
+        policy,
+        DeployOptions(strategy=deploy_strategy, scaling=scaling),
+        live,
     )
-    card_uri = model_card_task(settings, candidate, champion, test_channel_uri, margin)
-    decision = promote_challenger(
-        settings,
-        candidate,
-        challenger.evaluation,
-        test_channel_uri,
-        margin,
-        require_approval,
-        approval_timeout_s,
-        deploy_strategy,
-        scaling,
-        card_uri=card_uri,
-        confidence=confidence,
-    )
-    registry = get_model_registry(settings)
-    if registry.get(endpoint_name, candidate.version).stage == "production":  # not a shadow still waiting
-        registry.save_best_hyperparameters(
-            endpoint_name,
-            challenger.hyperparameters,
-            challenger.job_name,
-            challenger.evaluation.to_dict(),
-            candidate.version,
-        )
-    return decision
+    return NightlyResult(decision=promotion.decision, live=live, training_cost=challenger.cost)
 
 
-def keep(
-    settings: Settings,
-    challenger: ModelVersion,
-    champion: ModelVersion,
-    margin: float,
-    outcome: DecisionOutcome,
-    reason: str,
-) -> Decision:
-    """Record and publish a decision taken before any comparison: no model was new (``challenger`` is the
-    registered version the challenger would have been); the registry's stages are left as they are."""
-    decision = Decision(
-        endpoint_name=champion.group,
-        promoted=False,
-        reason=reason,
-        metric=PROMOTION_METRIC,
-        challenger_score=challenger.spec.metrics.accuracy,
-        serving_score=champion.spec.metrics.accuracy,
-        margin=margin,
-        challenger_model_uri=challenger.model_uri,
-        serving_model_uri=champion.model_uri,
-        decided_at=now_iso(),
-        challenger_version=None if outcome == "unchanged" else challenger.version,
-        serving_version=champion.version,
-        outcome=outcome,
-    )
-    get_run_logger().info("%s: %s", champion.ref, reason)
-    record_decision_task(settings, decision)
-    publish_decision(decision)
-    return decision
+def retrain_inputs(
+    champion: ModelVersion, location: Location, data: DataOptions | None, training: TrainOptions | None
+) -> tuple[DataOptions, TrainOptions, Settings]:
+    """What to retrain and where: ``data``, ``training`` and ``location`` as given, the rest from the production
+    version's recipe (:func:`training_data` for the data)."""
+    made_with = champion.spec.recipe
+    given = location.model_dump(exclude_none=True)
+    settings = Location(**{**made_with.get("location", {}), **given}).settings()
+    data, settings = training_data(settings, data or DataOptions(**made_with.get("data", {})), given=data is not None)
+    return data, training or TrainOptions(**made_with.get("training", {})), settings

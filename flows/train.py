@@ -48,7 +48,7 @@ BEST_HYPERPARAMETERS: dict[str, Hyperparameter] = {
     "head": "ordinal",
     "decoding": "median",
 }
-"""The measured best offline recipe's fixed train.py flags (README: "Model quality on the real sample")."""
+"""The measured best offline recipe's fixed train.py flags (docs/BENCHMARKS.md: "Model quality on the real sample")."""
 
 BEST_TRIAL: dict[str, Hyperparameter] = {"lr": 0.001, "batch-size": 32, "epochs": 3}
 """The best recipe's searched flags, as measured (benchmarks/train_quality.py trains with these)."""

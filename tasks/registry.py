@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from prefect import get_run_logger, task
@@ -79,16 +80,22 @@ def publish_registry(settings: Settings, group: str) -> None:
     create_table_artifact(key=registry_artifact_key(group), table=rows, description=f"Model registry: group {group}")
 
 
+@dataclass(frozen=True)
+class Lineage:
+    """How a trained model was made, as the flow knows it; the task adds what it reads itself (the model's and the
+    split's sha256, the code's hash, the flow run)."""
+
+    split_uri: str
+    hyperparameters: dict[str, Any]
+    """Every train.py flag the job ran with."""
+    training_job: str
+    recipe: dict[str, Any]
+    """The rest of how to make it again: the flow's data and training options and the data source."""
+
+
 @task(name="register-model", retries=2, retry_delay_seconds=10, retry_condition_fn=is_transient, cache_policy=NO_CACHE)
 def register_model_task(
-    settings: Settings,
-    group: str,
-    model_uri: str,
-    evaluation: Evaluation,
-    split_uri: str,
-    hyperparameters: dict[str, Any],
-    training_job: str,
-    recipe: dict[str, Any],
+    settings: Settings, group: str, model_uri: str, evaluation: Evaluation, lineage: Lineage
 ) -> ModelVersion:
     """Register a trained model as the next version of ``group`` (PendingManualApproval), with its lineage.
 
@@ -100,16 +107,19 @@ def register_model_task(
         model_uri=model_uri,
         model_sha256=sha256,
         metrics=ModelMetrics.from_dict(evaluation.to_dict()),
-        dataset=dataset_ref(storage, split_uri),
+        dataset=dataset_ref(storage, lineage.split_uri),
         code_hash=code_hash(),
-        hyperparameters=hyperparameters,
-        training_job=training_job,
+        hyperparameters=lineage.hyperparameters,
+        training_job=lineage.training_job,
         flow_run_id=str(flow_run.id) if flow_run.id else None,
         flow_run_url=run_page(),
         created_by=f"flow run {flow_run.name}" if flow_run.name else "bincount",
-        recipe=recipe,
+        recipe=lineage.recipe,
         baseline_uri=store_baseline(
-            storage, settings.artifact_uri("registry", group, "baselines", f"{sha256[:16]}.json"), split_uri, model_uri
+            storage,
+            settings.artifact_uri("registry", group, "baselines", f"{sha256[:16]}.json"),
+            lineage.split_uri,
+            model_uri,
         ),
     )
     version = get_model_registry(settings).register(group, spec)
@@ -176,7 +186,7 @@ def release_hold_task(settings: Settings, version: ModelVersion, actor: str, rea
     cache_policy=NO_CACHE,
 )
 def record_decision_task(settings: Settings, decision: Decision) -> Decision:
-    """Keep a nightly decision in the registry (a transient storage fault is retried: no decision is lost)."""
+    """Keep a promotion decision in the registry (a transient storage fault is retried: no decision is lost)."""
     get_model_registry(settings).record(decision)
     get_run_logger().info("Decision on %s recorded: %s (%s)", decision.endpoint_name, decision.outcome, decision.reason)
     return decision

@@ -39,7 +39,7 @@ from bincount.models import pack_folder, write_untrained_model_dir
 from bincount.storage import file_digest
 from deployments.automations import rollback_trigger
 from flows.cli import main as cli
-from flows.promotion import approve_version, promote_challenger, put_in_production
+from flows.promotion import Candidate, PromotionPolicy, approve_version, promote_challenger, put_in_production
 from tasks.evaluate import evaluate_and_publish
 
 SPLIT_SHA = "ab" * 32
@@ -83,13 +83,8 @@ def nightly_promotion(artifact_root: str, candidate: str, test_channel_uri: str,
     challenger = perfect_answers(evaluate_and_publish(settings, serving.model_uri, test_channel_uri, role="serving"))
     return promote_challenger(
         settings,
-        version,
-        challenger,
-        test_channel_uri,
-        margin=0.01,
-        require_approval=True,
-        approval_timeout_s=180,
-        card_uri=card_uri,
+        Candidate(version, challenger, test_channel_uri, card_uri),
+        PromotionPolicy("nightly", require_approval=True, approval_timeout_s=180),
     )
 
 

@@ -36,8 +36,15 @@ from bincount.models import pack_folder, write_untrained_model_dir
 from bincount.registry import StorageModelRegistry
 from bincount.storage import Storage, TransientStorageError, file_digest
 from flows.cli import main as cli
-from flows.nightly import judge_challenger
-from flows.promotion import endpoint_lock_name, promote_challenger, put_in_production
+from flows.promotion import (
+    Candidate,
+    Challenger,
+    PromotionPolicy,
+    endpoint_lock_name,
+    promote_challenger,
+    promote_trained,
+    put_in_production,
+)
 from flows.rollback import rollback_model
 from flows.train import TrainedModel
 
@@ -130,7 +137,7 @@ def promote(artifact_root: str, candidate: str, challenger: Evaluation, test_cha
     """A registered challenger, scored ``challenger`` on the test channel, through the nightly's promotion step."""
     settings = Settings.load(artifact_root=artifact_root)
     version = get_model_registry(settings).resolve(candidate)
-    return promote_challenger(settings, version, challenger, test_channel_uri, margin=0.01)
+    return promote_challenger(settings, Candidate(version, challenger, test_channel_uri), PromotionPolicy("nightly"))
 
 
 @flow(name="put-in-production-for-test")
@@ -143,7 +150,7 @@ def release(artifact_root: str, version: str) -> str:
 
 @flow(name="judge-for-test")
 def judge(artifact_root: str, champion: str, model_uri: str, test_channel_uri: str) -> Decision:
-    """The nightly's step after training, for a challenger whose model is ``model_uri``."""
+    """The promotion step after training, for a challenger whose model is ``model_uri``."""
     settings = Settings.load(artifact_root=artifact_root)
     production = get_model_registry(settings).resolve(champion)
     trained = TrainedModel(
@@ -155,9 +162,8 @@ def judge(artifact_root: str, champion: str, model_uri: str, test_channel_uri: s
         debugger_rules=[],
         profile=None,
     )
-    return judge_challenger(
-        settings, production, trained, "file:///datasets/abid/split.csv", test_channel_uri, {}, margin=0.01
-    )
+    challenger = Challenger(trained, "file:///datasets/abid/split.csv", test_channel_uri, {})
+    return promote_trained(settings, production.group, challenger, PromotionPolicy("nightly")).decision
 
 
 class Loop:

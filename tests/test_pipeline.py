@@ -31,6 +31,7 @@ from bincount.contracts.serving import EndpointNotFoundError
 from bincount.demo_data import generate_demo_bucket, jpeg_bytes, render_bin_image
 from bincount.factory import get_model_registry, get_serving_backend
 from bincount.models import read_from_archive
+from bincount.monitoring import MonitorReport, save_report
 from bincount.split import read_split
 from bincount.storage import Storage, local_path
 from flows.cli import main as cli
@@ -298,6 +299,54 @@ def test_nightly_with_no_parameters_retrains_production_on_leak_free_data(
     assert any(a.data == card for a in artifacts_keyed(f"model-card-{ENDPOINT}"))
     decision_artifact = artifacts_keyed(f"nightly-decision-{ENDPOINT}")[0]  # the newest
     assert f"Paired test ({decision.comparison.test}) on {len(test_side)} test images" in decision_artifact.data
+
+
+def test_a_second_pipeline_run_decides_by_the_paired_test_against_what_serves(
+    deployed: tuple[dict[str, str], PipelineResult],
+) -> None:
+    """Issue 25: with a version serving, the pipeline's new model replaces it only when a paired test on the same
+    test images finds it better; the decision is kept with its statistics and shown beside live accuracy."""
+    where, _ = deployed
+    settings = Settings.load(artifact_root=where["artifact_root"])
+    registry = get_model_registry(settings)
+    serving = registry.production(ENDPOINT)
+    assert serving is not None
+    save_report(  # the monitor's last report: the serving model's accuracy on labelled traffic
+        Storage(),
+        settings.artifact_root,
+        MonitorReport(ENDPOINT, str(serving.ref), "ok", "a test", labelled=40, accuracy=0.55, window_end="2026-12-07"),
+    )
+    another = TINY.model_copy(update={"seed": 1, "max_jobs": 1, "debugger": False, "profiler": False})
+    state = pipeline(
+        DataOptions(), another, endpoint_name=ENDPOINT, location=Location(**where), optimize=False, return_state=True
+    )
+    result = state.result()
+    decision, comparison = result.decision, result.decision.comparison if result.decision else None
+    assert decision is not None and comparison is not None, "compared with what serves by the paired test"
+    challenger = registry.resolve(result.model_version)
+    assert (decision.challenger_version, decision.serving_version) == (challenger.version, serving.version)
+    assert "exact McNemar p=" in decision.reason and decision.promoted == (comparison.verdict == "better")
+    assert comparison.images == challenger.spec.metrics.images, "both scored on the same test images"
+    assert registry.decisions(ENDPOINT)[-1] == decision, "kept in the registry with its statistics"
+    production = registry.production(ENDPOINT)
+    assert production is not None and production.version == (
+        challenger.version if decision.promoted else serving.version
+    )
+    assert get_serving_backend(settings).describe(ENDPOINT).model_ref == str(production.ref)
+
+    artifact = artifacts_keyed(f"pipeline-decision-{ENDPOINT}")[0]
+    assert f"Paired test ({comparison.test}) on {comparison.images} test images" in artifact.data, artifact.data
+    assert f"0.55 on 40 labelled requests to {serving.ref} up to 2026-12-07" in artifact.data, artifact.data
+    (summary,) = [
+        a for a in artifacts_keyed(summary_key("bincount-pipeline")) if a.flow_run_id == state.state_details.flow_run_id
+    ]
+    deployment = f"replaced {serving.ref}" if decision.promoted else f"not deployed ({decision.outcome})"
+    for figure in (
+        f"| paired test | {comparison.verdict}: exact McNemar p=",
+        "| serving live accuracy | 0.55 on 40",
+        deployment,
+    ):
+        assert figure in summary.data, (figure, summary.data)
 
 
 def test_endpoints_are_described_pinged_and_stopped_with_a_stopped_artifact(

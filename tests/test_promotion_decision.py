@@ -18,7 +18,8 @@ from bincount.feedback import FeedbackVersion, feedback_uri
 from bincount.registry import decide
 from bincount.storage import Storage
 from flows.data import DataOptions
-from flows.nightly import LiveAccuracy, NightlyResult, nightly_figures, training_data
+from flows.nightly import NightlyResult, nightly_figures, training_data
+from flows.promotion import LiveAccuracy
 
 CLASSES = [1, 2, 3, 4, 5]
 IMAGES = 200

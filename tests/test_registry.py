@@ -174,19 +174,18 @@ for i in range({per_process}):
     assert all(v.approval == "Approved" and len(v.history) == 1 for v in versions), "every event kept"
 
 
-def test_best_hyperparameters_only_for_a_better_model_and_old_files_still_read(registry: StorageModelRegistry) -> None:
+def test_best_hyperparameters_only_for_a_better_model_and_decisions_kept_typed(
+    registry: StorageModelRegistry,
+) -> None:
     assert registry.best_hyperparameters(GROUP) is None
-    legacy = {"hyperparameters": {"lr": 0.05}, "job_name": "old-tuning", "score": {"accuracy": 0.4}}
-    registry.storage.write_bytes(f"{registry.root}/{GROUP}/best-hyperparameters.json", json.dumps(legacy).encode())
-    assert registry.best_hyperparameters(GROUP).hyperparameters == {"lr": 0.05}
     assert registry.save_best_hyperparameters(GROUP, {"lr": 0.02}, "job-a", {"accuracy": 0.6}, version=1)
     assert not registry.save_best_hyperparameters(GROUP, {"lr": 0.09}, "job-b", {"accuracy": 0.55})
     assert not registry.save_best_hyperparameters(GROUP, {"lr": 0.09}, "job-c", {})
     best = registry.best_hyperparameters(GROUP)
     assert (best.hyperparameters, best.job_name, best.version) == ({"lr": 0.02}, "job-a", 1)
 
-    old = decide(GROUP, score_counts([1, 2], [1, 3], [1, 2, 3, 4, 5]), "file:///m/1", None, None, 0.01)
-    registry.storage.write_bytes(f"{registry.root}/{GROUP}/decisions.jsonl", json.dumps(old.to_dict()).encode() + b"\n")
+    first = decide(GROUP, score_counts([1, 2], [1, 3], [1, 2, 3, 4, 5]), "file:///m/1", None, None, 0.01)
+    registry.record(first)
     truth = [1 + i % 5 for i in range(20)]
     files = [f"{count}/{i}.jpg" for i, count in enumerate(truth)]
     serving = score_counts(truth, truth[:11] + [1] * 9, [1, 2, 3, 4, 5])  # 11 right (and the 1s among the rest)

@@ -27,13 +27,15 @@ STAGES: tuple[Stage, ...] = ("candidate", "production", "archived")
 APPROVAL_STATUSES: tuple[ApprovalStatus, ...] = ("PendingManualApproval", "Approved", "Rejected")
 EventKind = Literal["stage", "approval", "mirrored", "release"]
 DecisionOutcome = Literal["promoted", "kept", "unchanged", "nothing-new", "held", "rejected", "deploy-failed"]
-"""What became of a nightly's challenger: promoted (it serves now), kept (it did not beat what serves),
-unchanged (no new data or code: nothing retrained), nothing-new (its model is a registered version's),
-held (it matches a version a rollback holds), rejected (by a person), deploy-failed (its deploy or canary
-failed: what served before still serves)."""
+"""What became of a pipeline's or a nightly's challenger: promoted (it serves now), kept (it did not beat what
+serves), unchanged (no new data or code: nothing retrained), nothing-new (its model is a registered version's),
+held (it matches a version a rollback holds), rejected (by a person, or by the pipeline's quality gate),
+deploy-failed (its deploy or canary failed: what served before still serves)."""
 PROMOTION_METRIC = "accuracy"
 PROMOTION_CONFIDENCE = 0.95
 """The paired test's confidence by default: a challenger is promoted when it is better at this level."""
+PROMOTION_MARGIN = 0.01
+"""The least gain in test accuracy that promotes by default, on top of the paired test finding it better."""
 
 
 class RegistryError(ValueError):
@@ -264,13 +266,13 @@ class ImagePredictions:
 
 @dataclass(frozen=True)
 class Decision:
-    """A nightly comparison of a challenger with the serving model, on the same test split, and its outcome.
+    """A pipeline's or a nightly's comparison of a challenger with the serving model, on the same test split, and its
+    outcome. Made in one place: :mod:`bincount.registry` (``decide``, ``decision_without_test``).
 
     ``serving_*`` is what served when the decision was taken (re-read under the endpoint's lock);
-    ``outcome`` says what became of the challenger (empty in records written before it was kept).
-    ``comparison`` is the paired test the decision rests on (its verdict, intervals, exact McNemar p-value and
-    discordant counts) at ``confidence``; None where no comparison was made (nothing served yet, or nothing new)
-    and in records written before the paired rule.
+    ``outcome`` says what became of the challenger. ``comparison`` is the paired test the decision rests on (its
+    verdict, intervals, exact McNemar p-value and discordant counts) at ``confidence``; None where no comparison
+    was made (nothing served yet, nothing new, or the quality gate rejected the challenger first).
     """
 
     endpoint_name: str
@@ -407,7 +409,7 @@ class ModelRegistry(Protocol):
     def best_hyperparameters(self, group: str) -> BestHyperparameters | None: ...
 
     def record(self, decision: Decision) -> None:
-        """Keep a nightly decision (the group is its endpoint name)."""
+        """Keep a promotion decision (the group is its endpoint name)."""
         ...
 
     def decisions(self, group: str) -> list[Decision]: ...

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageDraw, ImageEnhance, ImageFilter
 
 from bincount.manifest import CLASSES, dump_manifest, image_uri, metadata_uri, parse_manifest
 from bincount.storage import Storage, join_uri
@@ -52,6 +52,26 @@ def jpeg_bytes(image: Image.Image, quality: int = 90) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=quality)
     return buffer.getvalue()
+
+
+def shift_photo(data: bytes, brightness: float = 0.4, quality: int = 25) -> bytes:
+    """A photo as a new camera would see it: darker (``brightness`` times as bright) and recompressed harder
+    (JPEG ``quality``): the drift the feedback demonstration and benchmark send."""
+    with Image.open(io.BytesIO(data)) as image:
+        darker = ImageEnhance.Brightness(image.convert("RGB")).enhance(brightness)
+    return jpeg_bytes(darker, quality=quality)
+
+
+def shifted_demo_photos(
+    images: int, seed: int, size: int = 224, brightness: float = 0.4, quality: int = 25
+) -> list[tuple[int, bytes]]:
+    """``images`` new synthetic photos (counts 1-5, drawn evenly) made darker and recompressed: ``(count, jpeg)``."""
+    rng = np.random.default_rng([seed, 7919])
+    counts = [int(c) for c in rng.choice(CLASSES, size=images)]
+    return [
+        (count, shift_photo(jpeg_bytes(render_bin_image(count, child, size)), brightness, quality))
+        for count, child in zip(counts, rng.spawn(images), strict=True)
+    ]
 
 
 def _metadata(image_id: str, count: int, rng: np.random.Generator) -> dict:

@@ -48,7 +48,7 @@ from PIL import Image
 
 from bincount.capture import CaptureReader, CaptureRecord, format_time, parse_time
 from bincount.download import check_image
-from bincount.ids import UnsafeNameError, check_image_id
+from bincount.ids import PRODUCTION_PHOTO_PREFIX, UnsafeNameError, check_image_id
 from bincount.manifest import (
     CLASSES,
     MAX_METADATA_BYTES,
@@ -95,7 +95,7 @@ def feedback_uri(artifact_root: str, dataset: str, *parts: str) -> str:
 
 def photo_id(sha256: str) -> str:
     """The image id of a photo from production: ``fb-`` and the first 32 hex digits of its sha256."""
-    return f"fb-{sha256[:32]}"
+    return f"{PRODUCTION_PHOTO_PREFIX}{sha256[:32]}"
 
 
 @dataclass(frozen=True)

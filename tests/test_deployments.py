@@ -197,7 +197,7 @@ def test_deploy_then_the_scheduled_nightly_runs_with_no_parameters(server_env: d
             f"location={location}",
         ],
         env,
-    )  # as the README's examples give them
+    )  # as the examples of docs/OPERATIONS.md give them
     try:
         run([PREFECT, "worker", "start", "--pool", "bincount-local", "--run-once"], env, timeout=600)
         assert flow_run_states(env, "bincount-pipeline") == ["COMPLETED"]

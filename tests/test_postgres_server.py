@@ -1,4 +1,4 @@
-"""The team server of the README: Prefect on a real PostgreSQL server (Debian's `postgresql` package), with a
+"""The team server of docs/OPERATIONS.md: Prefect on a real PostgreSQL server (Debian's `postgresql` package), with a
 deployment run through it by a process worker. Skips, saying why, where PostgreSQL's binaries are absent."""
 
 from __future__ import annotations

@@ -94,6 +94,7 @@ def write_tables(
     storage: Storage,
     output_uri: str,
     keys: list[str],
+    *,
     labels: Mapping[str, int] | None,
     classes: list[int],
     errors: list[dict[str, str]],

@@ -230,11 +230,11 @@ def download_images(
             source_uri,
             local_dir,
             storage,
-            concurrency,
-            max_missing_share,
-            with_metadata,
-            progress,
-            max_object_bytes,
+            concurrency=concurrency,
+            max_missing_share=max_missing_share,
+            with_metadata=with_metadata,
+            progress=progress,
+            max_object_bytes=max_object_bytes,
         )
 
 
@@ -243,6 +243,7 @@ def _download_locked(
     source_uri: str,
     local_dir: Path,
     storage: Storage,
+    *,
     concurrency: int,
     max_missing_share: float,
     with_metadata: bool,

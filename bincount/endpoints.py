@@ -148,6 +148,7 @@ def shadow_verdict(
     current: TrafficStats,
     shadow: TrafficStats,
     strategy: RolloutStrategy,
+    *,
     compared: int = 0,
     agreed: int = 0,
     skipped: int = 0,

@@ -48,7 +48,7 @@ from PIL import Image
 
 from bincount.capture import CaptureReader, CaptureRecord, format_time, parse_time
 from bincount.download import check_image
-from bincount.ids import PRODUCTION_PHOTO_PREFIX, UnsafeNameError, check_image_id
+from bincount.ids import PRODUCTION_PHOTO_PREFIX, UnsafeNameError, check_image_id, is_production_photo
 from bincount.manifest import (
     CLASSES,
     MAX_METADATA_BYTES,
@@ -413,13 +413,13 @@ def read_capture(
             first = answers.setdefault(record.inference_id, (record.model_version, predicted))
             disagreement = first[0] != record.model_version and first[1] != predicted
         item = QueueItem(
-            photo_id(digest),
-            digest,
-            difference_hash(data),
-            count_spread(probabilities),
-            disagreement,
-            predicted,
-            replace(lineage, labelled_by=""),
+            image_id=photo_id(digest),
+            sha256=digest,
+            dhash=difference_hash(data),
+            uncertainty=count_spread(probabilities),
+            disagreement=disagreement,
+            predicted=predicted,
+            lineage=replace(lineage, labelled_by=""),
         )
         candidates.offer(item, data)
     stop = last_taken if len(result.added) >= plan.max_photos else reader.latest
@@ -512,18 +512,19 @@ def record_version(
     storage: Storage,
     base_storage: Storage,
     artifact_root: str,
-    dataset: str,
-    base_manifest_uri: str,
-    base_source_uri: str,
+    base: FeedbackBase,
     added: list[AddedImage],
+    *,
     concurrency: int = 16,
 ) -> FeedbackVersion | None:
-    """Record the next manifest version: the latest version's entries, the base manifest's entries it lacks
-    (a grown original manifest), and ``added``; copy the originals it lists that the feedback source lacks.
+    """Record the next manifest version of ``base.dataset``: the latest version's entries, the base manifest's
+    entries it lacks (a grown original manifest), and ``added``; copy the originals it lists that the feedback
+    source lacks.
 
     Written once (create-if-absent, numbered); a run that finds its number taken reads again and decides again.
     Returns None when no photo of ``added`` is new to the latest version (nothing recorded, nothing copied).
     """
+    dataset, base_manifest_uri = base.dataset, base.manifest_uri
     source = feedback_uri(artifact_root, dataset)
     for _ in range(MAX_VERSION_ATTEMPTS):
         previous = latest_version(storage, artifact_root, dataset)
@@ -535,8 +536,8 @@ def record_version(
         if not new:
             return None
         manifest.update((image.image_id, image.label) for image in new)
-        originals = [image_id for image_id in manifest if image_id not in before and not image_id.startswith("fb-")]
-        mirrored, missing = _mirror(storage, base_storage, base_source_uri, source, originals, concurrency)
+        originals = [image_id for image_id in manifest if image_id not in before and not is_production_photo(image_id)]
+        mirrored, missing = _mirror(storage, base_storage, base.source_uri, source, originals, concurrency)
         number = max((int(match[1]) for match in _numbers(storage, source)), default=0) + 1
         manifest_uri = join_uri(source, "manifests", f"{number:06d}.json")
         if not storage.create_new(manifest_uri, dump_manifest(manifest)):

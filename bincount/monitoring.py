@@ -349,6 +349,7 @@ def monitor_window(
     window: TrafficWindow,
     baseline: Baseline | None,
     thresholds: DriftThresholds,
+    *,
     labels: dict[str, int] | None = None,
     model_version: str | None = None,
     invocations: InvocationCounts | None = None,

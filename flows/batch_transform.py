@@ -61,4 +61,12 @@ def batch_transform(
     """
     settings = location.settings()
     model = resolve_model_task(settings, model_uri, endpoint_name)
-    return batch_transform_task(settings, model, to_uri(input_uri), to_uri(output_uri), batch_size, labels_uri, rescore)
+    return batch_transform_task(
+        settings,
+        model,
+        to_uri(input_uri),
+        to_uri(output_uri),
+        batch_size=batch_size,
+        labels_uri=labels_uri,
+        rescore=rescore,
+    )

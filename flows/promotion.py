@@ -388,9 +388,9 @@ def deploy_version(
             endpoint_name,
             version.model_uri,
             str(version.ref),
-            deploy.capture_percentage,
-            deploy.strategy,
-            deploy.scaling,
+            capture_percentage=deploy.capture_percentage,
+            strategy=deploy.strategy,
+            scaling=deploy.scaling,
         )
         check_endpoint_task(settings, endpoint_name)
         if endpoint.shadow is not None:

@@ -321,7 +321,13 @@ def deploy_model(
     the deploy back."""
     with transaction():
         record = deploy_endpoint_task(
-            settings, endpoint_name, version.model_uri, str(version.ref), capture_percentage, strategy, scaling
+            settings,
+            endpoint_name,
+            version.model_uri,
+            str(version.ref),
+            capture_percentage=capture_percentage,
+            strategy=strategy,
+            scaling=scaling,
         )
         check_endpoint_task(settings, endpoint_name, sample_image_uri)
     return record

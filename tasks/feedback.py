@@ -112,9 +112,7 @@ def record_version_task(settings: Settings, base: FeedbackBase, added: list[Adde
         storage_for(settings),
         storage_for(settings.model_copy(update={"source_uri": base.source_uri}), source=True),
         settings.artifact_root,
-        base.dataset,
-        base.manifest_uri,
-        base.source_uri,
+        base,
         added,
     )
     logger = get_run_logger()

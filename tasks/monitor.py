@@ -99,7 +99,13 @@ def monitor_traffic_task(
             invocations.model_errors,
         )
     report = monitor_window(
-        endpoint, window, baseline, thresholds, labels, record.model_ref or record.version, invocations
+        endpoint,
+        window,
+        baseline,
+        thresholds,
+        labels=labels,
+        model_version=record.model_ref or record.version,
+        invocations=invocations,
     )
     save_report(storage, settings.artifact_root, report)
     logger.info("%s: %s: %s", endpoint, report.verdict, report.message)

@@ -412,6 +412,6 @@ def test_records_as_sagemaker_writes_them_are_read_and_monitored(tmp_path: Path)
     reader = CaptureReader(Storage(), (tmp_path / "ep" / "AllTraffic").as_uri())
     window = TrafficWindow.read(reader)
     assert window.requests == 1 and reader.problems == [] and window.identified == [("00042", 4)]
-    report = monitor_window("ep", window, None, DriftThresholds(), {"00042": 4})
+    report = monitor_window("ep", window, None, DriftThresholds(), labels={"00042": 4})
     assert report.verdict == "no-baseline" and report.predicted_shares["4"] == 1.0 and report.accuracy == 1.0
     assert report.errors == 0 and report.error_rate == 0.0 and report.window_end == "2026-11-30T21:04:05.000Z"

@@ -305,10 +305,7 @@ def test_the_stable_split_places_the_new_images_without_moving_an_old_one(world:
     world.capture(*[(photo(60 + n, 1 + n % 5, darker=0.6), f"n{n}", SURE) for n in range(8)])
     result = harvest(world.storage, world.storage, world.plan())
     base = feedback_base({}, world.bucket, DATASET, world.manifest_uri)
-    version = record_version(
-        world.storage, world.storage, world.settings.artifact_root, DATASET, base.manifest_uri, base.source_uri,
-        result.added,
-    )  # fmt: skip
+    version = record_version(world.storage, world.storage, world.settings.artifact_root, base, result.added)
 
     manifest = read_manifest(world.storage, version.manifest_uri)  # downloaded from the feedback source alone
     report, downloaded = download_images(manifest, version.source_uri, world.tmp / "raw-feedback", world.storage)

@@ -229,9 +229,16 @@ def test_results_written_a_chunk_at_a_time_are_the_table_written_whole(
         answer = {"predictions": [{"predicted_count": 1 + n % 3, "probabilities": {str(c): 0.2 for c in range(1, 6)}}]}
         (output / f"{key}.out").parent.mkdir(parents=True, exist_ok=True)
         (output / f"{key}.out").write_text(json.dumps(answer))
-    whole = write_tables(storage, output.as_uri(), keys, None, [1, 2, 3, 4, 5], [], "m:1")
+    whole = write_tables(
+        storage, output.as_uri(), keys, labels=None, classes=[1, 2, 3, 4, 5], errors=[], model_version="m:1"
+    )
     table = (output / "results.csv").read_bytes()
     monkeypatch.setattr(batch_results, "_ROWS_AT_ONCE", 3)
-    assert write_tables(storage, output.as_uri(), keys, None, [1, 2, 3, 4, 5], [], "m:1") == whole
+    assert (
+        write_tables(
+            storage, output.as_uri(), keys, labels=None, classes=[1, 2, 3, 4, 5], errors=[], model_version="m:1"
+        )
+        == whole
+    )
     assert (output / "results.csv").read_bytes() == table
     assert len(pd.read_csv(output / "results.csv")) == 11 and whole[2] == round(3 / 11, 4)  # ids 0, 1 and 2 right

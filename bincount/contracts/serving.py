@@ -209,7 +209,15 @@ class RolloutTest:
     def from_dict(cls, data: Mapping[str, Any]) -> RolloutTest:
         needed = data.get("needed")  # schema 1 kept them as {"new": n, "current": m}
         new, current = (needed["new"], needed["current"]) if needed else (data["needed_new"], data["needed_current"])
-        return cls(data["verdict"], data["test"], data["p_value"], data["alpha"], data["power"], new, current)
+        return cls(
+            verdict=data["verdict"],
+            test=data["test"],
+            p_value=data["p_value"],
+            alpha=data["alpha"],
+            power=data["power"],
+            needed_new=new,
+            needed_current=current,
+        )
 
 
 @dataclass(frozen=True)

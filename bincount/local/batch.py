@@ -121,7 +121,13 @@ def run_batch_transform(
     failed_keys = {error["key"] for error in errors}
     scored_keys = [key for key in keys if key not in failed_keys]
     results_uri, errors_uri, accuracy = write_tables(
-        storage, output_uri, scored_keys, labels, model.classes, errors, model_version
+        storage,
+        output_uri,
+        scored_keys,
+        labels=labels,
+        classes=model.classes,
+        errors=errors,
+        model_version=model_version,
     )
     return BatchTransformSummary(
         input_uri=input_uri,

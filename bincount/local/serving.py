@@ -170,14 +170,26 @@ class LocalServingBackend:
             spec = VariantSpec(str(model_dir), version, model_uri, model_ref)
             smoke = smoke_image(int(info["image_size"]))
             if status is None:
-                details = self._start(name, current, variant_id, spec, scaling, capture, workdir, smoke, classes)
+                details = self._start(
+                    name,
+                    current,
+                    variant_id,
+                    spec,
+                    scaling=scaling,
+                    capture=capture,
+                    workdir=workdir,
+                    smoke=smoke,
+                    classes=classes,
+                )
                 started = "no model was serving: the endpoint starts on this one"
                 rollout = Rollout(strategy, "started", started, (_step("started", 100),))
             else:
                 assert current is not None
                 state = _read_state(workdir)
                 state = dataclasses.replace(state, scaling=scaling, capture=self._capture_state(name, capture))
-                state = self._add_candidate(current, state, variant_id, spec, workdir, smoke, classes)
+                state = self._add_candidate(
+                    current, state, variant_id, spec, workdir=workdir, smoke=smoke, classes=classes
+                )
                 try:
                     rollout = self._roll_out(current, state, strategy)
                 except BaseException:  # interrupted or failed mid-rollout: the current model takes all traffic again
@@ -238,6 +250,7 @@ class LocalServingBackend:
         current: EndpointRecord | None,
         variant_id: str,
         spec: VariantSpec,
+        *,
         scaling: ScalingConfig,
         capture: CaptureConfig,
         workdir: Path,
@@ -294,6 +307,7 @@ class LocalServingBackend:
         state: RouterState,
         variant_id: str,
         spec: VariantSpec,
+        *,
         workdir: Path,
         smoke: bytes,
         classes: list[int],
@@ -504,10 +518,10 @@ class LocalServingBackend:
             current.traffic,
             shadow.traffic,
             record.rollout.strategy,
-            shadow.compared,
-            shadow.agreed,
-            shadow.skipped,
-            record.shadow.started_at if record.shadow else None,
+            compared=shadow.compared,
+            agreed=shadow.agreed,
+            skipped=shadow.skipped,
+            since=record.shadow.started_at if record.shadow else None,
         )
 
     def promote_shadow(self, name: str) -> EndpointRecord:

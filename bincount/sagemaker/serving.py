@@ -358,7 +358,16 @@ class SageMakerServingBackend(SageMakerBackendBase):
         current = describe_or_none(self.client, ENDPOINT, name)
         if strategy is not None and strategy.kind == "shadow" and current is not None:
             return self._start_shadow(
-                name, model_uri, model_ref, info, version, stored, current, capture, strategy, scaling
+                name,
+                model_uri,
+                model_ref,
+                info=info,
+                version=version,
+                stored=stored,
+                current=current,
+                capture=capture,
+                strategy=strategy,
+                scaling=scaling,
             )
         count = self._instance_count(scaling)
         # A canary or linear update of a serving endpoint runs as many instances as its share needs (checked before
@@ -593,6 +602,7 @@ class SageMakerServingBackend(SageMakerBackendBase):
         name: str,
         model_uri: str,
         model_ref: str | None,
+        *,
         info: dict[str, Any],
         version: str,
         stored: EndpointRecord | None,
@@ -646,13 +656,13 @@ class SageMakerServingBackend(SageMakerBackendBase):
             capture=capture if capture.enabled else None,
             capture_uri=capture_prefix(self.settings.artifact_root, name) if capture.enabled else None,
             shadow=ShadowVariant(
-                SHADOW_VARIANT,
-                model_uri,
-                version,
-                model_ref,
-                strategy.traffic_percent,
-                now_iso(),
-                {"model_name": shadow_model},
+                variant=SHADOW_VARIANT,
+                model_uri=model_uri,
+                version=version,
+                model_ref=model_ref,
+                percent=strategy.traffic_percent,
+                started_at=now_iso(),
+                backend={"model_name": shadow_model},
             ),
             variants=(
                 EndpointVariant(VARIANT, stored.version, stored.model_ref, 100, replicas=count),
@@ -886,7 +896,13 @@ class SageMakerServingBackend(SageMakerBackendBase):
             progress(len(keys), len(keys))
         # a failed image fails the whole SageMaker job: a completed one has no errors to list
         results_uri, _, accuracy = write_tables(
-            self.storage, output_uri, keys, labels, [int(c) for c in info["classes"]], [], version
+            self.storage,
+            output_uri,
+            keys,
+            labels=labels,
+            classes=[int(c) for c in info["classes"]],
+            errors=[],
+            model_version=version,
         )
         seconds = (description["TransformEndTime"] - description["TransformStartTime"]).total_seconds()
         return BatchTransformSummary(

@@ -277,8 +277,12 @@ def rendered(url: str, expression: str, timeout_s: float = 120) -> dict:
         try:
             deadline = time.monotonic() + timeout_s
             port_file = Path(profile) / "DevToolsActivePort"
-            while not (port_file.is_file() and port_file.read_text().strip()) and time.monotonic() < deadline:
-                time.sleep(0.2)
+            wait_until(
+                lambda: port_file.is_file() and port_file.read_text().strip(),
+                timeout_s=timeout_s,
+                interval_s=0.2,
+                what="chromium to write its DevTools port",
+            )
             port = int(port_file.read_text().split()[0])
             (page,) = [
                 t for t in httpx.get(f"http://127.0.0.1:{port}/json/list", timeout=10).json() if t["type"] == "page"

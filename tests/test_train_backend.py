@@ -8,11 +8,11 @@ import signal
 import subprocess
 import sys
 import tarfile
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from waiting import wait_until
 
 from bincount.config import Settings
 from bincount.contracts.training import TrainingJobFailed, TrainingJobSpec
@@ -124,13 +124,8 @@ def is_running(pid: int) -> bool:
         return False
 
 
-def wait_gone(pid: int, timeout_s: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if not is_running(pid):
-            return True
-        time.sleep(0.2)
-    return False
+def wait_gone(pid: int, timeout_s: float = 20.0) -> None:
+    wait_until(lambda: not is_running(pid), timeout_s=timeout_s, interval_s=0.2, what=f"process {pid} to end")
 
 
 def test_interrupt_stops_the_training_process(tmp_path: Path, demo_channels: dict[str, Path]) -> None:
@@ -151,7 +146,8 @@ def test_interrupt_stops_the_training_process(tmp_path: Path, demo_channels: dic
 
     with pytest.raises(KeyboardInterrupt):
         get_training_backend(settings).train(spec, on_log=interrupt_after_first_epoch)
-    assert pids and wait_gone(pids[0], timeout_s=1.0)
+    assert pids
+    wait_gone(pids[0], timeout_s=1.0)
 
 
 def test_killed_parent_takes_the_training_process_with_it(tmp_path: Path, demo_channels: dict[str, Path]) -> None:
@@ -177,4 +173,4 @@ get_training_backend(settings).train(spec, on_log=lambda line: print(line, flush
     assert child is not None and is_running(child)
     parent.send_signal(signal.SIGKILL)  # what a worker does to a cancelled flow run that will not stop
     parent.wait()
-    assert wait_gone(child), "train.py outlived the process that started it"
+    wait_gone(child)  # train.py must not outlive the process that started it

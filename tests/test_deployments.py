@@ -205,10 +205,11 @@ def test_deploy_then_the_scheduled_nightly_runs_with_no_parameters(server_env: d
         for _ in range(2):  # as the schedule creates them: no parameters at all
             run([PREFECT, "deployment", "run", "nightly-retrain/nightly"], env)
             run([PREFECT, "worker", "start", "--pool", "bincount-local", "--run-once"], env, timeout=600)
-            if len(decisions(artifacts, "bincount")) == 1:
+            if len(decisions(artifacts, "bincount")) == 2:  # the pipeline's, then the first nightly's
                 generate_demo_bucket(Storage(), bucket, images=90, seed=2, size=48)  # new photos arrive
         assert flow_run_states(env, "nightly-retrain").count("COMPLETED") == 2
-        unchanged, retrained = decisions(artifacts, "bincount")
+        first, unchanged, retrained = decisions(artifacts, "bincount")
+        assert first["promoted"] and "no model serves this endpoint yet" in first["reason"], "the pipeline's"
         assert "nothing retrained" in unchanged["reason"] and unchanged["challenger_version"] is None
         assert retrained["challenger_version"] == 2 and retrained["serving_version"] == 1
         version = json.loads((artifacts / "registry" / "bincount" / "versions" / "000002.json").read_text())

@@ -17,6 +17,7 @@ import signal
 import tarfile
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -37,9 +38,9 @@ from sagemaker_moto import (
 
 from bincount.config import Settings
 from bincount.contracts.naming import job_name
-from bincount.contracts.serving import DeployError, EndpointNotFoundError
+from bincount.contracts.serving import BatchTransformSummary, DeployError, EndpointNotFoundError, EndpointRecord
 from bincount.contracts.training import DEBUGGER_RULES, TrainingJob, TrainingJobFailed, TrainingJobSpec
-from bincount.contracts.tuning import SEEDS_SEARCH_SPACE, TuningSpec
+from bincount.contracts.tuning import SEEDS_SEARCH_SPACE, TuningResult, TuningSpec
 from bincount.demo_data import jpeg_bytes, render_bin_image
 from bincount.factory import get_serving_backend, get_training_backend, get_tuning_backend
 from bincount.sagemaker.serving import SageMakerServingBackend
@@ -196,10 +197,19 @@ def test_several_cpu_instances_are_refused_before_any_job(settings: Settings, op
         backend.estimator(spec(settings, job_name("train", uuid.uuid4().hex)))
 
 
-def test_tuning_job_request_and_best_hyperparameters_read_back(
-    settings: Settings, options: SageMakerOptions, moto_sagemaker: MotoSageMaker
-) -> None:
-    assert isinstance(get_tuning_backend(settings), SageMakerTuningBackend)
+@dataclass(frozen=True)
+class Tuned:
+    """A tuning job run through the backend, with the requests it sent."""
+
+    backend: SageMakerTuningBackend
+    captured: Captured
+    spec: TuningSpec
+    result: TuningResult
+    best_trial: str
+
+
+@pytest.fixture
+def tuned(settings: Settings, options: SageMakerOptions, moto_sagemaker: MotoSageMaker) -> Tuned:
     backend = SageMakerTuningBackend(settings, options)
     captured = Captured(backend.session.sagemaker_client)
     name = job_name("tune", uuid.uuid4().hex, kind="tuning")
@@ -287,8 +297,15 @@ def test_tuning_job_request_and_best_hyperparameters_read_back(
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(type(state), "create_hyper_parameter_tuning_job", create)
         result = backend.tune(tuning)
+    return Tuned(backend, captured, tuning, result, best_trial)
 
-    (request,) = captured("CreateHyperParameterTuningJob")
+
+def test_the_aws_profile_tunes_on_sagemaker(settings: Settings) -> None:
+    assert isinstance(get_tuning_backend(settings), SageMakerTuningBackend)
+
+
+def test_tuning_job_request_searches_the_space_around_the_static_hyperparameters(tuned: Tuned) -> None:
+    (request,) = tuned.captured("CreateHyperParameterTuningJob")
     config = request["HyperParameterTuningJobConfig"]
     assert config["Strategy"] == "Bayesian"
     assert config["ResourceLimits"] == {"MaxNumberOfTrainingJobs": 12, "MaxParallelTrainingJobs": 3}
@@ -312,6 +329,9 @@ def test_tuning_job_request_and_best_hyperparameters_read_back(
     assert definition["HyperParameterTuningResourceConfig"]["InstanceType"] == "ml.g5.xlarge"
     assert [c["ChannelName"] for c in definition["InputDataConfig"]] == ["train", "valid", "test"]
 
+
+def test_tuning_reads_back_the_best_trial_its_hyperparameters_and_every_trial(settings: Settings, tuned: Tuned) -> None:
+    result, best_trial = tuned.result, tuned.best_trial
     assert result.best_training_job == best_trial
     assert result.best_hyperparameters == {
         "arch": "resnet50",
@@ -326,15 +346,20 @@ def test_tuning_job_request_and_best_hyperparameters_read_back(
         ("Completed", 128),
         ("Stopped", 32),
     ]  # best first
+
+
+def test_tuning_cost_bills_every_trial_at_its_instance_types_rate(tuned: Tuned) -> None:
+    result = tuned.result
     # Both trials' billed seconds at the price table's rate for their instance type.
     hourly = price_table()["per_instance_hour"]["ml.g5.xlarge"]
     assert result.cost is not None and (result.cost.billed_s, result.cost.jobs) == (1500, 2)
     assert result.cost.usd == pytest.approx(1500 / 3600 * hourly, abs=1e-3)
     assert result.cost.summary() == f"${result.cost.usd:.2f} (1 x ml.g5.xlarge, 1500 instance-s billed over 2 jobs)"
 
-    # A retried tune task follows the tuning job instead of starting a second one.
-    backend.tune(tuning)
-    assert len(captured("CreateHyperParameterTuningJob")) == 1
+
+def test_a_retried_tune_follows_its_tuning_job_instead_of_starting_another(tuned: Tuned) -> None:
+    tuned.backend.tune(tuned.spec)
+    assert len(tuned.captured("CreateHyperParameterTuningJob")) == 1
 
 
 def test_tuning_job_without_a_completed_trial_fails_with_its_reason(
@@ -366,16 +391,52 @@ def test_tuning_job_without_a_completed_trial_fails_with_its_reason(
 
 
 # --- model, endpoint, transform ---------------------------------------------------------------
-def test_deploy_update_roll_back_retry_and_delete(
-    sagemaker_env: Settings, models: dict[int, str], moto_sagemaker: MotoSageMaker
-) -> None:
+@dataclass(frozen=True)
+class Serving:
+    """An endpoint deployed through the factory's backend, with the requests it sent."""
+
+    backend: SageMakerServingBackend
+    captured: Captured
+    name: str
+    first: EndpointRecord
+
+
+@pytest.fixture
+def serving(sagemaker_env: Settings, models: dict[int, str], moto_sagemaker: MotoSageMaker) -> Serving:
+    """A new endpoint serving ``models[1]``."""
     backend = get_serving_backend(sagemaker_env)
     assert isinstance(backend, SageMakerServingBackend)
     captured = Captured(backend.client)
     name = f"bincount-test-{uuid.uuid4().hex[:8]}"
-
     queue_answers(prediction(2))
-    first = backend.deploy(name, models[1])
+    return Serving(backend, captured, name, backend.deploy(name, models[1]))
+
+
+@pytest.fixture
+def updated(serving: Serving, models: dict[int, str]) -> EndpointRecord:
+    """The endpoint updated to serve ``models[2]``."""
+    queue_answers(prediction(3))
+    return serving.backend.deploy(serving.name, models[2])
+
+
+def rolled_back_message(name: str, serving_now: EndpointRecord) -> str:
+    """The pattern of a DeployError's rollback line, for an endpoint back on ``serving_now``."""
+    return (
+        f"Rolled back: endpoint '{name}' serves its previous config {serving_now.details['endpoint_config']} "
+        f"\\(model version {serving_now.version}\\) again"
+    )
+
+
+def impatient_backend(serving: Serving) -> SageMakerServingBackend:
+    """The backend with an endpoint_timeout_s no update outlives."""
+    backend = serving.backend
+    return SageMakerServingBackend(
+        backend.settings, backend.options.model_copy(update={"endpoint_timeout_s": 1e-6}), session=backend.session
+    )
+
+
+def test_a_first_deploy_creates_the_model_its_config_and_the_endpoint(serving: Serving) -> None:
+    backend, captured, name, first = serving.backend, serving.captured, serving.name, serving.first
     (model,) = captured("CreateModel")
     container = model["PrimaryContainer"]
     assert container["Environment"]["SAGEMAKER_PROGRAM"] == "inference.py"
@@ -404,75 +465,94 @@ def test_deploy_update_roll_back_retry_and_delete(
     with tarfile.open(fileobj=io.BytesIO(s3.get_object(Bucket=bucket, Key=key)["Body"].read())) as tar:
         assert {"model.pt", "model_info.json", "code/inference.py"} <= set(tar.getnames())
 
-    queue_answers(prediction(3))
-    second = backend.deploy(name, models[2])
-    (update,) = captured("UpdateEndpoint")
-    assert update["EndpointName"] == name and update["EndpointConfigName"] == second.details["endpoint_config"]
-    assert second.previous_version == first.version
-    assert second.details["previous_endpoint_config"] == first.details["endpoint_config"]
 
-    previous_config = second.details["endpoint_config"]
-    rolled_back = (
-        f"Rolled back: endpoint '{name}' serves its previous config {previous_config} "
-        f"\\(model version {second.version}\\) again"
-    )
+def test_a_second_deploy_updates_the_endpoint_to_a_new_config(serving: Serving, updated: EndpointRecord) -> None:
+    (update,) = serving.captured("UpdateEndpoint")
+    assert update["EndpointName"] == serving.name and update["EndpointConfigName"] == updated.details["endpoint_config"]
+    assert updated.previous_version == serving.first.version
+    assert updated.details["previous_endpoint_config"] == serving.first.details["endpoint_config"]
+
+
+def test_a_new_model_that_answers_nonsense_is_rolled_back(
+    serving: Serving, updated: EndpointRecord, models: dict[int, str]
+) -> None:
+    backend, captured, name = serving.backend, serving.captured, serving.name
     queue_answers("not a prediction")  # the new model answers nonsense: the deploy rolls back
-    with pytest.raises(DeployError, match=f"answer.*{rolled_back}.*fix the model, then deploy again"):
+    with pytest.raises(
+        DeployError, match=f"answer.*{rolled_back_message(name, updated)}.*fix the model, then deploy again"
+    ):
         backend.deploy(name, models[3])
     updates = [u["EndpointConfigName"] for u in captured("UpdateEndpoint")]
-    assert len(updates) == 3 and updates[0] == updates[2] == second.details["endpoint_config"] != updates[1]
-    assert sagemaker_state().endpoints[name].endpoint_config_name == second.details["endpoint_config"]
-    assert backend.describe(name).version == second.version
+    assert len(updates) == 3 and updates[0] == updates[2] == updated.details["endpoint_config"] != updates[1]
+    assert sagemaker_state().endpoints[name].endpoint_config_name == updated.details["endpoint_config"]
+    assert backend.describe(name).version == updated.version
 
-    # An update SageMaker itself fails (and rolls back) is reported, and not updated again.
+
+def test_an_update_sagemaker_fails_is_reported_and_not_updated_again(
+    serving: Serving, updated: EndpointRecord, models: dict[int, str], moto_sagemaker: MotoSageMaker
+) -> None:
+    # SageMaker rolls a failed update back by itself.
     moto_sagemaker.fail_updates = "ClientError: the container did not pass the ping health check"
-    with pytest.raises(DeployError, match=f"did not pass the ping health check.*{rolled_back}"):
-        backend.deploy(name, models[3])
-    moto_sagemaker.fail_updates = None
-    assert len(captured("UpdateEndpoint")) == 4
-    assert sagemaker_state().endpoints[name].endpoint_config_name == second.details["endpoint_config"]
+    with pytest.raises(
+        DeployError, match=f"did not pass the ping health check.*{rolled_back_message(serving.name, updated)}"
+    ):
+        serving.backend.deploy(serving.name, models[3])
+    assert len(serving.captured("UpdateEndpoint")) == 2
+    assert sagemaker_state().endpoints[serving.name].endpoint_config_name == updated.details["endpoint_config"]
 
-    # An update that outlives endpoint_timeout_s is rolled back too, once SageMaker lets it
-    # (it takes no update while one runs): here the new fleet comes up just after the timeout.
-    impatient = SageMakerServingBackend(
-        sagemaker_env, backend.options.model_copy(update={"endpoint_timeout_s": 1e-6}), session=backend.session
-    )
+
+def test_an_update_past_the_timeout_is_rolled_back_once_sagemaker_lets_it(
+    serving: Serving, updated: EndpointRecord, models: dict[int, str], moto_sagemaker: MotoSageMaker
+) -> None:
+    # SageMaker takes no update while one runs: here the new fleet comes up just after the timeout.
     moto_sagemaker.endpoint_delays = [1]
-    with pytest.raises(DeployError, match=f"still Updating after 0 s. {rolled_back}"):
-        impatient.deploy(name, models[3])
-    updates = [u["EndpointConfigName"] for u in captured("UpdateEndpoint")]
-    assert len(updates) == 6 and updates[4] == updates[1] and updates[5] == second.details["endpoint_config"]
-    assert sagemaker_state().endpoints[name].endpoint_config_name == second.details["endpoint_config"]
-    assert backend.describe(name).version == second.version
+    with pytest.raises(DeployError, match=f"still Updating after 0 s. {rolled_back_message(serving.name, updated)}"):
+        impatient_backend(serving).deploy(serving.name, models[3])
+    new_config = serving.captured("CreateEndpointConfig")[-1]["EndpointConfigName"]
+    updates = [u["EndpointConfigName"] for u in serving.captured("UpdateEndpoint")]
+    assert len(updates) == 3 and updates[1] == new_config and updates[2] == updated.details["endpoint_config"]
+    assert sagemaker_state().endpoints[serving.name].endpoint_config_name == updated.details["endpoint_config"]
+    assert serving.backend.describe(serving.name).version == updated.version
 
-    # A retried deploy of what already serves finds its model and config: nothing new is created.
+
+def test_a_retried_deploy_of_what_already_serves_creates_nothing(
+    serving: Serving, updated: EndpointRecord, models: dict[int, str]
+) -> None:
+    captured = serving.captured
     before = {
         op: len(captured(op)) for op in ("CreateModel", "CreateEndpointConfig", "CreateEndpoint", "UpdateEndpoint")
     }
     queue_answers(prediction(3))
-    again = backend.deploy(name, models[2])
+    again = serving.backend.deploy(serving.name, models[2])
     assert {op: len(captured(op)) for op in before} == before
-    assert again.details["endpoint_config"] == second.details["endpoint_config"]
+    assert again.details["endpoint_config"] == updated.details["endpoint_config"]
 
-    # An update still running after the rollback's own wait: the error says what to run by hand.
+
+def test_an_update_outliving_the_rollbacks_wait_says_what_to_run_and_the_next_deploy_waits_for_it(
+    serving: Serving, updated: EndpointRecord, models: dict[int, str], moto_sagemaker: MotoSageMaker
+) -> None:
+    name, serving_config = serving.name, updated.details["endpoint_config"]
     moto_sagemaker.endpoint_delays = [5]
     with pytest.raises(
         DeployError,
         match=(
-            f"Rolling back to config {second.details['endpoint_config']} failed too .*still Updating.*"
-            f"aws sagemaker update-endpoint --endpoint-name {name} --endpoint-config-name "
-            f"{second.details['endpoint_config']}"
+            f"Rolling back to config {serving_config} failed too .*still Updating.*"
+            f"aws sagemaker update-endpoint --endpoint-name {name} --endpoint-config-name {serving_config}"
         ),
     ):
-        impatient.deploy(name, models[3])
+        impatient_backend(serving).deploy(name, models[3])
+    new_config = serving.captured("CreateEndpointConfig")[-1]["EndpointConfigName"]
     # The next deploy waits for the running update to finish before it updates the endpoint.
     queue_answers(prediction(3))
-    assert backend.deploy(name, models[2]).details["previous_endpoint_config"] == updates[1]
-    assert sagemaker_state().endpoints[name].endpoint_config_name == second.details["endpoint_config"]
+    assert serving.backend.deploy(name, models[2]).details["previous_endpoint_config"] == new_config
+    assert sagemaker_state().endpoints[name].endpoint_config_name == serving_config
 
+
+def test_delete_removes_the_endpoint_and_then_reports_it_missing(serving: Serving) -> None:
+    backend, name = serving.backend, serving.name
     backend.delete(name)
     assert name not in sagemaker_state().endpoints
-    assert captured("DeleteEndpoint") == [{"EndpointName": name}]
+    assert serving.captured("DeleteEndpoint") == [{"EndpointName": name}]
     with pytest.raises(EndpointNotFoundError):
         backend.describe(name)
     with pytest.raises(EndpointNotFoundError):
@@ -515,13 +595,34 @@ def test_a_new_endpoint_that_fails_is_left_with_how_to_delete_it(
         assert name not in sagemaker_state().endpoints
 
 
-def test_batch_transform_request_and_joined_table(
+@dataclass(frozen=True)
+class Transformed:
+    """A batch transform of six images (two per count) through the backend, and what it sent, logged and wrote."""
+
+    backend: SageMakerServingBackend
+    captured: Captured
+    prefix: str
+    images: dict[str, int]  # key under in/ -> label
+    summary: BatchTransformSummary
+    progress: list[tuple[int, int]]
+    streamed: list[str]  # the container's log lines, as the task log shows them
+
+
+# What the transform container logs (a stream per instance, and one for the data plane).
+CONTAINER_LINES = {
+    "i-0abc1234": ["Warming up the model", "Model loaded"],
+    "i-0abc1234/data-log": ["6 requests, 0 errors"],
+}
+
+
+@pytest.fixture
+def transformed(
     settings: Settings,
     options: SageMakerOptions,
     models: dict[int, str],
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
-) -> None:
+) -> Transformed:
     import numpy as np
     from moto.s3.models import s3_backends
 
@@ -550,15 +651,9 @@ def test_batch_transform_request_and_joined_table(
 
     monkeypatch.setattr(type(state), "create_transform_job", create_transform_job)
 
-    # What the transform container logs (a stream per instance, and one for the data plane).
-    container_lines = {
-        "i-0abc1234": ["Warming up the model", "Model loaded"],
-        "i-0abc1234/data-log": ["6 requests, 0 errors"],
-    }
-
     def container_logs(**_: Any) -> None:
         job = captured("CreateTransformJob")[-1]["TransformJobName"]
-        for host, lines in container_lines.items():
+        for host, lines in CONTAINER_LINES.items():
             put_log_lines(backend.logs_client, TRANSFORM_LOG_GROUP, f"{job}/{host}", lines)
 
     backend.client.meta.events.register("after-call.sagemaker.CreateTransformJob", container_logs)
@@ -571,8 +666,16 @@ def test_batch_transform_request_and_joined_table(
             progress=lambda d, t: progress.append((d, t)),
         )
     streamed = [r.getMessage() for r in caplog.records if r.getMessage().startswith("[i-0abc1234")]
-    assert streamed == [f"[{host}] {line}" for host, lines in container_lines.items() for line in lines]
-    (request,) = captured("CreateTransformJob")
+    return Transformed(backend, captured, prefix, images, summary, progress, streamed)
+
+
+def test_batch_transform_streams_the_containers_logs_to_the_task_log(transformed: Transformed) -> None:
+    assert transformed.streamed == [f"[{host}] {line}" for host, lines in CONTAINER_LINES.items() for line in lines]
+
+
+def test_batch_transform_request_sends_each_image_as_one_record(transformed: Transformed) -> None:
+    prefix = transformed.prefix
+    (request,) = transformed.captured("CreateTransformJob")
     assert request["TransformInput"] == {
         "DataSource": {"S3DataSource": {"S3DataType": "S3Prefix", "S3Uri": f"s3://{BUCKET}/{prefix}/in/"}},
         "ContentType": "application/x-image",
@@ -591,12 +694,20 @@ def test_batch_transform_request_and_joined_table(
     )
     assert request["TransformJobName"].startswith("bincount-transform-")
 
+
+def test_batch_transform_summary_scores_every_image_and_reports_progress(transformed: Transformed) -> None:
+    summary = transformed.summary
     assert (summary.images, summary.scored, summary.failed) == (6, 6, 0)
     assert summary.accuracy == pytest.approx(2 / 6, abs=1e-4)
-    assert progress == [(0, 6), (6, 6)]
+    assert transformed.progress == [(0, 6), (6, 6)]
+
+
+def test_batch_transform_writes_the_answers_joined_with_the_labels(transformed: Transformed) -> None:
     import pandas as pd
 
-    table = pd.read_csv(io.BytesIO(s3.get_object(Bucket=BUCKET, Key=f"{prefix}/out/results.csv")["Body"].read()))
+    s3 = transformed.backend.session.boto_session.client("s3")
+    key = f"{transformed.prefix}/out/results.csv"
+    table = pd.read_csv(io.BytesIO(s3.get_object(Bucket=BUCKET, Key=key)["Body"].read()))
     assert list(table.columns) == [
         "id",
         "key",
@@ -610,13 +721,16 @@ def test_batch_transform_request_and_joined_table(
         "correct",
         "model_version",
     ]
-    assert set(table["model_version"].astype(str)) == {summary.model_version}
+    images = transformed.images
+    assert set(table["model_version"].astype(str)) == {transformed.summary.model_version}
     assert sorted(table["key"]) == sorted(images) and set(table["predicted_count"]) == {2}
     assert dict(zip(table["key"], table["label"], strict=True)) == images
 
-    # A retried task follows the job it started.
-    backend.batch_transform(models[1], f"s3://{BUCKET}/{prefix}/in", f"s3://{BUCKET}/{prefix}/out")
-    assert len(captured("CreateTransformJob")) == 1
+
+def test_a_retried_batch_transform_follows_the_job_it_started(transformed: Transformed, models: dict[int, str]) -> None:
+    prefix = transformed.prefix
+    transformed.backend.batch_transform(models[1], f"s3://{BUCKET}/{prefix}/in", f"s3://{BUCKET}/{prefix}/out")
+    assert len(transformed.captured("CreateTransformJob")) == 1
 
 
 # --- waiting: transitions, backoff, timeout, interrupt -----------------------------------------

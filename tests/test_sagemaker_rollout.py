@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 import boto3
@@ -28,7 +29,7 @@ from sagemaker_moto import (
 )
 
 from bincount.config import Settings
-from bincount.contracts.serving import DeployError, RolloutStrategy, ScalingConfig, ServingError
+from bincount.contracts.serving import DeployError, EndpointRecord, RolloutStrategy, ScalingConfig, ServingError
 from bincount.sagemaker.serving import SageMakerServingBackend
 from bincount.sagemaker.session import SageMakerOptions
 
@@ -73,23 +74,63 @@ def scaling_state(backend: SageMakerServingBackend, name: str) -> tuple[list[dic
     return targets, policies
 
 
-def test_canary_rolls_back_on_its_alarm_then_completes_and_linear_and_scaling_follow(
-    backend: SageMakerServingBackend, models: dict[int, str], moto_sagemaker: MotoSageMaker
-) -> None:
+@dataclass(frozen=True)
+class Guarded:
+    """A new endpoint deployed with a canary strategy and autoscaling, and the requests each client sent."""
+
+    name: str
+    first: EndpointRecord
+    sagemaker: Captured
+    cloudwatch: Captured
+    autoscaling: Captured
+
+    @property
+    def alarms(self) -> tuple[str, str]:
+        """The guard's alarms: the error rate's, then the latency's."""
+        return f"{self.name}-bincount-5xx", f"{self.name}-bincount-latency"
+
+
+CANARY = RolloutStrategy("canary", traffic_percent=10, bake_seconds=300, max_latency_ratio=1.5)
+
+
+@pytest.fixture
+def guarded(backend: SageMakerServingBackend, models: dict[int, str], moto_sagemaker: MotoSageMaker) -> Guarded:
     sagemaker, cloudwatch = Captured(backend.client), Captured(backend.guardrails.cloudwatch)
     autoscaling = Captured(backend.guardrails.autoscaling)
     name = f"bincount-guard-{uuid.uuid4().hex[:8]}"
-
-    # A new endpoint starts on the model whatever the strategy (nothing to compare), on min_replicas instances,
-    # with target tracking between min and max.
     scaling = ScalingConfig(min_replicas=2, max_replicas=4, target_invocations_per_minute=300, scale_in_cooldown_s=90)
     queue_answers(prediction(2))
     first = backend.deploy(name, models[1], "g:1", strategy=RolloutStrategy("canary"), scaling=scaling)
+    # The current model's last hour sets the alarms' thresholds: 1 error in 100, p99 200 ms.
+    traffic(backend, name, "AllTraffic", [100.0] * 98 + [200.0] * 2, errors=1)
+    return Guarded(name, first, sagemaker, cloudwatch, autoscaling)
+
+
+@pytest.fixture
+def rolled_back(
+    backend: SageMakerServingBackend, guarded: Guarded, models: dict[int, str], moto_sagemaker: MotoSageMaker
+) -> EndpointRecord:
+    """A canary of ``models[2]`` whose bake trips the latency alarm (as a model twice as slow would)."""
+    latency_alarm = guarded.alarms[1]
+    moto_sagemaker.bake = lambda alarms: cloudwatch_state().set_alarm_state(
+        latency_alarm, "Threshold Crossed: 1 datapoint [410000.0] > 300000.0", "{}", "ALARM"
+    )
+    rolled = backend.deploy(guarded.name, models[2], "g:2", strategy=CANARY)
+    moto_sagemaker.bake = None
+    return rolled
+
+
+def test_a_new_endpoint_starts_on_min_replicas_with_target_tracking_whatever_the_strategy(
+    backend: SageMakerServingBackend, guarded: Guarded
+) -> None:
+    # A new endpoint starts on the model whatever the strategy (nothing to compare), on min_replicas instances,
+    # with target tracking between min and max.
+    sagemaker, first = guarded.sagemaker, guarded.first
     assert sagemaker("UpdateEndpoint") == [] and len(sagemaker("CreateEndpoint")) == 1
     (config,) = sagemaker("CreateEndpointConfig")
     assert config["ProductionVariants"][0]["InitialInstanceCount"] == 2
     assert first.rollout and first.rollout.verdict == "started" and first.replicas == 2
-    (target,), (policy,) = scaling_state(backend, name)
+    (target,), (policy,) = scaling_state(backend, guarded.name)
     assert (target["MinCapacity"], target["MaxCapacity"], target["ScalableDimension"]) == (2, 4, TARGET)
     assert policy["PolicyType"] == "TargetTrackingScaling"
     assert policy["TargetTrackingScalingPolicyConfiguration"] == {
@@ -98,18 +139,15 @@ def test_canary_rolls_back_on_its_alarm_then_completes_and_linear_and_scaling_fo
         "ScaleOutCooldown": 30,
         "ScaleInCooldown": 90,
     }
-    autoscaling("RegisterScalableTarget"), autoscaling("PutScalingPolicy")  # validated against the service model
+    guarded.autoscaling("RegisterScalableTarget"), guarded.autoscaling("PutScalingPolicy")  # validated
 
-    # The current model's last hour sets the alarms' thresholds: 1 error in 100, p99 200 ms.
-    traffic(backend, name, "AllTraffic", [100.0] * 98 + [200.0] * 2, errors=1)
-    canary = RolloutStrategy("canary", traffic_percent=10, bake_seconds=300, max_latency_ratio=1.5)
-    errors_alarm, latency_alarm = f"{name}-bincount-5xx", f"{name}-bincount-latency"
-    # The canary's bake trips the latency alarm (as a model twice as slow would): SageMaker rolls back by itself.
-    moto_sagemaker.bake = lambda alarms: cloudwatch_state().set_alarm_state(
-        latency_alarm, "Threshold Crossed: 1 datapoint [410000.0] > 300000.0", "{}", "ALARM"
-    )
-    rolled = backend.deploy(name, models[2], "g:2", strategy=canary)
-    (update,) = sagemaker("UpdateEndpoint")  # validated: the DeploymentConfig is what SageMaker takes
+
+def test_a_canary_that_trips_its_latency_alarm_is_rolled_back_by_sagemaker(
+    backend: SageMakerServingBackend, guarded: Guarded, rolled_back: EndpointRecord
+) -> None:
+    name, first = guarded.name, guarded.first
+    errors_alarm, latency_alarm = guarded.alarms
+    (update,) = guarded.sagemaker("UpdateEndpoint")  # validated: the DeploymentConfig is what SageMaker takes
     assert update["DeploymentConfig"] == {
         "BlueGreenUpdatePolicy": {
             "TrafficRoutingConfiguration": {
@@ -123,14 +161,20 @@ def test_canary_rolls_back_on_its_alarm_then_completes_and_linear_and_scaling_fo
         "AutoRollbackConfiguration": {"Alarms": [{"AlarmName": errors_alarm}, {"AlarmName": latency_alarm}]},
     }
     assert "RetainAllVariantProperties" not in update  # the canary's 10 instances, not autoscaling's 2
+    rolled = rolled_back
     assert rolled.rollout and rolled.rollout.verdict == "rolled-back" and latency_alarm in rolled.rollout.reason
     assert [(step.action, step.percent) for step in rolled.rollout.steps] == [("rolled-back", 0)]
     assert (rolled.version, rolled.model_ref) == (first.version, "g:1")
     assert sagemaker_state().endpoints[name].endpoint_config_name == first.details["endpoint_config"]
     assert backend.describe(name).rollout == rolled.rollout
 
-    # The alarms CloudWatch holds: the variant's dimensions, thresholds from the baseline and the strategy.
-    cloudwatch("PutMetricAlarm"), cloudwatch("GetMetricData")
+
+def test_the_guard_alarms_watch_the_variant_with_thresholds_from_its_traffic_and_the_strategy(
+    backend: SageMakerServingBackend, guarded: Guarded, rolled_back: EndpointRecord
+) -> None:
+    name = guarded.name
+    errors_alarm, latency_alarm = guarded.alarms
+    guarded.cloudwatch("PutMetricAlarm"), guarded.cloudwatch("GetMetricData")  # validated
     alarms = {
         a["AlarmName"]: a
         for a in backend.guardrails.cloudwatch.describe_alarms(AlarmNames=[errors_alarm, latency_alarm])["MetricAlarms"]
@@ -153,27 +197,34 @@ def test_canary_rolls_back_on_its_alarm_then_completes_and_linear_and_scaling_fo
         "Dimensions": variant,
     }
 
-    # A good canary: no alarm fires, all traffic moves; the alarms are rewritten (their state back to OK).
-    moto_sagemaker.bake = None
+
+def test_a_good_canary_after_a_rollback_completes_and_moves_all_traffic(
+    backend: SageMakerServingBackend, guarded: Guarded, rolled_back: EndpointRecord, models: dict[int, str]
+) -> None:
+    # No alarm fires, all traffic moves; the alarms are rewritten (their state back to OK).
+    name = guarded.name
     queue_answers(prediction(3))
-    second = backend.deploy(name, models[2], "g:2", strategy=canary)
-    assert second.rollout and second.rollout.verdict == "completed" and second.previous_version == first.version
+    second = backend.deploy(name, models[2], "g:2", strategy=CANARY)
+    assert second.rollout and second.rollout.verdict == "completed" and second.previous_version == guarded.first.version
     assert sagemaker_state().endpoints[name].endpoint_config_name == second.details["endpoint_config"]
     assert (
         backend.client.describe_endpoint(EndpointName=name)["LastDeploymentConfig"]
         == second.rollout.backend["deployment_config"]
     )
 
-    # Linear steps; a fixed count (min == max) deregisters autoscaling.
+
+def test_linear_steps_and_a_fixed_count_deregister_autoscaling(
+    backend: SageMakerServingBackend, guarded: Guarded, models: dict[int, str]
+) -> None:
     queue_answers(prediction(3))
     third = backend.deploy(
-        name,
+        guarded.name,
         models[3],
         "g:3",
         strategy=RolloutStrategy("linear", traffic_percent=25, bake_seconds=60),
         scaling=ScalingConfig(),
     )
-    routing = sagemaker("UpdateEndpoint")[-1]["DeploymentConfig"]["BlueGreenUpdatePolicy"][
+    routing = guarded.sagemaker("UpdateEndpoint")[-1]["DeploymentConfig"]["BlueGreenUpdatePolicy"][
         "TrafficRoutingConfiguration"
     ]
     assert routing == {
@@ -181,22 +232,33 @@ def test_canary_rolls_back_on_its_alarm_then_completes_and_linear_and_scaling_fo
         "WaitIntervalInSeconds": 60,
         "LinearStepSize": {"Type": "INSTANCE_COUNT", "Value": 1},  # 1 of 4 instances: 25%
     }
-    assert third.rollout and third.rollout.verdict == "completed" and scaling_state(backend, name) == ([], [])
-    autoscaling("DeleteScalingPolicy"), autoscaling("DeregisterScalableTarget")
+    assert third.rollout and third.rollout.verdict == "completed" and scaling_state(backend, guarded.name) == ([], [])
+    guarded.autoscaling("DeleteScalingPolicy"), guarded.autoscaling("DeregisterScalableTarget")  # validated
 
-    # Outside SageMaker's limits: a clear error before anything is asked of any API that changes something.
-    sent = len(sagemaker.requests) + len(cloudwatch.requests) + len(autoscaling.requests)
+
+def test_strategies_outside_sagemakers_limits_are_refused_before_any_change(
+    backend: SageMakerServingBackend, guarded: Guarded, models: dict[int, str]
+) -> None:
+    # A clear error before anything is asked of any API that changes something.
+    captured = (guarded.sagemaker, guarded.cloudwatch, guarded.autoscaling)
+    sent = sum(len(c.requests) for c in captured)
     for strategy, message in (
         (RolloutStrategy("canary", traffic_percent=60), "canary is at most 50%"),
         (RolloutStrategy("linear", traffic_percent=5), "linear step is 10-50%"),
         (RolloutStrategy("linear", traffic_percent=10, bake_seconds=3600), "past SageMaker's 28800 s limit"),
     ):
         with pytest.raises(DeployError, match=f"{message}.*keeps serving its current model"):
-            backend.deploy(name, models[1], strategy=strategy)
-    assert len(sagemaker.requests) + len(cloudwatch.requests) + len(autoscaling.requests) == sent
+            backend.deploy(guarded.name, models[1], strategy=strategy)
+    assert sum(len(c.requests) for c in captured) == sent
 
-    backend.delete(name)
-    assert backend.guardrails.cloudwatch.describe_alarms(AlarmNames=[errors_alarm, latency_alarm])["MetricAlarms"] == []
+
+def test_delete_removes_the_guard_alarms(
+    backend: SageMakerServingBackend, guarded: Guarded, rolled_back: EndpointRecord
+) -> None:
+    alarm_names = list(guarded.alarms)
+    assert len(backend.guardrails.cloudwatch.describe_alarms(AlarmNames=alarm_names)["MetricAlarms"]) == 2
+    backend.delete(guarded.name)
+    assert backend.guardrails.cloudwatch.describe_alarms(AlarmNames=alarm_names)["MetricAlarms"] == []
 
 
 def test_shadow_runs_beside_the_model_reports_and_is_promoted_or_stopped(

@@ -5,6 +5,13 @@ from __future__ import annotations
 import pytest
 from prefect import flow, get_client, task
 from prefect.artifacts import create_markdown_artifact
+from prefect.client.schemas.filters import (
+    ArtifactCollectionFilter,
+    ArtifactCollectionFilterKey,
+    ArtifactFilter,
+    ArtifactFilterFlowRunId,
+    ArtifactFilterKey,
+)
 
 from tasks.artifacts import markdown_table
 from tasks.summary import run_summary, summary_key
@@ -37,19 +44,21 @@ def summary_demo(n: int) -> int:
 
 def latest(key: str) -> str:
     with get_client(sync_client=True) as client:
-        artifact = client.read_latest_artifacts(limit=50)
-    found = [a for a in artifact if a.key == key]
-    assert found, f"no artifact {key}"
-    return str(found[0].data)
+        (found,) = client.read_latest_artifacts(
+            artifact_filter=ArtifactCollectionFilter(key=ArtifactCollectionFilterKey(any_=[key]))
+        )
+    return str(found.data)
 
 
 def test_summary_lists_stages_figures_and_subflow_artifacts_and_failures(prefect_server: None) -> None:
     state = summary_demo(2, return_state=True)
-    with get_client(sync_client=True) as client:
-        own = client.read_artifacts()
-    summary = [
-        a for a in own if a.key == summary_key("summary-demo") and a.flow_run_id == state.state_details.flow_run_id
-    ]
+    with get_client(sync_client=True) as client:  # filtered on the server: the session's server holds many artifacts
+        summary = client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(any_=[summary_key("summary-demo")]),
+                flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id]),
+            )
+        )
     assert len(summary) == 1, "one summary, on the top-level run's own page (none on the subflow)"
     text = str(summary[0].data)
     assert "| items | 4 |" in text and "| share | 1.33 |" in text, text
@@ -61,7 +70,9 @@ def test_summary_lists_stages_figures_and_subflow_artifacts_and_failures(prefect
     failed = latest(summary_key("summary-demo"))
     assert "Failed" in failed and "n must not be negative" in failed, failed
     with get_client(sync_client=True) as client:
-        history = [a for a in client.read_artifacts() if a.key == summary_key("summary-demo")]
+        history = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[summary_key("summary-demo")]))
+        )
     assert len(history) == 2, "the stable key keeps every run's summary"
 
 

@@ -6,7 +6,7 @@ import json
 import logging
 import re
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import ExitStack, contextmanager, suppress
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
@@ -42,11 +42,41 @@ def ensure_concurrency_limit(name: str, slots: int = 1) -> None:
                 client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=slots))
 
 
+SLOT_WAIT_WARNING_S = 120.0
+"""How long a training waits for its slot between two warnings that say what holds it and how to free it."""
+
+
 @contextmanager
 def training_slot() -> Iterator[None]:
-    """Hold one slot of :data:`TRAINING_SLOTS` (strict: the limit is always there, so it always holds)."""
+    """Hold one slot of :data:`TRAINING_SLOTS` (strict: the limit is always there, so it always holds).
+
+    A wait past :data:`SLOT_WAIT_WARNING_S` is logged, again each time, with the slots taken and the command that
+    frees a leaked one: a process killed while training (SIGTERM, SIGKILL) keeps its slot taken when its lease
+    died with the server that held it (Prefect's temporary server keeps leases in memory), and every later
+    training would wait for it silently.
+    """
     ensure_concurrency_limit(TRAINING_SLOTS)
-    with concurrency(TRAINING_SLOTS, occupy=1, strict=True):
+    held = ExitStack()
+    waited = 0.0
+    while True:
+        try:
+            held.enter_context(concurrency(TRAINING_SLOTS, occupy=1, strict=True, timeout_seconds=SLOT_WAIT_WARNING_S))
+            break
+        except TimeoutError:
+            waited += SLOT_WAIT_WARNING_S
+            with get_client(sync_client=True) as client:
+                limit = client.read_global_concurrency_limit_by_name(TRAINING_SLOTS)
+            get_run_logger().warning(
+                "Waited %.0f s for a training slot: %d of %d of the global concurrency limit %r are taken. Another "
+                "training holds it; if none runs (a training process was killed and its slot leaked), free it: "
+                "prefect global-concurrency-limit update %s --active-slots 0",
+                waited,
+                limit.active_slots,
+                limit.limit,
+                TRAINING_SLOTS,
+                TRAINING_SLOTS,
+            )
+    with held:
         yield
 
 

@@ -17,7 +17,6 @@ Each seed's figures are kept under ``--work-dir`` as they come: a second run wit
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -27,7 +26,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.train_quality import RECIPE, cpu_seconds, seed_splits, train, write_channels
+from benchmarks.train_quality import RECIPE, cpu_seconds, sample_arguments, seed_splits, train, write_channels
 from bincount.config import Settings
 from bincount.manifest import parse_manifest
 from bincount.optimize import CALIBRATION_IMAGES, ParityRule, optimize_model
@@ -94,17 +93,7 @@ def table_row(record: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--data-dir", type=Path, default=ROOT.parent / "shared" / "data" / "abid", help="(default: ../shared/data/abid)"
-    )
-    parser.add_argument("--manifest", default="file_list.sample.json", help="(default: file_list.sample.json)")
-    parser.add_argument(
-        "--work-dir",
-        type=Path,
-        default=ROOT / ".bincount" / "bench-int8-parity",
-        help="(default: .bincount/bench-int8-parity)",
-    )
+    parser = sample_arguments(__doc__.splitlines()[0], "int8-parity")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="(default: 0 1 2 3 4)")
     parser.add_argument("--calibration-images", type=int, default=CALIBRATION_IMAGES, help="(default: %(default)s)")
     parser.add_argument("train_flags", nargs="*", help="train.py flags overriding the default recipe, after --")

@@ -19,7 +19,6 @@ Models and their predictions are kept under ``--work-dir``: a second run with th
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -34,7 +33,7 @@ from sklearn.model_selection import train_test_split
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.train_quality import RECIPE, cpu_seconds, train, write_channels
+from benchmarks.train_quality import RECIPE, cpu_seconds, sample_arguments, train, write_channels
 from bincount.config import Settings
 from bincount.evaluation import predict_counts
 from bincount.manifest import parse_manifest
@@ -114,17 +113,7 @@ def promotion_rates(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--data-dir", type=Path, default=ROOT.parent / "shared" / "data" / "abid", help="(default: ../shared/data/abid)"
-    )
-    parser.add_argument("--manifest", default="file_list.sample.json", help="(default: file_list.sample.json)")
-    parser.add_argument(
-        "--work-dir",
-        type=Path,
-        default=ROOT / ".bincount" / "bench-promotion",
-        help="(default: .bincount/bench-promotion)",
-    )
+    parser = sample_arguments(__doc__.splitlines()[0], "promotion")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="same-recipe models (default: 0 1 2)")
     parser.add_argument("--arch", default="efficientnet_lite0", help="the recipe's arch (default: efficientnet_lite0)")
     parser.add_argument("--image-size", type=int, default=64, help="the recipe's image size (default: 64)")

@@ -249,15 +249,25 @@ def summary_line(summary: dict[str, Any]) -> str:
     return f"{figures}; per class {per_class}"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def sample_arguments(description: str, bench: str) -> argparse.ArgumentParser:
+    """A parser with the arguments every benchmark on the real sample takes: where the sample and its manifest are,
+    and the work folder (``.bincount/bench-<bench>`` by default)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument(
         "--data-dir", type=Path, default=ROOT.parent / "shared" / "data" / "abid", help="(default: ../shared/data/abid)"
     )
     parser.add_argument("--manifest", default="file_list.sample.json", help="(default: file_list.sample.json)")
     parser.add_argument(
-        "--work-dir", type=Path, default=ROOT / ".bincount" / "bench-quality", help="(default: .bincount/bench-quality)"
+        "--work-dir",
+        type=Path,
+        default=ROOT / ".bincount" / f"bench-{bench}",
+        help=f"(default: .bincount/bench-{bench})",
     )
+    return parser
+
+
+def main() -> None:
+    parser = sample_arguments(__doc__.splitlines()[0], "quality")
     parser.add_argument(
         "--arch", default=TrainOptions().arch, choices=ARCHS, help="(default: the pipeline's, %(default)s)"
     )

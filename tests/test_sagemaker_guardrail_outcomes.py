@@ -49,6 +49,17 @@ def changes(sagemaker: Captured, since: int) -> list[str]:
     return [op for op, _ in sagemaker.requests[since:] if not op.startswith(("Describe", "List"))]
 
 
+def failed_canary(
+    backend: SageMakerServingBackend, models: dict[int, str], moto_sagemaker: MotoSageMaker, name: str, ends: dict
+) -> str:
+    """Deploy model 2 to ``name`` as a canary whose update SageMaker ends as ``ends`` says (DescribeEndpoint's
+    answer after "Updating"); return the DeployError's message."""
+    moto_sagemaker.outcomes[name] = [{"EndpointStatus": "Updating"}, ends]
+    with pytest.raises(DeployError) as failed:
+        backend.deploy(name, models[2], "g:2", strategy=CANARY)
+    return str(failed.value)
+
+
 def test_rolled_back_by_its_alarm_records_the_old_model_and_why(
     backend: SageMakerServingBackend,
     models: dict[int, str],
@@ -89,13 +100,13 @@ def test_a_failed_endpoint_is_not_updated_and_the_error_says_only_a_delete_helps
 ) -> None:
     name, first = serving
     sagemaker = Captured(backend.client)
-    moto_sagemaker.outcomes[name] = [
-        {"EndpointStatus": "Updating"},
+    message = failed_canary(
+        backend,
+        models,
+        moto_sagemaker,
+        name,
         {"EndpointStatus": "Failed", "FailureReason": "Unable to provision requested ML compute capacity."},
-    ]
-    with pytest.raises(DeployError) as failed:
-        backend.deploy(name, models[2], "g:2", strategy=CANARY)
-    message = str(failed.value)
+    )
     assert f"failed on endpoint {name!r}: it is Failed on config " in message
     assert "Unable to provision requested ML compute capacity." in message
     assert "SageMaker allows nothing but deleting a Failed endpoint, and it serves no model now" in message
@@ -114,13 +125,13 @@ def test_a_failed_automatic_rollback_is_settled_by_updating_back_to_the_old_conf
 ) -> None:
     name, first = serving
     sagemaker = Captured(backend.client)
-    moto_sagemaker.outcomes[name] = [
-        {"EndpointStatus": "Updating"},
+    message = failed_canary(
+        backend,
+        models,
+        moto_sagemaker,
+        name,
         {"EndpointStatus": "UpdateRollbackFailed", "FailureReason": "Rollback failed: the old fleet did not start."},
-    ]
-    with pytest.raises(DeployError) as failed:
-        backend.deploy(name, models[2], "g:2", strategy=CANARY)
-    message = str(failed.value)
+    )
     assert "it is UpdateRollbackFailed on config " in message and "the old fleet did not start" in message
     old_config = first.details["endpoint_config"]
     assert (
@@ -141,13 +152,13 @@ def test_an_update_stopped_out_of_service_is_reported_with_what_to_run(
 ) -> None:
     name, first = serving
     sagemaker = Captured(backend.client)
-    moto_sagemaker.outcomes[name] = [
-        {"EndpointStatus": "Updating"},
+    message = failed_canary(
+        backend,
+        models,
+        moto_sagemaker,
+        name,
         {"EndpointStatus": "OutOfService", "FailureReason": "The deployment was stopped."},
-    ]
-    with pytest.raises(DeployError) as stopped:
-        backend.deploy(name, models[2], "g:2", strategy=CANARY)
-    message = str(stopped.value)
+    )
     old_config = first.details["endpoint_config"]
     assert (
         f"Rolling back to config {old_config} failed too (it is OutOfService: The deployment was stopped.)" in message
